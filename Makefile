@@ -1,0 +1,38 @@
+# Every target builds .venv from nothing when it is missing: a fresh clone needs only python3.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test quickstart bench lint fashion-mnist clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[all]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+quickstart: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+	$(PY) examples/quickstart.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fisher_optax tests examples benchmarks
+	$(VENV)/bin/ruff format --check fisher_optax tests examples benchmarks
+
+# Fashion-MNIST from Debian's package (gzipped IDX files under /usr/share).
+fashion-mnist:
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update && apt-get install -y dataset-fashion-mnist)
+	dpkg -L dataset-fashion-mnist | grep -E 'idx.*\.gz$$' || true
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,418 @@
+"""Read the diagonal Fisher information out of an optax optimizer state.
+
+Adam-family optimizers keep ``nu``, an exponential moving average of squared gradients.
+Bias-corrected, it estimates :math:`E[g^2]`, which for a cross-entropy loss near a
+stationary point approximates the diagonal of the (empirical) Fisher information. This
+module finds every such average in a nested optax state, whatever wraps it, corrects it and
+returns it as a pytree shaped like the parameters.
+"""
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree_utils as otu
+
+from fisher_optax._tree import keystr
+from fisher_optax._types import Fisher, Params
+
+__all__ = ["FisherTrackerState", "fisher_from_state", "fisher_tracker"]
+
+DEFAULT_B2 = 0.999
+"""optax's default ``b2`` for adam, adamw, nadam, radam, lamb and amsgrad."""
+
+# NamedTuple class names whose ``nu`` is an EMA of squared gradients.
+_SECOND_MOMENT_STATES = (
+    "ScaleByAdamState",  # adam, adamw, nadam, radam, lamb (and, sadly, adamax, yogi)
+    "ScaleByAmsgradState",  # amsgrad: ``nu`` is the EMA, ``nu_max`` its running max
+    "ScaleByRmsWithCountState",  # schedule_free_adamw, scale_by_rms(bias_correction=True)
+    "FisherTrackerState",  # this library's fisher_tracker
+)
+# States that look like optimizer memory but hold no squared-gradient EMA.
+_NOT_FISHER_STATES = {
+    "ScaleByBeliefState": "adabelief (an EMA of (g - mu)^2, not of g^2)",
+    "ScaleByNovogradState": "novograd (one scalar per leaf)",
+    "FactoredState": "adafactor (a factored second moment)",
+    "ScaleByLionState": "lion (no second moment)",
+    "TraceState": "sgd with momentum (no second moment)",
+    "ScaleByRmsState": "rmsprop (an EMA of g^2 without a step count, so it cannot be "
+    "bias-corrected)",
+    "ScaleByRStdDevState": "scale_by_stddev (a centred second moment)",
+}
+_INJECT_STATES = ("InjectStatefulHyperparamsState", "InjectHyperparamsState")
+
+
+class FisherTrackerState(NamedTuple):
+    """State of :func:`fisher_tracker`.
+
+    Attributes:
+      count: int32 scalar, the number of gradients seen.
+      nu: EMA of squared gradients, shaped like the parameters (not bias-corrected).
+      decay: float32 scalar, the EMA decay used at the last update; kept in the state so
+        :func:`fisher_from_state` corrects with the right value.
+    """
+
+    count: jax.Array
+    nu: Any
+    decay: jax.Array
+
+
+def fisher_tracker(decay: float = DEFAULT_B2) -> optax.GradientTransformation:
+    r"""Keep an EMA of squared gradients and pass the updates through unchanged.
+
+    Chain it in front of an optimizer that keeps no second moment (sgd, lion, adafactor)
+    so that :func:`fisher_from_state` can read a Fisher diagonal from its state:
+
+    .. math::
+      \nu_t = \text{decay} \cdot \nu_{t-1} + (1 - \text{decay}) \cdot g_t^2
+
+    Args:
+      decay: the EMA decay, in ``[0, 1)``.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`FisherTrackerState`.
+
+    Raises:
+      ValueError: if ``decay`` is outside ``[0, 1)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, fisher_optax
+      >>> opt = optax.chain(fisher_optax.fisher_tracker(decay=0.9), optax.sgd(0.1))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> _, state = opt.update({"w": jnp.array([1.0, -2.0])}, state, params)
+      >>> fisher_optax.fisher_from_state(state)["w"]
+      Array([1., 4.], dtype=float32)
+    """
+    if not isinstance(decay, jax.Array) and not 0.0 <= float(decay) < 1.0:
+        raise ValueError(f"fisher_tracker: decay must lie in [0, 1), got {decay}.")
+
+    def init_fn(params: Params) -> FisherTrackerState:
+        return FisherTrackerState(
+            count=jnp.zeros([], jnp.int32),
+            nu=otu.tree_zeros_like(params),
+            decay=jnp.asarray(decay, jnp.float32),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        nu = otu.tree_update_moment_per_elem_norm(updates, state.nu, decay, 2)
+        count = optax.safe_increment(state.count)
+        return updates, FisherTrackerState(count, nu, jnp.asarray(decay, jnp.float32))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _unwrap(x: Any) -> Any:
+    """The array inside a Flax ``Variable`` (``nnx.Optimizer`` wraps its state), or ``x``."""
+    return x.value if hasattr(x, "value") and hasattr(x, "get_metadata") else x
+
+
+def _injected_b2(state: Any, path: tuple) -> Any | None:
+    """``b2`` from the innermost ``inject_hyperparams`` state that encloses ``path``."""
+    best, best_len = None, -1
+    for name in _INJECT_STATES:
+        for ipath, istate in otu.tree_get_all_with_path(state, name):
+            n = len(ipath)
+            if tuple(path[:n]) == tuple(ipath) and n > best_len and "b2" in istate.hyperparams:
+                best, best_len = _unwrap(istate.hyperparams["b2"]), n
+    return best
+
+
+def _found_names(state: Any) -> list[str]:
+    return [
+        f"{name} from {what}"
+        for name, what in _NOT_FISHER_STATES.items()
+        if otu.tree_get_all_with_path(state, name)
+    ]
+
+
+def _check_count(count: jax.Array, where: str) -> None:
+    msg = (
+        f"fisher_from_state: the second-moment state at {where} has count == 0: no gradient "
+        "has been seen yet, so nu / (1 - b2**count) is 0/0. Call the optimizer's update at "
+        "least once before reading the Fisher."
+    )
+    if isinstance(count, jax.core.Tracer):
+
+        def _raise(c):
+            if int(c) == 0:
+                raise ValueError(msg)
+
+        jax.debug.callback(_raise, count)
+    elif int(count) == 0:
+        raise ValueError(msg)
+
+
+def _corrected_nu(
+    state: Any,
+    path: tuple,
+    moment: Any,
+    *,
+    b2: float | None,
+    bias_correction: bool,
+    batch_size: int | None,
+    check_count: bool,
+) -> Any:
+    """The (optionally bias-corrected and rescaled) ``nu`` of one moment state."""
+    where = keystr(path)
+    count = _unwrap(moment.count)
+    if check_count:
+        _check_count(count, where)
+    scale = jnp.asarray(1.0 if batch_size is None else batch_size, jnp.float32)
+    if bias_correction:
+        if type(moment).__name__ == "FisherTrackerState":
+            decay = _unwrap(moment.decay)
+        else:
+            injected = _injected_b2(state, path)
+            decay = injected if injected is not None else (DEFAULT_B2 if b2 is None else b2)
+        decay = jnp.asarray(decay, jnp.float32)
+        scale = scale / (1.0 - decay ** count.astype(jnp.float32))
+
+    def correct(x):
+        return x if _is_masked(x) else (x * scale).astype(x.dtype)
+
+    return jax.tree.map(correct, moment.nu, is_leaf=_is_masked)
+
+
+def _merge(pieces: Sequence[tuple[str, Any]]) -> tuple[Any, list[str]]:
+    """Merge ``nu`` trees of several states (``partition``, ``masked``) into one tree.
+
+    Returns the merged tree (``MaskedNode`` where nothing covers a leaf) and the paths of
+    those uncovered leaves.
+    """
+    flats = []
+    for where, tree in pieces:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+        flats.append((where, flat, treedef))
+    where0, flat0, treedef0 = flats[0]
+    for where, _, treedef in flats[1:]:
+        if treedef.num_leaves != treedef0.num_leaves:
+            raise ValueError(
+                "fisher_from_state: the second-moment states at "
+                f"{where0} and {where} cover parameter trees of different structures; pass "
+                "the sub-state of one optimizer instead of the whole state."
+            )
+    merged, missing = [], []
+    for i, (path, _) in enumerate(flat0):
+        covering = [(w, f[i][1]) for w, f, _ in flats if not _is_masked(f[i][1])]
+        if len(covering) > 1:
+            raise ValueError(
+                f"fisher_from_state: the parameter at {keystr(path)} is covered by several "
+                f"second-moment states ({', '.join(w for w, _ in covering)}); it is ambiguous "
+                "which to read. Pass the sub-state of the one you want, e.g. "
+                "fisher_from_state(opt_state[i])."
+            )
+        if covering:
+            merged.append(covering[0][1])
+        else:
+            merged.append(optax.MaskedNode())
+            missing.append(keystr(path))
+    return jax.tree.unflatten(treedef0, merged), missing
+
+
+def fisher_from_state(
+    opt_state: Any,
+    *,
+    b2: float | None = None,
+    bias_correction: bool = True,
+    batch_size: int | None = None,
+    params: Params | None = None,
+    missing: float | None = None,
+) -> Fisher:
+    r"""The diagonal Fisher estimate held in an optax optimizer state.
+
+    Finds every EMA of squared gradients in ``opt_state`` (by NamedTuple class name, through
+    ``chain``, ``named_chain``, ``inject_hyperparams``, ``MultiSteps``, ``masked``,
+    ``partition``/``multi_transform``, ``apply_if_finite``, ``contrib.schedule_free`` and
+    ``flax.nnx.Optimizer``) and returns it bias-corrected, as one pytree shaped like the
+    parameters:
+
+    .. math::
+      \hat F = s \cdot \frac{\nu}{1 - b_2^{t}},
+      \qquad s = \begin{cases} B & \text{if batch\_size } B \text{ is given} \\
+      1 & \text{otherwise.} \end{cases}
+
+    This is an approximation. ``nu`` averages squared *mini-batch mean* gradients
+    :math:`g_B`, not per-example ones; for a mean-reduced loss over batches of size
+    :math:`B`,
+
+    .. math::
+      B \, E[g_B^2] = F_{\text{emp}} + (B - 1)\, \bar g^2,
+
+    so ``batch_size=B`` gives the per-example empirical Fisher :math:`F_{\text{emp}}` only
+    near a stationary point, where the mean gradient :math:`\bar g` is small. Rankings do
+    not depend on ``B``; absolute values (OBD saliency) do. And the empirical Fisher, taken
+    at the training labels, is not the true Fisher (Kunstner et al. 2019); see
+    :func:`fisher_optax.empirical_fisher` and :func:`fisher_optax.monte_carlo_fisher` for
+    exact references.
+
+    Supported: ``ScaleByAdamState`` (adam, adamw, nadam, radam, lamb), ``ScaleByAmsgradState``
+    (amsgrad; its EMA ``nu``, not ``nu_max``), ``ScaleByRmsWithCountState``
+    (schedule_free_adamw) and :class:`FisherTrackerState`. Beware: adamax and yogi reuse
+    ``ScaleByAdamState`` with a ``nu`` that is not an average of squared gradients (an
+    infinity norm, a sign-driven accumulator); the state cannot tell, so do not read a
+    Fisher from them.
+
+    Args:
+      opt_state: an optax state, or a ``flax.nnx.Optimizer`` (its ``opt_state`` is read).
+      b2: the second-moment decay. Read from ``inject_hyperparams`` when the state holds
+        it (that value wins); else this argument; else optax's default 0.999.
+        :func:`fisher_tracker` stores its own decay and ignores this.
+      bias_correction: divide by :math:`1 - b_2^t`. Without it ``nu`` is returned as
+        stored (times ``batch_size`` if given).
+      batch_size: rescale by the batch size to the per-example empirical-Fisher scale.
+      params: optional parameters; when given, the result is checked against them and
+        returned in their tree structure (for example an ``nnx.State`` of ``nnx.Param``).
+      missing: a value for parameters that no second-moment state covers (e.g. the
+        ``sgd`` group of a ``partition``). Needs ``params`` for their shapes. By default
+        such parameters are an error.
+
+    Returns:
+      A pytree of Fisher estimates, shaped like the parameters, each leaf with the dtype
+      of its ``nu``. From an ``nnx.Optimizer`` it lines up with
+      ``nnx.state(model, nnx.Param)``.
+
+    Raises:
+      ValueError: if no second-moment state is found (naming what was found instead),
+        if ``count == 0`` (no gradient seen yet; under ``jit`` the error is raised when
+        the computation runs), if some parameters are covered by no state or by several,
+        or if ``missing`` is given without ``params``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, fisher_optax
+      >>> params = {"w": jnp.array([1.0, 2.0])}
+      >>> opt = optax.adam(1e-2, b2=0.9)
+      >>> state = opt.init(params)
+      >>> _, state = opt.update({"w": jnp.array([3.0, 0.5])}, state, params)
+      >>> fisher_optax.fisher_from_state(state, b2=0.9)["w"]
+      Array([9.  , 0.25], dtype=float32)
+
+    References:
+      Tu, Berisha, Cao, Seo. Reducing the Model Order of Deep Neural Networks Using
+      Information Theory. ISVLSI 2016. https://arxiv.org/abs/1605.04859
+
+      Kunstner, Balles, Hennig. Limitations of the Empirical Fisher Approximation for
+      Natural Gradient Descent. NeurIPS 2019. https://arxiv.org/abs/1905.12558
+    """
+    return _fisher_from_state(
+        opt_state,
+        b2=b2,
+        bias_correction=bias_correction,
+        batch_size=batch_size,
+        params=params,
+        missing=missing,
+        check_count=True,
+    )
+
+
+def _fisher_from_state(
+    opt_state: Any,
+    *,
+    b2: float | None = None,
+    bias_correction: bool = True,
+    batch_size: int | None = None,
+    params: Params | None = None,
+    missing: float | None = None,
+    check_count: bool = True,
+) -> Fisher:
+    """:func:`fisher_from_state`, with the ``count == 0`` check optional.
+
+    Transforms that read the Fisher right after their inner update (count >= 1 for sure)
+    skip the check, which under ``jit`` costs a host callback.
+    """
+    if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):  # nnx.Optimizer
+        opt_state = opt_state.opt_state
+    if missing is not None and params is None:
+        raise ValueError(
+            "fisher_from_state: missing= fills parameters that no second-moment state "
+            "covers, and needs params= to know their shapes; pass params=your_params."
+        )
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"fisher_from_state: batch_size must be a positive int, got {batch_size}.")
+    found = []
+    for name in _SECOND_MOMENT_STATES:
+        found.extend(otu.tree_get_all_with_path(opt_state, name))
+    if not found:
+        others = _found_names(opt_state)
+        held = f"it holds {', '.join(others)}" if others else "it holds no optimizer memory"
+        raise ValueError(
+            "fisher_from_state: found no EMA of squared gradients in the optimizer state "
+            f"({held}). Supported: adam, adamw, nadam, radam, lamb, amsgrad, "
+            "schedule_free_adamw. For sgd, lion, adafactor and the like, chain "
+            "fisher_optax.fisher_tracker() in front: optax.chain(fisher_optax.fisher_tracker(), "
+            "optax.sgd(...))."
+        )
+    pieces = [
+        (
+            keystr(path) if path else "<root>",
+            _corrected_nu(
+                opt_state,
+                path,
+                moment,
+                b2=b2,
+                bias_correction=bias_correction,
+                batch_size=batch_size,
+                check_count=check_count,
+            ),
+        )
+        for path, moment in found
+    ]
+    merged, uncovered = _merge(pieces)
+    if uncovered and missing is None:
+        raise ValueError(
+            f"fisher_from_state: no second-moment state covers the parameters at "
+            f"{', '.join(uncovered)} (their optimizer keeps no EMA of squared gradients). "
+            "Give them an Adam-family optimizer or a fisher_tracker, or pass "
+            "missing=0.0, params=params to fill them."
+        )
+    if params is not None:
+        return _align_to_params(merged, params, missing)
+    return _opt_variables_to_params(merged)
+
+
+def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fisher:
+    """Put the merged Fisher leaves into the tree structure of ``params``."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(merged, is_leaf=_is_masked)
+    pflat, ptreedef = jax.tree_util.tree_flatten_with_path(params)
+    if len(flat) != len(pflat):
+        raise ValueError(
+            f"fisher_from_state: the optimizer state covers {len(flat)} parameter leaves but "
+            f"params has {len(pflat)}; pass the params this optimizer was initialised with."
+        )
+    leaves = []
+    for (fpath, f), (ppath, p) in zip(flat, pflat, strict=True):
+        if keystr(fpath) != keystr(ppath):
+            raise ValueError(
+                f"fisher_from_state: the optimizer state has a leaf at {keystr(fpath)} where "
+                f"params has {keystr(ppath)}; pass the params this optimizer was "
+                "initialised with."
+            )
+        if _is_masked(f):
+            f = jnp.full(jnp.shape(p), missing, dtype=jnp.result_type(p))
+        f = _unwrap(f)
+        if jnp.shape(f) != jnp.shape(p):
+            raise ValueError(
+                f"fisher_from_state: nu at {keystr(fpath)} has shape {jnp.shape(f)} but the "
+                f"parameter has shape {jnp.shape(p)}."
+            )
+        leaves.append(f)
+    return jax.tree.unflatten(ptreedef, leaves)
+
+
+def _opt_variables_to_params(tree: Any) -> Any:
+    """Turn ``nnx.Optimizer``'s ``OptVariable`` wrappers into ``nnx.Param`` (Flax only)."""
+    if not any(
+        type(x).__name__ == "OptVariable"
+        for x in jax.tree.leaves(tree, is_leaf=lambda x: type(x).__name__ == "OptVariable")
+    ):
+        return tree
+    from fisher_optax.flax import opt_variables_to_params
+
+    return opt_variables_to_params(tree)
