@@ -2,19 +2,19 @@
 
 Implements Tu, Berisha, Cao and Seo, "Reducing the Model Order of Deep Neural Networks
 Using Information Theory" (ISVLSI 2016, https://arxiv.org/abs/1605.04859) on top of optax.
+Each module defines its own ``__all__``; this file re-exports them.
 """
 
 __version__ = "0.1.0"
 
-# --- Fisher from optimizer states and exact references (fisher.py, references.py)
+# Fisher from optimizer states; exact references.
+from fisher_optax import fisher as _fisher
+from fisher_optax import references as _references
 from fisher_optax.fisher import FisherTrackerState, fisher_from_state, fisher_tracker
 from fisher_optax.references import empirical_fisher, monte_carlo_fisher
 
 __all__ = [
-    "FisherTrackerState",
     "__version__",
-    "empirical_fisher",
-    "fisher_from_state",
-    "fisher_tracker",
-    "monte_carlo_fisher",
+    *_fisher.__all__,
+    *_references.__all__,
 ]
