@@ -13,8 +13,20 @@ from fisher_optax import references as _references
 from fisher_optax.fisher import FisherTrackerState, fisher_from_state, fisher_tracker
 from fisher_optax.references import empirical_fisher, monte_carlo_fisher
 
+# Datasets for the examples (NumPy only; scikit-learn imported lazily).
+from fisher_optax import datasets as _datasets
+from fisher_optax.datasets import (
+    Dataset,
+    load_digits_dataset,
+    load_fashion_mnist,
+    load_mnist_format,
+    read_idx,
+    write_idx,
+)
+
 __all__ = [
     "__version__",
     *_fisher.__all__,
     *_references.__all__,
+    *_datasets.__all__,
 ]
