@@ -111,7 +111,7 @@ def _is_masked(x: Any) -> bool:
 
 def _unwrap(x: Any) -> Any:
     """The array inside a Flax ``Variable`` (``nnx.Optimizer`` wraps its state), or ``x``."""
-    return x.value if hasattr(x, "value") and hasattr(x, "get_metadata") else x
+    return x.get_value() if hasattr(x, "get_value") and hasattr(x, "get_metadata") else x
 
 
 def _injected_b2(state: Any, path: tuple) -> Any | None:
@@ -181,40 +181,56 @@ def _corrected_nu(
     return jax.tree.map(correct, moment.nu, is_leaf=_is_masked)
 
 
+def _children(node: Any) -> tuple[list[Any], Any]:
+    """The immediate children of a pytree node and the treedef that rebuilds it."""
+    return jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+
+
+def _merge_two(a: Any, b: Any, path: tuple, where: tuple[str, str]) -> Any:
+    """Merge two ``nu`` trees in which ``MaskedNode`` marks what the other one covers.
+
+    ``partition``/``masked`` put a ``MaskedNode`` in place of a whole uncovered subtree, so
+    the two trees can differ in structure exactly where one of them is masked.
+    """
+    if _is_masked(a):
+        return b
+    if _is_masked(b):
+        return a
+    ca, ta = _children(a)
+    cb, tb = _children(b)
+    if ta.num_nodes == 1 and tb.num_nodes == 1:  # two arrays for one parameter
+        raise ValueError(
+            f"fisher_from_state: the parameter at {keystr(path)} is covered by several "
+            f"second-moment states ({where[0]} and {where[1]}); it is ambiguous which to "
+            "read. Pass the sub-state of the one you want, e.g. fisher_from_state(opt_state[i])."
+        )
+    if ta != tb:
+        raise ValueError(
+            f"fisher_from_state: the second-moment states at {where[0]} and {where[1]} cover "
+            f"parameter trees of different structures at {keystr(path)}; pass the sub-state "
+            "of one optimizer instead of the whole state."
+        )
+    keys = [
+        p[-1] for p, _ in jax.tree_util.tree_flatten_with_path(a, is_leaf=lambda x: x is not a)[0]
+    ]
+    return ta.unflatten(
+        [_merge_two(x, y, (*path, k), where) for x, y, k in zip(ca, cb, keys, strict=True)]
+    )
+
+
 def _merge(pieces: Sequence[tuple[str, Any]]) -> tuple[Any, list[str]]:
     """Merge ``nu`` trees of several states (``partition``, ``masked``) into one tree.
 
-    Returns the merged tree (``MaskedNode`` where nothing covers a leaf) and the paths of
-    those uncovered leaves.
+    Returns the merged tree (``MaskedNode`` where nothing covers a leaf or subtree) and the
+    paths of those uncovered places.
     """
-    flats = []
-    for where, tree in pieces:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
-        flats.append((where, flat, treedef))
-    where0, flat0, treedef0 = flats[0]
-    for where, _, treedef in flats[1:]:
-        if treedef.num_leaves != treedef0.num_leaves:
-            raise ValueError(
-                "fisher_from_state: the second-moment states at "
-                f"{where0} and {where} cover parameter trees of different structures; pass "
-                "the sub-state of one optimizer instead of the whole state."
-            )
-    merged, missing = [], []
-    for i, (path, _) in enumerate(flat0):
-        covering = [(w, f[i][1]) for w, f, _ in flats if not _is_masked(f[i][1])]
-        if len(covering) > 1:
-            raise ValueError(
-                f"fisher_from_state: the parameter at {keystr(path)} is covered by several "
-                f"second-moment states ({', '.join(w for w, _ in covering)}); it is ambiguous "
-                "which to read. Pass the sub-state of the one you want, e.g. "
-                "fisher_from_state(opt_state[i])."
-            )
-        if covering:
-            merged.append(covering[0][1])
-        else:
-            merged.append(optax.MaskedNode())
-            missing.append(keystr(path))
-    return jax.tree.unflatten(treedef0, merged), missing
+    where, merged = pieces[0]
+    for other_where, tree in pieces[1:]:
+        merged = _merge_two(merged, tree, (), (where, other_where))
+        where = f"{where}, {other_where}"
+    flat, _ = jax.tree_util.tree_flatten_with_path(merged, is_leaf=_is_masked)
+    missing = [keystr(path) for path, leaf in flat if _is_masked(leaf)]
+    return merged, missing
 
 
 def fisher_from_state(
@@ -377,32 +393,52 @@ def _fisher_from_state(
     return _opt_variables_to_params(merged)
 
 
+def _norm(path: Sequence[Any]) -> tuple:
+    """A key path without Flax's ``.value`` hop, for comparing nnx and plain trees."""
+    return tuple(
+        k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
+    )
+
+
 def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fisher:
-    """Put the merged Fisher leaves into the tree structure of ``params``."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(merged, is_leaf=_is_masked)
+    """Put the merged Fisher leaves into the tree structure of ``params``.
+
+    A ``MaskedNode`` in ``merged`` stands for a whole uncovered subtree of ``params``; its
+    leaves are filled with ``missing``.
+    """
+    entries = {
+        _norm(path): x
+        for path, x in jax.tree_util.tree_flatten_with_path(merged, is_leaf=_is_masked)[0]
+    }
     pflat, ptreedef = jax.tree_util.tree_flatten_with_path(params)
-    if len(flat) != len(pflat):
-        raise ValueError(
-            f"fisher_from_state: the optimizer state covers {len(flat)} parameter leaves but "
-            f"params has {len(pflat)}; pass the params this optimizer was initialised with."
-        )
-    leaves = []
-    for (fpath, f), (ppath, p) in zip(flat, pflat, strict=True):
-        if keystr(fpath) != keystr(ppath):
+    leaves, used = [], set()
+    for ppath, p in pflat:
+        ppath = _norm(ppath)
+        # The entry at this path, or a MaskedNode standing for a whole subtree above it.
+        key = next((ppath[:k] for k in range(len(ppath), -1, -1) if ppath[:k] in entries), None)
+        if key is None or (key != ppath and not _is_masked(entries[key])):
             raise ValueError(
-                f"fisher_from_state: the optimizer state has a leaf at {keystr(fpath)} where "
-                f"params has {keystr(ppath)}; pass the params this optimizer was "
-                "initialised with."
+                f"fisher_from_state: the optimizer state has no entry for the parameter at "
+                f"{keystr(ppath)}; pass the params this optimizer was initialised with."
             )
+        used.add(key)
+        f = entries[key]
         if _is_masked(f):
-            f = jnp.full(jnp.shape(p), missing, dtype=jnp.result_type(p))
+            leaves.append(jnp.full(jnp.shape(p), missing, dtype=jnp.result_type(p)))
+            continue
         f = _unwrap(f)
         if jnp.shape(f) != jnp.shape(p):
             raise ValueError(
-                f"fisher_from_state: nu at {keystr(fpath)} has shape {jnp.shape(f)} but the "
+                f"fisher_from_state: nu at {keystr(ppath)} has shape {jnp.shape(f)} but the "
                 f"parameter has shape {jnp.shape(p)}."
             )
         leaves.append(f)
+    extra = [k for k in entries if k not in used]
+    if extra:
+        raise ValueError(
+            f"fisher_from_state: the optimizer state has a leaf at {keystr(extra[0])} that "
+            "params lacks; pass the params this optimizer was initialised with."
+        )
     return jax.tree.unflatten(ptreedef, leaves)
 
 

@@ -153,7 +153,9 @@ def monte_carlo_fisher(
     n = _batch_size(inputs, "monte_carlo_fisher")
     _check_microbatch(microbatch_size, "monte_carlo_fisher")
     if int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(f"monte_carlo_fisher: num_samples must be a positive int, got {num_samples}.")
+        raise ValueError(
+            f"monte_carlo_fisher: num_samples must be a positive int, got {num_samples}."
+        )
     keys = jax.random.split(key, n)
 
     def one(example, example_key):
