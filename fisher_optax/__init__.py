@@ -24,9 +24,14 @@ from fisher_optax.datasets import (
     write_idx,
 )
 
+# Structured pruning: unit scores and masks, optimizer state after surgery (Flax-free).
+from fisher_optax import structured as _structured
+from fisher_optax.structured import expand_unit_mask, slice_opt_state, unit_mask, unit_scores
+
 __all__ = [
     "__version__",
     *_fisher.__all__,
     *_references.__all__,
     *_datasets.__all__,
+    *_structured.__all__,
 ]
