@@ -67,6 +67,12 @@ def path_str(path: Path) -> str:
     return "".join(f"[{k!r}]" for k in path) or "<root>"
 
 
+def _strip_value(path: Sequence[Any]) -> tuple:
+    return tuple(
+        k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
+    )
+
+
 def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
@@ -78,12 +84,13 @@ def _flat(tree: Any) -> list[tuple[Path, Any]]:
 
 def _resolve_prunable(params: Any, prunable: Any, default: Callable[[Any], bool]) -> list[bool]:
     """One flag per leaf of ``params``: ``None`` (default rule), a predicate on
-    ``(path, leaf)`` with ``path`` the readable string, or a pytree of bools."""
-    flat = _flat(params)
+    ``(path, leaf)`` with ``path`` the jax key path (``.value`` hop left out, as
+    :func:`fisher_optax.topk_mask` passes it), or a pytree of bools."""
     if prunable is None:
-        return [bool(default(leaf)) for _, leaf in flat]
+        return [bool(default(leaf)) for _, leaf in _flat(params)]
     if callable(prunable):
-        return [bool(prunable(path_str(p), leaf)) for p, leaf in flat]
+        flat, _ = jax.tree_util.tree_flatten_with_path(params)
+        return [bool(prunable(_strip_value(p), leaf)) for p, leaf in flat]
     flags = check_matching(
         jax.tree.map(lambda _: True, params), prunable, ref_name="params", other_name="prunable"
     )
@@ -128,8 +135,9 @@ def unit_scores(
       fisher: the Fisher diagonal, shaped like ``params``; not needed for ``"magnitude"``.
       criterion: ``"saliency"`` (default), ``"fisher"`` or ``"magnitude"``.
       prunable: which leaves are unit-bearing kernels: ``None`` for every leaf with
-        ``ndim >= 2``, a predicate on ``(path, leaf)`` (path as ``"['dense']['kernel']"``)
-        or a pytree of bools shaped like ``params``.
+        ``ndim >= 2``, a predicate on ``(path, leaf)`` (``path`` a jax key path tuple, as
+        :func:`fisher_optax.topk_mask` passes it; ``jax.tree_util.keystr(path)`` reads
+        ``"['dense']['kernel']"``) or a pytree with a bool per leaf of ``params``.
 
     Returns:
       A pytree with the structure of ``params``: each kernel leaf holds a float32 ``(out,)``
@@ -223,7 +231,8 @@ def unit_mask(
         ranking across layers; compare scores across layers only where they share a scale,
         as OBD saliencies do).
       prunable: which layers may lose units: ``None`` for every scored layer, a predicate on
-        ``(path, scores_leaf)``, or a pytree of bools shaped like ``scores``.
+        ``(path, scores_leaf)`` (a jax key path, as for :func:`unit_scores`), or a pytree
+        with a bool per leaf of ``scores``.
       mask: an earlier unit mask (True keeps); what it dropped stays dropped.
       min_units: units each prunable layer keeps at least.
 
@@ -257,14 +266,23 @@ def unit_mask(
                 "expected one score per unit, a vector, as unit_scores returns."
             )
     flags = _resolve_prunable(scores, prunable, lambda _: True)
-    # Protect each layer's best ``min_units`` units by lifting their scores to the top.
+    earlier = (
+        [None] * len(flat)
+        if mask is None
+        else check_matching(scores, mask, ref_name="scores", other_name="mask")
+    )
+    # Protect each layer's best ``min_units`` units (among those still kept) by lifting
+    # their scores to the top, so that no selection can take them.
     top = jnp.finfo(jnp.float32).max
     protected, n_total, n_protected = [], 0, 0
-    for (path, s), flag in zip(flat, flags, strict=True):
+    for (path, s), flag, kept in zip(flat, flags, earlier, strict=True):
         s = jnp.asarray(s, jnp.float32)
         if flag and min_units > 0:
             k = min(int(min_units), s.shape[0])
-            best = np.argsort(-np.asarray(s), kind="stable")[:k]
+            rank = np.asarray(s, np.float64)
+            if kept is not None:
+                rank = np.where(np.asarray(kept, bool), rank, -np.inf)
+            best = np.argsort(-rank, kind="stable")[:k]
             s = s.at[best].set(top)
             n = s.shape[0]
             n_total, n_protected = n_total + n, n_protected + k
