@@ -254,7 +254,8 @@ def unit_mask(
 
     if scope not in ("layer", "global"):
         raise ValueError(f"unit_mask: scope must be 'layer' or 'global', got {scope!r}.")
-    if not 0.0 <= float(fraction) <= 1.0:
+    concrete = not isinstance(fraction, jax.core.Tracer)
+    if concrete and not 0.0 <= float(fraction) <= 1.0:
         raise ValueError(f"unit_mask: fraction must lie in [0, 1], got {fraction}.")
     if int(min_units) != min_units or min_units < 0:
         raise ValueError(f"unit_mask: min_units must be a non-negative int, got {min_units}.")
@@ -279,21 +280,19 @@ def unit_mask(
         s = jnp.asarray(s, jnp.float32)
         if flag and min_units > 0:
             k = min(int(min_units), s.shape[0])
-            rank = np.asarray(s, np.float64)
-            if kept is not None:
-                rank = np.where(np.asarray(kept, bool), rank, -np.inf)
-            best = np.argsort(-rank, kind="stable")[:k]
+            rank = s if kept is None else jnp.where(kept, s, -jnp.inf)
+            best = jnp.argsort(-rank, stable=True)[:k]  # a vector per layer: cheap to sort
             s = s.at[best].set(top)
             n = s.shape[0]
             n_total, n_protected = n_total + n, n_protected + k
-            if scope == "layer" and round(float(fraction) * n) > n - k:
+            if concrete and scope == "layer" and round(float(fraction) * n) > n - k:
                 raise ValueError(
                     f"unit_mask: dropping {fraction} of the {n} units at "
                     f"{path_str(path_tuple(path))} leaves fewer than min_units={min_units}; "
                     "lower fraction or min_units."
                 )
         protected.append(s)
-    if scope == "global" and round(float(fraction) * n_total) > n_total - n_protected:
+    if concrete and scope == "global" and round(float(fraction) * n_total) > n_total - n_protected:
         raise ValueError(
             f"unit_mask: dropping {fraction} of {n_total} units globally leaves a layer with "
             f"fewer than min_units={min_units}; lower fraction or min_units."

@@ -139,6 +139,24 @@ def test_unit_mask_global_and_min_units():
         fisher_optax.unit_mask(scores, 1.0, scope="layer")
 
 
+def test_unit_mask_under_jit_matches_eager_and_compiles_once():
+    _needs_masks()
+    scores = _scores()
+    traces = []
+
+    @jax.jit
+    def f(sc, fraction):
+        traces.append(1)
+        return fisher_optax.unit_mask(sc, fraction, scope="global")
+
+    for fraction in (0.25, 0.5):
+        got = f(scores, fraction)
+        want = fisher_optax.unit_mask(scores, fraction, scope="global")
+        for name in ("a", "b"):
+            np.testing.assert_array_equal(got[name]["kernel"], want[name]["kernel"])
+    assert len(traces) == 1
+
+
 def test_unit_mask_respects_prunable_and_earlier_mask():
     _needs_masks()
     scores = _scores()
