@@ -1,0 +1,417 @@
+"""Masks against brute-force NumPy references (a stable lexicographic sort), under jit too."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fisher_optax as fo
+from fisher_optax import masks as masks_mod
+
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Independent reference: sort everything, prune the first k (ties by flat index).
+
+
+def ref_prune(scores, sparsity, prior=None, allowed=None):
+    """Boolean 'pruned' vector over the concatenated leaves, by a full stable sort."""
+    flat = np.concatenate([np.asarray(x, np.float32).ravel() for x in scores])
+    n_all = flat.size
+    allow = (
+        np.ones(n_all, bool)
+        if allowed is None
+        else np.concatenate(
+            [np.broadcast_to(a, np.shape(x)).ravel() for a, x in zip(allowed, scores)]
+        )
+    )
+    pri = (
+        np.zeros(n_all, bool)
+        if prior is None
+        else ~np.concatenate([np.asarray(p).ravel() for p in prior])
+    )
+    pri &= allow
+    n = int(allow.sum())
+    k = max(round(sparsity * n), int(pri.sum()))
+    idx = np.arange(n_all)
+    # Prior-pruned first, then by score, then by flat index; non-prunable never.
+    order = np.lexsort((idx, flat, ~pri, ~allow))
+    prune = np.zeros(n_all, bool)
+    prune[order[:k]] = True
+    return prune
+
+
+def flat_pruned(mask, names):
+    return np.concatenate([~np.asarray(mask[name]).ravel() for name in names])
+
+
+# A few fixed layouts: each new layout compiles the selection kernel again (about a second
+# on a busy CPU), while new values and sparsities reuse the compiled kernel.
+shapes_st = st.sampled_from([[(1, 1)], [(3, 4), (5, 2), (1, 7)], [(6, 6), (2, 3)]])
+
+
+@st.composite
+def score_trees(draw, ties=True):
+    shapes = draw(shapes_st)
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    if ties:
+        leaves = [rng.integers(-3, 4, size=s).astype(np.float32) for s in shapes]
+    else:
+        leaves = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    return {f"l{i}": x for i, x in enumerate(leaves)}, rng
+
+
+def as_jnp(tree):
+    return {k: jnp.asarray(v) for k, v in tree.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# topk_mask
+
+
+@SETTINGS
+@given(score_trees(), st.floats(0, 1), st.booleans())
+def test_topk_global_matches_sort_reference(data, sparsity, with_prior):
+    tree, rng = data
+    names = list(tree)
+    prior = {k: rng.uniform(size=v.shape) > 0.3 for k, v in tree.items()} if with_prior else None
+    mask = fo.topk_mask(as_jnp(tree), sparsity, mask=None if prior is None else as_jnp(prior))
+    want = ref_prune(
+        [tree[k] for k in names], sparsity, None if prior is None else [prior[k] for k in names]
+    )
+    np.testing.assert_array_equal(flat_pruned(mask, names), want)
+
+
+@SETTINGS
+@given(score_trees(), st.floats(0, 1))
+def test_topk_layer_matches_sort_reference_per_leaf(data, sparsity):
+    tree, _ = data
+    mask = fo.topk_mask(as_jnp(tree), sparsity, scope="layer")
+    for name, x in tree.items():
+        np.testing.assert_array_equal(~np.asarray(mask[name]).ravel(), ref_prune([x], sparsity))
+        assert int((~np.asarray(mask[name])).sum()) == round(sparsity * x.size)
+
+
+@SETTINGS
+@given(score_trees(ties=False), st.floats(0, 1), st.sampled_from(["global", "layer"]))
+def test_exact_pruned_count(data, sparsity, scope):
+    tree, _ = data
+    mask = fo.topk_mask(as_jnp(tree), sparsity, scope=scope)
+    counts = {k: int((~np.asarray(m)).sum()) for k, m in mask.items()}
+    if scope == "global":
+        n = sum(v.size for v in tree.values())
+        assert sum(counts.values()) == round(sparsity * n)
+    else:
+        assert counts == {k: round(sparsity * v.size) for k, v in tree.items()}
+
+
+@SETTINGS
+@given(score_trees(), st.floats(0, 1), st.floats(0, 1), st.sampled_from(["global", "layer"]))
+def test_masks_nest(data, s1, s2, scope):
+    tree, _ = data
+    lo, hi = sorted([s1, s2])
+    scores = as_jnp(tree)
+    m_lo = fo.topk_mask(scores, lo, scope=scope)
+    m_hi = fo.topk_mask(scores, hi, scope=scope, mask=m_lo)
+    m_hi_fresh = fo.topk_mask(scores, hi, scope=scope)
+    for k in tree:
+        # Everything pruned at the lower sparsity stays pruned at the higher one.
+        assert not np.any(~np.asarray(m_lo[k]) & np.asarray(m_hi[k]))
+        # With a total order (score, flat index) the fresh mask nests as well, and agrees.
+        np.testing.assert_array_equal(m_hi[k], m_hi_fresh[k])
+
+
+def test_prior_mask_above_target_keeps_its_pruning():
+    scores = {"w": jnp.arange(12.0).reshape(3, 4)}
+    prior = {"w": jnp.arange(12).reshape(3, 4) % 2 == 0}  # prunes 6 (the odd entries kept)
+    mask = fo.topk_mask(scores, 0.25, mask=prior)
+    np.testing.assert_array_equal(mask["w"], prior["w"])
+
+
+def test_tie_break_lower_flat_index_first_across_leaves():
+    scores = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
+    mask = fo.topk_mask(scores, 5 / 8)
+    np.testing.assert_array_equal(mask["a"], np.zeros((2, 2), bool))
+    np.testing.assert_array_equal(mask["b"], np.array([[False, True], [True, True]]))
+
+
+def test_negative_zero_ties_with_zero_and_infinities_rank():
+    scores = {"w": jnp.array([[0.0, -0.0, jnp.inf, -jnp.inf, 1.0, -1.0]])}
+    mask = fo.topk_mask(scores, 3 / 6)
+    # -inf, -1, then the first of the tied zeros (index 0; -0.0 at index 1 is its equal).
+    np.testing.assert_array_equal(mask["w"], [[False, True, True, False, True, False]])
+
+
+def test_sparsity_zero_and_one():
+    scores = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    assert bool(jnp.all(fo.topk_mask(scores, 0.0)["w"]))
+    full = fo.topk_mask(scores, 1.0)
+    assert not bool(jnp.any(full["w"]))
+    assert bool(jnp.all(full["b"]))  # not prunable: ndim 1
+
+
+def test_prunable_predicate_gets_key_path_and_leaf():
+    seen = []
+
+    def only_kernels(path, leaf):
+        seen.append((jax.tree_util.keystr(path), leaf.shape))
+        return jax.tree_util.keystr(path).endswith("['kernel']")
+
+    params = {"dense": {"kernel": jnp.arange(4.0).reshape(2, 2), "bias": jnp.arange(2.0)}}
+    params["emb"] = jnp.arange(4.0).reshape(2, 2)
+    mask = fo.magnitude_mask(params, 0.5, prunable=only_kernels)
+    assert ("['dense']['kernel']", (2, 2)) in seen and ("['dense']['bias']", (2,)) in seen
+    np.testing.assert_array_equal(mask["dense"]["kernel"], [[False, False], [True, True]])
+    assert bool(jnp.all(mask["emb"])) and bool(jnp.all(mask["dense"]["bias"]))
+
+
+def test_prunable_bool_pytree_per_leaf_and_per_element():
+    params = {"a": jnp.arange(1.0, 5.0), "b": jnp.arange(1.0, 5.0).reshape(2, 2)}
+    mask = fo.magnitude_mask(params, 0.5, prunable={"a": True, "b": False})
+    np.testing.assert_array_equal(mask["a"], [False, False, True, True])
+    assert bool(jnp.all(mask["b"]))
+    elem = {"a": jnp.array([False, True, True, True]), "b": jnp.zeros((2, 2), bool)}
+    mask = fo.magnitude_mask(params, 2 / 3, prunable=elem)
+    # 3 prunable entries, 2 pruned: the smallest allowed ones (2.0, 3.0); 1.0 is protected.
+    np.testing.assert_array_equal(mask["a"], [True, False, False, True])
+    want = ref_prune([np.arange(1.0, 5.0), np.ones((2, 2))], 2 / 3, allowed=[elem["a"], False])
+    np.testing.assert_array_equal(flat_pruned(mask, ["a", "b"]), want)
+
+
+def test_no_prunable_leaf_gives_all_true():
+    mask = fo.magnitude_mask({"b": jnp.ones(3)}, 0.5)
+    assert bool(jnp.all(mask["b"]))
+
+
+def test_flax_nnx_state_params():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    mask = fo.magnitude_mask(params, 0.5)
+    kernel = np.asarray(params["kernel"][...])
+    want = ref_prune([np.abs(kernel)], 0.5)
+    np.testing.assert_array_equal(~np.asarray(mask["kernel"][...]).ravel(), want)
+    assert bool(jnp.all(mask["bias"][...]))
+    pruned = fo.apply_mask(params, mask)
+    assert float(jnp.sum(pruned["kernel"][...] == 0)) == 16
+
+
+# ------------------------------------------------------------------------------------------
+# Under jit
+
+
+def test_topk_under_jit_matches_eager_and_compiles_once():
+    rng = np.random.default_rng(1)
+    scores = {
+        "a": jnp.asarray(rng.integers(0, 5, (7, 9)).astype(np.float32)),
+        "b": jnp.asarray(rng.standard_normal((4, 3, 2)).astype(np.float32)),
+    }
+    traces = []
+
+    @jax.jit
+    def f(scores, sparsity):
+        traces.append(1)
+        return fo.topk_mask(scores, sparsity)
+
+    for s in [0.1, 0.37, 0.5, 0.93]:
+        got = f(scores, jnp.float32(s))
+        want = fo.topk_mask(scores, s)
+        for k in scores:
+            np.testing.assert_array_equal(got[k], want[k])
+    assert len(traces) == 1
+
+
+def test_traced_sparsity_is_clipped():
+    scores = {"w": jnp.arange(4.0).reshape(2, 2)}
+    m = jax.jit(fo.topk_mask)(scores, jnp.float32(1.5))
+    assert not bool(jnp.any(m["w"]))
+
+
+def test_nan_under_jit_ranks_above_every_number():
+    scores = {"w": jnp.array([[jnp.nan, 1.0, jnp.inf, 0.0]])}
+    m = jax.jit(lambda s: fo.topk_mask(s, 0.75))(scores)
+    np.testing.assert_array_equal(m["w"], [[True, False, False, False]])
+
+
+def test_flat_index_and_keys_are_order_preserving():
+    x = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, np.inf], np.float32)
+    keys = np.asarray(masks_mod._float_keys(jnp.asarray(x)))
+    assert np.all(np.diff(keys.astype(np.int64)) >= 0)
+    assert keys[3] == keys[4]
+    idx = np.asarray(masks_mod._flat_index((2, 3, 4), jnp.uint32(5)))
+    np.testing.assert_array_equal(idx, np.arange(24).reshape(2, 3, 4) + 5)
+
+
+def test_count_matches_numpy_sum():
+    rng = np.random.default_rng(0)
+    for shape in [(), (7,), (3, 300), (2, 256), (1000, 70000 // 1000), (2, 70000)]:
+        pred = rng.uniform(size=shape) < 0.9
+        assert int(masks_mod._count(jnp.asarray(pred))) == int(pred.sum())
+
+
+# ------------------------------------------------------------------------------------------
+# magnitude, fisher, two-stage, random
+
+
+@SETTINGS
+@given(score_trees(ties=False), st.floats(0, 1), st.sampled_from(["fisher", "saliency"]))
+def test_fisher_mask_matches_reference(data, sparsity, criterion):
+    params, rng = data
+    names = list(params)
+    fisher = {k: rng.uniform(size=v.shape).astype(np.float32) for k, v in params.items()}
+    mask = fo.fisher_mask(as_jnp(params), as_jnp(fisher), sparsity, criterion=criterion)
+    if criterion == "fisher":
+        score = [fisher[k] for k in names]
+    else:
+        score = [np.float32(0.5) * fisher[k] * params[k] ** 2 for k in names]
+    np.testing.assert_array_equal(flat_pruned(mask, names), ref_prune(score, sparsity))
+
+
+@SETTINGS
+@given(
+    score_trees(),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.sampled_from(["fisher", "saliency"]),
+    st.sampled_from(["global", "layer"]),
+)
+def test_two_stage_matches_brute_force(data, s1, s2, criterion, scope):
+    params, rng = data
+    names = list(params)
+    ms, s = sorted([s1, s2])
+    fisher = {k: rng.integers(0, 3, size=v.shape).astype(np.float32) for k, v in params.items()}
+    mask = fo.two_stage_mask(
+        as_jnp(params),
+        as_jnp(fisher),
+        s,
+        magnitude_sparsity=ms,
+        criterion=criterion,
+        scope=scope,
+    )
+    groups = [names] if scope == "global" else [[k] for k in names]
+    for group in groups:
+        w = np.concatenate([params[k].ravel() for k in group])
+        f = np.concatenate([fisher[k].ravel() for k in group])
+        n, idx = w.size, np.arange(w.size)
+        # Stage 1: by |w|; stage 2: among survivors by the criterion, to round(s * n) in all.
+        k1 = round(ms * n)
+        order1 = np.lexsort((idx, np.abs(w)))
+        pruned = np.zeros(n, bool)
+        pruned[order1[:k1]] = True
+        score = f if criterion == "fisher" else np.float32(0.5) * f * w * w
+        survivors = np.flatnonzero(~pruned)
+        order2 = survivors[np.lexsort((survivors, score[survivors]))]
+        pruned[order2[: max(round(s * n) - k1, 0)]] = True
+        got = np.concatenate([~np.asarray(mask[k]).ravel() for k in group])
+        np.testing.assert_array_equal(got, pruned)
+
+
+def test_magnitude_mask_matches_reference_layer_scope():
+    rng = np.random.default_rng(3)
+    params = {
+        "a": rng.standard_normal((5, 5)).astype(np.float32),
+        "b": rng.standard_normal((3, 8)).astype(np.float32),
+    }
+    mask = fo.magnitude_mask(as_jnp(params), 0.4, scope="layer")
+    for k, v in params.items():
+        np.testing.assert_array_equal(~np.asarray(mask[k]).ravel(), ref_prune([np.abs(v)], 0.4))
+
+
+def test_random_mask_exact_count_deterministic_and_key_dependent():
+    params = {"a": jnp.zeros((20, 10)), "b": jnp.zeros((5, 4)), "bias": jnp.zeros(7)}
+    m1 = fo.random_mask(jax.random.key(0), params, 0.33)
+    m2 = fo.random_mask(jax.random.key(0), params, 0.33)
+    m3 = fo.random_mask(jax.random.key(1), params, 0.33)
+    assert int(sum((~m).sum() for k, m in m1.items() if k != "bias")) == round(0.33 * 220)
+    assert bool(jnp.all(m1["bias"]))
+    assert all(bool(jnp.array_equal(m1[k], m2[k])) for k in params)
+    assert not bool(jnp.array_equal(m1["a"], m3["a"]))
+    layer = fo.random_mask(jax.random.key(0), params, 0.33, scope="layer")
+    assert int((~layer["a"]).sum()) == 66 and int((~layer["b"]).sum()) == 7
+
+
+def test_apply_mask_and_sparsity_report():
+    params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.arange(2.0)}
+    mask = {"w": jnp.array([[True, False, True], [False, False, True]]), "b": jnp.array([1, 0]) > 0}
+    out = fo.apply_mask(params, mask)
+    np.testing.assert_array_equal(out["w"], [[1.0, 0.0, 3.0], [0.0, 0.0, 6.0]])
+    np.testing.assert_array_equal(out["b"], [0.0, 0.0])
+    rep = fo.sparsity_report(mask)
+    assert rep["pruned"] == 3 and rep["prunable"] == 6 and rep["sparsity"] == 0.5
+    assert rep["leaves"]["['b']"] == {"sparsity": 0.5, "pruned": 1, "size": 2, "prunable": 0}
+    rep_all = fo.sparsity_report(mask, prunable=lambda path, leaf: True)
+    assert rep_all["pruned"] == 4 and rep_all["prunable"] == 8
+
+
+# ------------------------------------------------------------------------------------------
+# Errors, each by its message
+
+
+def test_error_sparsity_out_of_range():
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\].*got 1.5"):
+        fo.topk_mask({"w": jnp.ones((2, 2))}, 1.5)
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\].*got -0.1"):
+        fo.magnitude_mask({"w": jnp.ones((2, 2))}, -0.1)
+    with pytest.raises(ValueError, match="must be a scalar"):
+        fo.magnitude_mask({"w": jnp.ones((2, 2))}, jnp.ones(2))
+
+
+def test_error_nan_scores_name_the_leaf():
+    with pytest.raises(ValueError, match=r"topk_mask: scores at \['w'\] holds NaN"):
+        fo.topk_mask({"w": jnp.array([[1.0, jnp.nan]])}, 0.5)
+    params = {"w": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match=r"Fisher scores at \['w'\] holds NaN"):
+        fo.fisher_mask(params, {"w": jnp.full((2, 2), jnp.nan)}, 0.5)
+
+
+def test_error_unknown_scope_and_criterion():
+    params = {"w": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match="scope must be 'global'.*got 'model'"):
+        fo.topk_mask(params, 0.5, scope="model")
+    with pytest.raises(ValueError, match="criterion must be 'fisher'.*got 'hessian'"):
+        fo.fisher_mask(params, params, 0.5, criterion="hessian")
+
+
+def test_error_fisher_tree_mismatch_names_first_path():
+    params = {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 3))}
+    with pytest.raises(ValueError, match=r"fisher at \['b'\] has shape \(3, 2\)"):
+        fo.fisher_mask(params, {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 2))}, 0.5)
+    with pytest.raises(ValueError, match=r"leaf 1 is at \['c'\] in fisher but at \['b'\]"):
+        fo.two_stage_mask(
+            params, {"a": jnp.ones((2, 2)), "c": jnp.ones((3, 3))}, 0.5, magnitude_sparsity=0.1
+        )
+
+
+def test_error_mask_mismatch_and_dtype():
+    params = {"w": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match=r"mask at \['w'\] has shape \(4,\)"):
+        fo.magnitude_mask(params, 0.5, mask={"w": jnp.ones(4, bool)})
+    with pytest.raises(TypeError, match=r"mask at \['w'\] has dtype float32"):
+        fo.magnitude_mask(params, 0.5, mask={"w": jnp.ones((2, 2))})
+    with pytest.raises(TypeError, match="a mask holds booleans"):
+        fo.sparsity_report({"w": jnp.ones((2, 2))})
+
+
+def test_error_magnitude_sparsity_above_sparsity():
+    params = {"w": jnp.ones((2, 2))}
+    with pytest.raises(ValueError, match=r"magnitude_sparsity \(0.6\) exceeds sparsity \(0.5\)"):
+        fo.two_stage_mask(params, params, 0.5, magnitude_sparsity=0.6)
+
+
+def test_error_bad_prunable():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    with pytest.raises(TypeError, match="predicate must return a Python bool"):
+        fo.magnitude_mask(params, 0.5, prunable=lambda p, x: jnp.asarray(True))
+    with pytest.raises(ValueError, match=r"prunable does not match.*\['b'\]"):
+        fo.magnitude_mask(params, 0.5, prunable={"w": True, "x": False})
+    with pytest.raises(TypeError, match=r"prunable at \['w'\] must be a bool"):
+        fo.magnitude_mask(params, 0.5, prunable={"w": jnp.ones(3, bool), "b": False})
+
+
+def test_error_complex_scores():
+    with pytest.raises(TypeError, match="scores must be real numbers"):
+        fo.topk_mask({"w": jnp.ones((2, 2), jnp.complex64)}, 0.5)
