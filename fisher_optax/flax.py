@@ -70,7 +70,7 @@ def opt_variables_to_params(tree: Any) -> Any:
     """
 
     def rewrap(x):
-        return nnx.Param(x.value) if isinstance(x, nnx.training.optimizer.OptVariable) else x
+        return nnx.Param(x.get_value()) if isinstance(x, nnx.training.optimizer.OptVariable) else x
 
     return jax.tree.map(
         rewrap, tree, is_leaf=lambda x: isinstance(x, nnx.training.optimizer.OptVariable)

@@ -1,0 +1,416 @@
+"""Flax integration: write-back into nnx models, surgery on NNX and Linen, optimizer slicing."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+flax = pytest.importorskip("flax")
+import flax.linen as nn  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import fisher_optax  # noqa: E402
+import fisher_optax.flax as ff  # noqa: E402
+from fisher_optax._tree import check_matching  # noqa: E402
+from fisher_optax.structured import path_tuple, take_np  # noqa: E402
+
+
+@nnx.jit
+def _call(model, x):
+    return model(x)
+
+
+def _flatten(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def _init(seed):
+    """NumPy initialisers: building the test models compiles nothing (XLA compiles of the
+    default initialisers dominated the run time), and biases are non-zero, so that folding
+    the dropped units' constants is exercised."""
+    rng = np.random.default_rng(seed)
+
+    def kernel(key, shape, dtype=jnp.float32):
+        del key
+        fan_in = int(np.prod(shape[:-1]))
+        return jnp.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), dtype)
+
+    def bias(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.asarray(0.5 * rng.standard_normal(shape), dtype)
+
+    return {"kernel_init": kernel, "bias_init": bias, "rngs": nnx.Rngs(seed)}
+
+
+def _mlp(act=jax.nn.sigmoid):
+    i = _init(0)
+    return nnx.Sequential(
+        nnx.Linear(6, 12, **i), act, nnx.Linear(12, 9, **i), act, nnx.Linear(9, 3, **i)
+    )
+
+
+def _cnn(padding="VALID"):
+    i = _init(1)
+    return nnx.Sequential(
+        nnx.Conv(2, 6, (3, 3), padding=padding, **i), nnx.relu,
+        nnx.Conv(6, 5, (3, 3), padding="VALID", **i), jnp.tanh, _flatten,
+        nnx.Linear(5 * 16, 7, **i), nnx.gelu,
+        nnx.Linear(7, 4, **i),
+    )  # fmt: skip
+
+
+def _unit_mask(model, seed=0, fraction=0.4):
+    """A random unit mask over every kernel but the last layer's."""
+    rng = np.random.default_rng(seed)
+    prunable = ff.prunable_units(model)
+
+    def pick(flag, leaf):
+        if flag is None:
+            return None
+        n = leaf.shape[-1]
+        return jnp.asarray(rng.random(n) >= fraction) if flag else jnp.ones(n, bool)
+
+    return jax.tree.map(
+        pick, prunable, nnx.state(model, nnx.Param), is_leaf=lambda x: x is None or x is True
+    )
+
+
+def _masked(model, um):
+    """The original model with the dropped units' incoming weights zeroed."""
+    out = nnx.clone(model)
+    state = nnx.state(out, nnx.Param)
+    wm = fisher_optax.expand_unit_mask(state, um)
+    ff.update_model(out, jax.tree.map(lambda p, m: jnp.where(m, p, 0), state, wm))
+    return out
+
+
+def _count(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _kept(um, path):
+    node = um
+    for k in path:
+        node = node[k]
+    return int(np.asarray(node[...] if hasattr(node, "get_value") else node).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Surgery on nnx.Sequential
+
+
+@pytest.mark.parametrize("act", [jax.nn.sigmoid, nnx.relu])
+def test_shrink_mlp_equals_masked_and_counts_drop_exactly(act):
+    model = _mlp(act)
+    um = _unit_mask(model)
+    small = ff.shrink(model, um)
+    x = jax.random.normal(jax.random.key(0), (16, 6))
+    np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
+    k0, k1 = _kept(um, ("layers", 0, "kernel")), _kept(um, ("layers", 2, "kernel"))
+    want = (6 * k0 + k0) + (k0 * k1 + k1) + (k1 * 3 + 3)
+    assert _count(small) == want < _count(model)
+    assert small.layers[0].out_features == k0 and small.layers[2].in_features == k0
+    assert model.layers[0].kernel.shape == (6, 12)  # the original is untouched
+
+
+def test_shrink_cnn_with_flatten_equals_masked_and_counts_drop_exactly():
+    model = _cnn()
+    um = _unit_mask(model, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # VALID padding: every fold is exact, no warning
+        small = ff.shrink(model, um)
+    x = jax.random.normal(jax.random.key(1), (8, 8, 8, 2))
+    np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
+    c0, c1 = _kept(um, ("layers", 0, "kernel")), _kept(um, ("layers", 2, "kernel"))
+    d = _kept(um, ("layers", 5, "kernel"))
+    want = (9 * 2 * c0 + c0) + (9 * c0 * c1 + c1) + (16 * c1 * d + d) + (d * 4 + 4)
+    assert _count(small) == want
+    count, flops = ff.param_count_and_flops(small, x[:1])
+    dense_count, dense_flops = ff.param_count_and_flops(model, x[:1])
+    assert count == want and dense_count == _count(model)
+    assert flops < dense_flops
+
+
+def test_shrink_flatten_drops_the_nhwc_block_of_rows():
+    model = _cnn()
+    um = _unit_mask(model, fraction=0.0)
+    um["layers"][2]["kernel"] = nnx.Param(jnp.array([True, False, True, True, False]))
+    index = ff.shrink_index(model, um)
+    rows = index[("layers", 5, "kernel")][0]
+    want = [s * 5 + c for s in range(16) for c in (0, 2, 3)]
+    np.testing.assert_array_equal(rows, want)
+
+
+def test_units_zeroed_by_unstructured_mask_are_dropped_with_bias_folded():
+    model = _mlp(jax.nn.sigmoid)  # sigmoid(b) != 0: the fold matters
+    state = nnx.state(model, nnx.Param)
+    kernel = np.array(state["layers"][2]["kernel"][...])
+    kernel[:, [1, 4]] = 0
+    state["layers"][2]["kernel"] = nnx.Param(jnp.asarray(kernel))
+    ff.update_model(model, state)
+    small = ff.shrink(model)  # no unit mask: only the dead units go
+    assert small.layers[2].out_features == 7
+    x = jax.random.normal(jax.random.key(2), (16, 6))
+    np.testing.assert_allclose(_call(small, x), _call(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_padded_conv_keeps_units_it_cannot_fold_and_says_so():
+    i = _init(3)
+    model = nnx.Sequential(
+        nnx.Conv(2, 6, (3, 3), padding="SAME", **i), nnx.relu,
+        nnx.Conv(6, 5, (3, 3), padding="SAME", **i), jnp.tanh, _flatten,
+        nnx.Linear(5 * 64, 4, **i),
+    )  # fmt: skip
+    um = _unit_mask(model, fraction=0.0)
+    drop = np.array([False, True, False, True, False, False])
+    um["layers"][0]["kernel"] = nnx.Param(jnp.asarray(~drop))
+    x = jax.random.normal(jax.random.key(3), (4, 8, 8, 2))
+    bias = np.asarray(model.layers[0].bias[...])
+    with pytest.warns(UserWarning, match="cannot be folded exactly"):
+        small = ff.shrink(model, um)
+    # Units with relu(bias) > 0 stay (zero-padded conv next); those with relu(bias) = 0 go.
+    assert small.layers[0].out_features == 6 - int((drop & (bias <= 0)).sum())
+    np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
+    # Zeroing the dropped units' biases too makes relu's constant 0: all of them go.
+    state = nnx.state(model, nnx.Param)
+    wm = fisher_optax.expand_unit_mask(state, um, bias=True)
+    ff.update_model(model, jax.tree.map(lambda p, m: jnp.where(m, p, 0), state, wm))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = ff.shrink(model, um)
+    assert small.layers[0].out_features == 4
+    np.testing.assert_allclose(_call(small, x), _call(model, x), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Explicitly named pairs
+
+
+class _Net(nnx.Module):
+    def __init__(self, seed=0):
+        i = _init(seed)
+        self.conv1 = nnx.Conv(1, 4, (3, 3), padding="VALID", **i)
+        self.conv2 = nnx.Conv(4, 6, (3, 3), padding="VALID", **i)
+        self.fc1 = nnx.Linear(6 * 4, 5, **i)
+        self.fc2 = nnx.Linear(5, 3, **i)
+
+    def __call__(self, x):
+        x = jax.nn.elu(self.conv1(x))
+        x = jax.nn.elu(self.conv2(x))
+        x = jax.nn.elu(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.fc2(x)
+
+
+PAIRS = [("conv1", "conv2"), ("conv2", "fc1"), ("fc1", "fc2")]
+
+
+def test_shrink_with_named_pairs():
+    model = _Net(5)
+    um = jax.tree_util.tree_map_with_path(
+        lambda p, x: (jnp.arange(x.shape[-1]) % 2 == 0) if x.ndim >= 2 else None,
+        nnx.state(model, nnx.Param),
+    )
+    um["fc2"]["kernel"] = nnx.Param(jnp.ones(3, bool))
+    small = ff.shrink(model, um, pairs=PAIRS, activation=jax.nn.elu)
+    x = jax.random.normal(jax.random.key(5), (6, 6, 6, 1))
+    np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
+    assert (small.conv1.out_features, small.conv2.out_features, small.fc1.out_features) == (
+        2,
+        3,
+        3,
+    )
+    flags = ff.prunable_units(model, pairs=PAIRS)
+    assert flags["fc1"]["kernel"].get_value() is True
+    assert flags["fc2"]["kernel"].get_value() is False
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_error_pair_shapes_do_not_chain():
+    model = _Net()
+    with pytest.raises(ValueError, match=r"pair \('conv1', 'fc2'\) does not chain"):
+        ff.shrink(model, pairs=[("conv1", "fc2")], activation=jax.nn.elu)
+    bad = nnx.Sequential(nnx.Linear(3, 4, **_init(0)), nnx.Linear(5, 2, **_init(0)))
+    with pytest.raises(ValueError, match=r"\('layers.0', 'layers.1'\) does not chain"):
+        ff.shrink(bad)
+
+
+def test_error_unsupported_layer_type_is_named():
+    i = _init(0)
+    model = nnx.Sequential(
+        nnx.Linear(3, 4, **i), nnx.BatchNorm(4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, **i)
+    )
+    with pytest.raises(ValueError, match=r"does not support layer type BatchNorm at 'layers\.1'"):
+        ff.shrink(model)
+    i = _init(0)
+    softmax_net = nnx.Sequential(nnx.Linear(3, 4, **i), jax.nn.softmax, nnx.Linear(4, 2, **i))
+    with pytest.raises(ValueError, match="is not elementwise"):
+        ff.shrink(softmax_net)
+    with pytest.raises(ValueError, match=r"is not an nnx\.Sequential"):
+        ff.shrink(_Net())
+
+
+def test_error_mask_does_not_match_model():
+    model = _mlp()
+    with pytest.raises(ValueError, match="Pass a unit mask from unit_mask"):
+        ff.shrink(model, jax.tree.map(lambda x: jnp.ones(x.shape, bool), nnx.state(model)))
+    with pytest.raises(ValueError, match=r"unit mask has a leaf at \['layers'\]\[7\]"):
+        ff.shrink(model, {"layers": {7: {"kernel": jnp.ones(3, bool)}}})
+    um = _unit_mask(model, fraction=0.0)
+    um["layers"][4]["kernel"] = nnx.Param(jnp.array([True, False, True]))
+    with pytest.raises(ValueError, match="no layer consumes its outputs"):
+        ff.shrink(model, um)
+    um = jax.tree.map(
+        lambda x: jnp.arange(x.shape[-1]) > 0 if x.ndim >= 2 else None, nnx.state(_Net(), nnx.Param)
+    )
+    with pytest.raises(ValueError, match="needs the activation between the two layers"):
+        ff.shrink(_Net(), um, pairs=PAIRS)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer state across surgery, fine-tuning under nnx.jit
+
+
+def _loss(model, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def test_shrink_with_optimizer_slices_state_and_fine_tunes_under_jit():
+    model = _cnn()
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(6), (16, 8, 8, 2))
+    y = jnp.arange(16) % 4
+    traces = []
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        traces.append(1)
+        loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+        opt.update(model, grads)
+        return loss
+
+    for _ in range(3):
+        step(model, opt, x, y)
+    um = _unit_mask(model, seed=6)
+    small, small_opt = ff.shrink_with_optimizer(model, opt, um)
+    index = ff.shrink_index(model, um)
+    old, new = opt.opt_state[0], small_opt.opt_state[0]
+    for name in ("mu", "nu"):
+        old_tree = getattr(old, name)
+        for (path, leaf), (_, new_leaf) in zip(
+            jax.tree_util.tree_flatten_with_path(old_tree)[0],
+            jax.tree_util.tree_flatten_with_path(getattr(new, name))[0],
+            strict=True,
+        ):
+            want = take_np(np.asarray(leaf), index.get(path_tuple(path), (None,) * leaf.ndim))
+            np.testing.assert_array_equal(np.asarray(new_leaf), want)
+    assert int(new.count[...]) == int(old.count[...]) == 3
+    assert int(small_opt.step[...]) == 3
+    losses = [float(step(small, small_opt, x, y)) for _ in range(4)]
+    assert len(traces) == 2  # once for the dense model, once for the shrunk one
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_fisher_from_nnx_optimizer_lines_up_with_params_and_masks_work():
+    model = _mlp(nnx.relu)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(7), (32, 6))
+    y = jnp.arange(32) % 3
+    nnx.jit(lambda m, o: o.update(m, nnx.grad(_loss)(m, x, y)))(model, opt)
+    params = nnx.state(model, nnx.Param)
+    fisher = fisher_optax.fisher_from_state(opt)
+    check_matching(params, fisher, ref_name="params", other_name="fisher")
+    assert jax.tree.structure(fisher) == jax.tree.structure(params)
+    pytest.importorskip("fisher_optax.masks")
+    mask = jax.jit(fisher_optax.two_stage_mask, static_argnames="magnitude_sparsity")(
+        params, fisher, 0.5, magnitude_sparsity=0.25
+    )
+    ff.apply_mask_to_model(model, mask)
+    kernel = np.asarray(model.layers[0].kernel[...])
+    assert (kernel == 0).sum() > 0
+    scores = fisher_optax.unit_scores(params, fisher)
+    um = fisher_optax.unit_mask(scores, 0.5, prunable=ff.prunable_units(model))
+    assert _kept(um, ("layers", 0, "kernel")) == 6 and _kept(um, ("layers", 4, "kernel")) == 3
+    small = ff.shrink(model, um)
+    np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
+
+
+def test_update_model_checks_paths():
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"params at \['layers'\]\[0\]\['kernel'\] has shape"):
+        state = nnx.state(model, nnx.Param)
+        state["layers"][0]["kernel"] = nnx.Param(jnp.ones((2, 2)))
+        ff.update_model(model, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Linen
+
+
+class _LinenCNN(nn.Module):
+    features: tuple = (6, 5, 7)
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(self.features[0], (3, 3), padding="VALID", name="c1")(x))
+        x = nn.relu(nn.Conv(self.features[1], (3, 3), padding="VALID", name="c2")(x))
+        x = nn.relu(nn.Dense(self.features[2], name="d1")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(4, name="d2")(x)
+
+
+def test_shrink_params_linen_cnn_equals_masked():
+    module = _LinenCNN()
+    x = jax.random.normal(jax.random.key(8), (4, 8, 8, 2))
+    params = jax.jit(module.init)(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p + 0.5 if p.ndim == 1 else p, params)
+    rng = np.random.default_rng(8)
+    um = {
+        "params": {
+            name: {"kernel": jnp.asarray(rng.random(n) > 0.4)}
+            for name, n in (("c1", 6), ("c2", 5), ("d1", 7))
+        }
+    }
+    pairs = [("c1", "c2"), ("c2", "d1"), ("d1", "d2")]
+    out = ff.shrink_params(params, um, pairs=pairs, activation=nn.relu, conv_padding="VALID")
+    small = _LinenCNN(features=tuple(out.features[n] for n in ("c1", "c2", "d1")))
+    wm = fisher_optax.expand_unit_mask(params, um)
+    masked = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, wm)
+    np.testing.assert_allclose(
+        jax.jit(small.apply)(out.params, x), jax.jit(module.apply)(masked, x), atol=1e-5
+    )
+    state = optax.adam(1e-3).init(params)
+    new_state = fisher_optax.slice_opt_state(state, params, out.index)
+    assert jax.tree.map(jnp.shape, new_state[0].mu) == jax.tree.map(jnp.shape, out.params)
+    n_small, _ = ff.param_count_and_flops(small.apply, x[:1], params=out.params)
+    assert n_small == sum(p.size for p in jax.tree.leaves(out.params))
+
+
+def test_shrink_params_linen_mlp_and_errors():
+    mlp = nn.Sequential([nn.Dense(8), jax.nn.sigmoid, nn.Dense(5), jax.nn.sigmoid, nn.Dense(2)])
+    x = jax.random.normal(jax.random.key(9), (5, 3))
+    params = jax.jit(mlp.init)(jax.random.key(1), x)
+    keep = {
+        "params": {
+            "layers_0": {"kernel": jnp.arange(8) % 3 != 0},
+            "layers_2": {"kernel": jnp.arange(5) != 2},
+        }
+    }
+    pairs = [("layers_0", "layers_2"), ("layers_2", "layers_4")]
+    out = ff.shrink_params(params, keep, pairs=pairs, activation=jax.nn.sigmoid)
+    assert out.features == {"layers_0": 5, "layers_2": 4, "layers_4": 2}
+    small = nn.Sequential([nn.Dense(5), jax.nn.sigmoid, nn.Dense(4), jax.nn.sigmoid, nn.Dense(2)])
+    masked = jax.tree.map(
+        lambda p, m: jnp.where(m, p, 0), params, fisher_optax.expand_unit_mask(params, keep)
+    )
+    np.testing.assert_allclose(
+        jax.jit(small.apply)(out.params, x), jax.jit(mlp.apply)(masked, x), atol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"pair \('layers_0', 'layers_4'\) does not chain"):
+        ff.shrink_params(params, pairs=[("layers_0", "layers_4")], activation=jax.nn.sigmoid)
+    with pytest.raises(ValueError, match="params have no layer 'layers_9'"):
+        ff.shrink_params(params, pairs=[("layers_0", "layers_9")])
