@@ -28,8 +28,27 @@ from fisher_optax.datasets import (
 from fisher_optax import structured as _structured
 from fisher_optax.structured import expand_unit_mask, slice_opt_state, unit_mask, unit_scores
 
+# Pruning: masks (sort-free exact selection), schedules, masked-training transforms.
+from fisher_optax import masks as _masks
+from fisher_optax.masks import (
+    apply_mask,
+    fisher_mask,
+    magnitude_mask,
+    random_mask,
+    sparsity_report,
+    topk_mask,
+    two_stage_mask,
+)
+from fisher_optax import schedules as _schedules
+from fisher_optax import transforms as _transforms
+from fisher_optax.schedules import constant_sparsity, polynomial_sparsity
+from fisher_optax.transforms import KeepPrunedState, PrunedState, keep_pruned, pruned
+
 __all__ = [
     "__version__",
+    *_masks.__all__,
+    *_schedules.__all__,
+    *_transforms.__all__,
     *_fisher.__all__,
     *_references.__all__,
     *_datasets.__all__,

@@ -12,6 +12,7 @@ seconds; 32 counting passes take a fraction of that (see ``benchmarks/bench_sele
 """
 
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from typing import Any, Literal
 
 import jax
@@ -149,7 +150,9 @@ def _mask_leaves(reference: Any, mask: Mask | None, fn: str) -> list[Any] | None
         leaves = check_matching(reference, mask, ref_name="params", other_name="mask")
     except ValueError as err:
         raise ValueError(f"{fn}: {err}") from None
-    for (path, _), leaf in zip(jax.tree_util.tree_flatten_with_path(reference)[0], leaves):
+    for (path, _), leaf in zip(
+        jax.tree_util.tree_flatten_with_path(reference)[0], leaves, strict=True
+    ):
         if jnp.result_type(leaf) != jnp.bool_:
             raise TypeError(
                 f"{fn}: mask at {keystr(path)} has dtype {jnp.result_type(leaf)}; a mask holds "
@@ -280,10 +283,14 @@ def _select_kept(
     targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, groups, n_groups))
 
     def count_below(cand):
-        return _group_sum([_count(k < cand[g]) for k, g in zip(keys, groups)], groups, n_groups)
+        return _group_sum(
+            [_count(k < cand[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
+        )
 
     thresh, below = _bisect(count_below, targets, 32)
-    at = _group_sum([_count(k == thresh[g]) for k, g in zip(keys, groups)], groups, n_groups)
+    at = _group_sum(
+        [_count(k == thresh[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
+    )
     ties = targets - below  # how many entries at the threshold to prune (>= 1 if target > 0)
 
     # Leaf offsets inside each group, for the global flat index of the tie-break.
@@ -297,7 +304,7 @@ def _select_kept(
             return _group_sum(
                 [
                     _count((k == thresh[g]) & (_flat_index(k.shape, jnp.uint32(o)) < cand[g]))
-                    for k, g, o in zip(keys, groups, offsets)
+                    for k, g, o in zip(keys, groups, offsets, strict=True)
                 ],
                 groups,
                 n_groups,
@@ -321,13 +328,53 @@ def _select_kept(
 _select_kept_jit = jax.jit(_select_kept, static_argnames=("groups", "n_groups", "index_bits"))
 
 
+def _round_product(s: jax.Array, n: jax.Array) -> jax.Array:
+    """Exact ``round(s * n)`` (half to even) of a float32 ``s`` in [0, 1] and an int32 ``n``.
+
+    A float32 product rounds: ``float32(0.7) * 45`` gives 31.5 although the exact product is
+    31.4999995. Instead ``s = m * 2**-q`` (integer ``m < 2**24``) and ``m * n`` is formed
+    exactly in two uint32 words from 16-bit limbs, then shifted right by ``q`` with the
+    remainder compared to one half. Traceable; no 64-bit types needed.
+    """
+    s = jnp.clip(s.astype(jnp.float32), 0.0, 1.0)
+    n = n.astype(jnp.uint32)
+    bits = lax.bitcast_convert_type(s, jnp.uint32)
+    exp = (bits >> 23).astype(jnp.int32)
+    mant = bits & np.uint32(0x7FFFFF)
+    m = jnp.where(exp > 0, mant | np.uint32(0x800000), mant)
+    q = jnp.where(exp > 0, 150 - exp, 149)  # s = m * 2**-q, q >= 23 (q == 23 only for s == 1)
+    m0, m1 = m & np.uint32(0xFFFF), m >> 16
+    n0, n1 = n & np.uint32(0xFFFF), n >> 16
+    lo, mid, hi = m0 * n0, m1 * n0 + m0 * n1, m1 * n1
+    p_lo = lo + (mid << 16)
+    p_hi = hi + (mid >> 16) + (p_lo < lo).astype(jnp.uint32)
+
+    def shl(x, k):  # x << k, 0 when k >= 32 (XLA leaves wide shifts undefined)
+        return jnp.where(k >= 32, np.uint32(0), x << jnp.clip(k, 0, 31).astype(jnp.uint32))
+
+    def shr(x, k):
+        return jnp.where(k >= 32, np.uint32(0), x >> jnp.clip(k, 0, 31).astype(jnp.uint32))
+
+    def low_bits(x, k):  # x mod 2**k
+        return jnp.where(k >= 32, x, x & (shl(np.uint32(1), k) - np.uint32(1)))
+
+    # floor(P / 2**q) and the remainder R = P mod 2**q, as (hi, lo) words.
+    k = jnp.where(q >= 32, shr(p_hi, q - 32), shl(p_hi, 32 - q) | shr(p_lo, q))
+    r_hi = jnp.where(q >= 32, low_bits(p_hi, q - 32), np.uint32(0))
+    r_lo = jnp.where(q >= 32, p_lo, low_bits(p_lo, q))
+    h_hi = jnp.where(q >= 33, shl(np.uint32(1), q - 33), np.uint32(0))
+    h_lo = jnp.where(q >= 33, np.uint32(0), shl(np.uint32(1), q - 1))
+    above = (r_hi > h_hi) | ((r_hi == h_hi) & (r_lo > h_lo))
+    half = (r_hi == h_hi) & (r_lo == h_lo)
+    k = k + (above | (half & ((k & np.uint32(1)) == 1))).astype(jnp.uint32)
+    return jnp.where(q >= 56, np.uint32(0), k).astype(jnp.int32)
+
+
 def _target(sparsity: Any, n: Any) -> Any:
-    """``round(sparsity * n)``: exact in Python when both are concrete, float32 under jit."""
+    """``round(sparsity * n)``, exactly and half to even, concrete or traced."""
     if isinstance(sparsity, float) and isinstance(n, int):
-        return round(sparsity * n)
-    return jnp.round(jnp.asarray(sparsity, jnp.float32) * jnp.asarray(n, jnp.float32)).astype(
-        jnp.int32
-    )
+        return round(Fraction(sparsity) * n)
+    return _round_product(jnp.asarray(sparsity, jnp.float32), jnp.asarray(n, jnp.int32))
 
 
 def _mask_from_scores(
@@ -419,9 +466,9 @@ def topk_mask(
     Args:
       scores: a pytree of real arrays; larger means more important. Cast to float32.
       sparsity: the fraction of prunable weights to remove, in ``[0, 1]``. Under ``jit``
-        a traced value is clipped to ``[0, 1]`` and ``round(sparsity * n)`` is computed in
-        float32 (it can be off by one for ``n`` above :math:`2^{24}`); a concrete value is
-        rounded exactly, half to even, like Python's ``round(sparsity * n)``.
+        a traced value is clipped to ``[0, 1]``. ``round(sparsity * n)`` is exact and rounds
+        half to even, on the exact product (``Fraction(sparsity) * n``) for a Python float
+        and on the exact product of the float32 value for a traced one.
       scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
         prunes each leaf on its own.
       prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,

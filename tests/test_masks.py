@@ -1,5 +1,7 @@
 """Masks against brute-force NumPy references (a stable lexicographic sort), under jit too."""
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,7 @@ def ref_prune(scores, sparsity, prior=None, allowed=None):
         np.ones(n_all, bool)
         if allowed is None
         else np.concatenate(
-            [np.broadcast_to(a, np.shape(x)).ravel() for a, x in zip(allowed, scores)]
+            [np.broadcast_to(a, np.shape(x)).ravel() for a, x in zip(allowed, scores, strict=True)]
         )
     )
     pri = (
@@ -219,7 +221,7 @@ def test_topk_under_jit_matches_eager_and_compiles_once():
 
     for s in [0.1, 0.37, 0.5, 0.93]:
         got = f(scores, jnp.float32(s))
-        want = fo.topk_mask(scores, s)
+        want = fo.topk_mask(scores, float(jnp.float32(s)))
         for k in scores:
             np.testing.assert_array_equal(got[k], want[k])
     assert len(traces) == 1
@@ -244,6 +246,28 @@ def test_flat_index_and_keys_are_order_preserving():
     assert keys[3] == keys[4]
     idx = np.asarray(masks_mod._flat_index((2, 3, 4), jnp.uint32(5)))
     np.testing.assert_array_equal(idx, np.arange(24).reshape(2, 3, 4) + 5)
+
+
+_ROUND = jax.jit(jax.vmap(masks_mod._round_product))
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1))
+def test_traced_target_is_exact_round_half_even(seed):
+    rng = np.random.default_rng(seed)
+    s = np.concatenate(
+        [
+            rng.uniform(size=200).astype(np.float32),
+            (rng.integers(0, 64, 200) / 64).astype(np.float32),  # exact halves happen
+            np.float32([0.0, 1.0, 0.7, 1e-30, 1e-45]),
+        ]
+    )
+    n = np.concatenate([rng.integers(0, 2**31 - 1, 200), rng.integers(0, 200, 205)])
+    got = np.asarray(_ROUND(jnp.asarray(s), jnp.asarray(n.astype(np.int32))))
+    want = [round(Fraction(float(a)) * int(b)) for a, b in zip(s, n, strict=True)]
+    np.testing.assert_array_equal(got, want)
+    # float32(0.7) * 45 rounds to 31.5 in float32, but the exact product is below 31.5.
+    assert int(masks_mod._round_product(jnp.float32(0.7), jnp.int32(45))) == 31
 
 
 def test_count_matches_numpy_sum():
@@ -370,9 +394,9 @@ def test_error_nan_scores_name_the_leaf():
 
 def test_error_unknown_scope_and_criterion():
     params = {"w": jnp.ones((2, 2))}
-    with pytest.raises(ValueError, match="scope must be 'global'.*got 'model'"):
+    with pytest.raises(ValueError, match=r"scope must be 'global'.*got 'model'"):
         fo.topk_mask(params, 0.5, scope="model")
-    with pytest.raises(ValueError, match="criterion must be 'fisher'.*got 'hessian'"):
+    with pytest.raises(ValueError, match=r"criterion must be 'fisher'.*got 'hessian'"):
         fo.fisher_mask(params, params, 0.5, criterion="hessian")
 
 

@@ -1,0 +1,68 @@
+"""Sparsity schedules against the closed-form formula, under jit, and their errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fisher_optax as fo
+
+
+def zhu_gupta(t, s_f, t0, t1, s_i, power):
+    """Zhu & Gupta (2017), eq. 1, written out in Python floats; 0 before t0."""
+    if t < t0:
+        return 0.0
+    if t >= t1:
+        return s_f
+    return s_f + (s_i - s_f) * (1.0 - (t - t0) / (t1 - t0)) ** power
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.integers(0, 50),
+    st.integers(1, 100),
+    st.sampled_from([1, 2, 3]),
+    st.integers(0, 200),
+)
+def test_polynomial_matches_formula(s_f, s_i, t0, span, power, t):
+    schedule = fo.polynomial_sparsity(s_f, t0, t0 + span, initial_sparsity=s_i, power=power)
+    want = zhu_gupta(t, s_f, t0, t0 + span, s_i, power)
+    np.testing.assert_allclose(float(schedule(t)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_polynomial_is_monotone_and_jittable():
+    schedule = fo.polynomial_sparsity(0.9, begin_step=10, end_step=110)
+    values = jax.jit(jax.vmap(schedule))(jnp.arange(200, dtype=jnp.int32))
+    assert values.dtype == jnp.float32
+    assert float(values[9]) == 0.0 and float(values[10]) == 0.0
+    assert np.all(np.diff(np.asarray(values)) >= 0)
+    np.testing.assert_allclose(values[110:], 0.9)
+
+
+def test_constant_sparsity_steps_once():
+    schedule = fo.constant_sparsity(0.7, step=5)
+    values = [float(schedule(t)) for t in range(8)]
+    np.testing.assert_allclose(values, [0.0] * 5 + [0.7] * 3, rtol=1e-6)
+    assert float(jax.jit(schedule)(jnp.int32(100))) == pytest.approx(0.7)
+    assert float(fo.constant_sparsity(0.3)(0)) == pytest.approx(0.3)
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match=r"final_sparsity must lie in \[0, 1\], got 1.2"):
+        fo.polynomial_sparsity(1.2, 0, 10)
+    with pytest.raises(ValueError, match=r"initial_sparsity must lie in \[0, 1\]"):
+        fo.polynomial_sparsity(0.5, 0, 10, initial_sparsity=-0.5)
+    with pytest.raises(ValueError, match=r"end_step \(5\) must exceed begin_step \(5\)"):
+        fo.polynomial_sparsity(0.5, 5, 5)
+    with pytest.raises(ValueError, match="begin_step must be a non-negative int"):
+        fo.polynomial_sparsity(0.5, -1, 5)
+    with pytest.raises(ValueError, match="power must be positive"):
+        fo.polynomial_sparsity(0.5, 0, 5, power=0)
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\], got 2.0"):
+        fo.constant_sparsity(2.0)
+    with pytest.raises(ValueError, match=r"step must be a non-negative int, got 1\.5"):
+        fo.constant_sparsity(0.5, 1.5)
