@@ -1,0 +1,120 @@
+"""Global selection on params sharded over 8 CPU devices: same masks, no all-gather.
+
+The root conftest gives the test session 8 host CPU devices
+(``--xla_force_host_platform_device_count=8``).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import fisher_optax as fo
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS set by the root conftest)"
+)
+
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def mesh_2x4():
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+def sharded_tree(rng, ties):
+    """Leaves sharded along rows, columns, both, and one replicated."""
+    mesh = mesh_2x4()
+    shapes_specs = {
+        "a": ((64, 256), P("data", "model")),
+        "b": ((128, 40), P(("data", "model"), None)),
+        "c": ((24, 512), P(None, "model")),
+        "d": ((16, 8), P()),
+        "bias": ((256,), P("model")),
+    }
+    tree, shardings = {}, {}
+    for name, (shape, spec) in shapes_specs.items():
+        x = rng.integers(0, 50, shape) if ties else rng.standard_normal(shape)
+        shardings[name] = NamedSharding(mesh, spec)
+        tree[name] = jax.device_put(jnp.asarray(x, jnp.float32), shardings[name])
+    return tree, shardings
+
+
+def hlo_collectives(compiled_text):
+    return {c: len(re.findall(rf"\b{c}(-start)?\(", compiled_text)) for c in COLLECTIVES}
+
+
+@pytest.mark.parametrize(("scope", "ties"), [("global", False), ("global", True), ("layer", True)])
+def test_sharded_topk_matches_single_device_without_gathers(ties, scope):
+    rng = np.random.default_rng(0)
+    scores, shardings = sharded_tree(rng, ties)
+    assert len(scores["a"].sharding.device_set) == 8
+    prior = jax.tree.map(lambda x: jnp.asarray(rng.uniform(size=x.shape) > 0.1), scores)
+    prior = jax.tree.map(jax.device_put, prior, shardings)
+
+    def select(scores, prior, sparsity):
+        return fo.topk_mask(scores, sparsity, scope=scope, mask=prior)
+
+    compiled = jax.jit(select).lower(scores, prior, jnp.float32(0.6)).compile()
+    got = compiled(scores, prior, jnp.float32(0.6))
+    local = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), scores)
+    lprior = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), prior)
+    want = fo.topk_mask(local, float(jnp.float32(0.6)), scope=scope, mask=lprior)
+    for k in scores:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+    # The mask keeps the layout of its leaf.
+    assert got["a"].sharding.is_equivalent_to(shardings["a"], 2)
+    text = compiled.as_text()
+    found = hlo_collectives(text)
+    assert found == dict.fromkeys(COLLECTIVES, 0), found
+    assert "all-reduce" in text  # the counts do cross devices, as scalars
+
+
+def test_sharded_pruned_step_without_gathers():
+    mesh = mesh_2x4()
+    rng = np.random.default_rng(1)
+    spec = {"w1": P("data", "model"), "w2": P("model", None), "b": P()}
+    shapes = {"w1": (64, 128), "w2": (128, 16), "b": (16,)}
+    params = {
+        k: jax.device_put(
+            jnp.asarray(rng.standard_normal(s), jnp.float32), NamedSharding(mesh, spec[k])
+        )
+        for k, s in shapes.items()
+    }
+    opt = fo.pruned(optax.adam(1e-2), schedule=fo.constant_sparsity(0.5), update_every=1)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.tree.map(lambda p: jnp.sin(p) + 0.1, params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = step.lower(params, state).compile()
+    new_params, new_state = compiled(params, state)
+    # Same result as on one device.
+    local = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), params)
+    lp, ls = jax.jit(step)(local, opt.init(local))
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(new_state.mask[k]), np.asarray(ls.mask[k]))
+        np.testing.assert_array_equal(np.asarray(new_params[k]), np.asarray(lp[k]))
+    found = hlo_collectives(compiled.as_text())
+    assert found == dict.fromkeys(COLLECTIVES, 0), found
+
+
+def test_the_gather_check_can_fail_a_full_sort_gathers():
+    """The argsort selection of existing pruners on the same sharded scores does gather."""
+    scores, _ = sharded_tree(np.random.default_rng(0), ties=False)
+
+    def argsort_threshold(scores):
+        flat = jnp.concatenate([x.ravel() for x in scores.values()])
+        return flat[jnp.argsort(flat)[flat.size // 2]]
+
+    text = jax.jit(argsort_threshold).lower(scores).compile().as_text()
+    found = hlo_collectives(text)
+    assert sum(found.values()) > 0, found
