@@ -1,0 +1,469 @@
+"""Fisher-guided bit allocation and weight-sharing quantization of parameter pytrees.
+
+The second half of Tu et al. (2016): the weights that survive pruning are stored with
+few bits, and weights with more Fisher information get more bits. :func:`allocate_bits`
+clusters the survivors' log-Fisher into groups and hands out bit widths by group;
+:func:`quantize` replaces the weights of each ``b``-bit group of a leaf by the ``2^b``
+entries of a codebook (k-means weight sharing, Fisher-weighted as in Choi et al. 2017,
+or an evenly spaced grid); :func:`dequantize` turns the codes back into float params.
+
+Pruned weights (mask ``False`` or 0 bits) are not part of any group: they hold no code
+and no codebook entry and come back as exact zeros.
+"""
+
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fisher_optax._tree import check_matching, leaves_with_paths
+from fisher_optax._types import Bits, Fisher, Mask, Params
+from fisher_optax.kmeans import kmeans_1d
+
+__all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
+
+MAX_BITS = 16
+_METHODS = ("kmeans", "uniform")
+_SCOPES = ("global", "layer")
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QuantizedParams:
+    """Quantized parameters: per leaf, a bit map, the code of every weight and codebooks.
+
+    A pytree node: its children are the arrays below, its static data the tree structure,
+    the leaves' paths, shapes and dtypes, and the bit widths each leaf uses. Build it with
+    :func:`quantize`; read it back with :func:`dequantize`.
+
+    Attributes:
+      bits: per leaf, a uint8 array shaped like the leaf: the group's width ``b`` in
+        ``1..16``, or 0 for a pruned weight.
+      codes: per leaf, an int32 array shaped like the leaf: the index into the codebook
+        of the weight's group (``0 <= code < 2^b``); 0 for a pruned weight.
+      codebooks: per leaf, a tuple with one ``[2^b]`` codebook per width in ``widths``.
+      widths: static, per leaf, the ascending bit widths that have a codebook.
+      treedef: static, the structure of the original params.
+      paths: static, per leaf, its key path as a string (``['dense']['kernel']``).
+      dtypes: static, per leaf, the original dtype name.
+    """
+
+    def __init__(self, bits, codes, codebooks, *, widths, treedef, paths, dtypes):
+        self.bits = tuple(bits)
+        self.codes = tuple(codes)
+        self.codebooks = tuple(tuple(c) for c in codebooks)
+        self.widths = tuple(tuple(int(b) for b in w) for w in widths)
+        self.treedef = treedef
+        self.paths = tuple(paths)
+        self.dtypes = tuple(str(d) for d in dtypes)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per leaf, its shape."""
+        return tuple(tuple(b.shape) for b in self.bits)
+
+    def _static(self):
+        return (self.widths, self.treedef, self.paths, self.dtypes)
+
+    def tree_flatten_with_keys(self):
+        gk = jax.tree_util.GetAttrKey
+        children = ((gk("bits"), self.bits), (gk("codes"), self.codes))
+        return (*children, (gk("codebooks"), self.codebooks)), self._static()
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        widths, treedef, paths, dtypes = static
+        bits, codes, codebooks = children
+        return cls(
+            bits, codes, codebooks, widths=widths, treedef=treedef, paths=paths, dtypes=dtypes
+        )
+
+    def __repr__(self) -> str:
+        leaves = ", ".join(
+            f"{p}: {s} bits {list(w)}"
+            for p, s, w in zip(self.paths, self.shapes, self.widths, strict=True)
+        )
+        return f"QuantizedParams({leaves})"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _check_width(b, what: str) -> int:
+    if not _is_int(b) or not 1 <= b <= MAX_BITS:
+        raise ValueError(
+            f"{what} must be an int in 1..{MAX_BITS}, got {b!r}. Widths above {MAX_BITS} are "
+            "not quantization; prune a weight with a mask (or 0 in an allocate_bits tree), "
+            "not with bits=0."
+        )
+    return int(b)
+
+
+def _check_bit_widths(bit_widths) -> tuple[int, ...]:
+    widths = tuple(bit_widths)
+    if not widths:
+        raise ValueError("bit_widths must hold at least one width, e.g. (8, 6, 4, 2).")
+    for b in widths:
+        _check_width(b, "every entry of bit_widths")
+    if len(set(widths)) != len(widths):
+        raise ValueError(f"bit_widths must be distinct, got {widths}.")
+    return tuple(sorted(widths, reverse=True))
+
+
+def _candidate_allocations(num_groups: int, widths_desc: tuple[int, ...]) -> np.ndarray:
+    """All monotone maps group rank -> width: ``[num_candidates, num_groups]``.
+
+    Row ``r`` gives the width of the group with the highest Fisher first; widths never
+    increase down a row (a group never gets more bits than a group with more Fisher).
+    """
+    rows = itertools.combinations_with_replacement(widths_desc, num_groups)
+    return np.array([sorted(r, reverse=True) for r in rows], dtype=np.int32)
+
+
+def _choose_allocation(counts, candidates, budget):
+    """Index of the candidate with the most mean bits ``<= budget`` (ties: most bits first).
+
+    ``counts[g]``: surviving weights in the group of Fisher rank ``g`` (0 = highest). Means
+    are compared with a relative slack of 1e-6 for float32 rounding.
+    """
+    counts = counts.astype(jnp.float32)
+    total = jnp.maximum(jnp.sum(counts), 1)
+    mean = (jnp.asarray(candidates, jnp.float32) @ counts) / total
+    slack = 1e-6 * jnp.maximum(jnp.abs(budget), 1)
+    feasible = mean <= budget + slack
+    best = jnp.max(jnp.where(feasible, mean, -jnp.inf))
+    tie = feasible & (mean >= best - slack)
+    # Lexicographic rank of each row (w_0, w_1, ...), larger = more bits to high Fisher.
+    order = np.lexsort(candidates.T[::-1])
+    lex_rank = np.empty(len(candidates), np.int32)
+    lex_rank[order] = np.arange(len(candidates))
+    return jnp.argmax(jnp.where(tie, jnp.asarray(lex_rank), -1))
+
+
+def allocate_bits(
+    fisher: Fisher,
+    *,
+    bit_widths: tuple[int, ...] = (8, 6, 4, 2),
+    mask: Mask | None = None,
+    scope: str = "global",
+    average_bits: float | None = None,
+) -> Bits:
+    r"""Bit widths per weight from the Fisher: more Fisher information, more bits.
+
+    The surviving weights' :math:`\log F` (``F`` clamped below at the smallest positive
+    normal float) is clustered with :func:`kmeans_1d` (``init="density"``) into
+    ``G = len(bit_widths)`` groups, over all leaves (``scope="global"``) or leaf by leaf
+    (``scope="layer"``). Groups are ranked by their centroid; pruned weights get 0 bits.
+
+    Without a budget, the group of rank ``g`` (0 = highest Fisher) gets the ``g``-th
+    largest width. With ``average_bits=β``, every monotone map from group rank to width
+    (``w_0 >= w_1 >= ... >= w_{G-1}``, widths from ``bit_widths``, repeats allowed) is a
+    candidate, and the chosen one maximises the mean over surviving weights
+
+    .. math::
+      \bar b = \frac{\sum_g n_g w_g}{\sum_g n_g} \le \beta ,
+
+    ties broken in favour of more bits for the higher-Fisher groups (lexicographic order
+    of ``(w_0, w_1, ...)``). With ``scope="layer"`` the map is shared by all leaves (rank
+    ``g`` in every leaf gets ``w_g``) and ``n_g`` counts rank-``g`` weights over all leaves.
+
+    Args:
+      fisher: pytree of non-negative arrays (a Fisher diagonal) shaped like the params.
+      bit_widths: distinct widths in ``1..16``.
+      mask: optional bool pytree like ``fisher``; ``False`` = pruned, gets 0 bits.
+      scope: ``"global"`` or ``"layer"``.
+      average_bits: optional budget ``β`` on the mean bits of surviving weights.
+
+    Returns:
+      An int32 pytree shaped like ``fisher``: 0 for pruned weights, else a width from
+      ``bit_widths``.
+
+    Raises:
+      ValueError: on widths outside ``1..16`` or repeated, an unknown ``scope``, a ``mask``
+        that does not match ``fisher``, or a budget below ``min(bit_widths)`` (no
+        allocation fits; checked when the budget is a Python number).
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> fisher = {"w": jnp.array([1e-6, 2e-6, 1e-3, 2e-3, 1.0, 2.0])}
+      >>> fisher_optax.allocate_bits(fisher, bit_widths=(8, 4, 2))["w"]
+      Array([2, 2, 4, 4, 8, 8], dtype=int32)
+      >>> fisher_optax.allocate_bits(fisher, bit_widths=(8, 4, 2), average_bits=4)["w"]
+      Array([2, 2, 2, 2, 8, 8], dtype=int32)
+
+    References:
+      Tu, Berisha, Cao, Seo. Reducing the Model Order of Deep Neural Networks Using
+      Information Theory. ISVLSI 2016. https://arxiv.org/abs/1605.04859
+    """
+    widths_desc = _check_bit_widths(bit_widths)
+    if scope not in _SCOPES:
+        raise ValueError(f"allocate_bits: scope must be one of {_SCOPES}, got {scope!r}.")
+    leaves = [leaf for _, leaf in leaves_with_paths(fisher)]
+    treedef = jax.tree.structure(fisher)
+    if mask is None:
+        masks = [jnp.ones(jnp.shape(f), bool) for f in leaves]
+    else:
+        masks = [
+            jnp.asarray(m, bool)
+            for m in check_matching(fisher, mask, ref_name="fisher", other_name="mask")
+        ]
+    if average_bits is not None and isinstance(average_bits, int | float):
+        if average_bits < min(widths_desc):
+            raise ValueError(
+                f"allocate_bits: average_bits={average_bits} is below the smallest width "
+                f"{min(widths_desc)}; no allocation fits. Raise the budget or add a smaller "
+                "width to bit_widths."
+            )
+    return _allocate(leaves, masks, treedef, widths_desc, scope, average_bits)
+
+
+def _allocate(leaves, masks, treedef, widths_desc, scope, average_bits):
+    g = len(widths_desc)
+    tiny = jnp.finfo(jnp.float32).tiny
+    logs = [jnp.log(jnp.maximum(jnp.asarray(f, jnp.float32), tiny)).reshape(-1) for f in leaves]
+    oks = [m.reshape(-1) for m in masks]
+    if scope == "global":
+        sizes = [x.shape[0] for x in logs]
+        r = kmeans_1d(jnp.concatenate(logs), g, valid=jnp.concatenate(oks), init="density")
+        splits = np.cumsum(sizes)[:-1]
+        assign = jnp.split(r.assignments, splits)
+    else:
+        assign = [
+            kmeans_1d(x, g, valid=ok, init="density").assignments
+            for x, ok in zip(logs, oks, strict=True)
+        ]
+    # kmeans centroids ascend: cluster j has Fisher rank g - 1 - j (rank 0 = highest).
+    ranks = [jnp.where(a >= 0, g - 1 - a, -1) for a in assign]
+    if average_bits is None:
+        table = jnp.asarray(widths_desc, jnp.int32)
+    else:
+        counts = sum(jnp.bincount(jnp.where(r >= 0, r, g), length=g + 1)[:g] for r in ranks)
+        candidates = _candidate_allocations(g, widths_desc)
+        best = _choose_allocation(counts, candidates, average_bits)
+        table = jnp.asarray(candidates)[best]
+    out = [
+        jnp.where(r >= 0, table[jnp.maximum(r, 0)], 0).astype(jnp.int32).reshape(jnp.shape(f))
+        for r, f in zip(ranks, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _concrete_bits(leaf, path: str) -> np.ndarray:
+    try:
+        arr = np.asarray(leaf)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            f"quantize: bits at {path} is traced; the bit widths fix the codebook sizes and "
+            "must be concrete. Call allocate_bits outside jit (or pass its result in as a "
+            "concrete array); quantize jits its own work."
+        ) from None
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(
+            f"quantize: bits at {path} must be an integer array, got dtype {arr.dtype}; "
+            "use the tree returned by allocate_bits or cast with .astype(int)."
+        )
+    bad = (arr != 0) & ((arr < 1) | (arr > MAX_BITS))
+    if np.any(bad):
+        raise ValueError(
+            f"quantize: bits at {path} must be 0 (pruned) or in 1..{MAX_BITS}, got "
+            f"{arr[bad].ravel()[0]}. Widths above {MAX_BITS} are not quantization."
+        )
+    return arr
+
+
+def quantize(
+    params: Params,
+    bits: int | Bits,
+    *,
+    fisher: Fisher | None = None,
+    mask: Mask | None = None,
+    method: str = "kmeans",
+) -> QuantizedParams:
+    r"""Share weights: each ``b``-bit group of a leaf takes the ``2^b`` values of a codebook.
+
+    A group is the set of kept weights of one leaf that have the same width ``b``. With
+    ``method="kmeans"`` its codebook is the :func:`kmeans_1d` solution with ``2^b``
+    clusters (``init="density"``), Fisher-weighted when ``fisher`` is given (Choi et al.
+    2017):
+
+    .. math::
+      \min_{c} \sum_{i \in \text{group}} F_i \, (w_i - c_{a_i})^2 .
+
+    With ``method="uniform"`` it is the evenly spaced grid of ``2^b`` points from the
+    group's minimum to its maximum, each weight rounded to the nearest (affine uniform
+    quantization, the fixed-point baseline). Pruned weights (``mask`` False, or 0 in a
+    ``bits`` tree) belong to no group: they hold code 0, no codebook entry, and
+    dequantize to exact 0. So the dequantized weights of a ``b``-bit group take at most
+    ``2^b`` distinct values, and exact zero for pruned weights is stored apart from them.
+
+    The work runs under one ``jit`` over the flattened params; leaves of the same shape
+    and widths are clustered together with ``vmap``.
+
+    Args:
+      params: pytree of float arrays.
+      bits: one int in ``1..16`` for every kept weight, or an int pytree shaped like
+        ``params`` (e.g. from :func:`allocate_bits`) with values in ``{0} ∪ 1..16``, 0
+        meaning pruned. It must be concrete (not traced): the widths fix array sizes.
+      fisher: optional non-negative pytree shaped like ``params``: k-means weights.
+      mask: optional bool pytree shaped like ``params``; ``False`` = pruned.
+      method: ``"kmeans"`` or ``"uniform"``.
+
+    Returns:
+      A :class:`QuantizedParams`.
+
+    Raises:
+      ValueError: on bits outside ``1..16`` (0 only inside a bits tree), an unknown
+        ``method``, or a ``bits``/``fisher``/``mask`` tree that does not match ``params``.
+      TypeError: on traced or non-integer bits, or non-float params.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> params = {"w": jnp.array([-1.0, -0.9, 0.0, 0.5, 1.0, 1.1])}
+      >>> mask = {"w": jnp.array([True, True, False, True, True, True])}
+      >>> q = fisher_optax.quantize(params, 1, mask=mask)
+      >>> fisher_optax.dequantize(q)["w"]
+      Array([-0.95, -0.95,  0.  ,  0.8667,  0.8667,  0.8667], dtype=float32)
+      >>> q.codebooks[0][0]  # the 2^1 shared values of the 1-bit group of leaf "w"
+      Array([-0.95, 0.8667], dtype=float32)
+
+    References:
+      Han, Mao, Dally. Deep Compression. ICLR 2016. https://arxiv.org/abs/1510.00149
+
+      Choi, El-Khamy, Lee. Towards the Limit of Network Quantization. ICLR 2017.
+      https://arxiv.org/abs/1612.01543
+    """
+    if method not in _METHODS:
+        raise ValueError(f"quantize: method must be one of {_METHODS}, got {method!r}.")
+    pairs = leaves_with_paths(params)
+    paths = [p for p, _ in pairs]
+    leaves = [jnp.asarray(leaf) for _, leaf in pairs]
+    treedef = jax.tree.structure(params)
+    for p, leaf in zip(paths, leaves, strict=True):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                f"quantize: params at {p} has dtype {leaf.dtype}; only float leaves can be "
+                "quantized. Keep integer state out of the params tree."
+            )
+    if _is_int(bits) or isinstance(bits, bool | float):
+        b = _check_width(bits, "quantize: bits (one int for every weight)")
+        bit_arrays = [np.full(leaf.shape, b, np.uint8) for leaf in leaves]
+    else:
+        bit_leaves = check_matching(params, bits, ref_name="params", other_name="bits")
+        bit_arrays = [
+            _concrete_bits(b, p).astype(np.uint8) for b, p in zip(bit_leaves, paths, strict=True)
+        ]
+    if mask is None:
+        masks = [None] * len(leaves)
+    else:
+        masks = [
+            jnp.asarray(m, bool)
+            for m in check_matching(params, mask, ref_name="params", other_name="mask")
+        ]
+    if fisher is None:
+        weights = [None] * len(leaves)
+    else:
+        weights = [
+            jnp.asarray(f)
+            for f in check_matching(params, fisher, ref_name="params", other_name="fisher")
+        ]
+    widths = tuple(tuple(int(b) for b in np.unique(a[a > 0])) for a in bit_arrays)
+
+    # Leaves of one shape, dtype, widths and optional inputs are clustered in one vmap.
+    groups: dict[Any, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        sig = (leaf.shape, str(leaf.dtype), widths[i], masks[i] is None, weights[i] is None)
+        groups.setdefault(sig, []).append(i)
+    plan = tuple((sig[2], tuple(idx)) for sig, idx in groups.items())
+    bits_j, codes, codebooks = _quantize_leaves(
+        tuple(leaves),
+        tuple(jnp.asarray(a) for a in bit_arrays),
+        tuple(masks),
+        tuple(weights),
+        plan=plan,
+        method=method,
+    )
+    return QuantizedParams(
+        bits_j,
+        codes,
+        codebooks,
+        widths=widths,
+        treedef=treedef,
+        paths=paths,
+        dtypes=[leaf.dtype for leaf in leaves],
+    )
+
+
+def _quantize_group(x, bits, mask, weight, widths, method):
+    """One leaf: ``(bits, codes, codebooks)`` with a ``[2^b]`` codebook per width."""
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    x = x.astype(dtype)
+    kept = bits > 0 if mask is None else mask & (bits > 0)
+    codes = jnp.zeros(x.shape, jnp.int32)
+    books = []
+    for b in widths:
+        k = 2**b
+        ok = kept & (bits == b)
+        if method == "kmeans":
+            r = kmeans_1d(x, k, weights=weight, valid=ok, init="density")
+            a, book = r.assignments, r.centroids
+        else:
+            any_ok = jnp.any(ok)
+            lo = jnp.where(any_ok, jnp.min(jnp.where(ok, x, jnp.inf)), 0).astype(dtype)
+            hi = jnp.where(any_ok, jnp.max(jnp.where(ok, x, -jnp.inf)), 0).astype(dtype)
+            step = (hi - lo) / (k - 1)
+            safe = jnp.where(step > 0, step, 1)
+            a = jnp.clip(jnp.round((x - lo) / safe), 0, k - 1).astype(jnp.int32)
+            book = lo + step * jnp.arange(k, dtype=dtype)
+        codes = jnp.where(ok, a, codes)
+        books.append(book)
+    return jnp.where(kept, bits, 0).astype(jnp.uint8), codes, tuple(books)
+
+
+@jax.jit(static_argnames=("plan", "method"))
+def _quantize_leaves(leaves, bits, masks, weights, *, plan, method):
+    n = len(leaves)
+    out_bits, out_codes, out_books = [None] * n, [None] * n, [None] * n
+    for widths, idx in plan:
+        stack = lambda seq: None if seq[idx[0]] is None else jnp.stack([seq[i] for i in idx])
+        fn = lambda x, b, m, w, widths=widths: _quantize_group(x, b, m, w, widths, method)
+        gb, gc, gbooks = jax.vmap(fn)(stack(leaves), stack(bits), stack(masks), stack(weights))
+        for j, i in enumerate(idx):
+            out_bits[i], out_codes[i] = gb[j], gc[j]
+            out_books[i] = tuple(book[j] for book in gbooks)
+    return tuple(out_bits), tuple(out_codes), tuple(out_books)
+
+
+def dequantize(q: QuantizedParams) -> Params:
+    """Float params from :class:`QuantizedParams`: codebook values, exact 0 where pruned.
+
+    Args:
+      q: the output of :func:`quantize` (or :func:`~fisher_optax.load_compressed`).
+
+    Returns:
+      A pytree of the original structure, shapes and dtypes.
+
+    Raises:
+      TypeError: if ``q`` is not a :class:`QuantizedParams`.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> q = fisher_optax.quantize({"w": jnp.array([0.0, 1.0, 2.0, 3.0])}, 2)
+      >>> fisher_optax.dequantize(q)["w"]
+      Array([0., 1., 2., 3.], dtype=float32)
+    """
+    if not isinstance(q, QuantizedParams):
+        raise TypeError(
+            f"dequantize: expected the QuantizedParams returned by quantize, got "
+            f"{type(q).__name__}."
+        )
+    leaves = []
+    for bits, codes, books, widths, dtype in zip(
+        q.bits, q.codes, q.codebooks, q.widths, q.dtypes, strict=True
+    ):
+        out = jnp.zeros(bits.shape, books[0].dtype if books else jnp.float32)
+        for b, book in zip(widths, books, strict=True):
+            out = jnp.where(bits == b, book[jnp.clip(codes, 0, 2**b - 1)], out)
+        leaves.append(out.astype(dtype))
+    return jax.tree.unflatten(q.treedef, leaves)
