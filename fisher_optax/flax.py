@@ -108,7 +108,7 @@ def update_model(model: nnx.Module, params: Params) -> None:
         state, params, ref_name="nnx.state(model, nnx.Param)", other_name="params"
     )
     flat, treedef = jax.tree.flatten(state)
-    new = [jnp.asarray(v).astype(old.dtype) for old, v in zip(flat, leaves, strict=True)]
+    new = [_to_device(v, old.dtype) for old, v in zip(flat, leaves, strict=True)]
     nnx.update(model, jax.tree.unflatten(treedef, new))
 
 
@@ -132,6 +132,14 @@ def apply_mask_to_model(model: nnx.Module, mask: Mask) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The layer graph of an nnx model
+
+
+def _to_device(x: Any, dtype: Any = None) -> jax.Array:
+    """``x`` as a device array. Host data goes through ``jax.device_put``: ``jnp.asarray`` of a
+    NumPy array compiles a kernel per shape, which dominated the cost of surgery."""
+    if isinstance(x, jax.Array):
+        return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+    return jax.device_put(np.asarray(x, dtype=dtype))
 
 
 def _name(path: tuple[Hashable, ...]) -> str:
@@ -208,8 +216,8 @@ def _check_elementwise(g: Callable, x: np.ndarray, what: str) -> None:
     """Elementwise, position-independent functions commute with any permutation of entries."""
     rng = np.random.default_rng(0)
     perm = rng.permutation(x.size)
-    a = np.asarray(g(jnp.asarray(x.reshape(-1)[perm].reshape(x.shape)))).reshape(-1)
-    b = np.asarray(g(jnp.asarray(x))).reshape(-1)[perm]
+    a = np.asarray(g(_to_device(x.reshape(-1)[perm].reshape(x.shape)))).reshape(-1)
+    b = np.asarray(g(_to_device(x))).reshape(-1)[perm]
     if a.shape != b.shape or not np.allclose(a, b, rtol=1e-6, atol=1e-6):
         raise ValueError(
             f"shrink: {what} is not elementwise (or flatten): shrink supports elementwise "
@@ -262,6 +270,7 @@ def _sequential_edge(p: Layer, q: Layer, fns: Sequence[Callable]) -> Edge:
             "(pooling?); shrink supports elementwise activations and flatten."
         )
 
+    @jax.jit  # one compile per shape for the whole chain, not one per eager op
     def g_same(x):
         return jnp.reshape(g(x), x.shape)
 
@@ -271,8 +280,8 @@ def _sequential_edge(p: Layer, q: Layer, fns: Sequence[Callable]) -> Edge:
         raise _chain_error(p, q, y.shape[-1])
 
     def constant(b):  # b may be shorter than c in later passes; g does not care
-        b = jnp.asarray(b, jnp.float32)
-        xb = jnp.broadcast_to(b, (*shape[:-1], b.shape[0]))
+        b = np.asarray(b, np.float32)
+        xb = _to_device(np.broadcast_to(b, (*shape[:-1], b.shape[0])))
         return np.asarray(g_same(xb)).reshape(-1, b.shape[0])[0]
 
     return Edge(p.name, q.name, blocks, constant, "nnx.Sequential")
@@ -291,11 +300,12 @@ def _pair_edge(p: Layer, q: Layer, act: Callable | None) -> Edge:
         blocks = 1
     constant = None
     if act is not None:
-        x = (2.0 * np.random.default_rng(1).standard_normal((3, 7))).astype(np.float32)
-        _check_elementwise(act, x, f"the activation of pair ({p.name!r}, {q.name!r})")
+        act_jit = jax.jit(act)
+        x = (2.0 * np.random.default_rng(1).standard_normal(c)).astype(np.float32)
+        _check_elementwise(act_jit, x, f"the activation of pair ({p.name!r}, {q.name!r})")
 
         def constant(b):
-            return np.asarray(act(jnp.asarray(b, jnp.float32)))
+            return np.asarray(act_jit(_to_device(b, np.float32)))
 
     return Edge(p.name, q.name, blocks, constant, "pairs")
 
@@ -432,9 +442,9 @@ def shrink(
     for name, layer in layers.items():
         module = _resolve(new, layer.path, what="")
         kernel = cut.kernels[name]
-        module.kernel.set_value(jnp.asarray(kernel, _value(module.kernel).dtype))
+        module.kernel.set_value(_to_device(kernel, _value(module.kernel).dtype))
         if cut.biases[name] is not None:
-            module.bias.set_value(jnp.asarray(cut.biases[name], _value(module.bias).dtype))
+            module.bias.set_value(_to_device(cut.biases[name], _value(module.bias).dtype))
         module.in_features = kernel.shape[-2]
         module.out_features = kernel.shape[-1]
         if isinstance(module, nnx.Conv):
@@ -665,7 +675,7 @@ def shrink_params(
 
     def replace(path, leaf):
         p = path_tuple(path)
-        return jnp.asarray(new_leaves[p], jnp.asarray(leaf).dtype) if p in new_leaves else leaf
+        return _to_device(new_leaves[p], jnp.result_type(leaf)) if p in new_leaves else leaf
 
     new_params = jax.tree_util.tree_map_with_path(replace, params)
     features = {name: int(cut.kernels[name].shape[-1]) for name in layers}

@@ -330,16 +330,19 @@ def expand_unit_mask(params: Params, unit_mask: Mask, *, bias: bool = False) -> 
     if bias:
         for kpath, keep in units.items():
             bias_of[(*kpath[:-1], "bias")] = keep
+    # Concrete masks are built in NumPy: eager jnp would compile a kernel per leaf shape.
+    xp = jnp if any(isinstance(k, jax.core.Tracer) for k in units.values()) else np
     out = []
     for path, leaf in flat:
         p = path_tuple(path)
         shape = jnp.shape(leaf)
         if p in units:
-            out.append(jnp.broadcast_to(jnp.asarray(units[p], bool), shape))
+            m = xp.broadcast_to(xp.asarray(units[p], bool), shape)
         elif p in bias_of and shape == jnp.shape(bias_of[p]):
-            out.append(jnp.asarray(bias_of[p], bool))
+            m = xp.asarray(bias_of[p], bool)
         else:
-            out.append(jnp.ones(shape, bool))
+            m = xp.ones(shape, bool)
+        out.append(m if xp is jnp else jax.device_put(m))  # jnp.asarray compiles per shape
     return jax.tree.unflatten(treedef, out)
 
 
@@ -427,12 +430,14 @@ def slice_opt_state(opt_state: Any, params: Params, index: Index) -> Any:
             for (p, x), (rp, rs) in zip(flat, ref, strict=True)
         )
 
-    def slice_subtree(node: Any) -> Any:
-        if not matches(node):
-            return node
+    @jax.jit  # one compile per moment tree, not one per leaf (mu and nu share it)
+    def take_all(node: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda p, x: take_index(x, index.get(path_tuple(p))), node, is_leaf=_is_masked
         )
+
+    def slice_subtree(node: Any) -> Any:
+        return take_all(node) if matches(node) else node
 
     return jax.tree.map(slice_subtree, opt_state, is_leaf=matches)
 

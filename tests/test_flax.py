@@ -36,11 +36,11 @@ def _init(seed):
     def kernel(key, shape, dtype=jnp.float32):
         del key
         fan_in = int(np.prod(shape[:-1]))
-        return jnp.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), dtype)
+        return jax.device_put(np.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), dtype))
 
     def bias(key, shape, dtype=jnp.float32):
         del key
-        return jnp.asarray(0.5 * rng.standard_normal(shape), dtype)
+        return jax.device_put(np.asarray(0.5 * rng.standard_normal(shape), dtype))
 
     return {"kernel_init": kernel, "bias_init": bias, "rngs": nnx.Rngs(seed)}
 
@@ -71,19 +71,23 @@ def _unit_mask(model, seed=0, fraction=0.4):
         if flag is None:
             return None
         n = leaf.shape[-1]
-        return jnp.asarray(rng.random(n) >= fraction) if flag else jnp.ones(n, bool)
+        return jax.device_put(rng.random(n) >= fraction if flag else np.ones(n, bool))
 
     return jax.tree.map(
         pick, prunable, nnx.state(model, nnx.Param), is_leaf=lambda x: x is None or x is True
     )
 
 
+@jax.jit
+def _where(params, mask):
+    return jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, mask)
+
+
 def _masked(model, um):
     """The original model with the dropped units' incoming weights zeroed."""
     out = nnx.clone(model)
     state = nnx.state(out, nnx.Param)
-    wm = fisher_optax.expand_unit_mask(state, um)
-    ff.update_model(out, jax.tree.map(lambda p, m: jnp.where(m, p, 0), state, wm))
+    ff.update_model(out, _where(state, fisher_optax.expand_unit_mask(state, um)))
     return out
 
 
@@ -137,7 +141,9 @@ def test_shrink_cnn_with_flatten_equals_masked_and_counts_drop_exactly():
 def test_shrink_flatten_drops_the_nhwc_block_of_rows():
     model = _cnn()
     um = _unit_mask(model, fraction=0.0)
-    um["layers"][2]["kernel"] = nnx.Param(jnp.array([True, False, True, True, False]))
+    um["layers"][2]["kernel"] = nnx.Param(
+        jax.device_put(np.array([True, False, True, True, False]))
+    )
     index = ff.shrink_index(model, um)
     rows = index[("layers", 5, "kernel")][0]
     want = [s * 5 + c for s in range(16) for c in (0, 2, 3)]
@@ -149,7 +155,7 @@ def test_units_zeroed_by_unstructured_mask_are_dropped_with_bias_folded():
     state = nnx.state(model, nnx.Param)
     kernel = np.array(state["layers"][2]["kernel"][...])
     kernel[:, [1, 4]] = 0
-    state["layers"][2]["kernel"] = nnx.Param(jnp.asarray(kernel))
+    state["layers"][2]["kernel"] = nnx.Param(jax.device_put(kernel))
     ff.update_model(model, state)
     small = ff.shrink(model)  # no unit mask: only the dead units go
     assert small.layers[2].out_features == 7
@@ -166,7 +172,7 @@ def test_zero_padded_conv_keeps_units_it_cannot_fold_and_says_so():
     )  # fmt: skip
     um = _unit_mask(model, fraction=0.0)
     drop = np.array([False, True, False, True, False, False])
-    um["layers"][0]["kernel"] = nnx.Param(jnp.asarray(~drop))
+    um["layers"][0]["kernel"] = nnx.Param(jax.device_put(~drop))
     x = jax.random.normal(jax.random.key(3), (4, 8, 8, 2))
     bias = np.asarray(model.layers[0].bias[...])
     with pytest.warns(UserWarning, match="cannot be folded exactly"):
@@ -177,7 +183,7 @@ def test_zero_padded_conv_keeps_units_it_cannot_fold_and_says_so():
     # Zeroing the dropped units' biases too makes relu's constant 0: all of them go.
     state = nnx.state(model, nnx.Param)
     wm = fisher_optax.expand_unit_mask(state, um, bias=True)
-    ff.update_model(model, jax.tree.map(lambda p, m: jnp.where(m, p, 0), state, wm))
+    ff.update_model(model, _where(state, wm))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         small = ff.shrink(model, um)
@@ -262,7 +268,7 @@ def test_error_mask_does_not_match_model():
     with pytest.raises(ValueError, match=r"unit mask has a leaf at \['layers'\]\[7\]"):
         ff.shrink(model, {"layers": {7: {"kernel": jnp.ones(3, bool)}}})
     um = _unit_mask(model, fraction=0.0)
-    um["layers"][4]["kernel"] = nnx.Param(jnp.array([True, False, True]))
+    um["layers"][4]["kernel"] = nnx.Param(jax.device_put(np.array([True, False, True])))
     with pytest.raises(ValueError, match="no layer consumes its outputs"):
         ff.shrink(model, um)
     um = jax.tree.map(
@@ -333,8 +339,10 @@ def test_fisher_from_nnx_optimizer_lines_up_with_params_and_masks_work():
     ff.apply_mask_to_model(model, mask)
     kernel = np.asarray(model.layers[0].kernel[...])
     assert (kernel == 0).sum() > 0
-    scores = fisher_optax.unit_scores(params, fisher)
-    um = fisher_optax.unit_mask(scores, 0.5, prunable=ff.prunable_units(model))
+    flags = ff.prunable_units(model)
+    um = jax.jit(
+        lambda p, f: fisher_optax.unit_mask(fisher_optax.unit_scores(p, f), 0.5, prunable=flags)
+    )(params, fisher)
     assert _kept(um, ("layers", 0, "kernel")) == 6 and _kept(um, ("layers", 4, "kernel")) == 3
     small = ff.shrink(model, um)
     np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
@@ -367,11 +375,11 @@ def test_shrink_params_linen_cnn_equals_masked():
     module = _LinenCNN()
     x = jax.random.normal(jax.random.key(8), (4, 8, 8, 2))
     params = jax.jit(module.init)(jax.random.key(0), x)
-    params = jax.tree.map(lambda p: p + 0.5 if p.ndim == 1 else p, params)
+    params = jax.jit(lambda t: jax.tree.map(lambda p: p + 0.5 if p.ndim == 1 else p, t))(params)
     rng = np.random.default_rng(8)
     um = {
         "params": {
-            name: {"kernel": jnp.asarray(rng.random(n) > 0.4)}
+            name: {"kernel": jax.device_put(rng.random(n) > 0.4)}
             for name, n in (("c1", 6), ("c2", 5), ("d1", 7))
         }
     }
@@ -379,7 +387,7 @@ def test_shrink_params_linen_cnn_equals_masked():
     out = ff.shrink_params(params, um, pairs=pairs, activation=nn.relu, conv_padding="VALID")
     small = _LinenCNN(features=tuple(out.features[n] for n in ("c1", "c2", "d1")))
     wm = fisher_optax.expand_unit_mask(params, um)
-    masked = jax.tree.map(lambda p, m: jnp.where(m, p, 0), params, wm)
+    masked = _where(params, wm)
     np.testing.assert_allclose(
         jax.jit(small.apply)(out.params, x), jax.jit(module.apply)(masked, x), atol=1e-5
     )
@@ -404,9 +412,7 @@ def test_shrink_params_linen_mlp_and_errors():
     out = ff.shrink_params(params, keep, pairs=pairs, activation=jax.nn.sigmoid)
     assert out.features == {"layers_0": 5, "layers_2": 4, "layers_4": 2}
     small = nn.Sequential([nn.Dense(5), jax.nn.sigmoid, nn.Dense(4), jax.nn.sigmoid, nn.Dense(2)])
-    masked = jax.tree.map(
-        lambda p, m: jnp.where(m, p, 0), params, fisher_optax.expand_unit_mask(params, keep)
-    )
+    masked = _where(params, fisher_optax.expand_unit_mask(params, keep))
     np.testing.assert_allclose(
         jax.jit(small.apply)(out.params, x), jax.jit(mlp.apply)(masked, x), atol=1e-5
     )
