@@ -124,9 +124,11 @@ def main():
     # 1. Train with unstructured two-stage pruning.
     t0 = time.perf_counter()
     loss = train(model, optimizer, data, args.steps, args.batch, rng)
-    print(f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s, loss {loss:.3f}, "
-          f"test accuracy {accuracy(model, data.x_test, data.y_test):.4f}, "
-          f"{nonzero(model)} non-zero params")
+    print(
+        f"trained {args.steps} steps in {time.perf_counter() - t0:.1f} s, loss {loss:.3f}, "
+        f"test accuracy {accuracy(model, data.x_test, data.y_test):.4f}, "
+        f"{nonzero(model)} non-zero params"
+    )
 
     # 2. Structured: drop the least salient units of each hidden layer.
     params = nnx.state(model, nnx.Param)
@@ -147,27 +149,38 @@ def main():
     n_small, f_small = ff.param_count_and_flops(small, x_test[:1])
     t_dense, t_small = median_times([model, small], x_test, args.repeats)
     widths = [m.out_features for m in small.layers if isinstance(m, nnx.Linear | nnx.Conv)]
-    print(f"units kept per layer: {widths} (dense: "
-          f"{[m.out_features for m in model.layers if isinstance(m, nnx.Linear | nnx.Conv)]})")
+    print(
+        f"units kept per layer: {widths} (dense: "
+        f"{[m.out_features for m in model.layers if isinstance(m, nnx.Linear | nnx.Conv)]})"
+    )
     print(f"max |shrunk - masked| logit difference: {diff:.2e}")
     print()
-    print(f"| model | test acc | params | non-zero | FLOPs/image | "
-          f"median ms / {len(x_test)} images |")
+    print(
+        f"| model | test acc | params | non-zero | FLOPs/image | median ms / {len(x_test)} images |"
+    )
     print("|---|---|---|---|---|---|")
-    print(f"| masked dense | {acc_masked:.4f} | {n_dense:,} | {nonzero(model):,} | "
-          f"{f_dense:,.0f} | {1e3 * t_dense:.2f} |")
-    print(f"| shrunk | {acc_small:.4f} | {n_small:,} | {nonzero(small):,} | "
-          f"{f_small:,.0f} | {1e3 * t_small:.2f} |")
-    print(f"| ratio dense/shrunk | | {n_dense / n_small:.2f}x | | {f_dense / f_small:.2f}x | "
-          f"{t_dense / t_small:.2f}x |")
+    print(
+        f"| masked dense | {acc_masked:.4f} | {n_dense:,} | {nonzero(model):,} | "
+        f"{f_dense:,.0f} | {1e3 * t_dense:.2f} |"
+    )
+    print(
+        f"| shrunk | {acc_small:.4f} | {n_small:,} | {nonzero(small):,} | "
+        f"{f_small:,.0f} | {1e3 * t_small:.2f} |"
+    )
+    print(
+        f"| ratio dense/shrunk | | {n_dense / n_small:.2f}x | | {f_dense / f_small:.2f}x | "
+        f"{t_dense / t_small:.2f}x |"
+    )
 
     # 4. Fine-tune the shrunk model, Adam's moments and the pruning mask carried over.
     t0 = time.perf_counter()
     loss = train(small, small_opt, data, args.finetune_steps, args.batch, rng)
     print()
-    print(f"fine-tuned the shrunk model {args.finetune_steps} steps in "
-          f"{time.perf_counter() - t0:.1f} s: loss {loss:.3f}, "
-          f"test accuracy {accuracy(small, data.x_test, data.y_test):.4f}")
+    print(
+        f"fine-tuned the shrunk model {args.finetune_steps} steps in "
+        f"{time.perf_counter() - t0:.1f} s: loss {loss:.3f}, "
+        f"test accuracy {accuracy(small, data.x_test, data.y_test):.4f}"
+    )
 
 
 if __name__ == "__main__":
