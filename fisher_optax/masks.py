@@ -244,6 +244,49 @@ def _bisect(count_below: Callable[[jax.Array], jax.Array], targets: jax.Array, b
     return lax.fori_loop(0, bits, body, init)
 
 
+def _bisect_keys(
+    keys: list[jax.Array], groups: tuple[int, ...], n_groups: int, targets: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Per group, the largest uint32 ``t`` with ``#{key < t} < target``, and that count.
+
+    The 32 bisection passes run in four phases of eight, one byte of the key per phase. A
+    phase first maps each key to one uint8 digit: its byte when its higher bytes equal those
+    of the threshold found so far, else 255 (keys below the threshold's prefix are already
+    counted in ``below``; those above never count, and a real digit 255 is never below a
+    candidate digit, which is at most 255). Its eight counting passes then read one byte
+    per weight instead of four, a quarter of the memory traffic of plain bisection.
+    """
+    thresh = jnp.zeros(n_groups, jnp.uint32)
+    below = jnp.zeros(n_groups, jnp.int32)
+    for phase in range(4):
+        shift = 24 - 8 * phase
+        digits = []
+        for k, g in zip(keys, groups, strict=True):
+            d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
+            if phase:
+                same = (k >> (shift + 8)) == (thresh[g] >> (shift + 8))
+                d = jnp.where(same, d, np.uint8(0xFF))
+            digits.append(d)
+
+        def body(i, carry, digits=digits, below0=below):
+            t, b = carry
+            cand = t + (jnp.uint32(1) << (jnp.uint32(7) - i.astype(jnp.uint32)))
+            counts = below0 + _group_sum(
+                [
+                    _count(d < cand[g].astype(jnp.uint8))
+                    for d, g in zip(digits, groups, strict=True)
+                ],
+                groups,
+                n_groups,
+            )
+            take = counts < targets
+            return jnp.where(take, cand, t), jnp.where(take, counts, b)
+
+        digit, below = lax.fori_loop(0, 8, body, (jnp.zeros(n_groups, jnp.uint32), below))
+        thresh = thresh | (digit << shift)
+    return thresh, below
+
+
 def _group_sum(values: list[jax.Array], groups: tuple[int, ...], n_groups: int) -> jax.Array:
     sums = [jnp.int32(0)] * n_groups
     for v, g in zip(values, groups, strict=True):
@@ -282,12 +325,7 @@ def _select_kept(
     ]
     targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, groups, n_groups))
 
-    def count_below(cand):
-        return _group_sum(
-            [_count(k < cand[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
-        )
-
-    thresh, below = _bisect(count_below, targets, 32)
+    thresh, below = _bisect_keys(keys, groups, n_groups, targets)
     at = _group_sum(
         [_count(k == thresh[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
     )

@@ -135,17 +135,19 @@ def pruned(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wrap an optimizer so it prunes while it trains, with masks grown inside ``jit``.
 
-    At every step, with :math:`t` the step count before the step:
+    At every step, with :math:`t` the number of updates done before it:
 
-    1. gradients of pruned weights are zeroed and the inner optimizer updates;
-    2. if :math:`t \bmod` ``update_every`` :math:`= 0`, the mask is recomputed at the
-       target sparsity ``schedule(t)`` from the weights as they will be after this step
-       (``params + inner updates``) and, for the Fisher methods, the Fisher diagonal read
-       from the inner state (Adam's bias-corrected ``nu``, which already holds this step's
-       gradient). The current mask is passed as ``mask=``, so masks only grow. The inner
-       moments (every parameter-shaped leaf of the inner state: ``mu``, ``nu``, ...) are
-       zeroed where the new mask prunes. This runs under ``lax.cond``: no host round trip,
-       no recompilation, and no selection cost on the other steps;
+    1. if :math:`t` is a multiple of ``update_every``, the mask is recomputed at the target
+       sparsity ``schedule(t)`` from the current weights (the ``params`` passed to
+       ``update``) and, for the Fisher methods, the Fisher diagonal read from the inner
+       state (Adam's bias-corrected ``nu`` over the :math:`t` gradients seen so far; so the
+       Fisher methods skip :math:`t = 0`, when there is none). The current mask is passed
+       as ``mask=``, so masks only grow. This runs under ``lax.cond``: no host round trip,
+       no recompilation, no selection cost on the other steps;
+    2. the gradients and the inner moments (every parameter-shaped leaf of the inner state:
+       ``mu``, ``nu``, ...) are zeroed where the mask prunes, and the inner optimizer
+       updates. Moments of pruned weights therefore stay exactly zero, and the Fisher read
+       later is zero there;
     3. the updates of pruned weights become minus the weight, so pruned weights are exactly
        zero after ``optax.apply_updates`` (as :func:`keep_pruned`).
 
@@ -172,7 +174,7 @@ def pruned(
       prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
         bool pytree (see :func:`fisher_optax.topk_mask`).
       update_every: recompute the mask every this many steps (at steps 0, ``update_every``,
-        ``2 * update_every``, ...).
+        ``2 * update_every``, ...; the Fisher methods skip step 0).
       key: a ``jax.random`` key, required by ``method="random"`` (folded with the step
         count at each mask update) and refused by the others.
 
@@ -274,47 +276,30 @@ def pruned(
     def update_fn(updates, state, params=None, **extra_args):
         _need_params(params, fn)
         mask_treedef = jax.tree.structure(state.mask)
-        mask_leaves = jax.tree.leaves(state.mask)
+        old_leaves = jax.tree.leaves(state.mask)
         u_leaves, treedef = jax.tree.flatten(updates)
-        if len(mask_leaves) != len(u_leaves):
+        if len(old_leaves) != len(u_leaves):
             check_matching(updates, state.mask, ref_name="updates", other_name="state.mask")
-        # Zeroed gradients keep the inner moments of pruned weights at zero.
-        grads = jax.tree.unflatten(
-            treedef,
-            [
-                jnp.where(m, g, jnp.zeros((), g.dtype))
-                for g, m in zip(u_leaves, mask_leaves, strict=True)
-            ],
-        )
-        inner_updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        count = state.count
+        due = count % update_every == 0
+        if uses_fisher:  # no gradient seen yet at count 0: nothing to read the Fisher from
+            due = due & (count > 0)
 
-        def recompute(operands):
-            inner_updates, inner_state, mask_leaves = operands
-            after = optax.apply_updates(params, inner_updates)
-            old = jax.tree.unflatten(treedef, mask_leaves)
-            mask = new_mask(after, inner_state, old, state.count)
-            leaves = jax.tree.leaves(mask)
-            inner_state = otu.tree_map_params(
-                inner,
-                lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)),
-                inner_state,
-                jax.tree.unflatten(treedef, leaves),
-            )
-            return inner_state, leaves
+        def recompute(_):
+            old = jax.tree.unflatten(treedef, old_leaves)
+            return jax.tree.leaves(new_mask(params, state.inner_state, old, count))
 
-        def keep(operands):
-            _, inner_state, mask_leaves = operands
-            return inner_state, mask_leaves
-
-        inner_state, mask_leaves = jax.lax.cond(
-            state.count % update_every == 0,
-            recompute,
-            keep,
-            (inner_updates, inner_state, mask_leaves),
-        )
-        updates = _masked_updates(inner_updates, params, mask_leaves)
-        return updates, PrunedState(
-            count=optax.safe_increment(state.count),
+        # The selection runs only on update steps. It reads only params and the stored state,
+        # so the masking below fuses into the inner update: between updates the overhead is
+        # one boolean read per weight, not extra passes over the moments.
+        mask_leaves = jax.lax.cond(due, recompute, lambda _: list(old_leaves), None)
+        mask = jax.tree.unflatten(treedef, mask_leaves)
+        zero_pruned = lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype))
+        grads = jax.tree.map(zero_pruned, updates, mask)
+        inner_state = otu.tree_map_params(inner, zero_pruned, state.inner_state, mask)
+        inner_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+        return _masked_updates(inner_updates, params, mask_leaves), PrunedState(
+            count=optax.safe_increment(count),
             mask=jax.tree.unflatten(mask_treedef, mask_leaves),
             inner_state=inner_state,
         )

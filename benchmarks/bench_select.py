@@ -1,0 +1,120 @@
+"""Global mask selection: sort-free bisection (fisher_optax.topk_mask) vs a full sort vs NumPy.
+
+Every method produces the same thing, a global keep-mask over all leaves pruning exactly
+``k = round(s * n)`` of the smallest scores:
+
+- ``fisher_optax``: ``jax.jit(topk_mask)``: 32 counting passes over order-preserving uint32 keys
+  (plus the flat-index tie-break, skipped at run time when there are no ties at the cut);
+- ``argsort``: what existing JAX pruners do: concatenate, ``jnp.argsort``, take the k-th
+  value as threshold, compare (jitted; ties not resolved exactly);
+- ``np.partition``: NumPy introselect for the k-th value on a concatenated copy, compare.
+
+Prints medians over repeats and ratios measured in the same run. No assertions.
+
+    python benchmarks/bench_select.py            # 1e6, 1e7, 1e8 (argsort skipped at 1e8)
+    python benchmarks/bench_select.py --quick    # 1e5, 1e6
+    python benchmarks/bench_select.py --argsort-1e8   # also time argsort at 1e8, once
+"""
+
+import argparse
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fisher_optax as fo
+
+SPARSITY = 0.9
+
+
+def make_scores(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` scores spread over four 2-D leaves (40%, 30%, 20%, 10% of the total)."""
+    rng = np.random.default_rng(seed)
+    leaves, used = {}, 0
+    for i, frac in enumerate([0.4, 0.3, 0.2]):
+        rows = max(1, int(n * frac) // 1000)
+        leaves[f"layer{i}"] = rng.standard_normal((rows, 1000), dtype=np.float32)
+        used += rows * 1000
+    leaves["layer3"] = rng.standard_normal((max(1, (n - used) // 1000), 1000), dtype=np.float32)
+    return leaves
+
+
+@jax.jit
+def ours(scores):
+    return fo.topk_mask(scores, SPARSITY)
+
+
+@jax.jit
+def argsort_baseline(scores):
+    flat = jnp.concatenate([x.ravel() for x in scores.values()])
+    k = round(SPARSITY * flat.size)
+    threshold = flat[jnp.argsort(flat)[k - 1]]
+    return {name: x > threshold for name, x in scores.items()}
+
+
+def numpy_partition(scores):
+    flat = np.concatenate([x.ravel() for x in scores.values()])
+    k = round(SPARSITY * flat.size)
+    threshold = np.partition(flat, k - 1)[k - 1]
+    return {name: x > threshold for name, x in scores.items()}
+
+
+def median_time(fn, arg, repeats: int, block: bool) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(arg)
+        if block:
+            jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--argsort-1e8", action="store_true", help="time argsort at 1e8 once")
+    args = parser.parse_args()
+    sizes = [10**5, 10**6] if args.quick else [10**6, 10**7, 10**8]
+    repeats = 3 if args.quick else args.repeats
+    print(
+        f"# global selection, sparsity {SPARSITY}, float32, jax {jax.__version__}, "
+        f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()}), "
+        f"medians of {repeats}"
+    )
+    header = (
+        f"| {'n':>5} | {'fisher_optax':>12} | {'argsort':>10} | {'np.partition':>12} | "
+        f"{'argsort / ours':>14} | {'ours / np.partition':>19} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for n in sizes:
+        host = make_scores(n)
+        dev = jax.device_put(host)
+        reps = repeats if n < 10**8 else max(1, min(repeats, 3))
+        jax.block_until_ready(ours(dev))  # compile
+        t_ours = median_time(ours, dev, reps, block=True)
+        mask = ours(dev)
+        pruned = sum(int((~m).sum()) for m in mask.values())
+        total = sum(x.size for x in host.values())
+        assert pruned == round(SPARSITY * total), (pruned, total)  # sanity, not a timing
+        t_np = median_time(numpy_partition, host, reps, block=False)
+        if n < 10**8 or args.argsort_1e8:
+            jax.block_until_ready(argsort_baseline(dev))  # compile (and one run)
+            t_sort = median_time(argsort_baseline, dev, reps if n < 10**8 else 1, block=True)
+            sort_cell, ratio_cell = f"{t_sort:9.3f}s", f"{t_sort / t_ours:13.1f}x"
+        else:
+            sort_cell, ratio_cell = f"{'skipped':>10}", f"{'-':>14}"
+        print(
+            f"| {f'1e{len(str(total)) - 1}':>5} | {t_ours:11.3f}s | {sort_cell} | "
+            f"{t_np:11.3f}s | {ratio_cell} | {t_ours / t_np:18.1f}x |",
+            flush=True,
+        )
+        del host, dev, mask
+
+
+if __name__ == "__main__":
+    main()
