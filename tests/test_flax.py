@@ -288,7 +288,8 @@ def _loss(model, x, y):
 
 def test_shrink_with_optimizer_slices_state_and_fine_tunes_under_jit():
     model = _cnn()
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    tx = fisher_optax.pruned(optax.adam(1e-2), schedule=0.3, method="magnitude", update_every=2)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(6), (16, 8, 8, 2))
     y = jnp.arange(16) % 4
     traces = []
@@ -305,21 +306,37 @@ def test_shrink_with_optimizer_slices_state_and_fine_tunes_under_jit():
     um = _unit_mask(model, seed=6)
     small, small_opt = ff.shrink_with_optimizer(model, opt, um)
     index = ff.shrink_index(model, um)
-    old, new = opt.opt_state[0], small_opt.opt_state[0]
-    for name in ("mu", "nu"):
-        old_tree = getattr(old, name)
+    old_adam = optax.tree_utils.tree_get(opt.opt_state, "ScaleByAdamState")
+    new_adam = optax.tree_utils.tree_get(small_opt.opt_state, "ScaleByAdamState")
+    old_pruned = optax.tree_utils.tree_get(opt.opt_state, "PrunedState")
+    new_pruned = optax.tree_utils.tree_get(small_opt.opt_state, "PrunedState")
+    pairs = [(old_adam.mu, new_adam.mu), (old_adam.nu, new_adam.nu)]
+    for old_tree, new_tree in [*pairs, (old_pruned.mask, new_pruned.mask)]:
         for (path, leaf), (_, new_leaf) in zip(
             jax.tree_util.tree_flatten_with_path(old_tree)[0],
-            jax.tree_util.tree_flatten_with_path(getattr(new, name))[0],
+            jax.tree_util.tree_flatten_with_path(new_tree)[0],
             strict=True,
         ):
             want = take_np(np.asarray(leaf), index.get(path_tuple(path), (None,) * leaf.ndim))
             np.testing.assert_array_equal(np.asarray(new_leaf), want)
-    assert int(new.count[...]) == int(old.count[...]) == 3
+    assert int(new_adam.count[...]) == int(old_adam.count[...]) == 3
     assert int(small_opt.step[...]) == 3
     losses = [float(step(small, small_opt, x, y)) for _ in range(4)]
     assert len(traces) == 2  # once for the dense model, once for the shrunk one
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # The carried-over pruning mask still holds on the shrunk model.
+    mask = optax.tree_utils.tree_get(small_opt.opt_state, "PrunedState").mask
+    for p, m in zip(
+        jax.tree.leaves(nnx.state(small, nnx.Param)), jax.tree.leaves(mask), strict=True
+    ):
+        assert not np.any(np.asarray(p)[~np.asarray(m)])
+
+
+def test_update_model_writes_dequantized_weights():
+    model = _mlp()
+    q = fisher_optax.quantize(nnx.state(model, nnx.Param), 2)
+    ff.update_model(model, fisher_optax.dequantize(q))
+    assert np.unique(np.asarray(model.layers[0].kernel[...])).size <= 4
 
 
 def test_fisher_from_nnx_optimizer_lines_up_with_params_and_masks_work():
