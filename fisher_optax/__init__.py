@@ -44,6 +44,12 @@ from fisher_optax import transforms as _transforms
 from fisher_optax.schedules import constant_sparsity, polynomial_sparsity
 from fisher_optax.transforms import KeepPrunedState, PrunedState, keep_pruned, pruned
 
+# Quantization: 1-D k-means, Fisher bit allocation, weight sharing.
+from fisher_optax import kmeans as _kmeans
+from fisher_optax import quantize as _quantize
+from fisher_optax.kmeans import KMeansResult, kmeans_1d
+from fisher_optax.quantize import QuantizedParams, allocate_bits, dequantize, quantize
+
 __all__ = [
     "__version__",
     *_masks.__all__,
@@ -53,4 +59,6 @@ __all__ = [
     *_references.__all__,
     *_datasets.__all__,
     *_structured.__all__,
+    *_kmeans.__all__,
+    *_quantize.__all__,
 ]

@@ -86,10 +86,9 @@ def _summarize(x, w, valid, num_bins, lo, hi):
     n = x.shape[0]
     wv = jnp.where(valid, w, 0)
     if n <= num_bins:
-        key = jnp.where(valid, x, jnp.inf)
-        _, xs, ws = lax.sort((key, x, wv), num_keys=1)
-        pos = jnp.where(ws > 0, xs, jnp.minimum(xs, hi))
-        pos = jnp.where(jnp.isfinite(pos), pos, hi)
+        # Entries that are not valid sort to the end and sit at ``hi`` with weight 0.
+        key, ws = lax.sort((jnp.where(valid, x, jnp.inf), wv), num_keys=1)
+        pos = jnp.where(jnp.isfinite(key), key, hi)
         return pos, ws, ws * (pos - lo)
     width = (hi - lo) / num_bins
     safe = jnp.where(width > 0, width, 1)
@@ -135,7 +134,7 @@ def _init_centroids(init, k, pos, bw, lo, hi, key):
         c = gpos_lo[g] + jnp.clip(frac, 0, 1) * (gpos_hi[g] - gpos_lo[g])
         return jnp.sort(c)
     if init == "dp":
-        return _dp_centroids(pos, bw, k, max(256, 4 * k))
+        return _dp_centroids(pos, bw, k, max(512, 4 * k))
     # k-means++ (Arthur & Vassilvitskii 2007) on the summary: D^2 sampling weighted by bw.
     keys = jax.random.split(key, k)
     first = jax.random.categorical(keys[0], jnp.log(bw))
@@ -424,30 +423,36 @@ def kmeans_1d(
       Spacing of Levels. Proc. IRE 39(1), 1951.
     """
     _check_args(values, num_clusters, weights, valid, init, max_iters, tol, key, num_bins)
-    return _kmeans_1d(
-        jnp.asarray(values),
-        None if weights is None else jnp.asarray(weights),
-        None if valid is None else jnp.asarray(valid),
-        key,
+    # Flatten and fill in the optional inputs here, so that every call with the same
+    # length, dtype and static arguments reuses one compiled function.
+    values = jnp.asarray(values)
+    shape = values.shape
+    dtype = jnp.promote_types(values.dtype, jnp.float32)
+    x = values.reshape(-1).astype(dtype)
+    w = jnp.ones_like(x) if weights is None else jnp.asarray(weights).reshape(-1).astype(dtype)
+    ok = jnp.ones(x.shape, bool) if valid is None else jnp.asarray(valid).reshape(-1)
+    result = _kmeans_1d(
+        x,
+        w,
+        ok,
+        jax.random.key(0) if key is None else key,
         num_clusters=int(num_clusters),
         init=init,
         max_iters=int(max_iters),
         tol=float(tol),
         num_bins=int(num_bins),
     )
+    return result._replace(assignments=result.assignments.reshape(shape))
 
 
 @jax.jit(static_argnames=("num_clusters", "init", "max_iters", "tol", "num_bins"))
-def _kmeans_1d(values, weights, valid, key, *, num_clusters, init, max_iters, tol, num_bins):
-    shape = values.shape
-    dtype = jnp.promote_types(values.dtype, jnp.float32)
-    x = values.reshape(-1).astype(dtype)
-    w = jnp.ones_like(x) if weights is None else jnp.maximum(weights.reshape(-1), 0).astype(dtype)
-    ok = jnp.ones(x.shape, bool) if valid is None else valid.reshape(-1)
+def _kmeans_1d(x, w, ok, key, *, num_clusters, init, max_iters, tol, num_bins):
+    dtype = x.dtype
+    w = jnp.maximum(w, 0)
     k = num_clusters
     if x.shape[0] == 0:
         return KMeansResult(
-            jnp.zeros((k,), dtype), jnp.zeros(shape, jnp.int32), jnp.zeros((), dtype), jnp.int32(0)
+            jnp.zeros((k,), dtype), jnp.zeros((0,), jnp.int32), jnp.zeros((), dtype), jnp.int32(0)
         )
     any_valid = jnp.any(ok)
     lo = jnp.where(any_valid, jnp.min(jnp.where(ok, x, jnp.inf)), 0).astype(dtype)
@@ -469,6 +474,7 @@ def _kmeans_1d(values, weights, valid, key, *, num_clusters, init, max_iters, to
     few = (slot[-1] + 1 <= k) & any_valid
     distinct = jnp.full((k,), hi, dtype).at[jnp.where(occupied, slot, k)].set(pos, mode="drop")
     c0 = jnp.where(few, distinct, c0)
+    c0 = jnp.where(any_valid & jnp.isfinite(c0), c0, lo)  # no weight at all: no NaN
     c, iters = _lloyd(c0, pos, prefix_w, prefix_s, lo, hi - lo, max_iters, tol)
 
     # Exact per value: assign, re-centre on the values owned, assign again.
@@ -481,5 +487,5 @@ def _kmeans_1d(values, weights, valid, key, *, num_clusters, init, max_iters, to
     inertia = jnp.sum(wv * jnp.square(x - c[a]))
 
     c = jnp.where(any_valid, c, 0)
-    a = jnp.where(ok, a, -1).reshape(shape)
+    a = jnp.where(ok, a, -1)
     return KMeansResult(c, a, inertia, jnp.where(any_valid, iters, 0))

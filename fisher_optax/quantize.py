@@ -426,7 +426,9 @@ def _quantize_leaves(leaves, bits, masks, weights, *, plan, method):
     n = len(leaves)
     out_bits, out_codes, out_books = [None] * n, [None] * n, [None] * n
     for widths, idx in plan:
-        stack = lambda seq: None if seq[idx[0]] is None else jnp.stack([seq[i] for i in idx])
+        stack = lambda seq, idx=idx: (
+            None if seq[idx[0]] is None else jnp.stack([seq[i] for i in idx])
+        )
         fn = lambda x, b, m, w, widths=widths: _quantize_group(x, b, m, w, widths, method)
         gb, gc, gbooks = jax.vmap(fn)(stack(leaves), stack(bits), stack(masks), stack(weights))
         for j, i in enumerate(idx):

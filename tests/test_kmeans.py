@@ -1,0 +1,290 @@
+"""kmeans_1d against independent references: the exact optimum, scikit-learn, NumPy."""
+
+import itertools
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import kmeans1d
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.cluster import KMeans
+
+from fisher_optax import KMeansResult, kmeans_1d
+from fisher_optax.kmeans import _kmeans_1d
+
+N = 600  # one length for most tests: each new shape or static argument compiles again
+
+
+def _data(kind: str, seed: int = 0, n: int = N) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        return rng.normal(0, 0.05, n).astype(np.float32)
+    if kind == "laplace":
+        return rng.laplace(0, 0.03, n).astype(np.float32)
+    # What magnitude pruning leaves: a normal with a gap around zero.
+    x = rng.normal(0, 0.05, 4 * n)
+    return x[np.abs(x) > 0.04][:n].astype(np.float32)
+
+
+def _np_inertia(x, c, w=None):
+    """Weighted inertia of nearest-centroid assignment, in float64 NumPy."""
+    x = np.asarray(x, np.float64)
+    c = np.sort(np.asarray(c, np.float64))
+    w = np.ones_like(x) if w is None else np.asarray(w, np.float64)
+    d = np.min((x[:, None] - c[None, :]) ** 2, axis=1)
+    return float(np.sum(w * d))
+
+
+def _exact_optimum(x, k):
+    _, centroids = kmeans1d.cluster(np.asarray(x, np.float64), k)
+    return _np_inertia(x, centroids)
+
+
+def _weighted_optimum(x, w, k):
+    """Exact weighted 1-D k-means by an O(k n^2) dynamic program in float64."""
+    order = np.argsort(x)
+    x, w = np.asarray(x, np.float64)[order], np.asarray(w, np.float64)[order]
+    pw = np.concatenate([[0], np.cumsum(w)])
+    ps = np.concatenate([[0], np.cumsum(w * x)])
+    pq = np.concatenate([[0], np.cumsum(w * x * x)])
+    n = len(x)
+    t, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
+    dw, ds, dq = pw[j] - pw[t], ps[j] - ps[t], pq[j] - pq[t]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = np.where(dw > 0, dq - ds**2 / dw, 0.0)
+    cost = np.where(t <= j, np.maximum(cost, 0), np.inf)
+    best = cost[0]
+    for _ in range(k - 1):
+        best = np.min(best[:, None] + cost, axis=0)
+    return float(best[n])
+
+
+K = 16  # and one number of clusters
+
+
+def _pad(x, w=None):
+    """Pad to length N with invalid entries, so that the test reuses the compiled N."""
+    pad = N - len(x)
+    xs = np.concatenate([x, np.zeros(pad, np.float32)])
+    valid = np.arange(N) < len(x)
+    ws = None if w is None else np.concatenate([w, np.ones(pad, np.float32)])
+    return xs, ws, valid
+
+
+@pytest.mark.parametrize("kind", ["normal", "laplace", "bimodal"])
+def test_dp_init_reaches_the_exact_optimum(kind):
+    x = _data(kind)
+    r = kmeans_1d(x, K, init="dp")
+    opt = _exact_optimum(x, K)
+    assert float(r.inertia) <= opt * (1 + 1e-4)
+    # Inertia is reported faithfully: never below the optimum, equal to NumPy's.
+    assert float(r.inertia) >= opt * (1 - 1e-5)
+    np.testing.assert_allclose(float(r.inertia), _np_inertia(x, r.centroids), rtol=1e-5)
+
+
+def test_no_worse_than_sklearn_and_a_fixed_point_of_sklearn_lloyd():
+    x = _data("bimodal", seed=3)
+    r = kmeans_1d(x, K, init="dp")
+    sk = KMeans(K, n_init=1, random_state=0).fit(x.reshape(-1, 1).astype(np.float64))
+    assert float(r.inertia) <= sk.inertia_ * (1 + 1e-4)
+    # scikit-learn's Lloyd started from our centroids does not improve them.
+    init = np.asarray(r.centroids, np.float64).reshape(-1, 1)
+    polished = KMeans(K, init=init, n_init=1).fit(x.reshape(-1, 1).astype(np.float64))
+    np.testing.assert_allclose(float(r.inertia), polished.inertia_, rtol=1e-4)
+
+
+def test_linear_init_gets_stuck_on_bimodal_data_and_dp_does_not():
+    # Documents why init="dp" exists: Lloyd from Deep Compression's linear init stops
+    # in a local minimum on pruned-looking weights.
+    x = _data("bimodal", seed=1)
+    opt = _exact_optimum(x, K)
+    linear = float(kmeans_1d(x, K).inertia)
+    dp = float(kmeans_1d(x, K, init="dp").inertia)
+    assert dp <= opt * (1 + 1e-4) < linear
+
+
+@pytest.mark.parametrize("init", ["linear", "quantile", "density", "kmeans++"])
+def test_every_init_is_a_sound_clustering(init):
+    x = _data("laplace", seed=2)
+    r = kmeans_1d(x, K, init=init, key=jax.random.key(0))
+    c = np.asarray(r.centroids)
+    assert np.all(np.isfinite(c)) and np.all(np.diff(c) >= 0)
+    # Assignments are to the nearest centroid, inertia is NumPy's.
+    d = np.abs(x[:, None] - c[None, :])
+    a = np.asarray(r.assignments)
+    assert np.all(d[np.arange(N), a] <= d.min(axis=1) + 1e-7)
+    np.testing.assert_allclose(float(r.inertia), _np_inertia(x, c), rtol=1e-5)
+    # Local methods: no optimality claim, but better than one cluster by far.
+    assert float(r.inertia) <= 0.1 * np.sum((x - x.mean()) ** 2)
+
+
+def test_weighted_matches_exact_weighted_optimum():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(-1, 0.3, 30), rng.normal(1, 0.2, 30)]).astype(np.float32)
+    w = rng.gamma(0.5, size=60).astype(np.float32)  # heavy-tailed like a Fisher diagonal
+    xs, ws, valid = _pad(x, w)
+    r = kmeans_1d(xs, K, weights=ws, valid=valid, init="dp")
+    opt = _weighted_optimum(x, w, K)
+    np.testing.assert_allclose(float(r.inertia), opt, rtol=1e-4)
+    np.testing.assert_allclose(float(r.inertia), _np_inertia(x, r.centroids, w), rtol=1e-5)
+    # Each centroid is the weighted mean of the values it owns (Choi et al.'s update).
+    a = np.asarray(r.assignments)[: len(x)]
+    for j in np.unique(a):
+        sel = a == j
+        mean = np.sum(w[sel] * x[sel]) / np.sum(w[sel])
+        np.testing.assert_allclose(float(r.centroids[j]), mean, rtol=1e-4, atol=1e-6)
+
+
+def test_integer_weights_equal_repeated_values():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=60).astype(np.float32)
+    w = rng.integers(1, 4, size=60)
+    rep = np.repeat(x, w)
+    xs, ws, valid = _pad(x, w.astype(np.float32))
+    a = kmeans_1d(xs, K, weights=ws, valid=valid, init="dp")
+    xs, _, valid = _pad(rep)
+    b = kmeans_1d(xs, K, valid=valid, init="dp")
+    np.testing.assert_allclose(np.asarray(a.centroids), np.asarray(b.centroids), rtol=1e-5)
+    np.testing.assert_allclose(float(a.inertia), float(b.inertia), rtol=1e-5)
+
+
+def test_histogram_mode_is_exact_per_value():
+    # n > num_bins: values are histogrammed, but assignment and inertia use the values.
+    x = _data("normal", seed=6)
+    r = kmeans_1d(x, K, init="dp", num_bins=128)
+    c = np.asarray(r.centroids)
+    np.testing.assert_array_equal(
+        np.asarray(r.assignments), np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
+    )
+    np.testing.assert_allclose(float(r.inertia), _np_inertia(x, c), rtol=1e-5)
+    assert float(r.inertia) <= _exact_optimum(x, K) * 1.01
+
+
+def _small(x, k=4, **kw):
+    """Edge cases share one compiled shape: 16 entries (padding invalid), 4 clusters."""
+    x = np.asarray(x, np.float32)
+    valid = kw.pop("valid", np.ones(len(x), bool))
+    xs = np.concatenate([x, np.zeros(16 - len(x), np.float32)])
+    vs = np.concatenate([valid, np.zeros(16 - len(x), bool)])
+    r = kmeans_1d(xs, k, valid=vs, init="dp", **kw)
+    return r._replace(assignments=r.assignments[: len(x)])
+
+
+def test_duplicates_and_more_clusters_than_distinct_values():
+    x = np.repeat(np.array([-2.0, 0.5, 3.0, 4.0], np.float32), [5, 1, 6, 4])
+    r = _small(x)
+    np.testing.assert_allclose(np.asarray(r.centroids), [-2.0, 0.5, 3.0, 4.0])
+    assert float(r.inertia) == 0.0
+    r = _small(x[x != 4.0])  # 3 distinct values, 4 clusters
+    assert float(r.inertia) == 0.0
+    used = np.asarray(r.centroids)[np.asarray(r.assignments)]
+    np.testing.assert_array_equal(used, x[x != 4.0])
+    assert np.all(np.isfinite(np.asarray(r.centroids)))
+
+
+def test_constant_input():
+    r = _small(np.full(7, 1.5))
+    np.testing.assert_array_equal(np.asarray(r.centroids), np.full(4, 1.5))
+    np.testing.assert_array_equal(np.asarray(r.assignments), np.zeros(7))
+    assert float(r.inertia) == 0.0
+
+
+def test_valid_mask_excludes_entries_and_marks_them_minus_one():
+    x = np.array([0.0, 0.1, 100.0, 5.0, 5.2, -100.0, 9.0, 9.5, 20.0], np.float32)
+    valid = np.array([True, True, False, True, True, False, True, True, True])
+    r = _small(x, valid=valid)
+    ref = kmeans1d.cluster(x[valid].astype(np.float64), 4).centroids
+    np.testing.assert_allclose(np.asarray(r.centroids), ref, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(r.assignments), [0, 0, -1, 1, 1, -1, 2, 2, 3])
+    np.testing.assert_allclose(float(r.inertia), 2 * 0.05**2 + 2 * 0.1**2 + 2 * 0.25**2, rtol=1e-4)
+
+
+def test_all_invalid_input():
+    r = _small(np.arange(5.0), valid=np.zeros(5, bool))
+    np.testing.assert_array_equal(np.asarray(r.centroids), np.zeros(4))
+    np.testing.assert_array_equal(np.asarray(r.assignments), -np.ones(5))
+    assert float(r.inertia) == 0.0 and int(r.iterations) == 0
+
+
+def test_shape_is_kept():
+    x = np.arange(16.0, dtype=np.float32).reshape(4, 4)
+    r = kmeans_1d(x, 4, init="dp")
+    assert isinstance(r, KMeansResult)
+    assert r.assignments.shape == (4, 4) and r.assignments.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(r.assignments), np.arange(16).reshape(4, 4) // 4)
+
+
+def test_under_jit_and_no_recompile():
+    f = jax.jit(lambda x, w: kmeans_1d(x, K, weights=w, init="dp"))
+    x = _data("normal", seed=7)
+    w = np.ones_like(x)
+    eager = kmeans_1d(x, K, weights=w, init="dp")
+    jitted = f(x, w)
+    np.testing.assert_allclose(np.asarray(jitted.centroids), np.asarray(eager.centroids))
+    before = _kmeans_1d._cache_size()
+    for seed in (8, 9):  # new values, same shapes: no new compilation
+        kmeans_1d(_data("normal", seed=seed), K, weights=w, init="dp")
+        f(_data("normal", seed=seed), w)
+    assert _kmeans_1d._cache_size() == before
+    assert f._cache_size() == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    x=hnp.arrays(np.float32, 64, elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False)),
+    valid=hnp.arrays(np.bool_, 64),
+    k=st.sampled_from([1, K]),
+)
+def test_property_assignments_are_nearest_and_inertia_is_exact(x, valid, k):
+    r = kmeans_1d(x, k, valid=valid, init="density")
+    c, a = np.asarray(r.centroids), np.asarray(r.assignments)
+    assert np.all(np.isfinite(c)) and np.all(np.diff(c) >= 0)
+    np.testing.assert_array_equal(a[~valid], -1)
+    assert np.all((a[valid] >= 0) & (a[valid] < k))
+    xv = x[valid].astype(np.float64)
+    d = np.abs(xv[:, None] - c[None, :].astype(np.float64))
+    scale = 1e-6 * max(1.0, float(np.max(np.abs(x))))
+    assert np.all(d[np.arange(len(xv)), a[valid]] <= d.min(axis=1, initial=np.inf) + scale)
+    ref = _np_inertia(xv, c) if len(xv) else 0.0
+    np.testing.assert_allclose(float(r.inertia), ref, rtol=1e-4, atol=1e-6 * scale)
+    # Never worse than leaving every value in one cluster when k >= 1.
+    if len(xv):
+        assert float(r.inertia) <= np.sum((xv - xv.mean()) ** 2) * (1 + 1e-4) + scale
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_clusters": 0}, ValueError, "num_clusters must be an int >= 1"),
+        ({"num_clusters": 2.5}, ValueError, "num_clusters must be an int >= 1"),
+        ({"init": "random"}, ValueError, "init must be one of"),
+        ({"init": "kmeans++"}, ValueError, "needs a PRNG key"),
+        ({"max_iters": -1}, ValueError, "max_iters must be an int >= 0"),
+        ({"num_bins": 1}, ValueError, "num_bins must be an int >= 2"),
+        ({"weights": np.ones(3)}, ValueError, r"weights must have the shape of values \(4,\)"),
+        ({"valid": np.ones(4)}, TypeError, "valid must be a boolean array"),
+        ({"values": np.ones(4, complex)}, TypeError, "values must be a real array"),
+    ],
+)
+def test_errors(kwargs, error, match):
+    args = {"values": np.arange(4.0), "num_clusters": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        kmeans_1d(args.pop("values"), args.pop("num_clusters"), **args)
+
+
+def test_brute_force_weighted_reference_is_right():
+    # The test's own DP agrees with exhaustive search over all splits on a tiny case.
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=7), rng.uniform(0.1, 2, 7)
+    xs, ws = x[np.argsort(x)], w[np.argsort(x)]
+    best = np.inf
+    for cuts in itertools.combinations(range(1, 7), 2):
+        parts = np.split(np.arange(7), cuts)
+        cost = sum(
+            np.sum(ws[p] * (xs[p] - np.sum(ws[p] * xs[p]) / np.sum(ws[p])) ** 2) for p in parts
+        )
+        best = min(best, cost)
+    np.testing.assert_allclose(_weighted_optimum(x, w, 3), best, rtol=1e-9)
