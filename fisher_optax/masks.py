@@ -195,22 +195,31 @@ def _float_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits >= _SIGN, ~bits, bits | _SIGN)
 
 
+def _chunk(d: int) -> int | None:
+    """The largest divisor of ``d`` that is at most 255 (and at least 16), or ``None``."""
+    if d <= 255:
+        return d
+    return next((c for c in range(255, 15, -1) if d % c == 0), None)
+
+
 def _count(pred: jax.Array) -> jax.Array:
     """``jnp.sum(pred)`` as int32, summed in two levels.
 
-    XLA's CPU backend vectorises a short reduction into a narrow integer much better than one
-    long int32 reduction (measured 3-5x faster); the last axis is summed in uint8/uint16 chunks
-    that cannot overflow, the rest in int32. Reducing along the leaf's own last axis keeps the
-    sum local to each shard of a sharded leaf.
+    XLA's CPU backend vectorises a short reduction into uint8 much better than one long
+    int32 reduction (measured 4x faster for 1e7 entries): the last axis is split into chunks
+    of at most 255, summed in uint8 (which cannot overflow), and the chunk sums in int32.
+    Reducing along the leaf's own last axis keeps the sums local to each shard of a sharded
+    leaf.
     """
     if pred.ndim == 0:
         return pred.astype(jnp.int32)
     d = pred.shape[-1]
-    if d % 128 == 0 and d > 128:
-        pred = pred.reshape(*pred.shape[:-1], d // 128, 128)
-        d = 128
-    inner = jnp.uint8 if d <= 255 else jnp.uint16 if d <= 65535 else jnp.int32
-    return jnp.sum(jnp.sum(pred, axis=-1, dtype=inner), dtype=jnp.int32)
+    c = _chunk(d)
+    if c is None:
+        inner = jnp.uint16 if d <= 65535 else jnp.int32
+        return jnp.sum(jnp.sum(pred, axis=-1, dtype=inner), dtype=jnp.int32)
+    pred = pred.reshape(*pred.shape[:-1], d // c, c)
+    return jnp.sum(jnp.sum(pred, axis=-1, dtype=jnp.uint8), dtype=jnp.int32)
 
 
 def _flat_index(shape: tuple[int, ...], offset: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import fisher_optax as fo
 from fisher_optax import masks as masks_mod
 
-SETTINGS = settings(max_examples=20, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def test_traced_target_is_exact_round_half_even(seed):
 
 def test_count_matches_numpy_sum():
     rng = np.random.default_rng(0)
-    for shape in [(), (7,), (3, 300), (2, 256), (1000, 70000 // 1000), (2, 70000)]:
+    for shape in [(), (7,), (3, 300), (2, 256), (4, 1000), (2, 257 * 3), (2, 70001), (70001,)]:
         pred = rng.uniform(size=shape) < 0.9
         assert int(masks_mod._count(jnp.asarray(pred))) == int(pred.sum())
 
