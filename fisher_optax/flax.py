@@ -127,7 +127,7 @@ def apply_mask_to_model(model: nnx.Module, mask: Mask) -> None:
 
     state = nnx.state(model, nnx.Param)
     check_matching(state, mask, ref_name="nnx.state(model, nnx.Param)", other_name="mask")
-    update_model(model, apply_mask(state, mask))
+    update_model(model, jax.jit(apply_mask)(state, mask))  # one compile, not one per leaf
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +246,28 @@ def _probe_shape(p: Layer, q: Layer) -> tuple[int, ...]:
     return (2, c)
 
 
+def _bucket(c: int) -> int:
+    """Probe width: ``c`` rounded up to a power of two (at least 8). Probes run eagerly, and
+    eager ops compile once per shape, so layers of similar widths share the compiled kernels."""
+    return max(8, 1 << max(c - 1, 0).bit_length())
+
+
+def _constants(
+    g_same: Callable, lead: tuple[int, ...], bucket: bool = True
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``b -> g(b broadcast over positions)`` at one position: a dropped unit's constant."""
+
+    def constant(b):  # b may be shorter in later passes; g does not care
+        b = np.asarray(b, np.float32)
+        n = b.shape[0]
+        padded = np.zeros(_bucket(n) if bucket else n, np.float32)
+        padded[:n] = b
+        xb = _to_device(np.broadcast_to(padded, (*lead, padded.shape[0])))
+        return np.asarray(g_same(xb)).reshape(-1, padded.shape[0])[0, :n]
+
+    return constant
+
+
 def _sequential_edge(p: Layer, q: Layer, fns: Sequence[Callable]) -> Edge:
     """The edge between consecutive layers of an ``nnx.Sequential``, found by probing."""
 
@@ -256,7 +278,6 @@ def _sequential_edge(p: Layer, q: Layer, fns: Sequence[Callable]) -> Edge:
 
     shape = _probe_shape(p, q)
     c, q_in = p.kernel.shape[-1], q.kernel.shape[-2]
-    x = (2.0 * np.random.default_rng(1).standard_normal(shape)).astype(np.float32)
     what = f"the function between {p.name!r} and {q.name!r}"
     try:
         y = jax.eval_shape(g, jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -264,27 +285,27 @@ def _sequential_edge(p: Layer, q: Layer, fns: Sequence[Callable]) -> Edge:
         raise ValueError(f"shrink: {what} fails on a {shape} input: {err}") from err
     if y.shape[-1] != q_in:
         raise _chain_error(p, q, y.shape[-1])
-    if int(np.prod(y.shape)) != x.size:
+    if int(np.prod(y.shape)) != int(np.prod(shape)):
         raise ValueError(
             f"shrink: {what} maps {shape} to {y.shape}, changing the number of values "
             "(pooling?); shrink supports elementwise activations and flatten."
         )
-
-    @jax.jit  # one compile per shape for the whole chain, not one per eager op
-    def g_same(x):
-        return jnp.reshape(g(x), x.shape)
-
-    _check_elementwise(g_same, x, what)
     blocks = q_in // c if q.kernel.ndim == 2 and p.kernel.ndim > 2 else 1
     if blocks > 1 and len(y.shape) != 2:
         raise _chain_error(p, q, y.shape[-1])
 
-    def constant(b):  # b may be shorter than c in later passes; g does not care
-        b = np.asarray(b, np.float32)
-        xb = _to_device(np.broadcast_to(b, (*shape[:-1], b.shape[0])))
-        return np.asarray(g_same(xb)).reshape(-1, b.shape[0])[0]
+    def g_same(x):
+        return jnp.reshape(g(x), x.shape)
 
-    return Edge(p.name, q.name, blocks, constant, "nnx.Sequential")
+    lead = shape[:-1]
+    bucket = True
+    x = (2.0 * np.random.default_rng(1).standard_normal((*lead, _bucket(c)))).astype(np.float32)
+    try:
+        jax.eval_shape(g_same, jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    except Exception:  # a function written for one width only: probe at that width
+        bucket, x = False, x[..., :c]
+    _check_elementwise(g_same, x, what)
+    return Edge(p.name, q.name, blocks, _constants(g_same, lead, bucket), "nnx.Sequential")
 
 
 def _pair_edge(p: Layer, q: Layer, act: Callable | None) -> Edge:
@@ -300,13 +321,9 @@ def _pair_edge(p: Layer, q: Layer, act: Callable | None) -> Edge:
         blocks = 1
     constant = None
     if act is not None:
-        act_jit = jax.jit(act)
-        x = (2.0 * np.random.default_rng(1).standard_normal(c)).astype(np.float32)
-        _check_elementwise(act_jit, x, f"the activation of pair ({p.name!r}, {q.name!r})")
-
-        def constant(b):
-            return np.asarray(act_jit(_to_device(b, np.float32)))
-
+        x = (2.0 * np.random.default_rng(1).standard_normal(_bucket(c))).astype(np.float32)
+        _check_elementwise(act, x, f"the activation of pair ({p.name!r}, {q.name!r})")
+        constant = _constants(act, ())
     return Edge(p.name, q.name, blocks, constant, "pairs")
 
 
@@ -438,6 +455,10 @@ def shrink(
       TypeError: if ``model`` is not an ``nnx.Module``.
     """
     cut, layers = _cut_model(model, unit_mask, pairs, activation)
+    return _apply_cut(model, cut, layers)
+
+
+def _apply_cut(model: nnx.Module, cut: Cut, layers: dict[str, Layer]) -> nnx.Module:
     new = nnx.clone(model)
     for name, layer in layers.items():
         module = _resolve(new, layer.path, what="")
@@ -519,9 +540,9 @@ def shrink_with_optimizer(
       ``(new_model, new_optimizer)``; fine-tuning continues with
       ``new_optimizer.update(new_model, grads)``.
     """
-    new = shrink(model, unit_mask, pairs=pairs, activation=activation)
-    index = shrink_index(model, unit_mask, pairs=pairs, activation=activation)
-    return new, shrink_optimizer(optimizer, model, new, index)
+    cut, layers = _cut_model(model, unit_mask, pairs, activation)
+    new = _apply_cut(model, cut, layers)
+    return new, shrink_optimizer(optimizer, model, new, cut.index)
 
 
 def prunable_units(model: nnx.Module, *, pairs: Sequence[Pair] | None = None) -> Any:
