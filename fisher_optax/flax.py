@@ -252,15 +252,13 @@ def _bucket(c: int) -> int:
     return max(8, 1 << max(c - 1, 0).bit_length())
 
 
-def _constants(
-    g_same: Callable, lead: tuple[int, ...], bucket: bool = True
-) -> Callable[[np.ndarray], np.ndarray]:
+def _constants(g_same: Callable, lead: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
     """``b -> g(b broadcast over positions)`` at one position: a dropped unit's constant."""
 
     def constant(b):  # b may be shorter in later passes; g does not care
         b = np.asarray(b, np.float32)
         n = b.shape[0]
-        padded = np.zeros(_bucket(n) if bucket else n, np.float32)
+        padded = np.zeros(_bucket(n), np.float32)
         padded[:n] = b
         xb = _to_device(np.broadcast_to(padded, (*lead, padded.shape[0])))
         return np.asarray(g_same(xb)).reshape(-1, padded.shape[0])[0, :n]
@@ -298,14 +296,17 @@ def _sequential_edge(p: Layer, q: Layer, fns: Sequence[Callable]) -> Edge:
         return jnp.reshape(g(x), x.shape)
 
     lead = shape[:-1]
-    bucket = True
     x = (2.0 * np.random.default_rng(1).standard_normal((*lead, _bucket(c)))).astype(np.float32)
     try:
         jax.eval_shape(g_same, jax.ShapeDtypeStruct(x.shape, jnp.float32))
-    except Exception:  # a function written for one width only: probe at that width
-        bucket, x = False, x[..., :c]
+    except Exception as err:  # the user's function, any failure
+        raise ValueError(
+            f"shrink: {what} works for {c} features but fails for another number ({err}); "
+            "the shrunk model, with fewer features, could not call it either. Write it for "
+            "any width, e.g. flatten as x.reshape(x.shape[0], -1)."
+        ) from err
     _check_elementwise(g_same, x, what)
-    return Edge(p.name, q.name, blocks, _constants(g_same, lead, bucket), "nnx.Sequential")
+    return Edge(p.name, q.name, blocks, _constants(g_same, lead), "nnx.Sequential")
 
 
 def _pair_edge(p: Layer, q: Layer, act: Callable | None) -> Edge:
