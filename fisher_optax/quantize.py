@@ -12,7 +12,6 @@ and no codebook entry and come back as exact zeros.
 """
 
 import itertools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -230,10 +229,16 @@ def _allocate(leaves, masks, treedef, widths_desc, scope, average_bits):
         splits = np.cumsum(sizes)[:-1]
         assign = jnp.split(r.assignments, splits)
     else:
-        assign = [
-            kmeans_1d(x, g, valid=ok, init="density").assignments
-            for x, ok in zip(logs, oks, strict=True)
-        ]
+        assign = [None] * len(logs)
+        fn = lambda x, ok: kmeans_1d(x, g, valid=ok, init="density").assignments
+        for idx in _buckets([x.shape[0] for x in logs]):
+            size = max(logs[i].shape[0] for i in idx)
+            out = jax.vmap(fn)(
+                jnp.stack([_pad(logs[i], size, 0) for i in idx]),
+                jnp.stack([_pad(oks[i], size, False) for i in idx]),
+            )
+            for j, i in enumerate(idx):
+                assign[i] = out[j, : logs[i].shape[0]]
     # kmeans centroids ascend: cluster j has Fisher rank g - 1 - j (rank 0 = highest).
     ranks = [jnp.where(a >= 0, g - 1 - a, -1) for a in assign]
     if average_bits is None:
@@ -280,6 +285,7 @@ def quantize(
     fisher: Fisher | None = None,
     mask: Mask | None = None,
     method: str = "kmeans",
+    init: str | None = None,
 ) -> QuantizedParams:
     r"""Share weights: each ``b``-bit group of a leaf takes the ``2^b`` values of a codebook.
 
@@ -309,6 +315,8 @@ def quantize(
       fisher: optional non-negative pytree shaped like ``params``: k-means weights.
       mask: optional bool pytree shaped like ``params``; ``False`` = pruned.
       method: ``"kmeans"`` or ``"uniform"``.
+      init: the :func:`kmeans_1d` init. ``None`` means ``"dp"`` (near-optimal; costs
+        O(2^b) DP layers) for widths up to 8 and ``"density"`` above.
 
     Returns:
       A :class:`QuantizedParams`.
@@ -320,13 +328,13 @@ def quantize(
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
-      >>> params = {"w": jnp.array([-1.0, -0.9, 0.0, 0.5, 1.0, 1.1])}
+      >>> params = {"w": jnp.array([-1.0, -0.8, 0.0, 0.5, 1.0, 1.5])}
       >>> mask = {"w": jnp.array([True, True, False, True, True, True])}
       >>> q = fisher_optax.quantize(params, 1, mask=mask)
       >>> fisher_optax.dequantize(q)["w"]
-      Array([-0.95, -0.95,  0.  ,  0.8667,  0.8667,  0.8667], dtype=float32)
+      Array([-0.9, -0.9,  0. ,  1. ,  1. ,  1. ], dtype=float32)
       >>> q.codebooks[0][0]  # the 2^1 shared values of the 1-bit group of leaf "w"
-      Array([-0.95, 0.8667], dtype=float32)
+      Array([-0.9,  1. ], dtype=float32)
 
     References:
       Han, Mao, Dally. Deep Compression. ICLR 2016. https://arxiv.org/abs/1510.00149
@@ -336,6 +344,10 @@ def quantize(
     """
     if method not in _METHODS:
         raise ValueError(f"quantize: method must be one of {_METHODS}, got {method!r}.")
+    if init is not None and init not in ("linear", "quantile", "density", "dp"):
+        raise ValueError(
+            f"quantize: init must be None, 'linear', 'quantile', 'density' or 'dp', got {init!r}."
+        )
     pairs = leaves_with_paths(params)
     paths = [p for p, _ in pairs]
     leaves = [jnp.asarray(leaf) for _, leaf in pairs]
@@ -370,19 +382,23 @@ def quantize(
         ]
     widths = tuple(tuple(int(b) for b in np.unique(a[a > 0])) for a in bit_arrays)
 
-    # Leaves of one shape, dtype, widths and optional inputs are clustered in one vmap.
-    groups: dict[Any, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        sig = (leaf.shape, str(leaf.dtype), widths[i], masks[i] is None, weights[i] is None)
-        groups.setdefault(sig, []).append(i)
-    plan = tuple((sig[2], tuple(idx)) for sig, idx in groups.items())
+    sizes = [leaf.size for leaf in leaves]
+    plan = tuple(
+        (max(sizes[i] for i in idx), tuple(sorted({w for i in idx for w in widths[i]})), idx)
+        for idx in _buckets(sizes)
+    )
+    ones = lambda leaf: jnp.ones(leaf.shape, jnp.float32)
     bits_j, codes, codebooks = _quantize_leaves(
         tuple(leaves),
         tuple(jnp.asarray(a) for a in bit_arrays),
-        tuple(masks),
-        tuple(weights),
+        tuple(
+            jnp.ones(x.shape, bool) if m is None else m for x, m in zip(leaves, masks, strict=True)
+        ),
+        tuple(ones(x) if w is None else w for x, w in zip(leaves, weights, strict=True)),
         plan=plan,
+        leaf_widths=widths,
         method=method,
+        init=init,
     )
     return QuantizedParams(
         bits_j,
@@ -395,18 +411,42 @@ def quantize(
     )
 
 
-def _quantize_group(x, bits, mask, weight, widths, method):
-    """One leaf: ``(bits, codes, codebooks)`` with a ``[2^b]`` codebook per width."""
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    x = x.astype(dtype)
-    kept = bits > 0 if mask is None else mask & (bits > 0)
+def _buckets(sizes, slack: int = 4096) -> list[tuple[int, ...]]:
+    """Group leaf indices so that padding each group to its largest leaf stays cheap.
+
+    Leaves are taken by size; a group grows while its padded size is at most twice its
+    real size plus ``slack`` entries. Each group becomes one ``vmap``: one compiled
+    k-means per width instead of one per leaf.
+    """
+    buckets: list[list[int]] = []
+    total = 0
+    for i in sorted(range(len(sizes)), key=lambda i: sizes[i]):
+        if buckets and sizes[i] * (len(buckets[-1]) + 1) <= 2 * (total + sizes[i]) + slack:
+            buckets[-1].append(i)
+            total += sizes[i]
+        else:
+            buckets.append([i])
+            total = sizes[i]
+    return [tuple(b) for b in buckets]
+
+
+def _pad(x, size, value):
+    x = x.reshape(-1)
+    return jnp.concatenate([x, jnp.full((size - x.shape[0],), value, x.dtype)])
+
+
+def _quantize_group(x, bits, mask, weight, widths, method, init):
+    """One flat (padded) leaf: ``(bits, codes, codebooks)``, a ``[2^b]`` book per width."""
+    dtype = x.dtype
+    kept = mask & (bits > 0)
     codes = jnp.zeros(x.shape, jnp.int32)
     books = []
     for b in widths:
         k = 2**b
         ok = kept & (bits == b)
         if method == "kmeans":
-            r = kmeans_1d(x, k, weights=weight, valid=ok, init="density")
+            how = init if init is not None else ("dp" if b <= 8 else "density")
+            r = kmeans_1d(x, k, weights=weight, valid=ok, init=how)
             a, book = r.assignments, r.centroids
         else:
             any_ok = jnp.any(ok)
@@ -421,19 +461,23 @@ def _quantize_group(x, bits, mask, weight, widths, method):
     return jnp.where(kept, bits, 0).astype(jnp.uint8), codes, tuple(books)
 
 
-@jax.jit(static_argnames=("plan", "method"))
-def _quantize_leaves(leaves, bits, masks, weights, *, plan, method):
+@jax.jit(static_argnames=("plan", "leaf_widths", "method", "init"))
+def _quantize_leaves(leaves, bits, masks, weights, *, plan, leaf_widths, method, init):
     n = len(leaves)
     out_bits, out_codes, out_books = [None] * n, [None] * n, [None] * n
-    for widths, idx in plan:
-        stack = lambda seq, idx=idx: (
-            None if seq[idx[0]] is None else jnp.stack([seq[i] for i in idx])
-        )
-        fn = lambda x, b, m, w, widths=widths: _quantize_group(x, b, m, w, widths, method)
-        gb, gc, gbooks = jax.vmap(fn)(stack(leaves), stack(bits), stack(masks), stack(weights))
+    for size, widths, idx in plan:
+        dtype = jnp.result_type(jnp.float32, *[leaves[i].dtype for i in idx])
+        xs = jnp.stack([_pad(leaves[i].astype(dtype), size, 0) for i in idx])
+        bs = jnp.stack([_pad(bits[i].astype(jnp.uint8), size, 0) for i in idx])
+        ms = jnp.stack([_pad(masks[i], size, False) for i in idx])
+        ws = jnp.stack([_pad(weights[i].astype(dtype), size, 1) for i in idx])
+        fn = lambda x, b, m, w, widths=widths: _quantize_group(x, b, m, w, widths, method, init)
+        gb, gc, gbooks = jax.vmap(fn)(xs, bs, ms, ws)
         for j, i in enumerate(idx):
-            out_bits[i], out_codes[i] = gb[j], gc[j]
-            out_books[i] = tuple(book[j] for book in gbooks)
+            shape, count = leaves[i].shape, leaves[i].size
+            out_bits[i] = gb[j, :count].reshape(shape)
+            out_codes[i] = gc[j, :count].reshape(shape)
+            out_books[i] = tuple(gbooks[widths.index(b)][j] for b in leaf_widths[i])
     return tuple(out_bits), tuple(out_codes), tuple(out_books)
 
 
