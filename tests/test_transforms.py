@@ -238,7 +238,7 @@ def test_pruned_inside_chain_and_with_inject_hyperparams_inner():
 def test_pruned_adamw_weight_decay_keeps_pruned_weights_exactly_zero(seed):
     params = make_params(seed % 5)
     _, state = _PRUNED_ADAMW[1](params)
-    for i in range(40):
+    for i in range(25):
         params, state = _PRUNED_ADAMW[0](params, state, jnp.int32(seed % 1000 + i))
         for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(state.mask), strict=True):
             assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0)
