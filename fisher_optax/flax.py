@@ -247,9 +247,11 @@ def _probe_shape(p: Layer, q: Layer) -> tuple[int, ...]:
 
 
 def _bucket(c: int) -> int:
-    """Probe width: ``c`` rounded up to a power of two (at least 8). Probes run eagerly, and
-    eager ops compile once per shape, so layers of similar widths share the compiled kernels."""
-    return max(8, 1 << max(c - 1, 0).bit_length())
+    """Probe width: a power of two (at least 8) above ``c``. Probes run eagerly, and eager ops
+    compile once per shape, so layers of similar widths share the compiled kernels; and a
+    width other than ``c`` shows whether a function works at any width, as it must in the
+    shrunk model."""
+    return max(8, 1 << c.bit_length())
 
 
 def _constants(g_same: Callable, lead: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
@@ -297,14 +299,20 @@ def _sequential_edge(p: Layer, q: Layer, fns: Sequence[Callable]) -> Edge:
 
     lead = shape[:-1]
     x = (2.0 * np.random.default_rng(1).standard_normal((*lead, _bucket(c)))).astype(np.float32)
+    # The shrunk model calls the same function on fewer features: it must work, and keep
+    # each position's features together, at any width.
+    want = (*y.shape[:-1], y.shape[-1] * x.shape[-1] // c)
     try:
-        jax.eval_shape(g_same, jax.ShapeDtypeStruct(x.shape, jnp.float32))
+        got = jax.eval_shape(g, jax.ShapeDtypeStruct(x.shape, jnp.float32)).shape
+        problem = None if tuple(got) == want else f"gives {tuple(got)}, not {want}"
     except Exception as err:  # the user's function, any failure
+        problem = str(err)
+    if problem is not None:
         raise ValueError(
-            f"shrink: {what} works for {c} features but fails for another number ({err}); "
-            "the shrunk model, with fewer features, could not call it either. Write it for "
-            "any width, e.g. flatten as x.reshape(x.shape[0], -1)."
-        ) from err
+            f"shrink: {what} works for {c} features but not for {x.shape[-1]} ({problem}); "
+            "the shrunk model, with fewer features, could not call it. Write it for any "
+            "width, e.g. flatten as x.reshape(x.shape[0], -1)."
+        )
     _check_elementwise(g_same, x, what)
     return Edge(p.name, q.name, blocks, _constants(g_same, lead), "nnx.Sequential")
 

@@ -257,6 +257,9 @@ def test_error_unsupported_layer_type_is_named():
     softmax_net = nnx.Sequential(nnx.Linear(3, 4, **i), jax.nn.softmax, nnx.Linear(4, 2, **i))
     with pytest.raises(ValueError, match="is not elementwise"):
         ff.shrink(softmax_net)
+    fixed = nnx.Sequential(nnx.Linear(3, 4, **i), lambda x: x.reshape(-1, 4), nnx.Linear(4, 2, **i))
+    with pytest.raises(ValueError, match="works for 4 features but not for 8"):
+        ff.shrink(fixed)
     with pytest.raises(ValueError, match=r"is not an nnx\.Sequential"):
         ff.shrink(_Net())
 
