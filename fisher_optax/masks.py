@@ -506,9 +506,10 @@ def topk_mask(
     order, row-major inside each leaf (``-0.0`` equals ``0.0``).
 
     The exact threshold is found without sorting, by bisecting the 32 bits of
-    order-preserving integer keys (32 counting passes over the scores, plus up to
-    :math:`\lceil \log_2 n \rceil` more over the tied entries when ties straddle the
-    threshold). Under ``jit`` on sharded scores only scalar counts cross devices.
+    order-preserving integer keys: 32 counting passes, in four phases of eight that each
+    read one byte per weight, plus up to :math:`\lceil \log_2 n \rceil` passes over the
+    flat index, run only when ties straddle the threshold. Under ``jit`` on sharded scores
+    only scalar counts cross devices (no all-gather).
 
     Args:
       scores: a pytree of real arrays; larger means more important. Cast to float32.
