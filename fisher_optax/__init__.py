@@ -45,8 +45,10 @@ from fisher_optax.schedules import constant_sparsity, polynomial_sparsity
 from fisher_optax.transforms import KeepPrunedState, PrunedState, keep_pruned, pruned
 
 # Quantization: 1-D k-means, Fisher bit allocation, weight sharing.
+from fisher_optax import export as _export
 from fisher_optax import kmeans as _kmeans
 from fisher_optax import quantize as _quantize
+from fisher_optax.export import compression_report, load_compressed, save_compressed
 from fisher_optax.kmeans import KMeansResult, kmeans_1d
 from fisher_optax.quantize import QuantizedParams, allocate_bits, dequantize, quantize
 
@@ -61,4 +63,5 @@ __all__ = [
     *_structured.__all__,
     *_kmeans.__all__,
     *_quantize.__all__,
+    *_export.__all__,
 ]
