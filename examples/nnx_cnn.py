@@ -12,7 +12,9 @@
    and its optimizer with Adam's moments sliced to the new shapes. The shrunk model's
    outputs equal the masked dense model's (checked); params, FLOPs and the median time of
    a jitted forward pass over the test set are compared at that (identical) accuracy.
-4. Fine-tune the shrunk model, continuing Adam and the pruning mask where they were.
+4. Fine-tune the shrunk model, continuing Adam and the pruning mask where they were. The
+   ``pruned`` schedule keeps its target sparsity, which now applies to the smaller model:
+   the fine-tune prunes it further, to that fraction of its own weights.
 
 Run: python examples/nnx_cnn.py            (about a minute on two CPU cores)
      python examples/nnx_cnn.py --quick    (a smoke run)
@@ -179,7 +181,9 @@ def main():
     print(
         f"fine-tuned the shrunk model {args.finetune_steps} steps in "
         f"{time.perf_counter() - t0:.1f} s: loss {loss:.3f}, "
-        f"test accuracy {accuracy(small, data.x_test, data.y_test):.4f}"
+        f"test accuracy {accuracy(small, data.x_test, data.y_test):.4f}, "
+        f"{nonzero(small):,} non-zero params (pruned() keeps its {args.sparsity:.0%} target, "
+        "now of the smaller model)"
     )
 
 

@@ -522,14 +522,12 @@ def shrink_optimizer(
     params = nnx.state(model, optimizer.wrt)
     state = slice_opt_state(optimizer.opt_state, params, index)
     new_opt = nnx.Optimizer(new_model, optimizer.tx, wrt=optimizer.wrt)
-    new_params = nnx.state(new_model, optimizer.wrt)
     check_matching(
         jax.tree.map(jnp.shape, new_opt.opt_state),
         jax.tree.map(jnp.shape, state),
         ref_name="the new optimizer state",
         other_name="the sliced optimizer state",
     )
-    del new_params
     new_opt.opt_state = nnx.data(state)
     new_opt.step.set_value(optimizer.step.get_value())
     return new_opt
