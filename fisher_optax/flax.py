@@ -508,7 +508,8 @@ def shrink_optimizer(
 
     The moments (``mu``, ``nu``, masks of :func:`fisher_optax.pruned`, ...) are sliced with
     ``index``; the step and ``count`` carry over, so Adam goes on with its bias correction
-    where it was.
+    where it was. A :func:`fisher_optax.pruned` state keeps its mask (sliced) and its
+    schedule, whose target sparsity then applies to the smaller model.
 
     Args:
       optimizer: the optimizer of ``model``.
