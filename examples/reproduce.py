@@ -118,7 +118,7 @@ DEFAULTS = {
     ),
 }
 QUICK = dict(
-    train_steps=20, finetune_steps=5, chunk=5, seeds=(0,), sparsities=(0.5, 0.9), bits=(2, 4)
+    train_steps=20, finetune_steps=5, chunk=5, seeds=(0,), sparsities=(0.5, 0.9), bits=(2,)
 )
 
 
@@ -481,62 +481,6 @@ def n_params(tree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-# kmeans_1d's default summary size: leaves up to this many entries are clustered exactly
-# (sorted), larger ones through a histogram. Padding never moves a leaf across this line.
-_KMEANS_EXACT = 16384
-
-
-def _pad_lengths(sizes: list[int]) -> list[int]:
-    small = [n for n in sizes if n <= _KMEANS_EXACT]
-    large = [n for n in sizes if n > _KMEANS_EXACT]
-    return [max(small) if n <= _KMEANS_EXACT else max(large) for n in sizes]
-
-
-def quantize_padded(params, bits, *, fisher=None, mask=None, method="kmeans"):
-    """``fisher_optax.quantize``, compiled once per bit width instead of once per leaf shape.
-
-    ``quantize`` batches leaves of equal shape into one ``vmap``; a LeNet has eight leaf
-    shapes, so it would compile eight k-means per call (tens of seconds each on this CPU).
-    Here every leaf is flattened and padded with pruned entries (mask False, 0 bits,
-    Fisher 0) to one common length, which take no part in any codebook, and the codes are
-    cut back to the true shapes afterwards. The codebooks and codes are those of the
-    unpadded leaves; the file written from the result holds only the real weights.
-    """
-    leaves, treedef = jax.tree.flatten(params)
-    shapes = [x.shape for x in leaves]
-    sizes = [int(np.prod(sh)) for sh in shapes]
-    lengths = _pad_lengths(sizes)
-
-    def pad(tree, fill, dtype=None):
-        out = []
-        for x, n, length in zip(jax.tree.leaves(tree), sizes, lengths, strict=True):
-            a = np.asarray(x, dtype).reshape(-1)
-            out.append(np.concatenate([a, np.full(length - n, fill, a.dtype)]))
-        return jax.tree.unflatten(treedef, out)
-
-    if mask is None:
-        mask = ones_mask(params)
-    padded = fisher_optax.quantize(
-        pad(params, 0.0),
-        bits if isinstance(bits, int) else pad(bits, 0),
-        fisher=None if fisher is None else pad(fisher, 0.0),
-        mask=pad(mask, False, bool),
-        method=method,
-    )
-    cut = lambda arrs: [
-        np.asarray(a)[:n].reshape(sh) for a, n, sh in zip(arrs, sizes, shapes, strict=True)
-    ]
-    return fisher_optax.QuantizedParams(
-        cut(padded.bits),
-        cut(padded.codes),
-        padded.codebooks,
-        widths=padded.widths,
-        treedef=treedef,
-        paths=padded.paths,
-        dtypes=padded.dtypes,
-    )
-
-
 def quantize_all(cfg: Config, params, mask, fisher, evaluate, tmpdir: Path) -> dict:
     """Every quantizer at every average bit width: accuracy, file bytes, ratio, mean bits."""
     out: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in QUANT_METHODS}
@@ -547,16 +491,16 @@ def quantize_all(cfg: Config, params, mask, fisher, evaluate, tmpdir: Path) -> d
     for b in cfg.bits:
         for qm in QUANT_METHODS:
             if qm == "uniform":
-                q = quantize_padded(params, b, mask=mask, method="uniform")
+                q = fisher_optax.quantize(params, b, mask=mask, method="uniform")
             elif qm == "kmeans":
-                q = quantize_padded(params, b, mask=mask, method="kmeans")
+                q = fisher_optax.quantize(params, b, mask=mask, method="kmeans")
             elif qm == "fisher_kmeans":
-                q = quantize_padded(params, b, fisher=fisher, mask=mask, method="kmeans")
+                q = fisher_optax.quantize(params, b, fisher=fisher, mask=mask, method="kmeans")
             else:
                 kw = {"bit_widths": cfg.bit_widths} if cfg.bit_widths else {}
                 bits = fisher_optax.allocate_bits(fisher, mask=mask, average_bits=b, **kw)
                 bits = jax.tree.map(np.asarray, bits)
-                q = quantize_padded(params, bits, fisher=fisher, mask=mask, method="kmeans")
+                q = fisher_optax.quantize(params, bits, fisher=fisher, mask=mask, method="kmeans")
             path = tmpdir / f"{qm}_{b}.fz"
             fisher_optax.save_compressed(path, q)
             size = path.stat().st_size
@@ -569,6 +513,7 @@ def quantize_all(cfg: Config, params, mask, fisher, evaluate, tmpdir: Path) -> d
                 "avg_bits": float(qbits[qbits > 0].mean()) if (qbits > 0).any() else 0.0,
                 "widths": sorted({int(w) for ws in q.widths for w in ws}),
                 "report_bytes": _report_bytes(report),
+                "sections": _sections(report),
             }
             path.unlink()
     return out
@@ -581,6 +526,19 @@ def _report_bytes(report: Any) -> int | None:
             if key in report:
                 return int(report[key])
     return None
+
+
+def _sections(report: Any) -> dict[str, int]:
+    """Bytes per section of the file (codes, positions, codebooks, ...), summed over leaves."""
+    out: dict[str, int] = {}
+    if isinstance(report, dict):
+        for leaf in report.get("leaves", []):
+            for k in ("header", "codebooks", "positions", "width_map", "codes"):
+                if isinstance(leaf.get(f"{k}_bytes"), int):
+                    out[k] = out.get(k, 0) + leaf[f"{k}_bytes"]
+        if isinstance(report.get("header_bytes"), int):
+            out["file_header"] = report["header_bytes"]
+    return out
 
 
 @jax.jit
