@@ -97,23 +97,23 @@ DEFAULTS = {
     # 1,438 training images of 8x8: small kernels and SAME padding (the digits are tiny).
     "digits": dict(
         model=ModelConfig(kernel=3, padding="SAME", conv=(16, 32), fc=64),
-        train_steps=1200,
+        train_steps=1000,
         batch_size=64,
         lr=2e-3,
-        finetune_steps=100,
+        finetune_steps=50,
         finetune_lr=1e-3,
-        chunk=100,
+        chunk=50,
         eval_batch=512,
     ),
     # LeNet-5's 6 and 16 5x5 filters (LeCun et al. 1998); one hidden FC layer of 256.
     "mnist-format": dict(
         model=ModelConfig(kernel=5, padding="VALID", conv=(6, 16), fc=256),
-        train_steps=2000,
+        train_steps=1000,
         batch_size=128,
         lr=1e-3,
-        finetune_steps=100,
+        finetune_steps=30,
         finetune_lr=5e-4,
-        chunk=100,
+        chunk=50,
         eval_batch=1000,
     ),
 }
