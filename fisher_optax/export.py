@@ -505,7 +505,7 @@ def compression_report(q: QuantizedParams) -> dict[str, Any]:
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
       >>> w = jnp.zeros(1000).at[::10].set(1.0)  # 90% pruned
-      >>> q = fisher_optax.quantize({"w": w}, 1, mask={"w": w != 0})
+      >>> q = fisher_optax.quantize({"w": w}, 1, mask={"w": w != 0}, method="uniform")
       >>> r = fisher_optax.compression_report(q)
       >>> r["total_bytes"], r["dense_float32_bytes"]
       (132, 4000)

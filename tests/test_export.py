@@ -96,7 +96,8 @@ def test_tuples_lists_and_a_bare_array_come_back(tmp_path):
     save_compressed(tmp_path / "r.fq", q)
     out = dequantize(load_compressed(tmp_path / "r.fq"))
     np.testing.assert_array_equal(np.asarray(out), np.arange(8))
-    q = quantize({"t": (np.ones(2, np.float32),), "l": [np.ones(3, np.float32)]}, 1)
+    tree = {"t": (np.ones(2, np.float32),), "l": [np.ones(3, np.float32)]}
+    q = quantize(tree, 1, method="uniform")
     save_compressed(tmp_path / "t.fq", q)
     out = dequantize(load_compressed(tmp_path / "t.fq"))
     assert isinstance(out["t"], tuple) and isinstance(out["l"], list)
@@ -142,10 +143,10 @@ def test_unsupported_trees_are_refused(tmp_path):
         a: jax.Array
         b: jax.Array
 
-    q = quantize(Pair(np.ones(2, np.float32), np.ones(2, np.float32)), 1)
+    q = quantize(Pair(np.ones(2, np.float32), np.ones(2, np.float32)), 1, method="uniform")
     with pytest.raises(ValueError, match="has a Pair node at <root>; supported trees"):
         save_compressed(tmp_path / "x.fq", q)
-    q = quantize({1: np.ones(2, np.float32)}, 1)
+    q = quantize({1: np.ones(2, np.float32)}, 1, method="uniform")
     with pytest.raises(ValueError, match="dict key 1 at <root> is not a str"):
         compression_report(q)
     with pytest.raises(TypeError, match="expected the QuantizedParams"):

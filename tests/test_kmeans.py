@@ -232,7 +232,7 @@ def test_under_jit_and_no_recompile():
     assert f._cache_size() == 1
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     x=hnp.arrays(np.float32, 64, elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=False)),
     valid=hnp.arrays(np.bool_, 64),
@@ -249,7 +249,8 @@ def test_property_assignments_are_nearest_and_inertia_is_exact(x, valid, k):
     scale = 1e-6 * max(1.0, float(np.max(np.abs(x))))
     assert np.all(d[np.arange(len(xv)), a[valid]] <= d.min(axis=1, initial=np.inf) + scale)
     ref = _np_inertia(xv, c) if len(xv) else 0.0
-    np.testing.assert_allclose(float(r.inertia), ref, rtol=1e-4, atol=1e-6 * scale)
+    # float32 centroids: each squared residual is known to about (ulp of the values)^2.
+    np.testing.assert_allclose(float(r.inertia), ref, rtol=1e-4, atol=len(x) * scale**2)
     # Never worse than leaving every value in one cluster when k >= 1.
     if len(xv):
         assert float(r.inertia) <= np.sum((xv - xv.mean()) ** 2) * (1 + 1e-4) + scale
