@@ -304,8 +304,12 @@ def quantize(
     dequantize to exact 0. So the dequantized weights of a ``b``-bit group take at most
     ``2^b`` distinct values, and exact zero for pruned weights is stored apart from them.
 
-    The work runs under one ``jit`` over the flattened params; leaves of the same shape
-    and widths are clustered together with ``vmap``.
+    The work runs under one ``jit`` over the flattened params. Leaves are flattened and
+    bucketed by size (padding a bucket to its largest leaf costs at most twice its real
+    size, plus 4096 entries); each bucket is clustered with one ``vmap`` per width, so a
+    model compiles one k-means per (bucket, width), not one per leaf or group. The bit
+    widths are read outside ``jit`` (they fix the codebook sizes), so ``bits`` must be
+    concrete; the jitted step is cached on the shapes and widths.
 
     Args:
       params: pytree of float arrays.
