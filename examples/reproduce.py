@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", default=str(REPO / "README.md"))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="recompute nothing: re-render tables, plots and the README section from "
+        "<out>/<dataset>.json",
+    )
+    p.add_argument(
         "--cache-dir",
         default=None,
         help="store each seed's pruning phase (results, fine-tuned model, Fisher) here and "
@@ -985,12 +991,22 @@ def plot_pareto(cfg: Config, s: dict, dense_bytes: int, path: Path) -> None:
 
 
 def readme_section(
-    cfg: Config, s: dict, lines: list[str], command: str, wall: float, meta: dict
+    cfg: Config, s: dict, lines: list[str], command: str, record: dict, meta: dict
 ) -> str:
+    wall, cached = record["wall_time_s"], record.get("cached_prune_time_s", 0.0)
+    when = f"{meta['started_utc']}, " if "started_utc" in meta else ""
+    if cached:
+        timing = (
+            f"measured time {(wall + cached) / 60:.1f} min in all: {cached / 60:.1f} min of "
+            f"pruning phases stored in `--cache-dir` when they ran, {wall / 60:.1f} min for the "
+            "final invocation"
+        )
+    else:
+        timing = f"wall time {wall / 60:.1f} min"
     out = [
-        f"Command: `{command}` — wall time {wall / 60:.1f} min on {meta['machine']} "
-        f"(jax {meta['jax']}, {meta['backend']}), {len(cfg.seeds)} seeds, including "
-        "compilation.",
+        f"Command: `{command}` — {timing} ({when}{meta['machine']}, shared with other jobs; "
+        f"jax {meta['jax']} on {meta['backend']}), {len(cfg.seeds)} seeds, jit compilation "
+        "included.",
         "",
         f"Model: conv {cfg.model.kernel}x{cfg.model.kernel}x{cfg.model.conv[0]} → pool → conv "
         f"{cfg.model.kernel}x{cfg.model.kernel}x{cfg.model.conv[1]} → pool → dense "
@@ -1048,25 +1064,26 @@ def write_readme(readme: Path, dataset: str, text: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def config_from_dict(d: dict) -> Config:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in fields}
+    model = dict(d.pop("model"))
+    model["conv"] = tuple(model["conv"])
+    return Config(model=ModelConfig(**model), **d)
+
+
+def compute(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Run every seed; return the record that ``render`` reports and ``--render-only`` reads."""
     t_start = time.perf_counter()
-    args = build_parser().parse_args(argv)
     cfg = make_config(args)
     data = load_data(args)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = tuple(jnp.asarray(a) for a in (data.x_train, data.y_train, data.x_test, data.y_test))
     probe = init_params(jax.random.key(0), cfg.model, tuple(data.x_train.shape[1:]))
+    flags = {s: jax.tree.leaves(prunable_tree(probe, s)) for s in SETTINGS}
     meta = {
         "n_params": n_params(probe),
         "n_prunable": {
-            s: sum(
-                x.size
-                for x, f in zip(
-                    jax.tree.leaves(probe), jax.tree.leaves(prunable_tree(probe, s)), strict=True
-                )
-                if f
-            )
+            s: sum(x.size for x, f in zip(jax.tree.leaves(probe), flags[s], strict=True) if f)
             for s in SETTINGS
         },
         "jax": jax.__version__,
@@ -1080,6 +1097,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "data_source": data.source,
         "n_train": len(data.y_train),
         "n_test": len(data.y_test),
+        "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(
         f"{cfg.dataset}: {meta['n_train']} train / {meta['n_test']} test images, "
@@ -1092,27 +1110,39 @@ def main(argv: Sequence[str] | None = None) -> dict:
             r = run_seed(cfg, data, seed, dev, Path(tmp), cache)
             print(
                 f"seed {seed}: dense accuracy {pct(r['dense_acc'])} %, trained in "
-                f"{r['train_time_s']:.0f} s, quantized in {r['quantization_time_s']:.0f} s"
+                f"{r['train_time_s']:.0f} s, pruning phase {r['prune_phase_time_s']:.0f} s"
+                f"{' (cached)' if r['prune_phase_cached'] else ''}, quantized in "
+                f"{r['quantization_time_s']:.0f} s"
             )
             runs.append(r)
+    wall = time.perf_counter() - t_start
+    cached = sum(r["prune_phase_time_s"] for r in runs if r["prune_phase_cached"])
+    return {
+        "config": {**dataclasses.asdict(cfg), "argv": argv},
+        "meta": meta,
+        "wall_time_s": wall,
+        # Pruning phases loaded from --cache-dir were measured when they ran.
+        "compute_time_s": wall + cached,
+        "cached_prune_time_s": cached,
+        "runs": runs,
+    }
+
+
+def render(record: dict, args: argparse.Namespace, out_dir: Path) -> dict:
+    """Summaries, tables, reading, plots, JSON and (with --write-readme) the README section."""
+    cfg = config_from_dict(record["config"])
+    runs, meta = record["runs"], record["meta"]
     s = summarize(cfg, runs)
     lines = reading(cfg, s, len(runs))
-    wall = time.perf_counter() - t_start
-
     stem = cfg.dataset
-    json_path, png1, png2 = (
-        out_dir / f"{stem}.json",
-        out_dir / f"{stem}_sparsity.png",
-        out_dir / f"{stem}_pareto.png",
-    )
+    json_path = out_dir / f"{stem}.json"
+    png1, png2 = out_dir / f"{stem}_sparsity.png", out_dir / f"{stem}_pareto.png"
     meta["plots"] = [str(png1), str(png2)]
     meta["json"] = str(json_path)
     for setting in SETTINGS:
         for ft in ("no_ft", "ft"):
-            print(
-                f"\naccuracy (%) — {setting} kernels pruned, "
-                f"{'no fine-tuning' if ft == 'no_ft' else 'fine-tuned'}:"
-            )
+            when = "no fine-tuning" if ft == "no_ft" else "fine-tuned"
+            print(f"\naccuracy (%) — {setting} kernels pruned, {when}:")
             print(plain(pruning_table(cfg, s, setting, ft)))
     print(
         f"\nquantization of {cfg.quant_method} at {cfg.quant_sparsity:.0%} "
@@ -1122,30 +1152,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print()
     for line in lines:
         print("- " + line.replace("**", "").replace("*", ""))
-    print(f"\nwall time {wall:.0f} s")
-
-    command = "python examples/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    command = command.strip()
+    print(f"\nwall time {record['wall_time_s']:.0f} s")
     if not args.no_plots:
         plot_sparsity(cfg, s, png1)
         plot_pareto(cfg, s, 4 * meta["n_params"], png2)
-    record = {
-        "config": {
-            **dataclasses.asdict(cfg),
-            "argv": list(argv if argv is not None else sys.argv[1:]),
-        },
-        "meta": meta,
-        "wall_time_s": wall,
-        "runs": runs,
-        "summary": s,
-        "reading": lines,
-    }
+    record = {**record, "summary": s, "reading": lines}
     json_path.write_text(json.dumps(record, indent=1))
     print(f"wrote {json_path}" + ("" if args.no_plots else f", {png1}, {png2}"))
     if args.write_readme:
-        text = readme_section(cfg, s, lines, command, wall, meta)
+        command = " ".join(["python examples/reproduce.py", *record["config"]["argv"]])
+        text = readme_section(cfg, s, lines, command, record, meta)
         write_readme(Path(args.readme), cfg.dataset, text)
     return record
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        path = out_dir / f"{args.dataset}.json"
+        if not path.is_file():
+            raise SystemExit(f"--render-only: no {path}; run without --render-only first.")
+        record = json.loads(path.read_text())
+    else:
+        record = compute(args, argv)
+    return render(record, args, out_dir)
 
 
 if __name__ == "__main__":

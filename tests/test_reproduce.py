@@ -1,0 +1,146 @@
+"""CI smoke test of examples/reproduce.py: the whole pipeline at a tiny size, so it cannot rot."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fisher_optax
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce.py"
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("reproduce", None)
+
+
+README = """# title
+
+before
+<!-- results:digits:begin -->
+old text
+<!-- results:digits:end -->
+after
+<!-- results:fashion-mnist:begin -->
+keep me
+<!-- results:fashion-mnist:end -->
+"""
+
+
+def test_quick_pipeline_end_to_end(reproduce, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    out = tmp_path / "results"
+    argv = ["--quick", "--out", str(out), "--write-readme", "--readme", str(readme)]
+    record = reproduce.main(argv)
+
+    data = json.loads((out / "digits.json").read_text())
+    assert set(data) >= {"config", "meta", "wall_time_s", "runs", "summary", "reading"}
+    assert data["config"]["argv"] == argv
+    assert data["config"]["seeds"] == [0] and data["config"]["sparsities"] == [0.5, 0.9]
+    (run,) = data["runs"]
+    assert 0.0 <= run["dense_acc"] <= 1.0
+    for setting in reproduce.SETTINGS:
+        for method in reproduce.METHODS:
+            for ft in ("no_ft", "ft"):
+                accs = run["pruning"][setting][method][ft]
+                assert set(accs) == {"0.5", "0.9"}
+                assert all(0.0 <= a <= 1.0 for a in accs.values())
+        # The masks prune exactly the requested share of the prunable kernels.
+        for sp in ("0.5", "0.9"):
+            assert run["achieved_sparsity"][setting][sp]["prunable"] == pytest.approx(
+                float(sp), abs=1e-3
+            )
+    for qm in reproduce.QUANT_METHODS:
+        cell = run["quantization"][qm]["2"]
+        # The ratio is measured on the file save_compressed wrote; the report agrees with it.
+        assert cell["bytes"] == cell["report_bytes"] > 0
+        assert cell["ratio"] == pytest.approx(4 * record["meta"]["n_params"] / cell["bytes"])
+        assert cell["avg_bits"] <= 2.0 + 1e-6
+    assert data["summary"]["pruning"]["fc"]["ft"]["0.9"]["two_stage"]["std"] == 0.0
+    assert any("Deep Compression" in line or "No quantized" in line for line in data["reading"])
+
+    for png in ("digits_sparsity.png", "digits_pareto.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    text = readme.read_text()
+    assert "old text" not in text and "keep me" in text
+    assert text.startswith("# title\n\nbefore\n<!-- results:digits:begin -->\n")
+    assert text.endswith("<!-- results:digits:end -->\nafter\n" + README.split("after\n")[1])
+    section = text.split("<!-- results:digits:begin -->")[1].split("<!-- results:digits:end")[0]
+    assert "python examples/reproduce.py --quick" in section
+    assert "| sparsity | magnitude | fisher | saliency | two_stage | random |" in section
+
+    # --render-only recomputes nothing and gives the same summary.
+    again = reproduce.main(["--quick", "--out", str(out), "--render-only", "--no-plots"])
+    assert again["summary"] == record["summary"]
+
+
+def test_write_readme_needs_both_markers(reproduce, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers here\n")
+    assert not reproduce.write_readme(readme, "digits", "new")
+    assert readme.read_text() == "# no markers here\n"
+    readme.write_text("<!-- results:digits:end -->\n<!-- results:digits:begin -->\n")
+    assert not reproduce.write_readme(readme, "digits", "new")
+    assert "lacks one pair" in capsys.readouterr().out
+    assert not reproduce.write_readme(tmp_path / "absent.md", "digits", "new")
+
+
+def test_select_mask_equals_the_named_mask_functions(reproduce):
+    """The one compiled selection used by the sweep gives the library's own masks."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    params = {
+        "conv1": {"kernel": jax.random.normal(keys[0], (3, 3, 1, 4)), "bias": jnp.zeros(4)},
+        "conv2": {"kernel": jax.random.normal(keys[1], (3, 3, 4, 4)), "bias": jnp.zeros(4)},
+        "fc1": {"kernel": jax.random.normal(keys[2], (16, 8)), "bias": jnp.zeros(8)},
+        "fc2": {"kernel": jax.random.normal(keys[3], (8, 10)), "bias": jnp.zeros(10)},
+    }
+    fisher = jax.tree.map(lambda x: jnp.abs(jnp.sin(7 * x)) + 1e-3, params)
+    key = jax.random.key(5)
+    for setting in ("all",):  # "fc" differs only in prunable; each eager call compiles
+        prunable = reproduce.prunable_tree(params, setting)
+        got = reproduce.all_masks(params, fisher, 0.6, 0.5, key, setting)
+        kw = dict(prunable=prunable)
+        want = {
+            "magnitude": fisher_optax.magnitude_mask(params, 0.6, **kw),
+            "fisher": fisher_optax.fisher_mask(params, fisher, 0.6, **kw),
+            "saliency": fisher_optax.fisher_mask(params, fisher, 0.6, criterion="saliency", **kw),
+            "two_stage": fisher_optax.two_stage_mask(
+                params, fisher, 0.6, magnitude_sparsity=0.3, **kw
+            ),
+            "random": fisher_optax.random_mask(key, params, 0.6, **kw),
+        }
+        for method in reproduce.METHODS:
+            for a, b in zip(
+                jax.tree.leaves(got[method]), jax.tree.leaves(want[method]), strict=True
+            ):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=method)
+
+
+def test_pareto_front(reproduce):
+    pts = [(1.0, 0.5, "a"), (2.0, 0.4, "b"), (2.0, 0.7, "c"), (3.0, 0.7, "d"), (4.0, 0.9, "e")]
+    assert [p[2] for p in reproduce.pareto(pts)] == ["a", "c", "e"]
+
+
+def test_parse_lists(reproduce):
+    assert reproduce.parse_floats("50,0.9,99") == (0.5, 0.9, 0.99)
+    assert reproduce.parse_ints("2-5") == (2, 3, 4, 5)
+    assert reproduce.parse_ints("0,2") == (0, 2)
+
+
+def test_other_mnist_format_needs_data_dir(reproduce):
+    args = reproduce.build_parser().parse_args(["--dataset", "mnist"])
+    with pytest.raises(SystemExit, match="--data-dir"):
+        reproduce.load_data(args)
