@@ -1001,6 +1001,7 @@ def plot_pareto(cfg: Config, s: dict, dense_bytes: int, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     points = []
@@ -1026,6 +1027,10 @@ def plot_pareto(cfg: Config, s: dict, dense_bytes: int, path: Path) -> None:
     ax.scatter([dense_bytes / 1024], [dense], marker="*", s=120, color="k", label="dense float32")
     ax.axhline(dense - 1, color="gray", ls=":", lw=1, label="dense - 1 point")
     ax.set_xscale("log")
+    plain_number = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain_number)
+    ax.xaxis.set_minor_formatter(plain_number)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("compressed file size (KiB, log scale; labels: average bits)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(
