@@ -136,7 +136,7 @@ def _init_centroids(init, k, pos, bw, lo, hi, key):
         c = gpos_lo[g] + jnp.clip(frac, 0, 1) * (gpos_hi[g] - gpos_lo[g])
         return jnp.sort(c)
     if init == "dp":
-        return _dp_centroids(pos, bw, k, max(512, 4 * k))
+        return _dp_centroids(pos, bw, k, max(512, 8 * k))
     # k-means++ (Arthur & Vassilvitskii 2007) on the summary: D^2 sampling weighted by bw.
     keys = jax.random.split(key, k)
     first = jax.random.categorical(keys[0], jnp.log(bw))
@@ -375,11 +375,11 @@ def kmeans_1d(
     bimodal pruned-like weights from ``"linear"`` at k = 16, +3% from ``"density"`` at
     k = 256 on a normal sample, whose sparse tails hold many local minima).
     ``init="dp"`` solves the problem exactly on a coarsened summary of about
-    ``2 * max(512, 4k)`` groups (equal-weight groups where values are dense, equal-width
+    ``2 * max(512, 8k)`` groups (equal-weight groups where values are dense, equal-width
     groups in the tails) by dynamic programming, O(k M log M), and Lloyd then polishes:
     measured within 0.01% (k = 16) and 0.25% (k = 256) of the exact optimum at n = 1e6
     in ``benchmarks/bench_kmeans.py``. When every group holds a single value (e.g. up to
-    ``max(512, 4k)`` values of similar weight) the DP is exact up to float32 rounding. The
+    ``max(512, 8k)`` values of similar weight) the DP is exact up to float32 rounding. The
     default stays ``"linear"`` as the
     issue specified (Deep Compression's choice); prefer ``"dp"`` for quality.
 
