@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test quickstart bench lint fashion-mnist clean
+.PHONY: demo test quickstart nnx-example bench lint fashion-mnist reproduce-fashion clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
+
+# Flax NNX CNN: pruned(adam) under nnx.jit, unit pruning, surgery, speed of shrunk vs masked.
+nnx-example: $(STAMP)
+	$(PY) examples/nnx_cnn.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
