@@ -377,7 +377,7 @@ def kmeans_1d(
     ``init="dp"`` solves the problem exactly on a coarsened summary of about
     ``2 * max(512, 8k)`` groups (equal-weight groups where values are dense, equal-width
     groups in the tails) by dynamic programming, O(k M log M), and Lloyd then polishes:
-    measured within 0.01% (k = 16) and 0.25% (k = 256) of the exact optimum at n = 1e6
+    measured within 0.01% (k = 16) and 0.2% (k = 256) of the exact optimum at n = 1e6
     in ``benchmarks/bench_kmeans.py``. When every group holds a single value (e.g. up to
     ``max(512, 8k)`` values of similar weight) the DP is exact up to float32 rounding. The
     default stays ``"linear"`` as the
