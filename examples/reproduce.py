@@ -94,6 +94,8 @@ class Config:
     # kmeans_1d init for the k-means quantizers; None is quantize's default ("dp", near the
     # optimum, about twice the compile time of "density" on CPU).
     kmeans_init: str | None = None
+    # --quant-sparsity auto: quant_sparsity is chosen after the pruning phase.
+    quant_sparsity_auto: bool = False
 
 
 DEFAULTS = {
@@ -183,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=METHODS,
         help="which fine-tuned pruned model is quantized",
     )
-    p.add_argument("--quant-sparsity", type=float, default=0.9)
+    p.add_argument(
+        "--quant-sparsity",
+        default="auto",
+        help="sparsity of the pruned model to quantize: a swept value, or auto (the highest "
+        "one whose fine-tuned accuracy stays within 1 point of dense)",
+    )
     p.add_argument(
         "--kmeans-init",
         default="density",
@@ -245,9 +252,10 @@ def make_config(args: argparse.Namespace) -> Config:
     base["chunk"] = min(base["chunk"], base["finetune_steps"])
     if base["train_steps"] % base["chunk"]:
         base["train_steps"] += base["chunk"] - base["train_steps"] % base["chunk"]
-    quant_sparsity = args.quant_sparsity
+    auto = args.quant_sparsity == "auto"
+    quant_sparsity = max(sparsities) if auto else parse_floats(args.quant_sparsity)[0]
     if quant_sparsity not in sparsities:
-        quant_sparsity = min(sparsities, key=lambda s: abs(s - args.quant_sparsity))
+        quant_sparsity = min(sparsities, key=lambda s: abs(s - quant_sparsity))
     if not 0.0 <= args.magnitude_fraction <= 1.0:
         raise SystemExit(f"--magnitude-fraction must lie in [0, 1], got {args.magnitude_fraction}")
     if any(not 0.0 <= s < 1.0 for s in sparsities):
@@ -263,6 +271,7 @@ def make_config(args: argparse.Namespace) -> Config:
         quant_sparsity=quant_sparsity,
         bits=tuple(bits),
         kmeans_init=None if args.kmeans_init == "dp" else args.kmeans_init,
+        quant_sparsity_auto=auto,
         bit_widths=tuple(args.bit_widths) if args.bit_widths else (),
         **base,
     )
@@ -615,7 +624,7 @@ def prune_phase(cfg: Config, data: datasets.Dataset, seed: int, dev) -> tuple[di
         "pruning": {s: {meth: {"no_ft": {}, "ft": {}} for meth in METHODS} for s in SETTINGS},
         "achieved_sparsity": {s: {} for s in SETTINGS},
     }
-    quant_base = None
+    bases: dict[str, tuple] = {}  # sparsity -> (params, mask, Fisher) to quantize
     jobs = [(s, sp) for s in SETTINGS for sp in cfg.sparsities]
     bar = tqdm(
         total=len(jobs) * len(METHODS),
@@ -665,18 +674,16 @@ def prune_phase(cfg: Config, data: datasets.Dataset, seed: int, dev) -> tuple[di
                     "of_all_params": 1 - kept / n_params(params),
                     "per_leaf": {k: v["sparsity"] for k, v in rep["leaves"].items()},
                 }
-            if (setting, meth, sp) == (cfg.quant_setting, cfg.quant_method, cfg.quant_sparsity):
-                quant_base = (ft_params, mask, ft_state)
+            if (setting, meth) == (cfg.quant_setting, cfg.quant_method):
+                # The Fisher after fine-tuning: Adam kept updating it on the pruned model.
+                ft_fisher = read_fisher(ft_state, batch_size=cfg.batch_size)
+                as_np = lambda t: jax.tree.map(np.asarray, t)
+                bases[key_sp] = (as_np(ft_params), as_np(mask), as_np(ft_fisher))
             bar.update()
     bar.close()
 
-    ft_params, mask, ft_state = quant_base
-    # The Fisher after fine-tuning: Adam kept updating it on the pruned model.
-    ft_fisher = read_fisher(ft_state, batch_size=cfg.batch_size)
-    result["quant_base_acc"] = evaluate(ft_params)
     result["prune_phase_time_s"] = time.perf_counter() - t_phase
-    as_np = lambda t: jax.tree.map(np.asarray, t)
-    return result, (as_np(ft_params), as_np(mask), as_np(ft_fisher))
+    return result, bases
 
 
 def quant_phase(cfg: Config, quant_base: tuple, dev, tmpdir: Path) -> dict:
@@ -695,12 +702,13 @@ def quant_phase(cfg: Config, quant_base: tuple, dev, tmpdir: Path) -> dict:
 
 
 # Bump when a change alters what the pruning phase computes, to invalidate --cache-dir.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 def _cache_key(cfg: Config, data: datasets.Dataset, seed: int) -> str:
     fields = dataclasses.asdict(cfg)
-    for k in ("seeds", "bits", "bit_widths"):  # the quantization phase is always recomputed
+    # The quantization phase is always recomputed.
+    for k in ("seeds", "bits", "bit_widths", "quant_sparsity", "kmeans_init"):
         fields.pop(k)
     blob = json.dumps(
         [_CACHE_VERSION, fields, data.source, len(data.y_train), seed], sort_keys=True, default=str
@@ -719,35 +727,53 @@ def _load_tree(path: Path, like):
         return jax.tree.unflatten(treedef, [z[jax.tree_util.keystr(k)] for k, _ in flat])
 
 
-def run_seed(cfg, data, seed, dev, tmpdir: Path, cache_dir: Path | None) -> dict:
-    """Both phases for one seed; with ``cache_dir``, the pruning phase is stored and reused."""
-    cached = None
+def prune_seed(cfg, data, seed, dev, cache_dir: Path | None) -> tuple[dict, dict]:
+    """The pruning phase of one seed; with ``cache_dir``, stored and reused."""
     if cache_dir is not None:
-        stem = cache_dir / f"{cfg.dataset}-seed{seed}-{_cache_key(cfg, data, seed)}"
-        files = [stem.with_suffix(".json")] + [
-            stem.parent / f"{stem.name}-{n}.npz" for n in ("params", "mask", "fisher")
-        ]
-        if all(f.is_file() for f in files):
+        stem = f"{cfg.dataset}-seed{seed}-{_cache_key(cfg, data, seed)}"
+        meta_file = cache_dir / f"{stem}.json"
+        files = {
+            f"{sp:g}": [cache_dir / f"{stem}-{sp:g}-{n}.npz" for n in ("params", "mask", "fisher")]
+            for sp in cfg.sparsities
+        }
+        if meta_file.is_file() and all(f.is_file() for fs in files.values() for f in fs):
             like = init_params(jax.random.key(0), cfg.model, tuple(data.x_train.shape[1:]))
             like = jax.tree.map(np.asarray, like)
-            result = json.loads(files[0].read_text())
-            base = tuple(_load_tree(f, like) for f in files[1:])
-            base = (base[0], jax.tree.map(lambda x: x.astype(bool), base[1]), base[2])
+            result = json.loads(meta_file.read_text())
+            bases = {}
+            for k, fs in files.items():
+                p, m, f = (_load_tree(path, like) for path in fs)
+                bases[k] = (p, jax.tree.map(lambda x: x.astype(bool), m), f)
             result["prune_phase_cached"] = True
-            cached = result, base
-            print(f"seed {seed}: pruning phase loaded from {files[0]}")
-    if cached is None:
-        result, base = prune_phase(cfg, data, seed, dev)
-        result["prune_phase_cached"] = False
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            for f, tree in zip(files[1:], base, strict=True):
-                _save_tree(f, tree)
-            files[0].write_text(json.dumps(result))
-    else:
-        result, base = cached
-    result.update(quant_phase(cfg, base, dev, tmpdir))
-    return result
+            print(f"seed {seed}: pruning phase loaded from {meta_file}")
+            return result, bases
+    result, bases = prune_phase(cfg, data, seed, dev)
+    result["prune_phase_cached"] = False
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for k, fs in files.items():
+            for path, tree in zip(fs, bases[k], strict=True):
+                _save_tree(path, tree)
+        meta_file.write_text(json.dumps(result))
+    return result, bases
+
+
+def choose_quant_sparsity(cfg: Config, results: list[dict]) -> float:
+    """The highest swept sparsity at which the fine-tuned ``quant_method`` model (mean over
+    seeds) stays within one point of the dense accuracy; the lowest one if none does.
+
+    Chosen on the test set, as Deep Compression reports its operating point.
+    """
+    dense = np.mean([r["dense_acc"] for r in results])
+    ok = [
+        sp
+        for sp in cfg.sparsities
+        if np.mean(
+            [r["pruning"][cfg.quant_setting][cfg.quant_method]["ft"][f"{sp:g}"] for r in results]
+        )
+        >= dense - 0.01
+    ]
+    return max(ok) if ok else min(cfg.sparsities)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -932,6 +958,19 @@ def reading(cfg: Config, s: dict, n_seeds: int) -> list[str]:
             f"{pct(accs[order[1]])} %{note}"
         )
     lines.append("Most accurate quantizers per average bit budget: " + "; ".join(qwin) + ".")
+    bigger = [
+        f"{b} bits ({s['quantization']['fisher_bits'][str(b)]['ratio']:.1f}x vs "
+        f"{s['quantization']['kmeans'][str(b)]['ratio']:.1f}x)"
+        for b in cfg.bits
+        if s["quantization"]["fisher_bits"][str(b)]["ratio"]
+        < 0.98 * s["quantization"]["kmeans"][str(b)]["ratio"]
+    ]
+    if bigger:
+        lines.append(
+            "Mixed widths cost file space: at " + ", ".join(bigger) + " fisher_bits' file is "
+            "larger than one-width k-means' although its mean bits are not higher, because it "
+            "also stores which width each weight has and one codebook per width."
+        )
     return lines
 
 
@@ -1068,6 +1107,7 @@ def readme_section(
     cfg: Config, s: dict, lines: list[str], command: str, record: dict, meta: dict
 ) -> str:
     wall, cached = record["wall_time_s"], record.get("cached_prune_time_s", 0.0)
+    auto = cfg.quant_sparsity_auto
     when = f"{meta['started_utc']}, " if "started_utc" in meta else ""
     if cached:
         timing = (
@@ -1112,7 +1152,13 @@ def readme_section(
             ]
     out += [
         f"**Quantization** of the fine-tuned {cfg.quant_method} model at {cfg.quant_sparsity:.0%} "
-        f"({cfg.quant_setting} layers; float accuracy {pct(s['quant_base_acc'][0])} %): "
+        f"({cfg.quant_setting} layers"
+        + (
+            "; chosen as the highest sparsity within 1 point of dense, else the lowest"
+            if auto
+            else ""
+        )
+        + f"; float accuracy {pct(s['quant_base_acc'][0])} %): "
         "accuracy (%) / compression vs float32 dense, from the size of the file "
         "`save_compressed` writes.",
         "",
@@ -1184,18 +1230,26 @@ def compute(args: argparse.Namespace, argv: list[str]) -> dict:
         f"{cfg.dataset}: {meta['n_train']} train / {meta['n_test']} test images, "
         f"{meta['n_params']:,} parameters; seeds {cfg.seeds}; sparsities {cfg.sparsities}"
     )
-    runs = []
+    runs, bases = [], []
     cache = Path(args.cache_dir) if args.cache_dir else None
+    for seed in cfg.seeds:
+        r, b = prune_seed(cfg, data, seed, dev, cache)
+        print(
+            f"seed {seed}: dense accuracy {pct(r['dense_acc'])} %, trained in "
+            f"{r['train_time_s']:.0f} s, pruning phase {r['prune_phase_time_s']:.0f} s"
+            f"{' (cached)' if r['prune_phase_cached'] else ''}"
+        )
+        runs.append(r)
+        bases.append(b)
+    if cfg.quant_sparsity_auto:
+        cfg = dataclasses.replace(cfg, quant_sparsity=choose_quant_sparsity(cfg, runs))
+    key = f"{cfg.quant_sparsity:g}"
+    print(f"quantizing the {cfg.quant_method} models pruned to {cfg.quant_sparsity:.0%}")
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in cfg.seeds:
-            r = run_seed(cfg, data, seed, dev, Path(tmp), cache)
-            print(
-                f"seed {seed}: dense accuracy {pct(r['dense_acc'])} %, trained in "
-                f"{r['train_time_s']:.0f} s, pruning phase {r['prune_phase_time_s']:.0f} s"
-                f"{' (cached)' if r['prune_phase_cached'] else ''}, quantized in "
-                f"{r['quantization_time_s']:.0f} s"
-            )
-            runs.append(r)
+        for seed, r, b in zip(cfg.seeds, runs, bases, strict=True):
+            r.update(quant_phase(cfg, b[key], dev, Path(tmp)))
+            r["quant_base_acc"] = r["pruning"][cfg.quant_setting][cfg.quant_method]["ft"][key]
+            print(f"seed {seed}: quantized in {r['quantization_time_s']:.0f} s")
     wall = time.perf_counter() - t_start
     cached = sum(r["prune_phase_time_s"] for r in runs if r["prune_phase_cached"])
     return {
