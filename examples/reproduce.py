@@ -1266,6 +1266,20 @@ def compute(args: argparse.Namespace, argv: list[str]) -> dict:
     }
 
 
+def equivalent_argv(cfg: Config, record: dict) -> list[str]:
+    """The run's argv, plus the quantization flags whose defaults have changed since it ran."""
+    argv = list(record["config"]["argv"])
+    defaults = build_parser().parse_args([])
+    if "--bits" not in argv and tuple(cfg.bits) != tuple(defaults.bits):
+        argv += ["--bits", ",".join(str(b) for b in cfg.bits)]
+    if "--quant-sparsity" not in argv and not cfg.quant_sparsity_auto:
+        argv += ["--quant-sparsity", f"{cfg.quant_sparsity:g}"]
+    init = cfg.kmeans_init or "dp"
+    if "--kmeans-init" not in argv and init != defaults.kmeans_init:
+        argv += ["--kmeans-init", init]
+    return argv
+
+
 def render(record: dict, args: argparse.Namespace, out_dir: Path) -> dict:
     """Summaries, tables, reading, plots, JSON and (with --write-readme) the README section."""
     cfg = config_from_dict(record["config"])
@@ -1300,7 +1314,7 @@ def render(record: dict, args: argparse.Namespace, out_dir: Path) -> dict:
     json_path.write_text(json.dumps(record, indent=1))
     print(f"wrote {json_path}" + ("" if args.no_plots else f", {png1}, {png2}"))
     if args.write_readme:
-        command = " ".join(["python examples/reproduce.py", *record["config"]["argv"]])
+        command = " ".join(["python examples/reproduce.py", *equivalent_argv(cfg, record)])
         text = readme_section(cfg, s, lines, command, record, meta)
         write_readme(Path(args.readme), cfg.dataset, text)
     return record
