@@ -49,5 +49,7 @@ for _ in range(300):
 fisher = fisher_optax.fisher_from_state(opt_state, batch_size=batch)
 print(f"final loss {float(loss):.4f}")
 for path, f in jax.tree_util.tree_leaves_with_path(fisher):
-    print(f"{jax.tree_util.keystr(path):24s} shape {f.shape!s:10s} "
-          f"mean Fisher {float(f.mean()):.3e}  max {float(f.max()):.3e}")
+    print(
+        f"{jax.tree_util.keystr(path):24s} shape {f.shape!s:10s} "
+        f"mean Fisher {float(f.mean()):.3e}  max {float(f.max()):.3e}"
+    )

@@ -286,3 +286,15 @@ def test_nnx_optimizer_lines_up_with_param_state():
         # After one step, the corrected nu is exactly g^2.
         jax.tree.map(lambda f, g: np.testing.assert_allclose(f, g**2, rtol=1e-5), got, grads)
     assert "fisher_from_state" in fisher_optax.__all__
+
+
+def test_package_reexports_every_module_all():
+    import importlib
+
+    modules = ["fisher", "references", "masks", "schedules", "transforms", "structured"]
+    modules += ["kmeans", "quantize", "export", "datasets"]
+    names = set()
+    for name in modules:
+        names |= set(importlib.import_module(f"fisher_optax.{name}").__all__)
+    assert set(fisher_optax.__all__) == names | {"__version__"}
+    assert all(hasattr(fisher_optax, n) for n in fisher_optax.__all__)
