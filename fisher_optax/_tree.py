@@ -11,10 +11,16 @@ from typing import Any
 import jax
 
 
+def strip_value(path: Sequence[Any]) -> tuple:
+    """A key path without Flax's ``.value`` hop, so Variables and bare arrays line up."""
+    return tuple(
+        k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
+    )
+
+
 def keystr(path: Sequence[Any]) -> str:
     """A readable path such as ``['dense']['kernel']`` (Flax's ``.value`` hop left out)."""
-    keys = [k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")]
-    return jax.tree_util.keystr(tuple(keys)) or "<root>"
+    return jax.tree_util.keystr(strip_value(path)) or "<root>"
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from fisher_optax._tree import keystr
+from fisher_optax._tree import keystr, strip_value
 from fisher_optax._types import Fisher, Params
 
 __all__ = ["FisherTrackerState", "fisher_from_state", "fisher_tracker"]
@@ -393,13 +393,6 @@ def _fisher_from_state(
     return _opt_variables_to_params(merged)
 
 
-def _norm(path: Sequence[Any]) -> tuple:
-    """A key path without Flax's ``.value`` hop, for comparing nnx and plain trees."""
-    return tuple(
-        k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
-    )
-
-
 def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fisher:
     """Put the merged Fisher leaves into the tree structure of ``params``.
 
@@ -407,13 +400,13 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
     leaves are filled with ``missing``.
     """
     entries = {
-        _norm(path): x
+        strip_value(path): x
         for path, x in jax.tree_util.tree_flatten_with_path(merged, is_leaf=_is_masked)[0]
     }
     pflat, ptreedef = jax.tree_util.tree_flatten_with_path(params)
     leaves, used = [], set()
     for ppath, p in pflat:
-        ppath = _norm(ppath)
+        ppath = strip_value(ppath)
         # The entry at this path, or a MaskedNode standing for a whole subtree above it.
         key = next((ppath[:k] for k in range(len(ppath), -1, -1) if ppath[:k] in entries), None)
         if key is None or (key != ppath and not _is_masked(entries[key])):

@@ -11,7 +11,7 @@ sharded parameters only scalar counts cross devices. XLA's CPU sort of 1e7 float
 seconds; 32 counting passes take a fraction of that (see ``benchmarks/bench_select.py``).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fisher_optax._tree import check_matching, keystr
+from fisher_optax._tree import check_matching, keystr, strip_value
 from fisher_optax._types import Fisher, Mask, Params, Scores
 
 __all__ = [
@@ -85,16 +85,9 @@ def _check_criterion(criterion: str, fn: str) -> None:
         )
 
 
-def _strip_value(path: Sequence[Any]) -> tuple:
-    """The key path without Flax's ``.value`` hop, so Variables and bare arrays agree."""
-    return tuple(
-        k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
-    )
-
-
 def _flat(tree: Any) -> tuple[list[tuple], list[Any], Any]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [_strip_value(p) for p, _ in flat], [x for _, x in flat], treedef
+    return [strip_value(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
 def _prunable_flags(paths: list[tuple], leaves: list[Any], prunable: Prunable, fn: str) -> list:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fisher_optax._tree import check_matching
+from fisher_optax._tree import check_matching, strip_value
 from fisher_optax._types import Fisher, Mask, Params, Scores
 
 __all__ = [
@@ -67,12 +67,6 @@ def path_str(path: Path) -> str:
     return "".join(f"[{k!r}]" for k in path) or "<root>"
 
 
-def _strip_value(path: Sequence[Any]) -> tuple:
-    return tuple(
-        k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
-    )
-
-
 def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
@@ -90,7 +84,7 @@ def _resolve_prunable(params: Any, prunable: Any, default: Callable[[Any], bool]
         return [bool(default(leaf)) for _, leaf in _flat(params)]
     if callable(prunable):
         flat, _ = jax.tree_util.tree_flatten_with_path(params)
-        return [bool(prunable(_strip_value(p), leaf)) for p, leaf in flat]
+        return [bool(prunable(strip_value(p), leaf)) for p, leaf in flat]
     flags = check_matching(
         jax.tree.map(lambda _: True, params), prunable, ref_name="params", other_name="prunable"
     )
