@@ -1,0 +1,250 @@
+"""Argument checks shared by every public function: one helper per kind, one message each.
+
+Every helper raises ``ValueError`` (a bad value) or ``TypeError`` (a bad type) whose message
+names the argument (and, for trees, the leaf path), says what was expected and what was
+given, and how to fix it. Messages do not name the calling function: the traceback does.
+Bools are rejected wherever a number is expected (``True`` is an ``int`` to Python, never
+a batch size or a bit width to us).
+
+Checks on *values* run only when the value is concrete; under ``jit`` a traced value passes
+through and the caller documents its rule (e.g. a traced sparsity is clipped to [0, 1]).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fisher_optax._tree import check_matching, keystr
+
+__all__: list[str] = []  # private module; nothing re-exported
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` is a value (not a tracer under ``jit``/``vmap``/``grad``)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool | np.bool_)
+
+
+def integer(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """A Python ``int`` in ``[minimum, maximum]``; bools, floats and arrays are refused.
+
+    Integral NumPy scalars and 0-d integer arrays are accepted and converted.
+    """
+    ok_type = isinstance(value, int | np.integer) or (
+        isinstance(value, np.ndarray | jax.Array)
+        and value.ndim == 0
+        and jnp.issubdtype(value.dtype, jnp.integer)
+        and is_concrete(value)
+    )
+    span = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+    if _is_bool(value) or not ok_type:
+        raise TypeError(f"{name} must be an int {span}, got {value!r} ({type(value).__name__}).")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int {span}, got {value}.")
+    return value
+
+
+def real(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    meaning: str = "",
+) -> float:
+    """A finite Python ``float`` in the interval given (closed unless ``*_open``).
+
+    ``meaning`` is appended to the message in parentheses, e.g. "the fraction of prunable
+    weights to remove". NaN and infinities are refused; bools are refused.
+    """
+    if _is_bool(value) or not (
+        isinstance(value, int | float | np.integer | np.floating)
+        or (isinstance(value, np.ndarray | jax.Array) and np.ndim(value) == 0)
+    ):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    if isinstance(value, np.ndarray | jax.Array) and not (
+        jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{name} must be a real number, got an array of dtype {value.dtype}.")
+    value = float(value)
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+    span = f"in {lo}, {hi}" if low is not None and high is not None else ""
+    if low is not None and high is None:
+        span = f"{'>' if low_open else '>='} {low}"
+    if high is not None and low is None:
+        span = f"{'<' if high_open else '<='} {high}"
+    bad = not np.isfinite(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        why = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be a finite number {span}{why}, got {value}.")
+    return value
+
+
+def fraction(value: Any, name: str = "sparsity", *, meaning: str = "") -> Any:
+    """A fraction in ``[0, 1]``: a Python float when concrete, else the tracer clipped.
+
+    The rule under ``jit`` (one for the whole library): a traced fraction is clipped to
+    ``[0, 1]`` and NaN becomes 0 (prune nothing). Concrete values outside ``[0, 1]``, NaN
+    and arrays that are not scalars are errors.
+    """
+    if isinstance(value, jax.core.Tracer):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar in [0, 1], got shape {jnp.shape(value)}.")
+        v = jnp.asarray(value, jnp.float32)
+        return jnp.clip(jnp.where(jnp.isnan(v), 0.0, v), 0.0, 1.0)
+    if np.ndim(value) != 0:
+        raise ValueError(
+            f"{name} must be a scalar in [0, 1], got an array of shape {np.shape(value)}."
+        )
+    return real(value, name, low=0.0, high=1.0, meaning=meaning)
+
+
+def choice(value: Any, name: str, options: Mapping[str, str]) -> str:
+    """One of ``options`` (a mapping from each allowed string to what it means)."""
+    if not isinstance(value, str) or value not in options:
+        listed = "; ".join(f"{k!r} ({v})" if v else repr(k) for k, v in options.items())
+        raise ValueError(f"{name} must be one of: {listed}. Got {value!r}.")
+    return value
+
+
+SCOPES: dict[str, str] = {
+    "global": "one ranking over all prunable weights",
+    "layer": "each leaf ranked on its own",
+}
+
+
+def scope(value: Any) -> str:
+    """``"global"`` or ``"layer"``, with the one message for a bad scope."""
+    return choice(value, "scope", SCOPES)
+
+
+def key(value: Any, name: str = "key") -> jax.Array:
+    """A ``jax.random`` key (new-style typed key or legacy uint32[2])."""
+    if isinstance(value, jax.Array) and (
+        jnp.issubdtype(value.dtype, jax.dtypes.prng_key)
+        or (value.dtype == jnp.uint32 and value.shape == (2,))
+    ):
+        return value
+    dtype = f" of dtype {value.dtype}" if hasattr(value, "dtype") else ""
+    raise TypeError(
+        f"{name} must be a jax.random key, e.g. jax.random.key(0); got "
+        f"{type(value).__name__}{dtype}."
+    )
+
+
+def callable_arity(fn: Any, name: str, signature: str, nargs: int) -> Callable:
+    """``fn`` if it is callable and accepts ``nargs`` positional arguments.
+
+    ``signature`` is how the message spells the expected call, e.g. ``"prunable(path, leaf)"``.
+    """
+    import inspect
+
+    if not callable(fn):
+        raise TypeError(f"{name} must be a callable {signature}, got {type(fn).__name__}.")
+    try:
+        inspect.signature(fn).bind(*([None] * nargs))
+    except TypeError:
+        raise TypeError(
+            f"{name} must accept {nargs} positional argument{'s' * (nargs != 1)}: "
+            f"{signature}; got {getattr(fn, '__name__', fn)!r} with signature "
+            f"{inspect.signature(fn)}."
+        ) from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+    return fn
+
+
+def bool_leaves(reference: Any, tree: Any, name: str = "mask", ref_name: str = "params") -> list:
+    """The leaves of a boolean ``tree`` matching ``reference`` path by path and shape by shape.
+
+    Only ``bool`` arrays are accepted: a float or 0/1 int mask is a ``TypeError`` (the same
+    message everywhere), since ``0.5`` or ``2`` has no meaning as keep/prune.
+    """
+    leaves = check_matching(reference, tree, ref_name=ref_name, other_name=name)
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
+    for path, leaf in zip(paths, leaves, strict=True):
+        dtype = jnp.result_type(leaf)
+        if dtype != jnp.bool_:
+            raise TypeError(
+                f"{name} at {keystr(path)} has dtype {dtype}; a mask holds booleans (True "
+                f"keeps a weight). Convert it with {name}.astype(bool) if it holds 0/1."
+            )
+    return leaves
+
+
+def real_leaves(tree: Any, name: str) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` of a tree of real arrays; a non-real dtype is a ``TypeError``."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = jnp.result_type(leaf)
+        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(
+                f"{name} at {keystr(path)} has dtype {dtype}; expected real numbers "
+                "(floating point or integer)."
+            )
+        out.append((keystr(path), leaf))
+    return out
+
+
+def finite(tree: Any, name: str = "params", *, where: Any = None) -> None:
+    """Concrete leaves of ``tree`` hold no NaN or infinity (traced leaves are not checked).
+
+    ``where``: an optional list (one entry per leaf, ``None`` = whole leaf) of boolean arrays
+    restricting the check, e.g. to the weights a mask keeps.
+    """
+    items = real_leaves(tree, name)
+    for i, (path, leaf) in enumerate(items):
+        if not is_concrete(leaf):
+            continue
+        bad = ~np.isfinite(np.asarray(leaf, np.float64))
+        if where is not None and where[i] is not None:
+            bad &= np.asarray(where[i], bool)
+        if bad.any():
+            flat = int(np.flatnonzero(bad.reshape(-1))[0])
+            value = np.asarray(leaf).reshape(-1)[flat]
+            index = tuple(int(j) for j in np.unravel_index(flat, bad.shape))
+            raise ValueError(
+                f"{name} at {path} holds {int(bad.sum())} non-finite value(s) (first at index "
+                f"{index}: {value}). A diverged or corrupted value cannot be ranked or "
+                "quantized; fix it, or mask it out, before calling this."
+            )
+
+
+def fisher(reference: Any, tree: Any, name: str = "fisher", *, where: Any = None) -> list:
+    """The leaves of a Fisher diagonal matching ``reference``: real, finite and >= 0.
+
+    A negative Fisher silently inverts a ranking and collapses a weighted codebook; a NaN or
+    inf cannot be ranked. Both are errors (concrete leaves only; under ``jit`` the caller's
+    rule applies). ``where`` restricts the check as in :func:`finite`.
+    """
+    leaves = check_matching(reference, tree, ref_name="params", other_name=name)
+    paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
+    finite(tree, name, where=where)
+    for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
+        if not is_concrete(leaf):
+            continue
+        neg = np.asarray(leaf) < 0
+        if where is not None and where[i] is not None:
+            neg &= np.asarray(where[i], bool)
+        if neg.any():
+            raise ValueError(
+                f"{name} at {path} holds {int(neg.sum())} negative value(s) (min "
+                f"{float(np.min(np.asarray(leaf)))}); a Fisher diagonal is a mean of squares, "
+                "never negative. Pass the Fisher (e.g. fisher_from_state(opt_state)), not a "
+                "gradient or a difference."
+            )
+    return leaves
