@@ -23,7 +23,7 @@ nnx-example: $(STAMP)
 	$(PY) examples/nnx_cnn.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 	$(PY) examples/quickstart.py
 
 bench: $(STAMP)
