@@ -57,6 +57,13 @@ from fisher_optax.schedules import (
     constant_sparsity,
     polynomial_sparsity,
 )
+from fisher_optax.scores import (
+    CRITERIA,
+    Criterion,
+    CriterionName,
+    saliency,
+    scores,
+)
 
 # Structured pruning: unit scores and masks, optimizer state after surgery (Flax-free;
 # the surgery itself is in fisher_optax.flax, which imports Flax).
@@ -74,6 +81,9 @@ from fisher_optax.transforms import (
 )
 
 __all__ = [
+    "CRITERIA",
+    "Criterion",
+    "CriterionName",
     "Dataset",
     "FisherTrackerState",
     "KMeansResult",
@@ -104,7 +114,9 @@ __all__ = [
     "quantize",
     "random_mask",
     "read_idx",
+    "saliency",
     "save_compressed",
+    "scores",
     "slice_opt_state",
     "sparsity_report",
     "topk_mask",
