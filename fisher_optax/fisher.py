@@ -12,9 +12,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax import tree_utils as otu
 
+from fisher_optax import _validate
 from fisher_optax._tree import keystr, strip_value
 from fisher_optax._types import Fisher, Params
 
@@ -86,8 +88,10 @@ def fisher_tracker(decay: float = DEFAULT_B2) -> optax.GradientTransformation:
       >>> fisher_optax.fisher_from_state(state)["w"]
       Array([1., 4.], dtype=float32)
     """
-    if not isinstance(decay, jax.Array) and not 0.0 <= float(decay) < 1.0:
-        raise ValueError(f"fisher_tracker: decay must lie in [0, 1), got {decay}.")
+    if _validate.is_concrete(decay):
+        decay = _validate.real(
+            decay, "decay", low=0.0, high=1.0, high_open=True, meaning="the EMA decay"
+        )
 
     def init_fn(params: Params) -> FisherTrackerState:
         return FisherTrackerState(
@@ -109,9 +113,11 @@ def _is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
-def _unwrap(x: Any) -> Any:
-    """The array inside a Flax ``Variable`` (``nnx.Optimizer`` wraps its state), or ``x``."""
-    return x.get_value() if hasattr(x, "get_value") and hasattr(x, "get_metadata") else x
+def _unwrap(x: Any) -> jax.Array:
+    """A scalar of the state as an array. Frameworks that wrap optimizer state in their own
+    objects (the protocol documented in :func:`fisher_from_state`) expose the array through
+    ``__jax_array__``, which ``jnp.asarray`` reads; plain arrays pass through."""
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 def _injected_b2(state: Any, path: tuple) -> Any | None:
@@ -135,7 +141,7 @@ def _found_names(state: Any) -> list[str]:
 
 def _check_count(count: jax.Array, where: str) -> None:
     msg = (
-        f"fisher_from_state: the second-moment state at {where} has count == 0: no gradient "
+        f"the second-moment state at {where} has count == 0: no gradient "
         "has been seen yet, so nu / (1 - b2**count) is 0/0. Call the optimizer's update at "
         "least once before reading the Fisher."
     )
@@ -200,13 +206,13 @@ def _merge_two(a: Any, b: Any, path: tuple, where: tuple[str, str]) -> Any:
     cb, tb = _children(b)
     if ta.num_nodes == 1 and tb.num_nodes == 1:  # two arrays for one parameter
         raise ValueError(
-            f"fisher_from_state: the parameter at {keystr(path)} is covered by several "
+            f"the parameter at {keystr(path)} is covered by several "
             f"second-moment states ({where[0]} and {where[1]}); it is ambiguous which to "
             "read. Pass the sub-state of the one you want, e.g. fisher_from_state(opt_state[i])."
         )
     if ta != tb:
         raise ValueError(
-            f"fisher_from_state: the second-moment states at {where[0]} and {where[1]} cover "
+            f"the second-moment states at {where[0]} and {where[1]} cover "
             f"parameter trees of different structures at {keystr(path)}; pass the sub-state "
             "of one optimizer instead of the whole state."
         )
@@ -246,9 +252,8 @@ def fisher_from_state(
 
     Finds every EMA of squared gradients in ``opt_state`` (by NamedTuple class name, through
     ``chain``, ``named_chain``, ``inject_hyperparams``, ``MultiSteps``, ``masked``,
-    ``partition``/``multi_transform``, ``apply_if_finite``, ``contrib.schedule_free`` and
-    ``flax.nnx.Optimizer``) and returns it bias-corrected, as one pytree shaped like the
-    parameters:
+    ``partition``/``multi_transform``, ``apply_if_finite`` and ``contrib.schedule_free``) and
+    returns it bias-corrected, as one pytree shaped like the parameters:
 
     .. math::
       \hat F = s \cdot \frac{\nu}{1 - b_2^{t}},
@@ -277,29 +282,38 @@ def fisher_from_state(
     Fisher from them.
 
     Args:
-      opt_state: an optax state, or a ``flax.nnx.Optimizer`` (its ``opt_state`` is read).
-      b2: the second-moment decay. Read from ``inject_hyperparams`` when the state holds
-        it (that value wins); else this argument; else optax's default 0.999.
+      opt_state: an optax state, or any pytree that holds one. The protocol for a framework
+        that wraps optax state in its own objects: the wrapper is a registered pytree (so the
+        optax ``NamedTuple`` states inside it are found by class name), and each wrapped
+        array exposes ``__jax_array__``. ``flax.nnx.Optimizer`` is such an object and is
+        passed as it is; see :mod:`fisher_optax.flax` for lining the result up with the model.
+      b2: the second-moment decay, in ``[0, 1)``. Read from ``inject_hyperparams`` when the
+        state holds it (that value wins); else this argument; else optax's default 0.999.
         :func:`fisher_tracker` stores its own decay and ignores this.
       bias_correction: divide by :math:`1 - b_2^t`. Without it ``nu`` is returned as
         stored (times ``batch_size`` if given).
-      batch_size: rescale by the batch size to the per-example empirical-Fisher scale.
+      batch_size: a positive int: rescale by the batch size to the per-example
+        empirical-Fisher scale.
       params: optional parameters; when given, the result is checked against them and
-        returned in their tree structure (for example an ``nnx.State`` of ``nnx.Param``).
-      missing: a value for parameters that no second-moment state covers (e.g. the
+        returned in their tree structure (for example an ``nnx.State`` of ``nnx.Param``
+        when ``opt_state`` wraps its arrays in other objects).
+      missing: a finite value ``>= 0`` for parameters that no second-moment state covers (e.g. the
         ``sgd`` group of a ``partition``). Needs ``params`` for their shapes. By default
         such parameters are an error.
 
     Returns:
       A pytree of Fisher estimates, shaped like the parameters, each leaf with the dtype
-      of its ``nu``. From an ``nnx.Optimizer`` it lines up with
-      ``nnx.state(model, nnx.Param)``.
+      of its ``nu``: in the tree structure of ``params`` when given, else in that of the
+      ``nu`` found (wrappers included).
 
     Raises:
       ValueError: if no second-moment state is found (naming what was found instead),
         if ``count == 0`` (no gradient seen yet; under ``jit`` the error is raised when
         the computation runs), if some parameters are covered by no state or by several,
-        or if ``missing`` is given without ``params``.
+        or if ``missing`` is given without ``params``; if ``b2`` is outside ``[0, 1)``,
+        ``batch_size`` is not a positive int or ``missing`` is negative or not finite.
+      TypeError: for a bool or non-integer ``batch_size``, a non-bool ``bias_correction``
+        or a non-numeric ``b2``/``missing``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, fisher_optax
@@ -343,15 +357,28 @@ def _fisher_from_state(
     Transforms that read the Fisher right after their inner update (count >= 1 for sure)
     skip the check, which under ``jit`` costs a host callback.
     """
-    if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):  # nnx.Optimizer
-        opt_state = opt_state.opt_state
     if missing is not None and params is None:
         raise ValueError(
-            "fisher_from_state: missing= fills parameters that no second-moment state "
-            "covers, and needs params= to know their shapes; pass params=your_params."
+            "missing= fills parameters that no second-moment state covers, and needs "
+            "params= to know their shapes; pass params=your_params."
         )
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"fisher_from_state: batch_size must be a positive int, got {batch_size}.")
+    if b2 is not None and _validate.is_concrete(b2):
+        b2 = _validate.real(
+            b2, "b2", low=0.0, high=1.0, high_open=True, meaning="the second-moment decay"
+        )
+    if not isinstance(bias_correction, bool | np.bool_):
+        raise TypeError(
+            f"bias_correction must be True or False, got {bias_correction!r} "
+            f"({type(bias_correction).__name__})."
+        )
+    if batch_size is not None:
+        batch_size = _validate.integer(batch_size, "batch_size", minimum=1)
+    if missing is not None:
+        missing = _validate.real(
+            missing, "missing", low=0.0, meaning="the Fisher value of uncovered parameters"
+        )
+    if not isinstance(check_count, bool):
+        raise TypeError(f"check_count must be a bool, got {check_count!r}.")
     found = []
     for name in _SECOND_MOMENT_STATES:
         found.extend(otu.tree_get_all_with_path(opt_state, name))
@@ -359,7 +386,7 @@ def _fisher_from_state(
         others = _found_names(opt_state)
         held = f"it holds {', '.join(others)}" if others else "it holds no optimizer memory"
         raise ValueError(
-            "fisher_from_state: found no EMA of squared gradients in the optimizer state "
+            "opt_state: found no EMA of squared gradients in the optimizer state "
             f"({held}). Supported: adam, adamw, nadam, radam, lamb, amsgrad, "
             "schedule_free_adamw. For sgd, lion, adafactor and the like, chain "
             "fisher_optax.fisher_tracker() in front: optax.chain(fisher_optax.fisher_tracker(), "
@@ -383,14 +410,14 @@ def _fisher_from_state(
     merged, uncovered = _merge(pieces)
     if uncovered and missing is None:
         raise ValueError(
-            f"fisher_from_state: no second-moment state covers the parameters at "
+            f"no second-moment state covers the parameters at "
             f"{', '.join(uncovered)} (their optimizer keeps no EMA of squared gradients). "
             "Give them an Adam-family optimizer or a fisher_tracker, or pass "
             "missing=0.0, params=params to fill them."
         )
     if params is not None:
         return _align_to_params(merged, params, missing)
-    return _opt_variables_to_params(merged)
+    return merged
 
 
 def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fisher:
@@ -411,7 +438,7 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
         key = next((ppath[:k] for k in range(len(ppath), -1, -1) if ppath[:k] in entries), None)
         if key is None or (key != ppath and not _is_masked(entries[key])):
             raise ValueError(
-                f"fisher_from_state: the optimizer state has no entry for the parameter at "
+                f"the optimizer state has no entry for the parameter at "
                 f"{keystr(ppath)}; pass the params this optimizer was initialised with."
             )
         used.add(key)
@@ -419,29 +446,16 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
         if _is_masked(f):
             leaves.append(jnp.full(jnp.shape(p), missing, dtype=jnp.result_type(p)))
             continue
-        f = _unwrap(f)
         if jnp.shape(f) != jnp.shape(p):
             raise ValueError(
-                f"fisher_from_state: nu at {keystr(ppath)} has shape {jnp.shape(f)} but the "
+                f"nu at {keystr(ppath)} has shape {jnp.shape(f)} but the "
                 f"parameter has shape {jnp.shape(p)}."
             )
         leaves.append(f)
     extra = [k for k in entries if k not in used]
     if extra:
         raise ValueError(
-            f"fisher_from_state: the optimizer state has a leaf at {keystr(extra[0])} that "
+            f"the optimizer state has a leaf at {keystr(extra[0])} that "
             "params lacks; pass the params this optimizer was initialised with."
         )
     return jax.tree.unflatten(ptreedef, leaves)
-
-
-def _opt_variables_to_params(tree: Any) -> Any:
-    """Turn ``nnx.Optimizer``'s ``OptVariable`` wrappers into ``nnx.Param`` (Flax only)."""
-    if not any(
-        type(x).__name__ == "OptVariable"
-        for x in jax.tree.leaves(tree, is_leaf=lambda x: type(x).__name__ == "OptVariable")
-    ):
-        return tree
-    from fisher_optax.flax import opt_variables_to_params
-
-    return opt_variables_to_params(tree)
