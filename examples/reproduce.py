@@ -54,7 +54,12 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import fisher_optax
-from fisher_optax import datasets
+
+if __package__ in (None, ""):
+    # Run as a script (python examples/reproduce.py): put the repository root on the path so
+    # that the sibling modules import as examples.* here too, as they do in the tests.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("magnitude", "fisher", "saliency", "two_stage", "random")

@@ -7,15 +7,6 @@ Using Information Theory" (ISVLSI 2016, https://arxiv.org/abs/1605.04859) on top
 __version__ = "0.1.0"
 
 # Fisher from optimizer states; exact references.
-# Datasets for the examples (NumPy only; scikit-learn imported lazily).
-from fisher_optax.datasets import (
-    Dataset,
-    load_digits_dataset,
-    load_fashion_mnist,
-    load_mnist_format,
-    read_idx,
-    write_idx,
-)
 from fisher_optax.export import (
     compression_report,
     load_compressed,
@@ -84,7 +75,6 @@ __all__ = [
     "CRITERIA",
     "Criterion",
     "CriterionName",
-    "Dataset",
     "FisherTrackerState",
     "KMeansResult",
     "KeepPrunedState",
@@ -104,16 +94,12 @@ __all__ = [
     "keep_pruned",
     "kmeans_1d",
     "load_compressed",
-    "load_digits_dataset",
-    "load_fashion_mnist",
-    "load_mnist_format",
     "magnitude_mask",
     "monte_carlo_fisher",
     "polynomial_sparsity",
     "pruned",
     "quantize",
     "random_mask",
-    "read_idx",
     "saliency",
     "save_compressed",
     "scores",
@@ -123,5 +109,4 @@ __all__ = [
     "two_stage_mask",
     "unit_mask",
     "unit_scores",
-    "write_idx",
 ]

@@ -1,13 +1,18 @@
-"""Tests of the IDX reader and the dataset loaders, on small files written here."""
+"""Tests of examples/datasets.py (the IDX reader and the loaders), on small files written here.
 
+The module is example code, not part of the package: it imports as ``examples.datasets``
+from the repository root, which pytest puts on ``sys.path`` (the root conftest.py).
+"""
+
+import doctest
 import gzip
 import struct
 
 import numpy as np
 import pytest
 
-from fisher_optax import datasets
-from fisher_optax.datasets import load_digits_dataset, load_mnist_format, read_idx, write_idx
+from examples import datasets
+from examples.datasets import load_digits_dataset, load_mnist_format, read_idx, write_idx
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:
@@ -211,3 +216,19 @@ def test_load_digits_dataset():
     assert not np.array_equal(other.x_test, ds.x_test)
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits_dataset(test_fraction=1.0)
+
+
+def test_docstring_examples_run():
+    # examples/ is outside pytest's doctest paths: run the module's examples here.
+    result = doctest.testmod(datasets, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def test_not_in_the_package():
+    import importlib
+
+    import fisher_optax
+
+    assert not hasattr(fisher_optax, "load_digits_dataset")
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("fisher_optax.datasets")

@@ -108,7 +108,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Examples:
       >>> import tempfile, os, numpy as np
-      >>> from fisher_optax.datasets import read_idx, write_idx
+      >>> from examples.datasets import read_idx, write_idx
       >>> path = os.path.join(tempfile.mkdtemp(), "x-idx2-ubyte.gz")
       >>> write_idx(path, np.arange(6, dtype=np.uint8).reshape(2, 3))
       >>> read_idx(path)
