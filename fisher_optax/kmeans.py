@@ -14,7 +14,7 @@ of a coarsened summary (a dynamic program, divide and conquer per layer), which 
 reaches the optimum on pruned, bimodal weights.
 """
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,15 @@ from jax import lax
 
 __all__ = ["KMeansResult", "kmeans_1d"]
 
-_INITS = ("linear", "quantile", "kmeans++", "density", "dp")
+Init = Literal["dp", "linear", "quantile", "kmeans++", "density"]
+INITS: dict[str, str] = {
+    "dp": "exact optimum of a coarsened summary (dynamic program), then Lloyd",
+    "linear": "evenly spaced from min to max, Deep Compression's choice",
+    "quantile": "weighted quantiles at (j + 1/2)/k",
+    "kmeans++": "D^2 sampling, needs key",
+    "density": "weighted quantiles of p(x)^(1/3) (Panter & Dite)",
+}
+_INITS = tuple(INITS)
 
 
 class KMeansResult(NamedTuple):

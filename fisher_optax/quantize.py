@@ -12,76 +12,115 @@ and no codebook entry and come back as exact zeros.
 """
 
 import itertools
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisher_optax._tree import check_matching, leaves_with_paths
+from fisher_optax import _validate
+from fisher_optax._tree import check_matching, keystr, leaves_with_paths, strip_value
 from fisher_optax._types import Bits, Fisher, Mask, Params
-from fisher_optax.kmeans import kmeans_1d
+from fisher_optax.kmeans import INITS, Init, kmeans_1d
 
 __all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
 
 MAX_BITS = 16
-_METHODS = ("kmeans", "uniform")
+Method = Literal["kmeans", "uniform"]
+METHODS: dict[str, str] = {
+    "kmeans": "weighted k-means codebook per group (Choi et al. 2017; Deep Compression)",
+    "uniform": "evenly spaced grid from the group's min to its max (fixed point)",
+}
+Quantizable = None | Callable[[tuple, Any], bool] | Any
 _SCOPES = ("global", "layer")
 
 
 @jax.tree_util.register_pytree_with_keys_class
 class QuantizedParams:
-    """Quantized parameters: per leaf, a bit map, the code of every weight and codebooks.
+    """Quantized parameters: per leaf, either a bit map, codes and codebooks, or the raw leaf.
 
-    A pytree node: its children are the arrays below, its static data the tree structure,
-    the leaves' paths, shapes and dtypes, and the bit widths each leaf uses. Build it with
-    :func:`quantize`; read it back with :func:`dequantize`.
+    A pytree node that stores nothing it could derive. Build it with :func:`quantize`; read
+    it back with :func:`dequantize`. Leaf ``i`` (in ``jax.tree`` flattening order of the
+    original params) is one of two kinds:
+
+    * **quantized**: ``bits[i]`` is a uint8 array shaped like the leaf, the weight's width
+      ``b`` in ``1..16``, or 0 for a pruned weight (the one way to say "pruned": a pruned
+      weight has no code and no codebook entry and dequantizes to exact 0).
+      ``codes[i]`` is shaped like the leaf, in the smallest unsigned dtype that holds
+      every code of the leaf (uint8 when its widest width is <= 8 bits, else uint16): the
+      index into the codebook of the weight's width; 0 where pruned. ``codebooks[i]`` is
+      a dict ``{b: book}`` keyed by width (ascending), one 1-D float ``book`` per width
+      present among the kept weights, ascending, with ``min(2^b, m)`` entries for ``m``
+      distinct kept values of that width; every code of width ``b`` is ``< len(book)``.
+      ``raw[i]`` is ``None``.
+    * **raw** (not quantized: by default biases, norm scales and every non-float leaf
+      such as step counters): ``raw[i]`` is the leaf exactly as given (any dtype);
+      ``bits[i]`` and ``codes[i]`` are ``None`` and ``codebooks[i]`` is ``{}``.
+
+    The dict keys are pytree structure, so :attr:`widths` is static, also under ``jit``.
 
     Attributes:
-      bits: per leaf, a uint8 array shaped like the leaf: the group's width ``b`` in
-        ``1..16``, or 0 for a pruned weight.
-      codes: per leaf, an int32 array shaped like the leaf: the index into the codebook
-        of the weight's group (``0 <= code < 2^b``); 0 for a pruned weight.
-      codebooks: per leaf, a tuple with one ``[2^b]`` codebook per width in ``widths``.
-      widths: static, per leaf, the ascending bit widths that have a codebook.
+      bits: per leaf, the uint8 bit map (quantized) or ``None`` (raw).
+      codes: per leaf, the uint8/uint16 codes (quantized) or ``None`` (raw).
+      codebooks: per leaf, ``{width: book}`` (quantized) or ``{}`` (raw).
+      raw: per leaf, ``None`` (quantized) or the leaf as it was (raw).
       treedef: static, the structure of the original params.
-      paths: static, per leaf, its key path as a string (``['dense']['kernel']``).
-      dtypes: static, per leaf, the original dtype name.
+      dtypes: static, per leaf, the original dtype name (what :func:`dequantize` returns).
+
+    Derived (properties, not stored): ``widths`` (per leaf, the ascending keys of its
+    codebooks), ``paths`` (per leaf, its key path from ``treedef`` via
+    ``fisher_optax._tree.keystr``, e.g. ``['dense']['kernel']``), ``shapes`` (per leaf,
+    its shape) and ``quantized`` (per leaf, whether it is of the quantized kind).
     """
 
-    def __init__(self, bits, codes, codebooks, *, widths, treedef, paths, dtypes):
+    def __init__(self, bits, codes, codebooks, raw, *, treedef, dtypes):
         self.bits = tuple(bits)
         self.codes = tuple(codes)
-        self.codebooks = tuple(tuple(c) for c in codebooks)
-        self.widths = tuple(tuple(int(b) for b in w) for w in widths)
+        self.codebooks = tuple(dict(sorted((int(b), c) for b, c in d.items())) for d in codebooks)
+        self.raw = tuple(raw)
         self.treedef = treedef
-        self.paths = tuple(paths)
         self.dtypes = tuple(str(d) for d in dtypes)
+
+    @property
+    def widths(self) -> tuple[tuple[int, ...], ...]:
+        """Per leaf, the ascending bit widths that have a codebook (``()`` for raw leaves)."""
+        return tuple(tuple(books) for books in self.codebooks)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Per leaf, its key path as a string, read from ``treedef``."""
+        skeleton = jax.tree.unflatten(self.treedef, list(range(self.treedef.num_leaves)))
+        return tuple(keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(skeleton)[0])
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per leaf, its shape."""
-        return tuple(tuple(b.shape) for b in self.bits)
+        return tuple(
+            tuple(np.shape(r if b is None else b)) for b, r in zip(self.bits, self.raw, strict=True)
+        )
 
-    def _static(self):
-        return (self.widths, self.treedef, self.paths, self.dtypes)
+    @property
+    def quantized(self) -> tuple[bool, ...]:
+        """Per leaf, ``True`` if it holds codes and codebooks, ``False`` if it is raw."""
+        return tuple(b is not None for b in self.bits)
 
     def tree_flatten_with_keys(self):
         gk = jax.tree_util.GetAttrKey
-        children = ((gk("bits"), self.bits), (gk("codes"), self.codes))
-        return (*children, (gk("codebooks"), self.codebooks)), self._static()
+        children = tuple((gk(n), getattr(self, n)) for n in ("bits", "codes", "codebooks", "raw"))
+        return children, (self.treedef, self.dtypes)
 
     @classmethod
     def tree_unflatten(cls, static, children):
-        widths, treedef, paths, dtypes = static
-        bits, codes, codebooks = children
-        return cls(
-            bits, codes, codebooks, widths=widths, treedef=treedef, paths=paths, dtypes=dtypes
-        )
+        treedef, dtypes = static
+        return cls(*children, treedef=treedef, dtypes=dtypes)
 
     def __repr__(self) -> str:
         leaves = ", ".join(
-            f"{p}: {s} bits {list(w)}"
-            for p, s, w in zip(self.paths, self.shapes, self.widths, strict=True)
+            f"{p}: {s} " + (f"bits {list(w)}" if q else f"raw {d}")
+            for p, s, w, q, d in zip(
+                self.paths, self.shapes, self.widths, self.quantized, self.dtypes, strict=True
+            )
         )
         return f"QuantizedParams({leaves})"
 
@@ -284,8 +323,9 @@ def quantize(
     *,
     fisher: Fisher | None = None,
     mask: Mask | None = None,
-    method: str = "kmeans",
-    init: str | None = None,
+    method: Method = "kmeans",
+    init: Init | None = None,
+    quantizable: Quantizable = None,
 ) -> QuantizedParams:
     r"""Share weights: each ``b``-bit group of a leaf takes the ``2^b`` values of a codebook.
 
@@ -346,73 +386,140 @@ def quantize(
       Choi, El-Khamy, Lee. Towards the Limit of Network Quantization. ICLR 2017.
       https://arxiv.org/abs/1612.01543
     """
-    if method not in _METHODS:
-        raise ValueError(f"quantize: method must be one of {_METHODS}, got {method!r}.")
-    if init is not None and init not in ("linear", "quantile", "density", "dp"):
-        raise ValueError(
-            f"quantize: init must be None, 'linear', 'quantile', 'density' or 'dp', got {init!r}."
-        )
-    pairs = leaves_with_paths(params)
-    paths = [p for p, _ in pairs]
-    leaves = [jnp.asarray(leaf) for _, leaf in pairs]
-    treedef = jax.tree.structure(params)
-    for p, leaf in zip(paths, leaves, strict=True):
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    _validate.choice(method, "method", METHODS)
+    if init is not None:
+        _validate.choice(init, "init", INITS)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    kpaths = [strip_value(p) for p, _ in flat]
+    paths = [keystr(p) for p in kpaths]
+    leaves = [x for _, x in flat]
+    flags = _quantizable_flags(kpaths, leaves, quantizable)
+    for p, leaf, f in zip(paths, leaves, flags, strict=True):
+        if f and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
-                f"quantize: params at {p} has dtype {leaf.dtype}; only float leaves can be "
-                "quantized. Keep integer state out of the params tree."
+                f"quantizable at {p} selects a leaf of dtype {jnp.result_type(leaf)}; only "
+                "float leaves can be quantized. Leave it out of quantizable (it is then "
+                "stored as it is)."
             )
     if _is_int(bits) or isinstance(bits, bool | float):
-        b = _check_width(bits, "quantize: bits (one int for every weight)")
-        bit_arrays = [np.full(leaf.shape, b, np.uint8) for leaf in leaves]
+        b = _check_width(bits, "bits (one int for every weight)")
+        bit_arrays = [np.full(np.shape(leaf), b, np.uint8) for leaf in leaves]
     else:
         bit_leaves = check_matching(params, bits, ref_name="params", other_name="bits")
         bit_arrays = [
             _concrete_bits(b, p).astype(np.uint8) for b, p in zip(bit_leaves, paths, strict=True)
         ]
     if mask is None:
-        masks = [None] * len(leaves)
+        masks = [np.ones(np.shape(leaf), bool) for leaf in leaves]
     else:
-        masks = [
-            jnp.asarray(m, bool)
-            for m in check_matching(params, mask, ref_name="params", other_name="mask")
-        ]
+        masks = [np.asarray(m) for m in _validate.bool_leaves(params, mask)]
+    kept = [m & (b > 0) & f for m, b, f in zip(masks, bit_arrays, flags, strict=True)]
+    # Only the weights that get a code must be finite (and have a usable Fisher): a raw
+    # leaf is stored as it is and a pruned weight is stored as exact 0.
+    checked = [x if f else np.float32(0) for x, f in zip(leaves, flags, strict=True)]
+    _validate.finite(
+        jax.tree.unflatten(treedef, checked),
+        "params",
+        where=[k if f else None for k, f in zip(kept, flags, strict=True)],
+    )
     if fisher is None:
         weights = [None] * len(leaves)
     else:
-        weights = [
-            jnp.asarray(f)
-            for f in check_matching(params, fisher, ref_name="params", other_name="fisher")
-        ]
-    widths = tuple(tuple(int(b) for b in np.unique(a[a > 0])) for a in bit_arrays)
-
-    sizes = [leaf.size for leaf in leaves]
+        weights = [np.asarray(f) for f in _validate.fisher(params, fisher, where=kept)]
+    idx = [i for i, f in enumerate(flags) if f]
+    widths = {i: tuple(int(b) for b in np.unique(bit_arrays[i][kept[i]])) for i in idx}
+    sizes = [np.size(leaves[i]) for i in idx]
     plan = tuple(
-        (max(sizes[i] for i in idx), tuple(sorted({w for i in idx for w in widths[i]})), idx)
-        for idx in _buckets(sizes)
+        (
+            max(sizes[j] for j in bucket),
+            tuple(sorted({w for j in bucket for w in widths[idx[j]]})),
+            bucket,
+        )
+        for bucket in _buckets(sizes)
     )
-    ones = lambda leaf: jnp.ones(leaf.shape, jnp.float32)
-    bits_j, codes, codebooks = _quantize_leaves(
-        tuple(leaves),
-        tuple(jnp.asarray(a) for a in bit_arrays),
+    _, codes, books = _quantize_leaves(
+        tuple(jnp.asarray(leaves[i]) for i in idx),
+        tuple(jnp.asarray(np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)) for i in idx),
+        tuple(jnp.asarray(kept[i]) for i in idx),
         tuple(
-            jnp.ones(x.shape, bool) if m is None else m for x, m in zip(leaves, masks, strict=True)
+            jnp.ones(np.shape(leaves[i]), jnp.float32)
+            if weights[i] is None
+            else jnp.asarray(weights[i])
+            for i in idx
         ),
-        tuple(ones(x) if w is None else w for x, w in zip(leaves, weights, strict=True)),
         plan=plan,
-        leaf_widths=widths,
+        leaf_widths=tuple(widths[i] for i in idx),
         method=method,
         init=init,
     )
+    out_bits, out_codes, out_books, out_raw = [], [], [], []
+    qi = {i: j for j, i in enumerate(idx)}
+    for i, leaf in enumerate(leaves):
+        if i not in qi:
+            out_bits.append(None)
+            out_codes.append(None)
+            out_books.append({})
+            out_raw.append(leaf)
+            continue
+        b = np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)
+        c, d = _trim(b, np.asarray(codes[qi[i]]), widths[i], [np.asarray(x) for x in books[qi[i]]])
+        out_bits.append(b)
+        out_codes.append(c)
+        out_books.append(d)
+        out_raw.append(None)
     return QuantizedParams(
-        bits_j,
-        codes,
-        codebooks,
-        widths=widths,
+        out_bits,
+        out_codes,
+        out_books,
+        out_raw,
         treedef=treedef,
-        paths=paths,
-        dtypes=[leaf.dtype for leaf in leaves],
+        dtypes=[jnp.result_type(leaf) for leaf in leaves],
     )
+
+
+def _trim(bits, codes, widths, books):
+    """Keep only the codebook entries some weight uses: ``min(2^b, m)`` per width.
+
+    Codes are renumbered in the order of the kept entries (books stay ascending) and
+    stored in the smallest unsigned dtype that holds the leaf's widest width.
+    """
+    out = np.zeros(bits.shape, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
+    kept_books = {}
+    for b, book in zip(widths, books, strict=True):
+        sel = bits == b
+        used, new = np.unique(codes[sel], return_inverse=True)
+        out[sel] = new.reshape(-1)
+        kept_books[b] = book[used]
+    return out, kept_books
+
+
+def _quantizable_flags(paths, leaves, quantizable) -> list[bool]:
+    """Per leaf, whether it is quantized (``True``) or stored as it is (``False``)."""
+    if quantizable is None:
+        return [
+            np.ndim(x) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves
+        ]
+    if callable(quantizable):
+        _validate.callable_arity(quantizable, "quantizable", "quantizable(path, leaf)", 2)
+        flags = [quantizable(p, x) for p, x in zip(paths, leaves, strict=True)]
+    else:
+        flat = jax.tree_util.tree_flatten_with_path(quantizable)[0]
+        if len(flat) != len(leaves) or any(
+            strip_value(q) != p for (q, _), p in zip(flat, paths, strict=False)
+        ):
+            raise ValueError(
+                "quantizable does not match the structure of params: give one Python bool "
+                "per leaf, e.g. jax.tree.map(lambda x: x.ndim >= 2, params), or a predicate "
+                "quantizable(path, leaf) -> bool."
+            )
+        flags = [f for _, f in flat]
+    for p, f in zip(paths, flags, strict=True):
+        if not isinstance(f, bool | np.bool_):
+            raise TypeError(
+                f"quantizable at {keystr(p)} must be a Python bool (True = quantize the whole "
+                f"leaf), got {type(f).__name__}."
+            )
+    return [bool(f) for f in flags]
 
 
 def _buckets(sizes, slack: int = 4096) -> list[tuple[int, ...]]:
@@ -508,12 +615,24 @@ def dequantize(q: QuantizedParams) -> Params:
             f"dequantize: expected the QuantizedParams returned by quantize, got "
             f"{type(q).__name__}."
         )
+    traced = any(
+        not _validate.is_concrete(x) for x in jax.tree.leaves((q.bits, q.codes, q.codebooks))
+    )
+    xp = jnp if traced else np
     leaves = []
-    for bits, codes, books, widths, dtype in zip(
-        q.bits, q.codes, q.codebooks, q.widths, q.dtypes, strict=True
+    for bits, codes, books, raw, dtype in zip(
+        q.bits, q.codes, q.codebooks, q.raw, q.dtypes, strict=True
     ):
-        out = jnp.zeros(bits.shape, books[0].dtype if books else jnp.float32)
-        for b, book in zip(widths, books, strict=True):
-            out = jnp.where(bits == b, book[jnp.clip(codes, 0, 2**b - 1)], out)
-        leaves.append(out.astype(dtype))
+        if bits is None:
+            leaves.append(raw)
+            continue
+        bits, codes = xp.asarray(bits), xp.asarray(codes).astype(xp.int32)
+        out = xp.zeros(bits.shape, xp.float32)
+        for b, book in books.items():
+            book = xp.asarray(book)
+            if book.shape[0]:
+                out = xp.where(bits == b, book[xp.clip(codes, 0, book.shape[0] - 1)], out)
+        leaves.append(
+            jnp.asarray(out.astype(jnp.dtype(dtype))) if not traced else out.astype(dtype)
+        )
     return jax.tree.unflatten(q.treedef, leaves)
