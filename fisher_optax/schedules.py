@@ -9,23 +9,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from fisher_optax import _validate
+
 __all__ = ["constant_sparsity", "polynomial_sparsity"]
 
 SparsitySchedule = Callable[[jax.typing.ArrayLike], jax.Array]
 """A function from the step count to the target sparsity in ``[0, 1]``."""
-
-
-def _check_fraction(value: float, name: str, fn: str) -> float:
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"{fn}: {name} must lie in [0, 1], got {value}.")
-    return value
-
-
-def _check_step(value: int, name: str, fn: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 0:
-        raise ValueError(f"{fn}: {name} must be a non-negative int, got {value!r}.")
-    return int(value)
 
 
 def polynomial_sparsity(
@@ -62,8 +51,9 @@ def polynomial_sparsity(
       A schedule: ``schedule(step) -> float32 scalar``, usable under ``jit``.
 
     Raises:
-      ValueError: if a sparsity lies outside ``[0, 1]``, a step is negative or not an int,
+      ValueError: if a sparsity lies outside ``[0, 1]`` or is NaN, a step is negative,
         ``end_step <= begin_step``, or ``power <= 0``.
+      TypeError: if a step is not an int (bools included) or a sparsity not a number.
 
     Examples:
       >>> import fisher_optax
@@ -75,18 +65,16 @@ def polynomial_sparsity(
       Zhu, Gupta. To prune, or not to prune: exploring the efficacy of pruning for model
       compression. 2017. https://arxiv.org/abs/1710.01878
     """
-    fn = "polynomial_sparsity"
-    final_sparsity = _check_fraction(final_sparsity, "final_sparsity", fn)
-    initial_sparsity = _check_fraction(initial_sparsity, "initial_sparsity", fn)
-    begin_step = _check_step(begin_step, "begin_step", fn)
-    end_step = _check_step(end_step, "end_step", fn)
+    final_sparsity = _validate.real(final_sparsity, "final_sparsity", low=0.0, high=1.0)
+    initial_sparsity = _validate.real(initial_sparsity, "initial_sparsity", low=0.0, high=1.0)
+    begin_step = _validate.integer(begin_step, "begin_step", minimum=0)
+    end_step = _validate.integer(end_step, "end_step", minimum=0)
     if end_step <= begin_step:
         raise ValueError(
-            f"{fn}: end_step ({end_step}) must exceed begin_step ({begin_step}); for one-shot "
+            f"end_step ({end_step}) must exceed begin_step ({begin_step}); for one-shot "
             "pruning use constant_sparsity(sparsity, step)."
         )
-    if not float(power) > 0:
-        raise ValueError(f"{fn}: power must be positive, got {power}.")
+    power = _validate.real(power, "power", low=0.0, low_open=True)
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
@@ -94,6 +82,7 @@ def polynomial_sparsity(
         s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** power
         return jnp.where(step < begin_step, 0.0, s).astype(jnp.float32)
 
+    schedule.end_step = end_step  # read by fisher_optax.pruned to check the final target
     return schedule
 
 
@@ -108,8 +97,8 @@ def constant_sparsity(sparsity: float, step: int = 0) -> SparsitySchedule:
       A schedule: ``schedule(step) -> float32 scalar``, usable under ``jit``.
 
     Raises:
-      ValueError: if ``sparsity`` lies outside ``[0, 1]`` or ``step`` is not a
-        non-negative int.
+      ValueError: if ``sparsity`` lies outside ``[0, 1]`` or is NaN, or ``step`` is negative.
+      TypeError: if ``step`` is not an int (bools included) or ``sparsity`` not a number.
 
     Examples:
       >>> import fisher_optax
@@ -117,11 +106,11 @@ def constant_sparsity(sparsity: float, step: int = 0) -> SparsitySchedule:
       >>> float(schedule(9)), round(float(schedule(10)), 4)
       (0.0, 0.8)
     """
-    fn = "constant_sparsity"
-    sparsity = _check_fraction(sparsity, "sparsity", fn)
-    step0 = _check_step(step, "step", fn)
+    sparsity = _validate.real(sparsity, "sparsity", low=0.0, high=1.0)
+    step0 = _validate.integer(step, "step", minimum=0)
 
     def schedule(count: jax.typing.ArrayLike) -> jax.Array:
         return jnp.where(jnp.asarray(count) >= step0, sparsity, 0.0).astype(jnp.float32)
 
+    schedule.end_step = step0  # read by fisher_optax.pruned to check the target
     return schedule

@@ -52,17 +52,26 @@ def test_constant_sparsity_steps_once():
 
 
 def test_schedule_errors():
-    with pytest.raises(ValueError, match=r"final_sparsity must lie in \[0, 1\], got 1.2"):
+    with pytest.raises(ValueError, match=r"final_sparsity must be a finite number in \[0.0, 1.0\]"):
         fo.polynomial_sparsity(1.2, 0, 10)
-    with pytest.raises(ValueError, match=r"initial_sparsity must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"final_sparsity must be a finite number.*got nan"):
+        fo.polynomial_sparsity(float("nan"), 0, 10)
+    with pytest.raises(ValueError, match=r"initial_sparsity must be a finite number in \[0.0"):
         fo.polynomial_sparsity(0.5, 0, 10, initial_sparsity=-0.5)
     with pytest.raises(ValueError, match=r"end_step \(5\) must exceed begin_step \(5\)"):
         fo.polynomial_sparsity(0.5, 5, 5)
-    with pytest.raises(ValueError, match="begin_step must be a non-negative int"):
+    with pytest.raises(ValueError, match="begin_step must be an int >= 0, got -1"):
         fo.polynomial_sparsity(0.5, -1, 5)
-    with pytest.raises(ValueError, match="power must be positive"):
+    with pytest.raises(TypeError, match="end_step must be an int >= 0, got True"):
+        fo.polynomial_sparsity(0.5, 0, True)
+    with pytest.raises(ValueError, match=r"power must be a finite number > 0.0, got 0"):
         fo.polynomial_sparsity(0.5, 0, 5, power=0)
-    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\], got 2.0"):
+    with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0.0, 1.0\].*2.0"):
         fo.constant_sparsity(2.0)
-    with pytest.raises(ValueError, match=r"step must be a non-negative int, got 1\.5"):
+    with pytest.raises(TypeError, match=r"step must be an int >= 0, got 1\.5"):
         fo.constant_sparsity(0.5, 1.5)
+
+
+def test_schedules_expose_their_end_step():
+    assert fo.polynomial_sparsity(0.5, 3, 9).end_step == 9
+    assert fo.constant_sparsity(0.5, 4).end_step == 4
