@@ -7,6 +7,12 @@ Using Information Theory" (ISVLSI 2016, https://arxiv.org/abs/1605.04859) on top
 __version__ = "0.1.0"
 
 # Fisher from optimizer states; exact references.
+# Trained quantization: fine-tune the codebooks after quantize.
+from fisher_optax.codebooks import (
+    ShareCodebooksState,
+    requantize,
+    share_codebooks,
+)
 from fisher_optax.export import (
     compression_report,
     load_compressed,
@@ -80,6 +86,7 @@ __all__ = [
     "KeepPrunedState",
     "PrunedState",
     "QuantizedParams",
+    "ShareCodebooksState",
     "__version__",
     "allocate_bits",
     "apply_mask",
@@ -100,9 +107,11 @@ __all__ = [
     "pruned",
     "quantize",
     "random_mask",
+    "requantize",
     "saliency",
     "save_compressed",
     "scores",
+    "share_codebooks",
     "slice_opt_state",
     "sparsity_report",
     "topk_mask",

@@ -1,0 +1,391 @@
+"""Trained quantization: keep training after :func:`~fisher_optax.quantize`, moving the codebooks.
+
+Deep Compression (Han, Mao, Dally 2016, section 3.3) fine-tunes the shared values after
+weight sharing: every weight stays tied to its codebook entry, the gradient of an entry is
+the sum of the gradients of its weights, and only the entries move. :func:`share_codebooks`
+does this as an optax wrapper: its params are the dense dequantized tree (so it sits in an
+``optax.chain``, under ``jit`` and under ``flax.nnx.Optimizer`` like any optimizer), the
+wrapped optimizer runs on the codebook entries (Adam's moments live per entry), and each
+entry's update is broadcast back to its weights. :func:`requantize` reads the trained
+entries back into a :class:`~fisher_optax.QuantizedParams` with the same codes, ready for
+:func:`~fisher_optax.save_compressed`.
+"""
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fisher_optax import _validate
+from fisher_optax._tree import leaves_with_paths
+from fisher_optax._types import Params
+from fisher_optax.quantize import QuantizedParams
+
+__all__ = ["ShareCodebooksState", "requantize", "share_codebooks"]
+
+RAW: dict[str, str] = {
+    "train": "leaves that q stores raw (not quantized) are trained by the inner optimizer",
+    "freeze": "leaves that q stores raw get zero updates",
+}
+
+
+class ShareCodebooksState(NamedTuple):
+    """State of :func:`share_codebooks`.
+
+    Attributes:
+      segments: per leaf of the params (a tuple in flattening order), an int32 array shaped
+        like the leaf: the index of the weight's entry in the leaf's codebooks laid end to
+        end (widths ascending), or the number of entries for a pruned weight; ``None`` for
+        a leaf that ``q`` stores raw. Held in the state, not the closure, so that ``jit``
+        takes it as an argument instead of baking a params-sized constant into the program.
+      inner_state: the state of the wrapped optimizer, over the codebook tree (see
+        :func:`share_codebooks`): its moments have one value per codebook entry.
+    """
+
+    segments: tuple[Any, ...]
+    inner_state: optax.OptState
+
+
+class _Leaf(NamedTuple):
+    """What :func:`share_codebooks` needs of one leaf of ``q`` (host-side, concrete)."""
+
+    path: str
+    shape: tuple[int, ...]
+    raw: bool  # stored as it is, not quantized
+    trainable: bool  # a float raw leaf (an int raw leaf, e.g. a step counter, never trains)
+    widths: tuple[int, ...]  # ascending; () for a raw leaf
+    books: tuple[np.ndarray, ...]  # one codebook per width
+    bits: np.ndarray | None  # shaped like the leaf; 0 = pruned
+    codes: np.ndarray | None
+
+
+def _books(q: QuantizedParams, i: int) -> tuple[Any, ...]:
+    """Leaf ``i``'s codebooks in ascending width order (a dict by width, or a tuple)."""
+    books = q.codebooks[i]
+    return tuple(books.values()) if isinstance(books, dict) else tuple(books)
+
+
+def _is_raw(q: QuantizedParams, i: int) -> bool:
+    quantized = getattr(q, "quantized", None)
+    return quantized is not None and not quantized[i]
+
+
+def _layout(q: Any, name: str = "q") -> list[_Leaf]:
+    if not isinstance(q, QuantizedParams):
+        raise TypeError(
+            f"{name} must be the QuantizedParams returned by quantize (or load_compressed), "
+            f"got {type(q).__name__}."
+        )
+    out = []
+    for i, (path, shape, dtype) in enumerate(zip(q.paths, q.shapes, q.dtypes, strict=True)):
+        if _is_raw(q, i):
+            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+            out.append(_Leaf(path, tuple(shape), True, floating, (), (), None, None))
+            continue
+        try:
+            bits = np.asarray(q.bits[i]).astype(np.int64)
+            codes = np.asarray(q.codes[i]).astype(np.int64)
+            books = tuple(np.asarray(b) for b in _books(q, i))
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            raise TypeError(
+                f"{name} at {path} is traced; the codes fix which weights share an entry and "
+                "must be concrete. Build the transformation outside jit."
+            ) from None
+        widths = tuple(int(b) for b in q.widths[i])
+        out.append(_Leaf(path, tuple(shape), False, False, widths, books, bits, codes))
+    return out
+
+
+def _offsets(leaf: _Leaf) -> np.ndarray:
+    """Start of each width's codebook when a leaf's codebooks are laid end to end."""
+    return np.cumsum([0] + [len(b) for b in leaf.books])
+
+
+def _segments(leaf: _Leaf) -> np.ndarray:
+    """Per weight, its entry's index in the concatenated codebooks; pruned -> entry count."""
+    off = _offsets(leaf)
+    seg = np.full(leaf.shape, off[-1], np.int64)
+    for j, b in enumerate(leaf.widths):
+        sel = leaf.bits == b
+        seg[sel] = off[j] + leaf.codes[sel]
+    return seg.astype(np.int32)
+
+
+def _check_structure(layout: list[_Leaf], tree: Any, name: str) -> list[Any]:
+    """Leaves of ``tree`` in order, checked path by path and shape by shape against ``q``."""
+    pairs = leaves_with_paths(tree)
+    for i, leaf in enumerate(layout):
+        if i >= len(pairs):
+            raise ValueError(
+                f"{name} has no leaf at {leaf.path}, which q has: {name} has {len(pairs)} "
+                f"leaves, q has {len(layout)}. Pass the tree q was quantized from (or "
+                "dequantize(q))."
+            )
+        path, x = pairs[i]
+        if path != leaf.path:
+            raise ValueError(
+                f"{name} does not match q: leaf {i} is at {path} in {name} but at {leaf.path} "
+                "in q. Pass the tree q was quantized from (or dequantize(q))."
+            )
+        if tuple(jnp.shape(x)) != leaf.shape:
+            raise ValueError(
+                f"{name} at {path} has shape {tuple(jnp.shape(x))} but q has shape "
+                f"{leaf.shape} there."
+            )
+    if len(pairs) > len(layout):
+        raise ValueError(
+            f"{name} has a leaf at {pairs[len(layout)][0]} that q lacks ({len(pairs)} leaves "
+            f"against {len(layout)}). Pass the tree q was quantized from (or dequantize(q))."
+        )
+    return [x for _, x in pairs]
+
+
+def _read_entries(leaf: _Leaf, x: Any, name: str) -> tuple[np.ndarray, ...]:
+    """The codebooks that ``x`` (one dense leaf) holds, checked: each weight equals its entry.
+
+    An entry with no weights (an empty cluster) keeps its value in ``q``.
+    """
+    x = np.asarray(x)
+    books = []
+    for b, book in zip(leaf.widths, leaf.books, strict=True):
+        sel = leaf.bits == b
+        codes = leaf.codes[sel]
+        vals = x[sel].astype(book.dtype)
+        new = book.copy()
+        # The last write wins; every member must then agree with it.
+        new[codes] = vals
+        bad = vals != new[codes]
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            index = tuple(int(j) for j in np.argwhere(sel)[k])
+            c = int(codes[k])
+            raise ValueError(
+                f"{name} at {leaf.path} holds {int(bad.sum())} weight(s) that left their "
+                f"codebook entry (first at index {index}: {vals[k]}, while another weight of "
+                f"entry {c} of the {b}-bit codebook holds {new[c]}). Train with "
+                "share_codebooks (and nothing after it in the chain that changes single "
+                "weights), starting from dequantize(q)."
+            )
+        books.append(new)
+    pruned = leaf.bits == 0
+    if np.any(x[pruned] != 0):
+        k = tuple(int(j) for j in np.argwhere(pruned & (x != 0))[0])
+        raise ValueError(
+            f"{name} at {leaf.path} holds {int(np.sum(x[pruned] != 0))} nonzero pruned "
+            f"weight(s) (first at index {k}: {x[k]}); a pruned weight must stay exactly 0. "
+            "Train with share_codebooks, starting from dequantize(q)."
+        )
+    return tuple(books)
+
+
+def share_codebooks(
+    inner: optax.GradientTransformation,
+    q: QuantizedParams,
+    *,
+    raw: Literal["train", "freeze"] = "train",
+) -> optax.GradientTransformation:
+    r"""Train the codebook entries of ``q``, not the weights: tied weights move together.
+
+    The params are the dense tree ``dequantize(q)`` (what the model computes with). Weight
+    :math:`i` of a leaf holds the entry :math:`c_{a_i}` of its group's codebook, so by the
+    chain rule the gradient of an entry is the sum of its weights' gradients (Han et al.
+    2016, section 3.3):
+
+    .. math::
+      \frac{\partial L}{\partial c_k} = \sum_{i : a_i = k} \frac{\partial L}{\partial w_i} .
+
+    ``update`` sums the incoming dense updates per entry (a ``segment_sum`` over the codes
+    of each width group of each leaf), runs ``inner`` on the tree of codebooks (so its
+    moments, learning rate and weight decay act per entry), and gives every weight its
+    entry's update. Pruned weights get 0 and stay exactly 0. The weights of one entry
+    hold the same value and get the same update, so they stay exactly equal to each other
+    after ``optax.apply_updates``; :func:`requantize` reads the entries back.
+
+    The tree ``inner`` sees is a dict from each leaf's path (``"['dense']['kernel']"``) to
+    the tuple of its codebooks (one 1-D array per width, widths ascending, as in
+    ``q.codebooks``); a float leaf that ``q`` stores raw maps to the dense leaf itself when
+    ``raw="train"`` and is left out when ``raw="freeze"``. A raw leaf that is not a float
+    (a step counter) is never trained: its update is 0.
+
+    Put it last in an ``optax.chain``: transforms before it (``clip_by_global_norm``, a
+    schedule-free scale, ...) act on the dense gradients, which is what the model sees; a
+    transform after it that changes single weights (weight decay on the dense params)
+    would untie them. Weight decay belongs in ``inner`` (it then decays the entries).
+
+    Args:
+      inner: the optimizer of the entries, e.g. ``optax.adam(1e-3)``.
+      q: the :class:`~fisher_optax.QuantizedParams` being fine-tuned; its codes must be
+        concrete (build the transformation outside ``jit``).
+      raw: what happens to leaves that ``q`` stores raw (not quantized), e.g. biases:
+        ``"train"`` (default) trains them with ``inner`` as ordinary params, ``"freeze"``
+        gives them zero updates.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ShareCodebooksState`.
+      ``init`` checks (when the params are concrete) that the params are ``dequantize(q)``:
+      each weight equals its entry and pruned weights are 0. ``update`` needs ``params``
+      only when ``inner`` does (e.g. for weight decay).
+
+    Raises:
+      TypeError: if ``inner`` is not a GradientTransformation or ``q`` not a
+        QuantizedParams (or traced).
+      ValueError: on an unknown ``raw``; in ``init``/``update``, on params or updates
+        whose leaves do not match ``q`` (the leaf is named), or, in ``init``, on params
+        that are not ``dequantize(q)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, fisher_optax
+      >>> params = {"w": jnp.array([[-1.0, -0.8, 0.0], [0.5, 1.0, 1.5]])}
+      >>> q = fisher_optax.quantize(params, 1, mask={"w": params["w"] != 0})
+      >>> dense = fisher_optax.dequantize(q)
+      >>> dense["w"]
+      Array([[-0.9, -0.9,  0. ],
+             [ 1. ,  1. ,  1. ]], dtype=float32)
+      >>> tx = fisher_optax.share_codebooks(optax.sgd(0.1), q)
+      >>> state = tx.init(dense)
+      >>> grads = {"w": jnp.array([[1.0, 1.0, 5.0], [0.0, 1.0, 2.0]])}
+      >>> updates, state = tx.update(grads, state, dense)
+      >>> updates["w"]  # -0.1 * (1 + 1) for one entry, -0.1 * (0 + 1 + 2) for the other
+      Array([[-0.2, -0.2,  0. ],
+             [-0.3, -0.3, -0.3]], dtype=float32)
+      >>> dense = optax.apply_updates(dense, updates)
+      >>> fisher_optax.requantize(dense, q).codebooks[0]
+      {1: Array([-1.1,  0.7], dtype=float32)}
+
+    References:
+      Han, Mao, Dally. Deep Compression: Compressing Deep Neural Networks with Pruning,
+      Trained Quantization and Huffman Coding. ICLR 2016. https://arxiv.org/abs/1510.00149
+    """
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(
+            f"inner must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+            f"{type(inner).__name__}."
+        )
+    _validate.choice(raw, "raw", RAW)
+    layout = _layout(q)
+    train_raw = raw == "train"
+    offsets = [_offsets(leaf) for leaf in layout]
+    # One member per entry (0 for an empty entry), to read the entries out of the params:
+    # exact, since members are equal, and K gathers instead of a pass over the leaf.
+    reps, filled = [], []
+    for leaf, seg in zip(layout, (None if x.raw else _segments(x) for x in layout), strict=True):
+        if leaf.raw:
+            reps.append(None)
+            filled.append(None)
+            continue
+        k = int(_offsets(leaf)[-1])
+        flat = seg.reshape(-1)
+        first = np.zeros(k + 1, np.int64)
+        order = np.argsort(flat, kind="stable")
+        idx = np.searchsorted(flat[order], np.arange(k + 1))
+        has = np.bincount(flat, minlength=k + 1) > 0
+        first[has] = order[idx[has]]
+        reps.append(first[:k].astype(np.int32))
+        filled.append(has[:k])
+
+    def to_entries(leaves, segments, reduce):
+        tree = {}
+        for i, (leaf, x) in enumerate(zip(layout, leaves, strict=True)):
+            if leaf.raw:
+                if train_raw and leaf.trainable:
+                    tree[leaf.path] = x
+                continue
+            flat = reduce(i, jnp.reshape(x, -1), segments[i].reshape(-1))
+            tree[leaf.path] = tuple(jnp.split(flat, offsets[i][1:-1]))
+        return tree
+
+    def sum_grads(i, g, seg):
+        dtype = jnp.result_type(layout[i].books[0].dtype, g.dtype)
+        k = int(offsets[i][-1])
+        return jax.ops.segment_sum(g.astype(dtype), seg, num_segments=k + 1)[:k]
+
+    def read_params(i, p, seg):
+        del seg
+        vals = p[jnp.asarray(reps[i])].astype(layout[i].books[0].dtype)
+        return jnp.where(jnp.asarray(filled[i]), vals, jnp.asarray(np.concatenate(layout[i].books)))
+
+    def init_fn(params):
+        leaves = _check_structure(layout, params, "params")
+        for leaf, x in zip(layout, leaves, strict=True):
+            if not leaf.raw and _validate.is_concrete(x):
+                _read_entries(leaf, x, "params")
+        segments = tuple(None if leaf.raw else jnp.asarray(_segments(leaf)) for leaf in layout)
+        entries = to_entries(leaves, segments, read_params)
+        return ShareCodebooksState(segments=segments, inner_state=inner.init(entries))
+
+    def update_fn(updates, state, params=None):
+        leaves, treedef = jax.tree.flatten(updates)
+        _check_structure(layout, updates, "updates")
+        g = to_entries(leaves, state.segments, sum_grads)
+        p = None
+        if params is not None:
+            p = to_entries(_check_structure(layout, params, "params"), state.segments, read_params)
+        u, inner_state = inner.update(g, state.inner_state, p)
+        out = []
+        for i, (leaf, x) in enumerate(zip(layout, leaves, strict=True)):
+            if leaf.raw:
+                out.append(u[leaf.path] if train_raw and leaf.trainable else jnp.zeros_like(x))
+                continue
+            # Entry K (one past the last) is the pruned weights' update: exactly 0.
+            flat = jnp.concatenate([*u[leaf.path], jnp.zeros((1,), u[leaf.path][0].dtype)])
+            out.append(flat[state.segments[i]].astype(x.dtype))
+        return jax.tree.unflatten(treedef, out), ShareCodebooksState(state.segments, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def requantize(params: Params, q: QuantizedParams) -> QuantizedParams:
+    """The :class:`~fisher_optax.QuantizedParams` that ``params`` holds: ``q``'s codes, new entries.
+
+    Reads every codebook entry from the dense params trained with :func:`share_codebooks`
+    and checks that each weight still equals its entry and every pruned weight is 0 (so
+    ``dequantize(requantize(params, q))`` is ``params``, exactly). An entry that no weight
+    uses keeps its value in ``q``. Leaves that ``q`` stores raw take their values from
+    ``params``. Runs on the host (NumPy), outside ``jit``.
+
+    Args:
+      params: the dense params, a tree of the structure and shapes of ``dequantize(q)``
+        (a Flax ``nnx.State`` lines up with a dict of the same paths).
+      q: the :class:`~fisher_optax.QuantizedParams` that training started from.
+
+    Returns:
+      A :class:`~fisher_optax.QuantizedParams` with ``q``'s bits and codes and the trained
+      codebooks, which :func:`~fisher_optax.save_compressed` writes.
+
+    Raises:
+      TypeError: if ``q`` is not a QuantizedParams.
+      ValueError: naming the leaf, when ``params`` does not match ``q``, a weight differs
+        from another weight of its entry, or a pruned weight is not 0.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> q = fisher_optax.quantize({"w": jnp.array([[0.0, 1.0], [2.0, 3.0]])}, 1)
+      >>> trained = {"w": jnp.array([[0.25, 0.25], [2.75, 2.75]])}
+      >>> fisher_optax.requantize(trained, q).codebooks
+      ({1: Array([0.25, 2.75], dtype=float32)},)
+    """
+    layout = _layout(q)
+    leaves = _check_structure(layout, params, "params")
+    books = []
+    for leaf, x in zip(layout, leaves, strict=True):
+        books.append(None if leaf.raw else _read_entries(leaf, x, "params"))
+    return _rebuild(q, layout, leaves, books)
+
+
+def _rebuild(q, layout, leaves, books):
+    """``q`` with its codebook leaves (and raw leaves) swapped for the trained ones."""
+
+    def swap(path, old):
+        name = getattr(path[0], "name", None)
+        i = getattr(path[1], "idx", None) if len(path) > 1 else None
+        if name == "codebooks" and i is not None and not layout[i].raw:
+            k = path[2]
+            j = layout[i].widths.index(int(k.key)) if hasattr(k, "key") else k.idx
+            return jnp.asarray(books[i][j], dtype=old.dtype)
+        if name == "raw" and i is not None and layout[i].raw:
+            return jnp.asarray(leaves[i], dtype=old.dtype)
+        return old
+
+    return jax.tree_util.tree_map_with_path(swap, q)
