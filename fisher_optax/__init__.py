@@ -14,6 +14,9 @@ from fisher_optax.codebooks import (
     share_codebooks,
 )
 from fisher_optax.export import (
+    CompressionReport,
+    LeafReport,
+    StreamReport,
     compression_report,
     load_compressed,
     save_compressed,
@@ -32,13 +35,17 @@ from fisher_optax.kmeans import (
 
 # Pruning: masks (sort-free exact selection), schedules, masked-training transforms.
 from fisher_optax.masks import (
+    LeafSparsity,
+    SparsityReport,
     apply_mask,
+    erk_sparsity,
     fisher_mask,
     magnitude_mask,
     random_mask,
     sparsity_report,
     topk_mask,
     two_stage_mask,
+    uniform_sparsity,
 )
 from fisher_optax.quantize import (
     QuantizedParams,
@@ -79,14 +86,19 @@ from fisher_optax.transforms import (
 
 __all__ = [
     "CRITERIA",
+    "CompressionReport",
     "Criterion",
     "CriterionName",
     "FisherTrackerState",
     "KMeansResult",
     "KeepPrunedState",
+    "LeafReport",
+    "LeafSparsity",
     "PrunedState",
     "QuantizedParams",
     "ShareCodebooksState",
+    "SparsityReport",
+    "StreamReport",
     "__version__",
     "allocate_bits",
     "apply_mask",
@@ -94,6 +106,7 @@ __all__ = [
     "constant_sparsity",
     "dequantize",
     "empirical_fisher",
+    "erk_sparsity",
     "expand_unit_mask",
     "fisher_from_state",
     "fisher_mask",
@@ -116,6 +129,7 @@ __all__ = [
     "sparsity_report",
     "topk_mask",
     "two_stage_mask",
+    "uniform_sparsity",
     "unit_mask",
     "unit_scores",
 ]

@@ -1,97 +1,191 @@
 """Compressed export of :class:`~fisher_optax.QuantizedParams`: one self-checking binary file.
 
-File layout (all integers little-endian)::
+The streams that carry information (the positions of the kept weights, the width map and
+the codes of each ``b``-bit group) are entropy-coded with an order-0 model each: the
+symbol frequencies are stored in the file and the symbols are coded with asymmetric
+numeral systems (ANS, the ``constriction`` library), so a stream costs its order-0
+entropy plus a few bytes. Leaves that :func:`~fisher_optax.quantize` keeps raw (biases,
+norm statistics, step counters, PRNG keys) are stored exactly, with their dtype.
 
-    header (24 bytes): magic b"FOQZ" | version u16 | flags u16 (0) | num_leaves u32
+File layout (all integers little-endian; ``varint`` = LEB128, at most 9 bytes)::
+
+    header (24 bytes): magic b"FOQZ" | version u16 (2) | flags u16 (0) | num_leaves u32
                        | payload_size u64 | crc32(payload) u32
-    payload: num_leaves leaf records, back to back
+    payload: num_leaves leaf records back to back, then u32 pad length P and P zero bytes
 
     leaf record:
-      path       u16 depth, then per level: u8 kind (0 dict key, 1 list index, 2 tuple
-                 index) and either u16 length + UTF-8 key, or u32 index
-      dtype      u8 (0 float32, 1 float16, 2 bfloat16, 3 float64): the leaf's dtype
-      book dtype u8 (same table): the codebooks' dtype
-      shape      u8 ndim, ndim x u64
-      widths     u8 count G, G x u8 (ascending, each in 1..16)
-      codebooks  G books of 2^b entries each, raw
-      kept       u64 number of kept (non-pruned) weights K
-      positions  u8 mode: 1 = every weight kept (nothing follows); 0 = relative index
-                 coding: u8 index bits r (1..8), u64 entries E, then E r-bit gaps packed
-      width map  ceil(log2 G) bits per kept weight (the index of its width), packed
-      codes      b_i bits per kept weight i (its width), packed, in position order
+      path      u16 depth, then per level u8 kind and its key:
+                  0 dict str key, 1 list index, 2 tuple index, 3 dict int key,
+                  4 attribute name, 5 flattened index;
+                  str keys (0, 4) as u16 length + UTF-8, indices (1, 2, 5) u32, int keys i64
+      kind      u8: 0 quantized, 1 raw
+      dtype     u8 code (float32 float16 bfloat16 float64 int8 int16 int32 int64 uint8
+                uint16 uint32 uint64 bool key): the leaf's dtype
+      shape     u8 ndim, ndim x u64
+      raw leaf: for a PRNG key (code 13) u8 length + its impl name (e.g. threefry2x32) and
+                the u32 key data, else the elements, C order, itemsize bytes each
+      quantized leaf:
+        book dtype u8 (a float code)
+        widths     u8 count G, G x u8 (ascending, each in 1..16)
+        codebooks  per width b: u16 entries L - 1 (L <= 2^b), then L values
+        positions  u8 mode: 1 = every weight kept (nothing follows); 0 = relative index
+                   coding: u8 index bits r (1..16), u64 entries E, then a stream of E
+                   symbols in 0..2^r - 1
+        width map  if G > 1: a stream with one symbol in 0..G-1 per kept weight
+        codes      per width b: a stream with one symbol in 0..L-1 per kept weight of
+                   width b, in position order
 
-Relative index coding (Han et al. 2016): walking the flattened leaf from position -1,
-an entry ``e < 2^r - 1`` advances ``e + 1`` positions and puts the next kept weight
-there; the filler ``e = 2^r - 1`` advances ``2^r - 1`` positions and puts nothing, so
-long runs of pruned weights cost one filler per ``2^r - 1`` positions. The writer adds
-fillers until the walk ends within ``2^r - 1`` of the leaf's end, so the element count
-of a leaf is bounded by what its position stream can reach: a hostile header cannot
-ask the reader for more than about ``255 x`` the file size in elements. Every packed
-section is padded to whole bytes. Nothing in the file is executed or unpickled.
+    stream of n symbols over an alphabet of A:
+      table      the symbol frequencies (sum at most 2^16: scaled down from the counts,
+                 a used symbol keeps a frequency >= 1), whichever form is shorter:
+                 dense: varint 0, then A varints; sparse: varint U (used symbols), then
+                 U pairs of varints (symbols skipped since the previous one, frequency)
+      data       only if the table has two or more non-zero entries: varint word count W,
+                 W x u32: the ANS words of constriction's ``stack.AnsCoder`` with the
+                 model ``Categorical(table / sum, perfect=False)``; a stream with one
+                 used symbol is that symbol n times and costs nothing more
+
+Relative index coding (Han et al. 2016): walking the flattened leaf from position -1, an
+entry ``e < 2^r - 1`` advances ``e + 1`` positions and puts the next kept weight there;
+the filler ``e = 2^r - 1`` advances ``2^r - 1`` positions and puts nothing. The writer adds
+fillers until the walk ends within ``2^r - 1`` of the leaf's end and picks the ``r`` that
+makes the stream and its table smallest.
+
+Safety: nothing in the file is executed or unpickled. The header's payload size must match
+the file and the CRC-32 must match before anything is parsed; every size is checked
+against the bytes left before an array is made. All leaves together may declare at most
+``1024`` elements per payload byte (the writer pads the payload in the rare file that
+would declare more), so a hostile file cannot make the reader allocate or decode more
+than a fixed multiple of its own size; every decoded symbol lies in its alphabet by
+construction of the decoder, and the position stream must land exactly on the shape.
 """
 
 import math
 import os
 import struct
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
+import constriction
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisher_optax._tree import leaves_with_paths
+from fisher_optax._tree import keystr, strip_value
 from fisher_optax.quantize import MAX_BITS, QuantizedParams
 
-__all__ = ["compression_report", "load_compressed", "save_compressed"]
+__all__ = [
+    "CompressionReport",
+    "LeafReport",
+    "StreamReport",
+    "compression_report",
+    "load_compressed",
+    "save_compressed",
+]
 
 MAGIC = b"FOQZ"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<4sHHIQI")
-_DTYPES = ("float32", "float16", "bfloat16", "float64")
-_MAX_INDEX_BITS = 8
-_DICT, _LIST, _TUPLE = 0, 1, 2
+_DTYPES = (
+    "float32",
+    "float16",
+    "bfloat16",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "key",
+)
+_FLOATS = 4  # the first four codes are float dtypes (codebooks)
+_KEY = _DTYPES.index("key")
+_QUANTIZED, _RAW = 0, 1
+_DICT, _LIST, _TUPLE, _INTKEY, _ATTR, _FLAT = 0, 1, 2, 3, 4, 5
+_MAX_INDEX_BITS = 16
+_TABLE_TOTAL = 1 << 16  # frequencies are scaled to sum to at most this
+_WEIGHTS_PER_BYTE = 1024  # a file declares at most this many elements per payload byte
+_ANS = constriction.stream.stack
+_MODEL = constriction.stream.model
 
 
 # --------------------------------------------------------------------------- tree paths
 
 
 def _tree_paths(treedef) -> list[tuple[tuple[int, Any], ...]]:
-    """Per leaf, its path as ``((kind, key), ...)``; only dict/list/tuple nodes allowed."""
+    """Per leaf, its path as ``((kind, key), ...)``, read from jax key paths.
+
+    Flax's ``.value`` hop is dropped (:func:`fisher_optax._tree.strip_value`), so an
+    ``nnx.State`` of Variables is recorded as the nested dict of its ``to_pure_dict()``.
+    A sequence index is a tuple index when its parent node is a plain tuple, else a list
+    index.
+    """
     n = treedef.num_leaves
     skeleton = jax.tree.unflatten(treedef, list(range(n)))
     out: list[Any] = [None] * n
-
-    def walk(node, path):
-        if type(node) is dict:
-            for k in node:
-                if not isinstance(k, str):
-                    raise ValueError(
-                        f"save_compressed: dict key {k!r} at {_fmt(path)} is not a str; "
-                        "supported trees are nested dicts with str keys, lists and tuples."
-                    )
-                walk(node[k], (*path, (_DICT, k)))
-        elif type(node) in (list, tuple):
-            kind = _LIST if type(node) is list else _TUPLE
-            for i, child in enumerate(node):
-                walk(child, (*path, (kind, i)))
-        elif type(node) is int:
-            out[node] = path
-        else:
-            raise ValueError(
-                f"save_compressed: the params tree has a {type(node).__name__} node at "
-                f"{_fmt(path)}; supported trees are nested dicts with str keys, lists and "
-                "plain tuples (convert e.g. a Flax nnx.State with .to_pure_dict())."
-            )
-
-    walk(skeleton, ())
-    if any(p is None for p in out):
-        raise ValueError("save_compressed: could not place every leaf of the params tree.")
+    for kpath, leaf in jax.tree_util.tree_flatten_with_path(skeleton)[0]:
+        node, path = skeleton, []
+        for depth, k in enumerate(kpath):
+            parent = node
+            node = _follow(node, k)
+            if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+                continue  # the Flax Variable hop: see strip_value
+            path.append(_kind_key(k, parent, kpath[:depth]))
+        out[leaf] = tuple(path)
     return out
 
 
+def _follow(node, k):
+    """The child of ``node`` at key ``k``, or None when it cannot be followed."""
+    try:
+        if isinstance(k, jax.tree_util.DictKey):
+            return node[k.key]
+        if isinstance(k, jax.tree_util.SequenceKey):
+            return node[k.idx]
+        if isinstance(k, jax.tree_util.GetAttrKey):
+            return getattr(node, k.name)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _kind_key(k, parent, kpath) -> tuple[int, Any]:
+    where = keystr(strip_value(kpath))
+    if isinstance(k, jax.tree_util.DictKey):
+        if isinstance(k.key, str):
+            return (_DICT, k.key)
+        if isinstance(k.key, int | np.integer) and not isinstance(k.key, bool):
+            if not -(2**63) <= int(k.key) < 2**63:
+                raise ValueError(f"params has a dict key {k.key} out of int64 range at {where}.")
+            return (_INTKEY, int(k.key))
+        raise ValueError(
+            f"params has a dict key {k.key!r} of type {type(k.key).__name__} at {where}; "
+            "the file records str and int dict keys. Rename the key to a str or an int."
+        )
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return (_TUPLE if type(parent) is tuple else _LIST, int(k.idx))
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return (_ATTR, k.name)
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return (_FLAT, int(k.key))
+    raise ValueError(
+        f"params has a key {k!r} of type {type(k).__name__} at {where}; the file records "
+        "dict keys, sequence indices, attributes and flattened indices."
+    )
+
+
 def _fmt(path) -> str:
-    return "".join(f"[{k!r}]" for _, k in path) or "<root>"
+    return "".join(f".{k}" if kind == _ATTR else f"[{k!r}]" for kind, k in path) or "<root>"
+
+
+# dict str keys, int keys and attributes all come back as dict keys; flattened indices as
+# list indices.
+_NODE = {_DICT: "dict", _INTKEY: "dict", _ATTR: "dict", _LIST: "list", _FLAT: "list"}
+_NODE[_TUPLE] = "tuple"
 
 
 def _build_tree(paths):
@@ -102,7 +196,7 @@ def _build_tree(paths):
         raise ValueError("load_compressed: a root leaf next to other leaves: corrupted file.")
 
     def build(items):
-        kinds = {p[0][0] for p, _ in items}
+        kinds = {_NODE[p[0][0]] for p, _ in items}
         if len(kinds) != 1:
             raise ValueError("load_compressed: mixed node kinds at one level: corrupted file.")
         kind = kinds.pop()
@@ -117,188 +211,444 @@ def _build_tree(paths):
                 raise ValueError("load_compressed: a leaf and a node share a path: corrupted.")
             return build(group)
 
-        if kind == _DICT:
+        if kind == "dict":
+            if len({type(k) for k in children}) != 1:
+                raise ValueError("load_compressed: str and int keys in one dict: corrupted.")
             return {k: child(g) for k, g in children.items()}
         keys = sorted(children)
         if keys != list(range(len(keys))):
             raise ValueError("load_compressed: list/tuple indices are not 0..n-1: corrupted.")
         seq = [child(children[k]) for k in keys]
-        return seq if kind == _LIST else tuple(seq)
+        return seq if kind == "list" else tuple(seq)
 
     return build([(p, i) for i, p in enumerate(paths)])
 
 
-# --------------------------------------------------------------------------- bit packing
+# --------------------------------------------------------------------------- varints
 
 
-def _pack(values: np.ndarray, widths: np.ndarray | int) -> bytes:
-    """Concatenate ``values[i]`` in ``widths[i]`` bits each (MSB first), pad to bytes."""
-    values = np.asarray(values, np.uint32)
-    widths = np.broadcast_to(np.asarray(widths, np.int64), values.shape)
-    if values.size == 0:
+def _varints(values) -> bytes:
+    """LEB128 encoding of non-negative ints below 2^63, vectorised."""
+    v = np.asarray(values, np.uint64).reshape(-1)
+    if v.size == 0:
         return b""
-    j = np.arange(MAX_BITS)
-    shift = widths[:, None] - 1 - j[None, :]
-    bits = (values[:, None] >> np.maximum(shift, 0).astype(np.uint32)) & 1
-    return np.packbits(bits[shift >= 0].astype(np.uint8)).tobytes()
+    shifts = np.arange(9, dtype=np.uint64) * np.uint64(7)
+    groups = (v[:, None] >> shifts[None, :]) & np.uint64(127)
+    nbytes = 1 + sum((v >= np.uint64(1 << (7 * k))).astype(np.int64) for k in range(1, 9))
+    live = np.arange(9)[None, :] < nbytes[:, None]
+    more = np.arange(9)[None, :] < (nbytes - 1)[:, None]
+    out = (groups.astype(np.uint8) | (more * 128).astype(np.uint8))[live]
+    return out.tobytes()
 
 
-def _unpack(data: bytes, widths: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`_pack`: ``len(widths)`` values of ``widths[i]`` bits each."""
-    widths = np.asarray(widths, np.int64)
-    if widths.size == 0:
-        return np.zeros(0, np.int64)
-    bits = np.unpackbits(np.frombuffer(data, np.uint8))
-    start = np.cumsum(widths) - widths
-    out = np.zeros(widths.shape, np.int64)
-    for j in range(int(widths.max())):
-        live = j < widths
-        idx = np.where(live, start + j, 0)
-        out = np.where(live, (out << 1) | bits[idx], out)
-    return out
+def _varint_sizes(values) -> int:
+    v = np.asarray(values, np.int64)
+    return int(np.sum(1 + (v >= 1 << 7) + (v >= 1 << 14) + (v >= 1 << 21)))
 
 
-def _packed_len(total_bits: int) -> int:
-    return (total_bits + 7) // 8
+# --------------------------------------------------------------------------- streams
 
 
-# --------------------------------------------------------------------------- encoding
+def _table(counts: np.ndarray) -> np.ndarray:
+    """Frequencies stored for ``counts``: the counts, scaled to sum <= 2^16 if needed."""
+    counts = np.asarray(counts, np.int64)
+    total = int(counts.sum())
+    if total <= _TABLE_TOTAL:
+        return counts
+    scaled = counts * _TABLE_TOTAL // total
+    return np.where(counts > 0, np.maximum(scaled, 1), 0)
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Order-0 entropy of a stream with these symbol counts, in bits (n * H)."""
+    c = np.asarray(counts, np.float64)
+    c = c[c > 0]
+    n = c.sum()
+    return float(-(c * np.log2(c / n)).sum()) if n else 0.0
+
+
+def _model(freq: np.ndarray):
+    return _MODEL.Categorical(freq.astype(np.float64), perfect=False)
+
+
+class _Stream(NamedTuple):
+    data: bytes
+    table_bytes: int
+    symbols: int
+    entropy_bits: float
+
+
+def _table_bytes(freq: np.ndarray) -> bytes:
+    """A frequency table: ``0`` then every entry (dense), or ``U`` then ``U`` pairs of
+    (index step, frequency) for the used symbols (sparse), whichever is shorter."""
+    used = np.flatnonzero(freq)
+    dense = _varints(np.concatenate([[0], freq]))
+    if used.size == 0:
+        return dense
+    steps = np.diff(np.concatenate([[-1], used])) - 1
+    pairs = np.stack([steps, freq[used]], axis=1).reshape(-1)
+    sparse = _varints(np.concatenate([[used.size], pairs]))
+    return sparse if len(sparse) < len(dense) else dense
+
+
+def _encode_stream(symbols: np.ndarray, alphabet: int) -> _Stream:
+    symbols = np.asarray(symbols, np.int32)
+    counts = np.bincount(symbols, minlength=alphabet)
+    freq = _table(counts)
+    table = _table_bytes(freq)
+    out = table
+    if np.count_nonzero(freq) > 1:
+        coder = _ANS.AnsCoder()
+        coder.encode_reverse(symbols, _model(freq))
+        words = coder.get_compressed()
+        out += _varints([words.size]) + words.astype("<u4").tobytes()
+    return _Stream(out, len(table), int(symbols.size), _entropy_bits(counts))
+
+
+def _stream_cost(counts: np.ndarray) -> float:
+    """Estimated bytes of a stream with these counts: its table and its entropy."""
+    freq = _table(counts)
+    used = freq[freq > 0]
+    table = min(_varint_sizes(freq), 2 * used.size + _varint_sizes(used))
+    return table + _entropy_bits(counts) / 8 + 4
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def _gap_counts(gaps: np.ndarray, tail: int, r: int) -> np.ndarray:
+    fill = (1 << r) - 1
+    counts = np.bincount(gaps % fill, minlength=fill + 1)
+    counts[fill] += int(np.sum(gaps // fill)) + tail // fill
+    return counts
 
 
 def _relative_entries(positions: np.ndarray, n: int, r: int) -> np.ndarray:
     """Gap entries (with fillers) for kept ``positions`` of a leaf of ``n`` weights."""
     fill = (1 << r) - 1
+    positions = np.asarray(positions, np.int64)
     prev = np.concatenate([[-1], positions[:-1]])
     gaps = positions - prev - 1
-    tail = (n - 1) - (positions[-1] if positions.size else -1)
-    nfill = gaps // fill
-    parts = []
-    for g, k in zip(gaps.tolist(), nfill.tolist(), strict=True):
-        parts.append([fill] * k + [g - k * fill])
-    entries = [e for p in parts for e in p]
-    entries += [fill] * (tail // fill)
-    return np.asarray(entries, np.int64)
+    tail = (n - 1) - (int(positions[-1]) if positions.size else -1)
+    runs = gaps // fill + 1  # fillers, then the entry of the kept weight
+    ends = np.cumsum(runs) - 1
+    total = int(ends[-1]) + 1 if positions.size else 0
+    entries = np.full(total + tail // fill, fill, np.int64)
+    entries[ends] = gaps % fill
+    return entries
 
 
-def _entry_count(positions: np.ndarray, n: int, r: int) -> int:
-    fill = (1 << r) - 1
-    prev = np.concatenate([[-1], positions[:-1]])
-    tail = (n - 1) - (positions[-1] if positions.size else -1)
-    return int(positions.size + np.sum((positions - prev - 1) // fill) + tail // fill)
+def _positions_bits(gaps: np.ndarray, tail: int) -> int:
+    """The index width r whose stream (table + entropy) is smallest."""
+    mean = (gaps.sum() + tail) / max(gaps.size, 1)
+    r0 = max(1, math.ceil(math.log2(mean + 2)))
+    candidates = range(max(1, r0 - 2), min(_MAX_INDEX_BITS, r0 + 3) + 1)
+    return min(candidates, key=lambda r: (_stream_cost(_gap_counts(gaps, tail, r)), r))
 
 
-def _encode(q: QuantizedParams) -> tuple[bytes, list[dict[str, Any]]]:
-    """The file's bytes and, per leaf, the byte size of each section."""
+# --------------------------------------------------------------------------- encoding
+
+
+class StreamReport(NamedTuple):
+    """Size of one entropy-coded stream (or of the sum of several, for a leaf's codes).
+
+    Attributes:
+      symbols: how many symbols it codes.
+      bytes: its bytes in the file: frequency table, word count and coded words.
+      table_bytes: the bytes of its frequency table (part of ``bytes``).
+      entropy_bytes: the order-0 entropy of its symbols, ``n * H / 8``, computed from the
+        empirical symbol frequencies: what an ideal coder with a free table would spend.
+    """
+
+    symbols: int
+    bytes: int
+    table_bytes: int
+    entropy_bytes: float
+
+
+_EMPTY = StreamReport(0, 0, 0, 0.0)
+
+
+def _add(a: StreamReport, b: StreamReport) -> StreamReport:
+    return StreamReport(*(x + y for x, y in zip(a, b, strict=True)))
+
+
+def _from(stream: _Stream, extra: int = 0) -> StreamReport:
+    return StreamReport(
+        stream.symbols, len(stream.data) + extra, stream.table_bytes, stream.entropy_bits / 8
+    )
+
+
+class LeafReport(NamedTuple):
+    """Sizes of one leaf's record in the file.
+
+    Attributes:
+      path: the leaf's key path, e.g. ``['dense']['kernel']``.
+      shape: its shape.
+      dtype: its dtype name.
+      quantized: True for a quantized leaf, False for one stored raw.
+      weights: its element count.
+      kept: kept (non-pruned) weights; all elements for a raw leaf.
+      widths: the bit widths it uses (``()`` when raw).
+      bytes: the whole record; the sum of the five fields below.
+      header_bytes: path, kind, dtype, shape (and, quantized, book dtype and widths).
+      codebook_bytes: the codebook values (0 when raw).
+      raw_bytes: the stored elements of a raw leaf (0 when quantized).
+      positions: the position stream (mode byte, index bits and entry count included);
+        ``StreamReport(0, 1, 0, 0.0)`` when every weight is kept.
+      width_map: the width-map stream (empty with one width).
+      codes: the code streams of all its width groups together.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    quantized: bool
+    weights: int
+    kept: int
+    widths: tuple[int, ...]
+    bytes: int
+    header_bytes: int
+    codebook_bytes: int
+    raw_bytes: int
+    positions: StreamReport
+    width_map: StreamReport
+    codes: StreamReport
+
+
+class CompressionReport(NamedTuple):
+    """Sizes of the file :func:`save_compressed` writes, per leaf and in total.
+
+    Attributes:
+      leaves: one :class:`LeafReport` per leaf, in flattening order.
+      header_bytes: the file header (24).
+      padding_bytes: the payload padding (4 bytes of length, plus zeros in the rare file
+        that would declare more than 1024 elements per byte).
+      total_bytes: the file size: header, padding and every leaf's bytes.
+      entropy_bytes: header, codebooks, raw leaves, frequency tables and the order-0
+        entropy of every stream: what the file would be with ideal entropy coders.
+      weights: elements over all leaves.
+      dense_float32_bytes: 4 bytes per element, the uncompressed float32 baseline.
+      ratio: ``dense_float32_bytes / total_bytes``.
+      bits_per_weight: ``8 * total_bytes / weights``.
+    """
+
+    leaves: tuple[LeafReport, ...]
+    header_bytes: int
+    padding_bytes: int
+    total_bytes: int
+    entropy_bytes: float
+    weights: int
+    dense_float32_bytes: int
+    ratio: float
+    bits_per_weight: float
+
+
+def _dtype_code(dtype, where: str) -> int:
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return _KEY
+    name = str(np.dtype(dtype))
+    if name not in _DTYPES:
+        raise ValueError(
+            f"params at {where} has dtype {name}; the file stores {', '.join(_DTYPES[:-1])} "
+            "and PRNG keys. Cast the leaf to one of them before quantize."
+        )
+    return _DTYPES.index(name)
+
+
+def _raw_bytes(arr: np.ndarray) -> bytes:
+    """The elements of ``arr`` in C order, little-endian (bfloat16 and bool included)."""
+    arr = np.ascontiguousarray(arr)
+    size = arr.dtype.itemsize
+    return arr.reshape(-1).view(f"u{size}").astype(f"<u{size}").tobytes()
+
+
+def _from_raw(data: bytes, dtype, shape) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer(data, f"<u{size}").astype(f"u{size}").view(dtype).reshape(shape)
+
+
+def _path_bytes(path) -> bytes:
+    rec = bytearray(struct.pack("<H", len(path)))
+    for kind, key in path:
+        if kind in (_DICT, _ATTR):
+            raw = key.encode("utf-8")
+            if len(raw) > 0xFFFF:
+                raise ValueError(f"params has a key longer than 65535 bytes at {_fmt(path)}.")
+            rec += struct.pack("<BH", kind, len(raw)) + raw
+        elif kind == _INTKEY:
+            rec += struct.pack("<Bq", kind, key)
+        else:
+            rec += struct.pack("<BI", kind, key)
+    return bytes(rec)
+
+
+def _encode_raw(rec: bytearray, leaf, shape) -> int:
+    """Append a raw leaf's elements; returns their byte count."""
+    start = len(rec)
+    if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        impl = str(jax.random.key_impl(leaf)).encode("utf-8")
+        rec += struct.pack("<B", len(impl)) + impl
+        rec += _raw_bytes(np.asarray(jax.random.key_data(leaf), np.uint32))
+    else:
+        rec += _raw_bytes(np.asarray(leaf).reshape(shape))
+    return len(rec) - start
+
+
+def _encode_leaf(q: QuantizedParams, i: int, path) -> tuple[bytes, LeafReport]:
+    where = q.paths[i]
+    quantized = q.bits[i] is not None
+    leaf = q.raw[i]
+    shape = tuple(int(s) for s in np.shape(q.bits[i] if quantized else leaf))
+    dtype = q.dtypes[i] if quantized else leaf.dtype
+    code = _dtype_code(dtype, where)
+    rec = bytearray(_path_bytes(path))
+    rec += struct.pack("<BB", _RAW if not quantized else _QUANTIZED, code)
+    rec += struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
+    n = math.prod(shape)
+    if not quantized:
+        header = len(rec)
+        raw = _encode_raw(rec, leaf, shape)
+        report = LeafReport(
+            where, shape, _DTYPES[code], False, n, n, (), len(rec), header, 0, raw,
+            _EMPTY, _EMPTY, _EMPTY,
+        )  # fmt: skip
+        return bytes(rec), report
+    books = {b: np.asarray(v) for b, v in q.codebooks[i].items()}
+    widths = tuple(books)
+    book_code = _dtype_code(next(iter(books.values())).dtype if books else np.float32, where)
+    if book_code >= _FLOATS:
+        raise ValueError(f"the codebooks at {where} have a non-float dtype {_DTYPES[book_code]}.")
+    rec += struct.pack(f"<BB{len(widths)}B", book_code, len(widths), *widths)
+    header = len(rec)
+    for b in widths:
+        rec += struct.pack("<H", books[b].shape[0] - 1) + _raw_bytes(books[b])
+    codebook_bytes = len(rec) - header
+    bits = np.asarray(q.bits[i]).reshape(-1)
+    codes = np.asarray(q.codes[i]).reshape(-1).astype(np.int64)
+    kept = np.flatnonzero(bits)
+    if kept.size == n:
+        rec += struct.pack("<B", 1)
+        positions = StreamReport(0, 1, 0, 0.0)
+    else:
+        prev = np.concatenate([[-1], kept[:-1]])
+        gaps = kept - prev - 1
+        tail = (n - 1) - (int(kept[-1]) if kept.size else -1)
+        r = _positions_bits(gaps, tail)
+        entries = _relative_entries(kept, n, r)
+        rec += struct.pack("<BBQ", 0, r, entries.size)
+        s = _encode_stream(entries, 1 << r)
+        rec += s.data
+        positions = _from(s, extra=10)
+    kb = bits[kept]
+    width_map = _EMPTY
+    if len(widths) > 1:
+        s = _encode_stream(np.searchsorted(np.asarray(widths), kb), len(widths))
+        rec += s.data
+        width_map = _from(s)
+    codes_report = _EMPTY
+    kc = codes[kept]
+    for b in widths:
+        s = _encode_stream(kc[kb == b], books[b].shape[0])
+        rec += s.data
+        codes_report = _add(codes_report, _from(s))
+    report = LeafReport(
+        where, shape, q.dtypes[i], True, n, int(kept.size), widths, len(rec), header,
+        codebook_bytes, 0, positions, width_map, codes_report,
+    )  # fmt: skip
+    return bytes(rec), report
+
+
+def _check_q(q) -> None:
     if not isinstance(q, QuantizedParams):
         raise TypeError(
-            f"expected the QuantizedParams returned by quantize, got {type(q).__name__}."
+            f"q must be the QuantizedParams returned by quantize, got {type(q).__name__}."
         )
-    paths = _tree_paths(q.treedef)
+
+
+def _encode(q: QuantizedParams) -> tuple[bytes, CompressionReport]:
+    """The file's bytes and its report."""
+    _check_q(q)
+    paths = _tree_paths(q.treedef)  # structure first: no work on a tree that cannot be saved
+    for i in range(len(paths)):
+        leaf = q.raw[i]
+        if q.bits[i] is None:
+            _dtype_code(leaf.dtype, q.paths[i])
     payload = bytearray()
-    report = []
+    leaves = []
     for i, path in enumerate(paths):
-        bits = np.asarray(q.bits[i]).reshape(-1).astype(np.int64)
-        codes = np.asarray(q.codes[i]).reshape(-1).astype(np.int64)
-        shape = q.shapes[i]
-        widths = q.widths[i]
-        books = [np.asarray(b) for b in q.codebooks[i]]
-        n = bits.size
-        rec = bytearray(struct.pack("<H", len(path)))
-        for kind, key in path:
-            if kind == _DICT:
-                raw = key.encode("utf-8")
-                if len(raw) > 0xFFFF:
-                    raise ValueError(f"save_compressed: dict key too long at {_fmt(path)}.")
-                rec += struct.pack("<BH", kind, len(raw)) + raw
-            else:
-                rec += struct.pack("<BI", kind, key)
-        book_dtype = str(books[0].dtype) if books else "float32"
-        if q.dtypes[i] not in _DTYPES or book_dtype not in _DTYPES:
-            raise ValueError(
-                f"save_compressed: leaf {q.paths[i]} has dtype {q.dtypes[i]} (codebooks "
-                f"{book_dtype}); supported dtypes are {_DTYPES}."
-            )
-        rec += struct.pack("<BB", _DTYPES.index(q.dtypes[i]), _DTYPES.index(book_dtype))
-        rec += struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
-        rec += struct.pack(f"<B{len(widths)}B", len(widths), *widths)
-        sizes = {"header": len(rec)}
-        start = len(rec)
-        for b, book in zip(widths, books, strict=True):
-            rec += np.ascontiguousarray(book, book.dtype.newbyteorder("<")).tobytes()
-            del b
-        sizes["codebooks"] = len(rec) - start
-        kept = np.flatnonzero(bits > 0)
-        start = len(rec)
-        rec += struct.pack("<Q", kept.size)
-        if kept.size == n:
-            rec += struct.pack("<B", 1)
-        else:
-            r = min(
-                range(1, _MAX_INDEX_BITS + 1),
-                key=lambda r: (_packed_len(r * _entry_count(kept, n, r)), -r),
-            )
-            entries = _relative_entries(kept, n, r)
-            rec += struct.pack("<BBQ", 0, r, entries.size)
-            rec += _pack(entries, r)
-        sizes["positions"] = len(rec) - start
-        kb = bits[kept]
-        start = len(rec)
-        gbits = math.ceil(math.log2(len(widths))) if len(widths) > 1 else 0
-        if gbits:
-            rec += _pack(np.searchsorted(np.asarray(widths), kb), gbits)
-        sizes["width_map"] = len(rec) - start
-        start = len(rec)
-        rec += _pack(codes[kept], kb)
-        sizes["codes"] = len(rec) - start
+        rec, report = _encode_leaf(q, i, path)
         payload += rec
-        report.append(
-            {
-                "path": q.paths[i],
-                "shape": tuple(shape),
-                "weights": n,
-                "kept": int(kept.size),
-                "widths": tuple(widths),
-                "bytes": len(rec),
-                **{f"{k}_bytes": v for k, v in sizes.items()},
-            }
-        )
+        leaves.append(report)
+    weights = sum(leaf.weights for leaf in leaves)
+    pad = max(0, -(-weights // _WEIGHTS_PER_BYTE) - len(payload) - 4)
+    payload += struct.pack("<I", pad) + bytes(pad)
     header = _HEADER.pack(
         MAGIC, VERSION, 0, len(paths), len(payload), zlib.crc32(payload) & 0xFFFFFFFF
+    )
+    total = len(header) + len(payload)
+    entropy = len(header) + 4 + pad
+    for leaf in leaves:
+        entropy += leaf.header_bytes + leaf.codebook_bytes + leaf.raw_bytes
+        for s in (leaf.positions, leaf.width_map, leaf.codes):
+            entropy += s.table_bytes + s.entropy_bytes
+    report = CompressionReport(
+        leaves=tuple(leaves),
+        header_bytes=len(header),
+        padding_bytes=4 + pad,
+        total_bytes=total,
+        entropy_bytes=float(entropy),
+        weights=weights,
+        dense_float32_bytes=4 * weights,
+        ratio=4 * weights / total,
+        bits_per_weight=8 * total / max(weights, 1),
     )
     return header + bytes(payload), report
 
 
 def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
-    """Write quantized params to one compressed, checksummed binary file.
+    """Write quantized params to one entropy-coded, checksummed binary file.
 
     The layout is in this module's docstring: a header with magic, version, leaf count,
-    payload size and CRC-32, then per leaf its tree path, dtype, shape, codebooks, the
-    positions of kept weights by relative index coding, a bit map of widths and the
-    bit-packed codes. Supported trees: nested dicts with str keys, lists and tuples.
+    payload size and CRC-32, then per leaf its tree path, dtype and shape, and either its
+    raw elements or its codebooks and three entropy-coded streams (positions of the kept
+    weights by relative index coding, the width of each, and the codes of each width
+    group). Each stream costs its order-0 entropy, its frequency table and a few bytes.
+
+    Any pytree whose key paths are dict keys (str or int), sequence indices, attributes
+    or flattened indices can be saved, so an ``nnx.State`` (``nnx.Sequential``'s int keys
+    included) and Linen's dicts of collections work as they are; the loaded tree is made
+    of dicts, lists and tuples (see :func:`load_compressed`).
 
     Args:
       path: the file to write (overwritten).
       q: from :func:`~fisher_optax.quantize`.
 
     Returns:
-      The number of bytes written; equal to ``compression_report(q)["total_bytes"]``.
+      The number of bytes written; equal to ``compression_report(q).total_bytes``.
 
     Raises:
       TypeError: if ``q`` is not a :class:`~fisher_optax.QuantizedParams`.
-      ValueError: on a tree node other than dict/list/tuple, a non-str dict key, or a
-        dtype outside float32/float16/bfloat16/float64.
+      ValueError: on a dict key that is neither str nor int, or a raw leaf whose dtype
+        the format does not store (checked before any encoding work).
 
     Examples:
       >>> import os, tempfile, jax.numpy as jnp, fisher_optax
-      >>> q = fisher_optax.quantize({"w": jnp.array([0.0, 1.0, 2.0, 3.0])}, 2)
+      >>> q = fisher_optax.quantize({"w": jnp.arange(64.0).reshape(8, 8) % 4}, 2)
       >>> f = os.path.join(tempfile.mkdtemp(), "model.fq")
       >>> fisher_optax.save_compressed(f, q)
-      69
-      >>> fisher_optax.dequantize(fisher_optax.load_compressed(f))["w"]
-      Array([0., 1., 2., 3.], dtype=float32)
+      101
+      >>> fisher_optax.dequantize(fisher_optax.load_compressed(f))["w"][0]
+      Array([0., 1., 2., 3., 0., 1., 2., 3.], dtype=float32)
 
     References:
       Han, Mao, Dally. Deep Compression. ICLR 2016. https://arxiv.org/abs/1510.00149
+
+      Duda. Asymmetric numeral systems. 2013. https://arxiv.org/abs/1311.2540
+
+      Bamler. Understanding Entropy Coding With Asymmetric Numeral Systems (ANS): a
+      Statistician's Perspective (the ``constriction`` library). 2022.
+      https://arxiv.org/abs/2201.01741
     """
     data, _ = _encode(q)
     with open(path, "wb") as f:
@@ -330,100 +680,201 @@ class _Reader:
         s = struct.Struct("<" + fmt)
         return s.unpack(self.take(s.size, what))
 
+    def varints(self, count: int, what: str, max_bytes: int = 9) -> np.ndarray:
+        """``count`` LEB128 ints, vectorised; each at most ``max_bytes`` bytes long."""
+        if count == 0:
+            return np.zeros(0, np.int64)
+        if count > self.remaining():
+            raise ValueError(
+                f"load_compressed: the file is corrupted: {what} needs at least {count} bytes "
+                f"but only {self.remaining()} remain."
+            )
+        window = min(self.remaining(), max_bytes * count)
+        raw = np.frombuffer(self.data, np.uint8, window, self.pos)
+        ends = np.flatnonzero(raw < 128)[:count]
+        if ends.size < count:
+            raise ValueError(f"load_compressed: the file is corrupted: {what} is cut short.")
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        if np.any(ends - starts >= max_bytes):
+            raise ValueError(f"load_compressed: the file is corrupted: a varint in {what}.")
+        seg = raw[: ends[-1] + 1].astype(np.uint64)
+        within = np.arange(seg.size) - np.repeat(starts, ends - starts + 1)
+        parts = (seg & np.uint64(127)) << (np.uint64(7) * within.astype(np.uint64))
+        self.pos += int(ends[-1]) + 1
+        return np.add.reduceat(parts, starts).astype(np.int64)
 
-def _decode_leaf(rd: _Reader, index: int):
+    def table(self, alphabet: int, what: str) -> np.ndarray:
+        """A frequency table over ``alphabet`` symbols, dense or sparse (see the writer)."""
+        (used,) = self.varints(1, what)
+        if used == 0:
+            return self.varints(alphabet, what, max_bytes=3)
+        if used > alphabet:
+            raise ValueError(f"load_compressed: {what} lists {used} symbols: corrupted.")
+        pairs = self.varints(2 * int(used), what, max_bytes=3).reshape(-1, 2)
+        index = np.cumsum(pairs[:, 0] + 1) - 1
+        if index[-1] >= alphabet:
+            raise ValueError(f"load_compressed: {what} has a symbol out of range: corrupted.")
+        freq = np.zeros(alphabet, np.int64)
+        freq[index] = pairs[:, 1]
+        return freq
+
+    def stream(self, count: int, alphabet: int, what: str) -> np.ndarray:
+        """Decode a stream of ``count`` symbols in ``0..alphabet-1``."""
+        freq = self.table(alphabet, f"the table of {what}")
+        if count == 0:
+            return np.zeros(0, np.int64)
+        used = np.flatnonzero(freq)
+        if used.size == 0 or freq.sum() > _TABLE_TOTAL:
+            raise ValueError(f"load_compressed: the table of {what} is invalid: corrupted.")
+        if used.size == 1:
+            return np.full(count, used[0], np.int64)
+        (words,) = self.varints(1, f"the word count of {what}")
+        raw = self.take(4 * int(words), what)
+        try:
+            coder = _ANS.AnsCoder(np.frombuffer(raw, "<u4").astype(np.uint32))
+            out = coder.decode(_model(freq), count)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"load_compressed: {what} does not decode ({e}): corrupted.") from None
+        if not coder.is_empty():
+            raise ValueError(f"load_compressed: {what} has words left over: corrupted.")
+        return np.asarray(out, np.int64)
+
+
+def _read_path(rd: _Reader, index: int):
     (depth,) = rd.unpack("H", "path depth")
+    if depth > rd.remaining():
+        raise ValueError(f"load_compressed: leaf {index} has a path deeper than the file.")
     path = []
     for _ in range(depth):
         (kind,) = rd.unpack("B", "path kind")
-        if kind == _DICT:
+        if kind in (_DICT, _ATTR):
             (length,) = rd.unpack("H", "key length")
             try:
                 key = rd.take(length, "dict key").decode("utf-8")
             except UnicodeDecodeError:
                 raise ValueError("load_compressed: a dict key is not UTF-8: corrupted.") from None
             path.append((kind, key))
-        elif kind in (_LIST, _TUPLE):
+        elif kind == _INTKEY:
+            path.append((kind, rd.unpack("q", "int key")[0]))
+        elif kind in (_LIST, _TUPLE, _FLAT):
             path.append((kind, rd.unpack("I", "index")[0]))
         else:
             raise ValueError(f"load_compressed: unknown path kind {kind} in leaf {index}.")
-    dcode, bcode = rd.unpack("BB", "dtypes")
-    if dcode >= len(_DTYPES) or bcode >= len(_DTYPES):
-        raise ValueError(f"load_compressed: unknown dtype code in leaf {index}: corrupted.")
+    return tuple(path)
+
+
+def _decode_raw(rd: _Reader, code: int, shape, index: int):
+    n = math.prod(shape)
+    if code == _KEY:
+        (length,) = rd.unpack("B", "key impl length")
+        impl = rd.take(length, "key impl").decode("utf-8", "replace")
+        try:
+            spec = jax.random.key_impl(jax.random.key(0, impl=impl))
+            width = jax.random.key_data(jax.random.key(0, impl=spec)).shape[-1]
+        except (ValueError, TypeError, KeyError):
+            raise ValueError(
+                f"load_compressed: unknown PRNG impl {impl!r} in leaf {index}."
+            ) from None
+        data = _from_raw(rd.take(4 * n * width, "key data"), np.uint32, (*shape, width))
+        return jax.random.wrap_key_data(data, impl=impl)
+    dtype = jnp.dtype(_DTYPES[code])
+    return _from_raw(rd.take(n * dtype.itemsize, "raw leaf"), dtype, shape)
+
+
+def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
+    path = _read_path(rd, index)
+    kind, code = rd.unpack("BB", "kind and dtype")
+    if kind not in (_QUANTIZED, _RAW) or code >= len(_DTYPES):
+        raise ValueError(f"load_compressed: unknown kind or dtype code in leaf {index}.")
     (ndim,) = rd.unpack("B", "ndim")
     shape = rd.unpack(f"{ndim}Q", "shape")
-    (g,) = rd.unpack("B", "width count")
+    n = math.prod(shape)
+    budget[0] -= n
+    if budget[0] < 0:
+        raise ValueError(
+            f"load_compressed: leaf {index} declares shape {shape}; the leaves declare more "
+            f"than {_WEIGHTS_PER_BYTE} elements per byte of the file: corrupted or hostile."
+        )
+    if kind == _RAW:
+        return path, _DTYPES[code], None, None, {}, _decode_raw(rd, code, shape, index)
+    if code >= _FLOATS:
+        raise ValueError(f"load_compressed: leaf {index} is quantized but not float: corrupted.")
+    bcode, g = rd.unpack("BB", "book dtype and width count")
     widths = rd.unpack(f"{g}B", "widths")
-    if any(not 1 <= b <= MAX_BITS for b in widths) or list(widths) != sorted(set(widths)):
+    if (
+        bcode >= _FLOATS
+        or any(not 1 <= b <= MAX_BITS for b in widths)
+        or list(widths) != sorted(set(widths))
+    ):
         raise ValueError(f"load_compressed: bad bit widths {widths} in leaf {index}.")
     book_dtype = jnp.dtype(_DTYPES[bcode])
-    books = []
+    books = {}
     for b in widths:
-        raw = rd.take((2**b) * book_dtype.itemsize, f"a {b}-bit codebook")
-        books.append(np.frombuffer(raw, book_dtype.newbyteorder("<")).astype(book_dtype))
-    (kept,) = rd.unpack("Q", "kept count")
+        (entries,) = rd.unpack("H", "codebook length")
+        if entries + 1 > 2**b:
+            raise ValueError(f"load_compressed: a {b}-bit codebook of {entries + 1} entries.")
+        raw = rd.take((entries + 1) * book_dtype.itemsize, f"a {b}-bit codebook")
+        books[b] = _from_raw(raw, book_dtype, (entries + 1,))
     (mode,) = rd.unpack("B", "position mode")
     if mode == 1:
-        n = kept
-        # Every kept weight has at least one code bit: bound n by the bytes left.
-        if n > 8 * rd.remaining():
-            raise ValueError(f"load_compressed: leaf {index} claims {n} weights: corrupted.")
         positions = np.arange(n, dtype=np.int64)
     elif mode == 0:
         r, entries = rd.unpack("BQ", "index bits")
-        if not 1 <= r <= _MAX_INDEX_BITS or entries > 8 * rd.remaining() // r:
+        if not 1 <= r <= _MAX_INDEX_BITS or entries > n:
             raise ValueError(f"load_compressed: bad position stream in leaf {index}.")
-        e = _unpack(rd.take(_packed_len(r * entries), "positions"), np.full(entries, r))
         fill = (1 << r) - 1
+        e = rd.stream(entries, fill + 1, f"the positions of leaf {index}")
         step = np.where(e == fill, fill, e + 1)
         cursor = np.cumsum(step) - 1
         positions = cursor[e != fill]
         end = int(cursor[-1]) if entries else -1
-        n = math.prod(shape)
-        if positions.size != kept or not (end <= n - 1 < end + fill):
+        if not (end <= n - 1 < end + fill):
             raise ValueError(
                 f"load_compressed: leaf {index}: the position stream does not match the "
-                f"shape {shape} and kept count {kept}: corrupted."
+                f"shape {shape}: corrupted."
             )
     else:
         raise ValueError(f"load_compressed: unknown position mode {mode} in leaf {index}.")
-    if math.prod(shape) != n or (kept and not widths):
-        raise ValueError(f"load_compressed: leaf {index}: shape {shape} does not fit: corrupted.")
-    gbits = math.ceil(math.log2(g)) if g > 1 else 0
-    if gbits:
-        gi = _unpack(rd.take(_packed_len(gbits * kept), "width map"), np.full(kept, gbits))
-        if np.any(gi >= g):
-            raise ValueError(f"load_compressed: leaf {index}: width index out of range.")
+    kept = positions.size
+    if kept and not widths:
+        raise ValueError(f"load_compressed: leaf {index} keeps weights but has no widths.")
+    if g > 1:
+        gi = rd.stream(kept, g, f"the width map of leaf {index}")
     else:
         gi = np.zeros(kept, np.int64)
-    kb = np.asarray(widths, np.int64)[gi] if kept else np.zeros(0, np.int64)
-    codes_k = _unpack(rd.take(_packed_len(int(kb.sum())), "codes"), kb)
+    kb = np.asarray(widths, np.uint8)[gi] if kept else np.zeros(0, np.uint8)
+    codes_k = np.zeros(kept, np.int64)
+    for j, b in enumerate(widths):
+        sel = gi == j
+        codes_k[sel] = rd.stream(int(sel.sum()), books[b].shape[0], f"the codes of leaf {index}")
     bits = np.zeros(n, np.uint8)
-    codes = np.zeros(n, np.int32)
+    codes = np.zeros(n, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
     bits[positions] = kb
     codes[positions] = codes_k
-    return (
-        tuple(path),
-        _DTYPES[dcode],
-        bits.reshape(shape),
-        codes.reshape(shape),
-        tuple(jnp.asarray(b) for b in books),
-        tuple(widths),
-    )
+    books = {b: jnp.asarray(v) for b, v in books.items()}
+    return path, _DTYPES[code], bits.reshape(shape), codes.reshape(shape), books, None
 
 
 def load_compressed(path: str | os.PathLike) -> QuantizedParams:
     """Read a file written by :func:`save_compressed` back into :class:`QuantizedParams`.
 
-    ``dequantize(load_compressed(f))`` equals ``dequantize(q)`` exactly. The header's
-    payload size must match the file size and the CRC-32 must match before anything
-    is parsed; every count is checked against the bytes left before an array is made.
+    ``dequantize(load_compressed(f))`` equals ``dequantize(q)`` exactly, raw leaves
+    included (same dtype, same bits). The loaded tree is made of plain containers: dict
+    keys (str or int) and attributes come back as dict keys, sequence indices as lists
+    or tuples, Flax's ``.value`` hop is dropped. An ``nnx.State`` therefore comes back as
+    its ``to_pure_dict()`` form (``{'layers': {0: {'kernel': ...}}}`` for an
+    ``nnx.Sequential``), ready for ``nnx.replace_by_pure_dict`` / ``nnx.update``, and a
+    Linen ``{'params': ..., 'batch_stats': ...}`` dict as that dict.
+
+    The header's payload size must match the file size and the CRC-32 must match before
+    anything is parsed; every count is checked against the bytes left before an array is
+    made, and all leaves together may declare at most 1024 elements per payload byte.
 
     Args:
       path: the file.
 
     Returns:
-      The :class:`~fisher_optax.QuantizedParams`, with dicts, lists and tuples as saved.
+      The :class:`~fisher_optax.QuantizedParams`, leaves in the loaded tree's order.
 
     Raises:
       ValueError: if the file is not a fisher-optax file, has another version, is
@@ -462,63 +913,58 @@ def load_compressed(path: str | os.PathLike) -> QuantizedParams:
     if num_leaves > len(payload) // 8 + 1:
         raise ValueError(f"load_compressed: {num_leaves} leaves cannot fit: corrupted.")
     rd = _Reader(payload)
-    recs = [_decode_leaf(rd, i) for i in range(num_leaves)]
-    if rd.remaining():
-        raise ValueError(f"load_compressed: {rd.remaining()} stray bytes at the end: corrupted.")
+    budget = [_WEIGHTS_PER_BYTE * len(payload)]
+    recs = [_decode_leaf(rd, i, budget) for i in range(num_leaves)]
+    (pad,) = rd.unpack("I", "padding length")
+    if rd.remaining() != pad or any(rd.take(pad, "padding")):
+        raise ValueError("load_compressed: the padding does not end the file: corrupted.")
     paths = [r[0] for r in recs]
     if len(set(paths)) != len(paths):
         raise ValueError("load_compressed: two leaves share a path: corrupted.")
     tree = _build_tree(paths)
-    treedef = jax.tree.structure(tree)
+    try:
+        treedef = jax.tree.structure(tree)
+    except TypeError:
+        raise ValueError(
+            "load_compressed: the recorded tree cannot be rebuilt: corrupted."
+        ) from None
     order = jax.tree.leaves(tree)  # record index of each leaf, in flattening order
     recs = [recs[i] for i in order]
     return QuantizedParams(
-        [jnp.asarray(r[2]) for r in recs],
-        [jnp.asarray(r[3]) for r in recs],
+        [r[2] if r[2] is None else jnp.asarray(r[2]) for r in recs],
+        [r[3] if r[3] is None else jnp.asarray(r[3]) for r in recs],
         [r[4] for r in recs],
-        widths=[r[5] for r in recs],
+        [r[5] for r in recs],  # raw leaves stay NumPy: jnp would drop 64-bit dtypes
         treedef=treedef,
-        paths=[p for p, _ in leaves_with_paths(tree)],
-        dtypes=[r[1] for r in recs],
-    )
+        dtypes=[r[1] if r[1] != "key" else str(r[5].dtype) for r in recs],
+    )  # fmt: skip
 
 
-def compression_report(q: QuantizedParams) -> dict[str, Any]:
-    """Sizes of the compressed file, per leaf and in total, against float32 dense.
+def compression_report(q: QuantizedParams) -> CompressionReport:
+    """Sizes of the compressed file, per leaf and per stream, with each stream's entropy.
 
     The byte counts come from the same encoder as :func:`save_compressed`, so
-    ``total_bytes`` equals the size of the file it writes.
+    ``total_bytes`` equals the size of the file it writes; ``entropy_bytes`` is what the
+    file would be if every stream cost exactly its order-0 entropy (tables included).
 
     Args:
       q: from :func:`~fisher_optax.quantize`.
 
     Returns:
-      A dict with ``leaves`` (per leaf: ``path``, ``shape``, ``weights``, ``kept``,
-      ``widths``, ``bytes`` and the bytes of its ``header``, ``codebooks``, ``positions``,
-      ``width_map`` and ``codes`` sections), ``header_bytes`` (the file header),
-      ``total_bytes``, ``total_bits``, ``dense_float32_bytes`` (4 bytes per weight),
-      ``ratio`` (dense float32 bytes over total bytes) and ``bits_per_weight``.
+      A :class:`CompressionReport`; per leaf a :class:`LeafReport` whose ``positions``,
+      ``width_map`` and ``codes`` are :class:`StreamReport` s.
 
     Raises:
       TypeError / ValueError: as :func:`save_compressed`.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
-      >>> w = jnp.zeros(1000).at[::10].set(1.0)  # 90% pruned
+      >>> w = jnp.zeros((100, 10)).at[::10].set(1.0)  # 90% pruned
       >>> q = fisher_optax.quantize({"w": w}, 1, mask={"w": w != 0}, method="uniform")
       >>> r = fisher_optax.compression_report(q)
-      >>> r["total_bytes"], r["dense_float32_bytes"]
-      (132, 4000)
+      >>> r.total_bytes, r.dense_float32_bytes
+      (88, 4000)
+      >>> r.leaves[0].positions.symbols  # one relative index per kept weight
+      100
     """
-    data, leaves = _encode(q)
-    dense = 4 * sum(leaf["weights"] for leaf in leaves)
-    weights = max(1, sum(leaf["weights"] for leaf in leaves))
-    return {
-        "leaves": leaves,
-        "header_bytes": _HEADER.size,
-        "total_bytes": len(data),
-        "total_bits": 8 * len(data),
-        "dense_float32_bytes": dense,
-        "ratio": dense / len(data),
-        "bits_per_weight": 8 * len(data) / weights,
-    }
+    return _encode(q)[1]

@@ -1,10 +1,10 @@
-"""save_compressed / load_compressed / compression_report: exact roundtrip, honest sizes,
-relative index coding, and refusal of truncated, corrupted or hostile files."""
+"""save_compressed / load_compressed / compression_report: exact roundtrip, entropy-coded
+sizes against the order-0 entropy, raw leaves of every dtype, NNX and Linen trees, and
+refusal of truncated, corrupted or hostile files with bounded memory."""
 
 import struct
 import tracemalloc
 import zlib
-from typing import NamedTuple
 
 import hypothesis.extra.numpy as hnp
 import jax
@@ -15,15 +15,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fisher_optax import (
+    CompressionReport,
     compression_report,
     dequantize,
     load_compressed,
     quantize,
     save_compressed,
 )
-from fisher_optax.export import _HEADER, _relative_entries, _unpack
-
-SHAPES = {"a": {"k": (30, 20), "b": (6,)}, "l": [(7,), ((3, 3),)]}
+from fisher_optax.export import (
+    _HEADER,
+    VERSION,
+    _encode_stream,
+    _Reader,
+    _relative_entries,
+    _varints,
+)
 
 
 def _params(seed):
@@ -34,7 +40,7 @@ def _params(seed):
             "b": rng.normal(size=6).astype(jnp.bfloat16),
         },
         "l": [
-            rng.laplace(size=7).astype(np.float32),
+            rng.laplace(size=(7, 2)).astype(np.float32),
             (rng.normal(size=(3, 3)).astype(np.float16),),
         ],
     }
@@ -44,7 +50,19 @@ def _assert_same(d1, d2):
     assert jax.tree.structure(d1) == jax.tree.structure(d2)
     for a, b in zip(jax.tree.leaves(d1), jax.tree.leaves(d2), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _assert_same_q(q, q2):
+    _assert_same(dequantize(q), dequantize(q2))
+    for a, b in zip(q.bits + q.codes, q2.bits + q2.codes, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(q.codebooks, q2.codebooks, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
 
 
 @settings(
@@ -63,44 +81,107 @@ def test_property_roundtrip_is_exact_and_report_equals_file_size(tmp_path, seed,
     bits = jax.tree.map(lambda p: np.resize(widths, p.shape), params)
     bits["a"]["k"] = kbits
     mask = jax.tree.map(lambda p: rng.random(p.shape) < keep, params)
-    q = quantize(params, bits, mask=mask, method="uniform")
+    q = quantize(params, bits, mask=mask, method="uniform", quantizable=lambda p, x: True)
     f = tmp_path / "q.fq"
     written = save_compressed(f, q)
-    assert written == f.stat().st_size == compression_report(q)["total_bytes"]
-    q2 = load_compressed(f)
-    _assert_same(dequantize(q), dequantize(q2))
-    for a, b in zip(q.codes + q.bits, q2.codes + q2.bits, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    report = compression_report(q)
+    assert written == f.stat().st_size == report.total_bytes
+    assert report.total_bytes == (
+        report.header_bytes + report.padding_bytes + sum(leaf.bytes for leaf in report.leaves)
+    )
+    _assert_same_q(q, load_compressed(f))
 
 
-def test_kmeans_roundtrip_and_report_contents(tmp_path):
+def test_kmeans_roundtrip_and_report_fields(tmp_path):
     params = _params(0)
     mask = jax.tree.map(lambda p: np.abs(np.asarray(p, np.float32)) > 0.5, params)
     q = quantize(params, 4, mask=mask, init="density")
     save_compressed(tmp_path / "m.fq", q)
-    _assert_same(dequantize(q), dequantize(load_compressed(tmp_path / "m.fq")))
+    _assert_same_q(q, load_compressed(tmp_path / "m.fq"))
     r = compression_report(q)
-    assert r["total_bytes"] == r["header_bytes"] + sum(leaf["bytes"] for leaf in r["leaves"])
-    for leaf in r["leaves"]:
-        parts = ("header", "codebooks", "positions", "width_map", "codes")
-        assert leaf["bytes"] == sum(leaf[f"{p}_bytes"] for p in parts)
-        assert leaf["codebooks_bytes"] == 16 * 4  # one 4-bit book of float32
-        assert leaf["codes_bytes"] == (4 * leaf["kept"] + 7) // 8
+    assert isinstance(r, CompressionReport)
+    for leaf in r.leaves:
+        parts = (leaf.header_bytes, leaf.codebook_bytes, leaf.raw_bytes)
+        streams = (leaf.positions, leaf.width_map, leaf.codes)
+        assert leaf.bytes == sum(parts) + sum(s.bytes for s in streams)
+        if leaf.quantized:
+            m = np.asarray(jax.tree.leaves(mask)[r.leaves.index(leaf)])
+            assert leaf.kept == leaf.codes.symbols == int(m.sum())
+            assert leaf.codebook_bytes <= 2 + 16 * 4  # one 4-bit book of float32
+        else:  # 1-D leaves are stored raw by default, with their dtype
+            assert leaf.raw_bytes == leaf.weights * np.dtype(leaf.dtype).itemsize
     n = sum(np.size(p) for p in jax.tree.leaves(params))
-    assert r["dense_float32_bytes"] == 4 * n
-    assert r["ratio"] == pytest.approx(4 * n / r["total_bytes"])
+    assert r.weights == n and r.dense_float32_bytes == 4 * n
+    assert r.ratio == pytest.approx(4 * n / r.total_bytes)
+    assert r.entropy_bytes <= r.total_bytes
 
 
 def test_tuples_lists_and_a_bare_array_come_back(tmp_path):
-    q = quantize(np.arange(8, dtype=np.float32), 3, method="uniform")
+    q = quantize(np.arange(8, dtype=np.float32).reshape(2, 4), 3, method="uniform")
     save_compressed(tmp_path / "r.fq", q)
     out = dequantize(load_compressed(tmp_path / "r.fq"))
-    np.testing.assert_array_equal(np.asarray(out), np.arange(8))
-    tree = {"t": (np.ones(2, np.float32),), "l": [np.ones(3, np.float32)]}
+    np.testing.assert_array_equal(np.asarray(out), np.arange(8).reshape(2, 4))
+    tree = {"t": (np.ones((2, 2), np.float32),), "l": [np.ones(3, np.float32)]}
     q = quantize(tree, 1, method="uniform")
     save_compressed(tmp_path / "t.fq", q)
     out = dequantize(load_compressed(tmp_path / "t.fq"))
     assert isinstance(out["t"], tuple) and isinstance(out["l"], list)
+
+
+# --------------------------------------------------------------------------- entropy coding
+
+
+def _order0_entropy_bytes(symbols):
+    """Independent reference: n * H of the empirical distribution, in bytes."""
+    _, counts = np.unique(symbols, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum()) / 8
+
+
+@pytest.mark.parametrize(("alphabet", "n"), [(2, 20_000), (16, 50_000), (4096, 100_000)])
+def test_stream_costs_its_order0_entropy(alphabet, n):
+    rng = np.random.default_rng(alphabet)
+    p = rng.dirichlet(np.full(alphabet, 0.2))  # skewed
+    symbols = rng.choice(alphabet, size=n, p=p)
+    s = _encode_stream(symbols, alphabet)
+    h = _order0_entropy_bytes(symbols)
+    assert s.entropy_bits / 8 == pytest.approx(h)
+    assert len(s.data) - s.table_bytes <= 1.01 * h + 16
+    rd = _Reader(s.data)
+    np.testing.assert_array_equal(rd.stream(n, alphabet, "test"), symbols)
+    assert rd.remaining() == 0
+
+
+def test_skewed_leaf_file_is_near_its_entropy(tmp_path):
+    """A 1-bit leaf where 95% of the codes are 0, 90% pruned: far below 1 bit per code."""
+    rng = np.random.default_rng(0)
+    w = np.where(rng.random((400, 250)) < 0.95, -1.0, 1.0).astype(np.float32)
+    mask = rng.random(w.shape) < 0.1
+    q = quantize({"w": w}, 1, mask={"w": mask}, method="uniform")
+    r = compression_report(q)
+    leaf = r.leaves[0]
+    codes = np.asarray(q.codes[0])[mask]
+    assert leaf.codes.entropy_bytes == pytest.approx(_order0_entropy_bytes(codes))
+    assert leaf.codes.bytes < 0.4 * mask.sum() / 8  # a bit map would cost 1 bit each
+    for s in (leaf.positions, leaf.codes):
+        assert s.bytes <= 1.03 * (s.entropy_bytes + s.table_bytes) + 16
+    assert r.total_bytes <= 1.02 * r.entropy_bytes + 32
+    assert save_compressed(tmp_path / "s.fq", q) == r.total_bytes
+
+
+def test_one_symbol_stream_costs_only_its_table():
+    s = _encode_stream(np.full(10_000, 3), 8)
+    assert len(s.data) == s.table_bytes == 4  # sparse table: 1 used, skip 3, frequency 10000
+    assert _Reader(s.data).stream(10_000, 8, "t").tolist() == [3] * 10_000
+
+
+def test_varints_roundtrip():
+    values = np.array([0, 1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**35, 2**63 - 1])
+    data = _varints(values)
+    rd = _Reader(data)
+    np.testing.assert_array_equal(rd.varints(values.size, "v"), values)
+    assert rd.remaining() == 0
+    assert len(_varints([127])) == 1 and len(_varints([128])) == 2
 
 
 def _reference_positions(entries, r):
@@ -115,7 +196,7 @@ def _reference_positions(entries, r):
     return out, cursor
 
 
-@pytest.mark.parametrize("r", [1, 3, 5, 8])
+@pytest.mark.parametrize("r", [1, 3, 5, 8, 12])
 def test_relative_index_coding_with_fillers(r):
     positions = np.array([0, 1, 40, 41, 1000, 4095])
     entries = _relative_entries(positions, 5000, r)
@@ -128,29 +209,155 @@ def test_relative_index_coding_with_fillers(r):
     assert len(entries) == len(positions) + np.sum(gaps // fill) + (4999 - 4095) // fill
 
 
-def test_sparse_leaf_is_small():
-    w = np.zeros(100_000, np.float32)
-    w[::1000] = 1.0
+def test_sparse_leaf_is_small_and_all_pruned_leaf_roundtrips(tmp_path):
+    w = np.zeros((1000, 100), np.float32)
+    w.flat[::1000] = 1.0
     q = quantize({"w": w}, 1, mask={"w": w != 0}, method="uniform")
     r = compression_report(q)
-    # 100 weights 1000 apart: with 8-bit gaps each costs 3 fillers and one entry.
-    assert r["leaves"][0]["positions_bytes"] == 8 + 1 + 1 + 8 + 4 * 100
-    assert r["ratio"] > 500
+    # 100 weights exactly 1000 apart: one symbol repeated, the table is all that is stored.
+    assert r.leaves[0].positions.bytes < 40 and r.ratio > 2000
+    q = quantize({"w": w}, 1, mask={"w": np.zeros(w.shape, bool)}, method="uniform")
+    assert save_compressed(tmp_path / "z.fq", q) == compression_report(q).total_bytes
+    _assert_same_q(q, load_compressed(tmp_path / "z.fq"))
+    # 1e5 weights in a tiny record: the payload is padded to 1 byte per 1024 elements.
+    r = compression_report(q)
+    assert r.padding_bytes > 4 and r.total_bytes - r.header_bytes == -(-100_000 // 1024)
 
 
-def test_unsupported_trees_are_refused(tmp_path):
-    class Pair(NamedTuple):
-        a: jax.Array
-        b: jax.Array
+# --------------------------------------------------------------------------- raw leaves, trees
 
-    q = quantize(Pair(np.ones(2, np.float32), np.ones(2, np.float32)), 1, method="uniform")
-    with pytest.raises(ValueError, match="has a Pair node at <root>; supported trees"):
-        save_compressed(tmp_path / "x.fq", q)
-    q = quantize({1: np.ones(2, np.float32)}, 1, method="uniform")
-    with pytest.raises(ValueError, match="dict key 1 at <root> is not a str"):
+
+def test_raw_leaves_of_every_dtype_are_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    tree = {
+        "kernel": rng.normal(size=(8, 4)).astype(np.float32),
+        "f16": rng.normal(size=3).astype(np.float16),
+        "bf16": jnp.asarray(rng.normal(size=4), jnp.bfloat16),
+        "f64": rng.normal(size=()).astype(np.float64),
+        "nan": np.array([np.nan, np.inf, -0.0], np.float32),
+        "step": np.array(7, np.int32),
+        "i8": np.array([-128, 127], np.int8),
+        "u64": np.array([2**64 - 1], np.uint64),
+        "flag": np.array([True, False]),
+        "key": jax.random.key(3),
+        "keys": jax.random.split(jax.random.key(4, impl="rbg"), 2),
+    }
+    q = quantize(tree, 2)
+    assert [leaf for leaf, quant in zip(q.paths, q.quantized, strict=True) if quant] == [
+        "['kernel']"
+    ]
+    save_compressed(tmp_path / "raw.fq", q)
+    out = dequantize(load_compressed(tmp_path / "raw.fq"))
+    for name in tree:
+        a, b = tree[name], out[name]
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            assert b.dtype == a.dtype and b.shape == a.shape
+            np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+        elif name != "kernel":
+            assert np.asarray(b).dtype == np.asarray(a).dtype and np.shape(b) == np.shape(a)
+            assert np.asarray(b).tobytes() == np.asarray(a).tobytes()
+
+
+def test_nnx_state_with_int_keys_roundtrips(tmp_path):
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+    )
+    state = nnx.state(model, nnx.Param)
+    q = quantize(state, 3)
+    save_compressed(tmp_path / "n.fq", q)
+    loaded = dequantize(load_compressed(tmp_path / "n.fq"))
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    assert jax.tree.structure(loaded) == jax.tree.structure(pure)
+    assert set(loaded["layers"]) == {0, 2}
+    _assert_same(loaded, jax.tree.map(jnp.asarray, dequantize(q).to_pure_dict()))
+    fresh = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(5)), nnx.relu, nnx.Linear(4, 2, rngs=nnx.Rngs(6))
+    )
+    target = nnx.state(fresh, nnx.Param)
+    nnx.replace_by_pure_dict(target, loaded)
+    nnx.update(fresh, target)
+    x = jnp.ones((2, 3))
+    reference = nnx.merge(nnx.graphdef(model), dequantize(q))
+    np.testing.assert_array_equal(fresh(x), reference(x))
+
+
+def test_linen_collections_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    variables = {
+        "params": {"Conv_0": {"kernel": rng.normal(size=(3, 3, 1, 4)).astype(np.float32),
+                              "bias": np.zeros(4, np.float32)}},
+        "batch_stats": {"BatchNorm_0": {"mean": rng.normal(size=4).astype(np.float32),
+                                        "var": rng.random(4).astype(np.float32)}},
+    }  # fmt: skip
+    q = quantize(variables, 4)
+    save_compressed(tmp_path / "l.fq", q)
+    out = dequantize(load_compressed(tmp_path / "l.fq"))
+    _assert_same(out, dequantize(q))
+    np.testing.assert_array_equal(
+        out["batch_stats"]["BatchNorm_0"]["var"], variables["batch_stats"]["BatchNorm_0"]["var"]
+    )
+
+
+def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
+    """Issue 10 item 9: the file carries BatchNorm statistics (and the Dropout RNG state)."""
+    nnx = pytest.importorskip("flax.nnx")
+    import optax
+
+    def build(seed):
+        rngs = nnx.Rngs(seed)
+        return nnx.Sequential(
+            nnx.Linear(4, 8, rngs=rngs),
+            nnx.BatchNorm(8, rngs=rngs),
+            nnx.relu,
+            nnx.Dropout(0.1, rngs=rngs),
+            nnx.Linear(8, 3, rngs=rngs),
+        )
+
+    model = build(0)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4)).astype(np.float32), rng.integers(0, 3, 32)
+
+    @nnx.jit
+    def step(model, opt):
+        loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+        opt.update(model, nnx.grad(loss)(model))
+
+    for _ in range(3):
+        step(model, opt)
+    model.eval()
+    state = nnx.state(model)
+    assert np.any(np.asarray(state["layers"][1]["mean"].value) != 0)  # statistics moved
+    q = quantize(state, 4)
+    save_compressed(tmp_path / "bn.fq", q)
+    loaded = dequantize(load_compressed(tmp_path / "bn.fq"))
+    expected = nnx.merge(nnx.graphdef(model), dequantize(q))
+    fresh = build(1)
+    fresh.eval()
+    target = nnx.state(fresh)
+    nnx.replace_by_pure_dict(target, loaded)
+    nnx.update(fresh, target)
+    np.testing.assert_array_equal(fresh(x), expected(x))
+    np.testing.assert_array_equal(
+        fresh.layers[1].var.value, np.asarray(state["layers"][1]["var"].value)
+    )
+
+
+def test_unsupported_keys_are_refused_before_work(tmp_path):
+    q = quantize({(1, 2): np.ones((2, 2), np.float32)}, 1, method="uniform")
+    with pytest.raises(
+        ValueError, match=r"key \(1, 2\) of type tuple at <root>; the file records str and int"
+    ):
         compression_report(q)
-    with pytest.raises(TypeError, match="expected the QuantizedParams"):
+    with pytest.raises(TypeError, match="q must be the QuantizedParams"):
         save_compressed(tmp_path / "x.fq", {"w": np.ones(2)})
+    q = quantize({"c": np.ones(2, np.complex64), "w": np.ones((2, 2), np.float32)}, 1)
+    with pytest.raises(ValueError, match=r"params at \['c'\] has dtype complex64"):
+        save_compressed(tmp_path / "x.fq", q)
+
+
+# --------------------------------------------------------------------------- hostile files
 
 
 @pytest.fixture
@@ -184,48 +391,76 @@ def test_wrong_magic_and_version(saved):
     f.write_bytes(b"PK\x03\x04" + data[4:])
     with pytest.raises(ValueError, match="not a file written by save_compressed"):
         load_compressed(f)
-    f.write_bytes(data[:4] + struct.pack("<H", 99) + data[6:])
-    with pytest.raises(ValueError, match="format version 99"):
+    f.write_bytes(data[:4] + struct.pack("<H", 1) + data[6:])
+    with pytest.raises(ValueError, match=r"format version 1 .* knows version 2"):
         load_compressed(f)
 
 
 def _file_with_payload(payload: bytes, num_leaves=1) -> bytes:
     crc = zlib.crc32(payload) & 0xFFFFFFFF
-    return _HEADER.pack(b"FOQZ", 1, 0, num_leaves, len(payload), crc) + payload
+    return _HEADER.pack(b"FOQZ", VERSION, 0, num_leaves, len(payload), crc) + payload
 
 
-def _leaf_head(shape):
-    # path ['w'], float32 leaf and books, shape, one 1-bit width, its 2-entry codebook
+def _leaf_head(shape, book=2):
+    # path ['w'], quantized float32 leaf, shape, float32 books, one 1-bit width, its book
     return (
         struct.pack("<HBH", 1, 0, 1)
         + b"w"
         + struct.pack("<BB", 0, 0)
         + struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
-        + struct.pack("<BB", 1, 1)
-        + np.zeros(2, np.float32).tobytes()
+        + struct.pack("<BBB", 0, 1, 1)
+        + struct.pack("<H", book - 1)
+        + np.zeros(book, np.float32).tobytes()
     )
+
+
+_END = struct.pack("<I", 0)  # no padding
 
 
 @pytest.mark.parametrize(
     ("payload", "num_leaves", "match"),
     [
-        # every weight kept, 2^40 of them, but only a few bytes of codes
-        (_leaf_head((2**40,)) + struct.pack("<QB", 2**40, 1) + b"\0" * 8, 1, "claims"),
-        # a sparse leaf of 2^62 weights whose position stream reaches 8 of them
+        # every weight kept, 2^40 of them, in a few bytes
+        (_leaf_head((2**40,)) + b"\1" + b"\0" * 8 + _END, 1, "more than 1024 elements"),
+        # 3e4 weights, under the budget, but an empty table of codes follows
+        (_leaf_head((30, 1000)) + b"\1" + _END, 1, "table of the codes of leaf 0 is invalid"),
+        # a position stream claiming more entries than the leaf has weights
+        (_leaf_head((4,)) + struct.pack("<BBQ", 0, 1, 2**50) + _END, 1, "bad position stream"),
+        # an index width above 16
+        (_leaf_head((4,)) + struct.pack("<BBQ", 0, 40, 2) + _END, 1, "bad position stream"),
+        # a frequency table that sums past 2^16 (corrupted table)
         (
-            _leaf_head((2**62,)) + struct.pack("<QBBQ", 1, 0, 8, 1) + b"\0" + b"\0",
+            _leaf_head((4,)) + struct.pack("<BBQ", 0, 1, 4) + _varints([0, 2**20, 1]) + _END,
             1,
-            "position stream does not match",
+            "table of the positions of leaf 0 is invalid",
         ),
-        # a position stream longer than the file
-        (_leaf_head((4,)) + struct.pack("<QBBQ", 1, 0, 1, 2**50), 1, "bad position stream"),
+        # an all-zero frequency table
+        (
+            _leaf_head((4,)) + struct.pack("<BBQ", 0, 1, 4) + _varints([0, 0, 0]) + _END,
+            1,
+            "is invalid",
+        ),
+        # a table entry that is a 4-byte varint (no legal table has one)
+        (
+            _leaf_head((4,)) + struct.pack("<BBQ", 0, 1, 4) + b"\0\xff\xff\xff\x01\x01" + _END,
+            1,
+            "a varint in the table",
+        ),
+        # a word count far beyond the file
+        (
+            _leaf_head((4,)) + struct.pack("<BBQ", 0, 1, 4) + _varints([0, 1, 1, 2**40]) + _END,
+            1,
+            "needs 4398046511104 bytes",
+        ),
+        # a codebook longer than 2^b
+        (_leaf_head((4,), book=3) + b"\1" + _END, 1, "1-bit codebook of 3 entries"),
         # codebook of a width larger than 16
-        (struct.pack("<HBBB", 0, 0, 0, 0) + struct.pack("<BB", 1, 40), 1, "bad bit widths"),
+        (struct.pack("<HBBB", 0, 0, 0, 0) + struct.pack("<BBB", 0, 1, 40), 1, "bad bit widths"),
         # billions of leaves announced in a tiny payload
         (b"\0" * 16, 2**31, "leaves cannot fit"),
     ],
 )
-def test_hostile_headers_fail_before_allocating(tmp_path, payload, num_leaves, match):
+def test_hostile_files_fail_before_allocating(tmp_path, payload, num_leaves, match):
     f = tmp_path / "evil.fq"
     f.write_bytes(_file_with_payload(payload, num_leaves))
     tracemalloc.start()
@@ -238,18 +473,21 @@ def test_hostile_headers_fail_before_allocating(tmp_path, payload, num_leaves, m
     assert peak < 10 * 2**20
 
 
+def test_hostile_stream_words_decode_to_bounded_garbage_or_an_error(tmp_path):
+    """Random ANS words with a valid table and CRC: symbols stay in range or it is refused."""
+    head = _leaf_head((64,)) + struct.pack("<BBQ", 0, 3, 64) + _varints([0] + [1] * 8)
+    for seed in range(5):
+        words = np.random.default_rng(seed).integers(1, 2**32, 3, dtype=np.uint64)
+        body = _varints([3]) + words.astype("<u4").tobytes()
+        f = tmp_path / "w.fq"
+        f.write_bytes(_file_with_payload(head + body + _END))
+        with pytest.raises(ValueError, match="corrupted"):
+            load_compressed(f)
+
+
 def test_header_announcing_more_than_the_file(saved):
     f, data = saved
     magic, version, flags, n, _, crc = _HEADER.unpack(data[: _HEADER.size])
     f.write_bytes(_HEADER.pack(magic, version, flags, n, 2**60, crc) + data[_HEADER.size :])
     with pytest.raises(ValueError, match="announces 1152921504606846976 payload bytes"):
         load_compressed(f)
-
-
-def test_unpack_is_the_inverse_of_pack():
-    from fisher_optax.export import _pack
-
-    rng = np.random.default_rng(0)
-    widths = rng.integers(1, 17, size=200)
-    values = rng.integers(0, 2**widths)
-    np.testing.assert_array_equal(_unpack(_pack(values, widths), widths), values)
