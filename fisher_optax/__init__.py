@@ -35,17 +35,13 @@ from fisher_optax.kmeans import (
 
 # Pruning: masks (sort-free exact selection), schedules, masked-training transforms.
 from fisher_optax.masks import (
-    LeafSparsity,
-    SparsityReport,
     apply_mask,
-    erk_sparsity,
     fisher_mask,
     magnitude_mask,
     random_mask,
     sparsity_report,
     topk_mask,
     two_stage_mask,
-    uniform_sparsity,
 )
 from fisher_optax.quantize import (
     QuantizedParams,
@@ -93,11 +89,9 @@ __all__ = [
     "KMeansResult",
     "KeepPrunedState",
     "LeafReport",
-    "LeafSparsity",
     "PrunedState",
     "QuantizedParams",
     "ShareCodebooksState",
-    "SparsityReport",
     "StreamReport",
     "__version__",
     "allocate_bits",
@@ -106,7 +100,6 @@ __all__ = [
     "constant_sparsity",
     "dequantize",
     "empirical_fisher",
-    "erk_sparsity",
     "expand_unit_mask",
     "fisher_from_state",
     "fisher_mask",
@@ -129,7 +122,6 @@ __all__ = [
     "sparsity_report",
     "topk_mask",
     "two_stage_mask",
-    "uniform_sparsity",
     "unit_mask",
     "unit_scores",
 ]
