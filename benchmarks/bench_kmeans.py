@@ -3,8 +3,10 @@
 n values shaped like trained weights (normal, Laplace, and a bimodal "after magnitude
 pruning" set with a gap around zero), k = 16 and 256. kmeans_1d is timed jitted, after a
 warm-up call, as the median of several runs; scikit-learn is timed once per case in the
-same process. Inertia is reported relative to the exact optimum of the kmeans1d package
-(a dynamic program in C++). Prints a markdown table; asserts nothing about time.
+same process; so is the host-side NumPy k-means that ``quantize`` runs
+(``fisher_optax.kmeans._kmeans_host``, init "dp"). Inertia is reported relative to the
+exact optimum of the kmeans1d package (a dynamic program in C++). Prints a markdown
+table; asserts nothing about time.
 
     python benchmarks/bench_kmeans.py           # n = 1e6 (the exact optimum at k = 256
                                                 #   takes minutes per data set)
@@ -22,6 +24,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from fisher_optax import kmeans_1d
+from fisher_optax.kmeans import _kmeans_host
 
 
 def data(kind: str, n: int, seed: int = 0) -> np.ndarray:
@@ -65,16 +68,21 @@ def main() -> None:
     print(f"n = {n}, jax {jax.__version__} on {jax.devices()[0].platform}", flush=True)
     print(
         "\n| data | k | kmeans_1d dp (s) | sklearn n_init=1 (s) | speed-up | "
-        "dp vs optimum | linear vs optimum | sklearn vs optimum | exact DP (s) |",
+        "dp vs optimum | linear vs optimum | density vs optimum | sklearn vs optimum | "
+        "host dp (s) | host dp vs optimum | exact DP (s) |",
         flush=True,
     )
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for kind in args.kinds.split(","):
         x = data(kind, n)
         xj = jnp.asarray(x)
         for k in (int(s) for s in args.ks.split(",")):
             t_dp, r_dp = timed(lambda xj=xj, k=k: kmeans_1d(xj, k, init="dp"), args.repeats)
             _, r_lin = timed(lambda xj=xj, k=k: kmeans_1d(xj, k, init="linear"), 1)
+            _, r_den = timed(lambda xj=xj, k=k: kmeans_1d(xj, k, init="density"), 1)
+            t = time.perf_counter()
+            host_c, _ = _kmeans_host(x, k)
+            t_host = time.perf_counter() - t
             t = time.perf_counter()
             sk = KMeans(k, n_init=1, random_state=0).fit(x.reshape(-1, 1))
             t_sk = time.perf_counter() - t
@@ -88,8 +96,8 @@ def main() -> None:
 
             print(
                 f"| {kind} | {k} | {t_dp:.3f} | {t_sk:.2f} | {t_sk / t_dp:.0f}x | "
-                f"{rel(r_dp.centroids)} | {rel(r_lin.centroids)} | "
-                f"{rel(sk.cluster_centers_)} | {t_opt:.1f} |",
+                f"{rel(r_dp.centroids)} | {rel(r_lin.centroids)} | {rel(r_den.centroids)} | "
+                f"{rel(sk.cluster_centers_)} | {t_host:.3f} | {rel(host_c)} | {t_opt:.1f} |",
                 flush=True,
             )
 

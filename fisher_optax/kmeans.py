@@ -18,6 +18,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = ["KMeansResult", "kmeans_1d"]
@@ -354,7 +355,7 @@ def kmeans_1d(
     *,
     weights: jax.typing.ArrayLike | None = None,
     valid: jax.typing.ArrayLike | None = None,
-    init: str = "linear",
+    init: Init = "dp",
     max_iters: int = 100,
     tol: float = 1e-6,
     key: jax.Array | None = None,
@@ -379,17 +380,24 @@ def kmeans_1d(
     The final step is exact per value: assign every value to its nearest centroid,
     re-centre each centroid on the values it owns, assign again, and sum the inertia over
     the values. Lloyd is a local method: from ``"linear"``, ``"quantile"``,
-    ``"density"`` or ``"kmeans++"`` it can stop far from the optimum (measured: +30% on
-    bimodal pruned-like weights from ``"linear"`` at k = 16, +3% from ``"density"`` at
-    k = 256 on a normal sample, whose sparse tails hold many local minima).
-    ``init="dp"`` solves the problem exactly on a coarsened summary of about
+    ``"density"`` or ``"kmeans++"`` it can stop far from the optimum. ``init="dp"``
+    (the default) solves the problem exactly on a coarsened summary of about
     ``2 * max(512, 8k)`` groups (equal-weight groups where values are dense, equal-width
-    groups in the tails) by dynamic programming, O(k M log M), and Lloyd then polishes:
-    measured within 0.01% (k = 16) and 0.2% (k = 256) of the exact optimum at n = 1e6
-    in ``benchmarks/bench_kmeans.py``. When every group holds a single value (e.g. up to
-    ``max(512, 8k)`` values of similar weight) the DP is exact up to float32 rounding. The
-    default stays ``"linear"`` as the
-    issue specified (Deep Compression's choice); prefer ``"dp"`` for quality.
+    groups in the tails) by dynamic programming, O(k M log M), and Lloyd then polishes.
+    When every group holds a single value (e.g. up to ``max(512, 8k)`` values of similar
+    weight) the DP is exact up to float32 rounding. Measured excess inertia over the
+    exact optimum (``python benchmarks/bench_kmeans.py --n N``; normal / Laplace /
+    bimodal "pruned" data)::
+
+      init       k    n = 2e4 (normal/Laplace/bimodal)   n = 2e5
+      dp         16   +0.002% / +0.002% / +0.009%         +0.003% / +0.003% / +0.002%
+      dp         256  +0.07%  / +0.17%  / +0.21%          +0.09%  / +0.09%  / +0.14%
+      density    16   +0.28%  / +0.35%  / +0.36%          +0.07%  / +0.11%  / +0.01%
+      density    256  +114%   / +446%   / +291%           +15%    / +95%    / +17%
+      linear     16   +0.53%  / +11%    / +30%            +0.26%  / +1.7%   / +29%
+      linear     256  +134%   / +453%   / +379%           +182%   / +530%   / +319%
+
+    ``"linear"`` (Deep Compression's choice) stays available by name.
 
     Args:
       values: real array of any shape; it is flattened. Computation is in float32 (or
@@ -511,3 +519,162 @@ def _kmeans_1d(x, w, ok, key, *, num_clusters, init, max_iters, tol, num_bins):
     c = jnp.where(any_valid, c, 0)
     a = jnp.where(ok, a, -1)
     return KMeansResult(c, a, inertia, jnp.where(any_valid, iters, 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Host-side (NumPy) k-means: what quantize and allocate_bits run, once per model, on
+# concrete values. Compiling a jitted k-means per shape costs seconds; this costs
+# milliseconds at the sizes of a layer's surviving weights.
+
+
+def _dp_host(wu, su, qu, k):
+    """Exact weighted k-means of ``M`` sorted groups by DP; returns cluster start indices.
+
+    ``wu, su, qu``: per group its weight, weighted sum and weighted sum of squares (about
+    a common centre). ``D_i(j) = min_t D_{i-1}(t) + cost(t, j)``; the optimal split is
+    monotone in ``j`` (the cost is Monge), so each layer is a divide and conquer, run
+    level by level with every segment of a level vectorised.
+    """
+    m = wu.shape[0]
+    pw = np.concatenate([[0.0], np.cumsum(wu)])
+    ps = np.concatenate([[0.0], np.cumsum(su)])
+    pq = np.concatenate([[0.0], np.cumsum(qu)])
+
+    def cost(t, j):
+        dw = pw[j] - pw[t]
+        ds = ps[j] - ps[t]
+        c = (pq[j] - pq[t]) - ds * ds / np.where(dw > 0, dw, 1)
+        return np.where(dw > 0, np.maximum(c, 0), 0)
+
+    j_all = np.arange(m + 1)
+    dprev = cost(np.zeros_like(j_all), j_all)
+    opts = []
+    for _ in range(k - 1):
+        dcur = np.empty(m + 1)
+        opt = np.zeros(m + 1, np.int64)
+        jl, jr = np.array([0]), np.array([m])
+        tl, tr = np.array([0]), np.array([m])
+        while jl.size:
+            mid = (jl + jr) // 2
+            hi = np.minimum(tr, mid)
+            length = hi - tl + 1
+            seg = np.repeat(np.arange(mid.size), length)
+            t = tl[seg] + (np.arange(seg.size) - np.repeat(np.cumsum(length) - length, length))
+            val = dprev[t] + cost(t, mid[seg])
+            starts = np.cumsum(length) - length
+            best = np.minimum.reduceat(val, starts)
+            # First t reaching the minimum (ties: the earliest split).
+            hit = np.flatnonzero(val <= best[seg])
+            first = hit[np.searchsorted(seg[hit], np.arange(mid.size))]
+            arg = t[first]
+            dcur[mid], opt[mid] = best, arg
+            left, right = mid - 1 >= jl, mid + 1 <= jr
+            jl, jr, tl, tr = (
+                np.concatenate([jl[left], mid[right] + 1]),
+                np.concatenate([mid[left] - 1, jr[right]]),
+                np.concatenate([tl[left], arg[right]]),
+                np.concatenate([arg[left], tr[right]]),
+            )
+        opts.append(opt)
+        dprev = dcur
+    starts = [0] * k
+    j = m
+    for i in range(k - 1, 0, -1):
+        j = int(opts[i - 1][j])
+        starts[i] = j
+    return np.array(starts)
+
+
+def _coarsen_host(w, x, num_groups):
+    """Contiguous groups of the sorted values: equal weight where dense, equal width in tails."""
+    total = max(float(w.sum()), np.finfo(np.float64).tiny)
+    before = np.cumsum(w) - w
+    by_weight = np.floor(before / total * num_groups).astype(np.int64)
+    span = max(float(x[-1] - x[0]), np.finfo(np.float64).tiny)
+    by_width = np.clip(np.floor((x - x[0]) / span * num_groups), 0, num_groups - 1)
+    key = by_weight * (num_groups + 1) + by_width.astype(np.int64)
+    new = np.concatenate([[False], key[1:] != key[:-1]])
+    return np.cumsum(new)
+
+
+def _lloyd_host(c, u, wu, nu, max_iters=100):
+    """Lloyd on sorted distinct values ``u`` (weights ``wu``, counts ``nu``), exact per value.
+
+    A cluster whose weights sum to zero (e.g. a Fisher of 0 everywhere on it) is centred
+    on the unweighted mean of its values: unweighted k-means there, not a collapsed centre.
+    """
+    pw = np.concatenate([[0.0], np.cumsum(wu)])
+    ps = np.concatenate([[0.0], np.cumsum(wu * u)])
+    pn = np.concatenate([[0.0], np.cumsum(nu)])
+    pu = np.concatenate([[0.0], np.cumsum(nu * u)])
+    for _ in range(max_iters):
+        cut = np.searchsorted(u, (c[1:] + c[:-1]) / 2, side="right")
+        lo = np.concatenate([[0], cut])
+        hi = np.concatenate([cut, [u.size]])
+        cw, cs = pw[hi] - pw[lo], ps[hi] - ps[lo]
+        cn, cu = pn[hi] - pn[lo], pu[hi] - pu[lo]
+        new = np.where(
+            cw > 0, cs / np.where(cw > 0, cw, 1), np.where(cn > 0, cu / np.maximum(cn, 1), c)
+        )
+        new = np.sort(new)
+        if np.array_equal(new, c):
+            break
+        c = new
+    return c
+
+
+def _kmeans_host(x, k, weights=None, *, init="dp"):
+    """Weighted 1-D k-means of a flat NumPy array on the host: ``(centroids, assignments)``.
+
+    Same objective as :func:`kmeans_1d`. Centroids ascend and every one owns a value (at
+    most ``min(k, m)`` for ``m`` distinct values); assignments index them. A zero total
+    weight falls back to unweighted k-means (all weights 1); a cluster of zero weight is
+    centred on its unweighted mean. ``init="dp"``: exact DP on at most
+    ``2 * max(512, 8k)`` groups of the sorted distinct values (exact when there are no more
+    distinct values than that), then Lloyd on the values; other inits start Lloyd from
+    their points (``"linear"`` as in Deep Compression, ``"quantile"``, ``"density"``).
+    """
+    x = np.asarray(x, np.float64).reshape(-1)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0, np.int64)
+    if not w.sum() > 0:
+        w = np.ones_like(x)
+    u, inv = np.unique(x, return_inverse=True)
+    inv = inv.reshape(-1)
+    if u.size <= k:
+        return u, inv
+    wu = np.bincount(inv, w, minlength=u.size)
+    nu = np.bincount(inv, minlength=u.size).astype(np.float64)
+    if init == "dp":
+        groups = max(512, 8 * k)
+        gid = np.arange(u.size) if u.size <= 2 * groups else _coarsen_host(wu, u, groups)
+        # Groups of zero weight would make the DP indifferent: give it the counts there.
+        ww = np.where(wu > 0, wu, 0.0)
+        if not ww.sum() > 0:
+            ww = nu
+        centre = (u[0] + u[-1]) / 2
+        d = u - centre
+        mg = int(gid[-1]) + 1
+        gw = np.bincount(gid, ww, minlength=mg)
+        gs = np.bincount(gid, ww * d, minlength=mg)
+        gq = np.bincount(gid, ww * d * d, minlength=mg)
+        starts = _dp_host(gw, gs, gq, min(k, mg))
+        stops = np.concatenate([starts[1:], [mg]])
+        pw, ps = np.concatenate([[0.0], np.cumsum(gw)]), np.concatenate([[0.0], np.cumsum(gs)])
+        cw = pw[stops] - pw[starts]
+        c0 = centre + (ps[stops] - ps[starts]) / np.where(cw > 0, cw, 1)
+        c0 = np.unique(c0[stops > starts])
+    elif init == "linear":
+        c0 = np.linspace(u[0], u[-1], k)
+    else:
+        # Quantiles of the weight (``quantile``) or of its cube root (``density``).
+        mass = wu if init == "quantile" else np.cbrt(wu)
+        cdf = np.cumsum(mass) / mass.sum()
+        c0 = np.unique(u[np.minimum(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), u.size - 1)])
+    c = _lloyd_host(np.sort(c0), u, wu, nu)
+    a = np.searchsorted((c[1:] + c[:-1]) / 2, u, side="left")
+    used = np.unique(a)
+    c = c[used]
+    a = np.searchsorted(used, a)
+    return c, a[inv]

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisher_optax import _validate
-from fisher_optax._tree import check_matching, keystr, leaves_with_paths, strip_value
+from fisher_optax._tree import check_matching, keystr, strip_value
 from fisher_optax._types import Bits, Fisher, Mask, Params
-from fisher_optax.kmeans import INITS, Init, kmeans_1d
+from fisher_optax.kmeans import INITS, Init, _kmeans_host
 
 __all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
 
@@ -150,245 +150,18 @@ def _check_bit_widths(bit_widths) -> tuple[int, ...]:
     return tuple(sorted(widths, reverse=True))
 
 
-def _candidate_allocations(num_groups: int, widths_desc: tuple[int, ...]) -> np.ndarray:
-    """All monotone maps group rank -> width: ``[num_candidates, num_groups]``.
-
-    Row ``r`` gives the width of the group with the highest Fisher first; widths never
-    increase down a row (a group never gets more bits than a group with more Fisher).
-    """
-    rows = itertools.combinations_with_replacement(widths_desc, num_groups)
-    return np.array([sorted(r, reverse=True) for r in rows], dtype=np.int32)
-
-
-def _choose_allocation(counts, candidates, budget):
-    """Index of the candidate with the most mean bits ``<= budget`` (ties: most bits first).
-
-    ``counts[g]``: surviving weights in the group of Fisher rank ``g`` (0 = highest). Means
-    are compared with a relative slack of 1e-6 for float32 rounding.
-    """
-    counts = counts.astype(jnp.float32)
-    total = jnp.maximum(jnp.sum(counts), 1)
-    mean = (jnp.asarray(candidates, jnp.float32) @ counts) / total
-    slack = 1e-6 * jnp.maximum(jnp.abs(budget), 1)
-    feasible = mean <= budget + slack
-    best = jnp.max(jnp.where(feasible, mean, -jnp.inf))
-    tie = feasible & (mean >= best - slack)
-    # Lexicographic rank of each row (w_0, w_1, ...), larger = more bits to high Fisher.
-    order = np.lexsort(candidates.T[::-1])
-    lex_rank = np.empty(len(candidates), np.int32)
-    lex_rank[order] = np.arange(len(candidates))
-    return jnp.argmax(jnp.where(tie, jnp.asarray(lex_rank), -1))
-
-
-def allocate_bits(
-    fisher: Fisher,
-    *,
-    bit_widths: tuple[int, ...] = (8, 6, 4, 2),
-    mask: Mask | None = None,
-    scope: str = "global",
-    average_bits: float | None = None,
-) -> Bits:
-    r"""Bit widths per weight from the Fisher: more Fisher information, more bits.
-
-    The surviving weights' :math:`\log F` (``F`` clamped below at the smallest positive
-    normal float) is clustered with :func:`kmeans_1d` (``init="density"``) into
-    ``G = len(bit_widths)`` groups, over all leaves (``scope="global"``) or leaf by leaf
-    (``scope="layer"``). Groups are ranked by their centroid; pruned weights get 0 bits.
-
-    Without a budget, the group of rank ``g`` (0 = highest Fisher) gets the ``g``-th
-    largest width. With ``average_bits=β``, every monotone map from group rank to width
-    (``w_0 >= w_1 >= ... >= w_{G-1}``, widths from ``bit_widths``, repeats allowed) is a
-    candidate, and the chosen one maximises the mean over surviving weights
-
-    .. math::
-      \bar b = \frac{\sum_g n_g w_g}{\sum_g n_g} \le \beta ,
-
-    ties broken in favour of more bits for the higher-Fisher groups (lexicographic order
-    of ``(w_0, w_1, ...)``). With ``scope="layer"`` the map is shared by all leaves (rank
-    ``g`` in every leaf gets ``w_g``) and ``n_g`` counts rank-``g`` weights over all leaves.
-
-    Args:
-      fisher: pytree of non-negative arrays (a Fisher diagonal) shaped like the params.
-      bit_widths: distinct widths in ``1..16``.
-      mask: optional bool pytree like ``fisher``; ``False`` = pruned, gets 0 bits.
-      scope: ``"global"`` or ``"layer"``.
-      average_bits: optional budget ``β`` on the mean bits of surviving weights.
-
-    Returns:
-      An int32 pytree shaped like ``fisher``: 0 for pruned weights, else a width from
-      ``bit_widths``.
-
-    Raises:
-      ValueError: on widths outside ``1..16`` or repeated, an unknown ``scope``, a ``mask``
-        that does not match ``fisher``, or a budget below ``min(bit_widths)`` (no
-        allocation fits; checked when the budget is a Python number).
-
-    Examples:
-      >>> import jax.numpy as jnp, fisher_optax
-      >>> fisher = {"w": jnp.array([1e-6, 2e-6, 1e-3, 2e-3, 1.0, 2.0])}
-      >>> fisher_optax.allocate_bits(fisher, bit_widths=(8, 4, 2))["w"]
-      Array([2, 2, 4, 4, 8, 8], dtype=int32)
-      >>> fisher_optax.allocate_bits(fisher, bit_widths=(8, 4, 2), average_bits=4)["w"]
-      Array([2, 2, 2, 2, 8, 8], dtype=int32)
-
-    References:
-      Tu, Berisha, Cao, Seo. Reducing the Model Order of Deep Neural Networks Using
-      Information Theory. ISVLSI 2016. https://arxiv.org/abs/1605.04859
-    """
-    widths_desc = _check_bit_widths(bit_widths)
-    if scope not in _SCOPES:
-        raise ValueError(f"allocate_bits: scope must be one of {_SCOPES}, got {scope!r}.")
-    leaves = [leaf for _, leaf in leaves_with_paths(fisher)]
-    treedef = jax.tree.structure(fisher)
-    if mask is None:
-        masks = [jnp.ones(jnp.shape(f), bool) for f in leaves]
-    else:
-        masks = [
-            jnp.asarray(m, bool)
-            for m in check_matching(fisher, mask, ref_name="fisher", other_name="mask")
-        ]
-    if average_bits is not None and isinstance(average_bits, int | float):
-        if average_bits < min(widths_desc):
-            raise ValueError(
-                f"allocate_bits: average_bits={average_bits} is below the smallest width "
-                f"{min(widths_desc)}; no allocation fits. Raise the budget or add a smaller "
-                "width to bit_widths."
-            )
-    return _allocate(leaves, masks, treedef, widths_desc, scope, average_bits)
-
-
-def _allocate(leaves, masks, treedef, widths_desc, scope, average_bits):
-    g = len(widths_desc)
-    tiny = jnp.finfo(jnp.float32).tiny
-    logs = [jnp.log(jnp.maximum(jnp.asarray(f, jnp.float32), tiny)).reshape(-1) for f in leaves]
-    oks = [m.reshape(-1) for m in masks]
-    if scope == "global":
-        sizes = [x.shape[0] for x in logs]
-        r = kmeans_1d(jnp.concatenate(logs), g, valid=jnp.concatenate(oks), init="density")
-        splits = np.cumsum(sizes)[:-1]
-        assign = jnp.split(r.assignments, splits)
-    else:
-        assign = [None] * len(logs)
-        fn = lambda x, ok: kmeans_1d(x, g, valid=ok, init="density").assignments
-        for idx in _buckets([x.shape[0] for x in logs]):
-            size = max(logs[i].shape[0] for i in idx)
-            out = jax.vmap(fn)(
-                jnp.stack([_pad(logs[i], size, 0) for i in idx]),
-                jnp.stack([_pad(oks[i], size, False) for i in idx]),
-            )
-            for j, i in enumerate(idx):
-                assign[i] = out[j, : logs[i].shape[0]]
-    # kmeans centroids ascend: cluster j has Fisher rank g - 1 - j (rank 0 = highest).
-    ranks = [jnp.where(a >= 0, g - 1 - a, -1) for a in assign]
-    if average_bits is None:
-        table = jnp.asarray(widths_desc, jnp.int32)
-    else:
-        counts = sum(jnp.bincount(jnp.where(r >= 0, r, g), length=g + 1)[:g] for r in ranks)
-        candidates = _candidate_allocations(g, widths_desc)
-        best = _choose_allocation(counts, candidates, average_bits)
-        table = jnp.asarray(candidates)[best]
-    out = [
-        jnp.where(r >= 0, table[jnp.maximum(r, 0)], 0).astype(jnp.int32).reshape(jnp.shape(f))
-        for r, f in zip(ranks, leaves, strict=True)
-    ]
-    return jax.tree.unflatten(treedef, out)
-
-
-def _concrete_bits(leaf, path: str) -> np.ndarray:
-    try:
-        arr = np.asarray(leaf)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+def _concrete(leaf, name: str, path: str) -> np.ndarray:
+    """``leaf`` as a NumPy array; a traced leaf is a ``TypeError`` (the work runs on the host)."""
+    if not _validate.is_concrete(leaf):
         raise TypeError(
-            f"quantize: bits at {path} is traced; the bit widths fix the codebook sizes and "
-            "must be concrete. Call allocate_bits outside jit (or pass its result in as a "
-            "concrete array); quantize jits its own work."
-        ) from None
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(
-            f"quantize: bits at {path} must be an integer array, got dtype {arr.dtype}; "
-            "use the tree returned by allocate_bits or cast with .astype(int)."
+            f"{name} at {path} is traced; quantization runs once, on the host, on concrete "
+            "values (the widths fix the codebook sizes). Call it outside jit; dequantize "
+            "can run under jit."
         )
-    bad = (arr != 0) & ((arr < 1) | (arr > MAX_BITS))
-    if np.any(bad):
-        raise ValueError(
-            f"quantize: bits at {path} must be 0 (pruned) or in 1..{MAX_BITS}, got "
-            f"{arr[bad].ravel()[0]}. Widths above {MAX_BITS} are not quantization."
-        )
-    return arr
+    return np.asarray(leaf)
 
 
-def quantize(
-    params: Params,
-    bits: int | Bits,
-    *,
-    fisher: Fisher | None = None,
-    mask: Mask | None = None,
-    method: Method = "kmeans",
-    init: Init | None = None,
-    quantizable: Quantizable = None,
-) -> QuantizedParams:
-    r"""Share weights: each ``b``-bit group of a leaf takes the ``2^b`` values of a codebook.
-
-    A group is the set of kept weights of one leaf that have the same width ``b``. With
-    ``method="kmeans"`` its codebook is the :func:`kmeans_1d` solution with ``2^b``
-    clusters (``init="density"``), Fisher-weighted when ``fisher`` is given (Choi et al.
-    2017):
-
-    .. math::
-      \min_{c} \sum_{i \in \text{group}} F_i \, (w_i - c_{a_i})^2 .
-
-    With ``method="uniform"`` it is the evenly spaced grid of ``2^b`` points from the
-    group's minimum to its maximum, each weight rounded to the nearest (affine uniform
-    quantization, the fixed-point baseline). Pruned weights (``mask`` False, or 0 in a
-    ``bits`` tree) belong to no group: they hold code 0, no codebook entry, and
-    dequantize to exact 0. So the dequantized weights of a ``b``-bit group take at most
-    ``2^b`` distinct values, and exact zero for pruned weights is stored apart from them.
-
-    The work runs under one ``jit`` over the flattened params. Leaves are flattened and
-    bucketed by size (padding a bucket to its largest leaf costs at most twice its real
-    size, plus 4096 entries); each bucket is clustered with one ``vmap`` per width, so a
-    model compiles one k-means per (bucket, width), not one per leaf or group. The bit
-    widths are read outside ``jit`` (they fix the codebook sizes), so ``bits`` must be
-    concrete; the jitted step is cached on the shapes and widths.
-
-    Args:
-      params: pytree of float arrays.
-      bits: one int in ``1..16`` for every kept weight, or an int pytree shaped like
-        ``params`` (e.g. from :func:`allocate_bits`) with values in ``{0} ∪ 1..16``, 0
-        meaning pruned. It must be concrete (not traced): the widths fix array sizes.
-      fisher: optional non-negative pytree shaped like ``params``: k-means weights.
-      mask: optional bool pytree shaped like ``params``; ``False`` = pruned.
-      method: ``"kmeans"`` or ``"uniform"``.
-      init: the :func:`kmeans_1d` init. ``None`` means ``"dp"`` (near-optimal; costs
-        O(2^b) DP layers) for widths up to 8 and ``"density"`` above.
-
-    Returns:
-      A :class:`QuantizedParams`.
-
-    Raises:
-      ValueError: on bits outside ``1..16`` (0 only inside a bits tree), an unknown
-        ``method``, or a ``bits``/``fisher``/``mask`` tree that does not match ``params``.
-      TypeError: on traced or non-integer bits, or non-float params.
-
-    Examples:
-      >>> import jax.numpy as jnp, fisher_optax
-      >>> params = {"w": jnp.array([-1.0, -0.8, 0.0, 0.5, 1.0, 1.5])}
-      >>> mask = {"w": jnp.array([True, True, False, True, True, True])}
-      >>> q = fisher_optax.quantize(params, 1, mask=mask)
-      >>> fisher_optax.dequantize(q)["w"]
-      Array([-0.9, -0.9,  0. ,  1. ,  1. ,  1. ], dtype=float32)
-      >>> q.codebooks[0][0]  # the 2^1 shared values of the 1-bit group of leaf "w"
-      Array([-0.9,  1. ], dtype=float32)
-
-    References:
-      Han, Mao, Dally. Deep Compression. ICLR 2016. https://arxiv.org/abs/1510.00149
-
-      Choi, El-Khamy, Lee. Towards the Limit of Network Quantization. ICLR 2017.
-      https://arxiv.org/abs/1612.01543
-    """
-    _validate.choice(method, "method", METHODS)
-    if init is not None:
-        _validate.choice(init, "init", INITS)
+def _leaves_and_flags(params, quantizable):
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     kpaths = [strip_value(p) for p, _ in flat]
     paths = [keystr(p) for p in kpaths]
@@ -401,71 +174,393 @@ def quantize(
                 "float leaves can be quantized. Leave it out of quantizable (it is then "
                 "stored as it is)."
             )
+    return treedef, paths, leaves, flags
+
+
+def _kept_masks(params, mask, leaves, flags):
+    """Per leaf, the bool array of weights that take part (mask and quantizable)."""
+    if mask is None:
+        masks = [np.ones(np.shape(x), bool) for x in leaves]
+    else:
+        masks = [np.asarray(m) for m in _validate.bool_leaves(params, mask)]
+    return [m & f for m, f in zip(masks, flags, strict=True)]
+
+
+def _check_values(params, fisher, treedef, leaves, flags, kept):
+    """Finite kept weights; a real, finite, non-negative Fisher on them (NumPy, or None)."""
+    checked = [x if f else np.float32(0) for x, f in zip(leaves, flags, strict=True)]
+    where = [k if f else None for k, f in zip(kept, flags, strict=True)]
+    _validate.finite(jax.tree.unflatten(treedef, checked), "params", where=where)
+    if fisher is None:
+        return [None] * len(leaves)
+    return [
+        np.asarray(f) if q else None
+        for f, q in zip(_validate.fisher(params, fisher, where=kept), flags, strict=True)
+    ]
+
+
+Granularity = Literal["weight", "layer"]
+GRANULARITIES: dict[str, str] = {
+    "weight": "each weight's width from its own Fisher (groups of log-Fisher)",
+    "layer": "one width per leaf from its summed saliency, under the average_bits budget",
+}
+
+
+def allocate_bits(
+    params: Params,
+    *,
+    fisher: Fisher,
+    mask: Mask | None = None,
+    average_bits: float | None = None,
+    bit_widths: tuple[int, ...] = (8, 6, 4, 2),
+    scope: Literal["global", "layer"] = "global",
+    granularity: Granularity = "weight",
+    quantizable: Quantizable = None,
+) -> Bits:
+    r"""Bit widths per weight from the Fisher: more Fisher information, more bits.
+
+    Only the weights :func:`quantize` codes take part: those of quantizable leaves (by
+    default floating leaves with ``ndim >= 2``) that ``mask`` keeps. Every other weight
+    gets 0 (pruned, or a leaf that :func:`quantize` stores as it is).
+
+    ``granularity="weight"`` (Tu et al. 2016): the kept weights' :math:`\log F` (``F``
+    clamped below at the smallest positive normal float32) is clustered with 1-D k-means
+    (the exact dynamic program of :func:`kmeans_1d`'s ``init="dp"``) into
+    ``G = len(bit_widths)`` groups, over all leaves (``scope="global"``) or leaf by leaf
+    (``scope="layer"``), and groups are ranked by centroid. Without a budget, the group
+    of rank ``g`` (0 = highest Fisher) gets the ``g``-th largest width. With
+    ``average_bits=β``, every monotone map from rank to width (``w_0 >= w_1 >= ...``,
+    repeats allowed) is a candidate and the chosen one maximises the mean
+
+    .. math::
+      \bar b = \frac{\sum_g n_g w_g}{\sum_g n_g} \le \beta ,
+
+    ties broken in favour of more bits for higher-Fisher groups (lexicographic order of
+    ``(w_0, w_1, ...)``). With ``scope="layer"`` the map is shared by all leaves and
+    ``n_g`` counts rank-``g`` weights over all leaves.
+
+    ``granularity="layer"``: each leaf ``l`` gets one width ``b_l`` for all its kept
+    weights, chosen from its summed saliency :math:`S_l = \sum_i \tfrac12 F_i w_i^2`
+    (:func:`~fisher_optax.saliency`, the second-order loss increase of zeroing the leaf).
+    The loss increase of quantizing it at ``b`` bits is estimated as
+    :math:`S_l\,4^{-b}` (the error of a ``b``-bit quantizer relative to the weights'
+    second moment falls as :math:`4^{-b}` in the high-resolution limit; an estimate, not
+    a measurement), and the widths minimise the total under the budget, exactly:
+
+    .. math::
+      \min_{b_l \in \text{bit\_widths}} \sum_l S_l\, 4^{-b_l}
+      \quad \text{s.t.} \quad \sum_l n_l b_l \le \beta \sum_l n_l ,
+
+    solved by a dynamic program over leaves on the Pareto front of (total bits, total
+    estimate); ties go to fewer total bits. ``average_bits`` is required here.
+
+    Args:
+      params: the parameter pytree (the weights, for saliency and the default
+        quantizable leaves).
+      fisher: keyword-only; non-negative, finite pytree shaped like ``params`` (e.g.
+        ``fisher_from_state(opt_state)``).
+      mask: optional bool pytree like ``params``; ``False`` = pruned, gets 0 bits.
+      average_bits: optional budget ``β`` on the mean bits of the coded weights
+        (required for ``granularity="layer"``).
+      bit_widths: distinct widths in ``1..16``.
+      scope: ``"global"`` or ``"layer"`` (``granularity="weight"`` only).
+      granularity: ``"weight"`` or ``"layer"``.
+      quantizable: which leaves are coded, as in :func:`quantize`.
+
+    Returns:
+      An int32 pytree shaped like ``params``: 0 for pruned or uncoded weights, else a
+      width from ``bit_widths``.
+
+    Raises:
+      ValueError: on widths outside ``1..16`` or repeated, an unknown option, a ``mask``
+        or ``fisher`` that does not match ``params``, a negative or non-finite Fisher or a
+        non-finite weight where it is used, a budget below ``min(bit_widths)``, or
+        ``granularity="layer"`` without a budget.
+      TypeError: on a mask that is not boolean, or traced inputs (this runs on the host).
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> params = {"w": jnp.ones((1, 6))}
+      >>> fisher = {"w": jnp.array([[1e-6, 2e-6, 1e-3, 2e-3, 1.0, 2.0]])}
+      >>> fisher_optax.allocate_bits(params, fisher=fisher, bit_widths=(8, 4, 2))["w"]
+      Array([[2, 2, 4, 4, 8, 8]], dtype=int32)
+      >>> fisher_optax.allocate_bits(
+      ...     params, fisher=fisher, bit_widths=(8, 4, 2), average_bits=4)["w"]
+      Array([[2, 2, 2, 2, 8, 8]], dtype=int32)
+
+    References:
+      Tu, Berisha, Cao, Seo. Reducing the Model Order of Deep Neural Networks Using
+      Information Theory. ISVLSI 2016. https://arxiv.org/abs/1605.04859
+
+      LeCun, Denker, Solla. Optimal Brain Damage. NeurIPS 1989.
+    """
+    widths_desc = _check_bit_widths(bit_widths)
+    _validate.scope(scope)
+    _validate.choice(granularity, "granularity", GRANULARITIES)
+    if average_bits is not None:
+        average_bits = _validate.real(
+            average_bits, "average_bits", low=0.0, meaning="mean bits per coded weight"
+        )
+        if average_bits < min(widths_desc):
+            raise ValueError(
+                f"average_bits={average_bits} is below the smallest width "
+                f"{min(widths_desc)}; no allocation fits. Raise the budget or add a smaller "
+                "width to bit_widths."
+            )
+    elif granularity == "layer":
+        raise ValueError(
+            "granularity='layer' chooses widths under a budget: pass average_bits (e.g. 4)."
+        )
+    treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
+    kept = _kept_masks(params, mask, leaves, flags)
+    fish = _check_values(params, fisher, treedef, leaves, flags, kept)
+    idx = [i for i, f in enumerate(flags) if f]
+    out = [np.zeros(np.shape(x), np.int32) for x in leaves]
+    if granularity == "layer":
+        counts = [int(kept[i].sum()) for i in idx]
+        sal = [
+            float(
+                np.sum(
+                    np.where(
+                        kept[i],
+                        0.5
+                        * fish[i]
+                        * np.square(_concrete(leaves[i], "params", paths[i]).astype(np.float64)),
+                        0,
+                    )
+                )
+            )
+            for i in idx
+        ]
+        choice = _layer_widths(sal, counts, widths_desc, average_bits)
+        for i, b in zip(idx, choice, strict=True):
+            out[i] = np.where(kept[i], b, 0).astype(np.int32)
+    else:
+        _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits)
+    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in out])
+
+
+def _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits):
+    g = len(widths_desc)
+    tiny = np.finfo(np.float32).tiny
+    logs = {i: np.log(np.maximum(fish[i][kept[i]].astype(np.float64), tiny)) for i in idx}
+    ranks = {}
+    if scope == "global":
+        flat = np.concatenate([logs[i] for i in idx]) if idx else np.zeros(0)
+        c, a = _kmeans_host(flat, g)
+        r = len(c) - 1 - a  # centroids ascend: rank 0 = highest Fisher
+        for i, part in zip(
+            idx, np.split(r, np.cumsum([logs[i].size for i in idx])[:-1]), strict=True
+        ):
+            ranks[i] = part
+    else:
+        for i in idx:
+            c, a = _kmeans_host(logs[i], g)
+            ranks[i] = len(c) - 1 - a
+    if average_bits is None:
+        table = np.asarray(widths_desc)
+    else:
+        counts = sum((np.bincount(ranks[i], minlength=g) for i in idx), np.zeros(g, np.int64))
+        table = _choose_allocation(counts, widths_desc, average_bits)
+    for i in idx:
+        leaf = np.zeros(kept[i].shape, np.int32)
+        leaf[kept[i]] = table[ranks[i]]
+        out[i] = leaf
+
+
+def _choose_allocation(counts, widths_desc, budget) -> np.ndarray:
+    """The monotone map rank -> width with the most mean bits ``<= budget``.
+
+    ``counts[g]``: coded weights of Fisher rank ``g`` (0 = highest). Ties (means equal up
+    to a relative 1e-9) go to the lexicographically largest ``(w_0, w_1, ...)``.
+    """
+    g = len(counts)
+    total = max(int(np.sum(counts)), 1)
+    slack = 1e-9 * max(abs(budget), 1)
+    best = None
+    for row in itertools.combinations_with_replacement(widths_desc, g):
+        row = tuple(sorted(row, reverse=True))
+        mean = float(np.dot(row, counts)) / total
+        if mean <= budget + slack:
+            key = (round(mean / slack) if slack else mean, row)
+            best = key if best is None or key > best else best
+    return np.asarray(best[1] if best else (min(widths_desc),) * g)
+
+
+def _layer_widths(saliency, counts, widths_desc, budget) -> list[int]:
+    """Exact ``argmin sum_l S_l 4^-b_l`` s.t. ``sum_l n_l b_l <= budget * sum_l n_l``.
+
+    Dynamic program over leaves keeping the Pareto front of (total bits, estimate): a
+    state is dropped when another uses no more bits and has no larger estimate. Ties go
+    to fewer total bits, then to the first width in descending order per leaf.
+    """
+    cap = budget * sum(counts) * (1 + 1e-12)
+    front = [(0, 0.0, ())]  # (total bits, estimate, widths so far)
+    for s, n in zip(saliency, counts, strict=True):
+        cand = [
+            (bits + n * b, est + s * 4.0**-b, (*chosen, b))
+            for bits, est, chosen in front
+            for b in widths_desc
+            if bits + n * b <= cap
+        ]
+        cand.sort(key=lambda t: (t[0], t[1]))
+        front, best = [], np.inf
+        for t in cand:
+            if t[1] < best:
+                front.append(t)
+                best = t[1]
+    win = min(front, key=lambda t: (t[1], t[0]))
+    return list(win[2])
+
+
+def _concrete_bits(leaf, path: str) -> np.ndarray:
+    arr = _concrete(leaf, "bits", path)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(
+            f"bits at {path} must be an integer array, got dtype {arr.dtype}; use the tree "
+            "returned by allocate_bits or cast with .astype(int)."
+        )
+    bad = (arr != 0) & ((arr < 1) | (arr > MAX_BITS))
+    if np.any(bad):
+        raise ValueError(
+            f"bits at {path} must be 0 (pruned) or in 1..{MAX_BITS}, got "
+            f"{arr[bad].ravel()[0]}. Widths above {MAX_BITS} are not quantization."
+        )
+    return arr
+
+
+_QUANTIZE_INITS = {k: v for k, v in INITS.items() if k != "kmeans++"}
+
+
+def quantize(
+    params: Params,
+    bits: int | Bits,
+    *,
+    fisher: Fisher | None = None,
+    mask: Mask | None = None,
+    method: Method = "kmeans",
+    init: Init = "dp",
+    quantizable: Quantizable = None,
+) -> QuantizedParams:
+    r"""Share weights: each ``b``-bit group of a leaf takes at most ``2^b`` codebook values.
+
+    A group is the set of kept weights of one quantizable leaf that have the same width
+    ``b``. With ``method="kmeans"`` its codebook is the weighted 1-D k-means solution with
+    ``2^b`` clusters, Fisher-weighted when ``fisher`` is given (Choi et al. 2017):
+
+    .. math::
+      \min_{c} \sum_{i \in \text{group}} F_i \, (w_i - c_{a_i})^2 .
+
+    ``init="dp"`` (default) solves it exactly by dynamic programming when the group has
+    at most ``2 * max(512, 8 * 2^b)`` distinct values, else on that many groups of its
+    sorted values, then polishes with Lloyd on the values (see :func:`kmeans_1d`);
+    ``"linear"`` is Deep Compression's start. A group whose Fisher sums to zero (e.g. a
+    leaf the optimizer never updated, read with ``fisher_from_state(..., missing=0.0)``)
+    is clustered unweighted, and a cluster of zero Fisher is centred on the unweighted
+    mean of its values: zero Fisher never collapses a codebook. A group with ``m``
+    distinct values gets ``min(2^b, m)`` entries (each value its own entry when ``m <=
+    2^b``); a start other than ``"dp"`` may leave a cluster empty, and the codebook then
+    keeps only the entries some weight uses.
+
+    With ``method="uniform"`` the grid is ``2^b`` evenly spaced points from the group's
+    minimum to its maximum, each weight rounded to the nearest (affine fixed point); the
+    codebook keeps the points some weight uses.
+
+    Pruned weights (``mask`` False, or 0 in a ``bits`` tree) belong to no group: bits 0,
+    code 0, no codebook entry, dequantized to exact 0. Leaves that are not quantizable
+    (by default: biases, norm scales, every leaf with ``ndim < 2`` and every non-float
+    leaf, e.g. step counters or PRNG keys in a whole ``nnx.state(model)``) are stored
+    exactly as they are.
+
+    This runs once, on the host, in NumPy: there is nothing to compile (the first call
+    costs what later calls cost) and ``params`` and ``bits`` must be concrete.
+
+    Args:
+      params: a pytree of arrays (a dict, an ``nnx.State``, Linen's variables with
+        ``batch_stats``...).
+      bits: one int in ``1..16`` for every kept weight, or an int pytree shaped like
+        ``params`` (e.g. from :func:`allocate_bits`) with values in ``{0} ∪ 1..16``, 0
+        meaning pruned.
+      fisher: optional non-negative, finite pytree shaped like ``params``: k-means
+        weights (checked on the coded weights only).
+      mask: optional bool pytree shaped like ``params``; ``False`` = pruned.
+      method: ``"kmeans"`` or ``"uniform"``.
+      init: the k-means start: ``"dp"``, ``"linear"``, ``"quantile"`` or ``"density"``
+        (as in :func:`kmeans_1d`).
+      quantizable: which leaves are quantized. ``None``: floating leaves with ``ndim >=
+        2``. A predicate ``quantizable(path, leaf) -> bool`` (``path`` a key-path tuple)
+        or a pytree of Python bools like ``params``. Leaves not selected are stored raw.
+
+    Returns:
+      A :class:`QuantizedParams`.
+
+    Raises:
+      ValueError: on bits outside ``1..16`` (0 only inside a bits tree), an unknown
+        ``method`` or ``init``, a tree that does not match ``params``, a non-finite kept
+        weight, or a negative or non-finite Fisher on a kept weight.
+      TypeError: on traced or non-integer bits, traced params, a non-bool mask, or a
+        non-float leaf selected by ``quantizable``.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> params = {"w": jnp.array([[-1.0, -0.8, 0.0, 0.5, 1.0, 1.5]]), "b": jnp.ones(2)}
+      >>> mask = {"w": jnp.array([[True, True, False, True, True, True]]),
+      ...         "b": jnp.ones(2, bool)}
+      >>> q = fisher_optax.quantize(params, 1, mask=mask)
+      >>> fisher_optax.dequantize(q)["w"]
+      Array([[-0.9, -0.9,  0. ,  1. ,  1. ,  1. ]], dtype=float32)
+      >>> q.codebooks[1]  # leaf ['w']: {width: its 2^1 shared values}
+      {1: array([-0.9,  1. ], dtype=float32)}
+      >>> q.raw[0]  # leaf ['b'] (a bias) is stored as it is
+      Array([1., 1.], dtype=float32)
+
+    References:
+      Han, Mao, Dally. Deep Compression. ICLR 2016. https://arxiv.org/abs/1510.00149
+
+      Choi, El-Khamy, Lee. Towards the Limit of Network Quantization. ICLR 2017.
+      https://arxiv.org/abs/1612.01543
+    """
+    _validate.choice(method, "method", METHODS)
+    _validate.choice(init, "init", _QUANTIZE_INITS)
+    treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     if _is_int(bits) or isinstance(bits, bool | float):
         b = _check_width(bits, "bits (one int for every weight)")
         bit_arrays = [np.full(np.shape(leaf), b, np.uint8) for leaf in leaves]
     else:
         bit_leaves = check_matching(params, bits, ref_name="params", other_name="bits")
-        bit_arrays = [
-            _concrete_bits(b, p).astype(np.uint8) for b, p in zip(bit_leaves, paths, strict=True)
-        ]
-    if mask is None:
-        masks = [np.ones(np.shape(leaf), bool) for leaf in leaves]
-    else:
-        masks = [np.asarray(m) for m in _validate.bool_leaves(params, mask)]
-    kept = [m & (b > 0) & f for m, b, f in zip(masks, bit_arrays, flags, strict=True)]
-    # Only the weights that get a code must be finite (and have a usable Fisher): a raw
-    # leaf is stored as it is and a pruned weight is stored as exact 0.
-    checked = [x if f else np.float32(0) for x, f in zip(leaves, flags, strict=True)]
-    _validate.finite(
-        jax.tree.unflatten(treedef, checked),
-        "params",
-        where=[k if f else None for k, f in zip(kept, flags, strict=True)],
-    )
-    if fisher is None:
-        weights = [None] * len(leaves)
-    else:
-        weights = [np.asarray(f) for f in _validate.fisher(params, fisher, where=kept)]
-    idx = [i for i, f in enumerate(flags) if f]
-    widths = {i: tuple(int(b) for b in np.unique(bit_arrays[i][kept[i]])) for i in idx}
-    sizes = [np.size(leaves[i]) for i in idx]
-    plan = tuple(
-        (
-            max(sizes[j] for j in bucket),
-            tuple(sorted({w for j in bucket for w in widths[idx[j]]})),
-            bucket,
-        )
-        for bucket in _buckets(sizes)
-    )
-    _, codes, books = _quantize_leaves(
-        tuple(jnp.asarray(leaves[i]) for i in idx),
-        tuple(jnp.asarray(np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)) for i in idx),
-        tuple(jnp.asarray(kept[i]) for i in idx),
-        tuple(
-            jnp.ones(np.shape(leaves[i]), jnp.float32)
-            if weights[i] is None
-            else jnp.asarray(weights[i])
-            for i in idx
-        ),
-        plan=plan,
-        leaf_widths=tuple(widths[i] for i in idx),
-        method=method,
-        init=init,
-    )
+        bit_arrays = [_concrete_bits(b, p) for b, p in zip(bit_leaves, paths, strict=True)]
+    kept = [
+        k & (b > 0)
+        for k, b in zip(_kept_masks(params, mask, leaves, flags), bit_arrays, strict=True)
+    ]
+    weights = _check_values(params, fisher, treedef, leaves, flags, kept)
     out_bits, out_codes, out_books, out_raw = [], [], [], []
-    qi = {i: j for j, i in enumerate(idx)}
     for i, leaf in enumerate(leaves):
-        if i not in qi:
+        if not flags[i]:
             out_bits.append(None)
             out_codes.append(None)
             out_books.append({})
             out_raw.append(leaf)
             continue
-        b = np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)
-        c, d = _trim(b, np.asarray(codes[qi[i]]), widths[i], [np.asarray(x) for x in books[qi[i]]])
-        out_bits.append(b)
-        out_codes.append(c)
-        out_books.append(d)
+        x = _concrete(leaf, "params", paths[i])
+        book_dtype = np.float64 if x.dtype == np.float64 else np.float32
+        x = x.astype(np.float64)
+        bmap = np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)
+        widths = [int(w) for w in np.unique(bmap[bmap > 0])]
+        codes = np.zeros(x.shape, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
+        books = {}
+        for width in widths:
+            sel = bmap == width
+            w = None if weights[i] is None else weights[i][sel]
+            if method == "kmeans":
+                c, a = _kmeans_host(x[sel], 2**width, w, init=init)
+            else:
+                c, a = _uniform(x[sel], 2**width)
+            codes[sel] = a
+            books[width] = c.astype(book_dtype)
+        out_bits.append(bmap)
+        out_codes.append(codes)
+        out_books.append(books)
         out_raw.append(None)
     return QuantizedParams(
         out_bits,
@@ -477,20 +572,14 @@ def quantize(
     )
 
 
-def _trim(bits, codes, widths, books):
-    """Keep only the codebook entries some weight uses: ``min(2^b, m)`` per width.
-
-    Codes are renumbered in the order of the kept entries (books stay ascending) and
-    stored in the smallest unsigned dtype that holds the leaf's widest width.
-    """
-    out = np.zeros(bits.shape, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
-    kept_books = {}
-    for b, book in zip(widths, books, strict=True):
-        sel = bits == b
-        used, new = np.unique(codes[sel], return_inverse=True)
-        out[sel] = new.reshape(-1)
-        kept_books[b] = book[used]
-    return out, kept_books
+def _uniform(x, k):
+    """``k`` evenly spaced levels from min to max; returns the used levels and codes."""
+    lo, hi = x.min(), x.max()
+    step = (hi - lo) / (k - 1) if k > 1 else 0.0
+    a = np.clip(np.round((x - lo) / step), 0, k - 1).astype(np.int64) if step > 0 else 0 * x
+    a = a.astype(np.int64)
+    used, inv = np.unique(a, return_inverse=True)
+    return lo + step * used, inv.reshape(-1)
 
 
 def _quantizable_flags(paths, leaves, quantizable) -> list[bool]:
@@ -522,98 +611,31 @@ def _quantizable_flags(paths, leaves, quantizable) -> list[bool]:
     return [bool(f) for f in flags]
 
 
-def _buckets(sizes, slack: int = 4096) -> list[tuple[int, ...]]:
-    """Group leaf indices so that padding each group to its largest leaf stays cheap.
-
-    Leaves are taken by size; a group grows while its padded size is at most twice its
-    real size plus ``slack`` entries. Each group becomes one ``vmap``: one compiled
-    k-means per width instead of one per leaf.
-    """
-    buckets: list[list[int]] = []
-    total = 0
-    for i in sorted(range(len(sizes)), key=lambda i: sizes[i]):
-        if buckets and sizes[i] * (len(buckets[-1]) + 1) <= 2 * (total + sizes[i]) + slack:
-            buckets[-1].append(i)
-            total += sizes[i]
-        else:
-            buckets.append([i])
-            total = sizes[i]
-    return [tuple(b) for b in buckets]
-
-
-def _pad(x, size, value):
-    x = x.reshape(-1)
-    return jnp.concatenate([x, jnp.full((size - x.shape[0],), value, x.dtype)])
-
-
-def _quantize_group(x, bits, mask, weight, widths, method, init):
-    """One flat (padded) leaf: ``(bits, codes, codebooks)``, a ``[2^b]`` book per width."""
-    dtype = x.dtype
-    kept = mask & (bits > 0)
-    codes = jnp.zeros(x.shape, jnp.int32)
-    books = []
-    for b in widths:
-        k = 2**b
-        ok = kept & (bits == b)
-        if method == "kmeans":
-            how = init if init is not None else ("dp" if b <= 8 else "density")
-            r = kmeans_1d(x, k, weights=weight, valid=ok, init=how)
-            a, book = r.assignments, r.centroids
-        else:
-            any_ok = jnp.any(ok)
-            lo = jnp.where(any_ok, jnp.min(jnp.where(ok, x, jnp.inf)), 0).astype(dtype)
-            hi = jnp.where(any_ok, jnp.max(jnp.where(ok, x, -jnp.inf)), 0).astype(dtype)
-            step = (hi - lo) / (k - 1)
-            safe = jnp.where(step > 0, step, 1)
-            a = jnp.clip(jnp.round((x - lo) / safe), 0, k - 1).astype(jnp.int32)
-            book = lo + step * jnp.arange(k, dtype=dtype)
-        codes = jnp.where(ok, a, codes)
-        books.append(book)
-    return jnp.where(kept, bits, 0).astype(jnp.uint8), codes, tuple(books)
-
-
-@jax.jit(static_argnames=("plan", "leaf_widths", "method", "init"))
-def _quantize_leaves(leaves, bits, masks, weights, *, plan, leaf_widths, method, init):
-    n = len(leaves)
-    out_bits, out_codes, out_books = [None] * n, [None] * n, [None] * n
-    for size, widths, idx in plan:
-        dtype = jnp.result_type(jnp.float32, *[leaves[i].dtype for i in idx])
-        xs = jnp.stack([_pad(leaves[i].astype(dtype), size, 0) for i in idx])
-        bs = jnp.stack([_pad(bits[i].astype(jnp.uint8), size, 0) for i in idx])
-        ms = jnp.stack([_pad(masks[i], size, False) for i in idx])
-        ws = jnp.stack([_pad(weights[i].astype(dtype), size, 1) for i in idx])
-        fn = lambda x, b, m, w, widths=widths: _quantize_group(x, b, m, w, widths, method, init)
-        gb, gc, gbooks = jax.vmap(fn)(xs, bs, ms, ws)
-        for j, i in enumerate(idx):
-            shape, count = leaves[i].shape, leaves[i].size
-            out_bits[i] = gb[j, :count].reshape(shape)
-            out_codes[i] = gc[j, :count].reshape(shape)
-            out_books[i] = tuple(gbooks[widths.index(b)][j] for b in leaf_widths[i])
-    return tuple(out_bits), tuple(out_codes), tuple(out_books)
-
-
 def dequantize(q: QuantizedParams) -> Params:
-    """Float params from :class:`QuantizedParams`: codebook values, exact 0 where pruned.
+    """Params from :class:`QuantizedParams`: codebook values, exact 0 where pruned, raw leaves.
+
+    On concrete input (e.g. a loaded file) this is NumPy: no compile. Under ``jit`` it is
+    traced like any function of arrays.
 
     Args:
       q: the output of :func:`quantize` (or :func:`~fisher_optax.load_compressed`).
 
     Returns:
-      A pytree of the original structure, shapes and dtypes.
+      A pytree of the original structure, shapes and dtypes (jax arrays; raw leaves as
+      they were stored).
 
     Raises:
       TypeError: if ``q`` is not a :class:`QuantizedParams`.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
-      >>> q = fisher_optax.quantize({"w": jnp.array([0.0, 1.0, 2.0, 3.0])}, 2)
+      >>> q = fisher_optax.quantize({"w": jnp.array([[0.0, 1.0, 2.0, 3.0]])}, 2)
       >>> fisher_optax.dequantize(q)["w"]
-      Array([0., 1., 2., 3.], dtype=float32)
+      Array([[0., 1., 2., 3.]], dtype=float32)
     """
     if not isinstance(q, QuantizedParams):
         raise TypeError(
-            f"dequantize: expected the QuantizedParams returned by quantize, got "
-            f"{type(q).__name__}."
+            f"expected the QuantizedParams returned by quantize, got {type(q).__name__}."
         )
     traced = any(
         not _validate.is_concrete(x) for x in jax.tree.leaves((q.bits, q.codes, q.codebooks))
@@ -627,12 +649,11 @@ def dequantize(q: QuantizedParams) -> Params:
             leaves.append(raw)
             continue
         bits, codes = xp.asarray(bits), xp.asarray(codes).astype(xp.int32)
-        out = xp.zeros(bits.shape, xp.float32)
+        out = xp.zeros(bits.shape, xp.float64 if dtype == "float64" else xp.float32)
         for b, book in books.items():
             book = xp.asarray(book)
             if book.shape[0]:
                 out = xp.where(bits == b, book[xp.clip(codes, 0, book.shape[0] - 1)], out)
-        leaves.append(
-            jnp.asarray(out.astype(jnp.dtype(dtype))) if not traced else out.astype(dtype)
-        )
+        out = out.astype(jnp.dtype(dtype))
+        leaves.append(out if traced else jnp.asarray(out))
     return jax.tree.unflatten(q.treedef, leaves)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn.cluster import KMeans
 
 from fisher_optax import KMeansResult, kmeans_1d
-from fisher_optax.kmeans import _kmeans_1d
+from fisher_optax.kmeans import _kmeans_1d, _kmeans_host
 
 N = 600  # one length for most tests: each new shape or static argument compiles again
 
@@ -101,8 +101,8 @@ def test_linear_init_gets_stuck_on_bimodal_data_and_dp_does_not():
     # in a local minimum on pruned-looking weights.
     x = _data("bimodal", seed=1)
     opt = _exact_optimum(x, K)
-    linear = float(kmeans_1d(x, K).inertia)
-    dp = float(kmeans_1d(x, K, init="dp").inertia)
+    linear = float(kmeans_1d(x, K, init="linear").inertia)
+    dp = float(kmeans_1d(x, K).inertia)  # "dp" is the default
     assert dp <= opt * (1 + 1e-4) < linear
 
 
@@ -289,3 +289,34 @@ def test_brute_force_weighted_reference_is_right():
         )
         best = min(best, cost)
     np.testing.assert_allclose(_weighted_optimum(x, w, 3), best, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kind", "n", "k", "rtol"),
+    [("normal", 600, 16, 1e-6), ("bimodal", 3000, 16, 1e-4), ("laplace", 3000, 64, 1e-3)],
+)
+def test_host_kmeans_reaches_the_exact_optimum(kind, n, k, rtol):
+    # The NumPy path quantize runs: exact DP up to 2 * max(512, 8k) distinct values
+    # (n = 600), DP on groups of the sorted values beyond (n = 3000), then Lloyd.
+    x = _data(kind, seed=3, n=n)
+    c, a = _kmeans_host(x, k)
+    assert np.all(np.diff(c) > 0) and a.shape == x.shape
+    np.testing.assert_array_equal(c[a], c[np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)])
+    assert _np_inertia(x, c) <= _exact_optimum(x, k) * (1 + rtol)
+
+
+def test_host_kmeans_weighted_matches_exact_weighted_optimum():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=120)
+    w = rng.gamma(0.5, size=120)
+    c, _ = _kmeans_host(x, 5, w)
+    np.testing.assert_allclose(_np_inertia(x, c, w), _weighted_optimum(x, w, 5), rtol=1e-9)
+
+
+def test_host_kmeans_zero_weights_fall_back_to_unweighted():
+    x = _data("laplace", seed=6, n=200)
+    c0, a0 = _kmeans_host(x, 8)
+    c, a = _kmeans_host(x, 8, np.zeros_like(x))
+    np.testing.assert_array_equal(c, c0)
+    np.testing.assert_array_equal(a, a0)
+    assert len(_kmeans_host(np.array([1.0, 1.0, 2.0]), 8)[0]) == 2  # min(k, m) centroids

@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import kmeans1d
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fisher_optax import QuantizedParams, allocate_bits, dequantize, quantize
-from fisher_optax.quantize import _quantize_leaves
+from fisher_optax import QuantizedParams, allocate_bits, dequantize, fisher_from_state, quantize
 
 SHAPES = {"dense": {"kernel": (12, 8), "bias": (8,)}, "out": [(8, 3)]}
+EVERY = lambda path, leaf: True  # quantize every leaf (biases too)
 
 
 def _tree(seed, dtype=np.float32):
@@ -32,8 +33,15 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def _check_invariants(q, params, bits_tree, mask_tree=None):
-    """Codes index codebooks, <= 2^b values per group, pruned exactly 0, same tree."""
+def _inertia(x, c, w=None):
+    x = np.asarray(x, np.float64).ravel()
+    c = np.sort(np.asarray(c, np.float64))
+    w = np.ones_like(x) if w is None else np.asarray(w, np.float64).ravel()
+    return float(np.sum(w * np.min((x[:, None] - c[None, :]) ** 2, axis=1)))
+
+
+def _check_invariants(q, params, bits_tree, mask_tree=None, exact_size=True):
+    """The documented structure: bits, smallest code dtype, trimmed books, exact zeros."""
     deq = dequantize(q)
     assert jax.tree.structure(deq) == jax.tree.structure(params)
     p_leaves, d_leaves = _leaves(params), jax.tree.leaves(deq)
@@ -42,26 +50,53 @@ def _check_invariants(q, params, bits_tree, mask_tree=None):
     for i, (p, d, b, m) in enumerate(zip(p_leaves, d_leaves, b_leaves, m_leaves, strict=True)):
         assert d.dtype == p.dtype and d.shape == p.shape
         d = np.asarray(d)
+        if not q.quantized[i]:  # stored as it is
+            assert q.bits[i] is None and q.codes[i] is None and q.codebooks[i] == {}
+            np.testing.assert_array_equal(d, p)
+            continue
         kept = b > 0 if m is None else (b > 0) & m
         np.testing.assert_array_equal(d[~kept], 0)
+        assert q.bits[i].dtype == np.uint8
         np.testing.assert_array_equal(np.asarray(q.bits[i]), np.where(kept, b, 0))
         codes = np.asarray(q.codes[i])
-        for width, book in zip(q.widths[i], q.codebooks[i], strict=True):
+        assert codes.dtype == (np.uint8 if max(q.widths[i], default=0) <= 8 else np.uint16)
+        assert q.widths[i] == tuple(sorted(np.unique(b[kept]).tolist()))
+        for width, book in q.codebooks[i].items():
             sel = kept & (b == width)
-            assert book.shape == (2**width,)
-            assert np.all((codes[sel] >= 0) & (codes[sel] < 2**width))
+            distinct = len(np.unique(p[sel]))
+            size = min(2**width, distinct)
+            assert book.shape == (size,) if exact_size else 0 < book.shape[0] <= size
+            assert np.all(np.diff(np.asarray(book, np.float64)) > 0)  # ascending, each used
+            assert np.all(codes[sel] < len(book))
             np.testing.assert_array_equal(d[sel], np.asarray(book).astype(p.dtype)[codes[sel]])
-            assert len(np.unique(d[sel])) <= 2**width
 
 
 def test_kmeans_codebook_is_the_optimal_one_per_group():
     params = _tree(0)
-    q = quantize(params, 2)
+    q = quantize(params, 2, quantizable=EVERY)
     for p, d in zip(_leaves(params), jax.tree.leaves(dequantize(q)), strict=True):
         _, centroids = kmeans1d.cluster(p.ravel().astype(np.float64), 4)
-        c = np.sort(centroids)
-        opt = np.sum(np.min((p.ravel()[:, None] - c[None, :]) ** 2, axis=1))
-        np.testing.assert_allclose(np.sum((p - np.asarray(d)) ** 2), opt, rtol=1e-4)
+        opt = _inertia(p, centroids)
+        np.testing.assert_allclose(np.sum((p - np.asarray(d)) ** 2), opt, rtol=1e-5)
+
+
+def test_weighted_kmeans_matches_brute_force_optimum():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 6)).astype(np.float32)
+    f = rng.gamma(0.5, size=x.shape).astype(np.float32)
+    q = quantize({"w": x}, 2, fisher={"w": f})
+    d = np.asarray(dequantize(q)["w"])
+    # Brute force over every split of the 18 sorted values into 4 contiguous clusters.
+    order = np.argsort(x.ravel())
+    xs, ws = x.ravel()[order].astype(np.float64), f.ravel()[order].astype(np.float64)
+    best = np.inf
+    for cuts in itertools.combinations(range(1, 18), 3):
+        tot = 0.0
+        for a, b in zip((0, *cuts), (*cuts, 18), strict=True):
+            c = np.sum(ws[a:b] * xs[a:b]) / np.sum(ws[a:b])
+            tot += np.sum(ws[a:b] * (xs[a:b] - c) ** 2)
+        best = min(best, tot)
+    np.testing.assert_allclose(np.sum(f * (x - d) ** 2), best, rtol=1e-5)
 
 
 def _uniform_reference(x, b):
@@ -73,7 +108,7 @@ def _uniform_reference(x, b):
 
 def test_uniform_matches_numpy_reference():
     params = _tree(1)
-    q = quantize(params, 3, method="uniform")
+    q = quantize(params, 3, method="uniform", quantizable=EVERY)
     for p, d in zip(_leaves(params), jax.tree.leaves(dequantize(q)), strict=True):
         np.testing.assert_allclose(np.asarray(d), _uniform_reference(p, 3), rtol=1e-5, atol=1e-6)
 
@@ -96,41 +131,121 @@ def test_kmeans_beats_uniform_and_fisher_weighting_pays_in_the_fisher_metric():
     assert err(weighted, True) < err(plain, True)
 
 
+@pytest.mark.parametrize("init", ["linear", "quantile", "density"])
+def test_every_init_is_a_sound_codebook(init):
+    params = _tree(4)
+    q = quantize(params, 3, init=init, quantizable=EVERY)
+    bits = jax.tree.map(lambda p: np.full(p.shape, 3), params)
+    _check_invariants(q, params, bits, exact_size=False)  # a start may leave a cluster empty
+    best = quantize(params, 3, quantizable=EVERY)  # "dp"
+    for p, d, b in zip(
+        _leaves(params),
+        jax.tree.leaves(dequantize(q)),
+        jax.tree.leaves(dequantize(best)),
+        strict=True,
+    ):
+        assert np.sum((p - d) ** 2) >= np.sum((p - b) ** 2) * (1 - 1e-6)
+
+
 def test_bits_tree_from_allocate_bits_with_mask():
     params = _tree(4)
     fisher = jax.tree.map(lambda p: np.exp(3 * p).astype(np.float32), params)
     mask = jax.tree.map(lambda p: np.abs(p) > 0.3, params)
-    bits = allocate_bits(fisher, bit_widths=(4, 2, 1), mask=mask)
-    q = quantize(params, bits, fisher=fisher, mask=mask, init="density")
+    bits = allocate_bits(params, fisher=fisher, bit_widths=(4, 2, 1), mask=mask)
+    assert not np.any(np.asarray(bits["dense"]["bias"]))  # not quantizable: no bits
+    q = quantize(params, bits, fisher=fisher, mask=mask)
     _check_invariants(q, params, bits, mask)
     assert {w for ws in q.widths for w in ws} <= {1, 2, 4}
 
 
 def test_original_dtypes_come_back():
     params = _tree(5, dtype=jnp.bfloat16)
-    q = quantize(params, 4, init="density")
+    q = quantize(params, 4, quantizable=EVERY)
     assert all(d.dtype == jnp.bfloat16 for d in jax.tree.leaves(dequantize(q)))
     _check_invariants(q, params, jax.tree.map(lambda p: np.full(p.shape, 4), params))
 
 
-def test_quantized_params_is_a_pytree():
-    q = quantize(_tree(6), 2, init="density")
+def test_codebook_has_min_2b_m_entries_and_codes_use_the_smallest_dtype():
+    x = np.array([[0.5, 0.5, -1.0, 2.0, 2.0, 0.5]], np.float32)
+    q = quantize({"w": x}, 4)
+    np.testing.assert_array_equal(q.codebooks[0][4], [-1.0, 0.5, 2.0])  # 3 < 2^4 values
+    assert q.codes[0].dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(dequantize(q)["w"]), x)
+    wide = quantize({"w": np.linspace(-1, 1, 600, dtype=np.float32).reshape(2, 300)}, 9)
+    assert wide.codes[0].dtype == np.uint16 and len(wide.codebooks[0][9]) == 512
+
+
+def test_whole_model_state_keeps_non_quantized_leaves_exactly():
+    rng = np.random.default_rng(6)
+    variables = {
+        "params": {"conv": rng.normal(size=(3, 3, 2, 4)).astype(np.float32), "bias": np.ones(4)},
+        "batch_stats": {"mean": rng.normal(size=4), "var": np.arange(4.0)},
+        "step": np.int32(7),
+        "flag": np.array([True, False]),
+    }
+    q = quantize(variables, 2)
+    # Flattening order: mean, var, flag, bias, conv, step; only the conv kernel is coded.
+    assert q.quantized == (False, False, False, False, True, False)
+    out = dequantize(q)
+    for path in (("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")):
+        a, b = variables[path[0]][path[1]], out[path[0]][path[1]]
+        assert np.asarray(b).dtype == a.dtype
+        np.testing.assert_array_equal(np.asarray(b), a)
+    assert out["step"] == 7 and out["flag"].dtype == bool
+    assert len(np.unique(np.asarray(out["params"]["conv"]))) <= 4
+
+
+def test_quantizable_predicate_and_bool_tree():
+    params = _tree(7)
+    only_out = quantize(params, 2, quantizable=lambda path, leaf: path[0].key == "out")
+    assert only_out.quantized == (False, False, True)
+    tree = {"dense": {"kernel": False, "bias": True}, "out": [False]}
+    assert quantize(params, 2, quantizable=tree).quantized == (True, False, False)
+
+
+def test_zero_fisher_leaf_is_unweighted_kmeans():
+    # An optimizer that updates only the kernels: no second moment for the rest, read
+    # with missing=0.0. The zero-Fisher leaf must be clustered unweighted, not collapsed.
+    params = _tree(8)
+    labels = {"dense": {"kernel": "adam", "bias": "adam"}, "out": ["sgd"]}
+    opt = optax.multi_transform({"adam": optax.adam(1e-2), "sgd": optax.sgd(1e-2)}, labels)
+    state = opt.init(params)
+    grads = jax.tree.map(lambda p: np.ones_like(p), params)
+    _, state = opt.update(grads, state, params)
+    fisher = fisher_from_state(state, missing=0.0, params=params)
+    assert not np.any(np.asarray(fisher["out"][0]))
+    weighted = dequantize(quantize(params, 2, fisher=fisher))
+    plain = dequantize(quantize(params, 2))
+    np.testing.assert_array_equal(np.asarray(weighted["out"][0]), np.asarray(plain["out"][0]))
+    assert len(np.unique(np.asarray(weighted["out"][0]))) == 4
+
+
+def test_zero_fisher_cluster_is_centred_on_its_unweighted_mean():
+    x = np.array([[-5.0, -4.0, 0.0, 0.1, 3.0, 3.2]], np.float32)
+    f = np.array([[0.0, 0.0, 1.0, 1.0, 2.0, 1.0]], np.float32)
+    d = np.asarray(dequantize(quantize({"w": x}, 1, fisher={"w": f}))["w"])
+    assert np.all(np.isfinite(d))
+    assert len(np.unique(d)) == 2  # the zero-weight values do not collapse the codebook
+
+
+def test_quantized_params_is_a_pytree_and_derives_paths():
+    q = quantize(_tree(9), 2)
     leaves, treedef = jax.tree.flatten(q)
     q2 = jax.tree.unflatten(treedef, leaves)
     assert isinstance(q2, QuantizedParams) and q2.paths == q.paths
+    assert q.paths == ("['dense']['bias']", "['dense']['kernel']", "['out'][0]")
+    assert q.shapes == ((8,), (12, 8), (8, 3))
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(q)[0]]
-    assert any(".codebooks" in p for p in paths)
+    assert any(".codebooks" in p for p in paths) and any(".raw" in p for p in paths)
 
 
-def test_jit_and_no_recompile():
-    q = quantize(_tree(7), 2, init="density")
-    eager = dequantize(q)
-    jitted = jax.jit(dequantize)(q)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+def test_dequantize_under_jit_equals_numpy_and_does_not_recompile():
+    q = quantize(_tree(10), 2)
+    fn = jax.jit(dequantize)
+    for a, b in zip(jax.tree.leaves(dequantize(q)), jax.tree.leaves(fn(q)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    before = _quantize_leaves._cache_size()
-    quantize(_tree(8), 2, init="density")  # new values, same shapes and widths
-    assert _quantize_leaves._cache_size() == before
+    fn(jax.tree.map(lambda x: x, q))
+    assert fn._cache_size() == 1
 
 
 _BITS = st.sampled_from([0, 1, 2, 3])
@@ -143,17 +258,12 @@ _BITS = st.sampled_from([0, 1, 2, 3])
     mask_kernel=hnp.arrays(np.bool_, SHAPES["dense"]["kernel"]),
 )
 def test_property_invariants(seed, kernel_bits, mask_kernel):
-    # Widths 1..3 in every leaf (so the compiled plan is shared), values and masks random.
     params = _tree(seed)
-    widths = np.array([1, 2, 3])
-    bits = {
-        "dense": {"kernel": kernel_bits, "bias": np.tile(widths, 3)[:8]},
-        "out": [np.resize(widths, SHAPES["out"][0])],
-    }
-    bits["dense"]["kernel"].flat[:3] = widths  # every width present in the kernel too
+    bits = jax.tree.map(lambda p: np.full(p.shape, 2), params)
+    bits["dense"]["kernel"] = kernel_bits
     mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
     mask["dense"]["kernel"] = mask_kernel
-    q = quantize(params, bits, mask=mask, init="density")
+    q = quantize(params, bits, mask=mask, quantizable=EVERY)
     _check_invariants(q, params, bits, mask)
 
 
@@ -169,64 +279,109 @@ def _brute_force_allocation(counts, widths, budget):
     return best
 
 
+def _fisher_groups():
+    """Four clearly separated log-Fisher groups of sizes 5, 9, 3, 7 (high to low)."""
+    rng = np.random.default_rng(11)
+    sizes = (5, 9, 3, 7)
+    f = np.concatenate(
+        [10.0 ** (4 - 3 * g + 0.1 * rng.normal(size=n)) for g, n in enumerate(sizes)]
+    )
+    perm = rng.permutation(f.size)
+    return {"w": f[perm].reshape(4, 6).astype(np.float32)}, np.array(sizes)
+
+
 def test_allocate_bits_ranks_by_fisher_and_prunes():
-    rng = np.random.default_rng(9)
-    fisher = jax.tree.map(lambda p: rng.lognormal(0, 3, p.shape).astype(np.float32), _tree(9))
-    mask = jax.tree.map(lambda f: rng.random(f.shape) > 0.3, fisher)
-    bits = allocate_bits(fisher, mask=mask)
-    f = np.concatenate([x.ravel() for x in _leaves(fisher)])
-    b = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(bits)])
-    m = np.concatenate([x.ravel() for x in _leaves(mask)])
-    np.testing.assert_array_equal(b[~m], 0)
-    kept_order = np.argsort(f[m])
-    assert np.all(np.diff(b[m][kept_order]) >= 0)  # more Fisher, never fewer bits
-    assert set(np.unique(b[m])) == {2, 4, 6, 8}
-    assert jax.tree.structure(bits) == jax.tree.structure(fisher)
+    fisher, _ = _fisher_groups()
+    params = {"w": np.ones((4, 6), np.float32)}
+    mask = {"w": np.asarray(fisher["w"]) > 1e-7}
+    bits = np.asarray(allocate_bits(params, fisher=fisher, mask=mask)["w"])
+    f = np.asarray(fisher["w"])
+    assert np.all(bits[~mask["w"]] == 0)
+    order = np.argsort(-f[mask["w"]])
+    assert np.all(np.diff(bits[mask["w"]][order]) <= 0)  # more Fisher, never fewer bits
+    assert set(np.unique(bits[mask["w"]])) <= {8, 6, 4, 2}
 
 
-@pytest.mark.parametrize("budget", [2.0, 3.1, 4.0, 5.5, 8.0])
+@pytest.mark.parametrize("budget", [2.0, 3.1, 4.0, 5.5, 7.0, 8.0])
 def test_allocate_bits_budget_equals_brute_force(budget):
-    rng = np.random.default_rng(10)
-    fisher = jax.tree.map(lambda p: rng.lognormal(0, 3, p.shape).astype(np.float32), _tree(10))
-    widths = (8, 6, 4, 2)
-    free = allocate_bits(fisher, bit_widths=widths)
-    b = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(free)])
-    counts = np.array([np.sum(b == w) for w in sorted(widths, reverse=True)])
-    mean, row = _brute_force_allocation(counts, widths, budget)
-    got = allocate_bits(fisher, bit_widths=widths, average_bits=budget)
-    g = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(got)])
-    np.testing.assert_allclose(g.mean(), mean, rtol=1e-6)
-    assert g.mean() <= budget + 1e-6
-    # Same groups, widths given by the brute-force row.
-    np.testing.assert_array_equal(g, np.select([b == w for w in (8, 6, 4, 2)], row))
+    fisher, sizes = _fisher_groups()
+    params = {"w": np.ones((4, 6), np.float32)}
+    bits = np.asarray(allocate_bits(params, fisher=fisher, average_bits=budget)["w"])
+    f = np.asarray(fisher["w"]).ravel()
+    mean, row = _brute_force_allocation(sizes, (8, 6, 4, 2), budget)
+    assert np.mean(bits) == pytest.approx(mean)
+    rank = np.argsort(np.argsort(-f))  # 0 = highest Fisher
+    group = np.searchsorted(np.cumsum(sizes), rank, side="right")
+    np.testing.assert_array_equal(bits.ravel(), np.asarray(row)[group])
 
 
 def test_allocate_bits_layer_scope_groups_each_leaf():
-    fisher = {"a": np.geomspace(1e-8, 1e-6, 40), "b": np.geomspace(1.0, 1e2, 40)}
-    glob = allocate_bits(fisher, bit_widths=(4, 2))
-    layer = allocate_bits(fisher, bit_widths=(4, 2), scope="layer")
-    assert set(np.unique(glob["a"])) == {2} and set(np.unique(glob["b"])) == {4}
-    assert set(np.unique(layer["a"])) == {2, 4} and set(np.unique(layer["b"])) == {2, 4}
+    rng = np.random.default_rng(12)
+    fisher = {"a": rng.gamma(1, size=(6, 5)) * 1e3, "b": rng.gamma(1, size=(4, 5)) * 1e-3}
+    params = jax.tree.map(np.ones_like, fisher)
+    glob = allocate_bits(params, fisher=fisher, bit_widths=(4, 2), scope="global")
+    layer = allocate_bits(params, fisher=fisher, bit_widths=(4, 2), scope="layer")
+    assert np.all(np.asarray(glob["a"]) == 4) and np.all(np.asarray(glob["b"]) == 2)
+    for leaf in ("a", "b"):
+        assert set(np.unique(np.asarray(layer[leaf]))) == {2, 4}
 
 
-def test_allocate_bits_under_jit():
-    fisher = jax.tree.map(lambda p: np.exp(p).astype(np.float32), _tree(11))
-    eager = allocate_bits(fisher, bit_widths=(4, 2))
-    jitted = jax.jit(lambda f: allocate_bits(f, bit_widths=(4, 2), average_bits=3.0))(fisher)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
-        assert np.all(np.asarray(b) <= np.asarray(a))  # the budget only takes bits away
+def _brute_force_layers(sal, counts, widths, budget):
+    best = None
+    for row in itertools.product(widths, repeat=len(sal)):
+        if np.dot(row, counts) > budget * np.sum(counts) + 1e-9:
+            continue
+        key = (sum(s * 4.0**-b for s, b in zip(sal, row, strict=True)), np.dot(row, counts))
+        if best is None or key < best[0]:
+            best = (key, row)
+    return best[1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layer_granularity_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (5, 2), (2, 2), (4, 4)]
+    params = {f"l{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)}
+    fisher = {
+        k: (rng.gamma(0.5, size=v.shape) * 10.0 ** rng.integers(-3, 3)) for k, v in params.items()
+    }
+    mask = {k: rng.random(v.shape) < 0.8 for k, v in params.items()}
+    budget = float(rng.choice([2.5, 3.0, 4.5, 6.0]))
+    bits = allocate_bits(params, fisher=fisher, mask=mask, average_bits=budget, granularity="layer")
+    keys = sorted(params)
+    sal = [
+        float(np.sum(0.5 * fisher[k] * params[k].astype(np.float64) ** 2 * mask[k])) for k in keys
+    ]
+    counts = [int(mask[k].sum()) for k in keys]
+    want = _brute_force_layers(sal, counts, (8, 6, 4, 2), budget)
+    for k, b in zip(keys, want, strict=True):
+        got = np.asarray(bits[k])
+        np.testing.assert_array_equal(got, np.where(mask[k], b, 0))
+
+
+def test_layer_granularity_gives_more_bits_to_the_salient_layer():
+    params = {"hot": np.ones((4, 4), np.float32), "cold": np.ones((4, 4), np.float32)}
+    fisher = {"hot": np.full((4, 4), 1e3), "cold": np.full((4, 4), 1e-3)}
+    bits = allocate_bits(params, fisher=fisher, average_bits=5, granularity="layer")
+    assert np.all(np.asarray(bits["hot"]) == 8) and np.all(np.asarray(bits["cold"]) == 2)
+
+
+def _bad(p, where, value):
+    q = jax.tree.map(np.copy, p)
+    leaf = q["dense"]["kernel"]
+    leaf.flat[where] = value
+    return q
 
 
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda p: quantize(p, 0), ValueError, r"bits .* must be an int in 1\.\.16"),
-        (lambda p: quantize(p, 17), ValueError, r"must be an int in 1\.\.16"),
+        (lambda p: quantize(p, 0), ValueError, r"bits \(one int for every weight\) must be"),
         (lambda p: quantize(p, True), ValueError, r"must be an int in 1\.\.16"),
         (
             lambda p: quantize(p, jax.tree.map(lambda x: np.full(x.shape, 17), p)),
             ValueError,
-            r"must be 0 \(pruned\) or in 1\.\.16, got 17",
+            r"bits at \['dense'\]\['bias'\] must be 0 \(pruned\) or in 1\.\.16, got 17",
         ),
         (
             lambda p: quantize(p, jax.tree.map(lambda x: np.full(x.shape, 2.0), p)),
@@ -239,21 +394,102 @@ def test_allocate_bits_under_jit():
             ValueError,
             r"mask at \['out'\]\[0\] has shape \(3, 8\)",
         ),
-        (lambda p: quantize(p, 2, fisher={"x": 1.0}), ValueError, "fisher does not match"),
-        (lambda p: quantize(p, 2, method="lloyd"), ValueError, "method must be one of"),
         (
-            lambda p: quantize({"n": np.arange(3)}, 2),
+            lambda p: quantize(p, 2, mask=jax.tree.map(lambda x: np.ones(x.shape), p)),
             TypeError,
-            "only float leaves can be quantized",
+            r"mask at \['dense'\]\['bias'\] has dtype float(32|64); a mask holds booleans",
         ),
-        (lambda p: allocate_bits(p, bit_widths=(8, 0)), ValueError, r"in 1\.\.16"),
-        (lambda p: allocate_bits(p, bit_widths=(4, 4)), ValueError, "must be distinct"),
-        (lambda p: allocate_bits(p, scope="leaf"), ValueError, "scope must be one of"),
-        (lambda p: allocate_bits(p, average_bits=1.5), ValueError, "below the smallest width"),
         (
-            lambda p: allocate_bits(p, mask={"dense": p["dense"]}),
+            lambda p: quantize(p, 2, mask=jax.tree.map(lambda x: np.full(x.shape, 2), p)),
+            TypeError,
+            "a mask holds booleans",
+        ),
+        (lambda p: quantize(p, 2, fisher={"x": 1.0}), ValueError, "fisher does not match"),
+        (
+            lambda p: quantize(p, 2, fisher=jax.tree.map(lambda x: -np.ones_like(x), p)),
+            ValueError,
+            r"fisher at \['dense'\]\['kernel'\] holds 96 negative",
+        ),
+        (
+            lambda p: quantize(p, 2, fisher=_bad(jax.tree.map(np.ones_like, p), 5, np.inf)),
+            ValueError,
+            r"fisher at \['dense'\]\['kernel'\] holds 1 non-finite value\(s\) \(first at index "
+            r"\(0, 5\)",
+        ),
+        (
+            lambda p: quantize(_bad(p, 3, np.nan), 2),
+            ValueError,
+            r"params at \['dense'\]\['kernel'\] holds 1 non-finite",
+        ),
+        (
+            lambda p: quantize(_bad(p, 3, np.inf), 2, fisher=jax.tree.map(np.ones_like, p)),
+            ValueError,
+            r"params at \['dense'\]\['kernel'\] holds 1 non-finite",
+        ),
+        (lambda p: quantize(p, 2, method="lloyd"), ValueError, "method must be one of"),
+        (lambda p: quantize(p, 2, init="kmeans++"), ValueError, "init must be one of"),
+        (
+            lambda p: quantize({"n": np.arange(6).reshape(2, 3)}, 2, quantizable=EVERY),
+            TypeError,
+            r"quantizable at \['n'\] selects a leaf of dtype int",
+        ),
+        (
+            lambda p: quantize(p, 2, quantizable=lambda path: True),
+            TypeError,
+            r"quantizable must accept 2 positional arguments",
+        ),
+        (
+            lambda p: quantize(p, 2, quantizable=lambda path, leaf: leaf.ndim),
+            TypeError,
+            r"quantizable at \['dense'\]\['bias'\] must be a Python bool",
+        ),
+        (
+            lambda p: quantize(p, 2, quantizable={"dense": True}),
+            ValueError,
+            "quantizable does not match the structure of params",
+        ),
+        (lambda p: allocate_bits(p, fisher=p), ValueError, r"fisher at .* negative"),
+        (
+            lambda p: allocate_bits(p, fisher=jax.tree.map(np.abs, p), bit_widths=(8, 0)),
+            ValueError,
+            r"in 1\.\.16",
+        ),
+        (lambda p: allocate_bits(p, fisher=p, bit_widths=(4, 4)), ValueError, "must be distinct"),
+        (lambda p: allocate_bits(p, fisher=p, scope="leaf"), ValueError, "scope must be one of"),
+        (
+            lambda p: allocate_bits(p, fisher=p, granularity="net"),
+            ValueError,
+            "granularity must be one of",
+        ),
+        (
+            lambda p: allocate_bits(p, fisher=p, granularity="layer"),
+            ValueError,
+            "granularity='layer' chooses widths under a budget: pass average_bits",
+        ),
+        (
+            lambda p: allocate_bits(p, fisher=p, average_bits=1.5),
+            ValueError,
+            "below the smallest width",
+        ),
+        (
+            lambda p: allocate_bits(p, fisher=p, average_bits=True),
+            TypeError,
+            "average_bits must be a real number",
+        ),
+        (
+            lambda p: allocate_bits(p, fisher=p, mask={"dense": p["dense"]}),
             ValueError,
             "mask has no leaf at",
+        ),
+        (
+            lambda p: allocate_bits(
+                _bad(p, 0, np.nan),
+                fisher=jax.tree.map(np.abs, p),
+                granularity="layer",
+                average_bits=4,
+            ),
+            ValueError,
+            r"params at \['dense'\]\['kernel'\] holds 1 non-finite",
         ),
         (lambda p: dequantize(p), TypeError, "expected the QuantizedParams"),
     ],
@@ -263,8 +499,23 @@ def test_errors(call, error, match):
         call(_tree(12))
 
 
-def test_traced_bits_are_refused():
+def test_non_finite_values_outside_the_coded_weights_are_allowed():
     params = _tree(13)
+    params["dense"]["bias"][0] = np.nan  # a raw leaf is stored as it is
+    params["dense"]["kernel"][0, 0] = np.inf
+    mask = jax.tree.map(lambda p: np.ones(p.shape, bool), params)
+    mask["dense"]["kernel"][0, 0] = False  # ... and a pruned weight becomes exact 0
+    fisher = jax.tree.map(lambda p: np.ones(p.shape, np.float32), params)
+    fisher["dense"]["kernel"][0, 0] = -1.0
+    out = dequantize(quantize(params, 2, mask=mask, fisher=fisher))
+    assert np.asarray(out["dense"]["kernel"])[0, 0] == 0
+    assert np.isnan(np.asarray(out["dense"]["bias"])[0])
+
+
+def test_traced_inputs_are_refused():
+    params = _tree(14)
     bits = jax.tree.map(lambda p: np.full(p.shape, 2), params)
-    with pytest.raises(TypeError, match=r"bits at .* is traced"):
+    with pytest.raises(TypeError, match=r"bits at .* is traced; quantization runs once"):
         jax.jit(lambda b: quantize(params, b).codes)(bits)
+    with pytest.raises(TypeError, match=r"params at \['dense'\]\['kernel'\] is traced"):
+        jax.jit(lambda p: quantize(p, 2).codes)(params)
