@@ -8,10 +8,12 @@
    fraction of each hidden layer's units: their incoming weights and biases are zeroed in
    the model (relu(0) = 0, so nothing is left to fold into the next layer, which lets the
    zero-padded convolutions lose channels exactly).
-3. Surgery: ``fisher_optax.flax.shrink_with_optimizer`` returns a physically smaller model
-   and its optimizer with Adam's moments sliced to the new shapes. The shrunk model's
-   outputs equal the masked dense model's (checked); params, FLOPs and the median time of
-   a jitted forward pass over the test set are compared at that (identical) accuracy.
+3. Surgery: ``fisher_optax.flax.shrink(model, optimizer, unit_mask=...)`` returns a
+   physically smaller model and its optimizer with Adam's moments sliced to the new shapes.
+   ``shrink`` itself checks, layer by layer on a probe input, that the shrunk model computes
+   what the masked dense model computes; the script checks it again on the test set. Params,
+   FLOPs and the median time of a jitted forward pass over the test set are compared at that
+   (identical) accuracy.
 4. Fine-tune the shrunk model, continuing Adam and the pruning mask where they were. The
    ``pruned`` schedule keeps its target sparsity, which now applies to the smaller model:
    the fine-tune prunes it further, to that fraction of its own weights.
@@ -21,7 +23,9 @@ Run: python examples/nnx_cnn.py            (about a minute on two CPU cores)
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,11 @@ from flax import nnx
 
 import fisher_optax
 import fisher_optax.flax as ff
+
+if __package__ in (None, ""):
+    # Run as a script: put the repository root on the path so examples.* imports.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.datasets import load_digits_dataset
 
 
 def flatten(x):
@@ -112,7 +121,7 @@ def main():
     if args.quick:
         args.width, args.steps, args.finetune_steps, args.repeats = 8, 120, 40, 5
 
-    data = fisher_optax.load_digits_dataset()
+    data = load_digits_dataset()
     rng = np.random.default_rng(args.seed)
     model = make_model(args.width, args.seed)
     schedule = fisher_optax.polynomial_sparsity(
@@ -134,8 +143,9 @@ def main():
 
     # 2. Structured: drop the least salient units of each hidden layer.
     params = nnx.state(model, nnx.Param)
-    fisher = fisher_optax.fisher_from_state(optimizer, batch_size=args.batch)
-    scores = fisher_optax.unit_scores(params, fisher, criterion=args.criterion)
+    # The optimizer is a pytree holding Adam's state; params= lines the result up with it.
+    fisher = fisher_optax.fisher_from_state(optimizer, batch_size=args.batch, params=params)
+    scores = fisher_optax.unit_scores(params, args.criterion, fisher=fisher)
     units = fisher_optax.unit_mask(
         scores, args.unit_fraction, scope="layer", prunable=ff.prunable_units(model)
     )
@@ -143,7 +153,7 @@ def main():
     acc_masked = accuracy(model, data.x_test, data.y_test)
 
     # 3. Surgery; the optimizer state follows.
-    small, small_opt = ff.shrink_with_optimizer(model, optimizer, units)
+    small, small_opt, _, _ = ff.shrink(model, optimizer, unit_mask=units)
     x_test = jnp.asarray(data.x_test)
     diff = float(jnp.max(jnp.abs(predict(small, x_test) - predict(model, x_test))))
     acc_small = accuracy(small, data.x_test, data.y_test)

@@ -14,8 +14,8 @@ from flax import nnx  # noqa: E402
 
 import fisher_optax  # noqa: E402
 import fisher_optax.flax as ff  # noqa: E402
-from fisher_optax._tree import check_matching  # noqa: E402
-from fisher_optax.structured import path_tuple, take_np  # noqa: E402
+from fisher_optax._tree import check_matching, keystr  # noqa: E402
+from fisher_optax.surgery import take_np  # noqa: E402
 
 
 @nnx.jit
@@ -110,7 +110,7 @@ def _kept(um, path):
 def test_shrink_mlp_equals_masked_and_counts_drop_exactly(act):
     model = _mlp(act)
     um = _unit_mask(model)
-    small = ff.shrink(model, um)
+    small = ff.shrink(model, unit_mask=um).model
     x = jax.random.normal(jax.random.key(0), (16, 6))
     np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
     k0, k1 = _kept(um, ("layers", 0, "kernel")), _kept(um, ("layers", 2, "kernel"))
@@ -125,7 +125,7 @@ def test_shrink_cnn_with_flatten_equals_masked_and_counts_drop_exactly():
     um = _unit_mask(model, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # VALID padding: every fold is exact, no warning
-        small = ff.shrink(model, um)
+        small = ff.shrink(model, unit_mask=um).model
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 2))
     np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
     c0, c1 = _kept(um, ("layers", 0, "kernel")), _kept(um, ("layers", 2, "kernel"))
@@ -144,8 +144,8 @@ def test_shrink_flatten_drops_the_nhwc_block_of_rows():
     um["layers"][2]["kernel"] = nnx.Param(
         jax.device_put(np.array([True, False, True, True, False]))
     )
-    index = ff.shrink_index(model, um)
-    rows = index[("layers", 5, "kernel")][0]
+    index = ff.shrink(model, unit_mask=um).index
+    rows = index["['layers'][5]['kernel']"][0]
     want = [s * 5 + c for s in range(16) for c in (0, 2, 3)]
     np.testing.assert_array_equal(rows, want)
 
@@ -157,7 +157,7 @@ def test_units_zeroed_by_unstructured_mask_are_dropped_with_bias_folded():
     kernel[:, [1, 4]] = 0
     state["layers"][2]["kernel"] = nnx.Param(jax.device_put(kernel))
     ff.update_model(model, state)
-    small = ff.shrink(model)  # no unit mask: only the dead units go
+    small = ff.shrink(model).model  # no unit mask: only the dead units go
     assert small.layers[2].out_features == 7
     x = jax.random.normal(jax.random.key(2), (16, 6))
     np.testing.assert_allclose(_call(small, x), _call(model, x), rtol=1e-5, atol=1e-5)
@@ -176,7 +176,7 @@ def test_zero_padded_conv_keeps_units_it_cannot_fold_and_says_so():
     x = jax.random.normal(jax.random.key(3), (4, 8, 8, 2))
     bias = np.asarray(model.layers[0].bias[...])
     with pytest.warns(UserWarning, match="cannot be folded exactly"):
-        small = ff.shrink(model, um)
+        small = ff.shrink(model, unit_mask=um).model
     # Units with relu(bias) > 0 stay (zero-padded conv next); those with relu(bias) = 0 go.
     assert small.layers[0].out_features == 6 - int((drop & (bias <= 0)).sum())
     np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
@@ -186,7 +186,7 @@ def test_zero_padded_conv_keeps_units_it_cannot_fold_and_says_so():
     ff.update_model(model, _where(state, wm))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        small = ff.shrink(model, um)
+        small = ff.shrink(model, unit_mask=um).model
     assert small.layers[0].out_features == 4
     np.testing.assert_allclose(_call(small, x), _call(model, x), rtol=1e-5, atol=1e-5)
 
@@ -220,7 +220,7 @@ def test_shrink_with_named_pairs():
         nnx.state(model, nnx.Param),
     )
     um["fc2"]["kernel"] = nnx.Param(jnp.ones(3, bool))
-    small = ff.shrink(model, um, pairs=PAIRS, activation=jax.nn.elu)
+    small = ff.shrink(model, unit_mask=um, pairs=PAIRS, activation=jax.nn.elu).model
     x = jax.random.normal(jax.random.key(5), (6, 6, 6, 1))
     np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
     assert (small.conv1.out_features, small.conv2.out_features, small.fc1.out_features) == (
@@ -251,7 +251,9 @@ def test_error_unsupported_layer_type_is_named():
     model = nnx.Sequential(
         nnx.Linear(3, 4, **i), nnx.BatchNorm(4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, **i)
     )
-    with pytest.raises(ValueError, match=r"does not support layer type BatchNorm at 'layers\.1'"):
+    with pytest.raises(
+        ValueError, match=r"surgery does not support layer type BatchNorm at 'layers\.1'"
+    ):
         ff.shrink(model)
     i = _init(0)
     softmax_net = nnx.Sequential(nnx.Linear(3, 4, **i), jax.nn.softmax, nnx.Linear(4, 2, **i))
@@ -267,18 +269,20 @@ def test_error_unsupported_layer_type_is_named():
 def test_error_mask_does_not_match_model():
     model = _mlp()
     with pytest.raises(ValueError, match="Pass a unit mask from unit_mask"):
-        ff.shrink(model, jax.tree.map(lambda x: jnp.ones(x.shape, bool), nnx.state(model)))
+        ff.shrink(
+            model, unit_mask=jax.tree.map(lambda x: jnp.ones(x.shape, bool), nnx.state(model))
+        )
     with pytest.raises(ValueError, match=r"unit mask has a leaf at \['layers'\]\[7\]"):
-        ff.shrink(model, {"layers": {7: {"kernel": jnp.ones(3, bool)}}})
+        ff.shrink(model, unit_mask={"layers": {7: {"kernel": jnp.ones(3, bool)}}})
     um = _unit_mask(model, fraction=0.0)
     um["layers"][4]["kernel"] = nnx.Param(jax.device_put(np.array([True, False, True])))
     with pytest.raises(ValueError, match="no layer consumes its outputs"):
-        ff.shrink(model, um)
+        ff.shrink(model, unit_mask=um)
     um = jax.tree.map(
         lambda x: jnp.arange(x.shape[-1]) > 0 if x.ndim >= 2 else None, nnx.state(_Net(), nnx.Param)
     )
     with pytest.raises(ValueError, match="needs the activation between the two layers"):
-        ff.shrink(_Net(), um, pairs=PAIRS)
+        ff.shrink(_Net(), unit_mask=um, pairs=PAIRS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +295,9 @@ def _loss(model, x, y):
 
 def test_shrink_with_optimizer_slices_state_and_fine_tunes_under_jit():
     model = _mlp(nnx.relu)  # CNN surgery is checked above; the state slicing is the same
-    tx = fisher_optax.pruned(optax.adam(1e-2), schedule=0.3, method="magnitude", update_every=2)
+    tx = fisher_optax.pruned(
+        optax.adam(1e-2), schedule=0.3, method="one_stage", criterion="magnitude", update_every=2
+    )
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(6), (16, 6))
     y = jnp.arange(16) % 3
@@ -307,8 +313,7 @@ def test_shrink_with_optimizer_slices_state_and_fine_tunes_under_jit():
     for _ in range(3):
         step(model, opt, x, y)
     um = _unit_mask(model, seed=6)
-    small, small_opt = ff.shrink_with_optimizer(model, opt, um)
-    index = ff.shrink_index(model, um)
+    small, small_opt, index, _ = ff.shrink(model, opt, unit_mask=um)
     old_adam = optax.tree_utils.tree_get(opt.opt_state, "ScaleByAdamState")
     new_adam = optax.tree_utils.tree_get(small_opt.opt_state, "ScaleByAdamState")
     old_pruned = optax.tree_utils.tree_get(opt.opt_state, "PrunedState")
@@ -320,7 +325,7 @@ def test_shrink_with_optimizer_slices_state_and_fine_tunes_under_jit():
             jax.tree_util.tree_flatten_with_path(new_tree)[0],
             strict=True,
         ):
-            want = take_np(np.asarray(leaf), index.get(path_tuple(path), (None,) * leaf.ndim))
+            want = take_np(np.asarray(leaf), index.get(keystr(path), (None,) * leaf.ndim))
             np.testing.assert_array_equal(np.asarray(new_leaf), want)
     assert int(new_adam.count[...]) == int(old_adam.count[...]) == 3
     assert int(small_opt.step[...]) == 3
@@ -349,28 +354,27 @@ def test_fisher_from_nnx_optimizer_lines_up_with_params_and_masks_work():
     y = jnp.arange(32) % 3
     nnx.jit(lambda m, o: o.update(m, nnx.grad(_loss)(m, x, y)))(model, opt)
     params = nnx.state(model, nnx.Param)
-    fisher = fisher_optax.fisher_from_state(opt)
+    fisher = fisher_optax.fisher_from_state(opt, params=params)
     check_matching(params, fisher, ref_name="params", other_name="fisher")
     assert jax.tree.structure(fisher) == jax.tree.structure(params)
-    pytest.importorskip("fisher_optax.masks")
-    mask = jax.jit(fisher_optax.two_stage_mask, static_argnames="magnitude_sparsity")(
-        params, fisher, 0.5, magnitude_sparsity=0.25
-    )
+    mask = jax.jit(fisher_optax.topk_mask)(fisher, 0.5)  # drop the lowest-Fisher half
     ff.apply_mask_to_model(model, mask)
     kernel = np.asarray(model.layers[0].kernel[...])
     assert (kernel == 0).sum() > 0
     flags = ff.prunable_units(model)
     um = jax.jit(
-        lambda p, f: fisher_optax.unit_mask(fisher_optax.unit_scores(p, f), 0.5, prunable=flags)
+        lambda p, f: fisher_optax.unit_mask(
+            fisher_optax.unit_scores(p, fisher=f), 0.5, prunable=flags
+        )
     )(params, fisher)
     assert _kept(um, ("layers", 0, "kernel")) == 6 and _kept(um, ("layers", 4, "kernel")) == 3
-    small = ff.shrink(model, um)
+    small = ff.shrink(model, unit_mask=um).model
     np.testing.assert_allclose(_call(small, x), _call(_masked(model, um), x), rtol=1e-5, atol=1e-5)
 
 
 def test_update_model_checks_paths():
     model = _mlp()
-    with pytest.raises(ValueError, match=r"params at \['layers'\]\[0\]\['kernel'\] has shape"):
+    with pytest.raises(ValueError, match=r"tree at \['layers'\]\[0\]\['kernel'\] has shape"):
         state = nnx.state(model, nnx.Param)
         state["layers"][0]["kernel"] = nnx.Param(jnp.ones((2, 2)))
         ff.update_model(model, state)
@@ -404,15 +408,17 @@ def test_shrink_params_linen_cnn_equals_masked():
         }
     }
     pairs = [("c1", "c2"), ("c2", "d1"), ("d1", "d2")]
-    out = ff.shrink_params(params, um, pairs=pairs, activation=nn.relu, conv_padding="VALID")
+    out = ff.shrink_linen(
+        module, params, unit_mask=um, pairs=pairs, activation=nn.relu, conv_padding="VALID"
+    )
     small = _LinenCNN(features=tuple(out.features[n] for n in ("c1", "c2", "d1")))
     wm = fisher_optax.expand_unit_mask(params, um)
     masked = _where(params, wm)
     np.testing.assert_allclose(
-        jax.jit(small.apply)(out.params, x), jax.jit(module.apply)(masked, x), atol=1e-5
+        jax.jit(small.apply)(out.variables, x), jax.jit(module.apply)(masked, x), atol=1e-5
     )
-    n_small, _ = ff.param_count_and_flops(small.apply, x[:1], params=out.params)
-    assert n_small == sum(p.size for p in jax.tree.leaves(out.params))
+    n_small, _ = ff.param_count_and_flops(small.apply, x[:1], params=out.variables)
+    assert n_small == sum(p.size for p in jax.tree.leaves(out.variables))
 
 
 def test_shrink_params_linen_mlp_and_errors():
@@ -426,14 +432,14 @@ def test_shrink_params_linen_mlp_and_errors():
         }
     }
     pairs = [("layers_0", "layers_2"), ("layers_2", "layers_4")]
-    out = ff.shrink_params(params, keep, pairs=pairs, activation=jax.nn.sigmoid)
+    out = ff.shrink_linen(mlp, params, unit_mask=keep, pairs=pairs, activation=jax.nn.sigmoid)
     assert out.features == {"layers_0": 5, "layers_2": 4, "layers_4": 2}
     small = nn.Sequential([nn.Dense(5), jax.nn.sigmoid, nn.Dense(4), jax.nn.sigmoid, nn.Dense(2)])
     masked = _where(params, fisher_optax.expand_unit_mask(params, keep))
     np.testing.assert_allclose(
-        jax.jit(small.apply)(out.params, x), jax.jit(mlp.apply)(masked, x), atol=1e-5
+        jax.jit(small.apply)(out.variables, x), jax.jit(mlp.apply)(masked, x), atol=1e-5
     )
     with pytest.raises(ValueError, match=r"pair \('layers_0', 'layers_4'\) does not chain"):
-        ff.shrink_params(params, pairs=[("layers_0", "layers_4")], activation=jax.nn.sigmoid)
+        ff.shrink_linen(mlp, params, pairs=[("layers_0", "layers_4")], activation=jax.nn.sigmoid)
     with pytest.raises(ValueError, match="params have no layer 'layers_9'"):
-        ff.shrink_params(params, pairs=[("layers_0", "layers_9")])
+        ff.shrink_linen(mlp, params, pairs=[("layers_0", "layers_9")])

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import fisher_optax
-from fisher_optax.structured import Edge, Layer, cut_units
+from fisher_optax.surgery import Edge, Layer, cut_units
 
 RNG = np.random.default_rng(0)
 
@@ -39,7 +39,7 @@ def _fisher(params):
 def test_unit_scores_match_numpy_loop(criterion):
     params = _params()
     fisher = _fisher(params)
-    scores = fisher_optax.unit_scores(params, fisher, criterion=criterion)
+    scores = fisher_optax.unit_scores(params, criterion, fisher=fisher)
     for layer in ("conv", "dense"):
         w = np.asarray(params[layer]["kernel"], np.float64)
         f = np.asarray(fisher[layer]["kernel"], np.float64)
@@ -65,10 +65,10 @@ def test_unit_scores_under_jit_compiles_once():
     @jax.jit
     def f(p, fi):
         traces.append(1)
-        return fisher_optax.unit_scores(p, fi)
+        return fisher_optax.unit_scores(p, fisher=fi)
 
     fisher = _fisher(params)
-    eager = fisher_optax.unit_scores(params, fisher)
+    eager = fisher_optax.unit_scores(params, fisher=fisher)
     for _ in range(3):
         out = f(params, fisher)
     assert len(traces) == 1
@@ -79,7 +79,7 @@ def test_unit_scores_prunable_predicate():
     params = _params()
     scores = fisher_optax.unit_scores(
         params,
-        criterion="magnitude",
+        "magnitude",
         prunable=lambda path, leaf: jax.tree_util.keystr(path) == "['dense']['kernel']",
     )
     assert scores["conv"]["kernel"] is None
@@ -89,15 +89,38 @@ def test_unit_scores_prunable_predicate():
 def test_unit_scores_errors():
     params = _params()
     with pytest.raises(ValueError, match="criterion must be one of"):
-        fisher_optax.unit_scores(params, _fisher(params), criterion="l2")
-    with pytest.raises(ValueError, match="needs the Fisher"):
+        fisher_optax.unit_scores(params, "l2", fisher=_fisher(params))
+    with pytest.raises(ValueError, match="needs fisher="):
         fisher_optax.unit_scores(params)
     bad = _fisher(params)
     bad["dense"]["kernel"] = jnp.ones((4, 7))
     with pytest.raises(ValueError, match=r"fisher at \['dense'\]\['kernel'\] has shape \(4, 7\)"):
-        fisher_optax.unit_scores(params, bad)
+        fisher_optax.unit_scores(params, fisher=bad)
+    negative = jax.tree.map(lambda f: -f, _fisher(params))
+    with pytest.raises(ValueError, match=r"fisher at \['conv'\]\['bias'\] holds 5 negative"):
+        fisher_optax.unit_scores(params, fisher=negative)
+    nan = _fisher(params)
+    nan["dense"]["kernel"] = nan["dense"]["kernel"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"fisher at \['dense'\]\['kernel'\] holds 1 non-finite"):
+        fisher_optax.unit_scores(params, fisher=nan)
     with pytest.raises(ValueError, match=r"units are the last axis of a kernel with ndim >= 2"):
-        fisher_optax.unit_scores(params, criterion="magnitude", prunable=lambda p, x: True)
+        fisher_optax.unit_scores(params, "magnitude", prunable=lambda p, x: True)
+    with pytest.raises(TypeError, match=r"prunable must accept 2 positional arguments"):
+        fisher_optax.unit_scores(params, "magnitude", prunable=lambda path: True)
+
+
+def test_unit_scores_callable_and_random_criteria():
+    params = _params()
+    doubled = fisher_optax.unit_scores(params, lambda p, f: jax.tree.map(lambda w: 2 * w, p))
+    np.testing.assert_allclose(
+        doubled["dense"]["kernel"], 2 * np.asarray(params["dense"]["kernel"]).sum(0), rtol=1e-6
+    )
+    with pytest.raises(TypeError, match=r"criterion must accept 2 positional arguments"):
+        fisher_optax.unit_scores(params, lambda p: p)
+    a = fisher_optax.unit_scores(params, "random", key=jax.random.key(0))
+    b = fisher_optax.unit_scores(params, "random", key=jax.random.key(0))
+    np.testing.assert_array_equal(a["conv"]["kernel"], b["conv"]["kernel"])
+    assert a["conv"]["kernel"].shape == (5,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,10 +195,16 @@ def test_unit_mask_respects_prunable_and_earlier_mask():
 def test_unit_mask_errors():
     with pytest.raises(ValueError, match="expected one score per unit"):
         fisher_optax.unit_mask({"k": jnp.ones((2, 2))}, 0.5)
-    with pytest.raises(ValueError, match=r"fraction must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0.0, 1.0\]"):
         fisher_optax.unit_mask({"k": jnp.ones(2)}, 1.5)
-    with pytest.raises(ValueError, match="scope must be 'layer' or 'global'"):
+    with pytest.raises(TypeError, match="sparsity must be a real number"):
+        fisher_optax.unit_mask({"k": jnp.ones(2)}, True)
+    with pytest.raises(ValueError, match=r"scope must be one of: 'layer'"):
         fisher_optax.unit_mask({"k": jnp.ones(2)}, 0.5, scope="model")
+    with pytest.raises(TypeError, match="min_units must be an int"):
+        fisher_optax.unit_mask({"k": jnp.ones(2)}, 0.5, min_units=1.5)
+    with pytest.raises(TypeError, match=r"prunable must accept 2 positional arguments"):
+        fisher_optax.unit_mask({"k": jnp.ones(2)}, 0.5, prunable=lambda: True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +232,9 @@ def test_expand_unit_mask_rejects_weight_masks():
         fisher_optax.expand_unit_mask(params, weight_mask)
     with pytest.raises(ValueError, match="which the parameters lack"):
         fisher_optax.expand_unit_mask(params, {"other": {"kernel": jnp.ones(4, bool)}})
+    floats = {"dense": {"kernel": jnp.ones(4)}}
+    with pytest.raises(TypeError, match=r"unit mask at \['dense'\]\['kernel'\] has dtype float32"):
+        fisher_optax.expand_unit_mask(params, floats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +246,7 @@ def _mlp(sizes, act_name):
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers[f"l{i}"] = Layer(
             name=f"l{i}",
-            path=(f"l{i}",),
+            path=f"['l{i}']",
             kernel=RNG.standard_normal((n_in, n_out)).astype(np.float32),
             bias=RNG.standard_normal(n_out).astype(np.float32),
             constant_exact=True,
@@ -296,8 +328,8 @@ def test_slice_opt_state_keeps_exact_entries_through_wrappers():
         grads = jax.tree.map(lambda x: jnp.asarray(RNG.standard_normal(x.shape), x.dtype), params)
         _, state = opt.update(grads, state, params)
     index = {
-        ("a", "kernel"): (np.array([0, 2, 3]), np.array([1, 2])),
-        ("a", "bias"): (np.array([1, 2]),),
+        "['a']['kernel']": (np.array([0, 2, 3]), np.array([1, 2])),
+        "['a']['bias']": (np.array([1, 2]),),
     }
     new = fisher_optax.slice_opt_state(state, params, index)
     old_adam = optax.tree_utils.tree_get(state, "ScaleByAdamState")
@@ -319,4 +351,4 @@ def test_slice_opt_state_keeps_exact_entries_through_wrappers():
 def test_slice_opt_state_rejects_foreign_index():
     params = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match=r"index has an entry for \['v'\]"):
-        fisher_optax.slice_opt_state(optax.adam(1.0).init(params), params, {("v",): (None,)})
+        fisher_optax.slice_opt_state(optax.adam(1.0).init(params), params, {"['v']": (None,)})
