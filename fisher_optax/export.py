@@ -525,12 +525,15 @@ def _encode_leaf(q: QuantizedParams, i: int, path) -> tuple[bytes, LeafReport]:
         rec += struct.pack("<H", books[b].shape[0] - 1) + _raw_bytes(books[b])
     codebook_bytes = len(rec) - header
     bits = np.asarray(q.bits[i]).reshape(-1)
-    codes = np.asarray(q.codes[i]).reshape(-1).astype(np.int64)
-    kept = np.flatnonzero(bits)
-    if kept.size == n:
+    codes = np.asarray(q.codes[i]).reshape(-1)
+    count = int(np.count_nonzero(bits))
+    if count == n:  # a dense leaf: no positions, and no gather below
         rec += struct.pack("<B", 1)
         positions = StreamReport(0, 1, 0, 0.0)
+        kb, kc = bits, codes
     else:
+        kept = np.flatnonzero(bits)
+        kb, kc = bits[kept], codes[kept]
         prev = np.concatenate([[-1], kept[:-1]])
         gaps = kept - prev - 1
         tail = (n - 1) - (int(kept[-1]) if kept.size else -1)
@@ -540,20 +543,18 @@ def _encode_leaf(q: QuantizedParams, i: int, path) -> tuple[bytes, LeafReport]:
         s = _encode_stream(entries, 1 << r)
         rec += s.data
         positions = _from(s, extra=10)
-    kb = bits[kept]
     width_map = _EMPTY
     if len(widths) > 1:
         s = _encode_stream(np.searchsorted(np.asarray(widths), kb), len(widths))
         rec += s.data
         width_map = _from(s)
     codes_report = _EMPTY
-    kc = codes[kept]
     for b in widths:
-        s = _encode_stream(kc[kb == b], books[b].shape[0])
+        s = _encode_stream(kc if len(widths) == 1 else kc[kb == b], books[b].shape[0])
         rec += s.data
         codes_report = _add(codes_report, _from(s))
     report = LeafReport(
-        where, shape, q.dtypes[i], True, n, int(kept.size), widths, len(rec), header,
+        where, shape, q.dtypes[i], True, n, count, widths, len(rec), header,
         codebook_bytes, 0, positions, width_map, codes_report,
     )  # fmt: skip
     return bytes(rec), report
@@ -722,12 +723,12 @@ class _Reader:
         """Decode a stream of ``count`` symbols in ``0..alphabet-1``."""
         freq = self.table(alphabet, f"the table of {what}")
         if count == 0:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int32)
         used = np.flatnonzero(freq)
         if used.size == 0 or freq.sum() > _TABLE_TOTAL:
             raise ValueError(f"load_compressed: the table of {what} is invalid: corrupted.")
         if used.size == 1:
-            return np.full(count, used[0], np.int64)
+            return np.full(count, used[0], np.int32)
         (words,) = self.varints(1, f"the word count of {what}")
         raw = self.take(4 * int(words), what)
         try:
@@ -737,7 +738,7 @@ class _Reader:
             raise ValueError(f"load_compressed: {what} does not decode ({e}): corrupted.") from None
         if not coder.is_empty():
             raise ValueError(f"load_compressed: {what} has words left over: corrupted.")
-        return np.asarray(out, np.int64)
+        return np.asarray(out)
 
 
 def _read_path(rd: _Reader, index: int):
@@ -816,16 +817,15 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
         raw = rd.take((entries + 1) * book_dtype.itemsize, f"a {b}-bit codebook")
         books[b] = _from_raw(raw, book_dtype, (entries + 1,))
     (mode,) = rd.unpack("B", "position mode")
-    if mode == 1:
-        positions = np.arange(n, dtype=np.int64)
-    elif mode == 0:
+    positions = None  # every weight kept
+    if mode == 0:
         r, entries = rd.unpack("BQ", "index bits")
         if not 1 <= r <= _MAX_INDEX_BITS or entries > n:
             raise ValueError(f"load_compressed: bad position stream in leaf {index}.")
         fill = (1 << r) - 1
         e = rd.stream(entries, fill + 1, f"the positions of leaf {index}")
         step = np.where(e == fill, fill, e + 1)
-        cursor = np.cumsum(step) - 1
+        cursor = np.cumsum(step, dtype=np.int64) - 1
         positions = cursor[e != fill]
         end = int(cursor[-1]) if entries else -1
         if not (end <= n - 1 < end + fill):
@@ -833,24 +833,33 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
                 f"load_compressed: leaf {index}: the position stream does not match the "
                 f"shape {shape}: corrupted."
             )
-    else:
+    elif mode != 1:
         raise ValueError(f"load_compressed: unknown position mode {mode} in leaf {index}.")
-    kept = positions.size
+    kept = n if positions is None else positions.size
     if kept and not widths:
         raise ValueError(f"load_compressed: leaf {index} keeps weights but has no widths.")
+    code_dtype = np.uint8 if max(widths, default=0) <= 8 else np.uint16
     if g > 1:
         gi = rd.stream(kept, g, f"the width map of leaf {index}")
+        kb = np.asarray(widths, np.uint8)[gi]
+        codes_k = np.zeros(kept, code_dtype)
+        for j, b in enumerate(widths):
+            sel = gi == j
+            what = f"the codes of leaf {index}"
+            codes_k[sel] = rd.stream(int(sel.sum()), books[b].shape[0], what)
+    elif g == 1:
+        kb = np.full(kept, widths[0], np.uint8)
+        what = f"the codes of leaf {index}"
+        codes_k = rd.stream(kept, books[widths[0]].shape[0], what).astype(code_dtype)
+    else:  # nothing kept: no streams
+        kb, codes_k = np.zeros(0, np.uint8), np.zeros(0, code_dtype)
+    if positions is None:
+        bits, codes = kb, codes_k
     else:
-        gi = np.zeros(kept, np.int64)
-    kb = np.asarray(widths, np.uint8)[gi] if kept else np.zeros(0, np.uint8)
-    codes_k = np.zeros(kept, np.int64)
-    for j, b in enumerate(widths):
-        sel = gi == j
-        codes_k[sel] = rd.stream(int(sel.sum()), books[b].shape[0], f"the codes of leaf {index}")
-    bits = np.zeros(n, np.uint8)
-    codes = np.zeros(n, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
-    bits[positions] = kb
-    codes[positions] = codes_k
+        bits = np.zeros(n, np.uint8)
+        codes = np.zeros(n, code_dtype)
+        bits[positions] = kb
+        codes[positions] = codes_k
     books = {b: jnp.asarray(v) for b, v in books.items()}
     return path, _DTYPES[code], bits.reshape(shape), codes.reshape(shape), books, None
 
