@@ -1,9 +1,11 @@
-"""CI smoke test of examples/reproduce.py: the whole pipeline at a tiny size, so it cannot rot."""
+"""CI smoke test of examples/reproduce.py: the whole pipeline at a tiny size, so it cannot rot.
 
-import importlib.util
+Also the seams of the split: the models' parameter counts (examples/models.py) and the report
+(examples/report.py) re-rendering a run from its JSON alone.
+"""
+
+import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,19 +13,7 @@ import numpy as np
 import pytest
 
 import fisher_optax
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce.py"
-
-
-@pytest.fixture(scope="module")
-def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("reproduce", None)
-
+from examples import models, report, reproduce
 
 README = """# title
 
@@ -38,7 +28,7 @@ keep me
 """
 
 
-def test_quick_pipeline_end_to_end(reproduce, tmp_path):
+def test_quick_pipeline_end_to_end(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(README)
     out = tmp_path / "results"
@@ -66,6 +56,7 @@ def test_quick_pipeline_end_to_end(reproduce, tmp_path):
         cell = run["quantization"][qm]["2"]
         # The ratio is measured on the file save_compressed wrote; the report agrees with it.
         assert cell["bytes"] == cell["report_bytes"] > 0
+        assert cell["stream_bytes"]["codes"] > 0 and cell["stream_bytes"]["positions"] > 0
         assert cell["ratio"] == pytest.approx(4 * record["meta"]["n_params"] / cell["bytes"])
         assert cell["avg_bits"] <= 2.0 + 1e-6
     assert data["summary"]["pruning"]["fc"]["ft"]["0.9"]["two_stage"]["std"] == 0.0
@@ -87,40 +78,41 @@ def test_quick_pipeline_end_to_end(reproduce, tmp_path):
     assert again["summary"] == record["summary"]
 
 
-def test_write_readme_needs_both_markers(reproduce, tmp_path, capsys):
+def test_write_readme_needs_both_markers(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers here\n")
-    assert not reproduce.write_readme(readme, "digits", "new")
+    assert not report.write_readme(readme, "digits", "new")
     assert readme.read_text() == "# no markers here\n"
     readme.write_text("<!-- results:digits:end -->\n<!-- results:digits:begin -->\n")
-    assert not reproduce.write_readme(readme, "digits", "new")
+    assert not report.write_readme(readme, "digits", "new")
     assert "lacks one pair" in capsys.readouterr().out
-    assert not reproduce.write_readme(tmp_path / "absent.md", "digits", "new")
+    assert not report.write_readme(tmp_path / "absent.md", "digits", "new")
 
 
-def test_select_mask_equals_the_named_mask_functions(reproduce):
+def test_select_mask_equals_the_named_mask_functions():
     """The one compiled selection used by the sweep gives the library's own masks."""
-    keys = jax.random.split(jax.random.key(3), 4)
+    # Two layers keep the compilations cheap (their cost grows with the number of leaves).
+    k1, k2 = jax.random.split(jax.random.key(3))
     params = {
-        "conv1": {"kernel": jax.random.normal(keys[0], (3, 3, 1, 4)), "bias": jnp.zeros(4)},
-        "conv2": {"kernel": jax.random.normal(keys[1], (3, 3, 4, 4)), "bias": jnp.zeros(4)},
-        "fc1": {"kernel": jax.random.normal(keys[2], (16, 8)), "bias": jnp.zeros(8)},
-        "fc2": {"kernel": jax.random.normal(keys[3], (8, 10)), "bias": jnp.zeros(10)},
+        "conv1": {"kernel": jax.random.normal(k1, (3, 3, 1, 4)), "bias": jnp.zeros(4)},
+        "fc1": {"kernel": jax.random.normal(k2, (6, 5)), "bias": jnp.zeros(5)},
     }
     fisher = jax.tree.map(lambda x: jnp.abs(jnp.sin(7 * x)) + 1e-3, params)
     key = jax.random.key(5)
     for setting in ("all",):  # "fc" differs only in prunable; each eager call compiles
-        prunable = reproduce.prunable_tree(params, setting)
+        prunable = models.prunable_tree(params, setting)
         got = reproduce.all_masks(params, fisher, 0.6, 0.5, key, setting)
         kw = dict(prunable=prunable)
         want = {
             "magnitude": fisher_optax.magnitude_mask(params, 0.6, **kw),
-            "fisher": fisher_optax.fisher_mask(params, fisher, 0.6, **kw),
-            "saliency": fisher_optax.fisher_mask(params, fisher, 0.6, criterion="saliency", **kw),
-            "two_stage": fisher_optax.two_stage_mask(
-                params, fisher, 0.6, magnitude_sparsity=0.3, **kw
+            "fisher": fisher_optax.fisher_mask(params, 0.6, fisher=fisher, **kw),
+            "saliency": fisher_optax.fisher_mask(
+                params, 0.6, fisher=fisher, criterion="saliency", **kw
             ),
-            "random": fisher_optax.random_mask(key, params, 0.6, **kw),
+            "two_stage": fisher_optax.two_stage_mask(
+                params, 0.6, fisher=fisher, magnitude_fraction=0.5, **kw
+            ),
+            "random": fisher_optax.random_mask(params, 0.6, key=key, **kw),
         }
         for method in reproduce.METHODS:
             for a, b in zip(
@@ -129,18 +121,67 @@ def test_select_mask_equals_the_named_mask_functions(reproduce):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=method)
 
 
-def test_pareto_front(reproduce):
+def test_pareto_front():
     pts = [(1.0, 0.5, "a"), (2.0, 0.4, "b"), (2.0, 0.7, "c"), (3.0, 0.7, "d"), (4.0, 0.9, "e")]
-    assert [p[2] for p in reproduce.pareto(pts)] == ["a", "c", "e"]
+    assert [p[2] for p in report.pareto(pts)] == ["a", "c", "e"]
 
 
-def test_parse_lists(reproduce):
+def test_parse_lists():
     assert reproduce.parse_floats("50,0.9,99") == (0.5, 0.9, 0.99)
     assert reproduce.parse_ints("2-5") == (2, 3, 4, 5)
     assert reproduce.parse_ints("0,2") == (0, 2)
 
 
-def test_other_mnist_format_needs_data_dir(reproduce):
+def test_other_mnist_format_needs_data_dir():
     args = reproduce.build_parser().parse_args(["--dataset", "mnist"])
     with pytest.raises(SystemExit, match="--data-dir"):
         reproduce.load_data(args)
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        ("digits-cnn", 13_706),
+        ("small-lenet", 70_934),
+        ("lenet5", 431_080),
+        ("lenet-300-100", 266_610),
+    ],
+)
+def test_model_parameter_counts(name, count):
+    """The counts Deep Compression and LeCun et al. give (abstract shapes: nothing compiles)."""
+    model = models.MODELS[name]
+    shape = (8, 8, 1) if name == "digits-cnn" else (28, 28, 1)
+    params = jax.eval_shape(lambda k: model.init(k, shape), jax.random.key(0))
+    assert models.n_params(params) == count
+    logits = jax.eval_shape(lambda p, x: models.apply(model, p, x), params, jnp.zeros((2, *shape)))
+    assert logits.shape == (2, 10)
+    # "fc" prunes the dense kernels only; for the MLP that is every kernel.
+    fc = models.prunable_tree(params, "fc")
+    assert fc["fc1"] == {"kernel": True, "bias": False}
+    assert ("conv1" in fc) == (name != "lenet-300-100")
+    if "conv1" in fc:
+        assert fc["conv1"]["kernel"] is False
+        assert models.prunable_tree(params, "all")["conv1"]["kernel"] is True
+
+
+def test_lenet5_layers_are_caffes():
+    params = jax.eval_shape(
+        lambda k: models.MODELS["lenet5"].init(k, (28, 28, 1)), jax.random.key(0)
+    )
+    shapes = {k: v["kernel"].shape for k, v in params.items()}
+    assert shapes == {
+        "conv1": (5, 5, 1, 20),
+        "conv2": (5, 5, 20, 50),
+        "fc1": (800, 500),
+        "fc2": (500, 10),
+    }
+
+
+def test_old_records_name_their_model():
+    """A record written before the model split (the CNN by its fields) still renders."""
+    cfg = reproduce.make_config(reproduce.build_parser().parse_args(["--quick"]))
+    d = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    d["model"] = {"kernel": 5, "padding": "VALID", "conv": [6, 16], "fc": 256, "classes": 10}
+    assert reproduce.config_from_dict(d).model == "small-lenet"
+    d["model"] = "lenet5"
+    assert reproduce.config_from_dict(d) == dataclasses.replace(cfg, model="lenet5")
