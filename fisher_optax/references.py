@@ -1,39 +1,55 @@
 """Exact Fisher diagonals from per-example gradients: references to check Adam's ``nu`` against.
 
-Both functions cost one backward pass per example (``vmap`` of ``grad``), about 100x a
-batch gradient; they are for checking and for small models, not for the training loop.
+Two ways to the same numbers (``method``):
+
+- ``"layers"`` (default): one batched forward and backward pass, then each parameter's sum
+  of squared per-example gradients from its layer's inputs and output cotangents
+  (``(x^2)^T (dy^2)`` for a Dense kernel, per-example kernel gradients from the patches for a
+  Conv). About the cost of a batch gradient on MLPs; parameters whose layer is not recognised
+  fall back to ``vmap(grad)`` for themselves alone. See :mod:`fisher_optax._fast_fisher`.
+- ``"vmap"``: ``vmap`` of ``grad``, one backward pass per example (~100x a batch gradient on
+  an MLP); the reference the first is tested against.
 """
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from fisher_optax import _fast_fisher, _validate
 from fisher_optax._types import Fisher, Params
 
 __all__ = ["empirical_fisher", "monte_carlo_fisher"]
+
+METHODS: dict[str, str] = {
+    "layers": "closed forms from each layer's inputs and output gradients, exact; "
+    "unrecognised parameters fall back to per-example gradients",
+    "vmap": "vmap of grad, one backward pass per example (the slow reference)",
+}
 
 
 def _batch_size(batch: Any, name: str) -> int:
     leaves = jax.tree.leaves(batch)
     if not leaves:
-        raise ValueError(f"{name}: the batch has no arrays.")
+        raise ValueError(f"{name} has no arrays; pass a pytree of arrays with a batch axis.")
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
     if None in sizes or len(sizes) != 1:
         raise ValueError(
-            f"{name}: every leaf of the batch needs the same leading batch axis; got leading "
-            f"sizes {sorted(s for s in sizes if s is not None)} "
-            f"{'and a scalar leaf' if None in sizes else ''}."
+            f"every leaf of {name} needs the same leading batch axis; got leading "
+            f"sizes {sorted(s for s in sizes if s is not None)}"
+            f"{' and a scalar leaf' if None in sizes else ''}. Give every leaf the examples "
+            "along axis 0."
         )
     return sizes.pop()
 
 
-def _check_microbatch(microbatch_size: int | None, name: str) -> None:
-    if microbatch_size is not None and (
-        int(microbatch_size) != microbatch_size or microbatch_size < 1
-    ):
-        raise ValueError(f"{name}: microbatch_size must be a positive int, got {microbatch_size}.")
+def _check_common(params: Params, microbatch_size: int | None, method: str) -> None:
+    if microbatch_size is not None:
+        _validate.integer(microbatch_size, "microbatch_size")
+    _validate.choice(method, "method", METHODS)
+    _validate.finite(params, "params")
 
 
 def _chunked_sum(fn: Callable[[Any], Any], data: Any, n: int, chunk: int | None) -> Any:
@@ -53,11 +69,31 @@ def _chunked_sum(fn: Callable[[Any], Any], data: Any, n: int, chunk: int | None)
     return total
 
 
+def _square_sums(
+    example_loss: Callable[[Params, Any], jax.Array], params: Params, examples: Any, method: str
+) -> Params:
+    """``sum_i (d example_loss(params, examples[i]) / d params)^2``, per leaf of ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    data, data_def = jax.tree.flatten(examples)
+
+    def ell(param_leaves, example_leaves):
+        return example_loss(
+            jax.tree.unflatten(treedef, param_leaves), jax.tree.unflatten(data_def, example_leaves)
+        )
+
+    if method == "layers":
+        sums = _fast_fisher.squared_gradient_sums(ell, leaves, data)
+    else:
+        sums = _fast_fisher.vmap_squared_gradient_sums(ell, leaves, data)
+    return jax.tree.unflatten(treedef, sums)
+
+
 def empirical_fisher(
     loss_fn: Callable[[Params, Any], jax.Array],
     params: Params,
     batch: Any,
     *,
+    method: Literal["layers", "vmap"] = "layers",
     microbatch_size: int | None = None,
 ) -> Fisher:
     r"""The empirical Fisher diagonal: the mean of squared per-example gradients.
@@ -72,6 +108,9 @@ def empirical_fisher(
         whose leaves have a leading batch axis. It is called on one-example batches.
       params: the parameters.
       batch: a pytree of arrays with a common leading batch axis of size ``N``.
+      method: ``"layers"`` (one forward and backward pass and closed forms per layer) or
+        ``"vmap"`` (one backward pass per example, the reference); the same numbers up to
+        float rounding (see the module docstring).
       microbatch_size: examples per chunk (``lax.map`` over chunks) to bound memory; does
         not change the result beyond float rounding.
 
@@ -79,8 +118,9 @@ def empirical_fisher(
       A pytree shaped like ``params``.
 
     Raises:
-      ValueError: if the batch leaves disagree on the batch axis or ``microbatch_size`` is
-        not a positive int.
+      ValueError: if the batch leaves disagree on the batch axis, ``microbatch_size`` is
+        not an int >= 1, ``method`` is unknown or ``params`` holds NaN or infinity.
+      TypeError: if ``loss_fn`` does not take ``(params, batch)``.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
@@ -89,18 +129,36 @@ def empirical_fisher(
       >>> fisher_optax.empirical_fisher(loss, jnp.array(1.0), batch)  # mean of (2 x^2 w)^2
       Array(34., dtype=float32)
     """
-    n = _batch_size(batch, "empirical_fisher")
-    _check_microbatch(microbatch_size, "empirical_fisher")
+    _validate.callable_arity(loss_fn, "loss_fn", "loss_fn(params, batch)", 2)
+    _batch_size(batch, "batch")
+    _check_common(params, microbatch_size, method)
 
-    def one(example):
-        one_batch = jax.tree.map(lambda x: x[None], example)
-        return jax.grad(loss_fn)(params, one_batch)
+    return _jitted(_empirical, loss_fn, method, microbatch_size)(params, batch)
 
-    def chunk_sum(chunk):
-        grads = jax.vmap(one)(chunk)
-        return jax.tree.map(lambda g: jnp.sum(jnp.square(g), axis=0), grads)
 
-    total = _chunked_sum(chunk_sum, batch, n, microbatch_size)
+def _jitted(fn: Callable, model_fn: Callable, *static: Any) -> Callable:
+    """``fn(model_fn, *static, params, data)`` under ``jit``, cached per ``model_fn``.
+
+    The traced computation is interpreted equation by equation; run eagerly that is
+    thousands of dispatches, so it is always compiled. ``model_fn`` is a static argument
+    (cached by identity); an unhashable one is compiled afresh at each call.
+    """
+    try:
+        hash(model_fn)
+    except TypeError:
+        return jax.jit(lambda params, data: fn(model_fn, *static, params, data))
+    return functools.partial(_JIT[fn], model_fn, *static)
+
+
+def _empirical(loss_fn, method, microbatch_size, params, batch):
+    n = _batch_size(batch, "batch")
+
+    def example_loss(p, example):  # each example is its own one-example batch
+        return loss_fn(p, jax.tree.map(lambda x: x[None], example))
+
+    total = _chunked_sum(
+        lambda chunk: _square_sums(example_loss, params, chunk, method), batch, n, microbatch_size
+    )
     return jax.tree.map(lambda t, p: (t / n).astype(jnp.result_type(p)), total, params)
 
 
@@ -108,9 +166,10 @@ def monte_carlo_fisher(
     logits_fn: Callable[[Params, Any], jax.Array],
     params: Params,
     inputs: Any,
-    key: jax.Array,
     *,
+    key: jax.Array,
     num_samples: int = 1,
+    method: Literal["layers", "vmap"] = "layers",
     microbatch_size: int | None = None,
 ) -> Fisher:
     r"""The true Fisher diagonal of a categorical model, by sampling labels from the model.
@@ -130,19 +189,24 @@ def monte_carlo_fisher(
       key: a PRNG key; example ``i`` uses ``split(key, N)[i]``, so the result does not
         depend on ``microbatch_size``.
       num_samples: labels sampled per example.
+      method: ``"layers"`` or ``"vmap"``, as in :func:`empirical_fisher`; both use the same
+        sampled labels, so they agree up to float rounding.
       microbatch_size: examples per chunk, to bound memory.
 
     Returns:
       A pytree shaped like ``params``.
 
     Raises:
-      ValueError: on a bad batch axis, ``num_samples < 1`` or a bad ``microbatch_size``.
+      ValueError: on a bad batch axis, ``num_samples`` or ``microbatch_size`` not an int
+        >= 1, an unknown ``method`` or non-finite ``params``.
+      TypeError: if ``key`` is not a PRNG key or ``logits_fn`` does not take
+        ``(params, inputs)``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fisher_optax
       >>> logits = lambda w, x: x[:, None] * w  # one input, two classes
       >>> f = fisher_optax.monte_carlo_fisher(
-      ...     logits, jnp.zeros(2), jnp.ones(4), jax.random.key(0), num_samples=1000)
+      ...     logits, jnp.zeros(2), jnp.ones(4), key=jax.random.key(0), num_samples=1000)
       >>> f.shape
       (2,)
 
@@ -150,29 +214,48 @@ def monte_carlo_fisher(
       Kunstner, Balles, Hennig. Limitations of the Empirical Fisher Approximation for
       Natural Gradient Descent. NeurIPS 2019. https://arxiv.org/abs/1905.12558
     """
-    n = _batch_size(inputs, "monte_carlo_fisher")
-    _check_microbatch(microbatch_size, "monte_carlo_fisher")
-    if int(num_samples) != num_samples or num_samples < 1:
-        raise ValueError(
-            f"monte_carlo_fisher: num_samples must be a positive int, got {num_samples}."
-        )
+    _validate.callable_arity(logits_fn, "logits_fn", "logits_fn(params, inputs)", 2)
+    _batch_size(inputs, "inputs")
+    _check_common(params, microbatch_size, method)
+    num_samples = _validate.integer(num_samples, "num_samples")
+    key = _validate.key(key)
+    return _jitted(_monte_carlo, logits_fn, num_samples, method, microbatch_size)(
+        params, (inputs, key)
+    )
+
+
+def _monte_carlo(logits_fn, num_samples, method, microbatch_size, params, data):
+    inputs, key = data
+    n = _batch_size(inputs, "inputs")
     keys = jax.random.split(key, n)
 
-    def one(example, example_key):
+    def sample(example, example_key):  # labels from the model, without gradient
         x = jax.tree.map(lambda a: a[None], example)
         logits = jax.lax.stop_gradient(logits_fn(params, x))[0]
-        labels = jax.random.categorical(example_key, logits, shape=(num_samples,))
+        return jax.random.categorical(example_key, logits, shape=(num_samples,))
 
-        def log_p(p, y):
-            return jax.nn.log_softmax(logits_fn(p, x)[0])[y]
-
-        grads = jax.vmap(jax.grad(log_p), in_axes=(None, 0))(params, labels)
-        return jax.tree.map(lambda g: jnp.mean(jnp.square(g), axis=0), grads)
+    def neg_log_p(p, pair):
+        example, label = pair
+        x = jax.tree.map(lambda a: a[None], example)
+        return -jax.nn.log_softmax(logits_fn(p, x)[0])[label]
 
     def chunk_sum(chunk):
         examples, chunk_keys = chunk
-        sq = jax.vmap(one)(examples, chunk_keys)
-        return jax.tree.map(lambda g: jnp.sum(g, axis=0), sq)
+        labels = jax.vmap(sample)(examples, chunk_keys)  # [chunk, num_samples]
+        # One (example, label) pair per sample: the per-pair squared gradients are summed.
+        pairs = (
+            jax.tree.map(lambda a: jnp.repeat(a, num_samples, axis=0), examples),
+            labels.reshape(-1),
+        )
+        return _square_sums(neg_log_p, params, pairs, method)
 
     total = _chunked_sum(chunk_sum, (inputs, keys), n, microbatch_size)
-    return jax.tree.map(lambda t, p: (t / n).astype(jnp.result_type(p)), total, params)
+    return jax.tree.map(
+        lambda t, p: (t / (n * num_samples)).astype(jnp.result_type(p)), total, params
+    )
+
+
+_JIT = {
+    fn: jax.jit(fn, static_argnums=tuple(range(nstatic)))
+    for fn, nstatic in ((_empirical, 3), (_monte_carlo, 4))
+}

@@ -67,7 +67,7 @@ def test_monte_carlo_fisher_converges_to_exact_enumeration():
         for label in range(C):  # E_y~p [g_y^2], enumerating every label
             g, _ = _numpy_grad(params, x[i], label)
             exact = {k: exact[k] + p[label] * g[k] ** 2 / N for k in exact}
-    got = monte_carlo_fisher(_logits, params, x, jax.random.key(0), num_samples=4000)
+    got = monte_carlo_fisher(_logits, params, x, key=jax.random.key(0), num_samples=4000)
     # 40,000 sampled labels: the Monte Carlo error is ~1%; 5% leaves room and still fails on
     # any systematic error (empirical labels, a missing square, a wrong mean).
     for k in exact:
@@ -77,9 +77,9 @@ def test_monte_carlo_fisher_converges_to_exact_enumeration():
 def test_monte_carlo_fisher_microbatch_and_key_determinism():
     params, x, _ = _softmax_regression(seed=2)
     key = jax.random.key(3)
-    a = monte_carlo_fisher(_logits, params, x, key, num_samples=5)
-    b = monte_carlo_fisher(_logits, params, x, key, num_samples=5, microbatch_size=3)
-    c = monte_carlo_fisher(_logits, params, x, jax.random.key(4), num_samples=5)
+    a = monte_carlo_fisher(_logits, params, x, key=key, num_samples=5)
+    b = monte_carlo_fisher(_logits, params, x, key=key, num_samples=5, microbatch_size=3)
+    c = monte_carlo_fisher(_logits, params, x, key=jax.random.key(4), num_samples=5)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), a, b)
     assert not np.allclose(a["w"], c["w"])
 
@@ -88,10 +88,10 @@ def test_errors_are_named():
     params, x, y = _softmax_regression()
     with pytest.raises(ValueError, match="same leading batch axis"):
         empirical_fisher(_loss, params, {"x": x, "y": y[:3]})
-    with pytest.raises(ValueError, match="microbatch_size must be a positive int"):
+    with pytest.raises(ValueError, match="microbatch_size must be an int >= 1, got 0"):
         empirical_fisher(_loss, params, {"x": x, "y": y}, microbatch_size=0)
-    with pytest.raises(ValueError, match="num_samples must be a positive int"):
-        monte_carlo_fisher(_logits, params, x, jax.random.key(0), num_samples=0)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1, got 0"):
+        monte_carlo_fisher(_logits, params, x, key=jax.random.key(0), num_samples=0)
 
 
 def _ranks(a):
