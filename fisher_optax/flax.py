@@ -846,8 +846,8 @@ def shrink_optimizer(
     ):
         if not isinstance(value, cls):
             raise TypeError(
-                f"{name} must be an {cls.__module__.split('.')[0]}.nnx."
-                f"{cls.__name__}, got {type(value).__name__}."
+                f"{name} must be a flax.nnx.{cls.__name__}, got {type(value).__name__} "
+                "(the order is model, optimizer, new_model, index)."
             )
     params = nnx.state(model, optimizer.wrt)
     state = slice_opt_state(optimizer.opt_state, params, index)

@@ -432,8 +432,17 @@ def test_shrink_params_linen_mlp_and_errors():
         }
     }
     pairs = [("layers_0", "layers_2"), ("layers_2", "layers_4")]
-    out = ff.shrink_linen(mlp, params, unit_mask=keep, pairs=pairs, activation=jax.nn.sigmoid)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params["params"])
+    _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params["params"]), opt_state)
+    out = ff.shrink_linen(
+        mlp, params, opt_state, unit_mask=keep, pairs=pairs, activation=jax.nn.sigmoid
+    )
     assert out.features == {"layers_0": 5, "layers_2": 4, "layers_4": 2}
+    # The optax state follows the params: Adam's moments sliced, count kept.
+    new_adam = optax.tree_utils.tree_get(out.opt_state, "ScaleByAdamState")
+    assert new_adam.mu["layers_2"]["kernel"].shape == (5, 4) and int(new_adam.count) == 1
+    tx.update(jax.tree.map(jnp.ones_like, out.variables["params"]), out.opt_state)
     small = nn.Sequential([nn.Dense(5), jax.nn.sigmoid, nn.Dense(4), jax.nn.sigmoid, nn.Dense(2)])
     masked = _where(params, fisher_optax.expand_unit_mask(params, keep))
     np.testing.assert_allclose(
@@ -441,5 +450,211 @@ def test_shrink_params_linen_mlp_and_errors():
     )
     with pytest.raises(ValueError, match=r"pair \('layers_0', 'layers_4'\) does not chain"):
         ff.shrink_linen(mlp, params, pairs=[("layers_0", "layers_4")], activation=jax.nn.sigmoid)
-    with pytest.raises(ValueError, match="params have no layer 'layers_9'"):
+    with pytest.raises(ValueError, match=r"params have no layer 'layers_9'; their layers are"):
         ff.shrink_linen(mlp, params, pairs=[("layers_0", "layers_9")])
+
+
+# --------------------------------------------------------------------------------------------
+# Surgery never returns a wrong model: the check against the masked model
+
+
+class _Residual(nnx.Module):
+    """fc2's output is added to the input: cutting fc2's units cannot work."""
+
+    def __init__(self):
+        i = _init(11)
+        self.fc1 = nnx.Linear(6, 8, **i)
+        self.fc2 = nnx.Linear(8, 6, **i)
+        self.out = nnx.Linear(6, 3, **i)
+
+    def __call__(self, x):
+        return self.out(x + self.fc2(jax.nn.relu(self.fc1(x))))
+
+
+class _Shared(nnx.Module):
+    """fc2 reads fc1's units and their mean: a cut fc1 changes what fc2 sees, silently."""
+
+    def __init__(self):
+        i = _init(12)
+        self.fc1 = nnx.Linear(6, 8, **i)
+        self.fc2 = nnx.Linear(8, 3, **i)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.fc1(x))
+        return self.fc2(h + h.mean(-1, keepdims=True))
+
+
+class _NormBetween(nnx.Module):
+    def __init__(self):
+        i = _init(13)
+        self.fc1 = nnx.Linear(6, 8, **i)
+        self.bn = nnx.BatchNorm(8, rngs=nnx.Rngs(0))
+        self.fc2 = nnx.Linear(8, 3, **i)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.bn(self.fc1(x))))
+
+
+def _drop_half(model, name):
+    um = jax.tree.map(lambda _: None, nnx.state(model, nnx.Param))
+    n = getattr(model, name).kernel.shape[-1]
+    um[name]["kernel"] = nnx.Param(jnp.arange(n) % 2 == 0)
+    return um
+
+
+def test_residual_pair_is_refused_naming_the_layer_the_shrunk_model_cannot_reach():
+    model = _Residual()
+    with pytest.raises(
+        ValueError, match=r"wrong model: the shrunk model does not reach layer 'out'"
+    ):
+        ff.shrink(
+            model,
+            unit_mask=_drop_half(model, "fc2"),
+            pairs=[("fc1", "fc2"), ("fc2", "out")],
+            activation=jax.nn.relu,
+        )
+
+
+def test_hidden_second_reader_is_refused_naming_the_layer_whose_output_differs():
+    model = _Shared()
+    with pytest.raises(ValueError, match=r"the output of layer 'fc2' differs .* by up to"):
+        ff.shrink(model, unit_mask=_drop_half(model, "fc1"), pairs=[("fc1", "fc2", jax.nn.relu)])
+    # The same pairs with nothing hidden between them pass the check.
+    x = jax.random.normal(jax.random.key(12), (4, 6))
+    small = ff.shrink(model, pairs=[("fc1", "fc2", jax.nn.relu)], example_input=x).model
+    np.testing.assert_allclose(_call(small, x), _call(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_between_a_pair_is_refused_nnx():
+    model = _NormBetween()
+    with pytest.raises(ValueError, match=r"does not reach layer 'fc2'.*normalisation"):
+        ff.shrink(model, unit_mask=_drop_half(model, "fc1"), pairs=[("fc1", "fc2", jax.nn.relu)])
+
+
+class _LinenNormBetween(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="d1")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn")(x))
+        return nn.Dense(3, name="d2")(x)
+
+
+def test_batchnorm_between_a_pair_is_refused_linen():
+    module = _LinenNormBetween()
+    x = jax.random.normal(jax.random.key(13), (4, 6))
+    variables = jax.jit(module.init)(jax.random.key(0), x)
+    keep = {"params": {"d1": {"kernel": jnp.arange(8) % 2 == 0}}}
+    with pytest.raises(ValueError, match=r"does not reach layer 'd2'"):
+        ff.shrink_linen(module, variables, unit_mask=keep, pairs=[("d1", "d2")], activation=nn.relu)
+
+
+def test_errors_name_the_models_own_layers_and_the_pooling():
+    with pytest.raises(
+        ValueError,
+        match=r"layers are \['conv1', 'conv2', 'fc1', 'fc2'\].*pairs=\[\('conv1', 'conv2'\)",
+    ):
+        ff.shrink(_Net())
+    with pytest.raises(ValueError, match=r"no Linear or Conv layer 'fc3'.*\['conv1', 'conv2'"):
+        ff.shrink(_Net(), pairs=[("fc2", "fc3")], activation=jax.nn.elu)
+    i = _init(14)
+    pooled = nnx.Sequential(
+        nnx.Conv(1, 4, (3, 3), padding="SAME", **i), nnx.relu,
+        lambda x: nnx.avg_pool(x, (2, 2), strides=(2, 2)), _flatten,
+        nnx.Linear(4 * 16, 3, **i),
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"layers\[2\] \(<lambda>\) between 'layers.0' and 'layers.4'.*pooling"
+    ):
+        ff.shrink(pooled)
+    with pytest.raises(TypeError, match=r"activation must accept 1 positional argument"):
+        ff.shrink(_Net(), pairs=PAIRS, activation=lambda a, b: a)
+    with pytest.raises(TypeError, match=r"optimizer must be an nnx.Optimizer or None"):
+        ff.shrink(_mlp(), _unit_mask(_mlp()))
+
+
+# --------------------------------------------------------------------------------------------
+# update_model: loaded trees, non-parameter state, validation before any write
+
+
+def _bn_mlp(seed):
+    i = _init(seed)
+    return nnx.Sequential(
+        nnx.Linear(3, 4, **i), nnx.BatchNorm(4, rngs=nnx.Rngs(seed)), nnx.relu,
+        nnx.Linear(4, 2, **i),
+    )  # fmt: skip
+
+
+def _arrays(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def test_update_model_restores_batchnorm_from_a_plain_dict_with_int_or_str_keys():
+    trained = _bn_mlp(4)
+    stats = nnx.state(trained, nnx.BatchStat)
+    nnx.update(trained, jax.tree.map(lambda v: v + 0.5, stats))  # running stats as if trained
+    pure = nnx.state(trained).to_pure_dict()  # what load_compressed gives back
+    assert 1 in pure["layers"] and "mean" in pure["layers"][1]
+    x = jax.random.normal(jax.random.key(4), (5, 3))
+    trained.eval()
+    for tree in (pure, {"layers": {str(k): v for k, v in pure["layers"].items()}}):
+        fresh = _bn_mlp(5)
+        ff.update_model(fresh, tree)
+        for a, b in zip(_arrays(fresh), _arrays(trained), strict=True):
+            np.testing.assert_array_equal(a, b)
+        fresh.eval()
+        np.testing.assert_array_equal(fresh(x), trained(x))
+    # A tree of parameters only (nnx.Param) keeps the model's own running statistics.
+    fresh = _bn_mlp(5)
+    before = np.asarray(fresh.layers[1].mean[...])
+    ff.update_model(fresh, nnx.state(trained, nnx.Param))
+    np.testing.assert_array_equal(fresh.layers[1].mean[...], before)
+
+
+def test_update_model_failed_call_leaves_the_model_untouched():
+    model = _bn_mlp(6)
+    pure = jax.tree.map(lambda v: v + 1.0, nnx.state(model).to_pure_dict())
+    before = _arrays(model)
+    wrong_shape = jax.tree.map(lambda v: v, pure)
+    wrong_shape["layers"][3]["kernel"] = jnp.ones((2, 2))
+    missing = jax.tree.map(lambda v: v, pure)
+    del missing["layers"][3]["bias"]
+    extra = jax.tree.map(lambda v: v, pure)
+    extra["layers"][9] = {"kernel": jnp.ones((2, 2))}
+    cases = [
+        (wrong_shape, r"tree at \['layers'\]\[3\]\['kernel'\] has shape \(2, 2\)"),
+        (missing, r"tree has no value for the parameter at \['layers'\]\[3\]\['bias'\]"),
+        (extra, r"tree has a leaf at \['layers'\]\[9\]\['kernel'\], which the model lacks"),
+    ]
+    for tree, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ff.update_model(model, tree)
+        for a, b in zip(_arrays(model), before, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# shrink_optimizer on its own
+
+
+def test_shrink_optimizer_on_its_own_slices_adam_and_keeps_the_step():
+    model = _mlp(nnx.relu)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(8), (16, 6))
+    y = jnp.arange(16) % 3
+    opt.update(model, nnx.grad(_loss)(model, x, y))
+    um = _unit_mask(model, seed=8)
+    out = ff.shrink(model, unit_mask=um)
+    assert out.optimizer is None
+    new_opt = ff.shrink_optimizer(model, opt, out.model, out.index)
+    old = optax.tree_utils.tree_get(opt.opt_state, "ScaleByAdamState")
+    new = optax.tree_utils.tree_get(new_opt.opt_state, "ScaleByAdamState")
+    for (path, leaf), new_leaf in zip(
+        jax.tree_util.tree_flatten_with_path(old.nu)[0], jax.tree.leaves(new.nu), strict=True
+    ):
+        want = take_np(np.asarray(leaf), out.index.get(keystr(path), (None,) * leaf.ndim))
+        np.testing.assert_array_equal(np.asarray(new_leaf), want)
+    assert int(new_opt.step[...]) == 1 and int(new.count[...]) == 1
+    with pytest.raises(TypeError, match=r"optimizer must be a flax.nnx.Optimizer"):
+        ff.shrink_optimizer(model, model, out.model, out.index)
+    with pytest.raises(ValueError, match=r"index has an entry for \['zz'\]\['kernel'\]"):
+        ff.shrink_optimizer(model, opt, out.model, {"['zz']['kernel']": (None, None)})
