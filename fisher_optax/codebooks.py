@@ -308,11 +308,17 @@ def share_codebooks(
 
     def init_fn(params):
         leaves = _check_structure(layout, params, "params")
-        for leaf, x in zip(layout, leaves, strict=True):
-            if not leaf.raw and _validate.is_concrete(x):
-                _read_entries(leaf, x, "params")
         segments = tuple(None if leaf.raw else jnp.asarray(_segments(leaf)) for leaf in layout)
-        entries = to_entries(leaves, segments, read_params)
+        if any(not _validate.is_concrete(x) for x in leaves):  # init under jit
+            entries = to_entries(leaves, segments, read_params)
+        else:  # on the host: check the ties, and read the entries without compiling
+            entries = {}
+            for leaf, x in zip(layout, leaves, strict=True):
+                if not leaf.raw:
+                    books = _read_entries(leaf, x, "params")
+                    entries[leaf.path] = tuple(jnp.asarray(b) for b in books)
+                elif train_raw and leaf.trainable:
+                    entries[leaf.path] = x
         return ShareCodebooksState(segments=segments, inner_state=inner.init(entries))
 
     def update_fn(updates, state, params=None):
