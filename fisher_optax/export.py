@@ -316,11 +316,12 @@ def _stream_cost(counts: np.ndarray) -> float:
 # --------------------------------------------------------------------------- positions
 
 
-def _gap_counts(gaps: np.ndarray, tail: int, r: int) -> np.ndarray:
+def _gap_counts(values: np.ndarray, counts: np.ndarray, tail: int, r: int) -> np.ndarray:
+    """Symbol counts of the entries for gaps given as a histogram (``values``, ``counts``)."""
     fill = (1 << r) - 1
-    counts = np.bincount(gaps % fill, minlength=fill + 1)
-    counts[fill] += int(np.sum(gaps // fill)) + tail // fill
-    return counts
+    out = np.bincount(values % fill, weights=counts, minlength=fill + 1).astype(np.int64)
+    out[fill] += int(np.sum((values // fill) * counts)) + tail // fill
+    return out
 
 
 def _relative_entries(positions: np.ndarray, n: int, r: int) -> np.ndarray:
@@ -343,7 +344,13 @@ def _positions_bits(gaps: np.ndarray, tail: int) -> int:
     mean = (gaps.sum() + tail) / max(gaps.size, 1)
     r0 = max(1, math.ceil(math.log2(mean + 2)))
     candidates = range(max(1, r0 - 2), min(_MAX_INDEX_BITS, r0 + 3) + 1)
-    return min(candidates, key=lambda r: (_stream_cost(_gap_counts(gaps, tail, r)), r))
+    # One histogram of the gaps, then each candidate costs O(distinct gaps), not O(kept).
+    small = gaps < 1 << 16
+    hist = np.bincount(gaps[small])
+    values = np.concatenate([np.flatnonzero(hist), gaps[~small]])
+    counts = np.concatenate([hist[hist > 0], np.ones(int((~small).sum()), np.int64)])
+    cost = lambda r: (_stream_cost(_gap_counts(values, counts, tail, r)), r)
+    return min(candidates, key=cost)
 
 
 # --------------------------------------------------------------------------- encoding
