@@ -658,3 +658,21 @@ def test_shrink_optimizer_on_its_own_slices_adam_and_keeps_the_step():
         ff.shrink_optimizer(model, model, out.model, out.index)
     with pytest.raises(ValueError, match=r"index has an entry for \['zz'\]\['kernel'\]"):
         ff.shrink_optimizer(model, opt, out.model, {"['zz']['kernel']": (None, None)})
+
+
+def test_batchnorm_model_saved_and_loaded_predicts_what_the_dequantized_model_predicts(tmp_path):
+    trained = _bn_mlp(7)
+    nnx.update(trained, jax.tree.map(lambda v: v + 0.5, nnx.state(trained, nnx.BatchStat)))
+    q = fisher_optax.quantize(nnx.state(trained), 4)  # every variable: BatchStat included
+    fisher_optax.save_compressed(tmp_path / "model.fq", q)
+    fresh = _bn_mlp(8)  # a new instance, other weights and fresh statistics
+    ff.update_model(
+        fresh, fisher_optax.dequantize(fisher_optax.load_compressed(tmp_path / "model.fq"))
+    )
+    in_memory = nnx.clone(trained)
+    ff.update_model(in_memory, fisher_optax.dequantize(q))
+    fresh.eval()
+    in_memory.eval()
+    x = jax.random.normal(jax.random.key(7), (6, 3))
+    np.testing.assert_array_equal(fresh(x), in_memory(x))
+    np.testing.assert_array_equal(fresh.layers[1].mean[...], trained.layers[1].mean[...])
