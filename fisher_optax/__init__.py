@@ -35,13 +35,17 @@ from fisher_optax.kmeans import (
 
 # Pruning: masks (sort-free exact selection), schedules, masked-training transforms.
 from fisher_optax.masks import (
+    LeafSparsity,
+    SparsityReport,
     apply_mask,
+    erk_sparsity,
     fisher_mask,
     magnitude_mask,
     random_mask,
     sparsity_report,
     topk_mask,
     two_stage_mask,
+    uniform_sparsity,
 )
 from fisher_optax.quantize import (
     QuantizedParams,
@@ -89,9 +93,11 @@ __all__ = [
     "KMeansResult",
     "KeepPrunedState",
     "LeafReport",
+    "LeafSparsity",
     "PrunedState",
     "QuantizedParams",
     "ShareCodebooksState",
+    "SparsityReport",
     "StreamReport",
     "__version__",
     "allocate_bits",
@@ -100,6 +106,7 @@ __all__ = [
     "constant_sparsity",
     "dequantize",
     "empirical_fisher",
+    "erk_sparsity",
     "expand_unit_mask",
     "fisher_from_state",
     "fisher_mask",
@@ -122,6 +129,7 @@ __all__ = [
     "sparsity_report",
     "topk_mask",
     "two_stage_mask",
+    "uniform_sparsity",
     "unit_mask",
     "unit_scores",
 ]

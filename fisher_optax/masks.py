@@ -1,88 +1,68 @@
 """Pruning masks: which weights to remove, ranked by magnitude, Fisher, or any score.
 
 A mask is a boolean pytree shaped like the parameters; ``True`` keeps a weight. Every mask
-function here prunes *exactly* ``round(sparsity * n)`` of the ``n`` prunable weights in
-scope, the ones with the smallest scores, and breaks ties by a fixed rule.
+function here is :func:`topk_mask` over scores from :func:`fisher_optax.scores`: it prunes
+*exactly* ``round(s * n)`` of the ``n`` prunable weights in scope, the ones with the smallest
+scores, and breaks ties by a fixed rule. The sparsity ``s`` is one scalar (a global ranking,
+or every leaf at the same target), or one target per leaf: a pytree of scalars, or a
+mapping from paths or predicates to targets (e.g. from :func:`erk_sparsity`).
 
-Global selection never sorts. Scores are mapped to order-preserving ``uint32`` keys and the
-exact k-th smallest key is found by bisecting its 32 bits with counting passes: each pass
-compares every key with one candidate and sums, per leaf, how many fall below it, so on
-sharded parameters only scalar counts cross devices. XLA's CPU sort of 1e7 floats takes
-seconds; 32 counting passes take a fraction of that (see ``benchmarks/bench_select.py``).
+Selection never sorts. Scores are mapped to order-preserving ``uint32`` keys and the exact
+k-th smallest key is found one byte at a time by counting passes: each pass compares every
+key with one candidate and sums, per leaf, how many fall below it, so on sharded parameters
+only scalar counts cross devices. XLA's CPU sort of 1e7 floats takes seconds; the counting
+passes take a fraction of that (see ``benchmarks/bench_select.py``).
 """
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fisher_optax._tree import check_matching, keystr, strip_value
+from fisher_optax import _validate
+from fisher_optax._tree import keystr, strip_value
 from fisher_optax._types import Fisher, Mask, Params, Scores
+from fisher_optax.scores import CRITERIA
+from fisher_optax.scores import scores as _scores
 
 __all__ = [
+    "LeafSparsity",
+    "SparsityReport",
     "apply_mask",
+    "erk_sparsity",
     "fisher_mask",
     "magnitude_mask",
     "random_mask",
     "sparsity_report",
     "topk_mask",
     "two_stage_mask",
+    "uniform_sparsity",
 ]
 
-Prunable = None | Callable[[tuple, jax.Array], bool] | Any
+Prunable: TypeAlias = Callable[[tuple, jax.Array], bool] | Any | None
 """``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a bool pytree."""
 
-_SCOPES = ("global", "layer")
-_CRITERIA = ("fisher", "saliency")
+Sparsity: TypeAlias = float | jax.Array | Mapping[str | Callable, float] | Any
+"""One fraction in ``[0, 1]``, a pytree of per-leaf fractions shaped like the params (one
+scalar per leaf), or a mapping ``{path string or predicate(path, leaf): fraction}``."""
+
+FISHER_CRITERIA: dict[str, str] = {k: CRITERIA[k] for k in ("fisher", "saliency")}
+"""The named criteria that rank by the Fisher (``fisher_mask``, ``two_stage_mask``)."""
+
 _SIGN = np.uint32(0x80000000)
 _NEVER = np.uint32(0xFFFFFFFF)  # key of entries that may not be pruned: above every real score
 _ALREADY = np.uint32(0)  # key of entries an earlier mask pruned: below every real score
 _MAX_COUNT = 2**31 - 1
+_SPARSITY_MEANING = "the fraction of prunable weights to remove"
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation helpers
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_sparsity(sparsity: Any, name: str, fn: str) -> Any:
-    """A Python float when ``sparsity`` is concrete (checked to lie in [0, 1]), else a tracer."""
-    if isinstance(sparsity, jax.core.Tracer):
-        return jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
-    if jnp.ndim(sparsity) != 0:
-        raise ValueError(
-            f"{fn}: {name} must be a scalar in [0, 1], got an array of shape {jnp.shape(sparsity)}."
-        )
-    value = float(sparsity)
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(
-            f"{fn}: {name} must lie in [0, 1] (the fraction of prunable weights to remove), "
-            f"got {value}."
-        )
-    return value
-
-
-def _check_scope(scope: str, fn: str) -> None:
-    if scope not in _SCOPES:
-        raise ValueError(
-            f"{fn}: scope must be 'global' (one ranking over all prunable weights) or 'layer' "
-            f"(each leaf ranked on its own), got {scope!r}."
-        )
-
-
-def _check_criterion(criterion: str, fn: str) -> None:
-    if criterion not in _CRITERIA:
-        raise ValueError(
-            f"{fn}: criterion must be 'fisher' (rank by F) or 'saliency' (rank by "
-            f"0.5 * F * w**2), got {criterion!r}."
-        )
+# Arguments: prunable flags, per-leaf sparsities
 
 
 def _flat(tree: Any) -> tuple[list[tuple], list[Any], Any]:
@@ -90,85 +70,117 @@ def _flat(tree: Any) -> tuple[list[tuple], list[Any], Any]:
     return [strip_value(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
-def _prunable_flags(paths: list[tuple], leaves: list[Any], prunable: Prunable, fn: str) -> list:
+def _prunable_flags(paths: list[tuple], leaves: list[Any], prunable: Prunable) -> list:
     """Per leaf: ``False``, ``True`` or a boolean array (element by element)."""
     if prunable is None:
         return [jnp.ndim(x) >= 2 for x in leaves]
     if callable(prunable):
+        _validate.callable_arity(prunable, "prunable", "prunable(path, leaf) -> bool", 2)
         flags = []
         for path, leaf in zip(paths, leaves, strict=True):
             flag = prunable(path, leaf)
             if not isinstance(flag, bool | np.bool_):
                 raise TypeError(
-                    f"{fn}: the prunable predicate must return a Python bool for each leaf; "
-                    f"at {keystr(path)} it returned {type(flag).__name__}. Return e.g. "
+                    f"the prunable predicate must return a Python bool for each leaf; at "
+                    f"{keystr(path)} it returned {type(flag).__name__}. Return e.g. "
                     "leaf.ndim >= 2, or pass a bool pytree for element-wise control."
                 )
             flags.append(bool(flag))
         return flags
     ppaths, pleaves, _ = _flat(prunable)
-    for i, path in enumerate(paths):
-        if i >= len(ppaths) or ppaths[i] != path:
-            where = keystr(ppaths[i]) if i < len(ppaths) else "nothing"
-            raise ValueError(
-                f"{fn}: prunable does not match the structure of the params: the params have "
-                f"a leaf at {keystr(path)} where prunable has {where}. Build it with "
-                "jax.tree.map over the params (a bool per leaf, or a bool array shaped like "
-                "the leaf)."
-            )
-    if len(ppaths) != len(paths):
-        raise ValueError(
-            f"{fn}: prunable has a leaf at {keystr(ppaths[len(paths)])} that the params lack."
-        )
+    _check_paths(paths, ppaths, "prunable", "a bool per leaf, or a bool array shaped like it")
     flags = []
     for path, leaf, flag in zip(paths, leaves, pleaves, strict=True):
         if isinstance(flag, bool | np.bool_) or (
             jnp.ndim(flag) == 0 and jnp.result_type(flag) == jnp.bool_
         ):
-            flags.append(bool(flag) if _is_concrete(flag) else flag)
+            flags.append(bool(flag) if _validate.is_concrete(flag) else flag)
         elif jnp.result_type(flag) == jnp.bool_ and jnp.shape(flag) == jnp.shape(leaf):
             flags.append(jnp.asarray(flag))
         else:
             raise TypeError(
-                f"{fn}: prunable at {keystr(path)} must be a bool or a bool array of shape "
+                f"prunable at {keystr(path)} must be a bool or a bool array of shape "
                 f"{jnp.shape(leaf)}, got {jnp.result_type(flag)} of shape {jnp.shape(flag)}."
             )
     return flags
 
 
-def _mask_leaves(reference: Any, mask: Mask | None, fn: str) -> list[Any] | None:
-    if mask is None:
-        return None
-    try:
-        leaves = check_matching(reference, mask, ref_name="params", other_name="mask")
-    except ValueError as err:
-        raise ValueError(f"{fn}: {err}") from None
-    for (path, _), leaf in zip(
-        jax.tree_util.tree_flatten_with_path(reference)[0], leaves, strict=True
-    ):
-        if jnp.result_type(leaf) != jnp.bool_:
-            raise TypeError(
-                f"{fn}: mask at {keystr(path)} has dtype {jnp.result_type(leaf)}; a mask holds "
-                "booleans (True keeps a weight). Convert it with mask.astype(bool)."
-            )
-    return leaves
-
-
-def _check_scores(paths: list[tuple], leaves: list[Any], flags: list, what: str, fn: str):
-    for path, leaf, flag in zip(paths, leaves, flags, strict=True):
-        if flag is False:
-            continue
-        dtype = jnp.result_type(leaf)
-        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-            raise TypeError(
-                f"{fn}: {what} at {keystr(path)} has dtype {dtype}; scores must be real numbers "
-                "(floating point or integer)."
-            )
-        if _is_concrete(leaf) and bool(jnp.any(jnp.isnan(leaf))):
+def _check_paths(paths: list[tuple], other: list[tuple], name: str, what: str) -> None:
+    """``other`` (a tree's key paths) lists exactly ``paths``; shapes are not compared."""
+    for i, path in enumerate(paths):
+        if i >= len(other) or other[i] != path:
+            where = keystr(other[i]) if i < len(other) else "nothing"
             raise ValueError(
-                f"{fn}: {what} at {keystr(path)} holds NaN, which cannot be ranked. Check the "
-                "params and the Fisher for NaN (diverged training?) before pruning."
+                f"{name} does not match the structure of the params: the params have a leaf "
+                f"at {keystr(path)} where {name} has {where}. Build it with jax.tree.map over "
+                f"the params ({what})."
             )
+    if len(other) != len(paths):
+        raise ValueError(f"{name} has a leaf at {keystr(other[len(paths)])} that the params lack.")
+
+
+def _is_path_map(sparsity: Any) -> bool:
+    """A mapping keyed by path strings (``"['dense']['kernel']"``) or predicates."""
+    return isinstance(sparsity, Mapping) and any(
+        callable(k) or (isinstance(k, str) and k[:1] in "[.") for k in sparsity
+    )
+
+
+def _fraction(value: Any, name: str) -> Any:
+    """A checked fraction, rounded to float32 when concrete: eager and jitted counts agree."""
+    value = _validate.fraction(value, name, meaning=_SPARSITY_MEANING)
+    return float(np.float32(value)) if isinstance(value, float) else value
+
+
+def _per_leaf(sparsity: Sparsity, paths: list[tuple], leaves: list[Any]) -> Any:
+    """A scalar fraction, or a list with one fraction per leaf (the rule of :data:`Sparsity`)."""
+    if _is_path_map(sparsity):
+        out: list[Any] = [None] * len(paths)
+        names = [keystr(p) for p in paths]
+        for k, v in sparsity.items():
+            if callable(k):
+                _validate.callable_arity(k, "a sparsity key", "predicate(path, leaf) -> bool", 2)
+                hits = [i for i, (p, x) in enumerate(zip(paths, leaves, strict=True)) if k(p, x)]
+                label = getattr(k, "__name__", repr(k))
+            elif isinstance(k, str):
+                hits = [i for i, n in enumerate(names) if n == k]
+                label = k
+                if not hits:
+                    raise ValueError(
+                        f"sparsity names the path {k!r}, which the params do not have. Paths "
+                        f"are written as jax.tree_util.keystr writes them: {names[:4]}..."
+                    )
+            else:
+                raise TypeError(
+                    f"a sparsity mapping is keyed by path strings or predicates(path, leaf), "
+                    f"got the key {k!r} ({type(k).__name__})."
+                )
+            for i in hits:
+                if out[i] is not None:
+                    raise ValueError(
+                        f"sparsity gives the leaf at {names[i]} two targets (again by {label}); "
+                        "each leaf may match one key of the mapping."
+                    )
+                out[i] = _fraction(v, f"sparsity[{label!r}]")
+        return [0.0 if v is None else v for v in out]
+    if not isinstance(sparsity, list | tuple | dict | Mapping) and jnp.ndim(sparsity) == 0:
+        return _fraction(sparsity, "sparsity")
+    spaths, sleaves, _ = _flat(sparsity)
+    _check_paths(paths, spaths, "sparsity", "one fraction per leaf, e.g. from erk_sparsity")
+    return [_fraction(v, f"sparsity at {keystr(p)}") for p, v in zip(paths, sleaves, strict=True)]
+
+
+def _scale(sparsity: Any, factor: Any) -> Any:
+    """``factor * sparsity`` per leaf, in float32 in both the eager and the jitted path."""
+    if isinstance(sparsity, list):
+        return [_scale(s, factor) for s in sparsity]
+    if isinstance(sparsity, float) and isinstance(factor, float):
+        return float(np.float32(factor) * np.float32(sparsity))
+    return jnp.float32(factor) * jnp.float32(sparsity)
+
+
+def _mask_leaves(reference: Any, mask: Mask | None) -> list[Any] | None:
+    return None if mask is None else _validate.bool_leaves(reference, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,43 +237,28 @@ def _flat_index(shape: tuple[int, ...], offset: jax.Array) -> jax.Array:
     return idx
 
 
-def _bisect(count_below: Callable[[jax.Array], jax.Array], targets: jax.Array, bits: int):
-    """Per group ``g``, the largest ``t < 2**bits`` with ``count_below(t)[g] < targets[g]``.
-
-    ``count_below`` maps a (G,) uint32 vector of candidates to the (G,) int32 counts of
-    entries strictly below them; it must be non-decreasing. Also returns
-    ``count_below(t)``, tracked for free. One counting pass per bit.
-    """
-    n_groups = targets.shape[0]
-
-    def body(i, carry):
-        t, below = carry
-        step = jnp.uint32(1) << (jnp.uint32(bits - 1) - i.astype(jnp.uint32))
-        cand = t + step
-        counts = count_below(cand)
-        take = counts < targets
-        return jnp.where(take, cand, t), jnp.where(take, counts, below)
-
-    init = (jnp.zeros(n_groups, jnp.uint32), jnp.zeros(n_groups, jnp.int32))
-    return lax.fori_loop(0, bits, body, init)
-
-
-def _bisect_keys(
-    keys: list[jax.Array], groups: tuple[int, ...], n_groups: int, targets: jax.Array
+def _radix_select(
+    keys: list[jax.Array],
+    groups: tuple[int, ...],
+    n_groups: int,
+    targets: jax.Array,
+    bits: int = 32,
 ) -> tuple[jax.Array, jax.Array]:
-    """Per group, the largest uint32 ``t`` with ``#{key < t} < target``, and that count.
+    """Per group, the largest ``t < 2**bits`` with ``#{key < t} < target``, and that count.
 
-    The 32 bisection passes run in four phases of eight, one byte of the key per phase. A
-    phase first maps each key to one uint8 digit: its byte when its higher bytes equal those
-    of the threshold found so far, else 255 (keys below the threshold's prefix are already
-    counted in ``below``; those above never count, and a real digit 255 is never below a
-    candidate digit, which is at most 255). Its eight counting passes then read one byte
-    per weight instead of four, a quarter of the memory traffic of plain bisection.
+    The one selection routine: the score threshold (``bits=32``) and the flat-index cut among
+    ties (``bits`` = the index width) are both found by it. Keys must lie below ``2**bits``.
+    It bisects ``bits`` bits in phases of eight, one byte of the key per phase. A phase
+    first maps each key to one uint8 digit: its byte when its higher bytes equal those of the
+    threshold found so far, else 255 (keys below the threshold's prefix are already counted
+    in ``below``; those above never count, and a real digit 255 is never below a candidate
+    digit, which is at most 255). Its eight counting passes then read one byte per weight
+    instead of four, a quarter of the memory traffic of plain bisection.
     """
     thresh = jnp.zeros(n_groups, jnp.uint32)
     below = jnp.zeros(n_groups, jnp.int32)
-    for phase in range(4):
-        shift = 24 - 8 * phase
+    for phase in range(bits // 8):
+        shift = bits - 8 - 8 * phase
         digits = []
         for k, g in zip(keys, groups, strict=True):
             d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
@@ -327,7 +324,7 @@ def _select_kept(
     ]
     targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, groups, n_groups))
 
-    thresh, below = _bisect_keys(keys, groups, n_groups, targets)
+    thresh, below = _radix_select(keys, groups, n_groups, targets)
     at = _group_sum(
         [_count(k == thresh[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
     )
@@ -338,23 +335,19 @@ def _select_kept(
     for k, g in zip(keys, groups, strict=True):
         offsets.append(running[g])
         running[g] += k.size
+    # The index keys have room for a sentinel above every real index.
+    sentinel = np.uint32(2**index_bits - 1)
 
     def tie_cut(_):
-        def count_tied_below(cand):
-            return _group_sum(
-                [
-                    _count((k == thresh[g]) & (_flat_index(k.shape, jnp.uint32(o)) < cand[g]))
-                    for k, g, o in zip(keys, groups, offsets, strict=True)
-                ],
-                groups,
-                n_groups,
-            )
-
-        cut, _ = _bisect(count_tied_below, ties, index_bits)
+        index_keys = [
+            jnp.where(k == thresh[g], _flat_index(k.shape, jnp.uint32(o)), sentinel)
+            for k, g, o in zip(keys, groups, offsets, strict=True)
+        ]
+        cut, _ = _radix_select(index_keys, groups, n_groups, ties, bits=index_bits)
         return jnp.where(at > ties, cut, _NEVER)
 
     # Only when some group has more entries at the threshold than it may prune does the
-    # flat-index bisection run (continuous scores almost never need it).
+    # flat-index selection run (continuous scores almost never need it).
     cut = lax.cond(jnp.any(at > ties), tie_cut, lambda _: jnp.full(n_groups, _NEVER), None)
     out = []
     for k, g, o in zip(keys, groups, offsets, strict=True):
@@ -411,74 +404,137 @@ def _round_product(s: jax.Array, n: jax.Array) -> jax.Array:
 
 
 def _target(sparsity: Any, n: Any) -> Any:
-    """``round(sparsity * n)``, exactly and half to even, concrete or traced."""
+    """``round(sparsity * n)``, exactly and half to even, of the float32 value of ``sparsity``.
+
+    Concrete and traced sparsities give the same count: a Python float is rounded to float32
+    first (:func:`_fraction`), then multiplied exactly (``Fraction``), as the traced path does.
+    """
     if isinstance(sparsity, float) and isinstance(n, int):
-        return round(Fraction(sparsity) * n)
+        return round(Fraction(float(np.float32(sparsity))) * n)
     return _round_product(jnp.asarray(sparsity, jnp.float32), jnp.asarray(n, jnp.int32))
 
 
-def _mask_from_scores(
-    params: Any,
-    scores: list[jax.Array],
+def _topk_leaves(
+    leaves: list[Any],
+    scores: list[Any],
     sparsity: Any,
     *,
     scope: str,
     flags: list,
     kept: list | None,
-    fn: str,
-) -> Mask:
-    """Mask (tree of ``params``) pruning the smallest ``scores`` (a list in flattening order)."""
-    _, leaves, treedef = _flat(params)
-    chosen = [i for i, f in enumerate(flags) if f is not False]
+) -> list[jax.Array]:
+    """Keep-mask leaves pruning the smallest ``scores`` (lists in flattening order).
+
+    ``sparsity`` is a checked scalar, or a list of per-leaf fractions (each leaf its own
+    group, whatever ``scope`` says).
+    """
+    per_leaf = isinstance(sparsity, list)
+    chosen = [
+        i
+        for i, f in enumerate(flags)
+        # A leaf with a zero target and no earlier mask keeps everything: skip its passes.
+        if f is not False
+        and not (kept is None and per_leaf and isinstance(sparsity[i], float) and not sparsity[i])
+    ]
+    out = [jnp.ones(jnp.shape(x), bool) for x in leaves]
     if not chosen:
-        return jax.tree.unflatten(treedef, [jnp.ones(jnp.shape(x), bool) for x in leaves])
-    groups = tuple(0 if scope == "global" else j for j in range(len(chosen)))
-    n_groups = 1 if scope == "global" else len(chosen)
-    allowed, counts = [], [0] * n_groups
+        return out
+    layer = per_leaf or scope == "layer"
+    groups = tuple(j if layer else 0 for j in range(len(chosen)))
+    n_groups = len(chosen) if layer else 1
+    allowed, counts, sizes = [], [0] * n_groups, [0] * n_groups
     for i, g in zip(chosen, groups, strict=True):
-        f = flags[i]
-        if isinstance(f, bool):
+        size = math.prod(jnp.shape(leaves[i]))
+        sizes[g] += size
+        if flags[i] is True:
             allowed.append(None)
-            n_i = int(np.prod(jnp.shape(leaves[i]), dtype=np.int64))
+            n_i = size
         else:
-            f = jnp.broadcast_to(f, jnp.shape(leaves[i]))
+            f = jnp.broadcast_to(flags[i], jnp.shape(leaves[i]))
             allowed.append(f)
             n_i = jnp.sum(f, dtype=jnp.int32)
-            n_i = int(n_i) if _is_concrete(n_i) else n_i
+            n_i = int(n_i) if _validate.is_concrete(n_i) else n_i
         counts[g] = counts[g] + n_i
-    sizes = [0] * n_groups
-    for i, g in zip(chosen, groups, strict=True):
-        sizes[g] += int(np.prod(jnp.shape(leaves[i]), dtype=np.int64))
     if max(sizes) > _MAX_COUNT:
         raise ValueError(
-            f"{fn}: a selection over {max(sizes)} weights exceeds the int32 counters "
-            f"(at most {_MAX_COUNT}); use scope='layer' or prune groups of leaves separately."
+            f"a selection over {max(sizes)} weights exceeds the int32 counters (at most "
+            f"{_MAX_COUNT}); use scope='layer' or prune groups of leaves separately."
         )
-    targets = jnp.stack([jnp.asarray(_target(sparsity, c), jnp.int32) for c in counts])
-    index_bits = max(1, int(max(sizes) - 1).bit_length())
-    kept_leaves = [None if kept is None else kept[i] for i in chosen]
+    group_sparsity = [sparsity[i] for i in chosen] if per_leaf else [sparsity] * n_groups
+    targets = jnp.stack(
+        [jnp.asarray(_target(s, c), jnp.int32) for s, c in zip(group_sparsity, counts, strict=True)]
+    )
+    index_bits = 8 * math.ceil((int(max(sizes)).bit_length() + 1) / 8)
     new = _select_kept_jit(
         [scores[i] for i in chosen],
         allowed,
-        kept_leaves,
+        [None if kept is None else kept[i] for i in chosen],
         targets,
         groups=groups,
         n_groups=n_groups,
-        index_bits=index_bits,
+        index_bits=min(index_bits, 32),
     )
-    out = [jnp.ones(jnp.shape(x), bool) for x in leaves]
     for i, m in zip(chosen, new, strict=True):
         out[i] = m
-    return jax.tree.unflatten(treedef, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Public mask functions
 
 
+class _Call(NamedTuple):
+    """A mask function's checked arguments, in the flattening order of the params."""
+
+    leaves: list[Any]
+    treedef: Any
+    sparsity: Any  # a fraction, or a list with one per leaf
+    scope: str
+    flags: list
+    kept: list | None
+
+
+def _prepare(tree: Any, sparsity: Sparsity, scope: str, prunable: Prunable, mask: Any) -> _Call:
+    scope = _validate.scope(scope)
+    paths, leaves, treedef = _flat(tree)
+    flags = _prunable_flags(paths, leaves, prunable)
+    return _Call(
+        leaves, treedef, _per_leaf(sparsity, paths, leaves), scope, flags, _mask_leaves(tree, mask)
+    )
+
+
+def _select(call: _Call, scores: Scores, sparsity: Any, kept: list | None) -> Mask:
+    """The mask pruning the smallest ``scores`` (a tree with the leaves of the params)."""
+    score_leaves = jax.tree.leaves(scores)
+    for (path, leaf), flag in zip(_tree_items(scores), call.flags, strict=True):
+        if flag is False:
+            continue
+        dtype = jnp.result_type(leaf)
+        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(
+                f"scores at {path} have dtype {dtype}; scores must be real numbers (floating "
+                "point or integer)."
+            )
+        # NumPy, not jnp: inside a trace (lax.cond of pruned, called eagerly) a jnp op on a
+        # concrete array returns a tracer, which has no bool.
+        if _validate.is_concrete(leaf) and np.isnan(np.asarray(leaf, np.float32)).any():
+            raise ValueError(
+                f"scores at {path} hold NaN, which cannot be ranked. Check the params and the "
+                "Fisher for NaN (diverged training?) before pruning."
+            )
+    out = _topk_leaves(
+        call.leaves, score_leaves, sparsity, scope=call.scope, flags=call.flags, kept=kept
+    )
+    return jax.tree.unflatten(call.treedef, out)
+
+
+def _tree_items(tree: Any) -> list[tuple[str, Any]]:
+    return [(keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def topk_mask(
     scores: Scores,
-    sparsity: float | jax.Array,
+    sparsity: Sparsity,
     *,
     scope: Literal["global", "layer"] = "global",
     prunable: Prunable = None,
@@ -487,48 +543,52 @@ def topk_mask(
     r"""Keep the largest scores: prune exactly ``round(sparsity * n)`` of the smallest.
 
     With ``n`` prunable weights in scope (all prunable leaves for ``scope="global"``, each
-    prunable leaf on its own for ``scope="layer"``) and ``m`` of them already pruned by
-    ``mask``, the result prunes
+    prunable leaf on its own for ``scope="layer"`` or a per-leaf ``sparsity``) and ``m`` of
+    them already pruned by ``mask``, the result prunes
 
     .. math::
       k = \max\bigl(\operatorname{round}(s \cdot n),\ m\bigr)
 
-    weights: the ``m`` pruned before, then the smallest scores among the rest. Ties break
-    deterministically: among equal scores the weight with the lower flat index is pruned
-    first, where the flat index runs over the prunable leaves in ``jax.tree`` flattening
-    order, row-major inside each leaf (``-0.0`` equals ``0.0``).
+    weights: the ``m`` pruned before, then the smallest scores among the rest.
+    :math:`s \cdot n` is the exact product of the float32 value of ``sparsity`` (a Python
+    float is rounded to float32 first), rounded half to even, so an eager call and a jitted
+    one with a traced sparsity prune the same count. Ties break deterministically: among
+    equal scores the weight with the lower flat index is pruned first, where the flat index
+    runs over the prunable leaves in scope in ``jax.tree`` flattening order, row-major
+    inside each leaf (``-0.0`` equals ``0.0``).
 
-    The exact threshold is found without sorting, by bisecting the 32 bits of
-    order-preserving integer keys: 32 counting passes, in four phases of eight that each
-    read one byte per weight, plus up to :math:`\lceil \log_2 n \rceil` passes over the
-    flat index, run only when ties straddle the threshold. Under ``jit`` on sharded scores
-    only scalar counts cross devices (no all-gather).
+    The exact threshold is found without sorting, one byte of order-preserving integer
+    keys at a time: 32 counting passes that each read one byte per weight, plus a second
+    such selection over the flat index, run only when ties straddle the threshold. Under
+    ``jit`` on sharded scores only scalar counts cross devices (no all-gather).
 
     Args:
       scores: a pytree of real arrays; larger means more important. Cast to float32.
-      sparsity: the fraction of prunable weights to remove, in ``[0, 1]``. Under ``jit``
-        a traced value is clipped to ``[0, 1]``. ``round(sparsity * n)`` is exact and rounds
-        half to even, on the exact product (``Fraction(sparsity) * n``) for a Python float
-        and on the exact product of the float32 value for a traced one.
-      scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
-        prunes each leaf on its own.
+      sparsity: the fraction of prunable weights to remove, in ``[0, 1]``: one scalar; a
+        pytree like ``scores`` with one scalar per leaf; or a mapping from path strings
+        (``jax.tree_util.keystr`` form, e.g. ``"['dense']['kernel']"``) or predicates
+        ``(path, leaf) -> bool`` to fractions, where leaves no key matches get 0 (as
+        jaxpruner's ``custom_sparsity_map``). Concrete values outside ``[0, 1]`` or NaN are
+        errors; under ``jit`` a traced value is clipped to ``[0, 1]`` and NaN becomes 0.
+          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
+        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
+        own.
       prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
         not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
-        ``path`` is the leaf's ``jax.tree_util`` key path tuple (as from
-        ``jax.tree_util.tree_flatten_with_path``, with Flax's ``.value`` hop left out;
-        ``jax.tree_util.keystr(path)`` gives e.g. ``"['dense']['kernel']"``). Or a pytree
-        like ``scores`` holding a bool per leaf or a bool array per leaf.
-      mask: an existing mask; what it prunes stays pruned and counts toward the target.
-
+        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
+        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
     Returns:
       A boolean pytree shaped like ``scores``; ``True`` keeps a weight. Non-prunable
       weights are always ``True``.
 
     Raises:
-      ValueError: if ``sparsity`` lies outside ``[0, 1]``, ``scope`` is unknown, concrete
-        scores hold NaN (under ``jit`` they cannot be checked: NaN then ranks above every
-        number and is pruned last), or ``mask``/``prunable`` do not match ``scores``.
-      TypeError: if scores are not real numbers, or ``mask`` is not boolean.
+      ValueError: if ``sparsity`` is outside ``[0, 1]``, NaN, or does not match the leaves,
+        ``scope`` is unknown, concrete scores hold NaN (under ``jit`` they cannot be
+        checked: NaN then ranks above every number and is pruned last), or
+        ``mask``/``prunable`` do not match ``scores``.
+      TypeError: if scores are not real numbers, ``mask`` is not boolean, or a
+        ``prunable`` predicate does not take ``(path, leaf)``.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
@@ -541,19 +601,13 @@ def topk_mask(
       Array([[ True, False],
              [ True,  True]], dtype=bool)
     """
-    fn = "topk_mask"
-    _check_scope(scope, fn)
-    sparsity = _check_sparsity(sparsity, "sparsity", fn)
-    paths, leaves, _ = _flat(scores)
-    flags = _prunable_flags(paths, leaves, prunable, fn)
-    _check_scores(paths, leaves, flags, "scores", fn)
-    kept = _mask_leaves(scores, mask, fn)
-    return _mask_from_scores(scores, leaves, sparsity, scope=scope, flags=flags, kept=kept, fn=fn)
+    call = _prepare(scores, sparsity, scope, prunable, mask)
+    return _select(call, scores, call.sparsity, call.kept)
 
 
 def magnitude_mask(
     params: Params,
-    sparsity: float | jax.Array,
+    sparsity: Sparsity,
     *,
     scope: Literal["global", "layer"] = "global",
     prunable: Prunable = None,
@@ -561,22 +615,26 @@ def magnitude_mask(
 ) -> Mask:
     r"""Prune the weights of smallest magnitude :math:`|w|`.
 
-    :func:`topk_mask` with scores :math:`|w|`; see it for the exact count, the tie-break and
-    the meaning of ``scope``, ``prunable`` and ``mask``.
+    :func:`topk_mask` over ``fisher_optax.scores(params, "magnitude")``; see it for the
+    exact count, the tie-break and the forms of ``sparsity``.
 
     Args:
-      params: a pytree of parameter arrays.
-      sparsity: the fraction of prunable weights to remove, in ``[0, 1]``.
-      scope: ``"global"`` or ``"layer"``.
-      prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
-        bool pytree.
-      mask: an existing mask whose pruned weights stay pruned and count toward the target.
-
+      params: a pytree of parameter arrays (finite).
+      sparsity: the fraction of prunable weights to remove (a scalar, per leaf, or a
+        mapping; see :func:`topk_mask`).
+          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
+        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
+        own.
+      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
+        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
+        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
+        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
     Raises:
-      ValueError: as :func:`topk_mask`.
+      ValueError: if concrete ``params`` hold NaN or inf, and as :func:`topk_mask`.
       TypeError: as :func:`topk_mask`.
 
     Examples:
@@ -590,37 +648,22 @@ def magnitude_mask(
       Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient Neural
       Networks. NeurIPS 2015. https://arxiv.org/abs/1506.02626
     """
-    fn = "magnitude_mask"
-    _check_scope(scope, fn)
-    sparsity = _check_sparsity(sparsity, "sparsity", fn)
-    paths, leaves, _ = _flat(params)
-    flags = _prunable_flags(paths, leaves, prunable, fn)
-    _check_scores(paths, leaves, flags, "params", fn)
-    kept = _mask_leaves(params, mask, fn)
-    scores = [jnp.abs(x) for x in leaves]
-    return _mask_from_scores(params, scores, sparsity, scope=scope, flags=flags, kept=kept, fn=fn)
+    call = _prepare(params, sparsity, scope, prunable, mask)
+    return _select(call, _scores(params, "magnitude"), call.sparsity, call.kept)
 
 
-def _fisher_scores(params: Params, fisher: Fisher, criterion: str, fn: str) -> list[jax.Array]:
-    try:
-        fleaves = check_matching(params, fisher, ref_name="params", other_name="fisher")
-    except ValueError as err:
-        raise ValueError(f"{fn}: {err}") from None
-    _, pleaves, _ = _flat(params)
-    if criterion == "fisher":
-        return [jnp.asarray(f) for f in fleaves]
-    return [
-        0.5 * jnp.asarray(f, jnp.float32) * jnp.square(jnp.asarray(w, jnp.float32))
-        for f, w in zip(fleaves, pleaves, strict=True)
-    ]
+def _fisher_criterion(criterion: Any) -> Any:
+    if callable(criterion):
+        return criterion
+    return _validate.choice(criterion, "criterion", FISHER_CRITERIA)
 
 
 def fisher_mask(
     params: Params,
-    fisher: Fisher,
-    sparsity: float | jax.Array,
+    sparsity: Sparsity,
     *,
-    criterion: Literal["fisher", "saliency"] = "fisher",
+    fisher: Fisher,
+    criterion: Literal["fisher", "saliency"] | Callable = "fisher",
     scope: Literal["global", "layer"] = "global",
     prunable: Prunable = None,
     mask: Mask | None = None,
@@ -629,39 +672,46 @@ def fisher_mask(
 
     .. math::
       \text{score} = \begin{cases} F & \text{criterion="fisher"} \\
-      \tfrac12 F w^2 & \text{criterion="saliency"} \end{cases}
+      \tfrac12 F w^2 & \text{criterion="saliency"} \\
+      \text{criterion}(w, F) & \text{a callable} \end{cases}
 
     The saliency is optimal brain damage's estimate of the loss increase when a weight is
-    set to zero, with the Fisher diagonal in place of the Hessian diagonal. See
-    :func:`topk_mask` for the exact count and the tie-break.
+    set to zero, with the Fisher diagonal in place of the Hessian diagonal
+    (:func:`fisher_optax.saliency`). :func:`topk_mask` over
+    ``fisher_optax.scores(params, criterion, fisher=fisher)``.
 
     Args:
-      params: a pytree of parameter arrays.
-      fisher: a Fisher diagonal shaped like ``params`` (e.g. from
+      params: a pytree of parameter arrays (finite).
+      sparsity: the fraction of prunable weights to remove (a scalar, per leaf, or a
+        mapping; see :func:`topk_mask`).
+      fisher: a Fisher diagonal shaped like ``params``, finite and non-negative (e.g. from
         :func:`fisher_optax.fisher_from_state`).
-      sparsity: the fraction of prunable weights to remove, in ``[0, 1]``.
-      criterion: ``"fisher"`` or ``"saliency"``.
-      scope: ``"global"`` or ``"layer"``.
-      prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
-        bool pytree.
-      mask: an existing mask whose pruned weights stay pruned and count toward the target.
-
+      criterion: ``"fisher"``, ``"saliency"``, or a callable ``(params, fisher) -> scores``.
+          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
+        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
+        own.
+      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
+        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
+        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
+        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
     Raises:
       ValueError: if ``fisher`` differs from ``params`` in structure or shapes (naming the
-        first mismatching path), if ``criterion`` is unknown, and as :func:`topk_mask`.
+        first mismatching path), holds a negative or non-finite value, ``criterion`` is
+        unknown, and as :func:`topk_mask`.
       TypeError: as :func:`topk_mask`.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
       >>> params = {"w": jnp.array([[0.1, 2.0], [3.0, 4.0]])}
       >>> fisher = {"w": jnp.array([[0.5, 0.1], [0.2, 0.05]])}
-      >>> fisher_optax.fisher_mask(params, fisher, 0.5)["w"]
+      >>> fisher_optax.fisher_mask(params, 0.5, fisher=fisher)["w"]
       Array([[ True, False],
              [ True, False]], dtype=bool)
-      >>> fisher_optax.fisher_mask(params, fisher, 0.5, criterion="saliency")["w"]
+      >>> fisher_optax.fisher_mask(params, 0.5, fisher=fisher, criterion="saliency")["w"]
       Array([[False, False],
              [ True,  True]], dtype=bool)
 
@@ -674,54 +724,55 @@ def fisher_mask(
       Tu, Berisha, Cao, Seo. Reducing the Model Order of Deep Neural Networks Using
       Information Theory. ISVLSI 2016. https://arxiv.org/abs/1605.04859
     """
-    fn = "fisher_mask"
-    _check_scope(scope, fn)
-    _check_criterion(criterion, fn)
-    sparsity = _check_sparsity(sparsity, "sparsity", fn)
-    paths, leaves, _ = _flat(params)
-    flags = _prunable_flags(paths, leaves, prunable, fn)
-    scores = _fisher_scores(params, fisher, criterion, fn)
-    _check_scores(paths, scores, flags, "the Fisher scores", fn)
-    kept = _mask_leaves(params, mask, fn)
-    return _mask_from_scores(params, scores, sparsity, scope=scope, flags=flags, kept=kept, fn=fn)
+    criterion = _fisher_criterion(criterion)
+    call = _prepare(params, sparsity, scope, prunable, mask)
+    score = _scores(params, criterion, fisher=fisher)
+    return _select(call, score, call.sparsity, call.kept)
 
 
 def two_stage_mask(
     params: Params,
-    fisher: Fisher,
-    sparsity: float | jax.Array,
+    sparsity: Sparsity,
     *,
-    magnitude_sparsity: float | jax.Array,
-    criterion: Literal["fisher", "saliency"] = "fisher",
+    fisher: Fisher,
+    magnitude_fraction: float | jax.Array = 0.5,
+    criterion: Literal["fisher", "saliency"] | Callable = "fisher",
     scope: Literal["global", "layer"] = "global",
     prunable: Prunable = None,
     mask: Mask | None = None,
 ) -> Mask:
     r"""The paper's two-stage pruning: first by magnitude, then by Fisher information.
 
-    Stage one prunes ``round(magnitude_sparsity * n)`` of the ``n`` prunable weights in
-    scope by :math:`|w|` (:func:`magnitude_mask`); weights of tiny magnitude have a Fisher
-    that is hard to estimate. Stage two prunes among the survivors, by the Fisher criterion,
-    until ``round(sparsity * n)`` are pruned in all (:func:`fisher_mask` with the stage-one
-    mask). Both stages count what ``mask`` pruned before toward their targets.
+    With target :math:`s` and share :math:`a` = ``magnitude_fraction``, stage one prunes
+    ``round(a * s * n)`` of the ``n`` prunable weights in scope by :math:`|w|`
+    (:func:`magnitude_mask`; ``a * s`` is formed in float32); weights of tiny magnitude have
+    a Fisher that is hard to estimate. Stage two prunes among the survivors, by the Fisher
+    criterion, until ``round(s * n)`` are pruned in all (:func:`fisher_mask` with the
+    stage-one mask). Both stages count what ``mask`` pruned before toward their targets.
+    A per-leaf ``sparsity`` applies the share leaf by leaf.
 
     Args:
-      params: a pytree of parameter arrays.
-      fisher: a Fisher diagonal shaped like ``params``.
-      sparsity: the final fraction of prunable weights removed, in ``[0, 1]``.
-      magnitude_sparsity: the fraction removed by magnitude in stage one, in
-        ``[0, sparsity]``.
-      criterion: ``"fisher"`` (rank by F) or ``"saliency"`` (rank by 0.5 F w^2).
-      scope: ``"global"`` or ``"layer"`` (both stages).
-      prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
-        bool pytree.
-      mask: an existing mask whose pruned weights stay pruned and count toward the targets.
-
+      params: a pytree of parameter arrays (finite).
+      sparsity: the final fraction of prunable weights removed (a scalar, per leaf, or a
+        mapping; see :func:`topk_mask`).
+      fisher: a Fisher diagonal shaped like ``params``, finite and non-negative.
+      magnitude_fraction: the share of ``sparsity`` removed by magnitude in stage one, in
+        ``[0, 1]``: ``0`` is pure Fisher pruning, ``1`` pure magnitude pruning.
+      criterion: ``"fisher"`` (rank by F), ``"saliency"`` (0.5 F w^2) or a callable
+        ``(params, fisher) -> scores`` for stage two.
+          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
+        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
+        own.
+      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
+        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
+        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
+        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
     Raises:
-      ValueError: if ``magnitude_sparsity > sparsity`` (when both are concrete), and as
+      ValueError: if ``magnitude_fraction`` is outside ``[0, 1]`` (concrete), and as
         :func:`fisher_mask`.
       TypeError: as :func:`topk_mask`.
 
@@ -729,7 +780,7 @@ def two_stage_mask(
       >>> import jax.numpy as jnp, fisher_optax
       >>> params = {"w": jnp.array([[0.01, 2.0], [3.0, 4.0]])}
       >>> fisher = {"w": jnp.array([[9.0, 0.1], [0.2, 5.0]])}
-      >>> m = fisher_optax.two_stage_mask(params, fisher, 0.5, magnitude_sparsity=0.25)
+      >>> m = fisher_optax.two_stage_mask(params, 0.5, fisher=fisher, magnitude_fraction=0.5)
       >>> m["w"]  # 0.01 goes by magnitude, then 2.0 (F = 0.1) by Fisher
       Array([[False, False],
              [ True,  True]], dtype=bool)
@@ -738,87 +789,62 @@ def two_stage_mask(
       Tu, Berisha, Cao, Seo. Reducing the Model Order of Deep Neural Networks Using
       Information Theory. ISVLSI 2016. https://arxiv.org/abs/1605.04859
     """
-    fn = "two_stage_mask"
-    _check_scope(scope, fn)
-    _check_criterion(criterion, fn)
-    sparsity = _check_sparsity(sparsity, "sparsity", fn)
-    magnitude_sparsity = _check_sparsity(magnitude_sparsity, "magnitude_sparsity", fn)
-    if isinstance(sparsity, float) and isinstance(magnitude_sparsity, float):
-        if magnitude_sparsity > sparsity:
-            raise ValueError(
-                f"{fn}: magnitude_sparsity ({magnitude_sparsity}) exceeds sparsity "
-                f"({sparsity}); stage one may prune at most the final target. Lower "
-                "magnitude_sparsity or raise sparsity."
-            )
-    else:
-        magnitude_sparsity = jnp.minimum(magnitude_sparsity, sparsity)
-    paths, leaves, _ = _flat(params)
-    flags = _prunable_flags(paths, leaves, prunable, fn)
-    scores = _fisher_scores(params, fisher, criterion, fn)
-    _check_scores(paths, leaves, flags, "params", fn)
-    _check_scores(paths, scores, flags, "the Fisher scores", fn)
-    kept = _mask_leaves(params, mask, fn)
-    stage1 = _mask_from_scores(
-        params,
-        [jnp.abs(x) for x in leaves],
-        magnitude_sparsity,
-        scope=scope,
-        flags=flags,
-        kept=kept,
-        fn=fn,
+    criterion = _fisher_criterion(criterion)
+    share = _validate.fraction(
+        magnitude_fraction,
+        "magnitude_fraction",
+        meaning="the share of the target sparsity removed by magnitude in stage one",
     )
-    return _mask_from_scores(
-        params, scores, sparsity, scope=scope, flags=flags, kept=jax.tree.leaves(stage1), fn=fn
-    )
+    call = _prepare(params, sparsity, scope, prunable, mask)
+    score = _scores(params, criterion, fisher=fisher)
+    stage1 = _select(call, _scores(params, "magnitude"), _scale(call.sparsity, share), call.kept)
+    return _select(call, score, call.sparsity, jax.tree.leaves(stage1))
 
 
 def random_mask(
-    key: jax.Array,
     params: Params,
-    sparsity: float | jax.Array,
+    sparsity: Sparsity,
     *,
+    key: jax.Array,
     scope: Literal["global", "layer"] = "global",
     prunable: Prunable = None,
     mask: Mask | None = None,
 ) -> Mask:
     """Prune exactly ``round(sparsity * n)`` prunable weights chosen uniformly at random.
 
-    The baseline every criterion must beat. Scores are i.i.d. uniform draws (one
-    ``jax.random.fold_in(key, i)`` stream per leaf ``i``), ranked like :func:`topk_mask`.
+    The baseline every criterion must beat: :func:`topk_mask` over
+    ``fisher_optax.scores(params, "random", key=key)``, i.i.d. uniform draws with one
+    ``jax.random.fold_in(key, i)`` stream per leaf ``i``.
 
     Args:
-      key: a ``jax.random`` key.
       params: a pytree of parameter arrays (only their shapes are used).
-      sparsity: the fraction of prunable weights to remove, in ``[0, 1]``.
-      scope: ``"global"`` or ``"layer"``.
-      prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
-        bool pytree.
-      mask: an existing mask whose pruned weights stay pruned and count toward the target.
-
+      sparsity: the fraction of prunable weights to remove (a scalar, per leaf, or a
+        mapping; see :func:`topk_mask`).
+      key: a ``jax.random`` key.
+          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
+        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
+        own.
+      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
+        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
+        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
+        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
     Raises:
       ValueError: as :func:`topk_mask`.
+      TypeError: if ``key`` is not a ``jax.random`` key, and as :func:`topk_mask`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fisher_optax
       >>> params = {"w": jnp.ones((10, 10))}
-      >>> m = fisher_optax.random_mask(jax.random.key(0), params, 0.3)
+      >>> m = fisher_optax.random_mask(params, 0.3, key=jax.random.key(0))
       >>> int((~m["w"]).sum())
       30
     """
-    fn = "random_mask"
-    _check_scope(scope, fn)
-    sparsity = _check_sparsity(sparsity, "sparsity", fn)
-    paths, leaves, _ = _flat(params)
-    flags = _prunable_flags(paths, leaves, prunable, fn)
-    kept = _mask_leaves(params, mask, fn)
-    scores = [
-        jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x)) if flag is not False else None
-        for i, (x, flag) in enumerate(zip(leaves, flags, strict=True))
-    ]
-    return _mask_from_scores(params, scores, sparsity, scope=scope, flags=flags, kept=kept, fn=fn)
+    call = _prepare(params, sparsity, scope, prunable, mask)
+    return _select(call, _scores(params, "random", key=key), call.sparsity, call.kept)
 
 
 def apply_mask(params: Params, mask: Mask) -> Params:
@@ -841,7 +867,7 @@ def apply_mask(params: Params, mask: Mask) -> Params:
       >>> fisher_optax.apply_mask(params, {"w": jnp.array([True, False])})["w"]
       Array([1., 0.], dtype=float32)
     """
-    masks = _mask_leaves(params, mask, "apply_mask")
+    masks = _validate.bool_leaves(params, mask)
     _, leaves, treedef = _flat(params)
     out = [
         jnp.where(m, x, jnp.zeros((), jnp.result_type(x)))
@@ -850,7 +876,145 @@ def apply_mask(params: Params, mask: Mask) -> Params:
     return jax.tree.unflatten(treedef, out)
 
 
-def sparsity_report(mask: Mask, prunable: Prunable = None) -> dict[str, Any]:
+# ---------------------------------------------------------------------------------------------
+# Per-layer sparsity distributions
+
+
+def uniform_sparsity(params: Params, sparsity: float, *, prunable: Prunable = None) -> Any:
+    """The same target for every prunable leaf, 0 for the others (one scalar per leaf).
+
+    Passing the result as ``sparsity`` equals passing the scalar with ``scope="layer"``.
+
+    Args:
+      params: a pytree of parameter arrays (only their shapes are used).
+      sparsity: the fraction to remove from each prunable leaf, in ``[0, 1]``.
+      prunable: as in :func:`topk_mask`; a leaf counts as prunable unless its flag is
+        ``False``.
+
+    Returns:
+      A pytree in the structure of ``params`` holding a Python float per leaf.
+
+    Raises:
+      ValueError: if ``sparsity`` is outside ``[0, 1]`` or NaN.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> params = {"b": jnp.ones(3), "w": jnp.ones((3, 4))}
+      >>> fisher_optax.uniform_sparsity(params, 0.8)
+      {'b': 0.0, 'w': 0.8}
+    """
+    sparsity = _validate.real(sparsity, "sparsity", low=0.0, high=1.0, meaning=_SPARSITY_MEANING)
+    paths, leaves, treedef = _flat(params)
+    flags = _prunable_flags(paths, leaves, prunable)
+    return jax.tree.unflatten(treedef, [0.0 if f is False else sparsity for f in flags])
+
+
+def erk_sparsity(
+    params: Params, sparsity: float, *, prunable: Prunable = None, power_scale: float = 1.0
+) -> Any:
+    r"""Erdős–Rényi-Kernel per-leaf targets for an overall ``sparsity`` (Evci et al. 2020).
+
+    Each prunable leaf :math:`l` of shape :math:`(d_1, \dots, d_r)` (kernel dimensions
+    included) keeps a density proportional to its ERK scale,
+
+    .. math::
+      \rho_l = \min\Bigl(1,\ \epsilon \Bigl(\frac{\sum_i d_i}{\prod_i d_i}\Bigr)^{p}\Bigr),
+      \qquad \sum_l \rho_l n_l = (1 - S) \sum_l n_l,
+
+    with :math:`p` = ``power_scale`` and :math:`n_l` the leaf's size: small layers stay
+    denser than large ones. A leaf whose density would exceed 1 is kept dense and
+    :math:`\epsilon` is solved again over the rest (the redistribution of RigL's
+    ``get_sparsities_erdos_renyi``). The overall target holds up to the rounding of each
+    leaf's count.
+
+    Args:
+      params: a pytree of parameter arrays (only their shapes are used).
+      sparsity: :math:`S`, the fraction of all prunable weights to remove, in ``[0, 1]``.
+      prunable: as in :func:`topk_mask`; a leaf counts as prunable unless its flag is
+        ``False`` (its whole size counts).
+      power_scale: :math:`p > 0`; 1 is ERK, 0 gives uniform targets.
+
+    Returns:
+      A pytree in the structure of ``params`` holding a Python float per leaf (0 for the
+      leaves that are not prunable), to pass as ``sparsity`` to any mask function or to
+      :func:`fisher_optax.pruned`.
+
+    Raises:
+      ValueError: if ``sparsity`` is outside ``[0, 1]`` or ``power_scale`` is negative.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> params = {"small": jnp.ones((10, 10)), "big": jnp.ones((100, 100))}
+      >>> {k: round(v, 4) for k, v in fisher_optax.erk_sparsity(params, 0.9).items()}
+      {'big': 0.9082, 'small': 0.0818}
+
+    References:
+      Evci, Gale, Menick, Castro, Elsen. Rigging the Lottery: Making All Tickets Winners.
+      ICML 2020. https://arxiv.org/abs/1911.11134
+    """
+    sparsity = _validate.real(sparsity, "sparsity", low=0.0, high=1.0, meaning=_SPARSITY_MEANING)
+    power_scale = _validate.real(power_scale, "power_scale", low=0.0)
+    paths, leaves, treedef = _flat(params)
+    flags = _prunable_flags(paths, leaves, prunable)
+    chosen = [i for i, f in enumerate(flags) if f is not False and math.prod(jnp.shape(leaves[i]))]
+    size = {i: math.prod(jnp.shape(leaves[i])) for i in chosen}
+    raw = {i: (sum(jnp.shape(leaves[i])) / size[i]) ** power_scale for i in chosen}
+    dense: set[int] = set()
+    while True:
+        # Weights kept in all, minus the dense leaves', spread over the others by raw scale.
+        rhs = (1.0 - sparsity) * sum(size.values()) - sum(size[i] for i in dense)
+        rest = [i for i in chosen if i not in dense]
+        if not rest:
+            break
+        eps = rhs / sum(raw[i] * size[i] for i in rest)
+        top = max(raw[i] for i in rest)
+        if eps * top <= 1.0:
+            break
+        dense |= {i for i in rest if raw[i] == top}
+    out = [0.0] * len(leaves)
+    for i in chosen:
+        out[i] = 0.0 if i in dense else min(1.0, max(0.0, 1.0 - eps * raw[i]))
+    return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+class LeafSparsity(NamedTuple):
+    """How much a mask prunes in one leaf.
+
+    Attributes:
+      sparsity: pruned fraction of the leaf's entries (``0.0`` for an empty leaf).
+      pruned: the number of pruned entries.
+      size: the number of entries.
+      prunable: how many of them count as prunable.
+    """
+
+    sparsity: float
+    pruned: int
+    size: int
+    prunable: int
+
+
+class SparsityReport(NamedTuple):
+    """How much a mask prunes, overall and leaf by leaf.
+
+    Attributes:
+      sparsity: pruned fraction of the prunable weights (``0.0`` if there are none).
+      pruned: the number of pruned prunable weights.
+      prunable: the number of prunable weights.
+      leaves: from each leaf's path string (``jax.tree_util.keystr`` form, Flax's ``.value``
+        hop left out) to its :class:`LeafSparsity`, in flattening order.
+    """
+
+    sparsity: float
+    pruned: int
+    prunable: int
+    leaves: dict[str, LeafSparsity]
+
+
+def sparsity_report(mask: Mask, *, prunable: Prunable = None) -> SparsityReport:
     """How much a mask prunes, overall and leaf by leaf (host-side, not for ``jit``).
 
     Args:
@@ -860,10 +1024,7 @@ def sparsity_report(mask: Mask, prunable: Prunable = None) -> dict[str, Any]:
         :func:`topk_mask`).
 
     Returns:
-      A dict with ``"sparsity"`` (pruned fraction of the prunable weights, ``0.0`` if there
-      are none), ``"pruned"`` and ``"prunable"`` (counts), and ``"leaves"``: a dict from
-      each leaf's path string (``jax.tree_util.keystr`` form) to a dict with its own
-      ``"sparsity"``, ``"pruned"``, ``"size"`` and ``"prunable"`` (its prunable count).
+      A :class:`SparsityReport`.
 
     Raises:
       TypeError: if a mask leaf is not boolean.
@@ -872,40 +1033,32 @@ def sparsity_report(mask: Mask, prunable: Prunable = None) -> dict[str, Any]:
       >>> import jax.numpy as jnp, fisher_optax
       >>> mask = {"w": jnp.array([[True, False], [False, False]]), "b": jnp.array([True])}
       >>> report = fisher_optax.sparsity_report(mask)
-      >>> report["sparsity"], report["pruned"], report["prunable"]
+      >>> report.sparsity, report.pruned, report.prunable
       (0.75, 3, 4)
-      >>> report["leaves"]["['w']"]["sparsity"]
+      >>> report.leaves["['w']"].sparsity
       0.75
     """
+    _validate.bool_leaves(mask, mask)
     paths, leaves, _ = _flat(mask)
-    for path, leaf in zip(paths, leaves, strict=True):
-        if jnp.result_type(leaf) != jnp.bool_:
-            raise TypeError(
-                f"sparsity_report: mask at {keystr(path)} has dtype {jnp.result_type(leaf)}; "
-                "a mask holds booleans."
-            )
-    flags = _prunable_flags(paths, leaves, prunable, "sparsity_report")
+    flags = _prunable_flags(paths, leaves, prunable)
     total_pruned, total = 0, 0
     per_leaf = {}
     for path, leaf, flag in zip(paths, leaves, flags, strict=True):
         leaf = np.asarray(leaf)
-        allowed = np.ones(leaf.shape, bool) if flag is True else np.zeros(leaf.shape, bool)
-        if not isinstance(flag, bool):
-            allowed = np.broadcast_to(np.asarray(flag), leaf.shape)
+        allowed = np.broadcast_to(np.asarray(flag, bool), leaf.shape)
         pruned = int((~leaf).sum())
         n_prunable = int(allowed.sum())
-        pruned_prunable = int((~leaf & allowed).sum())
-        total_pruned += pruned_prunable
+        total_pruned += int((~leaf & allowed).sum())
         total += n_prunable
-        per_leaf[keystr(path)] = {
-            "sparsity": pruned / leaf.size if leaf.size else 0.0,
-            "pruned": pruned,
-            "size": int(leaf.size),
-            "prunable": n_prunable,
-        }
-    return {
-        "sparsity": total_pruned / total if total else 0.0,
-        "pruned": total_pruned,
-        "prunable": total,
-        "leaves": per_leaf,
-    }
+        per_leaf[keystr(path)] = LeafSparsity(
+            sparsity=pruned / leaf.size if leaf.size else 0.0,
+            pruned=pruned,
+            size=int(leaf.size),
+            prunable=n_prunable,
+        )
+    return SparsityReport(
+        sparsity=total_pruned / total if total else 0.0,
+        pruned=total_pruned,
+        prunable=total,
+        leaves=per_leaf,
+    )

@@ -7,6 +7,7 @@ their criterion with a key of :data:`CRITERIA` or pass a callable
 ``criterion(params, fisher) -> scores``.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
@@ -34,6 +35,12 @@ Criterion: TypeAlias = CriterionName | Callable[[Params, Fisher | None], Scores]
 """A named criterion, or a callable ``criterion(params, fisher) -> scores`` shaped like params."""
 
 _NEEDS_FISHER = ("fisher", "saliency")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _uniform_leaves(key: jax.Array, shapes: tuple) -> list[jax.Array]:
+    """One uniform stream per leaf, ``fold_in(key, i)``; jitted so eager calls compile once."""
+    return [jax.random.uniform(jax.random.fold_in(key, i), s) for i, s in enumerate(shapes)]
 
 
 def _unflatten_like(params: Params, leaves: list[Any]) -> Scores:
@@ -161,11 +168,8 @@ def scores(
         if key is None:
             raise ValueError("criterion='random' needs key=jax.random.key(seed).")
         key = _validate.key(key)
-        leaves = [
-            jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x))
-            for i, x in enumerate(jax.tree.leaves(params))
-        ]
-        return _unflatten_like(params, leaves)
+        shapes = tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(params))
+        return _unflatten_like(params, _uniform_leaves(key, shapes))
     if key is not None:
         raise ValueError(
             f"key is only used by criterion='random', not {criterion!r}; drop key= or pick "

@@ -13,15 +13,25 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
+from fisher_optax import _validate
 from fisher_optax import masks as _masks
 from fisher_optax._tree import check_matching
 from fisher_optax._types import Mask, Params
 from fisher_optax.fisher import _fisher_from_state
 from fisher_optax.schedules import constant_sparsity
+from fisher_optax.scores import CRITERIA, Criterion
+from fisher_optax.scores import scores as _scores
 
-__all__ = ["KeepPrunedState", "PrunedState", "keep_pruned", "pruned"]
+__all__ = ["METHODS", "KeepPrunedState", "PrunedState", "keep_pruned", "pruned"]
 
-_METHODS = ("magnitude", "fisher", "two_stage", "random")
+METHODS: dict[str, str] = {
+    "one_stage": "one ranking of the prunable weights by the criterion",
+    "two_stage": "magnitude first (magnitude_fraction of the target), then the criterion",
+}
+"""How :func:`pruned` combines its criterion with magnitude pruning."""
+
+MaskFn = Callable[..., Mask]
+"""``mask_fn(scores, sparsity, *, mask) -> Mask``: a selection replacing :func:`topk_mask`."""
 
 
 class KeepPrunedState(NamedTuple):
@@ -53,11 +63,11 @@ class PrunedState(NamedTuple):
     inner_state: optax.OptState
 
 
-def _need_params(params: Any, fn: str) -> None:
+def _need_params(params: Any) -> None:
     if params is None:
         raise ValueError(
-            f"{fn}: update needs the current params to zero the pruned weights; call "
-            f"opt.update(grads, state, params)."
+            "update needs the current params to zero the pruned weights; call "
+            "opt.update(grads, state, params)."
         )
 
 
@@ -94,9 +104,10 @@ def keep_pruned(mask: Mask) -> optax.GradientTransformation:
       An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
 
     Raises:
+      TypeError: at construction if ``mask`` is ``None`` or not a pytree of bool arrays; at
+        ``init`` if a leaf is not boolean.
       ValueError: at ``init`` if ``mask`` differs from the params in structure or shapes
         (naming the first mismatching path); at ``update`` if ``params`` is not given.
-      TypeError: at ``init`` if ``mask`` is not boolean.
 
     Examples:
       >>> import jax.numpy as jnp, optax, fisher_optax
@@ -109,41 +120,87 @@ def keep_pruned(mask: Mask) -> optax.GradientTransformation:
       Array(0., dtype=float32)
     """
 
+    if mask is None or not jax.tree.leaves(mask):
+        raise TypeError(
+            f"mask must be a pytree of bool arrays shaped like the params (True keeps a "
+            f"weight), got {mask!r}. Build one with e.g. fisher_optax.magnitude_mask(params, "
+            "0.9); to grow a mask while training use fisher_optax.pruned."
+        )
+
     def init_fn(params: Params) -> KeepPrunedState:
-        leaves = _masks._mask_leaves(params, mask, "keep_pruned")
+        leaves = _validate.bool_leaves(params, mask)
         return KeepPrunedState(mask=jax.tree.unflatten(jax.tree.structure(params), leaves))
 
     def update_fn(updates, state, params=None):
-        _need_params(params, "keep_pruned")
+        _need_params(params)
         mask_leaves = jax.tree.leaves(state.mask)
         return _masked_updates(updates, params, mask_leaves), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _check_mask_fn(mask_fn: Any) -> None:
+    """``mask_fn`` accepts ``(scores, sparsity, *, mask)``."""
+    import inspect
+
+    if not callable(mask_fn):
+        raise TypeError(
+            f"mask_fn must be a callable mask_fn(scores, sparsity, *, mask), got "
+            f"{type(mask_fn).__name__}."
+        )
+    try:
+        inspect.signature(mask_fn).bind(None, None, mask=None)
+    except TypeError:
+        raise TypeError(
+            f"mask_fn must accept (scores, sparsity, *, mask): two positional arguments and "
+            f"the keyword mask; got {getattr(mask_fn, '__name__', mask_fn)!r} with signature "
+            f"{inspect.signature(mask_fn)}."
+        ) from None
+    except ValueError:  # builtins without a signature: trust them
+        pass
+
+
+def _check_schedule(schedule: Callable, steps: list[int]) -> None:
+    """Evaluate ``schedule`` eagerly at ``steps``: a bad target fails here, not inside jit."""
+    for t in steps:
+        value = schedule(jnp.asarray(t, jnp.int32))
+        if jnp.ndim(value) != 0:
+            raise ValueError(
+                f"schedule({t}) must be a scalar sparsity in [0, 1], got shape "
+                f"{jnp.shape(value)}. Pass per-leaf targets as sparsity= and let the schedule "
+                "give the progress."
+            )
+        _validate.fraction(value, f"schedule({t})", meaning="the target sparsity at that step")
+
+
 def pruned(
     inner: optax.GradientTransformation,
-    *,
     schedule: Callable[[jax.Array], jax.Array] | float,
-    method: Literal["magnitude", "fisher", "two_stage", "random"] = "two_stage",
+    *,
+    criterion: Criterion = "fisher",
+    method: Literal["one_stage", "two_stage"] = "two_stage",
     magnitude_fraction: float = 0.5,
-    criterion: Literal["fisher", "saliency"] = "fisher",
+    sparsity: _masks.Sparsity | None = None,
     scope: Literal["global", "layer"] = "global",
     prunable: _masks.Prunable = None,
     update_every: int = 100,
     key: jax.Array | None = None,
+    mask_fn: MaskFn | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wrap an optimizer so it prunes while it trains, with masks grown inside ``jit``.
 
     At every step, with :math:`t` the number of updates done before it:
 
     1. if :math:`t` is a multiple of ``update_every``, the mask is recomputed at the target
-       sparsity ``schedule(t)`` from the current weights (the ``params`` passed to
-       ``update``) and, for the Fisher methods, the Fisher diagonal read from the inner
-       state (Adam's bias-corrected ``nu`` over the :math:`t` gradients seen so far; so the
-       Fisher methods skip :math:`t = 0`, when there is none). The current mask is passed
-       as ``mask=``, so masks only grow. This runs under ``lax.cond``: no host round trip,
-       no recompilation, no selection cost on the other steps;
+       ``schedule(t)`` from the current weights (the ``params`` passed to ``update``) and,
+       for the criteria that read it, the Fisher diagonal read from the inner state (Adam's
+       bias-corrected ``nu`` over the :math:`t` gradients seen so far; so those criteria
+       skip :math:`t = 0`, when there is none). The scores are
+       :func:`fisher_optax.scores` of ``criterion``; ``method="two_stage"`` first prunes
+       ``magnitude_fraction`` of the target by :math:`|w|`, as
+       :func:`fisher_optax.two_stage_mask`. The current mask is passed as ``mask=``, so
+       masks only grow. This runs under ``lax.cond``: no host round trip, no
+       recompilation, no selection cost on the other steps;
     2. the gradients and the inner moments (every parameter-shaped leaf of the inner state:
        ``mu``, ``nu``, ...) are zeroed where the mask prunes, and the inner optimizer
        updates. Moments of pruned weights therefore stay exactly zero, and the Fisher read
@@ -151,50 +208,70 @@ def pruned(
     3. the updates of pruned weights become minus the weight, so pruned weights are exactly
        zero after ``optax.apply_updates`` (as :func:`keep_pruned`).
 
-    ``method`` picks the ranking: ``"magnitude"`` (:func:`fisher_optax.magnitude_mask`),
-    ``"fisher"`` (:func:`fisher_optax.fisher_mask` with ``criterion``), ``"two_stage"``
-    (:func:`fisher_optax.two_stage_mask`) or ``"random"``
-    (:func:`fisher_optax.random_mask`). For ``"two_stage"``, ``magnitude_fraction`` is the
-    share of the current target done by magnitude: at target :math:`s_t` stage one prunes
-    ``magnitude_fraction`` :math:`\cdot s_t` of the prunable weights by :math:`|w|`, stage two
-    takes the total to :math:`s_t` by the Fisher criterion.
+    Per-leaf targets: with ``sparsity`` given (a pytree of per-leaf fractions, a mapping,
+    e.g. from :func:`fisher_optax.erk_sparsity`), the schedule gives the *progress*: leaf
+    :math:`l` is pruned to ``sparsity[l] * schedule(t)`` (formed in float32), so one
+    schedule ending at 1 drives all targets together, and each leaf is ranked on its own.
+    Without it, ``schedule(t)`` is the target itself, global or per layer by ``scope``.
+
+    The schedule is evaluated at ``init`` at steps 0, ``update_every`` and its
+    ``end_step`` (when it has one, as :func:`fisher_optax.polynomial_sparsity` does), so a
+    target outside ``[0, 1]`` or NaN raises there; under ``jit`` the library's rule holds
+    for any other step (clipped to ``[0, 1]``, NaN prunes nothing).
 
     Args:
-      inner: the optimizer to wrap. The Fisher methods need an EMA of squared gradients in
-        its state (adam, adamw, nadam, radam, lamb, amsgrad, schedule_free_adamw, or a
-        chain with :func:`fisher_optax.fisher_tracker`).
+      inner: the optimizer to wrap. The criteria ``"fisher"`` and ``"saliency"`` need an
+        EMA of squared gradients in its state (adam, adamw, nadam, radam, lamb, amsgrad,
+        schedule_free_adamw, or a chain with :func:`fisher_optax.fisher_tracker`).
       schedule: a callable from the step count to the target sparsity (e.g.
         :func:`fisher_optax.polynomial_sparsity`), or a float for a constant target from
         step 0.
-      method: ``"magnitude"``, ``"fisher"``, ``"two_stage"`` or ``"random"``.
-      magnitude_fraction: for ``"two_stage"``, the fraction of the target pruned by
-        magnitude, in ``[0, 1]``. ``0`` is pure Fisher pruning, ``1`` pure magnitude.
-      criterion: ``"fisher"`` (rank by F) or ``"saliency"`` (0.5 F w^2).
-      scope: ``"global"`` or ``"layer"``.
+      criterion: a key of :data:`fisher_optax.CRITERIA` or a callable
+        ``(params, fisher) -> scores`` (it gets the Fisher read from ``inner`` when there is
+        one, else ``None``).
+      method: a key of :data:`METHODS`: ``"one_stage"`` or ``"two_stage"``.
+      magnitude_fraction: for ``"two_stage"``, the share of the target removed by
+        magnitude first, in ``[0, 1]``. ``0`` is pure criterion pruning, ``1`` pure
+        magnitude.
+      sparsity: optional per-leaf final targets (a pytree of scalars shaped like the
+        params, or a mapping ``{path or predicate: fraction}``; see
+        :func:`fisher_optax.topk_mask`), checked at ``init``.
+      scope: ``"global"`` or ``"layer"`` (for a scalar target).
       prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
         bool pytree (see :func:`fisher_optax.topk_mask`).
       update_every: recompute the mask every this many steps (at steps 0, ``update_every``,
-        ``2 * update_every``, ...; the Fisher methods skip step 0).
-      key: a ``jax.random`` key, required by ``method="random"`` (folded with the step
-        count at each mask update) and refused by the others.
+        ``2 * update_every``, ...; the Fisher criteria skip step 0).
+      key: a ``jax.random`` key, required by ``criterion="random"`` (folded with the step
+        count at each mask update) and refused otherwise.
+      mask_fn: optional selection ``mask_fn(scores, sparsity, *, mask) -> mask`` replacing
+        :func:`fisher_optax.topk_mask` (for structured patterns: N:M, blocks, units). It
+        gets the score tree, the current target (a traced float32 scalar, or with
+        ``sparsity=`` a pytree of per-leaf scalars) and the current mask, which it must
+        keep pruned; it runs inside ``jit`` and ``lax.cond``. ``scope`` and ``prunable``
+        are then its own business (they are not passed). With ``"two_stage"`` it runs for
+        both stages (first on :math:`|w|`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PrunedState`
       and whose ``update`` needs ``params``; extra keyword arguments go to ``inner``.
+      Works under ``jit``, eagerly, and under ``flax.nnx.Optimizer``.
 
     Raises:
       ValueError: if ``method``, ``criterion`` or ``scope`` is unknown,
-        ``magnitude_fraction`` is outside ``[0, 1]``, ``update_every`` is not a positive
-        int, ``key`` is missing for ``"random"`` or given for another method; at ``init``
-        if a Fisher method wraps an optimizer without a second moment; at ``update`` if
-        ``params`` is not given.
+        ``magnitude_fraction`` is outside ``[0, 1]``, ``key`` is missing for ``"random"``
+        or given for another criterion; at ``init`` if the schedule gives a target outside
+        ``[0, 1]`` or NaN, ``sparsity`` does not match the params, or a Fisher criterion
+        wraps an optimizer without a second moment; at ``update`` if ``params`` is not
+        given.
+      TypeError: if ``update_every`` is not a positive int, or ``criterion``,
+        ``prunable`` or ``mask_fn`` is a callable of the wrong arity.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, fisher_optax
       >>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}
       >>> opt = fisher_optax.pruned(
       ...     optax.adam(1e-2),
-      ...     schedule=fisher_optax.polynomial_sparsity(0.5, begin_step=0, end_step=4),
+      ...     fisher_optax.polynomial_sparsity(0.5, begin_step=0, end_step=4),
       ...     update_every=2,
       ... )
       >>> state = opt.init(params)
@@ -212,27 +289,34 @@ def pruned(
       Zhu, Gupta. To prune, or not to prune: exploring the efficacy of pruning for model
       compression. 2017. https://arxiv.org/abs/1710.01878
     """
-    fn = "pruned"
-    if method not in _METHODS:
+    method = _validate.choice(method, "method", METHODS)
+    if callable(criterion):
+        _validate.callable_arity(criterion, "criterion", "criterion(params, fisher)", 2)
+    else:
+        criterion = _validate.choice(criterion, "criterion", CRITERIA)
+    scope = _validate.scope(scope)
+    share = _validate.fraction(
+        magnitude_fraction,
+        "magnitude_fraction",
+        meaning="the share of the target sparsity removed by magnitude in stage one",
+    )
+    update_every = _validate.integer(update_every, "update_every", minimum=1)
+    if criterion == "random":
+        if key is None:
+            raise ValueError("criterion='random' needs key=jax.random.key(seed).")
+        key = _validate.key(key)
+    elif key is not None:
         raise ValueError(
-            f"{fn}: method must be one of {', '.join(map(repr, _METHODS))}, got {method!r}."
+            f"key is only used by criterion='random', not {criterion!r}; drop key= or pick "
+            "criterion='random'."
         )
-    _masks._check_criterion(criterion, fn)
-    _masks._check_scope(scope, fn)
-    magnitude_fraction = _masks._check_sparsity(magnitude_fraction, "magnitude_fraction", fn)
-    if isinstance(update_every, bool) or int(update_every) != update_every or update_every < 1:
-        raise ValueError(f"{fn}: update_every must be a positive int, got {update_every!r}.")
-    update_every = int(update_every)
-    if method == "random" and key is None:
-        raise ValueError(f"{fn}: method='random' needs key=jax.random.key(seed).")
-    if method != "random" and key is not None:
-        raise ValueError(
-            f"{fn}: key is only used by method='random', not {method!r}; drop key= or pick "
-            "method='random'."
-        )
+    if callable(prunable):
+        _validate.callable_arity(prunable, "prunable", "prunable(path, leaf) -> bool", 2)
+    if mask_fn is not None:
+        _check_mask_fn(mask_fn)
     if not callable(schedule):
         schedule = constant_sparsity(schedule)
-    uses_fisher = method in ("fisher", "two_stage")
+    needs_fisher = criterion in ("fisher", "saliency")
     inner = optax.with_extra_args_support(inner)
 
     def read_fisher(inner_state, params):
@@ -240,41 +324,63 @@ def pruned(
             return _fisher_from_state(inner_state, params=params, check_count=False)
         except ValueError as err:
             raise ValueError(
-                f"{fn}: method={method!r} ranks by the Fisher read from the inner optimizer's "
+                f"criterion={criterion!r} ranks by the Fisher read from the inner optimizer's "
                 f"state, which failed: {err}"
             ) from None
 
+    def has_fisher(inner_state, params) -> bool:
+        if needs_fisher:
+            read_fisher(inner_state, params)  # fail at init, not deep inside a jitted step
+            return True
+        if not callable(criterion):
+            return False
+        try:
+            _fisher_from_state(inner_state, params=params, check_count=False)
+        except ValueError:
+            return False
+        return True
+
+    def per_leaf_targets(params):
+        paths, leaves, _ = _masks._flat(params)
+        return _masks._per_leaf(sparsity, paths, leaves)
+
     def init_fn(params: Params) -> PrunedState:
         inner_state = inner.init(params)
-        if uses_fisher:
-            read_fisher(inner_state, params)  # fail at init, not deep inside a jitted step
+        has_fisher(inner_state, params)
+        end = getattr(schedule, "end_step", None)
+        _check_schedule(schedule, sorted({0, update_every} | ({int(end)} if end else set())))
+        if sparsity is not None:
+            per_leaf_targets(params)
         return PrunedState(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params),
             inner_state=inner_state,
         )
 
-    def new_mask(params, inner_state, old_mask, count):
-        sparsity = schedule(count)
-        common = dict(scope=scope, prunable=prunable, mask=old_mask)
-        if method == "magnitude":
-            return _masks.magnitude_mask(params, sparsity, **common)
-        if method == "random":
-            return _masks.random_mask(jax.random.fold_in(key, count), params, sparsity, **common)
-        fisher = read_fisher(inner_state, params)
-        if method == "fisher":
-            return _masks.fisher_mask(params, fisher, sparsity, criterion=criterion, **common)
-        return _masks.two_stage_mask(
-            params,
-            fisher,
-            sparsity,
-            magnitude_sparsity=magnitude_fraction * sparsity,
-            criterion=criterion,
-            **common,
-        )
+    def select(score_tree, target, old):
+        if mask_fn is not None:
+            return mask_fn(score_tree, target, mask=old)
+        return _masks.topk_mask(score_tree, target, scope=scope, prunable=prunable, mask=old)
+
+    def new_mask(params, inner_state, old, count, with_fisher):
+        progress = jnp.asarray(schedule(count), jnp.float32)
+        treedef = jax.tree.structure(params)
+        if sparsity is None:
+            target = progress
+            stage1 = share * progress
+        else:
+            per_leaf = per_leaf_targets(params)
+            target = jax.tree.unflatten(treedef, [jnp.float32(s) * progress for s in per_leaf])
+            stage1 = jax.tree.map(lambda s: jnp.float32(share) * s, target)
+        fisher = read_fisher(inner_state, params) if with_fisher else None
+        sub = jax.random.fold_in(key, count) if criterion == "random" else None
+        score_tree = _scores(params, criterion, fisher=fisher, key=sub)
+        if method == "two_stage":
+            old = select(_scores(params, "magnitude"), stage1, old)
+        return select(score_tree, target, old)
 
     def update_fn(updates, state, params=None, **extra_args):
-        _need_params(params, fn)
+        _need_params(params)
         mask_treedef = jax.tree.structure(state.mask)
         old_leaves = jax.tree.leaves(state.mask)
         u_leaves, treedef = jax.tree.flatten(updates)
@@ -282,17 +388,24 @@ def pruned(
             check_matching(updates, state.mask, ref_name="updates", other_name="state.mask")
         count = state.count
         due = count % update_every == 0
-        if uses_fisher:  # no gradient seen yet at count 0: nothing to read the Fisher from
+        # Decided from the state's structure, at trace time: no hidden state in the closure.
+        with_fisher = has_fisher(state.inner_state, params)
+        if with_fisher:  # no gradient seen at count 0: no Fisher yet
             due = due & (count > 0)
 
         def recompute(_):
             old = jax.tree.unflatten(treedef, old_leaves)
-            return jax.tree.leaves(new_mask(params, state.inner_state, old, count))
+            return jax.tree.leaves(new_mask(params, state.inner_state, old, count, with_fisher))
 
         # The selection runs only on update steps. It reads only params and the stored state,
         # so the masking below fuses into the inner update: between updates the overhead is
-        # one boolean read per weight, not extra passes over the moments.
-        mask_leaves = jax.lax.cond(due, recompute, lambda _: list(old_leaves), None)
+        # one boolean read per weight, not extra passes over the moments. Called eagerly
+        # (concrete count), a Python branch replaces lax.cond, whose branches would be traced
+        # and compiled anew at every step; the masks are the same (float32 targets both ways).
+        if _validate.is_concrete(due):
+            mask_leaves = recompute(None) if bool(due) else list(old_leaves)
+        else:
+            mask_leaves = jax.lax.cond(due, recompute, lambda _: list(old_leaves), None)
         mask = jax.tree.unflatten(treedef, mask_leaves)
         zero_pruned = lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype))
         grads = jax.tree.map(zero_pruned, updates, mask)

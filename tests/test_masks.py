@@ -19,6 +19,11 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 # Independent reference: sort everything, prune the first k (ties by flat index).
 
 
+def k_of(sparsity, n):
+    """The documented count: the exact product of the float32 sparsity, half to even."""
+    return round(Fraction(float(np.float32(sparsity))) * n)
+
+
 def ref_prune(scores, sparsity, prior=None, allowed=None):
     """Boolean 'pruned' vector over the concatenated leaves, by a full stable sort."""
     flat = np.concatenate([np.asarray(x, np.float32).ravel() for x in scores])
@@ -37,7 +42,7 @@ def ref_prune(scores, sparsity, prior=None, allowed=None):
     )
     pri &= allow
     n = int(allow.sum())
-    k = max(round(sparsity * n), int(pri.sum()))
+    k = max(k_of(sparsity, n), int(pri.sum()))
     idx = np.arange(n_all)
     # Prior-pruned first, then by score, then by flat index; non-prunable never.
     order = np.lexsort((idx, flat, ~pri, ~allow))
@@ -95,7 +100,7 @@ def test_topk_layer_matches_sort_reference_per_leaf(data, sparsity):
     mask = fo.topk_mask(as_jnp(tree), sparsity, scope="layer")
     for name, x in tree.items():
         np.testing.assert_array_equal(~np.asarray(mask[name]).ravel(), ref_prune([x], sparsity))
-        assert int((~np.asarray(mask[name])).sum()) == round(sparsity * x.size)
+        assert int((~np.asarray(mask[name])).sum()) == k_of(sparsity, x.size)
 
 
 @SETTINGS
@@ -106,9 +111,9 @@ def test_exact_pruned_count(data, sparsity, scope):
     counts = {k: int((~np.asarray(m)).sum()) for k, m in mask.items()}
     if scope == "global":
         n = sum(v.size for v in tree.values())
-        assert sum(counts.values()) == round(sparsity * n)
+        assert sum(counts.values()) == k_of(sparsity, n)
     else:
-        assert counts == {k: round(sparsity * v.size) for k, v in tree.items()}
+        assert counts == {k: k_of(sparsity, v.size) for k, v in tree.items()}
 
 
 @SETTINGS
@@ -287,7 +292,7 @@ def test_fisher_mask_matches_reference(data, sparsity, criterion):
     params, rng = data
     names = list(params)
     fisher = {k: rng.uniform(size=v.shape).astype(np.float32) for k, v in params.items()}
-    mask = fo.fisher_mask(as_jnp(params), as_jnp(fisher), sparsity, criterion=criterion)
+    mask = fo.fisher_mask(as_jnp(params), sparsity, fisher=as_jnp(fisher), criterion=criterion)
     if criterion == "fisher":
         score = [fisher[k] for k in names]
     else:
@@ -303,33 +308,33 @@ def test_fisher_mask_matches_reference(data, sparsity, criterion):
     st.sampled_from(["fisher", "saliency"]),
     st.sampled_from(["global", "layer"]),
 )
-def test_two_stage_matches_brute_force(data, s1, s2, criterion, scope):
+def test_two_stage_matches_brute_force(data, share, s, criterion, scope):
     params, rng = data
     names = list(params)
-    ms, s = sorted([s1, s2])
     fisher = {k: rng.integers(0, 3, size=v.shape).astype(np.float32) for k, v in params.items()}
     mask = fo.two_stage_mask(
         as_jnp(params),
-        as_jnp(fisher),
         s,
-        magnitude_sparsity=ms,
+        fisher=as_jnp(fisher),
+        magnitude_fraction=share,
         criterion=criterion,
         scope=scope,
     )
+    ms = np.float32(share) * np.float32(s)  # the stage-one target, formed in float32
     groups = [names] if scope == "global" else [[k] for k in names]
     for group in groups:
         w = np.concatenate([params[k].ravel() for k in group])
         f = np.concatenate([fisher[k].ravel() for k in group])
         n, idx = w.size, np.arange(w.size)
         # Stage 1: by |w|; stage 2: among survivors by the criterion, to round(s * n) in all.
-        k1 = round(ms * n)
+        k1 = k_of(ms, n)
         order1 = np.lexsort((idx, np.abs(w)))
         pruned = np.zeros(n, bool)
         pruned[order1[:k1]] = True
         score = f if criterion == "fisher" else np.float32(0.5) * f * w * w
         survivors = np.flatnonzero(~pruned)
         order2 = survivors[np.lexsort((survivors, score[survivors]))]
-        pruned[order2[: max(round(s * n) - k1, 0)]] = True
+        pruned[order2[: max(k_of(s, n) - k1, 0)]] = True
         got = np.concatenate([~np.asarray(mask[k]).ravel() for k in group])
         np.testing.assert_array_equal(got, pruned)
 
@@ -347,14 +352,14 @@ def test_magnitude_mask_matches_reference_layer_scope():
 
 def test_random_mask_exact_count_deterministic_and_key_dependent():
     params = {"a": jnp.zeros((20, 10)), "b": jnp.zeros((5, 4)), "bias": jnp.zeros(7)}
-    m1 = fo.random_mask(jax.random.key(0), params, 0.33)
-    m2 = fo.random_mask(jax.random.key(0), params, 0.33)
-    m3 = fo.random_mask(jax.random.key(1), params, 0.33)
+    m1 = fo.random_mask(params, 0.33, key=jax.random.key(0))
+    m2 = fo.random_mask(params, 0.33, key=jax.random.key(0))
+    m3 = fo.random_mask(params, 0.33, key=jax.random.key(1))
     assert int(sum((~m).sum() for k, m in m1.items() if k != "bias")) == round(0.33 * 220)
     assert bool(jnp.all(m1["bias"]))
     assert all(bool(jnp.array_equal(m1[k], m2[k])) for k in params)
     assert not bool(jnp.array_equal(m1["a"], m3["a"]))
-    layer = fo.random_mask(jax.random.key(0), params, 0.33, scope="layer")
+    layer = fo.random_mask(params, 0.33, key=jax.random.key(0), scope="layer")
     assert int((~layer["a"]).sum()) == 66 and int((~layer["b"]).sum()) == 7
 
 
@@ -365,77 +370,243 @@ def test_apply_mask_and_sparsity_report():
     np.testing.assert_array_equal(out["w"], [[1.0, 0.0, 3.0], [0.0, 0.0, 6.0]])
     np.testing.assert_array_equal(out["b"], [0.0, 0.0])
     rep = fo.sparsity_report(mask)
-    assert rep["pruned"] == 3 and rep["prunable"] == 6 and rep["sparsity"] == 0.5
-    assert rep["leaves"]["['b']"] == {"sparsity": 0.5, "pruned": 1, "size": 2, "prunable": 0}
+    assert isinstance(rep, fo.SparsityReport)
+    assert rep.pruned == 3 and rep.prunable == 6 and rep.sparsity == 0.5
+    assert rep.leaves["['b']"] == fo.LeafSparsity(sparsity=0.5, pruned=1, size=2, prunable=0)
+    assert list(rep.leaves) == ["['b']", "['w']"]
     rep_all = fo.sparsity_report(mask, prunable=lambda path, leaf: True)
-    assert rep_all["pruned"] == 4 and rep_all["prunable"] == 8
+    assert rep_all.pruned == 4 and rep_all.prunable == 8
+
+
+# ------------------------------------------------------------------------------------------
+# Eager and jitted counts agree (the float32 value of the sparsity, rounded exactly)
+
+
+@pytest.mark.parametrize(("n", "s"), [(10, 0.65), (10, 0.45), (45, 0.3)])
+def test_eager_and_jit_prune_the_same_count_issue_cases(n, s):
+    scores = {"w": jnp.arange(float(n)).reshape(1, n)}
+    eager = int((~fo.topk_mask(scores, s)["w"]).sum())
+    jitted = int((~jax.jit(fo.topk_mask)(scores, jnp.float32(s))["w"]).sum())
+    assert eager == jitted == k_of(s, n)
+
+
+_JIT_TOPK_PRUNABLE = jax.jit(lambda sc, x, a: fo.topk_mask(sc, x, prunable=a))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(st.integers(1, 64), st.floats(0, 1))
+def test_eager_and_jit_prune_the_same_count(n, s):
+    # One layout for every n (the first n entries prunable): one compile for all examples.
+    scores = {"w": np.zeros((1, 64), np.float32)}
+    scores["w"][0, :n] = np.arange(n)
+    allowed = {"w": np.arange(64).reshape(1, 64) < n}
+    eager = fo.topk_mask(scores, s, prunable=allowed)["w"]
+    jitted = _JIT_TOPK_PRUNABLE(scores, jnp.float32(s), allowed)["w"]
+    np.testing.assert_array_equal(eager, jitted)
+    assert int((~eager).sum()) == k_of(s, n)
+
+
+def test_traced_nan_sparsity_prunes_nothing_and_large_is_clipped():
+    scores = {"w": jnp.arange(4.0).reshape(2, 2)}
+    assert bool(jnp.all(jax.jit(fo.topk_mask)(scores, jnp.float32(jnp.nan))["w"]))
+    assert not bool(jnp.any(jax.jit(fo.topk_mask)(scores, jnp.float32(1.5))["w"]))
+
+
+# ------------------------------------------------------------------------------------------
+# Per-leaf sparsity
+
+
+PER_LEAF = {
+    "a": np.random.default_rng(5).standard_normal((6, 7)).astype(np.float32),
+    "b": np.random.default_rng(6).standard_normal((4, 5)).astype(np.float32),
+    "c": np.random.default_rng(7).standard_normal((3, 3)).astype(np.float32),
+    "bias": np.ones(3, np.float32),
+}
+
+
+def _check_per_leaf(mask, targets):
+    for name, s in targets.items():
+        want = ref_prune([np.abs(PER_LEAF[name])], s)
+        np.testing.assert_array_equal(~np.asarray(mask[name]).ravel(), want)
+    assert bool(jnp.all(mask["bias"]))
+
+
+def test_per_leaf_pytree_targets_are_met_exactly():
+    params = as_jnp(PER_LEAF)
+    targets = {"a": 0.3, "b": 0.75, "c": 0.0, "bias": 0.5}  # bias: not prunable (ndim 1)
+    mask = fo.magnitude_mask(params, targets)
+    _check_per_leaf(mask, {"a": 0.3, "b": 0.75, "c": 0.0})
+    # The same under jit with traced per-leaf targets.
+    traced = jax.tree.map(jnp.float32, targets)
+    jm = jax.jit(fo.magnitude_mask)(params, traced)
+    for k in params:
+        np.testing.assert_array_equal(jm[k], mask[k])
+
+
+def test_per_leaf_mapping_by_path_and_predicate():
+    params = as_jnp(PER_LEAF)
+    mask = fo.magnitude_mask(params, {"['a']": 0.5, lambda p, x: x.shape == (4, 5): 0.2})
+    _check_per_leaf(mask, {"a": 0.5, "b": 0.2, "c": 0.0})  # unmatched leaves: 0
+    # The mapping composes with two_stage and a prior mask.
+    fisher = jax.tree.map(lambda x: jnp.abs(x) + 1.0, params)
+    m2 = fo.two_stage_mask(params, {"['a']": 0.5}, fisher=fisher, mask=mask)
+    assert int((~m2["a"]).sum()) == k_of(0.5, 42) and int((~m2["b"]).sum()) == 4
+
+
+def test_per_leaf_errors():
+    params = as_jnp(PER_LEAF)
+    with pytest.raises(ValueError, match=r"sparsity names the path \"\['z'\]\""):
+        fo.magnitude_mask(params, {"['z']": 0.5})
+    with pytest.raises(ValueError, match=r"gives the leaf at \['a'\] two targets"):
+        fo.magnitude_mask(params, {"['a']": 0.5, lambda p, x: x.ndim == 2: 0.1})
+    with pytest.raises(ValueError, match=r"sparsity at \['b'\] must be a finite number in"):
+        fo.magnitude_mask(params, {"a": 0.1, "b": 1.5, "bias": 0.0, "c": 0.0})
+    with pytest.raises(ValueError, match=r"sparsity does not match the structure of the params"):
+        fo.magnitude_mask(params, {"a": 0.1, "b": 0.5})
+    with pytest.raises(TypeError, match=r"a sparsity key must accept 2 positional arguments"):
+        fo.magnitude_mask(params, {lambda p: True: 0.5})
+
+
+def ref_erk(shapes, sparsity, power=1.0):
+    """ERK by water-filling: densities min(1, eps * raw), eps found by bisection."""
+    n = np.array([np.prod(s) for s in shapes], float)
+    raw = np.array([sum(s) / np.prod(s) for s in shapes]) ** power
+    budget = (1 - sparsity) * n.sum()
+    lo, hi = 0.0, 1.0 / raw.min() + 1.0
+    for _ in range(200):
+        eps = (lo + hi) / 2
+        lo, hi = (eps, hi) if (np.minimum(1, eps * raw) * n).sum() < budget else (lo, eps)
+    return 1 - np.minimum(1, eps * raw)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+def test_erk_matches_water_filling_reference(sparsity):
+    # LeNet-5-like shapes: conv kernels (HWIO) and dense layers; conv1 goes dense at high S.
+    shapes = [(5, 5, 1, 20), (5, 5, 20, 50), (800, 500), (500, 10)]
+    params = {f"l{i}": jnp.zeros(s) for i, s in enumerate(shapes)} | {"bias": jnp.zeros(10)}
+    got = fo.erk_sparsity(params, sparsity)
+    assert got["bias"] == 0.0
+    np.testing.assert_allclose(
+        [got[f"l{i}"] for i in range(4)], ref_erk(shapes, sparsity), atol=1e-9
+    )
+    n = np.array([np.prod(s) for s in shapes])
+    kept = sum((1 - got[f"l{i}"]) * n[i] for i in range(4))
+    assert kept == pytest.approx((1 - sparsity) * n.sum(), rel=1e-9, abs=1e-6)
+    if sparsity != 0.9:
+        return
+    # The targets are met exactly, leaf by leaf (one value: each layout compiles anew).
+    mask = fo.magnitude_mask(params, got)
+    for i, s in enumerate(shapes):
+        assert int((~mask[f"l{i}"]).sum()) == k_of(got[f"l{i}"], int(np.prod(s)))
+
+
+def test_erk_power_scale_zero_is_uniform_and_uniform_sparsity():
+    params = {"a": jnp.zeros((10, 10)), "b": jnp.zeros((30, 40)), "bias": jnp.zeros(3)}
+    erk0 = fo.erk_sparsity(params, 0.8, power_scale=0.0)
+    assert erk0["a"] == pytest.approx(0.8) and erk0["b"] == pytest.approx(0.8)
+    assert fo.uniform_sparsity(params, 0.8) == {"a": 0.8, "b": 0.8, "bias": 0.0}
+    with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0.0, 1.0\]"):
+        fo.erk_sparsity(params, 1.2)
+    uni = fo.magnitude_mask(params, fo.uniform_sparsity(params, 0.37))
+    lay = fo.magnitude_mask(params, 0.37, scope="layer")
+    for k in params:
+        np.testing.assert_array_equal(uni[k], lay[k])
 
 
 # ------------------------------------------------------------------------------------------
 # Errors, each by its message
 
 
-def test_error_sparsity_out_of_range():
-    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\].*got 1.5"):
+def test_error_sparsity_out_of_range_or_nan():
+    with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0.0, 1.0\]"):
         fo.topk_mask({"w": jnp.ones((2, 2))}, 1.5)
-    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\].*got -0.1"):
+    with pytest.raises(ValueError, match=r"sparsity must be a finite number.*got -0.1"):
         fo.magnitude_mask({"w": jnp.ones((2, 2))}, -0.1)
-    with pytest.raises(ValueError, match="must be a scalar"):
-        fo.magnitude_mask({"w": jnp.ones((2, 2))}, jnp.ones(2))
+    with pytest.raises(ValueError, match=r"sparsity must be a finite number.*got nan"):
+        fo.magnitude_mask({"w": jnp.ones((2, 2))}, float("nan"))
+    with pytest.raises(TypeError, match=r"sparsity must be a real number, got True"):
+        fo.magnitude_mask({"w": jnp.ones((2, 2))}, True)
 
 
 def test_error_nan_scores_name_the_leaf():
-    with pytest.raises(ValueError, match=r"topk_mask: scores at \['w'\] holds NaN"):
+    with pytest.raises(ValueError, match=r"scores at \['w'\] hold NaN"):
         fo.topk_mask({"w": jnp.array([[1.0, jnp.nan]])}, 0.5)
     params = {"w": jnp.ones((2, 2))}
-    with pytest.raises(ValueError, match=r"Fisher scores at \['w'\] holds NaN"):
-        fo.fisher_mask(params, {"w": jnp.full((2, 2), jnp.nan)}, 0.5)
+    with pytest.raises(ValueError, match=r"fisher at \['w'\] holds 4 non-finite value"):
+        fo.fisher_mask(params, 0.5, fisher={"w": jnp.full((2, 2), jnp.nan)})
+    with pytest.raises(ValueError, match=r"params at \['w'\] holds 1 non-finite value"):
+        fo.magnitude_mask({"w": jnp.array([[1.0, jnp.inf]])}, 0.5)
+
+
+def test_error_negative_fisher():
+    params = {"w": jnp.ones((2, 2))}
+    neg = {"w": jnp.array([[1.0, -0.5], [0.2, 0.3]])}
+    with pytest.raises(ValueError, match=r"fisher at \['w'\] holds 1 negative value"):
+        fo.fisher_mask(params, 0.5, fisher=neg)
+    with pytest.raises(ValueError, match=r"fisher at \['w'\] holds 1 negative value"):
+        fo.two_stage_mask(params, 0.5, fisher=neg)
 
 
 def test_error_unknown_scope_and_criterion():
     params = {"w": jnp.ones((2, 2))}
-    with pytest.raises(ValueError, match=r"scope must be 'global'.*got 'model'"):
+    with pytest.raises(ValueError, match=r"scope must be one of: 'global'.*Got 'model'"):
         fo.topk_mask(params, 0.5, scope="model")
-    with pytest.raises(ValueError, match=r"criterion must be 'fisher'.*got 'hessian'"):
-        fo.fisher_mask(params, params, 0.5, criterion="hessian")
+    with pytest.raises(ValueError, match=r"criterion must be one of: 'fisher'.*Got 'hessian'"):
+        fo.fisher_mask(params, 0.5, fisher=params, criterion="hessian")
+    with pytest.raises(ValueError, match=r"criterion must be one of: 'fisher'.*Got 'random'"):
+        fo.two_stage_mask(params, 0.5, fisher=params, criterion="random")
+
+
+def test_callable_criterion_in_fisher_mask():
+    params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+    fisher = {"w": jnp.array([[4.0, 3.0], [2.0, 1.0]])}
+    m = fo.fisher_mask(params, 0.5, fisher=fisher, criterion=lambda p, f: {"w": -p["w"]})
+    np.testing.assert_array_equal(m["w"], [[True, True], [False, False]])
 
 
 def test_error_fisher_tree_mismatch_names_first_path():
     params = {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 3))}
     with pytest.raises(ValueError, match=r"fisher at \['b'\] has shape \(3, 2\)"):
-        fo.fisher_mask(params, {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 2))}, 0.5)
+        fo.fisher_mask(params, 0.5, fisher={"a": jnp.ones((2, 2)), "b": jnp.ones((3, 2))})
     with pytest.raises(ValueError, match=r"leaf 1 is at \['c'\] in fisher but at \['b'\]"):
-        fo.two_stage_mask(
-            params, {"a": jnp.ones((2, 2)), "c": jnp.ones((3, 3))}, 0.5, magnitude_sparsity=0.1
-        )
+        fo.two_stage_mask(params, 0.5, fisher={"a": jnp.ones((2, 2)), "c": jnp.ones((3, 3))})
 
 
 def test_error_mask_mismatch_and_dtype():
     params = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match=r"mask at \['w'\] has shape \(4,\)"):
         fo.magnitude_mask(params, 0.5, mask={"w": jnp.ones(4, bool)})
-    with pytest.raises(TypeError, match=r"mask at \['w'\] has dtype float32"):
-        fo.magnitude_mask(params, 0.5, mask={"w": jnp.ones((2, 2))})
+    for bad in (jnp.ones((2, 2)), jnp.array([[0, 2], [1, 1]])):
+        with pytest.raises(TypeError, match=r"mask at \['w'\] has dtype .*a mask holds booleans"):
+            fo.magnitude_mask(params, 0.5, mask={"w": bad})
+        with pytest.raises(TypeError, match=r"mask at \['w'\] has dtype .*a mask holds booleans"):
+            fo.apply_mask(params, {"w": bad})
     with pytest.raises(TypeError, match="a mask holds booleans"):
         fo.sparsity_report({"w": jnp.ones((2, 2))})
 
 
-def test_error_magnitude_sparsity_above_sparsity():
+def test_error_magnitude_fraction_out_of_range():
     params = {"w": jnp.ones((2, 2))}
-    with pytest.raises(ValueError, match=r"magnitude_sparsity \(0.6\) exceeds sparsity \(0.5\)"):
-        fo.two_stage_mask(params, params, 0.5, magnitude_sparsity=0.6)
+    with pytest.raises(ValueError, match=r"magnitude_fraction must be a finite number in \[0.0"):
+        fo.two_stage_mask(params, 0.5, fisher=params, magnitude_fraction=1.5)
 
 
 def test_error_bad_prunable():
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
     with pytest.raises(TypeError, match="predicate must return a Python bool"):
         fo.magnitude_mask(params, 0.5, prunable=lambda p, x: jnp.asarray(True))
+    with pytest.raises(
+        TypeError, match=r"prunable must accept 2 positional arguments: prunable\(path, leaf\)"
+    ):
+        fo.magnitude_mask(params, 0.5, prunable=lambda leaf: leaf.ndim > 1)
     with pytest.raises(ValueError, match=r"prunable does not match.*\['b'\]"):
         fo.magnitude_mask(params, 0.5, prunable={"w": True, "x": False})
     with pytest.raises(TypeError, match=r"prunable at \['w'\] must be a bool"):
         fo.magnitude_mask(params, 0.5, prunable={"w": jnp.ones(3, bool), "b": False})
 
 
-def test_error_complex_scores():
+def test_error_complex_scores_and_key():
     with pytest.raises(TypeError, match="scores must be real numbers"):
         fo.topk_mask({"w": jnp.ones((2, 2), jnp.complex64)}, 0.5)
+    with pytest.raises(TypeError, match=r"key must be a jax\.random key"):
+        fo.random_mask({"w": jnp.ones((2, 2))}, 0.5, key=3)

@@ -88,7 +88,11 @@ def test_sharded_pruned_step_without_gathers():
     }
     # One Fisher selection per step (two_stage would compile the same kernel twice).
     opt = fo.pruned(
-        optax.adam(1e-2), schedule=fo.constant_sparsity(0.5), method="fisher", update_every=1
+        optax.adam(1e-2),
+        fo.constant_sparsity(0.5),
+        criterion="fisher",
+        method="one_stage",
+        update_every=1,
     )
     state = opt.init(params)
 

@@ -1,5 +1,7 @@
 """keep_pruned and pruned: exact zeros, masks that grow on schedule, one compilation."""
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +45,9 @@ KEEP_MASK_SEEDS = st.integers(0, 2**31 - 1)
 
 def _adamw_keep_step():
     """One jitted step of adamw (weight decay) + keep_pruned, compiled once for all examples."""
-    opt = optax.chain(optax.adamw(0.05, weight_decay=0.5), fo.keep_pruned(None))
+    # The mask lives in the state (swapped in by each example); this one only fixes its shape.
+    placeholder = jax.tree.map(lambda p: jnp.ones(p.shape, bool), make_params())
+    opt = optax.chain(optax.adamw(0.05, weight_decay=0.5), fo.keep_pruned(placeholder))
 
     @jax.jit
     def step(params, state, i):
@@ -92,15 +96,17 @@ def test_keep_pruned_leaves_kept_updates_unchanged():
 
 def test_keep_pruned_errors():
     params = make_params()
-    with pytest.raises(ValueError, match=r"keep_pruned: mask has no leaf at \['out'\]\['kernel'\]"):
+    with pytest.raises(ValueError, match=r"mask has no leaf at \['out'\]\['kernel'\]"):
         fo.keep_pruned(
             {"dense": {"kernel": jnp.ones((6, 5), bool), "bias": jnp.ones(5, bool)}}
         ).init(params)
-    with pytest.raises(TypeError, match=r"keep_pruned: mask at .* has dtype float32"):
+    with pytest.raises(TypeError, match=r"mask at .* has dtype float32"):
         fo.keep_pruned(jax.tree.map(jnp.ones_like, params)).init(params)
     opt = fo.keep_pruned(fo.magnitude_mask(params, 0.5))
-    with pytest.raises(ValueError, match=r"keep_pruned: update needs the current params"):
+    with pytest.raises(ValueError, match=r"update needs the current params"):
         opt.update(params, opt.init(params))
+    with pytest.raises(TypeError, match=r"mask must be a pytree of bool arrays .* got None"):
+        fo.keep_pruned(None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,7 +169,12 @@ def test_pruned_mask_equals_two_stage_mask_from_the_same_state():
     # Step 4 updates the mask: reproduce it with the public functions.
     fisher = fo.fisher_from_state(state4.inner_state, b2=0.9)
     want = fo.two_stage_mask(
-        params4, fisher, 0.6, magnitude_sparsity=0.15, criterion="saliency", mask=state4.mask
+        params4,
+        0.6,
+        fisher=fisher,
+        magnitude_fraction=0.25,
+        criterion="saliency",
+        mask=state4.mask,
     )
     params5, state5 = step(params4, state4, 4)
     for got, w in zip(jax.tree.leaves(state5.mask), jax.tree.leaves(want), strict=True):
@@ -200,7 +211,13 @@ def test_pruned_methods_reach_exact_sparsity_per_layer(method):
     params = make_params(1)
     key = jax.random.key(0) if method == "random" else None
     opt = fo.pruned(
-        optax.adam(1e-2), schedule=0.5, method=method, scope="layer", update_every=5, key=key
+        optax.adam(1e-2),
+        0.5,
+        criterion=method,
+        method="one_stage",
+        scope="layer",
+        update_every=5,
+        key=key,
     )
     history, _, _ = train(opt, params, 6)
     _, state = history[-1]
@@ -228,9 +245,13 @@ def test_pruned_inside_chain_and_with_inject_hyperparams_inner():
     n = n_prunable(params)
     assert sum(int((~m).sum()) for m in jax.tree.leaves(pstate.mask)) == round(0.5 * n)
     assert sum(int((w == 0).sum()) for w in jax.tree.leaves(p)) == round(0.5 * n)
-    # The Fisher the transform read is the injected-b2 one: fisher_from_state agrees.
+    # The Fisher is read with the injected b2 (0.9), not optax's default 0.999: it equals
+    # nu / (1 - 0.9**t) computed in NumPy from the stored nu.
     fisher = fo.fisher_from_state(pstate.inner_state)
-    assert all(np.all(np.isfinite(np.asarray(f))) for f in jax.tree.leaves(fisher))
+    nu = pstate.inner_state.inner_state[0].nu
+    for f, v in zip(jax.tree.leaves(fisher), jax.tree.leaves(nu), strict=True):
+        np.testing.assert_allclose(f, np.asarray(v, np.float64) / (1 - 0.9**10), rtol=1e-5)
+        assert not np.allclose(f, np.asarray(v) / (1 - 0.999**10))
 
 
 @settings(max_examples=5, deadline=None, derandomize=True)
@@ -306,25 +327,161 @@ def test_pruned_with_flax_nnx_optimizer():
 
 def test_pruned_errors():
     adam = optax.adam(1e-3)
-    with pytest.raises(ValueError, match=r"method must be one of 'magnitude'.*got 'l1'"):
-        fo.pruned(adam, schedule=0.5, method="l1")
-    with pytest.raises(ValueError, match=r"method='random' needs key="):
-        fo.pruned(adam, schedule=0.5, method="random")
-    with pytest.raises(ValueError, match="key is only used by method='random'"):
-        fo.pruned(adam, schedule=0.5, key=jax.random.key(0))
-    with pytest.raises(ValueError, match="update_every must be a positive int, got 0"):
-        fo.pruned(adam, schedule=0.5, update_every=0)
-    with pytest.raises(ValueError, match=r"magnitude_fraction must lie in \[0, 1\]"):
-        fo.pruned(adam, schedule=0.5, magnitude_fraction=1.5)
-    with pytest.raises(ValueError, match=r"criterion must be 'fisher'"):
-        fo.pruned(adam, schedule=0.5, criterion="obd")
-    with pytest.raises(ValueError, match=r"scope must be 'global'"):
-        fo.pruned(adam, schedule=0.5, scope="net")
+    with pytest.raises(ValueError, match=r"method must be one of: 'one_stage'.*Got 'l1'"):
+        fo.pruned(adam, 0.5, method="l1")
+    with pytest.raises(ValueError, match=r"criterion='random' needs key="):
+        fo.pruned(adam, 0.5, criterion="random")
+    with pytest.raises(ValueError, match="key is only used by criterion='random'"):
+        fo.pruned(adam, 0.5, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="update_every must be an int >= 1, got 0"):
+        fo.pruned(adam, 0.5, update_every=0)
+    with pytest.raises(TypeError, match="update_every must be an int >= 1, got True"):
+        fo.pruned(adam, 0.5, update_every=True)
+    with pytest.raises(ValueError, match=r"magnitude_fraction must be a finite number in \[0.0"):
+        fo.pruned(adam, 0.5, magnitude_fraction=1.5)
+    with pytest.raises(ValueError, match=r"criterion must be one of: 'magnitude'.*Got 'obd'"):
+        fo.pruned(adam, 0.5, criterion="obd")
+    with pytest.raises(ValueError, match=r"scope must be one of: 'global'"):
+        fo.pruned(adam, 0.5, scope="net")
+    with pytest.raises(TypeError, match=r"prunable must accept 2 positional arguments"):
+        fo.pruned(adam, 0.5, prunable=lambda leaf: True)
+    with pytest.raises(TypeError, match=r"mask_fn must accept \(scores, sparsity, \*, mask\)"):
+        fo.pruned(adam, 0.5, mask_fn=lambda scores, sparsity: scores)
     params = make_params()
-    with pytest.raises(ValueError, match=r"pruned: method='two_stage' ranks by the Fisher.*sgd"):
-        fo.pruned(optax.sgd(0.1, momentum=0.9), schedule=0.5).init(params)
-    opt = fo.pruned(adam, schedule=0.5)
-    with pytest.raises(ValueError, match="pruned: update needs the current params"):
+    with pytest.raises(ValueError, match=r"criterion='fisher' ranks by the Fisher.*"):
+        fo.pruned(optax.sgd(0.1, momentum=0.9), 0.5).init(params)
+    opt = fo.pruned(adam, 0.5)
+    with pytest.raises(ValueError, match="update needs the current params"):
         opt.update(params, opt.init(params))
+    # A bad schedule fails at init, not silently inside jit.
+    with pytest.raises(ValueError, match=r"schedule\(0\) must be a finite number in \[0.0, 1.0\]"):
+        fo.pruned(adam, lambda t: 1.5 + 0.0 * t).init(params)
+    with pytest.raises(ValueError, match=r"schedule\(0\) must be a finite number.*got nan"):
+        fo.pruned(adam, lambda t: jnp.float32(jnp.nan)).init(params)
+    with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0.0, 1.0\]"):
+        fo.pruned(adam, 1.5)
+    with pytest.raises(ValueError, match=r"sparsity names the path \"\['nope'\]\""):
+        fo.pruned(adam, 1.0, sparsity={"['nope']": 0.5}).init(params)
     # Magnitude pruning needs no second moment: sgd is fine.
-    fo.pruned(optax.sgd(0.1), schedule=0.5, method="magnitude").init(params)
+    fo.pruned(optax.sgd(0.1), 0.5, criterion="magnitude").init(params)
+
+
+def test_pruned_chain_fisher_tracker_sgd_ranks_by_the_tracked_fisher():
+    params = make_params(4)
+    opt = fo.pruned(
+        optax.chain(fo.fisher_tracker(decay=0.9), optax.sgd(0.05)),
+        0.5,
+        criterion="fisher",
+        method="one_stage",
+        update_every=3,
+    )
+    history, n_traces, step = train(opt, params, 3)
+    params3, state3 = history[-1]
+    assert n_traces == 1
+    # Step 3 prunes by the tracker's EMA of squared gradients: the NumPy reference replays
+    # the three gradients the tracker saw (no mask yet: count 0 is skipped for the Fisher).
+    nu = jax.tree.map(lambda p: np.zeros(p.shape), params)
+    p = params
+    for i in range(3):
+        g = grads_at(p, i)
+        nu = jax.tree.map(lambda v, gg: 0.9 * v + 0.1 * np.asarray(gg, np.float64) ** 2, nu, g)
+        p = history[i][0]
+    fisher_ref = jax.tree.map(lambda v: v / (1 - 0.9**3), nu)
+    np.testing.assert_allclose(
+        fo.fisher_from_state(state3.inner_state)["dense"]["kernel"],
+        fisher_ref["dense"]["kernel"],
+        rtol=1e-5,
+    )
+    _, state4 = step(params3, state3, 3)
+    want = fo.topk_mask(jax.tree.map(jnp.asarray, fisher_ref), 0.5)
+    for got, w in zip(jax.tree.leaves(state4.mask), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got, w)
+
+
+# Every criterion and both methods, in three combinations (each compiles its own step).
+COMBOS = [("magnitude", "two_stage"), ("saliency", "one_stage"), ("random", "one_stage")]
+
+
+@pytest.mark.parametrize(("criterion", "method"), COMBOS)
+def test_pruned_works_eagerly_and_matches_jit(criterion, method):
+    params = make_params(5)
+    key = jax.random.key(1) if criterion == "random" else None
+    opt = fo.pruned(
+        optax.adam(1e-2), 0.6, criterion=criterion, method=method, update_every=2, key=key
+    )
+    eager_p, eager_s = params, opt.init(params)
+    for i in range(3):  # the Fisher criteria update at step 2, the others at 0 and 2
+        updates, eager_s = opt.update(grads_at(eager_p, i), eager_s, eager_p)
+        eager_p = optax.apply_updates(eager_p, updates)
+    history, _, _ = train(opt, params, 3)
+    jit_p, jit_s = history[-1]
+    for a, b in zip(jax.tree.leaves(eager_s.mask), jax.tree.leaves(jit_s.mask), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sum(int((~m).sum()) for m in jax.tree.leaves(eager_s.mask)) == round(
+        0.6 * n_prunable(params)
+    )
+    for a, b in zip(jax.tree.leaves(eager_p), jax.tree.leaves(jit_p), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_eager_under_nnx_optimizer():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    tx = fo.pruned(optax.adam(1e-2), 0.5, update_every=2)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (16, 6))
+    for _ in range(3):  # eagerly: no nnx.jit
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+    kernels = [np.asarray(layer.kernel[...]) for layer in model.layers]
+    assert sum(int((k == 0).sum()) for k in kernels) == round(0.5 * (48 + 16))
+
+
+def test_pruned_per_leaf_targets_follow_the_schedule_together():
+    params = make_params(6)
+    targets = fo.erk_sparsity(params, 0.6)
+    progress = fo.polynomial_sparsity(1.0, begin_step=0, end_step=4)
+    opt = fo.pruned(
+        optax.adam(1e-2),
+        progress,
+        criterion="magnitude",
+        sparsity=targets,
+        method="one_stage",
+        update_every=2,
+    )
+    history, n_traces, _ = train(opt, params, 5)
+    assert n_traces == 1
+    for t in (2, 4):  # each leaf at target * progress(t), exactly
+        state = history[t][1]
+        for name in ("dense", "out"):
+            n = params[name]["kernel"].size
+            s = np.float32(targets[name]["kernel"]) * np.float32(progress(t))
+            want = round(Fraction(float(s)) * n)
+            assert int((~state.mask[name]["kernel"]).sum()) == want
+    assert bool(jnp.all(history[-1][1].mask["dense"]["bias"]))
+
+
+def test_pruned_mask_fn_replaces_the_selection():
+    params = make_params(7)
+    calls = []
+
+    def per_row(scores, sparsity, *, mask):
+        # A structured pattern: prune whole rows of each kernel by their summed score.
+        calls.append(sparsity)
+        rows = jax.tree.map(lambda s: jnp.sum(s, axis=-1, keepdims=True) * jnp.ones_like(s), scores)
+        return fo.topk_mask(rows, sparsity, mask=mask, scope="layer")
+
+    opt = fo.pruned(
+        optax.adam(1e-2),
+        0.6,
+        criterion="magnitude",
+        method="one_stage",
+        update_every=10,
+        mask_fn=per_row,
+    )
+    history, _, _ = train(opt, params, 1)
+    mask = history[0][1].mask
+    assert calls  # traced once
+    k = np.asarray(mask["out"]["kernel"])  # (5, 3): rows are all kept or all pruned
+    assert set(k.all(axis=1) | ~k.any(axis=1)) == {True}
+    assert int((~k).sum()) == 9  # 0.6 of 15: three whole rows
