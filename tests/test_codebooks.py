@@ -19,14 +19,14 @@ from fisher_optax import (
 )
 
 
-def _setup(seed=0):
+def _setup(seed=0, dtype=jnp.float32):
     """Two kernels (one with mixed widths 2/3 and pruned weights) and a raw bias."""
     rng = np.random.default_rng(seed)
     params = {
-        "a": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+        "a": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), dtype)},
         "b": {
-            "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
-            "kernel": jnp.asarray(rng.laplace(size=(5, 4)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(4,)), dtype),
+            "kernel": jnp.asarray(rng.laplace(size=(5, 4)), dtype),
         },
     }
     bits = {
@@ -222,6 +222,41 @@ def test_requantize_save_load_roundtrip_keeps_codes(tmp_path):
     leaves = jax.tree.leaves(dequantize(trained))
     for got, want in zip(jax.tree.leaves(dequantize(back)), leaves, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_inner_sees_the_entries_as_params_and_init_traces_under_jit():
+    q, dense, _ = _setup()
+    # Weight decay alone: with zero gradients each weight's update is 0.1 * its entry's value,
+    # i.e. 0.1 * the weight itself (pruned: 0), which checks the entries read from params.
+    tx = share_codebooks(optax.add_decayed_weights(0.1), q)
+    zeros = jax.tree.map(jnp.zeros_like, dense)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(dense), dense)
+    for i in (0, 2):
+        u, w = jax.tree.leaves(updates)[i], jax.tree.leaves(dense)[i]
+        np.testing.assert_allclose(u, 0.1 * np.asarray(w), rtol=1e-6)
+    # init under jit reads the entries by gather (no host check) and agrees with the host.
+    tx = share_codebooks(optax.adam(1e-3, nesterov=True), q)
+    host, traced = tx.init(dense), jax.jit(tx.init)(dense)
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(traced), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_params_stay_tied():
+    q, params, rng = _setup(dtype=jnp.bfloat16)
+    tx = share_codebooks(optax.adam(0.05), q)
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    for _ in range(3):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+        updates, state = step(params, state, grads)
+        params = optax.apply_updates(params, updates)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    trained = requantize(params, q)
+    back = jax.tree.leaves(dequantize(trained))
+    for got, want in zip(back, jax.tree.leaves(params), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(trained.codebooks[0][2], q.codebooks[0][2])
 
 
 # Errors, each by its message.
