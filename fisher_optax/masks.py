@@ -570,7 +570,7 @@ def topk_mask(
         ``(path, leaf) -> bool`` to fractions, where leaves no key matches get 0 (as
         jaxpruner's ``custom_sparsity_map``). Concrete values outside ``[0, 1]`` or NaN are
         errors; under ``jit`` a traced value is clipped to ``[0, 1]`` and NaN becomes 0.
-          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
+      scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
         prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
         own.
       prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
@@ -578,6 +578,7 @@ def topk_mask(
         ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
         out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
       mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+
     Returns:
       A boolean pytree shaped like ``scores``; ``True`` keeps a weight. Non-prunable
       weights are always ``True``.
@@ -622,14 +623,10 @@ def magnitude_mask(
       params: a pytree of parameter arrays (finite).
       sparsity: the fraction of prunable weights to remove (a scalar, per leaf, or a
         mapping; see :func:`topk_mask`).
-          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
-        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
-        own.
-      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
-        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
-        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
-        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
+      prunable: which weights may be pruned, as in :func:`topk_mask`.
       mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
@@ -687,14 +684,10 @@ def fisher_mask(
       fisher: a Fisher diagonal shaped like ``params``, finite and non-negative (e.g. from
         :func:`fisher_optax.fisher_from_state`).
       criterion: ``"fisher"``, ``"saliency"``, or a callable ``(params, fisher) -> scores``.
-          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
-        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
-        own.
-      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
-        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
-        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
-        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
+      prunable: which weights may be pruned, as in :func:`topk_mask`.
       mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
@@ -760,14 +753,10 @@ def two_stage_mask(
         ``[0, 1]``: ``0`` is pure Fisher pruning, ``1`` pure magnitude pruning.
       criterion: ``"fisher"`` (rank by F), ``"saliency"`` (0.5 F w^2) or a callable
         ``(params, fisher) -> scores`` for stage two.
-          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
-        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
-        own.
-      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
-        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
-        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
-        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
+      prunable: which weights may be pruned, as in :func:`topk_mask`.
       mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
@@ -821,14 +810,10 @@ def random_mask(
       sparsity: the fraction of prunable weights to remove (a scalar, per leaf, or a
         mapping; see :func:`topk_mask`).
       key: a ``jax.random`` key.
-          scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
-        prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
-        own.
-      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
-        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
-        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
-        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
+      prunable: which weights may be pruned, as in :func:`topk_mask`.
       mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
 
