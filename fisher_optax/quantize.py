@@ -337,7 +337,7 @@ def allocate_bits(
             out[i] = np.where(kept[i], b, 0).astype(np.int32)
     else:
         _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits)
-    return jax.tree.unflatten(treedef, [jnp.asarray(x) for x in out])
+    return jax.tree.unflatten(treedef, [jax.device_put(x) for x in out])
 
 
 def _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits):
@@ -655,5 +655,5 @@ def dequantize(q: QuantizedParams) -> Params:
             if book.shape[0]:
                 out = xp.where(bits == b, book[xp.clip(codes, 0, book.shape[0] - 1)], out)
         out = out.astype(jnp.dtype(dtype))
-        leaves.append(out if traced else jnp.asarray(out))
+        leaves.append(out if traced else jax.device_put(out))
     return jax.tree.unflatten(q.treedef, leaves)
