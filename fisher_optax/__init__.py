@@ -70,7 +70,7 @@ from fisher_optax.scores import (
 )
 
 # Structured pruning: unit scores and masks, optimizer state after surgery (Flax-free;
-# the surgery itself is in fisher_optax.flax, which imports Flax).
+# the cut engine is fisher_optax.surgery, the model adapters fisher_optax.flax).
 from fisher_optax.structured import (
     expand_unit_mask,
     slice_opt_state,

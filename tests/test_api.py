@@ -5,11 +5,15 @@ import pkgutil
 
 import fisher_optax
 
+# Modules that take Flax models: imported on their own (``import fisher_optax.flax``), their
+# names stay in the module and are not re-exported at the top.
+_MODEL_MODULES = ("flax", "depgraph")
+
 
 def _public_modules():
-    """Every module of the package except the private ones and the optional Flax module."""
+    """Every module of the package except the private ones and the model modules."""
     for info in pkgutil.iter_modules(fisher_optax.__path__):
-        if not info.name.startswith("_") and info.name != "flax":
+        if not info.name.startswith("_") and info.name not in _MODEL_MODULES:
             yield info.name
 
 
@@ -22,7 +26,8 @@ def test_package_reexports_every_module_all():
     assert "fisher_from_state" in fisher_optax.__all__
 
 
-def test_flax_module_all_names_exist():
-    ff = importlib.import_module("fisher_optax.flax")
-    assert all(hasattr(ff, n) for n in ff.__all__)
-    assert not set(ff.__all__) & set(fisher_optax.__all__)  # Flax names stay in their module
+def test_model_modules_all_names_exist_and_stay_in_their_module():
+    for name in _MODEL_MODULES:
+        module = importlib.import_module(f"fisher_optax.{name}")
+        assert all(hasattr(module, n) for n in module.__all__), name
+        assert not set(module.__all__) & set(fisher_optax.__all__), name

@@ -314,8 +314,9 @@ def test_core_modules_never_import_flax():
     import pathlib
 
     package = pathlib.Path(fisher_optax.__file__).parent
+    # flax.py is the Flax adapter; depgraph.py traces Flax models and imports Flax lazily.
     for path in sorted(package.glob("*.py")):
-        if path.name == "flax.py":
+        if path.name in ("flax.py", "depgraph.py"):
             continue
         text = path.read_text()
         assert "import flax" not in text and "from flax" not in text, path.name
