@@ -292,6 +292,9 @@ def share_codebooks(
                 if train_raw and leaf.trainable:
                     tree[leaf.path] = x
                 continue
+            if not leaf.widths:  # every weight of the leaf pruned: no entries
+                tree[leaf.path] = ()
+                continue
             flat = reduce(i, jnp.reshape(x, -1), segments[i].reshape(-1))
             tree[leaf.path] = tuple(jnp.split(flat, offsets[i][1:-1]))
         return tree
@@ -333,6 +336,9 @@ def share_codebooks(
         for i, (leaf, x) in enumerate(zip(layout, leaves, strict=True)):
             if leaf.raw:
                 out.append(u[leaf.path] if train_raw and leaf.trainable else jnp.zeros_like(x))
+                continue
+            if not leaf.widths:
+                out.append(jnp.zeros_like(x))
                 continue
             # Entry K (one past the last) is the pruned weights' update: exactly 0.
             flat = jnp.concatenate([*u[leaf.path], jnp.zeros((1,), u[leaf.path][0].dtype)])

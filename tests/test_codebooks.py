@@ -241,6 +241,20 @@ def test_inner_sees_the_entries_as_params_and_init_traces_under_jit():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_fully_pruned_leaf_gets_zero_updates():
+    q, dense, rng = _setup()
+    mask = jax.tree.map(lambda x: jnp.ones(x.shape, bool), dense)
+    mask["b"]["kernel"] = jnp.zeros((5, 4), bool)
+    q = quantize(dense, 2, mask=mask, method="uniform")
+    assert q.widths[2] == ()
+    dense = dequantize(q)
+    tx = share_codebooks(optax.adam(0.1), q)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), dense)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(dense), dense)
+    np.testing.assert_array_equal(updates["b"]["kernel"], 0)
+    requantize(optax.apply_updates(dense, updates), q)
+
+
 def test_bfloat16_params_stay_tied():
     q, params, rng = _setup(dtype=jnp.bfloat16)
     tx = share_codebooks(optax.adam(0.05), q)
