@@ -26,6 +26,7 @@ from fisher_optax.export import (
     _HEADER,
     VERSION,
     _encode_stream,
+    _positions_bits,
     _Reader,
     _relative_entries,
     _varints,
@@ -207,6 +208,21 @@ def test_relative_index_coding_with_fillers(r):
     fill = 2**r - 1
     gaps = np.diff(np.concatenate([[-1], positions])) - 1
     assert len(entries) == len(positions) + np.sum(gaps // fill) + (4999 - 4095) // fill
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.1, 0.01])
+def test_index_width_is_the_best_by_brute_force(keep):
+    rng = np.random.default_rng(0)
+    n = 50_000
+    positions = np.flatnonzero(rng.random(n) < keep)
+    gaps = np.diff(np.concatenate([[-1], positions])) - 1
+    tail = n - 1 - int(positions[-1])
+    sizes = {
+        r: len(_encode_stream(_relative_entries(positions, n, r), 1 << r).data)
+        for r in range(1, 17)
+    }
+    chosen = sizes[_positions_bits(gaps, tail)]
+    assert chosen <= 1.01 * min(sizes.values()) + 8
 
 
 def test_sparse_leaf_is_small_and_all_pruned_leaf_roundtrips(tmp_path):
