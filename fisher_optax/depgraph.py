@@ -666,7 +666,7 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
       ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
       >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 3)))
       >>> [(g.name, g.size) for g in graph.groups]
-      [("['layers'][0]['bias'][0]", 8)]
+      [("['layers'][0]['kernel'][1]", 8)]
     """
     if _is_nnx(model):
         from flax import nnx
@@ -787,7 +787,9 @@ def _collect(
     groups = []
     for unit_list in by_group.values():
         axes = sorted({ax for u in unit_list for ax in u})
-        first = axes[0]
+        # name a group by the first kernel that writes it (its output axis), if any
+        writers = [(i, a) for i, a in axes if paths[i][-1] == "kernel" and a == len(shapes[i]) - 1]
+        first = (writers or axes)[0]
         unit_list.sort(key=lambda u: int(u[first].min()) if first in u else 1 << 62)
         groups.append(
             Group(
@@ -985,11 +987,20 @@ def cut_index(graph: DepGraph, keep: Sequence[np.ndarray]) -> dict[Path, tuple]:
 def _take(x: Any, ix: tuple | None) -> Any:
     if ix is None:
         return x
-    x = jnp.asarray(x)
+    dtype = jnp.result_type(x)
+    x = np.asarray(x)  # NumPy: one eager XLA op per leaf shape would compile each time
     for a, k in enumerate(ix):
         if k is not None:
-            x = jnp.take(x, jnp.asarray(k), axis=a)
-    return x
+            x = np.take(x, k, axis=a)
+    return jnp.asarray(x, dtype)
+
+
+def _apply(model: Any, x: Any) -> Any:
+    """``model(x)`` under one ``jit`` (eager NNX dispatch compiles every op separately)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
 
 
 def _map_state(graph: DepGraph, tree: Any, index: dict, fn: Callable) -> Any:
@@ -1139,8 +1150,8 @@ def cut(
     new = nnx.merge(graphdef, _map_state(graph, state, index, _take))
     _resize_nnx(new)
     if verify:
-        ref = masked(model, graph, keep)(graph.example)
-        _verify(new(graph.example), ref, rtol, atol)
+        ref = _apply(masked(model, graph, keep), graph.example)
+        _verify(_apply(new, graph.example), ref, rtol, atol)
     return new
 
 
@@ -1158,7 +1169,9 @@ def cut_optimizer(
     from fisher_optax.structured import slice_opt_state
 
     params = nnx.state(model, optimizer.wrt)
-    state = slice_opt_state(optimizer.opt_state, params, cut_index(graph, keep))
+    wrt = {_path_tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    index = {p: ix for p, ix in cut_index(graph, keep).items() if p in wrt}
+    state = slice_opt_state(optimizer.opt_state, params, index)
     new_opt = nnx.Optimizer(new_model, optimizer.tx, wrt=optimizer.wrt)
     new_opt.opt_state = nnx.data(state)
     new_opt.step.set_value(optimizer.step.get_value())
@@ -1222,7 +1235,8 @@ def cut_linen(
     if module is not None:
         small, original = module
         removed = {p: _removed(graph, p, ix) for p, ix in index.items()}
-        ref = original.apply(_map_state(graph, variables, removed, _zero_removed), graph.example)
-        _verify(small.apply(new, graph.example), ref, rtol, atol)
+        zeroed = _map_state(graph, variables, removed, _zero_removed)
+        ref = jax.jit(original.apply)(zeroed, graph.example)
+        _verify(jax.jit(small.apply)(new, graph.example), ref, rtol, atol)
     params_index = {p[1:]: ix for p, ix in index.items() if p and p[0] == "params"}
     return LinenCut(new, features, index, params_index)

@@ -1,0 +1,514 @@
+"""Tests of fisher_optax.depgraph: coupled groups from the trace, scores, masks, cuts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from fisher_optax import depgraph
+
+# --------------------------------------------------------------------------------------------
+# Models (tiny widths: the tests run in the suite's time budget)
+
+
+class Block(nnx.Module):
+    def __init__(self, cin, cout, stride, rngs):
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cout, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, rngs=rngs)
+        self.proj = (
+            nnx.Conv(cin, cout, (1, 1), strides=stride, rngs=rngs)
+            if cin != cout or stride != 1
+            else None
+        )
+
+    def __call__(self, x):
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return nnx.relu(y + (x if self.proj is None else self.proj(x)))
+
+
+class ResNet(nnx.Module):
+    def __init__(self, w=4, rngs=None):
+        self.stem = nnx.Conv(1, w, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(w, rngs=rngs)
+        self.b1 = Block(w, w, 1, rngs)
+        self.b2 = Block(w, 2 * w, 2, rngs)
+        self.head = nnx.Linear(2 * w, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.bn(self.stem(x)))
+        return self.head(self.b2(self.b1(x)).mean(axis=(1, 2)))
+
+
+class TBlock(nnx.Module):
+    def __init__(self, d, h, hidden, rngs):
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=h, in_features=d, qkv_features=d, decode=False, rngs=rngs
+        )
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.fc1 = nnx.Linear(d, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(nnx.gelu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Linear(3, 8, rngs=rngs)
+        self.blocks = nnx.List([TBlock(8, 4, 6, rngs) for _ in range(2)])
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class ConvFlat(nnx.Module):
+    def __init__(self, rngs, groups=1):
+        self.conv = nnx.Conv(2, 4, (3, 3), feature_group_count=groups, rngs=rngs)
+        self.fc = nnx.Linear(4 * 4 * 4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        y = nnx.relu(self.conv(x))
+        return self.fc(y.reshape(y.shape[0], -1))
+
+
+def _randomize_stats(model):
+    """Non-trivial BatchNorm statistics, so that slicing them wrongly would show."""
+    for i, (_, m) in enumerate(nnx.iter_modules(model)):
+        if isinstance(m, nnx.BatchNorm):
+            rng = np.random.default_rng(i)
+            n = m.num_features
+            m.mean.set_value(jnp.asarray(rng.normal(size=n), jnp.float32))
+            m.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, size=n), jnp.float32))
+            m.scale.set_value(jnp.asarray(rng.normal(size=n), jnp.float32))
+            m.bias.set_value(jnp.asarray(rng.normal(size=n), jnp.float32))
+    model.eval()
+    return model
+
+
+run = depgraph._apply
+
+
+def make(build, seed=0):
+    """``build(rngs)`` under one jit: eager initialisers would compile op by op."""
+    return nnx.jit(lambda: build(nnx.Rngs(seed)))()
+
+
+def _keep_half(graph):
+    return tuple(np.arange(g.size) % 2 == 1 for g in graph.groups)
+
+
+def _members(graph):
+    return [sorted(g.members) for g in graph.groups]
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet (NNX)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = _randomize_stats(make(lambda r: ResNet(4, r)))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    return model, x, depgraph.dependency_graph(model, x)
+
+
+def test_resnet_groups_follow_the_residual_stream(resnet):
+    _, _, graph = resnet
+
+    def bn(name):
+        return [(f"{name}['{v}']", 0) for v in ("bias", "mean", "scale", "var")]
+
+    stage1 = sorted(
+        [
+            ("['stem']['kernel']", 3),
+            ("['stem']['bias']", 0),
+            *bn("['bn']"),
+            ("['b1']['conv1']['kernel']", 2),
+            ("['b1']['conv2']['kernel']", 3),
+            ("['b1']['conv2']['bias']", 0),
+            *bn("['b1']['bn2']"),
+            ("['b2']['conv1']['kernel']", 2),
+            ("['b2']['proj']['kernel']", 2),
+        ]
+    )
+    stage2 = sorted(
+        [
+            ("['b2']['conv2']['kernel']", 3),
+            ("['b2']['conv2']['bias']", 0),
+            *bn("['b2']['bn2']"),
+            ("['b2']['proj']['kernel']", 3),
+            ("['b2']['proj']['bias']", 0),
+            ("['head']['kernel']", 0),
+        ]
+    )
+    inner = [
+        sorted(
+            [
+                (f"['{b}']['conv1']['kernel']", 3),
+                (f"['{b}']['conv1']['bias']", 0),
+                *bn(f"['{b}']['bn1']"),
+                (f"['{b}']['conv2']['kernel']", 2),
+            ]
+        )
+        for b in ("b1", "b2")
+    ]
+    assert sorted(_members(graph)) == sorted([stage1, stage2, *inner])
+    assert sorted(g.size for g in graph.groups) == [4, 4, 8, 8]
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['stem']['kernel']", 2)] == "model input"
+    assert reasons[("['head']['kernel']", 1)] == "model output"
+    assert "window" in reasons[("['b1']['conv1']['kernel']", 0)]
+
+
+def test_resnet_cut_matches_masked_model(resnet):
+    model, x, graph = resnet
+    params = nnx.state(model, nnx.Param)
+    fisher = jax.tree.map(lambda p: jnp.abs(p) + 0.1, params)
+    keep = depgraph.group_mask(graph, depgraph.group_scores(graph, params, fisher=fisher), 0.5)
+    assert sum(int((~k).sum()) for k in keep) == 12  # round(0.5 * 24), exactly
+    small = depgraph.cut(model, graph, keep)
+    assert type(small) is ResNet
+    for g, k in zip(graph.groups, keep, strict=True):
+        if "['stem']['kernel']" in dict(g.members):
+            k_stage1 = int(k.sum())
+    assert small.stem.out_features == small.bn.num_features == k_stage1
+    assert small.stem.kernel.shape == (3, 3, 1, k_stage1) == small.stem.kernel_shape
+    assert small.b2.proj.in_features == k_stage1
+    assert small.head.in_features == small.b2.conv2.out_features
+    np.testing.assert_allclose(
+        run(small, x), run(depgraph.masked(model, graph, keep), x), rtol=1e-5, atol=1e-5
+    )
+    assert model.stem.kernel.shape == (3, 3, 1, 4)
+
+
+def test_group_scores_match_a_numpy_loop(resnet):
+    model, _, graph = resnet
+    params = nnx.state(model, nnx.Param)
+    fisher = jax.tree.map(lambda p: jnp.abs(p) + 0.5, params)
+    got = depgraph.group_scores(graph, params, fisher=fisher)
+    flat = {
+        depgraph._pstr(depgraph._path_tuple(p)): (np.asarray(w), np.asarray(f))
+        for (p, w), f in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(fisher), strict=True
+        )
+    }
+    for g, s in zip(graph.groups, got, strict=True):
+        for u, unit in enumerate(g.units):
+            total = 0.0
+            for (i, a), ix in unit.items():
+                path = depgraph._pstr(graph.paths[i])
+                if path not in flat:  # BatchNorm statistics score nothing
+                    continue
+                w, f = flat[path]
+                for j in ix:
+                    total += float(np.sum(0.5 * np.take(f, j, a) * np.take(w, j, a) ** 2))
+            np.testing.assert_allclose(s[u], total, rtol=1e-6)
+
+
+def test_group_mask_counts_scopes_and_min_units(resnet):
+    _, _, graph = resnet
+    rng = np.random.default_rng(0)
+    scores = [rng.random(g.size) for g in graph.groups]
+    keep = depgraph.group_mask(graph, scores, 0.25, scope="group")
+    for g, s, k in zip(graph.groups, scores, keep, strict=True):
+        n = round(0.25 * g.size)
+        assert int((~k).sum()) == n
+        assert set(np.flatnonzero(~k)) == set(np.argsort(s)[:n])
+    keep = depgraph.group_mask(graph, scores, 1.0, min_units=2)
+    assert all(int(k.sum()) == 2 for k in keep)
+    low = [np.zeros(g.size) if g.size == 4 else np.ones(g.size) for g in graph.groups]
+    keep = depgraph.group_mask(graph, low, 0.25, min_units=1)  # 6 of 24: all from the 4-groups
+    assert [int((~k).sum()) for k in keep if len(k) == 4] == [3, 3]
+
+
+def test_group_mask_errors(resnet):
+    _, _, graph = resnet
+    scores = [np.ones(g.size) for g in graph.groups]
+    with pytest.raises(ValueError, match="sparsity must be a finite number in"):
+        depgraph.group_mask(graph, scores, 1.5)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        depgraph.group_mask(graph, scores, 0.5, scope="layer")
+    with pytest.raises(ValueError, match="min_units must be an int >= 1"):
+        depgraph.group_mask(graph, scores, 0.5, min_units=0)
+    with pytest.raises(ValueError, match="scores has 1 arrays but the graph has 4 groups"):
+        depgraph.group_mask(graph, scores[:1], 0.5)
+    with pytest.raises(ValueError, match=r"expected \(4,\)"):
+        depgraph.group_mask(graph, [np.ones(3), *scores[1:]], 0.5)
+    with pytest.raises(ValueError, match=r"keep for group .* must be a bool array"):
+        depgraph.cut_index(graph, [np.ones(g.size, int) for g in graph.groups])
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet (Linen): new params plus the new features of every module
+
+
+class LBlock(nn.Module):
+    features: int
+    project: bool
+    mid: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(
+            nn.BatchNorm(use_running_average=True)(nn.Conv(self.mid or self.features, (3, 3))(x))
+        )
+        y = nn.BatchNorm(use_running_average=True)(nn.Conv(self.features, (3, 3))(y))
+        s = nn.Conv(self.features, (1, 1))(x) if self.project else x
+        return nn.relu(y + s)
+
+
+class LResNet(nn.Module):
+    widths: tuple = (4, 4, 4, 8, 8)  # stem, b1 mid, b1 out, b2 mid, b2 out
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.widths
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(w[0], (3, 3))(x)))
+        x = LBlock(w[2], False, w[1])(x)
+        x = LBlock(w[4], True, w[3])(x)
+        return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+def test_linen_resnet_cut_matches_masked_model():
+    model = LResNet()
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    stats = jax.tree.map(
+        lambda v: jax.random.uniform(jax.random.key(3), v.shape, minval=0.5, maxval=2.0),
+        variables["batch_stats"],
+    )
+    variables = {"params": variables["params"], "batch_stats": stats}
+    graph = depgraph.dependency_graph(model, x, variables=variables)
+    assert sorted(g.size for g in graph.groups) == [4, 4, 8, 8]
+    keep = _keep_half(graph)
+    result = depgraph.cut_linen(variables, graph, keep)
+    f = result.features
+    widths = (
+        f[("Conv_0",)],
+        f[("LBlock_0", "Conv_0")],
+        f[("LBlock_0", "Conv_1")],
+        f[("LBlock_1", "Conv_0")],
+        f[("LBlock_1", "Conv_1")],
+    )
+    assert widths == (2, 2, 2, 4, 4)
+    assert f[("Dense_0",)] == 3
+    # the check runs when the smaller module is given
+    depgraph.cut_linen(variables, graph, keep, module=(LResNet(widths), model))
+
+
+# --------------------------------------------------------------------------------------------
+# Transformer (NNX): heads and MLP units; the residual stream is coupled but kept whole
+
+
+def test_transformer_heads_and_mlp_units():
+    model = make(Transformer)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    graph = depgraph.dependency_graph(model, x)
+    names = sorted(g.name for g in graph.groups)
+    assert names == sorted(
+        [f"['blocks'][{b}]['attn']['key']['bias'][0]" for b in (0, 1)]
+        + [f"['blocks'][{b}]['fc1']['kernel'][1]" for b in (0, 1)]
+    )
+    heads = next(g for g in graph.groups if "attn" in g.name)
+    assert heads.size == 4
+    assert {p for p, _ in heads.members} == {
+        f"['blocks'][0]['attn']['{m}']['{v}']"
+        for m in ("query", "key", "value", "out")
+        for v in ("kernel", "bias")
+    } - {"['blocks'][0]['attn']['out']['bias']"}
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    # the residual stream: one coupled axis through every block, frozen by LayerNorm's mean
+    for path in ("['embed']['kernel']", "['blocks'][1]['fc2']['kernel']"):
+        assert reasons[(path, 1)].startswith("reduced by reduce_sum")
+    assert "head_dim" in reasons[("['blocks'][0]['attn']['query']['kernel']", 2)]
+    keep = _keep_half(graph)
+    small = depgraph.cut(model, graph, keep)
+    assert small.blocks[0].attn.num_heads == 2
+    assert small.blocks[0].attn.qkv_features == 2 * model.blocks[0].attn.head_dim
+    assert small.blocks[1].fc1.out_features == small.blocks[1].fc2.in_features == 3
+    np.testing.assert_allclose(
+        run(small, x), run(depgraph.masked(model, graph, keep), x), rtol=1e-5, atol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Sequential chains and conv -> flatten -> dense, against hand-made references
+
+
+def test_sequential_cut_against_numpy():
+    model = nnx.Sequential(
+        nnx.Linear(3, 6, rngs=nnx.Rngs(0)),
+        nnx.tanh,
+        nnx.Linear(6, 5, rngs=nnx.Rngs(1)),
+        nnx.relu,
+        nnx.Linear(5, 2, rngs=nnx.Rngs(2)),
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    graph = depgraph.dependency_graph(model, x)
+    assert [g.size for g in graph.groups] == [6, 5]
+    keep = (np.array([1, 0, 1, 1, 0, 1], bool), np.array([0, 1, 1, 0, 1], bool))
+    small = depgraph.cut(model, graph, keep)
+    w = [np.asarray(m.kernel[...]) for m in model.layers if isinstance(m, nnx.Linear)]
+    b = [np.asarray(m.bias[...]) for m in model.layers if isinstance(m, nnx.Linear)]
+    h = np.tanh(np.asarray(x) @ w[0][:, keep[0]] + b[0][keep[0]])
+    h = np.maximum(h @ w[1][keep[0]][:, keep[1]] + b[1][keep[1]], 0)
+    np.testing.assert_allclose(run(small, x), h @ w[2][keep[1]] + b[2], rtol=1e-5, atol=1e-6)
+    assert small.layers[2].in_features == 4 and small.layers[2].out_features == 3
+
+
+def test_conv_flatten_dense_maps_a_channel_to_a_block():
+    model = ConvFlat(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 2))
+    graph = depgraph.dependency_graph(model, x)
+    (g,) = graph.groups
+    fc = graph.paths.index(("fc", "kernel"))
+    # channel c owns the flattened features f with f % 4 == c (NHWC, row-major)
+    for c in range(4):
+        np.testing.assert_array_equal(g.units[c][fc, 0], np.arange(c, 64, 4))
+    keep = (np.array([True, False, True, False]),)
+    small = depgraph.cut(model, graph, keep)
+    assert small.fc.kernel.shape == (32, 3) and small.conv.out_features == 2
+    rows = np.flatnonzero(np.arange(64) % 4 % 2 == 0)
+    np.testing.assert_array_equal(small.fc.kernel[...], model.fc.kernel[...][rows])
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer state
+
+
+def test_cut_optimizer_slices_adam_moments():
+    model = nnx.Sequential(
+        nnx.Linear(3, 6, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(6, 2, rngs=nnx.Rngs(1))
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    opt.update(model, grads)
+    graph = depgraph.dependency_graph(model, x)
+    keep = (np.array([1, 1, 0, 1, 0, 1], bool),)
+    small = depgraph.cut(model, graph, keep)
+    new_opt = depgraph.cut_optimizer(opt, model, small, graph, keep)
+    mu = opt.opt_state[0].mu["layers"][0]["kernel"][...]
+    np.testing.assert_array_equal(
+        new_opt.opt_state[0].mu["layers"][0]["kernel"][...], np.asarray(mu)[:, keep[0]]
+    )
+    assert int(new_opt.opt_state[0].count[...]) == 1
+    new_opt.update(small, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(small))  # it steps
+
+
+# --------------------------------------------------------------------------------------------
+# What the graph refuses (kept whole, with the reason) and the check after the cut
+
+
+def test_grouped_conv_is_kept_whole():
+    graph = depgraph.dependency_graph(ConvFlat(nnx.Rngs(0), groups=2), jnp.ones((1, 4, 4, 2)))
+    assert graph.groups == ()
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['conv']['kernel']", 3)].startswith("grouped convolution")
+    assert "grouped and depthwise convs are kept whole" in graph.report()
+
+
+class Cumsum(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+        self.b = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jnp.cumsum(nnx.relu(self.a(x)), axis=-1))
+
+
+def test_unknown_primitive_is_kept_whole():
+    graph = depgraph.dependency_graph(Cumsum(nnx.Rngs(0)), jnp.ones((1, 3)))
+    assert graph.groups == ()
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['a']['kernel']", 1)] == "primitive cumsum is not understood"
+
+
+class Twice(nnx.Module):
+    """A layer applied twice: to the input, then to a hidden activation."""
+
+    def __init__(self, rngs, first_on_input):
+        self.inp = nnx.Linear(4, 4, rngs=rngs)
+        self.shared = nnx.Linear(4, 4, rngs=rngs)
+        self.out = nnx.Linear(4, 2, rngs=rngs)
+        self.first_on_input = first_on_input
+
+    def __call__(self, x):
+        first = self.shared if self.first_on_input else self.inp
+        h = nnx.relu(first(x))
+        h = nnx.relu((self.inp if self.first_on_input else self.shared)(h))
+        return self.out(self.shared(h))
+
+
+def test_layer_applied_twice_couples_both_uses():
+    # its input and output axes are tied through the chain: one group, cut consistently
+    model = Twice(nnx.Rngs(0), first_on_input=False)
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    graph = depgraph.dependency_graph(model, x)
+    members = {m for g in graph.groups for m in g.members}
+    assert ("['shared']['kernel']", 0) in members and ("['shared']['kernel']", 1) in members
+    keep = _keep_half(graph)
+    small = depgraph.cut(model, graph, keep)
+    np.testing.assert_allclose(
+        run(small, x), run(depgraph.masked(model, graph, keep), x), atol=1e-6
+    )
+    # applied to the model input once, its input axis is tied to the input: kept whole
+    # (its output axis still forms one group over both uses and the two consumers)
+    graph = depgraph.dependency_graph(Twice(nnx.Rngs(0), first_on_input=True), x)
+    assert _members(graph) == [
+        sorted(
+            [
+                ("['shared']['kernel']", 1),
+                ("['shared']['bias']", 0),
+                ("['inp']['kernel']", 0),
+                ("['out']['kernel']", 0),
+            ]
+        )
+    ]
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['shared']['kernel']", 0)] == "model input"
+
+
+class ShapeConstant(nnx.Module):
+    """Uses a width as a number: the trace sees a constant, so only the check can catch it."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+        self.b = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.a(x))
+        return self.b(h) * h.shape[-1]
+
+
+def test_cut_is_refused_when_the_result_differs():
+    model = ShapeConstant(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    graph = depgraph.dependency_graph(model, x)
+    with pytest.raises(ValueError, match=r"output <root> differs from the masked model's"):
+        depgraph.cut(model, graph, _keep_half(graph))
+    small = depgraph.cut(model, graph, _keep_half(graph), verify=False)
+    assert small.a.out_features == 2
+
+
+def test_bad_model_and_params():
+    with pytest.raises(TypeError, match=r"model must be an nnx\.Module, or a Linen module"):
+        depgraph.dependency_graph(lambda x: x, jnp.ones(3))
+    model = ConvFlat(nnx.Rngs(0))
+    graph = depgraph.dependency_graph(model, jnp.ones((1, 4, 4, 2)))
+    with pytest.raises(ValueError, match=r"params has a leaf at .* that the traced model lacks"):
+        depgraph.group_scores(graph, {"other": jnp.ones(3)}, "magnitude")
+    with pytest.raises(ValueError, match="use cut_linen"):
+        depgraph.cut(model, graph._replace(kind="linen"), (np.ones(4, bool),))
