@@ -22,7 +22,7 @@ from fisher_optax.schedules import constant_sparsity
 from fisher_optax.scores import CRITERIA, Criterion
 from fisher_optax.scores import scores as _scores
 
-__all__ = ["METHODS", "KeepPrunedState", "PrunedState", "keep_pruned", "pruned"]
+__all__ = ["KeepPrunedState", "PrunedState", "keep_pruned", "pruned"]
 
 METHODS: dict[str, str] = {
     "one_stage": "one ranking of the prunable weights by the criterion",

@@ -293,7 +293,7 @@ def _loss(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-def test_shrink_with_optimizer_slices_state_and_fine_tunes_under_jit():
+def test_shrink_with_an_optimizer_slices_state_and_fine_tunes_under_jit():
     model = _mlp(nnx.relu)  # CNN surgery is checked above; the state slicing is the same
     tx = fisher_optax.pruned(
         optax.adam(1e-2), schedule=0.3, method="one_stage", criterion="magnitude", update_every=2
@@ -395,7 +395,7 @@ class _LinenCNN(nn.Module):
         return nn.Dense(4, name="d2")(x)
 
 
-def test_shrink_params_linen_cnn_equals_masked():
+def test_shrink_linen_cnn_equals_masked():
     module = _LinenCNN()
     x = jax.random.normal(jax.random.key(8), (4, 8, 8, 2))
     params = jax.jit(module.init)(jax.random.key(0), x)
@@ -421,7 +421,7 @@ def test_shrink_params_linen_cnn_equals_masked():
     assert n_small == sum(p.size for p in jax.tree.leaves(out.variables))
 
 
-def test_shrink_params_linen_mlp_and_errors():
+def test_shrink_linen_mlp_slices_opt_state_and_errors():
     mlp = nn.Sequential([nn.Dense(8), jax.nn.sigmoid, nn.Dense(5), jax.nn.sigmoid, nn.Dense(2)])
     x = jax.random.normal(jax.random.key(9), (5, 3))
     params = jax.jit(mlp.init)(jax.random.key(1), x)
