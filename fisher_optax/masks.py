@@ -248,11 +248,15 @@ def _radix_select(
     n_groups: int,
     targets: jax.Array,
     bits: int = 32,
+    *,
+    weights: list[jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per group, the largest ``t < 2**bits`` with ``#{key < t} < target``, and that count.
 
-    The one selection routine: the score threshold (``bits=32``) and the flat-index cut among
-    ties (``bits`` = the index width) are both found by it. Keys must lie below ``2**bits``.
+    The one selection routine: the score threshold (``bits=32``) and the cut among ties
+    (over row and in-row indices) are all found by it. Keys must lie below ``2**bits``, and
+    ``bits`` be a multiple of 8. With ``weights`` (int32 arrays shaped like the keys) a key
+    counts with its weight instead of 1: the tie-break counts tied entries per row that way.
     It bisects ``bits`` bits in phases of eight, one byte of the key per phase. A phase
     first maps each key to one uint8 digit: its byte when its higher bytes equal those of the
     threshold found so far, else 255 (keys below the threshold's prefix are already counted
@@ -275,14 +279,15 @@ def _radix_select(
         def body(i, carry, digits=digits, below0=below):
             t, b = carry
             cand = t + (jnp.uint32(1) << (jnp.uint32(7) - i.astype(jnp.uint32)))
-            counts = below0 + _group_sum(
-                [
-                    _count(d < cand[g].astype(jnp.uint8))
-                    for d, g in zip(digits, groups, strict=True)
-                ],
-                groups,
-                n_groups,
-            )
+            preds = [d < cand[g].astype(jnp.uint8) for d, g in zip(digits, groups, strict=True)]
+            if weights is None:
+                sums = [_count(q) for q in preds]
+            else:
+                sums = [
+                    jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32)
+                    for q, w in zip(preds, weights, strict=True)
+                ]
+            counts = below0 + _group_sum(sums, groups, n_groups)
             take = counts < targets
             return jnp.where(take, cand, t), jnp.where(take, counts, b)
 
@@ -306,7 +311,6 @@ def _select_kept(
     *,
     groups: tuple[int, ...],
     n_groups: int,
-    index_bits: int,
 ) -> list[jax.Array]:
     """Keep-masks pruning, per group, the ``targets[g]`` smallest scores (exact, sort-free).
 
@@ -335,35 +339,79 @@ def _select_kept(
     )
     ties = targets - below  # how many entries at the threshold to prune (>= 1 if target > 0)
 
-    # Leaf offsets inside each group, for the global flat index of the tie-break.
-    offsets, running = [], [0] * n_groups
-    for k, g in zip(keys, groups, strict=True):
-        offsets.append(running[g])
-        running[g] += k.size
-    # The index keys have room for a sentinel above every real index.
-    sentinel = np.uint32(2**index_bits - 1)
+    # The tie-break orders tied entries by flat index, as (row, index inside the row): the
+    # rows of a group run over its leaves in order (1-D leaves are viewed as rows too), so a
+    # row-major flat index is the pair (global row, in-row index) compared lexicographically.
+    views = [_rows_view(k) for k in keys]
+    row_offsets, rows_in = [], [0] * n_groups
+    for v, g in zip(views, groups, strict=True):
+        row_offsets.append(rows_in[g])
+        rows_in[g] += v.shape[0]
+    row_bits = _index_bits(max(rows_in))
+    col_bits = _index_bits(max(math.prod(v.shape[1:]) for v in views))
 
     def tie_cut(_):
-        index_keys = [
-            jnp.where(k == thresh[g], _flat_index(k.shape, jnp.uint32(o)), sentinel)
-            for k, g, o in zip(keys, groups, offsets, strict=True)
+        # Two small selections instead of one over every entry's flat index: first the row
+        # holding the ties[g]-th tied entry (tied entries counted per row, one pass), then
+        # its position inside that row (one pass to extract the row's tied entries).
+        tied = [v == thresh[g] for v, g in zip(views, groups, strict=True)]
+        per_row = [jnp.sum(t, axis=tuple(range(1, t.ndim)), dtype=jnp.int32) for t in tied]
+        row_keys = [
+            lax.iota(jnp.uint32, r.shape[0]) + np.uint32(o)
+            for r, o in zip(per_row, row_offsets, strict=True)
         ]
-        cut, _ = _radix_select(index_keys, groups, n_groups, ties, bits=index_bits)
-        return jnp.where(at > ties, cut, _NEVER)
+        cut_row, before = _radix_select(
+            row_keys, groups, n_groups, ties, bits=row_bits, weights=per_row
+        )
+        in_row = [
+            jnp.any(t & (_row_index(t.shape, o) == cut_row[g]), axis=0)
+            for t, g, o in zip(tied, groups, row_offsets, strict=True)
+        ]
+        sentinel = np.uint32(2**col_bits - 1)  # above every in-row index
+        col_keys = [jnp.where(r, _flat_index(r.shape, jnp.uint32(0)), sentinel) for r in in_row]
+        cut_col, _ = _radix_select(col_keys, groups, n_groups, ties - before, bits=col_bits)
+        cut_in_row = [
+            r & (_flat_index(r.shape, jnp.uint32(0)) <= cut_col[g])
+            for r, g in zip(in_row, groups, strict=True)
+        ]
+        return cut_row, cut_in_row
+
+    def all_tied(_):
+        return jnp.full(n_groups, _NEVER), [jnp.zeros(v.shape[1:], bool) for v in views]
 
     # Only when some group has more entries at the threshold than it may prune does the
-    # flat-index selection run (continuous scores almost never need it).
-    cut = lax.cond(jnp.any(at > ties), tie_cut, lambda _: jnp.full(n_groups, _NEVER), None)
+    # tie-break run (continuous scores rarely need it); otherwise every tied entry goes.
+    cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, None)
     out = []
-    for k, g, o in zip(keys, groups, offsets, strict=True):
-        tied = k == thresh[g]
-        tied_pruned = tied & (_flat_index(k.shape, jnp.uint32(o)) <= cut[g])
-        prune = ((k < thresh[g]) | tied_pruned) & (targets[g] > 0)
-        out.append(~prune)
+    for k, v, g, o, c in zip(keys, views, groups, row_offsets, cut_in_row, strict=True):
+        row = _row_index(v.shape, o)
+        tied_pruned = (v == thresh[g]) & ((row < cut_row[g]) | ((row == cut_row[g]) & c))
+        prune = ((v < thresh[g]) | tied_pruned) & (targets[g] > 0)
+        out.append((~prune).reshape(k.shape))
     return out
 
 
-_select_kept_jit = jax.jit(_select_kept, static_argnames=("groups", "n_groups", "index_bits"))
+def _rows_view(x: jax.Array) -> jax.Array:
+    """``x`` as rows ``(rows, ...)`` in row-major order: a 1-D leaf as ``(chunk, d // chunk)``."""
+    if x.ndim >= 2:
+        return x
+    if x.ndim == 0:
+        return x.reshape(1, 1)
+    c = _chunk(x.shape[0])
+    return x.reshape(c, x.shape[0] // c) if c is not None else x.reshape(x.shape[0], 1)
+
+
+def _row_index(shape: tuple[int, ...], offset: int) -> jax.Array:
+    """The row (leading-axis) index of every entry, plus ``offset``, as uint32."""
+    return lax.broadcasted_iota(jnp.uint32, shape, 0) + np.uint32(offset)
+
+
+def _index_bits(n: int) -> int:
+    """Bits (a multiple of 8, at most 32) for indices below ``n`` plus a sentinel above them."""
+    return min(32, 8 * math.ceil((int(n).bit_length() + 1) / 8))
+
+
+_select_kept_jit = jax.jit(_select_kept, static_argnames=("groups", "n_groups"))
 
 
 def _round_product(s: jax.Array, n: jax.Array) -> jax.Array:
@@ -469,7 +517,6 @@ def _topk_leaves(
     targets = jnp.stack(
         [jnp.asarray(_target(s, c), jnp.int32) for s, c in zip(group_sparsity, counts, strict=True)]
     )
-    index_bits = 8 * math.ceil((int(max(sizes)).bit_length() + 1) / 8)
     new = _select_kept_jit(
         [scores[i] for i in chosen],
         allowed,
@@ -477,7 +524,6 @@ def _topk_leaves(
         targets,
         groups=groups,
         n_groups=n_groups,
-        index_bits=min(index_bits, 32),
     )
     for i, m in zip(chosen, new, strict=True):
         out[i] = m

@@ -146,6 +146,32 @@ def test_tie_break_lower_flat_index_first_across_leaves():
     np.testing.assert_array_equal(mask["b"], np.array([[False, True], [True, True]]))
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_tie_break_over_rows_of_every_leaf_shape(scope):
+    """The tie-break by (row, in-row index) equals the flat-index order for 0-D, 1-D (split
+    into rows or not), 2-D and 3-D leaves, with heavy ties, a prior mask, under jit."""
+    rng = np.random.default_rng(3)
+    shapes = {"s": (), "v600": (600,), "v257": (257,), "m": (7, 30), "t": (3, 5, 40)}
+    tree = {k: rng.integers(0, 4, s).astype(np.float32) for k, s in shapes.items()}
+    prior = {k: rng.uniform(size=s) > 0.2 for k, s in shapes.items()}
+    names = list(tree)  # flattening order of a dict: sorted keys
+    names.sort()
+
+    @jax.jit
+    def select(scores, prior, sparsity):
+        return fo.topk_mask(scores, sparsity, scope=scope, prunable=lambda p, x: True, mask=prior)
+
+    for sparsity in [0.05, 0.3, 0.31, 0.77, 0.999]:
+        got = select(as_jnp(tree), as_jnp(prior), jnp.float32(sparsity))
+        if scope == "global":
+            want = ref_prune([tree[k] for k in names], sparsity, [prior[k] for k in names])
+            np.testing.assert_array_equal(flat_pruned(got, names), want)
+        else:
+            for k in names:
+                want = ref_prune([tree[k]], sparsity, [prior[k]])
+                np.testing.assert_array_equal(~np.asarray(got[k]).ravel(), want)
+
+
 def test_negative_zero_ties_with_zero_and_infinities_rank():
     scores = {"w": jnp.array([[0.0, -0.0, jnp.inf, -jnp.inf, 1.0, -1.0]])}
     mask = fo.topk_mask(scores, 3 / 6)
