@@ -678,3 +678,272 @@ def _kmeans_host(x, k, weights=None, *, init="dp"):
     c = c[used]
     a = np.searchsorted(used, a)
     return c, a[inv]
+
+
+# ---------------------------------------------------------------------------------------
+# Row-wise host k-means: one independent clustering per row of a 2-D array (per-channel
+# codebooks). Every step of _kmeans_host, vectorised over the rows: no Python loop over
+# rows, and each row sees exactly the arithmetic (sums in the same order) that
+# _kmeans_host would do on it alone, so the two agree bit for bit.
+
+
+def _searchsorted_rows(a, q, side):
+    """``np.searchsorted(a[r], q[r], side)`` for every row ``r`` by one vectorised bisection.
+
+    ``a``: ``(R, L)``, each row ascending (``+inf`` padding allowed); ``q``: ``(R, Q)``.
+    """
+    rows, length = a.shape
+    lo = np.zeros(q.shape, np.int64)
+    hi = np.full(q.shape, length, np.int64)
+    if length == 0:
+        return lo
+    r = np.arange(rows)[:, None]
+    while True:
+        live = lo < hi
+        if not live.any():
+            return lo
+        mid = (lo + hi) // 2
+        v = a[r, np.minimum(mid, length - 1)]
+        go = (v <= q) if side == "right" else (v < q)
+        lo = np.where(live & go, mid + 1, lo)
+        hi = np.where(live & ~go, mid, hi)
+
+
+def _dp_rows(gw, gs, gq, mg, k):
+    """:func:`_dp_host` on every row: row ``r`` has ``mg[r]`` groups (zero padding after).
+
+    Returns ``(R, k)`` cluster start indices. The divide and conquer of all rows runs
+    level by level together: a segment carries its row.
+    """
+    rows, m = gw.shape
+    zero = np.zeros((rows, 1))
+    pw = np.concatenate([zero, np.cumsum(gw, 1)], 1)
+    ps = np.concatenate([zero, np.cumsum(gs, 1)], 1)
+    pq = np.concatenate([zero, np.cumsum(gq, 1)], 1)
+
+    # Flat (row-major) prefix sums: a 1-D gather is several times faster than a 2-D one.
+    pw, ps, pq = pw.ravel(), ps.ravel(), pq.ravel()
+
+    def cost(ft, fj):  # flat indices ``row * (m + 1) + t`` and ``row * (m + 1) + j``
+        dw = pw[fj] - pw[ft]
+        ds = ps[fj] - ps[ft]
+        c = (pq[fj] - pq[ft]) - ds * ds / np.where(dw > 0, dw, 1)
+        return np.where(dw > 0, np.maximum(c, 0), 0)
+
+    stride = m + 1
+    base_all = np.repeat(np.arange(rows) * stride, stride)
+    dprev = cost(base_all, base_all + np.tile(np.arange(stride), rows))
+    mg = np.asarray(mg, np.int64)
+    opts = []
+    for _ in range(k - 1):
+        dcur = np.zeros(rows * stride)
+        opt = np.zeros(rows * stride, np.int64)
+        sb = np.arange(rows) * stride  # each segment's row offset
+        jl, jr = np.zeros(rows, np.int64), mg.copy()
+        tl, tr = np.zeros(rows, np.int64), mg.copy()
+        while jl.size:
+            mid = (jl + jr) // 2
+            hi = np.minimum(tr, mid)
+            length = hi - tl + 1
+            starts = np.cumsum(length) - length
+            seg = np.repeat(np.arange(mid.size), length)
+            t = tl[seg] + (np.arange(seg.size) - starts[seg])
+            b = sb[seg]
+            val = dprev[b + t] + cost(b + t, (sb + mid)[seg])
+            best = np.minimum.reduceat(val, starts)
+            hit = np.flatnonzero(val <= best[seg])
+            first = hit[np.searchsorted(seg[hit], np.arange(mid.size))]
+            arg = t[first]
+            dcur[sb + mid], opt[sb + mid] = best, arg
+            left, right = mid - 1 >= jl, mid + 1 <= jr
+            sb, jl, jr, tl, tr = (
+                np.concatenate([sb[left], sb[right]]),
+                np.concatenate([jl[left], mid[right] + 1]),
+                np.concatenate([mid[left] - 1, jr[right]]),
+                np.concatenate([tl[left], arg[right]]),
+                np.concatenate([arg[left], tr[right]]),
+            )
+        opts.append(opt)
+        dprev = dcur
+    starts = np.zeros((rows, k), np.int64)
+    j = mg.copy()
+    for i in range(k - 1, 0, -1):
+        j = opts[i - 1][np.arange(rows) * stride + j]
+        starts[:, i] = j
+    return starts
+
+
+def _lloyd_rows(c, u, wu, nu, max_iters=100):
+    """:func:`_lloyd_host` on every row; ``c`` and ``u`` are ``+inf``-padded on the right.
+
+    A row stops when its centroids stop changing, as in :func:`_lloyd_host`: rows that
+    have converged are not updated again.
+    """
+    rows = u.shape[0]
+    real = np.isfinite(u)
+    su = np.where(real, u, 0.0)
+    zero = np.zeros((rows, 1))
+    pw = np.concatenate([zero, np.cumsum(wu, 1)], 1)
+    ps = np.concatenate([zero, np.cumsum(wu * su, 1)], 1)
+    pn = np.concatenate([zero, np.cumsum(nu, 1)], 1)
+    pu = np.concatenate([zero, np.cumsum(nu * su, 1)], 1)
+    size = np.full((rows, 1), u.shape[1], np.int64)
+    active = np.arange(rows)
+    c = c.copy()
+    for _ in range(max_iters):
+        if not active.size:
+            break
+        ca = c[active]
+        cut = _searchsorted_rows(u[active], (ca[:, 1:] + ca[:, :-1]) / 2, "right")
+        lo = np.concatenate([np.zeros((active.size, 1), np.int64), cut], 1)
+        hi = np.concatenate([cut, size[active]], 1)
+        r = active[:, None]
+        cw, cs = pw[r, hi] - pw[r, lo], ps[r, hi] - ps[r, lo]
+        cn, cu = pn[r, hi] - pn[r, lo], pu[r, hi] - pu[r, lo]
+        with np.errstate(invalid="ignore"):
+            new = np.where(
+                cw > 0, cs / np.where(cw > 0, cw, 1), np.where(cn > 0, cu / np.maximum(cn, 1), ca)
+            )
+        new = np.sort(new, 1)
+        moved = ~np.all(new == ca, 1)
+        c[active[moved]] = new[moved]
+        active = active[moved]
+    return c
+
+
+_ROW_BLOCK = 1 << 15  # values per block of rows in _kmeans_rows_host
+
+
+def _kmeans_rows_host(x, k, weights=None, valid=None, *, init="dp"):
+    """:func:`_kmeans_host` on every row of the 2-D ``x`` at once (its ``valid`` entries).
+
+    Returns ``(centroids, counts, assignments)``: ``centroids`` ``(R, K)`` with row ``r``'s
+    ``counts[r]`` ascending centroids first and its last centroid repeated after them (0
+    for a row with no valid entry), ``K = max(counts)`` (at least 1), and ``assignments``
+    ``(R, n)`` int64 indices into the row's centroids, 0 where not valid. Row ``r`` equals
+    ``_kmeans_host(x[r][valid[r]], k, weights[r][valid[r]], init=init)``.
+    """
+    x = np.asarray(x, np.float64)
+    rows, n = x.shape
+    valid = np.ones(x.shape, bool) if valid is None else np.asarray(valid, bool)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64)
+    w = np.where(valid, w, 0.0)
+    dead = ~(w.sum(1) > 0)  # no weight: unweighted, as _kmeans_host
+    w = np.where(dead[:, None] & valid, 1.0, w)
+    ri = np.arange(rows)[:, None]
+    # Distinct sorted values per row (np.unique row by row): invalid entries sort last.
+    key = np.where(valid, x, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")
+    xs = np.take_along_axis(key, order, 1)
+    vs = np.take_along_axis(valid, order, 1)
+    new = vs & np.concatenate([np.ones((rows, 1), bool), xs[:, 1:] != xs[:, :-1]], 1)
+    uid = np.cumsum(new, 1) - 1
+    m = new.sum(1)
+    width = max(int(m.max(initial=0)), 1)
+    u = np.full((rows, width), np.inf)
+    u[np.broadcast_to(ri, xs.shape)[vs], uid[vs]] = xs[vs]
+    inv = np.zeros((rows, n), np.int64)
+    np.put_along_axis(inv, order, np.where(vs, uid, 0), 1)
+    # Per distinct value its weight and count, summed in the original order (as bincount
+    # over np.unique's inverse does).
+    flat = (ri * width + inv)[valid]
+    wu = np.bincount(flat, w[valid], minlength=rows * width).reshape(rows, width)
+    nu = np.bincount(flat, minlength=rows * width).reshape(rows, width).astype(np.float64)
+    k_out = min(k, width)
+    cent = u[:, :k_out].copy()  # a row with m <= k distinct values: each its own centroid
+    a_u = np.broadcast_to(np.arange(width), (rows, width)).copy()
+    big = np.flatnonzero(m > k)
+    # Blocks of rows small enough to stay in cache (the DP gathers from prefix sums).
+    step = max(1, _ROW_BLOCK // width)
+    for s in range(0, big.size, step):
+        blk = big[s : s + step]
+        c, a = _kmeans_rows_big(u[blk], wu[blk], nu[blk], m[blk], k, init)
+        cent[blk] = np.inf
+        cent[blk, : c.shape[1]] = c
+        a_u[blk] = a
+    counts = np.isfinite(cent).sum(1)
+    last = np.where(counts > 0, cent[np.arange(rows), np.maximum(counts - 1, 0)], 0.0)
+    cent = np.where(np.arange(k_out) < counts[:, None], cent, last[:, None])
+    assign = np.where(valid, np.take_along_axis(a_u, inv, 1), 0)
+    return cent, counts, assign
+
+
+def _kmeans_rows_big(u, wu, nu, m, k, init):
+    """The rows with more than ``k`` distinct values: ``(centroids, assignment per value)``.
+
+    ``u``: ``(R, L)`` distinct values ascending, ``+inf`` after the first ``m[r]``; ``wu``,
+    ``nu``: their weights and counts (0 in the padding). Centroids come back compacted
+    (used ones first, ``+inf`` after), assignments index them.
+    """
+    rows, width = u.shape
+    ri = np.arange(rows)[:, None]
+    col = np.arange(width)[None, :]
+    real = col < m[:, None]
+    lo_u = u[:, 0]
+    hi_u = u[np.arange(rows), m - 1]
+    if init == "dp":
+        groups = max(512, 8 * k)
+        # Row sums as NumPy sums each row alone (pairwise summation depends on length).
+        total = np.array([wu[r, : m[r]].sum() for r in range(rows)])
+        total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
+        before = np.cumsum(wu, 1) - wu
+        by_weight = np.floor(before / total * groups).astype(np.int64)
+        span = np.maximum(hi_u - lo_u, np.finfo(np.float64).tiny)[:, None]
+        su = np.where(real, u, lo_u[:, None])
+        by_width = np.clip(np.floor((su - lo_u[:, None]) / span * groups), 0, groups - 1)
+        key = by_weight * (groups + 1) + by_width.astype(np.int64)
+        step = np.concatenate([np.zeros((rows, 1), bool), key[:, 1:] != key[:, :-1]], 1)
+        coarse = np.cumsum(step & real, 1)
+        gid = np.where((m <= 2 * groups)[:, None], col, coarse)
+        mg = gid[np.arange(rows), m - 1] + 1
+        ww = np.where(wu > 0, wu, 0.0)
+        ww = np.where((~(ww.sum(1) > 0))[:, None], nu, ww)
+        centre = (lo_u + hi_u) / 2
+        d = np.where(real, u - centre[:, None], 0.0)
+        gmax = int(mg.max())
+        slot = np.where(real, ri * (gmax + 1) + gid, ri * (gmax + 1) + gmax)  # padding: dump
+        size = rows * (gmax + 1)
+        gw, gs, gq = (
+            np.bincount(slot.ravel(), v.ravel(), minlength=size).reshape(rows, gmax + 1)[:, :gmax]
+            for v in (ww, ww * d, ww * d * d)
+        )
+        c0 = np.full((rows, k), np.inf)
+        kk = np.minimum(k, mg)
+        for kval in np.unique(kk):  # a handful of distinct cluster counts at most
+            sel = np.flatnonzero(kk == kval)
+            starts = _dp_rows(gw[sel], gs[sel], gq[sel], mg[sel], int(kval))
+            stops = np.concatenate([starts[:, 1:], mg[sel, None]], 1)
+            zero = np.zeros((sel.size, 1))
+            pw = np.concatenate([zero, np.cumsum(gw[sel], 1)], 1)
+            ps = np.concatenate([zero, np.cumsum(gs[sel], 1)], 1)
+            r = np.arange(sel.size)[:, None]
+            cw = pw[r, stops] - pw[r, starts]
+            c = centre[sel, None] + (ps[r, stops] - ps[r, starts]) / np.where(cw > 0, cw, 1)
+            c0[sel, : int(kval)] = np.where(stops > starts, c, np.inf)
+    elif init == "linear":
+        c0 = np.linspace(lo_u, hi_u, k, axis=1)
+    else:
+        mass = wu if init == "quantile" else np.cbrt(wu)
+        mass_sum = np.array([mass[r, : m[r]].sum() for r in range(rows)])
+        cdf = np.cumsum(mass, 1) / mass_sum[:, None]
+        cdf = np.where(real, cdf, np.inf)
+        q = np.broadcast_to((np.arange(k) + 0.5) / k, (rows, k))
+        j = np.minimum(_searchsorted_rows(cdf, q, "left"), (m - 1)[:, None])
+        c0 = u[ri, j]
+    c0 = np.sort(c0, 1) if init == "linear" else _unique_rows(c0)
+    c = _lloyd_rows(c0, u, wu, nu)
+    mids = (c[:, 1:] + c[:, :-1]) / 2
+    a = _searchsorted_rows(mids, np.where(real, u, -np.inf), "left")
+    used = np.zeros((rows, k), bool)
+    used[np.broadcast_to(ri, a.shape)[real], a[real]] = True
+    new_index = np.cumsum(used, 1) - 1
+    out = np.full((rows, k), np.inf)
+    out[np.broadcast_to(ri, used.shape)[used], new_index[used]] = c[used]
+    return out, np.take_along_axis(new_index, a, 1)
+
+
+def _unique_rows(c):
+    """Per row, ``np.unique`` of the finite entries, ascending, ``+inf``-padded."""
+    c = np.sort(c, 1)
+    dup = np.concatenate([np.zeros((c.shape[0], 1), bool), c[:, 1:] == c[:, :-1]], 1)
+    return np.sort(np.where(dup, np.inf, c), 1)

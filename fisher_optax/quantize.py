@@ -12,7 +12,7 @@ and no codebook entry and come back as exact zeros.
 """
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -22,7 +22,7 @@ import numpy as np
 from fisher_optax import _validate
 from fisher_optax._tree import check_matching, keystr, strip_value
 from fisher_optax._types import Bits, Fisher, Mask, Params
-from fisher_optax.kmeans import INITS, Init, _kmeans_host
+from fisher_optax.kmeans import INITS, Init, _kmeans_host, _kmeans_rows_host
 
 __all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
 
@@ -34,6 +34,8 @@ METHODS: dict[str, str] = {
 }
 Quantizable = None | Callable[[tuple, Any], bool] | Any
 _SCOPES = ("global", "layer")
+Axis = None | int | Mapping[str | Callable[[tuple, Any], bool], int | None]
+"""``None``, one int for every quantized leaf, or ``{path string or predicate: int | None}``."""
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -58,6 +60,16 @@ class QuantizedParams:
       such as step counters): ``raw[i]`` is the leaf exactly as given (any dtype);
       ``bits[i]`` and ``codes[i]`` are ``None`` and ``codebooks[i]`` is ``{}``.
 
+    * **quantized per slice** (``axes[i] = a``, from ``quantize(..., axis=a)``): as
+      quantized, but every slice ``c`` of the leaf along axis ``a`` (output channel ``c``
+      of a Dense kernel ``(in, out)`` or a Conv kernel ``(h, w, in, out)`` for ``a = -1``,
+      stored as ``a = ndim - 1``) has codebooks of its own: ``codebooks[i][b]`` is a 2-D
+      array ``(C, K)``, ``C = shape[a]``, whose row ``c`` holds the ``L_c <= K <= 2^b``
+      ascending entries of slice ``c`` first and repeats its last entry after them (0 for a
+      slice without ``b``-bit weights); a code of width ``b`` in slice ``c`` is ``< L_c``.
+      ``L_c`` is not stored: it is one more than the largest ``b``-bit code of slice ``c``
+      (every entry is some weight's).
+
     The dict keys are pytree structure, so :attr:`widths` is static, also under ``jit``.
 
     Attributes:
@@ -67,6 +79,8 @@ class QuantizedParams:
       raw: per leaf, ``None`` (quantized) or the leaf as it was (raw).
       treedef: static, the structure of the original params.
       dtypes: static, per leaf, the original dtype name (what :func:`dequantize` returns).
+      axes: static, per leaf, ``None`` (one codebook per width) or the non-negative axis
+        whose slices have codebooks of their own.
 
     Derived (properties, not stored): ``widths`` (per leaf, the ascending keys of its
     codebooks), ``paths`` (per leaf, its key path from ``treedef`` via
@@ -74,13 +88,15 @@ class QuantizedParams:
     its shape) and ``quantized`` (per leaf, whether it is of the quantized kind).
     """
 
-    def __init__(self, bits, codes, codebooks, raw, *, treedef, dtypes):
+    def __init__(self, bits, codes, codebooks, raw, *, treedef, dtypes, axes=None):
         self.bits = tuple(bits)
         self.codes = tuple(codes)
         self.codebooks = tuple(dict(sorted((int(b), c) for b, c in d.items())) for d in codebooks)
         self.raw = tuple(raw)
         self.treedef = treedef
         self.dtypes = tuple(str(d) for d in dtypes)
+        self.axes = (None,) * len(self.bits) if axes is None else tuple(axes)
+        self.axes = tuple(None if a is None else int(a) for a in self.axes)
 
     @property
     def widths(self) -> tuple[tuple[int, ...], ...]:
@@ -108,18 +124,26 @@ class QuantizedParams:
     def tree_flatten_with_keys(self):
         gk = jax.tree_util.GetAttrKey
         children = tuple((gk(n), getattr(self, n)) for n in ("bits", "codes", "codebooks", "raw"))
-        return children, (self.treedef, self.dtypes)
+        return children, (self.treedef, self.dtypes, self.axes)
 
     @classmethod
     def tree_unflatten(cls, static, children):
-        treedef, dtypes = static
-        return cls(*children, treedef=treedef, dtypes=dtypes)
+        treedef, dtypes, axes = static
+        return cls(*children, treedef=treedef, dtypes=dtypes, axes=axes)
 
     def __repr__(self) -> str:
         leaves = ", ".join(
-            f"{p}: {s} " + (f"bits {list(w)}" if q else f"raw {d}")
-            for p, s, w, q, d in zip(
-                self.paths, self.shapes, self.widths, self.quantized, self.dtypes, strict=True
+            f"{p}: {s} "
+            + (f"bits {list(w)}" if q else f"raw {d}")
+            + ("" if a is None else f" per slice of axis {a}")
+            for p, s, w, q, d, a in zip(
+                self.paths,
+                self.shapes,
+                self.widths,
+                self.quantized,
+                self.dtypes,
+                self.axes,
+                strict=True,
             )
         )
         return f"QuantizedParams({leaves})"
@@ -441,6 +465,7 @@ def quantize(
     method: Method = "kmeans",
     init: Init = "dp",
     quantizable: Quantizable = None,
+    axis: Axis = None,
 ) -> QuantizedParams:
     r"""Share weights: each ``b``-bit group of a leaf takes at most ``2^b`` codebook values.
 
@@ -472,6 +497,15 @@ def quantize(
     leaf, e.g. step counters or PRNG keys in a whole ``nnx.state(model)``) are stored
     exactly as they are.
 
+    ``axis=a`` gives every slice of a leaf along axis ``a`` codebooks of its own (one per
+    width present in the slice): a group is then the kept weights of one slice with the
+    same width, clustered exactly as above. ``axis=-1`` is one codebook per output channel
+    of a Dense kernel ``(in, out)`` or a Conv kernel ``(h, w, in, out)``, as in SqueezeLLM
+    (Kim et al. 2023). All slices are clustered together, vectorised (no loop over
+    slices), and each slice's result equals what the per-leaf path gives on that slice
+    alone. Each slice's codebook costs its entries in the file
+    (:func:`~fisher_optax.save_compressed`): ``C * 2^b`` values for ``C`` slices.
+
     This runs once, on the host, in NumPy: there is nothing to compile (the first call
     costs what later calls cost) and ``params`` and ``bits`` must be concrete.
 
@@ -490,6 +524,10 @@ def quantize(
       quantizable: which leaves are quantized. ``None``: floating leaves with ``ndim >=
         2``. A predicate ``quantizable(path, leaf) -> bool`` (``path`` a key-path tuple)
         or a pytree of Python bools like ``params``. Leaves not selected are stored raw.
+      axis: ``None`` (default): one codebook per width and leaf. An int: one codebook per
+        width and slice along that axis, for every quantized leaf (negative counts from
+        the end). A mapping ``{path string or predicate(path, leaf): int or None}``: per
+        leaf; quantized leaves that no key matches get ``None``.
 
     Returns:
       A :class:`QuantizedParams`.
@@ -497,7 +535,8 @@ def quantize(
     Raises:
       ValueError: on bits outside ``1..16`` (0 only inside a bits tree), an unknown
         ``method`` or ``init``, a tree that does not match ``params``, a non-finite kept
-        weight, or a negative or non-finite Fisher on a kept weight.
+        weight, a negative or non-finite Fisher on a kept weight, or an ``axis`` out of
+        range for a leaf (or naming a path that is missing or stored raw).
       TypeError: on traced or non-integer bits, traced params, a non-bool mask, or a
         non-float leaf selected by ``quantizable``.
 
@@ -519,10 +558,14 @@ def quantize(
 
       Choi, El-Khamy, Lee. Towards the Limit of Network Quantization. ICLR 2017.
       https://arxiv.org/abs/1612.01543
+
+      Kim, Hooper, Gholami, et al. SqueezeLLM: Dense-and-Sparse Quantization. 2023.
+      https://arxiv.org/abs/2306.07629
     """
     _validate.choice(method, "method", METHODS)
     _validate.choice(init, "init", _QUANTIZE_INITS)
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
+    axes = _leaf_axes(axis, params, paths, leaves, flags)
     if _is_int(bits) or isinstance(bits, bool | float):
         b = _check_width(bits, "bits (one int for every weight)")
         bit_arrays = [np.full(np.shape(leaf), b, np.uint8) for leaf in leaves]
@@ -549,7 +592,13 @@ def quantize(
         widths = [int(w) for w in np.unique(bmap[bmap > 0])]
         codes = np.zeros(x.shape, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
         books = {}
-        for width in widths:
+        if axes[i] is not None:
+            for width in widths:
+                sel = bmap == width
+                c, a = _quantize_slices(x, sel, weights[i], 2**width, axes[i], method, init)
+                codes[sel] = a[sel]
+                books[width] = c.astype(book_dtype)
+        for width in widths if axes[i] is None else ():
             sel = bmap == width
             w = None if weights[i] is None else weights[i][sel]
             if method == "kmeans":
@@ -569,7 +618,115 @@ def quantize(
         out_raw,
         treedef=treedef,
         dtypes=[jnp.result_type(leaf) for leaf in leaves],
+        axes=axes,
     )
+
+
+def _check_axis(a, leaf, path: str) -> int | None:
+    if a is None:
+        return None
+    ndim = np.ndim(leaf)
+    if not _is_int(a):
+        raise TypeError(
+            f"axis for {path} must be an int (the axis whose slices get their own codebooks, "
+            f"e.g. -1 for output channels) or None, got {a!r} ({type(a).__name__})."
+        )
+    if not -ndim <= a < ndim:
+        raise ValueError(
+            f"axis={a} is out of range for the leaf at {path} of shape {np.shape(leaf)} "
+            f"(ndim {ndim}); use an axis in {-ndim}..{ndim - 1}, e.g. -1 for output channels."
+        )
+    return int(a) % ndim
+
+
+def _leaf_axes(axis, params, paths, leaves, flags) -> list[int | None]:
+    """Per leaf, the normalised slice axis of a quantized leaf, or None (see :data:`Axis`)."""
+    if axis is None:
+        return [None] * len(leaves)
+    if not isinstance(axis, Mapping):
+        if not _is_int(axis):
+            raise TypeError(
+                f"axis must be None, an int or a mapping {{path or predicate: int or None}}, "
+                f"got {axis!r} ({type(axis).__name__})."
+            )
+        return [
+            _check_axis(axis, x, p) if f else None
+            for x, p, f in zip(leaves, paths, flags, strict=True)
+        ]
+    kpaths = [strip_value(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    out: list[Any] = [None] * len(leaves)
+    matched = [False] * len(leaves)
+    for key, a in axis.items():
+        if callable(key):
+            _validate.callable_arity(key, "an axis key", "predicate(path, leaf) -> bool", 2)
+            hits = [i for i, (p, x) in enumerate(zip(kpaths, leaves, strict=True)) if key(p, x)]
+            label = getattr(key, "__name__", repr(key))
+        elif isinstance(key, str):
+            hits = [i for i, p in enumerate(paths) if p == key]
+            label = key
+            if not hits:
+                raise ValueError(
+                    f"axis names the path {key!r}, which the params do not have. Paths are "
+                    f"written as jax.tree_util.keystr writes them: {paths[:4]}..."
+                )
+        else:
+            raise TypeError(
+                f"an axis mapping is keyed by path strings or predicates(path, leaf), got "
+                f"the key {key!r} ({type(key).__name__})."
+            )
+        for i in hits:
+            if matched[i]:
+                raise ValueError(
+                    f"axis gives the leaf at {paths[i]} two axes (again by {label}); each leaf "
+                    "may match one key of the mapping."
+                )
+            matched[i] = True
+            if not flags[i]:
+                if isinstance(key, str) and a is not None:
+                    raise ValueError(
+                        f"axis names {paths[i]}, which quantize stores raw (not quantizable); "
+                        "select it with quantizable= or drop it from axis."
+                    )
+                continue
+            out[i] = _check_axis(a, leaves[i], paths[i])
+    return out
+
+
+def _quantize_slices(x, sel, w, k, axis, method, init):
+    """Per slice of ``x`` along ``axis``: codebooks ``(C, K)`` and codes shaped like ``x``."""
+    rows = np.moveaxis(x, axis, 0)
+    shape = rows.shape
+    flat = rows.reshape(shape[0], -1)
+    valid = np.moveaxis(sel, axis, 0).reshape(shape[0], -1)
+    wr = None if w is None else np.moveaxis(w, axis, 0).reshape(shape[0], -1)
+    if method == "kmeans":
+        c, _, a = _kmeans_rows_host(flat, k, wr, valid, init=init)
+    else:
+        c, _, a = _uniform_rows(flat, valid, k)
+    return c, np.moveaxis(a.reshape(shape), 0, axis)
+
+
+def _uniform_rows(x, valid, k):
+    """:func:`_uniform` on the valid entries of every row: ``(levels, counts, codes)``."""
+    rows = x.shape[0]
+    any_valid = valid.any(1)
+    lo = np.where(any_valid, np.min(np.where(valid, x, np.inf), 1), 0.0)
+    hi = np.where(any_valid, np.max(np.where(valid, x, -np.inf), 1), 0.0)
+    step = (hi - lo) / (k - 1) if k > 1 else np.zeros(rows)
+    safe = np.where(step > 0, step, 1.0)
+    a = np.clip(np.round((x - lo[:, None]) / safe[:, None]), 0, k - 1).astype(np.int64)
+    a = np.where(valid & (step > 0)[:, None], a, 0)
+    used = np.zeros((rows, k), bool)
+    used[np.broadcast_to(np.arange(rows)[:, None], a.shape)[valid], a[valid]] = True
+    index = np.cumsum(used, 1) - 1
+    counts = used.sum(1)
+    width = max(int(counts.max(initial=0)), 1)
+    levels = np.zeros((rows, width))
+    r, j = np.nonzero(used)
+    levels[r, index[r, j]] = lo[r] + step[r] * j
+    last = levels[np.arange(rows), np.maximum(counts - 1, 0)]
+    levels = np.where(np.arange(width) < counts[:, None], levels, last[:, None])
+    return levels, counts, np.where(valid, np.take_along_axis(index, a, 1), 0)
 
 
 def _uniform(x, k):
@@ -642,18 +799,25 @@ def dequantize(q: QuantizedParams) -> Params:
     )
     xp = jnp if traced else np
     leaves = []
-    for bits, codes, books, raw, dtype in zip(
-        q.bits, q.codes, q.codebooks, q.raw, q.dtypes, strict=True
+    for bits, codes, books, raw, dtype, axis in zip(
+        q.bits, q.codes, q.codebooks, q.raw, q.dtypes, q.axes, strict=True
     ):
         if bits is None:
             leaves.append(raw)
             continue
         bits, codes = xp.asarray(bits), xp.asarray(codes).astype(xp.int32)
         out = xp.zeros(bits.shape, xp.float64 if dtype == "float64" else xp.float32)
+        if axis is not None:  # row c of a book belongs to slice c along the axis
+            shape = [1] * bits.ndim
+            shape[axis] = bits.shape[axis]
+            channel = xp.arange(bits.shape[axis]).reshape(shape)
         for b, book in books.items():
             book = xp.asarray(book)
-            if book.shape[0]:
-                out = xp.where(bits == b, book[xp.clip(codes, 0, book.shape[0] - 1)], out)
+            if book.shape[-1] == 0:
+                continue
+            index = xp.clip(codes, 0, book.shape[-1] - 1)
+            value = book[index] if axis is None else book[channel, index]
+            out = xp.where(bits == b, value, out)
         out = out.astype(jnp.dtype(dtype))
         leaves.append(out if traced else jax.device_put(out))
     return jax.tree.unflatten(q.treedef, leaves)
