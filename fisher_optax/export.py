@@ -9,7 +9,7 @@ norm statistics, step counters, PRNG keys) are stored exactly, with their dtype.
 
 File layout (all integers little-endian; ``varint`` = LEB128, at most 9 bytes)::
 
-    header (24 bytes): magic b"FOQZ" | version u16 (2) | flags u16 (0) | num_leaves u32
+    header (24 bytes): magic b"FOQZ" | version u16 (2 or 3) | flags u16 (0) | num_leaves u32
                        | payload_size u64 | crc32(payload) u32
     payload: num_leaves leaf records back to back, then u32 pad length P and P zero bytes
 
@@ -27,13 +27,22 @@ File layout (all integers little-endian; ``varint`` = LEB128, at most 9 bytes)::
       quantized leaf:
         book dtype u8 (a float code)
         widths     u8 count G, G x u8 (ascending, each in 1..16)
-        codebooks  per width b: u16 entries L - 1 (L <= 2^b), then L values
+        axis       version 3 only: u8 0 = one codebook per width (as version 2), or
+                   a + 1 = one codebook per width and per slice along axis a of the
+                   leaf (C = shape[a] slices)
+        codebooks  per width b: u16 entries L - 1 (L <= 2^b), then L values; per slice
+                   (axis a): u16 K - 1 (K <= 2^b, the longest slice codebook), a stream
+                   of C symbols in 0..K (L_c, the entries of slice c), then the
+                   sum(L_c) values, slice by slice
         positions  u8 mode: 1 = every weight kept (nothing follows); 0 = relative index
                    coding: u8 index bits r (1..16), u64 entries E, then a stream of E
                    symbols in 0..2^r - 1
         width map  if G > 1: a stream with one symbol in 0..G-1 per kept weight
-        codes      per width b: a stream with one symbol in 0..L-1 per kept weight of
-                   width b, in position order
+        codes      per width b: a stream with one symbol in 0..L-1 (per slice: 0..K-1,
+                   below its slice's L_c) per kept weight of width b, in position order
+
+    The writer emits version 2 (no axis byte) when no leaf has per-slice codebooks, so
+    such files are byte for byte what earlier versions wrote; the reader reads both.
 
     stream of n symbols over an alphabet of A:
       table      the symbol frequencies (sum at most 2^16: scaled down from the counts,
@@ -84,7 +93,8 @@ __all__ = [
 ]
 
 MAGIC = b"FOQZ"
-VERSION = 2
+VERSION = 3  # the newest; files without per-slice codebooks are written as version 2
+_VERSIONS = (2, 3)
 _HEADER = struct.Struct("<4sHHIQI")
 _DTYPES = (
     "float32",
@@ -409,6 +419,9 @@ class LeafReport(NamedTuple):
         ``StreamReport(0, 1, 0, 0.0)`` when every weight is kept.
       width_map: the width-map stream (empty with one width).
       codes: the code streams of all its width groups together.
+      axis: ``None``, or the axis whose slices have codebooks of their own; their
+        entries (and each width's stream of per-slice entry counts) are in
+        ``codebook_bytes``.
     """
 
     path: str
@@ -425,6 +438,7 @@ class LeafReport(NamedTuple):
     positions: StreamReport
     width_map: StreamReport
     codes: StreamReport
+    axis: int | None = None
 
 
 class CompressionReport(NamedTuple):
@@ -506,7 +520,13 @@ def _encode_raw(rec: bytearray, leaf, shape) -> int:
     return len(rec) - start
 
 
-def _encode_leaf(q: QuantizedParams, i: int, path) -> tuple[bytes, LeafReport]:
+def _channels(shape, axis: int) -> np.ndarray:
+    """Per element of a C-order leaf of ``shape`` (flattened), its index along ``axis``."""
+    inner = math.prod(shape[axis + 1 :])
+    return (np.arange(math.prod(shape), dtype=np.int64) // inner) % shape[axis]
+
+
+def _encode_leaf(q: QuantizedParams, i: int, path, version: int) -> tuple[bytes, LeafReport]:
     where = q.paths[i]
     quantized = q.bits[i] is not None
     leaf = q.raw[i]
@@ -531,12 +551,25 @@ def _encode_leaf(q: QuantizedParams, i: int, path) -> tuple[bytes, LeafReport]:
     if book_code >= _FLOATS:
         raise ValueError(f"the codebooks at {where} have a non-float dtype {_DTYPES[book_code]}.")
     rec += struct.pack(f"<BB{len(widths)}B", book_code, len(widths), *widths)
+    axis = q.axes[i]
+    if version >= 3:
+        rec += struct.pack("<B", 0 if axis is None else axis + 1)
     header = len(rec)
-    for b in widths:
-        rec += struct.pack("<H", books[b].shape[0] - 1) + _raw_bytes(books[b])
-    codebook_bytes = len(rec) - header
     bits = np.asarray(q.bits[i]).reshape(-1)
     codes = np.asarray(q.codes[i]).reshape(-1)
+    if axis is None:
+        for b in widths:
+            rec += struct.pack("<H", books[b].shape[0] - 1) + _raw_bytes(books[b])
+    else:
+        channel = _channels(shape, axis)
+        for b in widths:
+            sel = bits == b
+            entries = np.zeros(shape[axis], np.int64)  # L_c: the largest code + 1
+            np.maximum.at(entries, channel[sel], codes[sel].astype(np.int64) + 1)
+            width = books[b].shape[1]
+            rec += struct.pack("<H", width - 1) + _encode_stream(entries, width + 1).data
+            rec += _raw_bytes(books[b][np.arange(width)[None, :] < entries[:, None]])
+    codebook_bytes = len(rec) - header
     count = int(np.count_nonzero(bits))
     if count == n:  # a dense leaf: no positions, and no gather below
         rec += struct.pack("<B", 1)
@@ -561,12 +594,12 @@ def _encode_leaf(q: QuantizedParams, i: int, path) -> tuple[bytes, LeafReport]:
         width_map = _from(s)
     codes_report = _EMPTY
     for b in widths:
-        s = _encode_stream(kc if len(widths) == 1 else kc[kb == b], books[b].shape[0])
+        s = _encode_stream(kc if len(widths) == 1 else kc[kb == b], books[b].shape[-1])
         rec += s.data
         codes_report = _add(codes_report, _from(s))
     report = LeafReport(
         where, shape, q.dtypes[i], True, n, count, widths, len(rec), header,
-        codebook_bytes, 0, positions, width_map, codes_report,
+        codebook_bytes, 0, positions, width_map, codes_report, axis,
     )  # fmt: skip
     return bytes(rec), report
 
@@ -588,15 +621,16 @@ def _encode(q: QuantizedParams) -> tuple[bytes, CompressionReport]:
             _dtype_code(leaf.dtype, q.paths[i])
     payload = bytearray()
     leaves = []
+    version = 3 if any(a is not None for a in q.axes) else 2
     for i, path in enumerate(paths):
-        rec, report = _encode_leaf(q, i, path)
+        rec, report = _encode_leaf(q, i, path, version)
         payload += rec
         leaves.append(report)
     weights = sum(leaf.weights for leaf in leaves)
     pad = max(0, -(-weights // _WEIGHTS_PER_BYTE) - len(payload) - 4)
     payload += struct.pack("<I", pad) + bytes(pad)
     header = _HEADER.pack(
-        MAGIC, VERSION, 0, len(paths), len(payload), zlib.crc32(payload) & 0xFFFFFFFF
+        MAGIC, version, 0, len(paths), len(payload), zlib.crc32(payload) & 0xFFFFFFFF
     )
     total = len(header) + len(payload)
     entropy = len(header) + 4 + pad
@@ -793,7 +827,7 @@ def _decode_raw(rd: _Reader, code: int, shape, index: int):
     return _from_raw(rd.take(n * dtype.itemsize, "raw leaf"), dtype, shape)
 
 
-def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
+def _decode_leaf(rd: _Reader, index: int, budget: list[int], version: int):
     path = _read_path(rd, index)
     kind, code = rd.unpack("BB", "kind and dtype")
     if kind not in (_QUANTIZED, _RAW) or code >= len(_DTYPES):
@@ -808,7 +842,7 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
             f"than {_WEIGHTS_PER_BYTE} elements per byte of the file: corrupted or hostile."
         )
     if kind == _RAW:
-        return path, _DTYPES[code], None, None, {}, _decode_raw(rd, code, shape, index)
+        return path, _DTYPES[code], None, None, {}, _decode_raw(rd, code, shape, index), None
     if code >= _FLOATS:
         raise ValueError(f"load_compressed: leaf {index} is quantized but not float: corrupted.")
     bcode, g = rd.unpack("BB", "book dtype and width count")
@@ -819,14 +853,34 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
         or list(widths) != sorted(set(widths))
     ):
         raise ValueError(f"load_compressed: bad bit widths {widths} in leaf {index}.")
+    axis = None
+    if version >= 3:
+        (axis_byte,) = rd.unpack("B", "codebook axis")
+        if axis_byte > len(shape):
+            raise ValueError(
+                f"load_compressed: leaf {index} has codebook axis {axis_byte - 1} but shape "
+                f"{shape}: corrupted."
+            )
+        axis = axis_byte - 1 if axis_byte else None
     book_dtype = jnp.dtype(_DTYPES[bcode])
-    books = {}
+    books, slice_entries = {}, {}
     for b in widths:
         (entries,) = rd.unpack("H", "codebook length")
         if entries + 1 > 2**b:
             raise ValueError(f"load_compressed: a {b}-bit codebook of {entries + 1} entries.")
-        raw = rd.take((entries + 1) * book_dtype.itemsize, f"a {b}-bit codebook")
-        books[b] = _from_raw(raw, book_dtype, (entries + 1,))
+        if axis is None:
+            raw = rd.take((entries + 1) * book_dtype.itemsize, f"a {b}-bit codebook")
+            books[b] = _from_raw(raw, book_dtype, (entries + 1,))
+            continue
+        width, channels = entries + 1, shape[axis]
+        lengths = rd.stream(channels, width + 1, f"the {b}-bit codebook sizes of leaf {index}")
+        raw = rd.take(int(lengths.sum()) * book_dtype.itemsize, f"the {b}-bit codebooks")
+        live = np.arange(width)[None, :] < lengths[:, None]
+        book = np.zeros((channels, width), book_dtype)
+        book[live] = _from_raw(raw, book_dtype, (int(lengths.sum()),))
+        last = book[np.arange(channels), np.maximum(lengths - 1, 0)]
+        books[b] = np.where(live, book, np.where(lengths > 0, last, 0)[:, None])
+        slice_entries[b] = lengths
     (mode,) = rd.unpack("B", "position mode")
     positions = None  # every weight kept
     if mode == 0:
@@ -857,13 +911,23 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
         for j, b in enumerate(widths):
             sel = gi == j
             what = f"the codes of leaf {index}"
-            codes_k[sel] = rd.stream(int(sel.sum()), books[b].shape[0], what)
+            codes_k[sel] = rd.stream(int(sel.sum()), books[b].shape[-1], what)
     elif g == 1:
         kb = np.full(kept, widths[0], np.uint8)
         what = f"the codes of leaf {index}"
-        codes_k = rd.stream(kept, books[widths[0]].shape[0], what).astype(code_dtype)
+        codes_k = rd.stream(kept, books[widths[0]].shape[-1], what).astype(code_dtype)
     else:  # nothing kept: no streams
         kb, codes_k = np.zeros(0, np.uint8), np.zeros(0, code_dtype)
+    if axis is not None and kept:
+        channel = _channels(shape, axis)
+        channel = channel if positions is None else channel[positions]
+        for b, lengths in slice_entries.items():
+            sel = kb == b
+            if np.any(codes_k[sel] >= lengths[channel[sel]]):
+                raise ValueError(
+                    f"load_compressed: leaf {index} has a {b}-bit code beyond its slice's "
+                    "codebook: corrupted."
+                )
     if positions is None:
         bits, codes = kb, codes_k
     else:
@@ -872,7 +936,7 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int]):
         bits[positions] = kb
         codes[positions] = codes_k
     books = {b: jnp.asarray(v) for b, v in books.items()}
-    return path, _DTYPES[code], bits.reshape(shape), codes.reshape(shape), books, None
+    return path, _DTYPES[code], bits.reshape(shape), codes.reshape(shape), books, None, axis
 
 
 def load_compressed(path: str | os.PathLike) -> QuantizedParams:
@@ -916,10 +980,11 @@ def load_compressed(path: str | os.PathLike) -> QuantizedParams:
                 f"load_compressed: {path} does not start with {MAGIC!r}: not a file written "
                 "by save_compressed."
             )
-        if version != VERSION or flags != 0:
+        if version not in _VERSIONS or flags != 0:
             raise ValueError(
                 f"load_compressed: {path} has format version {version} (flags {flags}); this "
-                f"reader knows version {VERSION}. Re-export with this fisher-optax version."
+                f"reader knows versions {', '.join(map(str, _VERSIONS))}. Re-export with this "
+                "fisher-optax version."
             )
         actual = os.fstat(f.fileno()).st_size - _HEADER.size
         if size != actual:
@@ -934,7 +999,7 @@ def load_compressed(path: str | os.PathLike) -> QuantizedParams:
         raise ValueError(f"load_compressed: {num_leaves} leaves cannot fit: corrupted.")
     rd = _Reader(payload)
     budget = [_WEIGHTS_PER_BYTE * len(payload)]
-    recs = [_decode_leaf(rd, i, budget) for i in range(num_leaves)]
+    recs = [_decode_leaf(rd, i, budget, version) for i in range(num_leaves)]
     (pad,) = rd.unpack("I", "padding length")
     if rd.remaining() != pad or any(rd.take(pad, "padding")):
         raise ValueError("load_compressed: the padding does not end the file: corrupted.")
@@ -957,6 +1022,7 @@ def load_compressed(path: str | os.PathLike) -> QuantizedParams:
         [r[5] for r in recs],  # raw leaves stay NumPy: jnp would drop 64-bit dtypes
         treedef=treedef,
         dtypes=[r[1] if r[1] != "key" else str(r[5].dtype) for r in recs],
+        axes=[r[6] for r in recs],
     )  # fmt: skip
 
 

@@ -392,13 +392,14 @@ def test_wrong_magic_and_version(saved):
     with pytest.raises(ValueError, match="not a file written by save_compressed"):
         load_compressed(f)
     f.write_bytes(data[:4] + struct.pack("<H", 1) + data[6:])
-    with pytest.raises(ValueError, match=r"format version 1 .* knows version 2"):
+    with pytest.raises(ValueError, match=r"format version 1 .* knows versions 2, 3"):
         load_compressed(f)
 
 
-def _file_with_payload(payload: bytes, num_leaves=1) -> bytes:
+def _file_with_payload(payload: bytes, num_leaves=1, version=2) -> bytes:
+    # The hand-made records below are laid out as version 2 (no codebook-axis byte).
     crc = zlib.crc32(payload) & 0xFFFFFFFF
-    return _HEADER.pack(b"FOQZ", VERSION, 0, num_leaves, len(payload), crc) + payload
+    return _HEADER.pack(b"FOQZ", version, 0, num_leaves, len(payload), crc) + payload
 
 
 def _leaf_head(shape, book=2):
@@ -491,3 +492,117 @@ def test_header_announcing_more_than_the_file(saved):
     f.write_bytes(_HEADER.pack(magic, version, flags, n, 2**60, crc) + data[_HEADER.size :])
     with pytest.raises(ValueError, match="announces 1152921504606846976 payload bytes"):
         load_compressed(f)
+
+
+# ------------------------------------------------ per-slice codebooks, format version 3 (E)
+
+# A version-2 file, written by the version-2 writer (fisher-optax before per-slice
+# codebooks) for quantize({"w": W, "b": [1, -1]}, 2, mask={"w": W != 0, ...}) with
+# W = [[0, 1, -2, 3], [0.5, 0, 2.5, -1]].
+_V2_FILE = bytes.fromhex(
+    "464f515a02000000020000006900000000000000b566334a01000001006201000102000000000000"
+    "000000803f000080bf010000010077000002020000000000000004000000000000000001020300000000"
+    "c0000080bf0000403f00003040000506000000000000000200040002010cabaa06000101020201240080"
+    "8a00000000"
+)
+_V2_W = np.array([[0.0, 1.0, -2.0, 3.0], [0.5, 0.0, 2.5, -1.0]], np.float32)
+
+
+def _header_version(data: bytes) -> int:
+    return _HEADER.unpack(data[: _HEADER.size])[1]
+
+
+def test_version_2_files_still_load_and_per_leaf_files_are_still_version_2(tmp_path):
+    f = tmp_path / "v2.fq"
+    f.write_bytes(_V2_FILE)
+    q = load_compressed(f)
+    assert q.axes == (None, None)
+    d = dequantize(q)
+    np.testing.assert_array_equal(np.asarray(d["b"]), [1.0, -1.0])
+    want = dequantize(quantize({"w": _V2_W}, 2, mask={"w": _V2_W != 0}))["w"]
+    np.testing.assert_array_equal(np.asarray(d["w"]), np.asarray(want))
+    # The writer still emits exactly these bytes for per-leaf codebooks.
+    q2 = quantize(
+        {"w": jnp.asarray(_V2_W), "b": jnp.array([1.0, -1.0], jnp.float32)},
+        2,
+        mask={"w": _V2_W != 0, "b": np.ones(2, bool)},
+    )
+    assert save_compressed(tmp_path / "again.fq", q2) == len(_V2_FILE)
+    assert (tmp_path / "again.fq").read_bytes() == _V2_FILE
+
+
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0), axis=st.sampled_from([0, -1]))
+def test_property_per_slice_roundtrip_is_exact(tmp_path, seed, keep, axis):
+    rng = np.random.default_rng(seed)
+    params = _params(seed)
+    mask = jax.tree.map(lambda x: rng.random(np.shape(x)) < keep, params)
+    bits = jax.tree.map(lambda x: rng.integers(1, 4, np.shape(x)), params)
+    q = quantize(params, bits, mask=mask, axis=axis)
+    f = tmp_path / "slices.fq"
+    n = save_compressed(f, q)
+    data = f.read_bytes()
+    assert n == len(data) == compression_report(q).total_bytes
+    assert _header_version(data) == VERSION == 3
+    q2 = load_compressed(f)
+    _assert_same_q(q, q2)
+    assert q2.axes == q.axes
+
+
+def test_per_slice_report_counts_every_slice_codebook(tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(40, 6)).astype(np.float32)
+    mask = rng.random(w.shape) < 0.6
+    mask[:, 5] = False  # a channel with nothing kept: no entries
+    bits = np.where(rng.random(w.shape) < 0.5, 2, 3)
+    q = quantize({"w": w}, {"w": bits}, mask={"w": mask}, axis=-1)
+    leaf = compression_report(q).leaves[0]
+    assert leaf.axis == 1 and leaf.widths == (2, 3)
+    kept = mask & (bits > 0)
+    expect = 0
+    for b in (2, 3):
+        # Entries per channel, counted with a NumPy loop: the distinct values it codes.
+        sizes = [min(2**b, len(np.unique(w[kept[:, c] & (bits[:, c] == b), c]))) for c in range(6)]
+        assert sizes[5] == 0
+        width = np.asarray(q.codebooks[0][b]).shape[1]
+        assert width == max(sizes)
+        expect += 2 + len(_encode_stream(np.array(sizes), width + 1).data) + 4 * sum(sizes)
+    assert leaf.codebook_bytes == expect
+    per_leaf = compression_report(quantize({"w": w}, {"w": bits}, mask={"w": mask})).leaves[0]
+    assert per_leaf.axis is None and per_leaf.codebook_bytes == 2 * 2 + 4 * (4 + 8)
+    n = save_compressed(tmp_path / "r.fq", q)
+    assert n == compression_report(q).total_bytes
+
+
+def test_per_slice_code_beyond_its_slice_codebook_is_refused(tmp_path):
+    # Leaf ['w'] of shape (1, 2), one 1-bit width, a codebook per slice along axis 1:
+    # slice 0 has 1 entry, slice 1 has 2; the code of slice 0 is 1: out of its book.
+    lengths = _encode_stream(np.array([1, 2]), 3).data
+    codes = _encode_stream(np.array([1, 0]), 2).data
+    rec = (
+        struct.pack("<HBH", 1, 0, 1)
+        + b"w"
+        + struct.pack("<BB", 0, 0)
+        + struct.pack("<B2Q", 2, 1, 2)
+        + struct.pack("<BBBB", 0, 1, 1, 2)  # book dtype, one width: 1, axis byte 1 + 1
+        + struct.pack("<H", 1)
+        + lengths
+        + np.array([0.5, -1.0, 1.0], np.float32).tobytes()
+        + struct.pack("<B", 1)  # every weight kept
+        + codes
+    )
+    payload = rec + struct.pack("<I", 0)
+    crc = zlib.crc32(payload) & 0xFFFFFFFF
+    f = tmp_path / "bad.fq"
+    f.write_bytes(_HEADER.pack(b"FOQZ", 3, 0, 1, len(payload), crc) + payload)
+    with pytest.raises(ValueError, match="code beyond its slice's codebook: corrupted"):
+        load_compressed(f)
+    # The same record with a valid code loads, with the slice's book padded by its entry.
+    good = rec[: -len(codes)] + _encode_stream(np.array([0, 1]), 2).data + struct.pack("<I", 0)
+    crc = zlib.crc32(good) & 0xFFFFFFFF
+    f.write_bytes(_HEADER.pack(b"FOQZ", 3, 0, 1, len(good), crc) + good)
+    q = load_compressed(f)
+    np.testing.assert_array_equal(np.asarray(q.codebooks[0][1]), [[0.5, 0.5], [-1.0, 1.0]])
+    np.testing.assert_array_equal(np.asarray(dequantize(q)["w"]), [[0.5, 1.0]])

@@ -320,3 +320,53 @@ def test_host_kmeans_zero_weights_fall_back_to_unweighted():
     np.testing.assert_array_equal(c, c0)
     np.testing.assert_array_equal(a, a0)
     assert len(_kmeans_host(np.array([1.0, 1.0, 2.0]), 8)[0]) == 2  # min(k, m) centroids
+
+
+# --------------------------------------------------------------- row-wise host k-means (E)
+
+
+@pytest.mark.parametrize("init", ["dp", "linear", "quantile", "density"])
+def test_rows_equal_host_kmeans_row_by_row(init):
+    """Every row of _kmeans_rows_host is exactly _kmeans_host on that row alone."""
+    from fisher_optax.kmeans import _kmeans_rows_host
+
+    rng = np.random.default_rng(7)
+    cases = [  # rows, n, k, values, weighted
+        (6, 40, 4, "normal", True),
+        (5, 1500, 8, "pruned", True),  # > 2 * 512 distinct values: the coarsened DP
+        (4, 30, 64, "rounded", False),  # rows with fewer distinct values than k
+        (3, 200, 1, "normal", True),
+    ]
+    for rows, n, k, kind, weighted in cases:
+        x = rng.normal(size=(rows, n))
+        if kind == "pruned":
+            x = np.where(np.abs(x) < 0.6, 0.0, x)
+        if kind == "rounded":
+            x = np.round(x * 2) / 2
+        w = rng.exponential(size=x.shape) if weighted else None
+        valid = rng.random(x.shape) < 0.8
+        valid[0] = False  # a row with nothing to cluster
+        if weighted:
+            w[1] = 0.0  # a row of zero weight: unweighted, as the host path
+        c, counts, a = _kmeans_rows_host(x, k, w, valid, init=init)
+        assert counts[0] == 0 and np.all(c[0] == 0)
+        for r in range(rows):
+            sel = valid[r]
+            cr, ar = _kmeans_host(x[r][sel], k, None if w is None else w[r][sel], init=init)
+            assert counts[r] == cr.size
+            np.testing.assert_array_equal(c[r, : counts[r]], cr)
+            np.testing.assert_array_equal(a[r][sel], ar)
+            if counts[r]:  # padding repeats the last entry
+                np.testing.assert_array_equal(c[r, counts[r] :], cr[-1])
+
+
+def test_rows_dp_reaches_the_exact_optimum_per_row():
+    from fisher_optax.kmeans import _kmeans_rows_host
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=(3, 400)), rng.laplace(size=(3, 400))])
+    for k in (4, 16):
+        c, _, a = _kmeans_rows_host(x, k)
+        for r in range(x.shape[0]):
+            got = float(np.sum((x[r] - c[r, a[r]]) ** 2))
+            assert got <= _exact_optimum(x[r], k) * (1 + 1e-3)

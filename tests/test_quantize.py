@@ -519,3 +519,152 @@ def test_traced_inputs_are_refused():
         jax.jit(lambda b: quantize(params, b).codes)(bits)
     with pytest.raises(TypeError, match=r"params at \['dense'\]\['kernel'\] is traced"):
         jax.jit(lambda p: quantize(p, 2).codes)(params)
+
+
+# ------------------------------------------------------- per-slice (per-channel) codebooks (E)
+
+
+def _slice(a, axis, c):
+    return np.take(np.asarray(a), c, axis=axis)
+
+
+def _check_per_slice(q, i, params_leaf, kept, bits, exact_size=True):
+    """Row c of each book is slice c's: its values are the slice's dequantized weights."""
+    axis = q.axes[i]
+    d = np.asarray(jax.tree.leaves(dequantize(q))[i])
+    codes = np.asarray(q.codes[i])
+    np.testing.assert_array_equal(d[~kept], 0)
+    for width, book in q.codebooks[i].items():
+        book = np.asarray(book)
+        assert book.ndim == 2 and book.shape[0] == params_leaf.shape[axis]
+        assert book.shape[1] <= 2**width
+        for c in range(book.shape[0]):
+            sel = _slice(kept & (bits == width), axis, c)
+            if not sel.any():
+                continue
+            cs = _slice(codes, axis, c)[sel]
+            size = cs.max() + 1
+            assert np.all(np.diff(book[c, :size].astype(np.float64)) > 0)
+            distinct = len(np.unique(_slice(params_leaf, axis, c)[sel]))
+            assert size == min(2**width, distinct) if exact_size else size <= distinct
+            np.testing.assert_array_equal(book[c, size:], book[c, size - 1])
+            np.testing.assert_array_equal(_slice(d, axis, c)[sel], book[c, cs])
+
+
+@pytest.mark.parametrize("method", ["kmeans", "uniform"])
+@pytest.mark.parametrize(("shape", "axis"), [((30, 6), -1), ((30, 6), 0), ((3, 3, 4, 5), -1)])
+def test_per_slice_equals_the_per_leaf_path_on_each_slice(method, shape, axis):
+    rng = np.random.default_rng(sum(shape))
+    w = rng.normal(size=shape).astype(np.float32)
+    f = rng.exponential(size=shape).astype(np.float32)
+    mask = rng.random(shape) < 0.7
+    bits = np.where(rng.random(shape) < 0.5, 2, 3)
+    params = {"w": w, "b": np.ones(3, np.float32)}
+    q = quantize(
+        params,
+        {"w": bits, "b": np.zeros(3, int)},
+        fisher={"w": f, "b": np.ones(3, np.float32)},
+        mask={"w": mask, "b": np.ones(3, bool)},
+        method=method,
+        axis=axis,
+    )
+    assert q.axes == (None, axis % len(shape)) and q.quantized == (False, True)
+    _check_per_slice(q, 1, w, mask, bits, exact_size=method == "kmeans")
+    d = np.asarray(dequantize(q)["w"])
+    for c in range(shape[axis]):
+        one = {"w": _slice(w, axis, c)[None]}
+        qc = quantize(
+            one,
+            {"w": _slice(bits, axis, c)[None]},
+            fisher={"w": _slice(f, axis, c)[None]},
+            mask={"w": _slice(mask, axis, c)[None]},
+            method=method,
+        )
+        np.testing.assert_array_equal(np.asarray(dequantize(qc)["w"])[0], _slice(d, axis, c))
+
+
+@pytest.mark.parametrize("kind", ["normal", "laplace", "pruned"])
+def test_per_channel_inertia_is_within_half_a_percent_of_the_exact_optimum(kind):
+    rng = np.random.default_rng(5)
+    w = getattr(rng, "laplace" if kind == "laplace" else "normal")(size=(300, 16))
+    mask = np.abs(w) > 0.5 if kind == "pruned" else np.ones(w.shape, bool)
+    q = quantize({"w": w.astype(np.float32)}, 3, mask={"w": mask}, axis=-1)
+    d = np.asarray(dequantize(q)["w"], np.float64)
+    x = w.astype(np.float32).astype(np.float64)
+    for c in range(w.shape[1]):
+        sel = mask[:, c]
+        _, centroids = kmeans1d.cluster(x[sel, c], 8)
+        opt = _inertia(x[sel, c], centroids)
+        assert np.sum((x[sel, c] - d[sel, c]) ** 2) <= opt * 1.005 + 1e-12
+
+
+def test_per_channel_fisher_weighted_inertia_is_the_exact_weighted_optimum():
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(40, 5)).astype(np.float32)
+    f = rng.gamma(0.5, size=w.shape).astype(np.float32)
+    q = quantize({"w": w}, 2, fisher={"w": f}, axis=-1)
+    d = np.asarray(dequantize(q)["w"], np.float64)
+    for c in range(5):
+        x, fw = w[:, c].astype(np.float64), f[:, c].astype(np.float64)
+        order = np.argsort(x)
+        xs, ws = x[order], fw[order]
+        pw, ps, pq = (np.concatenate([[0], np.cumsum(v)]) for v in (ws, ws * xs, ws * xs * xs))
+        t, j = np.meshgrid(np.arange(41), np.arange(41), indexing="ij")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cost = np.where(
+                pw[j] > pw[t], pq[j] - pq[t] - (ps[j] - ps[t]) ** 2 / (pw[j] - pw[t]), 0
+            )
+        cost = np.where(t <= j, np.maximum(cost, 0), np.inf)
+        best = cost[0]
+        for _ in range(3):
+            best = np.min(best[:, None] + cost, axis=0)
+        np.testing.assert_allclose(np.sum(fw * (x - d[:, c]) ** 2), best[40], rtol=1e-5)
+
+
+def test_per_channel_dequantize_under_jit_equals_numpy_and_does_not_recompile():
+    q = quantize(_tree(11), 3, axis=-1)
+    fn = jax.jit(lambda q: dequantize(q))  # a cache of its own
+    for a, b in zip(jax.tree.leaves(dequantize(q)), jax.tree.leaves(fn(q)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    fn(jax.tree.map(lambda x: x, q))
+    assert fn._cache_size() == 1
+    assert "per slice of axis 1" in repr(q)
+
+
+def test_axis_mapping_by_path_and_predicate():
+    params = _tree(12)
+    q = quantize(params, 2, axis={"['dense']['kernel']": -1})
+    assert q.axes == (None, 1, None)
+    q = quantize(params, 2, axis={lambda path, leaf: leaf.shape == (8, 3): 0})
+    assert q.axes == (None, None, 0)
+    q = quantize(params, 2, axis=0)  # an int applies to every quantized leaf only
+    assert q.axes == (None, 0, 0)
+    per_leaf = quantize(params, 2)
+    assert per_leaf.axes == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("axis", "error", "match"),
+    [
+        (2, ValueError, r"axis=2 is out of range for the leaf at \['dense'\]\['kernel'\]"),
+        (-3, ValueError, r"axis=-3 is out of range"),
+        ("out", TypeError, "axis must be None, an int or a mapping"),
+        (1.0, TypeError, "axis must be None, an int or a mapping"),
+        ({"['dense']['kernel']": True}, TypeError, r"axis for \['dense'\]\['kernel'\] must be"),
+        ({"['nope']": -1}, ValueError, r"axis names the path .*nope.*, which the params do not"),
+        ({"['dense']['bias']": 0}, ValueError, "which quantize stores raw"),
+        ({3: 0}, TypeError, "keyed by path strings or predicates"),
+        (
+            {"['out'][0]": 0, (lambda p, x: x.ndim == 2): -1},
+            ValueError,
+            r"gives the leaf at \['out'\]\[0\] two axes",
+        ),
+    ],
+)
+def test_axis_errors(axis, error, match):
+    params = _tree(13)
+    before = jax.tree.map(np.copy, params)
+    with pytest.raises(error, match=match):
+        quantize(params, 2, axis=axis)
+    for a, b in zip(_leaves(params), _leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
