@@ -57,7 +57,13 @@ FISHER_CRITERIA: dict[str, str] = {k: CRITERIA[k] for k in ("fisher", "saliency"
 _SIGN = np.uint32(0x80000000)
 _NEVER = np.uint32(0xFFFFFFFF)  # key of entries that may not be pruned: above every real score
 _ALREADY = np.uint32(0)  # key of entries an earlier mask pruned: below every real score
+_TINY = np.float32(np.finfo(np.float32).tiny)  # the smallest normal float32
 _MAX_COUNT = 2**31 - 1
+_HOST_MAX = 2**24
+"""Selections over at most this many concrete weights held on the CPU run in NumPy.
+
+A first call then compiles nothing (the jitted kernel takes seconds to compile per tree
+layout, NumPy's introselect milliseconds to run); the masks are identical either way."""
 _SPARSITY_MEANING = "the fraction of prunable weights to remove"
 
 
@@ -190,11 +196,13 @@ def _mask_leaves(reference: Any, mask: Mask | None) -> list[Any] | None:
 def _float_keys(x: jax.Array) -> jax.Array:
     """Order-preserving map from float32 to uint32: ``a < b`` iff ``key(a) < key(b)``.
 
-    ``-0.0`` is folded onto ``+0.0`` and every NaN onto the positive quiet NaN, whose key lies
-    above ``+inf``: under ``jit`` a NaN score ranks above every number and is pruned last.
+    ``-0.0`` and subnormals are folded onto ``+0.0`` (XLA's CPU compares already treat
+    subnormals as zero; saying so makes every backend and the NumPy path agree), and every
+    NaN onto the positive quiet NaN, whose key lies above ``+inf``: under ``jit`` a NaN score
+    ranks above every number and is pruned last.
     """
     x = x.astype(jnp.float32)
-    x = jnp.where(x == 0, jnp.float32(0.0), x)
+    x = jnp.where(jnp.abs(x) < _TINY, jnp.float32(0.0), x)
     x = jnp.where(jnp.isnan(x), jnp.float32(jnp.nan), x)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     return jnp.where(bits >= _SIGN, ~bits, bits | _SIGN)
@@ -414,6 +422,96 @@ def _index_bits(n: int) -> int:
 _select_kept_jit = jax.jit(_select_kept, static_argnames=("groups", "n_groups"))
 
 
+def _float_keys_host(x: Any) -> np.ndarray:
+    """:func:`_float_keys` in NumPy, bit for bit."""
+    x = np.asarray(x).astype(np.float32)
+    x[np.abs(x) < _TINY] = 0.0
+    x[np.isnan(x)] = np.nan
+    bits = x.view(np.uint32)
+    return np.where(bits >= _SIGN, ~bits, bits | _SIGN)
+
+
+def _select_kept_host(
+    scores: list[Any],
+    allowed: list[Any],
+    kept: list[Any],
+    targets: list[int],
+    *,
+    groups: tuple[int, ...],
+    n_groups: int,
+) -> list[np.ndarray]:
+    """:func:`_select_kept` in NumPy for concrete inputs: the same masks, nothing compiled.
+
+    Per group the target-th smallest key comes from ``np.partition``; the entries below it
+    are pruned, then the tied entries in flat-index order until the target is met.
+    """
+    keys, prior = [], [0] * n_groups
+    for s, a, k, g in zip(scores, allowed, kept, groups, strict=True):
+        key = _float_keys_host(s)
+        if k is not None:
+            k = np.asarray(k, bool)
+            key = np.where(k, key, _ALREADY)
+            prior[g] += int(np.count_nonzero(~k if a is None else ~k & np.asarray(a, bool)))
+        if a is not None:
+            key = np.where(np.asarray(a, bool), key, _NEVER)
+        keys.append(key.reshape(-1))
+    out: list[np.ndarray] = [np.empty(0, bool)] * len(keys)
+    for g in range(n_groups):
+        members = [i for i, h in enumerate(groups) if h == g]
+        flat = np.concatenate([keys[i] for i in members])
+        target = max(int(targets[g]), prior[g])
+        prune = np.zeros(flat.size, bool)
+        if target > 0:
+            thresh = np.partition(flat, target - 1)[target - 1]
+            prune = flat < thresh
+            tied = np.flatnonzero(flat == thresh)
+            prune[tied[: target - int(np.count_nonzero(prune))]] = True
+        start = 0
+        for i in members:
+            out[i] = ~prune[start : start + keys[i].size].reshape(np.shape(scores[i]))
+            start += keys[i].size
+    return out
+
+
+def _on_host(arrays: list[Any]) -> bool:
+    """Whether every array is a concrete value held by the host or by one CPU device."""
+    for x in arrays:
+        if x is None or isinstance(x, bool | np.bool_):
+            continue
+        if isinstance(x, jax.core.Tracer):
+            return False
+        if isinstance(x, jax.Array):
+            devices = x.devices()
+            if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+                return False
+        elif not isinstance(x, np.ndarray | np.generic):
+            return False
+        dtype = np.dtype(x.dtype)
+        # 64-bit integers convert differently (jax wraps them to 32 bits first).
+        if dtype.kind in "iu" and dtype.itemsize > 4:
+            return False
+    return True
+
+
+def _magnitude_scores(params: Params) -> Scores:
+    """``scores(params, "magnitude")``; computed in NumPy when the selection will be too.
+
+    ``|w|`` is exact in float32 either way; on the host no per-leaf ``abs`` is compiled.
+    """
+    leaves = jax.tree.leaves(params)
+    if sum(math.prod(np.shape(x)) for x in leaves) > _HOST_MAX or not _on_host(leaves):
+        return _scores(params, "magnitude")
+    _validate.finite(params, "params")  # the checks and messages of scores()
+    return jax.tree.map(lambda w: np.abs(np.asarray(w).astype(np.float32)), params)
+
+
+def _to_device(mask: np.ndarray, like: Any) -> jax.Array:
+    """``mask`` as a jax array, on the device of ``like`` if that array is committed to one."""
+    if isinstance(like, jax.Array) and like.committed:
+        return jax.device_put(mask, like.sharding)
+    return jax.device_put(mask)
+
+
 def _round_product(s: jax.Array, n: jax.Array) -> jax.Array:
     """Exact ``round(s * n)`` (half to even) of a float32 ``s`` in [0, 1] and an int32 ``n``.
 
@@ -489,7 +587,12 @@ def _topk_leaves(
         if f is not False
         and not (kept is None and per_leaf and isinstance(sparsity[i], float) and not sparsity[i])
     ]
-    out = [jnp.ones(jnp.shape(x), bool) for x in leaves]
+    tracing = not all(_validate.is_concrete(x) for x in [*leaves, *scores])
+    # Outside a trace, device_put of NumPy ones: jnp.ones would compile once per shape.
+    out = [
+        jnp.ones(jnp.shape(x), bool) if tracing else jax.device_put(np.ones(np.shape(x), bool))
+        for x in leaves
+    ]
     if not chosen:
         return out
     layer = per_leaf or scope == "layer"
@@ -497,16 +600,19 @@ def _topk_leaves(
     n_groups = len(chosen) if layer else 1
     allowed, counts, sizes = [], [0] * n_groups, [0] * n_groups
     for i, g in zip(chosen, groups, strict=True):
-        size = math.prod(jnp.shape(leaves[i]))
+        shape = tuple(np.shape(leaves[i]))
+        size = math.prod(shape)
         sizes[g] += size
         if flags[i] is True:
             allowed.append(None)
             n_i = size
-        else:
-            f = jnp.broadcast_to(flags[i], jnp.shape(leaves[i]))
+        elif _validate.is_concrete(flags[i]):
+            f = np.broadcast_to(np.asarray(flags[i], bool), shape)
             allowed.append(f)
-            n_i = jnp.sum(f, dtype=jnp.int32)
-            n_i = int(n_i) if _validate.is_concrete(n_i) else n_i
+            n_i = int(np.count_nonzero(f))
+        else:
+            allowed.append(jnp.broadcast_to(flags[i], shape))
+            n_i = jnp.sum(allowed[-1], dtype=jnp.int32)
         counts[g] = counts[g] + n_i
     if max(sizes) > _MAX_COUNT:
         raise ValueError(
@@ -514,17 +620,26 @@ def _topk_leaves(
             f"{_MAX_COUNT}); use scope='layer' or prune groups of leaves separately."
         )
     group_sparsity = [sparsity[i] for i in chosen] if per_leaf else [sparsity] * n_groups
-    targets = jnp.stack(
-        [jnp.asarray(_target(s, c), jnp.int32) for s, c in zip(group_sparsity, counts, strict=True)]
-    )
-    new = _select_kept_jit(
-        [scores[i] for i in chosen],
-        allowed,
-        [None if kept is None else kept[i] for i in chosen],
-        targets,
-        groups=groups,
-        n_groups=n_groups,
-    )
+    targets = [_target(s, c) for s, c in zip(group_sparsity, counts, strict=True)]
+    chosen_scores = [scores[i] for i in chosen]
+    chosen_kept = [None if kept is None else kept[i] for i in chosen]
+    if (
+        all(isinstance(t, int) for t in targets)
+        and sum(sizes) <= _HOST_MAX
+        and _on_host([*chosen_scores, *allowed, *chosen_kept])
+    ):
+        new = _select_kept_host(
+            chosen_scores, allowed, chosen_kept, targets, groups=groups, n_groups=n_groups
+        )
+        new = [_to_device(m, x) for m, x in zip(new, chosen_scores, strict=True)]
+    else:
+        if all(isinstance(t, int) for t in targets):
+            stacked = np.asarray(targets, np.int32)  # no eager jnp.stack compile
+        else:
+            stacked = jnp.stack([jnp.asarray(t, jnp.int32) for t in targets])
+        new = _select_kept_jit(
+            chosen_scores, allowed, chosen_kept, stacked, groups=groups, n_groups=n_groups
+        )
     for i, m in zip(chosen, new, strict=True):
         out[i] = m
     return out
@@ -697,7 +812,7 @@ def magnitude_mask(
       Networks. NeurIPS 2015. https://arxiv.org/abs/1506.02626
     """
     call = _prepare(params, sparsity, scope, prunable, mask)
-    return _select(call, _scores(params, "magnitude"), call.sparsity, call.kept)
+    return _select(call, _magnitude_scores(params), call.sparsity, call.kept)
 
 
 def _fisher_criterion(criterion: Any) -> Any:
@@ -837,7 +952,7 @@ def two_stage_mask(
     )
     call = _prepare(params, sparsity, scope, prunable, mask)
     score = _scores(params, criterion, fisher=fisher)
-    stage1 = _select(call, _scores(params, "magnitude"), _scale(call.sparsity, share), call.kept)
+    stage1 = _select(call, _magnitude_scores(params), _scale(call.sparsity, share), call.kept)
     return _select(call, score, call.sparsity, jax.tree.leaves(stage1))
 
 

@@ -1,5 +1,7 @@
 """Masks against brute-force NumPy references (a stable lexicographic sort), under jit too."""
 
+import contextlib
+import logging
 from fractions import Fraction
 
 import jax
@@ -76,28 +78,44 @@ def as_jnp(tree):
     return {k: jnp.asarray(v) for k, v in tree.items()}
 
 
+@contextlib.contextmanager
+def selection_path(path):
+    """Eager calls on small concrete trees select in NumPy ("host"); "device" forces the
+    jitted kernel, as for large or traced inputs."""
+    saved = masks_mod._HOST_MAX
+    masks_mod._HOST_MAX = saved if path == "host" else -1
+    try:
+        yield
+    finally:
+        masks_mod._HOST_MAX = saved
+
+
 # ------------------------------------------------------------------------------------------
 # topk_mask
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @SETTINGS
 @given(score_trees(), st.floats(0, 1), st.booleans())
-def test_topk_global_matches_sort_reference(data, sparsity, with_prior):
+def test_topk_global_matches_sort_reference(path, data, sparsity, with_prior):
     tree, rng = data
     names = list(tree)
     prior = {k: rng.uniform(size=v.shape) > 0.3 for k, v in tree.items()} if with_prior else None
-    mask = fo.topk_mask(as_jnp(tree), sparsity, mask=None if prior is None else as_jnp(prior))
+    with selection_path(path):
+        mask = fo.topk_mask(as_jnp(tree), sparsity, mask=None if prior is None else as_jnp(prior))
     want = ref_prune(
         [tree[k] for k in names], sparsity, None if prior is None else [prior[k] for k in names]
     )
     np.testing.assert_array_equal(flat_pruned(mask, names), want)
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @SETTINGS
 @given(score_trees(), st.floats(0, 1))
-def test_topk_layer_matches_sort_reference_per_leaf(data, sparsity):
+def test_topk_layer_matches_sort_reference_per_leaf(path, data, sparsity):
     tree, _ = data
-    mask = fo.topk_mask(as_jnp(tree), sparsity, scope="layer")
+    with selection_path(path):
+        mask = fo.topk_mask(as_jnp(tree), sparsity, scope="layer")
     for name, x in tree.items():
         np.testing.assert_array_equal(~np.asarray(mask[name]).ravel(), ref_prune([x], sparsity))
         assert int((~np.asarray(mask[name])).sum()) == k_of(sparsity, x.size)
@@ -301,6 +319,53 @@ def test_traced_target_is_exact_round_half_even(seed):
     assert int(masks_mod._round_product(jnp.float32(0.7), jnp.int32(45))) == 31
 
 
+_JIT_SELECT = jax.jit(
+    lambda sc, sp, m, a, scope: fo.topk_mask(sc, sp, scope=scope, mask=m, prunable=a),
+    static_argnames="scope",
+)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.floats(0, 1), st.sampled_from(["global", "layer"]))
+def test_host_selection_equals_the_jitted_kernel(seed, sparsity, scope):
+    """Eager calls on concrete CPU arrays select in NumPy; they give the jitted masks exactly:
+    ties, -0.0, subnormals (ranked as zero), +-inf, a prior mask, element-wise prunable."""
+    rng = np.random.default_rng(seed)
+    shapes = {"a": (6, 9), "b": (40,), "c": (2, 3, 5)}
+    special = np.float32([0.0, -0.0, 1e-40, -1e-42, np.inf, -np.inf, 1.0, -1.0])
+    tree = {k: rng.choice(special, size=s) for k, s in shapes.items()}
+    tree["a"] = rng.standard_normal(shapes["a"]).astype(np.float32)
+    prior = {k: rng.uniform(size=s) > 0.25 for k, s in shapes.items()}
+    allow = {k: rng.uniform(size=s) > 0.1 for k, s in shapes.items()}
+    scores, prior_j, allow_j = as_jnp(tree), as_jnp(prior), as_jnp(allow)
+    s32 = float(np.float32(sparsity))
+    host = fo.topk_mask(scores, s32, scope=scope, mask=prior_j, prunable=allow_j)
+    device = _JIT_SELECT(scores, jnp.float32(s32), prior_j, allow_j, scope)
+    for k in shapes:
+        assert isinstance(host[k], jax.Array) and host[k].dtype == jnp.bool_
+        np.testing.assert_array_equal(np.asarray(host[k]), np.asarray(device[k]))
+    # Subnormals rank as zero on both paths: their ties go by flat index, as zeros do.
+    keys = np.asarray(masks_mod._float_keys(jnp.asarray(special)))
+    np.testing.assert_array_equal(masks_mod._float_keys_host(special), keys)
+    assert keys[0] == keys[1] == keys[2] == keys[3]
+
+
+def test_eager_small_masks_compile_nothing(caplog):
+    """A first eager magnitude_mask on concrete CPU params compiles no XLA computation."""
+    params = {"w": jnp.asarray(np.arange(-6.0, 6.0, dtype=np.float32).reshape(3, 4) + 0.5)}
+    params["b"] = jnp.zeros(3)
+    fisher = {"w": jnp.ones((3, 4)), "b": jnp.ones(3)}
+    jax.block_until_ready((params, fisher))
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        mask = fo.magnitude_mask(params, 0.5)
+        two = fo.two_stage_mask(params, 0.5, fisher=fisher, magnitude_fraction=1.0)
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled
+    np.testing.assert_array_equal(np.abs(np.asarray(params["w"])) > 3.0, np.asarray(mask["w"]))
+    np.testing.assert_array_equal(np.asarray(two["w"]), np.asarray(mask["w"]))
+    assert bool(jnp.all(mask["b"]))
+
+
 def test_count_matches_numpy_sum():
     rng = np.random.default_rng(0)
     for shape in [(), (7,), (3, 300), (2, 256), (4, 1000), (2, 257 * 3), (2, 70001), (70001,)]:
@@ -326,6 +391,7 @@ def test_fisher_mask_matches_reference(data, sparsity, criterion):
     np.testing.assert_array_equal(flat_pruned(mask, names), ref_prune(score, sparsity))
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @SETTINGS
 @given(
     score_trees(),
@@ -334,18 +400,19 @@ def test_fisher_mask_matches_reference(data, sparsity, criterion):
     st.sampled_from(["fisher", "saliency"]),
     st.sampled_from(["global", "layer"]),
 )
-def test_two_stage_matches_brute_force(data, share, s, criterion, scope):
+def test_two_stage_matches_brute_force(path, data, share, s, criterion, scope):
     params, rng = data
     names = list(params)
     fisher = {k: rng.integers(0, 3, size=v.shape).astype(np.float32) for k, v in params.items()}
-    mask = fo.two_stage_mask(
-        as_jnp(params),
-        s,
-        fisher=as_jnp(fisher),
-        magnitude_fraction=share,
-        criterion=criterion,
-        scope=scope,
-    )
+    with selection_path(path):
+        mask = fo.two_stage_mask(
+            as_jnp(params),
+            s,
+            fisher=as_jnp(fisher),
+            magnitude_fraction=share,
+            criterion=criterion,
+            scope=scope,
+        )
     ms = np.float32(share) * np.float32(s)  # the stage-one target, formed in float32
     groups = [names] if scope == "global" else [[k] for k in names]
     for group in groups:
