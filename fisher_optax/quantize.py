@@ -223,10 +223,11 @@ def _check_values(params, fisher, treedef, leaves, flags, kept):
     ]
 
 
-Granularity = Literal["weight", "layer"]
+Granularity = Literal["weight", "layer", "channel"]
 GRANULARITIES: dict[str, str] = {
     "weight": "each weight's width from its own Fisher (groups of log-Fisher)",
     "layer": "one width per leaf from its summed saliency, under the average_bits budget",
+    "channel": "one width per slice along axis (e.g. output channel), as layer, per slice",
 }
 
 
@@ -240,6 +241,7 @@ def allocate_bits(
     scope: Literal["global", "layer"] = "global",
     granularity: Granularity = "weight",
     quantizable: Quantizable = None,
+    axis: Axis = None,
 ) -> Bits:
     r"""Bit widths per weight from the Fisher: more Fisher information, more bits.
 
@@ -278,6 +280,15 @@ def allocate_bits(
     solved by a dynamic program over leaves on the Pareto front of (total bits, total
     estimate); ties go to fewer total bits. ``average_bits`` is required here.
 
+    ``granularity="channel"`` (with ``axis``, as in :func:`quantize`): the same objective
+    and budget, with one width per slice along ``axis`` (``axis=-1``: per output channel;
+    a leaf that ``axis`` maps to ``None`` is one unit, as in ``"layer"``), so ``l`` runs
+    over all slices of all leaves. Solved exactly: a dynamic program on the Pareto front
+    of (total bits, estimate), slice by slice, that drops a partial allocation when even
+    the linear relaxation of the slices left (fractional widths, exact for this convex
+    cost) cannot bring it below the best complete allocation found greedily. Use the same
+    ``axis`` in :func:`quantize` to give each slice its own codebook.
+
     Args:
       params: the parameter pytree (the weights, for saliency and the default
         quantizable leaves).
@@ -288,8 +299,10 @@ def allocate_bits(
         (required for ``granularity="layer"``).
       bit_widths: distinct widths in ``1..16``.
       scope: ``"global"`` or ``"layer"`` (``granularity="weight"`` only).
-      granularity: ``"weight"`` or ``"layer"``.
+      granularity: ``"weight"``, ``"layer"`` or ``"channel"``.
       quantizable: which leaves are coded, as in :func:`quantize`.
+      axis: for ``granularity="channel"`` (required there, refused otherwise): the axis
+        whose slices get one width each; an int or a mapping, as in :func:`quantize`.
 
     Returns:
       An int32 pytree shaped like ``params``: 0 for pruned or uncoded weights, else a
@@ -298,8 +311,9 @@ def allocate_bits(
     Raises:
       ValueError: on widths outside ``1..16`` or repeated, an unknown option, a ``mask``
         or ``fisher`` that does not match ``params``, a negative or non-finite Fisher or a
-        non-finite weight where it is used, a budget below ``min(bit_widths)``, or
-        ``granularity="layer"`` without a budget.
+        non-finite weight where it is used, a budget below ``min(bit_widths)``,
+        ``granularity="layer"`` or ``"channel"`` without a budget, ``"channel"`` without
+        ``axis`` (or ``axis`` with another granularity), or an ``axis`` out of range.
       TypeError: on a mask that is not boolean, or traced inputs (this runs on the host).
 
     Examples:
@@ -331,9 +345,20 @@ def allocate_bits(
                 f"{min(widths_desc)}; no allocation fits. Raise the budget or add a smaller "
                 "width to bit_widths."
             )
-    elif granularity == "layer":
+    elif granularity in ("layer", "channel"):
         raise ValueError(
-            "granularity='layer' chooses widths under a budget: pass average_bits (e.g. 4)."
+            f"granularity={granularity!r} chooses widths under a budget: pass average_bits "
+            "(e.g. 4)."
+        )
+    if granularity == "channel" and axis is None:
+        raise ValueError(
+            "granularity='channel' gives one width per slice along an axis: pass axis "
+            "(e.g. axis=-1 for the output channels of Dense and Conv kernels)."
+        )
+    if granularity != "channel" and axis is not None:
+        raise ValueError(
+            f"axis is read by granularity='channel' only, got granularity={granularity!r}; "
+            "drop axis or pass granularity='channel'."
         )
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     kept = _kept_masks(params, mask, leaves, flags)
@@ -359,6 +384,33 @@ def allocate_bits(
         choice = _layer_widths(sal, counts, widths_desc, average_bits)
         for i, b in zip(idx, choice, strict=True):
             out[i] = np.where(kept[i], b, 0).astype(np.int32)
+    elif granularity == "channel":
+        axes = _leaf_axes(axis, params, paths, leaves, flags)
+        sal, counts, sizes = [], [], []
+        for i in idx:
+            x = _concrete(leaves[i], "params", paths[i]).astype(np.float64)
+            s_w = np.where(kept[i], 0.5 * fish[i] * np.square(x), 0.0)
+            if axes[i] is None:
+                sal.append(s_w.reshape(1, -1).sum(1))
+                counts.append(kept[i].reshape(1, -1).sum(1))
+            else:
+                sal.append(np.moveaxis(s_w, axes[i], 0).reshape(x.shape[axes[i]], -1).sum(1))
+                moved = np.moveaxis(kept[i], axes[i], 0)
+                counts.append(moved.reshape(x.shape[axes[i]], -1).sum(1))
+            sizes.append(sal[-1].size)
+        sal_all = np.concatenate(sal) if sal else np.zeros(0)
+        n_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        live = n_all > 0
+        widths = np.zeros(n_all.size, np.int64)
+        widths[live] = _channel_widths(sal_all[live], n_all[live], widths_desc, average_bits)
+        for i, part in zip(idx, np.split(widths, np.cumsum(sizes)[:-1]), strict=True):
+            if axes[i] is None:
+                per = np.broadcast_to(part[0], kept[i].shape)
+            else:
+                shape = [1] * kept[i].ndim
+                shape[axes[i]] = part.size
+                per = np.broadcast_to(part.reshape(shape), kept[i].shape)
+            out[i] = np.where(kept[i], per, 0).astype(np.int32)
     else:
         _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits)
     return jax.tree.unflatten(treedef, [jax.device_put(x) for x in out])
@@ -435,6 +487,79 @@ def _layer_widths(saliency, counts, widths_desc, budget) -> list[int]:
                 best = t[1]
     win = min(front, key=lambda t: (t[1], t[0]))
     return list(win[2])
+
+
+def _channel_widths(saliency, counts, widths_desc, budget) -> np.ndarray:
+    """Exact ``argmin sum_c S_c 4^-b_c`` s.t. ``sum_c n_c b_c <= budget * sum_c n_c``.
+
+    ``counts`` must be positive. A dynamic program over units on the Pareto front of
+    (total bits, estimate), with branch and bound: a partial allocation is dropped when
+    its estimate plus the linear relaxation of the units left (a lower bound; greedy by
+    gain per bit is exact for it because ``S 4^-b`` is convex in ``b``) exceeds the best
+    complete allocation, found greedily. Ties go to fewer total bits, then to the wider
+    width of the unit placed last.
+    """
+    s = np.asarray(saliency, np.float64)
+    n = np.asarray(counts, np.int64)
+    w = np.sort(np.asarray(widths_desc, np.int64))  # ascending
+    nw = w.size
+    cap = budget * n.sum() * (1 + 1e-12)
+    bits = n[:, None] * w[None, :]  # (C, W)
+    est = s[:, None] * 4.0 ** -w[None, :].astype(np.float64)
+    # Upgrades w_j -> w_j+1 of every channel, by gain per bit (decreasing within a channel:
+    # S 4^-b is convex in b), for the linear-relaxation bound of the channels not yet placed.
+    dbits = (bits[:, 1:] - bits[:, :-1]).ravel()
+    dgain = (est[:, :-1] - est[:, 1:]).ravel()
+    owner = np.repeat(np.arange(n.size), nw - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(dbits > 0, dgain / np.where(dbits > 0, dbits, 1), np.inf)
+    order = np.lexsort((owner, -slope))
+    dbits, dgain, owner, slope = dbits[order], dgain[order], owner[order], slope[order]
+    # Incumbent: the relaxation's greedy, skipping upgrades that do not fit.
+    level = np.zeros(n.size, np.int64)
+    used = float(bits[:, 0].sum())
+    for u in range(owner.size):
+        c = owner[u]
+        if level[c] == (order[u] % (nw - 1)) and used + dbits[u] <= cap:
+            level[c] += 1
+            used += dbits[u]
+    best = float(est[np.arange(n.size), level].sum())
+    slack = 1e-9 * max(best, 1e-300)
+    base_bits_suffix = np.concatenate([np.cumsum(bits[::-1, 0])[::-1], [0]])
+    base_est_suffix = np.concatenate([np.cumsum(est[::-1, 0])[::-1], [0.0]])
+
+    def lower_bound(i, room):
+        """Relaxation of channels i.. with ``room`` bits: a lower bound on their estimate."""
+        sel = owner >= i
+        db, dg = dbits[sel], dgain[sel]
+        cb = np.concatenate([[0], np.cumsum(db)])
+        cg = np.concatenate([[0.0], np.cumsum(dg)])
+        r = room - base_bits_suffix[i]
+        k = np.clip(np.searchsorted(cb, r, side="right") - 1, 0, db.size)
+        db1, dg1 = np.append(db, 1), np.append(dg, 0.0)
+        gain = cg[k] + np.clip((r - cb[k]) / db1[k], 0, 1) * dg1[k]
+        return np.where(r >= 0, base_est_suffix[i] - gain, np.inf)
+
+    fb, fe = np.zeros(1), np.zeros(1)  # the front: total bits, estimate
+    back = []
+    for i in range(n.size):
+        cb = (fb[:, None] + bits[i][None, ::-1]).ravel()  # widths descending: ties -> wider
+        ce = (fe[:, None] + est[i][None, ::-1]).ravel()
+        ok = (cb <= cap) & (ce + lower_bound(i + 1, cap - cb) <= best + slack)
+        idx = np.flatnonzero(ok)
+        srt = idx[np.lexsort((ce[idx], cb[idx]))]
+        e = ce[srt]
+        keep = np.concatenate([[True], e[1:] < np.minimum.accumulate(e)[:-1]])
+        srt = srt[keep]
+        back.append(srt)
+        fb, fe = cb[srt], ce[srt]
+    j = int(np.argmin(fe))
+    choice = np.zeros(n.size, np.int64)
+    for i in range(n.size - 1, -1, -1):
+        flat = back[i][j]
+        choice[i] = w[::-1][flat % nw]
+        j = flat // nw
+    return choice
 
 
 def _concrete_bits(leaf, path: str) -> np.ndarray:
