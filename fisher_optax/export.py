@@ -37,7 +37,9 @@ File layout (all integers little-endian; ``varint`` = LEB128, at most 9 bytes)::
         positions  u8 mode: 1 = every weight kept (nothing follows); 0 = relative index
                    coding: u8 index bits r (1..16), u64 entries E, then a stream of E
                    symbols in 0..2^r - 1
-        width map  if G > 1: a stream with one symbol in 0..G-1 per kept weight
+        width map  if G > 1: a stream with one symbol in 0..G-1 per kept weight; per
+                   slice (axis a): first u8 mode, 1 = one width per slice: a stream of
+                   C symbols (a slice without kept weights: any), 0 = per kept weight
         codes      per width b: a stream with one symbol in 0..L-1 (per slice: 0..K-1,
                    below its slice's L_c) per kept weight of width b, in position order
 
@@ -589,9 +591,19 @@ def _encode_leaf(q: QuantizedParams, i: int, path, version: int) -> tuple[bytes,
         positions = _from(s, extra=10)
     width_map = _EMPTY
     if len(widths) > 1:
-        s = _encode_stream(np.searchsorted(np.asarray(widths), kb), len(widths))
+        gi = np.searchsorted(np.asarray(widths), kb)
+        extra = 0
+        if axis is not None:
+            # One width per slice (allocate_bits(granularity="channel")): C symbols, not n.
+            ch = channel if count == n else channel[kept]
+            per_slice = np.zeros(shape[axis], np.int64)
+            per_slice[ch] = gi
+            uniform = bool(np.all(per_slice[ch] == gi))
+            rec += struct.pack("<B", int(uniform))
+            gi, extra = (per_slice if uniform else gi), 1
+        s = _encode_stream(gi, len(widths))
         rec += s.data
-        width_map = _from(s)
+        width_map = _from(s, extra=extra)
     codes_report = _EMPTY
     for b in widths:
         s = _encode_stream(kc if len(widths) == 1 else kc[kb == b], books[b].shape[-1])
@@ -904,8 +916,18 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int], version: int):
     if kept and not widths:
         raise ValueError(f"load_compressed: leaf {index} keeps weights but has no widths.")
     code_dtype = np.uint8 if max(widths, default=0) <= 8 else np.uint16
+    channel = None
+    if axis is not None:
+        channel = _channels(shape, axis)
+        channel = channel if positions is None else channel[positions]
     if g > 1:
-        gi = rd.stream(kept, g, f"the width map of leaf {index}")
+        (per_slice,) = rd.unpack("B", "width map mode") if axis is not None else (0,)
+        if per_slice > 1:
+            raise ValueError(f"load_compressed: unknown width map mode in leaf {index}.")
+        if per_slice:
+            gi = rd.stream(shape[axis], g, f"the slice widths of leaf {index}")[channel]
+        else:
+            gi = rd.stream(kept, g, f"the width map of leaf {index}")
         kb = np.asarray(widths, np.uint8)[gi]
         codes_k = np.zeros(kept, code_dtype)
         for j, b in enumerate(widths):
@@ -919,8 +941,6 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int], version: int):
     else:  # nothing kept: no streams
         kb, codes_k = np.zeros(0, np.uint8), np.zeros(0, code_dtype)
     if axis is not None and kept:
-        channel = _channels(shape, axis)
-        channel = channel if positions is None else channel[positions]
         for b, lengths in slice_entries.items():
             sel = kb == b
             if np.any(codes_k[sel] >= lengths[channel[sel]]):

@@ -606,3 +606,26 @@ def test_per_slice_code_beyond_its_slice_codebook_is_refused(tmp_path):
     q = load_compressed(f)
     np.testing.assert_array_equal(np.asarray(q.codebooks[0][1]), [[0.5, 0.5], [-1.0, 1.0]])
     np.testing.assert_array_equal(np.asarray(dequantize(q)["w"]), [[0.5, 1.0]])
+
+
+def test_one_width_per_slice_is_stored_per_slice(tmp_path):
+    rng = np.random.default_rng(1)
+    w = (rng.normal(size=(50, 8)) * rng.lognormal(0, 1, 8)).astype(np.float32)
+    mask = rng.random(w.shape) < 0.7
+    mask[0, 1] = True  # the weight whose width changes below
+    per_channel = np.where(np.arange(8) % 3 == 0, 3, 1)
+    bits = np.broadcast_to(per_channel, w.shape)
+    q = quantize({"w": w}, {"w": bits}, mask={"w": mask}, axis=-1)
+    leaf = compression_report(q).leaves[0]
+    # One symbol per slice (plus the mode byte), not one per kept weight.
+    assert leaf.width_map.symbols == 8
+    f = tmp_path / "slices.fq"
+    assert save_compressed(f, q) == compression_report(q).total_bytes
+    _assert_same_q(q, load_compressed(f))
+    # Widths that vary inside a slice fall back to one symbol per kept weight.
+    mixed = bits.copy()
+    mixed[0, 1] = 3
+    q = quantize({"w": w}, {"w": mixed}, mask={"w": mask}, axis=-1)
+    assert compression_report(q).leaves[0].width_map.symbols == int(mask.sum())
+    save_compressed(f, q)
+    _assert_same_q(q, load_compressed(f))
