@@ -15,7 +15,10 @@ saved file) and its test accuracy:
   on the file size).
 - ``per-leaf 4 bit``: one 16-entry codebook per kernel (a larger file: the bracket).
 - ``per-channel, allocate_bits``: per-channel codebooks with one width per channel from
-  ``allocate_bits(granularity="channel", bit_widths=(4, 3, 2), average_bits=3)``.
+  ``allocate_bits(granularity="channel", bit_widths=(4, 3, 2), average_bits=3)`` (a
+  slightly larger file: 4-bit channels have 16-entry codebooks).
+- ``per-channel, alloc., equal``: the same with the largest ``average_bits`` whose file is
+  no larger than the per-channel 3-bit file (bisection on the file size).
 
 Every number is the median (and range) over seeds: a fresh init, data order and training
 run per seed. Measured, not asserted.
@@ -126,6 +129,35 @@ def equal_size_per_leaf(params, fisher, target, tmp, iters=12):
     return best
 
 
+def channel_bits(params, fisher, average_bits):
+    return fo.allocate_bits(
+        params,
+        fisher=fisher,
+        granularity="channel",
+        axis=-1,
+        bit_widths=(4, 3, 2),
+        average_bits=average_bits,
+    )
+
+
+def equal_size_per_channel(params, fisher, target, tmp, iters=10):
+    """The largest ``average_bits`` in [2, 4] whose per-channel file is at most ``target``."""
+    lo, hi = 2.0, 4.0
+    best = None
+    for _ in range(iters):
+        beta = (lo + hi) / 2
+        q = fo.quantize(params, channel_bits(params, fisher, beta), fisher=fisher, axis=-1)
+        size = file_bytes(q, tmp)
+        if size <= target:
+            lo, best = beta, (beta, q, size)
+        else:
+            hi = beta
+    if best is None:
+        q = fo.quantize(params, channel_bits(params, fisher, 2.0), fisher=fisher, axis=-1)
+        best = (2.0, q, file_bytes(q, tmp))
+    return best
+
+
 def run_seed(data, seed, epochs, tmp):
     t0 = time.perf_counter()
     params, fisher = train(data, seed, epochs)
@@ -155,15 +187,10 @@ def run_seed(data, seed, epochs, tmp):
     p, q, _ = equal_size_per_leaf(params, fisher, target, tmp)
     add("per-leaf, equal size", q, f"p={p:.3f} at 4 bit")
     add("per-leaf 4 bit", fo.quantize(params, 4, fisher=fisher))
-    bits = fo.allocate_bits(
-        params,
-        fisher=fisher,
-        granularity="channel",
-        axis=-1,
-        bit_widths=(4, 3, 2),
-        average_bits=3,
-    )
+    bits = channel_bits(params, fisher, 3.0)
     add("per-channel, allocate_bits", fo.quantize(params, bits, fisher=fisher, axis=-1))
+    beta, q, _ = equal_size_per_channel(params, fisher, target, tmp)
+    add("per-channel, alloc., equal", q, f"average_bits={beta:.3f}")
     print(
         f"  seed {seed}: trained in {t_train:.0f} s; per-channel quantize {t_channel:.2f} s",
         flush=True,

@@ -12,6 +12,10 @@ on the values they own and the values are assigned once more, and the inertia is
 over the values themselves. Lloyd is local; ``init="dp"`` starts it from the exact optimum
 of a coarsened summary (a dynamic program, divide and conquer per layer), which is what
 reaches the optimum on pruned, bimodal weights.
+
+The host-side functions at the end (NumPy, no compile) are what ``quantize`` runs:
+``_kmeans_host`` on one group, ``_kmeans_rows_host`` on every row of a 2-D array at once
+(per-channel codebooks), row by row the same result.
 """
 
 from typing import Literal, NamedTuple

@@ -9,6 +9,10 @@ or an evenly spaced grid); :func:`dequantize` turns the codes back into float pa
 
 Pruned weights (mask ``False`` or 0 bits) are not part of any group: they hold no code
 and no codebook entry and come back as exact zeros.
+
+With ``axis=`` (``quantize``) every slice along that axis, e.g. each output channel of a
+kernel, gets codebooks of its own (SqueezeLLM's per-channel codebooks), and
+``allocate_bits(granularity="channel")`` gives each slice one width.
 """
 
 import itertools
