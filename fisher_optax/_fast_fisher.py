@@ -14,9 +14,17 @@ for Conv, an ``add`` for a bias, a ``mul`` for a LayerNorm scale, ...), and then
    ``dy_b`` by the operation's own VJP. For a ``dot_general`` whose data operand has one
    position per example (a Dense layer on a vector) ``g_b = x_b dy_b^T`` is an outer
    product, so ``sum_b g_b^2 = (x^2)^T (dy^2)``: one matmul of squares, no per-example
-   gradient materialized. Otherwise (a Conv, whose per-example gradient sums over output
-   positions, a bias, a scale) the per-example gradient of that one parameter is formed
-   (``[B, *shape]``, by the vmapped VJP of that one operation) and squared.
+   gradient materialized. A Conv kernel's per-example gradients (sums over output
+   positions) are one convolution per chunk of 16 examples, the examples as feature groups
+   (the input correlated with its output gradient), squared and summed over the chunk
+   while in cache. Otherwise (a bias, a scale, a grouped Conv) the per-example gradient of
+   that one parameter is formed (``[B, *shape]``, by the vmapped VJP of that one
+   operation) and squared.
+
+The batched backward pass itself avoids ``select_and_scatter_add``: a max-pool over
+windows that tile the input (strides equal to the window, as in LeNet and most CNNs) is
+given a VJP that routes each window's cotangent to its first maximum, the same numbers as
+JAX's own rule, ties included, at a fraction of the cost on CPU.
 
 Whatever the parameter-only computation between the leaf and that operation is (a reshape,
 a broadcast, a product with a constant mask), its VJP maps the per-example gradient back to
@@ -71,6 +79,7 @@ class _Plan(NamedTuple):
     layers: dict[int, int]  # param index -> eqn index of its consumer
     operand: dict[int, int]  # param index -> operand position in that eqn
     closed: dict[int, bool]  # param index -> outer-product closed form applies
+    one_to_one: dict[int, bool]  # param index -> its operand only re-indexes the leaf
     fallback: list[int]  # param indices left to vmap(grad)
     unused: list[int]  # param indices the loss does not depend on
     data: frozenset  # ids that depend on the example
@@ -183,7 +192,7 @@ def _plan(
         if not isinstance(r, _Lit) and r not in data:
             bad.update(deps.get(r, ()))
 
-    layers, operand, closed_form, fallback, unused = {}, {}, {}, [], []
+    layers, operand, closed_form, one_to_one, fallback, unused = {}, {}, {}, {}, [], []
     for k in range(n_params):
         if not uses[k] and k not in bad:
             unused.append(k)
@@ -197,7 +206,8 @@ def _plan(
             fallback.append(k)
             continue
         layers[k], operand[k] = e, j
-        closed_form[k] = reindex.get(eqns[e].ins[j]) == k and _outer_product_form(eqn, j)
+        one_to_one[k] = reindex.get(eqns[e].ins[j]) == k
+        closed_form[k] = one_to_one[k] and _outer_product_form(eqn, j)
     return _Plan(
         eqns,
         consts,
@@ -207,6 +217,7 @@ def _plan(
         layers,
         operand,
         closed_form,
+        one_to_one,
         fallback,
         unused,
         frozenset(data),
@@ -229,7 +240,8 @@ def _evaluate(plan: _Plan, param_leaves: Sequence, example_leaves: Sequence | No
         if example_leaves is None and any(r in plan.data for r in eins if not isinstance(r, _Lit)):
             continue
         args = [read(r) for r in eins]
-        out = _bind(eqn, args)
+        pool = _max_pool(eqn) if example_leaves is not None else None
+        out = [pool(args[0])] if pool is not None else _bind(eqn, args)
         if e in probes:
             recorded[e] = {j: a for j, a in enumerate(args) if eins[j] in plan.data}
             out[0] = out[0] + probes[e]
@@ -316,18 +328,23 @@ def _layer_sum(plan, k, e, param_leaves, static, data_inputs, cotangent):
         (sum_v,) = jax.vjp(batched, v0)[1](jnp.square(cotangent))
         return phi_vjp(sum_v)[0]
 
-    if _patches_form(eqn, j, data_inputs):
-        grads_v = _conv_kernel_grads(eqn, data_inputs[0], cotangent)
-    else:
-        grads_v = jax.vmap(lambda data, dy: jax.vjp(lambda v: apply(v, data), v0)[1](dy)[0])(
-            data_inputs, cotangent
-        )
-    grads = jax.vmap(lambda g: phi_vjp(g)[0])(grads_v)
-    return jnp.sum(jnp.square(grads), axis=0)
+    grouped = plan.one_to_one[k] and _grouped_kernel_form(eqn, j, data_inputs)
+
+    def square_sum(chunk):  # sum over a chunk of examples of the squared gradients of k
+        data, dy = chunk
+        if grouped:
+            return _conv_kernel_square_sum(eqn, data[0], dy)
+        grads = jax.vmap(lambda d, c: jax.vjp(lambda v: apply(v, d), v0)[1](c)[0])(data, dy)
+        if not plan.one_to_one[k]:
+            return jnp.sum(jnp.square(jax.vmap(lambda g: phi_vjp(g)[0])(grads)), axis=0)
+        return jnp.sum(jnp.square(grads), axis=0)  # squares commute with a re-indexing
+
+    total = _chunk_scan(square_sum, (data_inputs, cotangent), _chunk_size(eqn, j))
+    return phi_vjp(total)[0] if plan.one_to_one[k] else total
 
 
-def _patches_form(eqn: Any, operand: int, data_inputs: dict) -> bool:
-    """Whether ``eqn`` is a plain convolution of the data (lhs) with the parameter (rhs)."""
+def _grouped_kernel_form(eqn: Any, operand: int, data_inputs: dict) -> bool:
+    """Whether ``eqn`` convolves the data (lhs) with the parameter (rhs), ungrouped."""
     p = eqn.params
     return (
         eqn.primitive.name == "conv_general_dilated"
@@ -338,43 +355,136 @@ def _patches_form(eqn: Any, operand: int, data_inputs: dict) -> bool:
     )
 
 
-def _conv_kernel_grads(eqn: Any, lhs: jax.Array, dy: jax.Array) -> jax.Array:
-    """Per-example kernel gradients ``[B, *rhs.shape]`` of a convolution, from its patches.
+def _conv_kernel_square_sum(eqn: Any, lhs: jax.Array, dy: jax.Array) -> jax.Array:
+    r"""``sum_b g_b^2`` of a convolution's per-example kernel gradients ``g_b``, kernel-shaped.
 
-    The gradient of example ``b`` sums over its output positions ``s``:
-    ``g_b[c, w, o] = sum_s x_b[c, stride * s + dilation * w] dy_b[o, s]``. The patches are
-    strided slices of the padded input, one per window offset ``w`` (cheaper than
-    ``conv_general_dilated_patches``, a convolution with a one-hot kernel), and the sum is one
-    batched contraction.
+    Example ``b``'s gradient sums over its images ``n`` and output positions ``s``:
+    ``g_b[w, c, o] = sum_{n, s} x_b[n, stride * s + dilation * w - pad, c] dy_b[n, s, o]``,
+    a correlation of the input (channels as the batch) with the output gradient (as the
+    kernel). All examples of a chunk go in one convolution with the examples as feature
+    groups, which XLA's CPU backend runs as one library call; the squares are summed over
+    the groups in the convolution's own layout.
     """
     p = eqn.params
     lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    rhs_shape = eqn.invars[1].aval.shape
-    window = tuple(rhs_shape[d] for d in rhs_spec[2:])
+    kernel = eqn.invars[1].aval.shape
+    window = [kernel[d] for d in rhs_spec[2:]]
+    size = lhs.shape[0]
     n_sp = len(window)
-    # Canonical layouts, batch axis first: x [B, N, C, *spatial], dy [B, N, O, *out spatial].
-    x = jnp.transpose(lhs, (0, *(1 + d for d in lhs_spec)))
-    dy = jnp.transpose(dy, (0, *(1 + d for d in out_spec))).astype(x.dtype)
-    out_sp = dy.shape[3:]
-    zero = jnp.zeros((), x.dtype)
-    config = [(0, 0, 0)] * 3 + [
-        (lo, hi, ld - 1) for (lo, hi), ld in zip(p["padding"], p["lhs_dilation"], strict=True)
-    ]
-    x = jax.lax.pad(x, zero, config)
-    slices = []
-    for offset in itertools.product(*(range(k) for k in window)):
-        start = [0, 0, 0] + [o * rd for o, rd in zip(offset, p["rhs_dilation"], strict=True)]
-        stop = [*x.shape[:3]] + [
-            st + stride * (n - 1) + 1
-            for st, stride, n in zip(start[3:], p["window_strides"], out_sp, strict=True)
-        ]
-        slices.append(jax.lax.slice(x, start, stop, (1, 1, 1, *p["window_strides"])))
-    patches = jnp.stack(slices, axis=3)  # [B, N, C, W, *out spatial]
-    sp = "".join(chr(ord("s") + i) for i in range(n_sp))
-    g = jnp.einsum(f"bncw{sp},bno{sp}->bcwo", patches, dy)
-    g = g.reshape(g.shape[0], g.shape[1], *window, g.shape[-1])  # axes: in, window..., out
-    source = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the rhs axis each axis of g is
-    return jnp.transpose(g, (0, *(1 + source.index(d) for d in range(len(rhs_shape)))))
+    # x: [C, *spatial, B, N] (channels as the batch), dy: [*out spatial, N, B, O].
+    x = jnp.transpose(lhs, (1 + lhs_spec[1], *(1 + d for d in lhs_spec[2:]), 0, 1 + lhs_spec[0]))
+    dy = jnp.transpose(dy, (*(1 + d for d in out_spec[2:]), 1 + out_spec[0], 0, 1 + out_spec[1]))
+    dy = dy.astype(x.dtype)
+    channels, n_img, n_out = x.shape[0], x.shape[-1], dy.shape[-1]
+    out_sp = dy.shape[:n_sp]
+    # Pad (or crop) the input so that the correlation has exactly the kernel's window.
+    config = [(0, 0, 0)]
+    for d in range(n_sp):
+        dilated = (x.shape[1 + d] - 1) * p["lhs_dilation"][d] + 1
+        lo = p["padding"][d][0]
+        need = (window[d] - 1) * p["rhs_dilation"][d] + (out_sp[d] - 1) * p["window_strides"][d] + 1
+        config.append((lo, need - dilated - lo, p["lhs_dilation"][d] - 1))
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [*config, (0, 0, 0), (0, 0, 0)])
+    x = x.reshape(*x.shape[: 1 + n_sp], size * n_img)
+    sp = "".join(chr(ord("P") + i) for i in range(n_sp))  # spatial labels, none of N C I O
+    g = jax.lax.conv_general_dilated(
+        x,
+        dy.reshape(*out_sp, n_img, size * n_out),  # group b: example b's dy as its kernel
+        window_strides=tuple(p["rhs_dilation"]),
+        padding=[(0, 0)] * n_sp,
+        rhs_dilation=tuple(p["window_strides"]),
+        dimension_numbers=(f"N{sp}C", f"{sp}IO", f"N{sp}C"),
+        feature_group_count=size,
+        precision=p["precision"],
+    )  # [C, *window, B * O]
+    g = jnp.sum(jnp.square(g.reshape(channels, *window, size, n_out)), axis=1 + n_sp)
+    source = [rhs_spec[1], *rhs_spec[2:], rhs_spec[0]]  # the kernel axis each axis of g is
+    return jnp.transpose(g, [source.index(d) for d in range(len(kernel))])
+
+
+def _chunk_size(eqn: Any, operand: int) -> int | None:
+    """Examples per chunk when forming a layer's per-example gradients, ``None``: all at once.
+
+    A convolution's per-example kernel gradients are one convolution with the examples as
+    feature groups; XLA's CPU convolution is several times faster on 16 groups at a time than
+    on hundreds (LeNet-5 at B = 256: 16 per chunk gave 1.8x the speed of one chunk of 256,
+    and beat 8 and 32), and a chunk's gradients stay in cache while they are squared and
+    summed.
+    """
+    if eqn.primitive.name != "conv_general_dilated" or operand != 1:
+        return None
+    return _CONV_CHUNK
+
+
+_CONV_CHUNK = 16
+
+
+def _chunk_scan(fn: Callable[[Any], Any], data: Any, chunk: int | None) -> Any:
+    """``fn(data)`` for an ``fn`` that sums over the leading axis, ``chunk`` rows at a time."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    if chunk is None or chunk >= n:
+        return fn(data)
+    total = None
+    for start in range(0, n, chunk):
+        part = fn(jax.tree.map(lambda x, s=start: x[s : s + chunk], data))
+        total = part if total is None else total + part
+    return total
+
+
+def _max_pool(eqn: Any) -> Callable[[jax.Array], jax.Array] | None:
+    """A max-pool over non-overlapping windows with an exact, cheaper VJP; else ``None``.
+
+    ``reduce_window_max`` differentiates through ``select_and_scatter_add``, which on CPU
+    costs about as much as a convolution. With windows that tile the input (strides equal to
+    the window, no dilation) the gradient goes to the first maximum of each window in
+    row-major window order, as ``select_and_scatter_add`` with ``ge`` picks it; here it is an
+    ``argmax`` over the window folded into one axis, the same numbers with ties included.
+    """
+    p = eqn.params
+    if (
+        eqn.primitive.name != "reduce_window_max"
+        or tuple(p["window_dimensions"]) != tuple(p["window_strides"])
+        or any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"]))
+        or any(lo < 0 or hi < 0 for lo, hi in p["padding"])
+        or not _is_float(eqn.invars[0].aval)
+    ):
+        return None
+    dims, padding = tuple(p["window_dimensions"]), tuple(p["padding"])
+    nd = len(dims)
+
+    @jax.custom_vjp
+    def pool(x):
+        return _bind(eqn, [x])[0]
+
+    def fwd(x):
+        return pool(x), x
+
+    def bwd(x, dy):
+        lowest = jnp.array(-jnp.inf, x.dtype)
+        xp = jax.lax.pad(x, lowest, [(lo, hi, 0) for lo, hi in padding])
+        covered = [n * k for n, k in zip(dy.shape, dims, strict=True)]
+        xw = jax.lax.slice(xp, [0] * nd, covered)
+        xw = xw.reshape([v for n, k in zip(dy.shape, dims, strict=True) for v in (n, k)])
+        perm = [*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)]  # window axes last
+        xw = jnp.transpose(xw, perm).reshape(*dy.shape, math.prod(dims))
+        first = jnp.argmax(xw, axis=-1)[..., None] == jnp.arange(math.prod(dims))
+        g = jnp.where(first, dy[..., None].astype(x.dtype), jnp.zeros((), x.dtype))
+        g = jnp.transpose(g.reshape(*dy.shape, *dims), [perm.index(i) for i in range(2 * nd)])
+        g = jax.lax.pad(
+            g.reshape(covered),
+            jnp.zeros((), x.dtype),
+            [(0, m - c, 0) for m, c in zip(xp.shape, covered, strict=True)],
+        )
+        return (
+            jax.lax.slice(
+                g,
+                [lo for lo, _ in padding],
+                [lo + n for (lo, _), n in zip(padding, x.shape, strict=True)],
+            ),
+        )
+
+    pool.defvjp(fwd, bwd)
+    return pool
 
 
 def vmap_squared_gradient_sums(
