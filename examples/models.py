@@ -90,10 +90,21 @@ class CNN:
         }
 
     def _conv(self, x, layer):
-        y = lax.conv_general_dilated(
-            x, layer["kernel"], (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        # im2col: the kernel's kh*kw shifted views side by side, then one matmul. Inside a
+        # lax.scan of Adam steps on this CPU, XLA's convolution (lax.conv_general_dilated)
+        # made a Caffe LeNet-5 step at batch 128 9x slower (0.63 s against 0.07 s); the
+        # values agree to float rounding.
+        k = layer["kernel"]
+        kh, kw, c_in, c_out = k.shape
+        if self.padding == "SAME":
+            x = jnp.pad(x, ((0, 0), (kh // 2, (kh - 1) // 2), (kw // 2, (kw - 1) // 2), (0, 0)))
+        n, h, w, _ = x.shape
+        oh, ow = h - kh + 1, w - kw + 1
+        cols = jnp.concatenate(
+            [x[:, i : i + oh, j : j + ow, :] for i in range(kh) for j in range(kw)], axis=-1
         )
-        return y + layer["bias"]
+        y = cols.reshape(n * oh * ow, kh * kw * c_in) @ k.reshape(kh * kw * c_in, c_out)
+        return y.reshape(n, oh, ow, c_out) + layer["bias"]
 
     def trunk(self, params: dict, x: jax.Array) -> jax.Array:
         """The convolutional trunk, flattened: what the FC layers see."""

@@ -1,0 +1,535 @@
+"""The main job: prune while training, quantize, fine-tune the codebooks, write the file.
+
+For each model and seed, in one run, with one budget of steps for every method:
+
+1. **Dense.** Train the network of ``examples/models.py`` with ``optax.adam`` (cosine decay).
+2. **Prune while training** with :func:`fisher_optax.pruned`, continuing the dense run's
+   Adam state (so the Fisher read from its ``nu`` is there from the first mask update). The
+   target rises as a staircase through the sparsity levels: a ramp of ``ramp`` steps to the
+   next level, ``hold`` steps at it, a checkpoint at the end of each hold. The criteria:
+
+   - ``magnitude``: :math:`|w|`, global;
+   - ``two_stage``: the paper's two stages (half the target by :math:`|w|`, the rest by
+     the Fisher), global;
+   - ``saliency``: OBD's :math:`\\tfrac12 F w^2`, global;
+   - ``deep_compression``: Deep Compression's recipe (Han et al. 2016) as the baseline:
+     magnitude pruning with retraining at per-layer rates proportional to their Table 3
+     (each level scales them together), then k-means with linear init, unweighted, at
+     their bit widths (8 conv / 5 fc on LeNet-5, 6 on LeNet-300-100) and narrower ones.
+
+3. **Quantize** the highest levels whose pruned accuracy stays near dense: the Fisher
+   methods with :func:`fisher_optax.allocate_bits` at several average widths and
+   Fisher-weighted k-means; then **fine-tune the codebooks** with
+   :func:`fisher_optax.share_codebooks` (the same steps for every method) and **write the
+   file** with :func:`fisher_optax.save_compressed` (entropy coded). The accuracy is that of
+   the model loaded back from the file; the ratio is float32 dense bytes over file bytes.
+4. **Report** (``examples/main_report.py``): per method the largest ratio within 1.0 point
+   of that seed's dense accuracy (mean ± std over seeds), accuracy against sparsity and
+   against file size (PNG), every number in JSON, and the README section.
+
+Every phase is cached under ``--cache-dir`` by a hash of what it depends on, so a rerun
+recomputes only what changed.
+
+Run:  python examples/main_job.py                      # digits (`make demo`)
+      python examples/main_job.py --dataset fashion-mnist --models lenet5,lenet-300-100
+      python examples/main_job.py --quick                # tiny, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from tqdm.auto import tqdm
+
+import fisher_optax
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples import datasets, main_report, models
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("magnitude", "two_stage", "saliency", "deep_compression")
+FISHER_METHODS = METHODS[:3]
+# Deep Compression's Table 3 (LeNet-5) and Table 2 (LeNet-300-100): the share of each
+# layer's weights pruned, and the bits of each layer's codebook.
+HAN_RATES = {
+    "cnn": {"conv1": 0.34, "conv2": 0.88, "fc1": 0.92, "fc2": 0.81},
+    "mlp": {"fc1": 0.92, "fc2": 0.91, "fc3": 0.74},
+}
+HAN_BITS = {"cnn": {"conv": 8, "fc": 5}, "mlp": {"conv": 6, "fc": 6}}
+BIT_WIDTHS = (8, 7, 6, 5, 4, 3, 2)  # what allocate_bits picks each leaf's width from
+PRNG_IMPL = "rbg"  # as examples/reproduce.py: threefry compiles slowly on XLA:CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str
+    model: str
+    seed: int
+    dense_steps: int
+    batch_size: int
+    lr: float
+    levels: tuple[float, ...]
+    ramp: int
+    hold: int
+    update_every: int
+    prune_lr: float
+    bits: tuple[int, ...]  # average bits of the Fisher methods
+    dc_fc_bits: tuple[int, ...]  # Deep Compression's fc widths (conv: +3, at most 8)
+    ft_steps: int
+    ft_lr: float
+    quant_levels: int  # how many of the highest near-dense levels are quantized
+    quant_margin: float  # "near dense": pruned accuracy >= dense - margin (points)
+    eval_batch: int = 1000
+
+
+PRESETS = {
+    "digits-cnn": dict(
+        dense_steps=1500, batch_size=64, lr=2e-3, levels=(0.5, 0.7, 0.8, 0.9, 0.95),
+        ramp=150, hold=150, update_every=15, prune_lr=1e-3, bits=(2, 3, 4),
+        dc_fc_bits=(5, 4, 3), ft_steps=100, ft_lr=1e-4, quant_levels=1, quant_margin=1.5,
+        eval_batch=512,
+    ),
+    "lenet5": dict(
+        dense_steps=4000, batch_size=128, lr=1e-3, levels=(0.8, 0.9, 0.93, 0.95, 0.97, 0.98),
+        ramp=300, hold=300, update_every=25, prune_lr=5e-4, bits=(2, 3, 4),
+        dc_fc_bits=(5, 4, 3), ft_steps=200, ft_lr=5e-5, quant_levels=2, quant_margin=1.25,
+    ),
+    "lenet-300-100": dict(
+        dense_steps=6000, batch_size=128, lr=1e-3, levels=(0.8, 0.9, 0.93, 0.95, 0.97, 0.98),
+        ramp=400, hold=400, update_every=25, prune_lr=5e-4, bits=(2, 3, 4),
+        dc_fc_bits=(6, 5, 4, 3), ft_steps=300, ft_lr=5e-5, quant_levels=2, quant_margin=1.25,
+    ),
+}
+QUICK = dict(
+    dense_steps=60, levels=(0.5, 0.8), ramp=10, hold=10, update_every=5, bits=(3,),
+    dc_fc_bits=(4,), ft_steps=5, quant_levels=1, quant_margin=100.0,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache: every phase's arrays in one .npz (flattened dict paths) and its numbers in JSON.
+
+
+def _key(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        *heads, last = path.split("/")
+        node = out
+        for h in heads:
+            node = node.setdefault(h, {})
+        node[last] = jnp.asarray(v)
+    return out
+
+
+class Cache:
+    """``get(name, key)`` / ``put(name, key, trees, info)``; no directory means no cache."""
+
+    def __init__(self, root: str | None):
+        self.root = Path(root) if root else None
+
+    def _path(self, name: str, key: str) -> Path:
+        return self.root / f"{name}-{key}"
+
+    def get(self, name: str, key: str) -> tuple[dict, dict] | None:
+        if self.root is None or not self._path(name, key).with_suffix(".json").exists():
+            return None
+        info = json.loads(self._path(name, key).with_suffix(".json").read_text())
+        with np.load(self._path(name, key).with_suffix(".npz")) as z:
+            flat = {k: z[k] for k in z.files}
+        trees = {n: _unflatten({k[len(n) + 1 :]: v for k, v in flat.items() if k.startswith(n + "/")})
+                 for n in info["trees"]}
+        return trees, info["info"]
+
+    def put(self, name: str, key: str, trees: dict, info: dict) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        flat = {f"{n}/{k}": v for n, t in trees.items() for k, v in _flatten(t).items()}
+        tmp = self._path(name, key).with_suffix(".tmp.npz")
+        np.savez(tmp, **flat)
+        os.replace(tmp, self._path(name, key).with_suffix(".npz"))
+        payload = json.dumps({"trees": sorted(trees), "info": info})
+        self._path(name, key).with_suffix(".json").write_text(payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training. Data, masks and learning rates are arguments; each function compiles once per model.
+
+
+def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Cosine decay to a tenth over the dense steps, then over each pruning level again."""
+    period = cfg.ramp + cfg.hold
+
+    def lr(count):
+        dense = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * count / cfg.dense_steps)))
+        t = jnp.maximum(count - cfg.dense_steps, 0) % period
+        prune = cfg.prune_lr * (0.1 + 0.9 * 0.5 * (1 + jnp.cos(jnp.pi * t / period)))
+        return jnp.where(count < cfg.dense_steps, dense, prune)
+
+    return lr
+
+
+def _scan_steps(opt, loss, params, opt_state, key, x, y, steps, batch_size):
+    def step(carry, k):
+        params, opt_state = carry
+        idx = jax.random.randint(k, (batch_size,), 0, x.shape[0])
+        value, grads = jax.value_and_grad(loss)(params, x[idx], y[idx])
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), value
+
+    (params, opt_state), values = lax.scan(step, (params, opt_state), jax.random.split(key, steps))
+    return params, opt_state, values.mean()
+
+
+def make_trainer(opt, model, steps: int, batch_size: int):
+    """A jitted ``steps`` steps of ``opt`` on random batches of ``(x, y)``."""
+    loss = partial(models.loss_fn, model)
+    return jax.jit(partial(_scan_steps, opt, loss, steps=steps, batch_size=batch_size))
+
+
+@partial(jax.jit, static_argnames=("model", "batch"))
+def accuracy(params, x, y, *, model, batch):
+    pad = -x.shape[0] % batch
+    xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(-1, batch, *x.shape[1:])
+    ys = jnp.concatenate([y, jnp.full((pad,), -1, y.dtype)]).reshape(-1, batch)
+    hits = lax.map(lambda b: jnp.sum(jnp.argmax(models.apply(model, params, b[0]), -1) == b[1]), (xs, ys))
+    return hits.sum() / x.shape[0]
+
+
+def evaluate(params, data, cfg: Config, model) -> float:
+    x, y = data.x_test, data.y_test
+    return 100.0 * float(accuracy(params, x, y, model=model, batch=min(cfg.eval_batch, x.shape[0])))
+
+
+def model_kind(params: dict) -> str:
+    return "cnn" if any(k.startswith("conv") for k in params) else "mlp"
+
+
+def han_targets(params: dict) -> tuple[dict, float]:
+    """Per-leaf final targets proportional to Han et al.'s rates, and the progress of Table 3.
+
+    ``pruned(sparsity=targets)`` prunes leaf ``l`` to ``targets[l] * progress``. The targets
+    are the rates scaled so that the most pruned layer ends at 0.995; Table 3 itself is the
+    returned progress. Leaves other than kernels are not pruned (0).
+    """
+    rates = HAN_RATES[model_kind(params)]
+    scale = 0.995 / max(rates.values())
+    targets = {
+        layer: {name: (rates[layer] * scale if name == "kernel" else 0.0) for name in leaves}
+        for layer, leaves in params.items()
+    }
+    return targets, 1.0 / scale
+
+
+def overall_han(params: dict) -> float:
+    """Table 3's overall sparsity over this model's kernels."""
+    rates = HAN_RATES[model_kind(params)]
+    n = {k: v["kernel"].size for k, v in params.items()}
+    return sum(rates[k] * n[k] for k in n) / sum(n.values())
+
+
+def staircase(values: tuple[float, ...], ramp: int, hold: int) -> optax.Schedule:
+    """0 at step 0, then per level: a linear ramp of ``ramp`` steps, ``hold`` steps flat."""
+    xs, ys, t = [0.0], [0.0], 0
+    for v in values:
+        xs += [t + ramp, t + ramp + hold]
+        ys += [v, v]
+        t += ramp + hold
+    xs_a, ys_a = jnp.asarray(xs, jnp.float32), jnp.asarray(ys, jnp.float32)
+    return lambda count: jnp.interp(jnp.asarray(count, jnp.float32), xs_a, ys_a)
+
+
+def pruning_optimizer(method: str, cfg: Config, params: dict):
+    """The ``pruned(adam)`` of ``method`` and its per-level targets."""
+    adam = optax.adam(lr_schedule(cfg))
+    if method == "deep_compression":
+        targets, table3 = han_targets(params)
+        # The same overall levels as the other criteria: level s is progress s / s_han * table3.
+        s_han = overall_han(params)
+        progress = tuple(min(1.0, s / s_han * table3) for s in cfg.levels)
+        opt = fisher_optax.pruned(
+            adam, staircase(progress, cfg.ramp, cfg.hold), criterion="magnitude",
+            method="one_stage", sparsity=targets, update_every=cfg.update_every,
+        )
+        return opt
+    criterion = {"magnitude": "magnitude", "two_stage": "fisher", "saliency": "saliency"}[method]
+    return fisher_optax.pruned(
+        adam, staircase(cfg.levels, cfg.ramp, cfg.hold), criterion=criterion,
+        method="two_stage" if method == "two_stage" else "one_stage",
+        update_every=cfg.update_every,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+DENSE_FIELDS = ("dataset", "model", "seed", "dense_steps", "batch_size", "lr")
+PRUNE_FIELDS = (*DENSE_FIELDS, "levels", "ramp", "hold", "update_every", "prune_lr")
+QUANT_FIELDS = (*PRUNE_FIELDS, "ft_steps", "ft_lr")
+
+
+def _fields(cfg: Config, names: tuple[str, ...]) -> dict:
+    return {n: getattr(cfg, n) for n in names}
+
+
+def dense_phase(cfg, data, model, cache, key):
+    ck = _key("dense", _fields(cfg, DENSE_FIELDS))
+    hit = cache.get("dense", ck)
+    if hit is not None:
+        trees, info = hit
+        return trees["params"], trees["nu"], trees["mu"], info
+    k_init, k_train = jax.random.split(key)
+    params = model.init(k_init, data.x_train.shape[1:])
+    opt = optax.adam(lr_schedule(cfg))
+    opt_state = opt.init(params)
+    chunk = 100 if cfg.dense_steps >= 100 else cfg.dense_steps
+    train = make_trainer(opt, model, chunk, cfg.batch_size)
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    t0 = time.perf_counter()
+    keys = jax.random.split(k_train, cfg.dense_steps // chunk)
+    for k in tqdm(keys, desc=f"{cfg.model} seed {cfg.seed}: dense", leave=False):
+        params, opt_state, loss = train(params, opt_state, k, x, y)
+    adam_state = opt_state[0]
+    info = {"accuracy": evaluate(params, data, cfg, model), "loss": float(loss),
+            "seconds": time.perf_counter() - t0, "n_params": models.n_params(params)}
+    cache.put("dense", ck, {"params": params, "nu": adam_state.nu, "mu": adam_state.mu}, info)
+    return params, adam_state.nu, adam_state.mu, info
+
+
+def prune_phase(method, cfg, data, model, cache, key, dense):
+    """The staircase run of ``method``: per level its params, mask, Fisher and accuracy."""
+    params, nu, mu, dense_info = dense
+    ck = _key("prune", _fields(cfg, PRUNE_FIELDS), method, dense_info["accuracy"])
+    hit = cache.get(f"prune-{method}", ck)
+    if hit is not None:
+        trees, info = hit
+        return [
+            {"params": trees[f"params{i}"], "mask": jax.tree.map(lambda m: m.astype(bool), trees[f"mask{i}"]),
+             "fisher": trees[f"fisher{i}"], **lvl}
+            for i, lvl in enumerate(info["levels"])
+        ]
+    opt = pruning_optimizer(method, cfg, params)
+    state = opt.init(params)
+    # Continue the dense run's Adam (its moments and count: the schedule and the Fisher go on).
+    inner = state.inner_state
+    adam = inner[0]._replace(count=jnp.asarray(cfg.dense_steps, jnp.int32), mu=mu, nu=nu)
+    state = state._replace(inner_state=(adam, *inner[1:]))
+    train = make_trainer(opt, model, cfg.ramp + cfg.hold, cfg.batch_size)
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    out, t0 = [], time.perf_counter()
+    for i, k in enumerate(tqdm(jax.random.split(key, len(cfg.levels)),
+                               desc=f"{cfg.model} seed {cfg.seed}: prune {method}", leave=False)):
+        params, state, loss = train(params, state, k, x, y)
+        fisher = fisher_optax.fisher_from_state(state.inner_state, batch_size=cfg.batch_size)
+        report = fisher_optax.sparsity_report(state.mask)
+        out.append({"params": params, "mask": state.mask, "fisher": fisher,
+                    "level": cfg.levels[i], "sparsity": float(report.sparsity),
+                    "accuracy": evaluate(params, data, cfg, model), "loss": float(loss)})
+    seconds = time.perf_counter() - t0
+    trees = {}
+    for i, lvl in enumerate(out):
+        trees.update({f"params{i}": lvl["params"], f"mask{i}": lvl["mask"], f"fisher{i}": lvl["fisher"]})
+    levels = [{k: v for k, v in lvl.items() if k not in ("params", "mask", "fisher")} for lvl in out]
+    for lvl in levels:
+        lvl["seconds"] = seconds / len(levels)
+    cache.put(f"prune-{method}", ck, trees, {"levels": levels})
+    for lvl, meta in zip(out, levels, strict=True):
+        lvl.update(meta)
+    return out
+
+
+def bit_settings(method, cfg, params):
+    """Per setting: (label, kwargs of the quantizer)."""
+    if method != "deep_compression":
+        return [(f"{b} bits avg", {"average_bits": b, "granularity": "layer"}) for b in cfg.bits]
+    conv_extra = 3 if model_kind(params) == "cnn" else 0
+    return [(f"{min(8, b + conv_extra)}/{b} bits" if conv_extra else f"{b} bits",
+             {"conv": min(8, b + conv_extra), "fc": b}) for b in cfg.dc_fc_bits]
+
+
+def quantized(method, setting, level):
+    params, mask, fisher = level["params"], level["mask"], level["fisher"]
+    if method == "deep_compression":
+        bits = {
+            layer: {
+                name: np.where(
+                    np.asarray(mask[layer][name]) & (name == "kernel"),
+                    setting["conv"] if layer.startswith("conv") else setting["fc"],
+                    0,
+                )
+                for name in leaves
+            }
+            for layer, leaves in params.items()
+        }
+        return fisher_optax.quantize(params, bits, mask=mask, init="linear")
+    # One width per leaf (no per-weight width map in the file), chosen from its summed
+    # saliency by allocate_bits' exact allocation under the average.
+    bits = fisher_optax.allocate_bits(
+        params, fisher=fisher, mask=mask, average_bits=setting["average_bits"],
+        granularity=setting["granularity"], bit_widths=BIT_WIDTHS,
+    )
+    return fisher_optax.quantize(params, bits, fisher=fisher, mask=mask)
+
+
+def quant_phase(method, cfg, data, model, cache, key, level, label, setting):
+    ck = _key("quant", _fields(cfg, QUANT_FIELDS), method, level["level"], level["accuracy"],
+              setting)
+    hit = cache.get(f"quant-{method}", ck)
+    if hit is not None:
+        return hit[1]
+    t0 = time.perf_counter()
+    q = quantized(method, setting, level)
+    before = evaluate(fisher_optax.dequantize(q), data, cfg, model)
+    opt = fisher_optax.share_codebooks(optax.adam(cfg.ft_lr), q)
+    params = fisher_optax.dequantize(q)
+    state = opt.init(params)
+    train = make_trainer(opt, model, cfg.ft_steps, cfg.batch_size)
+    params, state, _ = train(params, state, key, jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+    q = fisher_optax.requantize(params, q)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.fo"
+        size = fisher_optax.save_compressed(path, q)
+        loaded = fisher_optax.dequantize(fisher_optax.load_compressed(path))
+    n_params = models.n_params(params)
+    info = {"level": level["level"], "sparsity": level["sparsity"], "bits": label,
+            "bytes": int(size), "ratio": 4.0 * n_params / size,
+            "accuracy_before_ft": before, "accuracy": evaluate(loaded, data, cfg, model),
+            "pruned_accuracy": level["accuracy"], "seconds": time.perf_counter() - t0}
+    cache.put(f"quant-{method}", ck, {}, info)
+    return info
+
+
+def run_seed(cfg: Config, data, cache: Cache) -> dict:
+    model = models.MODELS[cfg.model]
+    key = jax.random.key(cfg.seed, impl=PRNG_IMPL)
+    k_dense, k_prune, k_quant = jax.random.split(key, 3)
+    dense = dense_phase(cfg, data, model, cache, k_dense)
+    out = {"seed": cfg.seed, "dense": dense[3], "methods": {}}
+    # Compute time: the sum of the phases' times, measured when each was computed (a rerun
+    # that reads them from the cache reports the same figure).
+    seconds = dense[3]["seconds"]
+    for method in METHODS:
+        levels = prune_phase(method, cfg, data, model, cache, k_prune, dense)
+        near = [lv for lv in levels if lv["accuracy"] >= dense[3]["accuracy"] - cfg.quant_margin]
+        chosen = (near or levels[:1])[-cfg.quant_levels :]
+        points = []
+        jobs = [(lv, label, s) for lv in chosen for label, s in bit_settings(method, cfg, dense[0])]
+        for lv, label, s in tqdm(jobs, desc=f"{cfg.model} seed {cfg.seed}: quantize {method}", leave=False):
+            points.append(quant_phase(method, cfg, data, model, cache, k_quant, lv, label, s))
+        seconds += sum(lv["seconds"] for lv in levels) + sum(p["seconds"] for p in points)
+        out["methods"][method] = {
+            "levels": [{k: v for k, v in lv.items() if k not in ("params", "mask", "fisher")} for lv in levels],
+            "quantized": points,
+        }
+    out["seconds"] = seconds
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | mnist (with --data-dir)")
+    p.add_argument("--data-dir", default=None, help="a directory of MNIST-format IDX files")
+    p.add_argument("--models", default=None, help="comma list of examples/models.py names "
+                   "(default: digits-cnn on digits, lenet5,lenet-300-100 otherwise)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--quick", action="store_true", help="a tiny run for CI")
+    p.add_argument("--out", default="results")
+    p.add_argument("--cache-dir", default=None, help="default: <out>/cache")
+    p.add_argument("--write-readme", action="store_true")
+    p.add_argument("--readme", default=str(REPO / "README.md"))
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--render-only", action="store_true", help="report from <out>/<dataset>-main.json")
+    return p
+
+
+def load_data(args) -> datasets.Dataset:
+    if args.dataset == "digits":
+        return datasets.load_digits_dataset()
+    if args.dataset == "fashion-mnist":
+        return datasets.load_fashion_mnist(args.data_dir)
+    if args.data_dir is None:
+        raise SystemExit(f"--dataset {args.dataset}: pass --data-dir DIR (MNIST-format IDX files).")
+    return datasets.load_mnist_format(args.data_dir, name=args.dataset)
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    out_dir = Path(args.out)
+    json_path = out_dir / f"{args.dataset}-main.json"
+    if args.render_only:
+        record = json.loads(json_path.read_text())
+    else:
+        names = args.models.split(",") if args.models else (
+            ["digits-cnn"] if args.dataset == "digits" else ["lenet5", "lenet-300-100"])
+        for n in names:
+            if n not in PRESETS:
+                raise SystemExit(f"--models: unknown model {n!r}; choose from {sorted(PRESETS)}")
+        seeds = [int(s) for s in args.seeds.split(",")]
+        if args.quick:
+            seeds = seeds[:1]
+        data = load_data(args)
+        cache = Cache(args.cache_dir or str(out_dir / "cache"))
+        record = {"dataset": args.dataset, "quick": args.quick, "models": {},
+                  "platform": f"{jax.default_backend()} jax {jax.__version__}"}
+        t_all = time.perf_counter()
+        for name in names:
+            preset = dict(PRESETS[name], **(QUICK if args.quick else {}))
+            t0 = time.perf_counter()
+            runs = []
+            for seed in seeds:
+                cfg = Config(dataset=args.dataset, model=name, seed=seed, **preset)
+                runs.append(run_seed(cfg, data, cache))
+            config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}
+            record["models"][name] = {"config": config, "seeds": runs,
+                                      "seconds": sum(r["seconds"] for r in runs),
+                                      "wall_seconds": time.perf_counter() - t0,
+                                      "describe": models.MODELS[name].describe()}
+        record["seconds"] = sum(m["seconds"] for m in record["models"].values())
+        record["wall_seconds"] = time.perf_counter() - t_all
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(record, indent=1))
+    summary = main_report.render(record, out_dir, plots=not args.no_plots)
+    print(summary["text"])
+    if args.write_readme:
+        main_report.write_readme(Path(args.readme), record, summary)
+    return record
+
+
+if __name__ == "__main__":
+    main()
