@@ -10,8 +10,12 @@ mapping from paths or predicates to targets (e.g. from :func:`erk_sparsity`).
 Selection never sorts. Scores are mapped to order-preserving ``uint32`` keys and the exact
 k-th smallest key is found one byte at a time by counting passes: each pass compares every
 key with one candidate and sums, per leaf, how many fall below it, so on sharded parameters
-only scalar counts cross devices. XLA's CPU sort of 1e7 floats takes seconds; the counting
-passes take a fraction of that (see ``benchmarks/bench_select.py``).
+only scalar counts cross devices. Ties at the cut are broken by flat index with two small
+selections (tied entries counted per row, then inside the one row that holds the cut). XLA's
+CPU sort of 1e7 floats takes seconds; the counting passes take about as long as NumPy's
+``np.partition`` (see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held
+by the CPU (at most ``2**24`` weights) select in NumPy instead, with identical masks, so a
+first call compiles nothing.
 """
 
 import math
@@ -721,12 +725,16 @@ def topk_mask(
     one with a traced sparsity prune the same count. Ties break deterministically: among
     equal scores the weight with the lower flat index is pruned first, where the flat index
     runs over the prunable leaves in scope in ``jax.tree`` flattening order, row-major
-    inside each leaf (``-0.0`` equals ``0.0``).
+    inside each leaf.
 
     The exact threshold is found without sorting, one byte of order-preserving integer
-    keys at a time: 32 counting passes that each read one byte per weight, plus a second
-    such selection over the flat index, run only when ties straddle the threshold. Under
-    ``jit`` on sharded scores only scalar counts cross devices (no all-gather).
+    keys at a time: 32 counting passes that each read one byte per weight, plus, only when
+    ties straddle the threshold, two small selections for the flat-index cut (the row that
+    holds it, then its place in that row). Under ``jit`` on sharded scores only counts cross
+    devices (all-reduces, no all-gather). Called eagerly on concrete arrays held by the CPU
+    (NumPy, or one CPU device), with at most ``2**24`` weights in scope, the same selection
+    runs in NumPy (``np.partition``), with identical masks and nothing to compile. Scores
+    are ranked as float32, where ``-0.0`` and subnormals equal ``0.0``.
 
     Args:
       scores: a pytree of real arrays; larger means more important. Cast to float32.
