@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -101,25 +100,66 @@ class Config:
 
 PRESETS = {
     "digits-cnn": dict(
-        dense_steps=1500, batch_size=64, lr=2e-3, levels=(0.5, 0.7, 0.8, 0.9, 0.95),
-        ramp=150, hold=150, update_every=15, prune_lr=1e-3, bits=(2, 3, 4),
-        dc_fc_bits=(5, 4, 3), ft_steps=100, ft_lr=1e-4, quant_levels=1, quant_margin=1.5,
+        dense_steps=1500,
+        batch_size=64,
+        lr=2e-3,
+        levels=(0.5, 0.7, 0.8, 0.9, 0.95),
+        ramp=150,
+        hold=150,
+        update_every=15,
+        prune_lr=1e-3,
+        bits=(2, 3, 4),
+        dc_fc_bits=(5, 4, 3),
+        ft_steps=100,
+        ft_lr=1e-4,
+        quant_levels=1,
+        quant_margin=1.5,
         eval_batch=512,
     ),
     "lenet5": dict(
-        dense_steps=4000, batch_size=128, lr=1e-3, levels=(0.8, 0.9, 0.93, 0.95, 0.97, 0.98),
-        ramp=300, hold=300, update_every=25, prune_lr=5e-4, bits=(2, 3, 4),
-        dc_fc_bits=(5, 4, 3), ft_steps=200, ft_lr=5e-5, quant_levels=2, quant_margin=1.25,
+        dense_steps=4000,
+        batch_size=128,
+        lr=1e-3,
+        levels=(0.8, 0.9, 0.93, 0.95, 0.97, 0.98),
+        ramp=300,
+        hold=300,
+        update_every=25,
+        prune_lr=5e-4,
+        bits=(2, 3, 4),
+        dc_fc_bits=(5, 4, 3),
+        ft_steps=200,
+        ft_lr=5e-5,
+        quant_levels=2,
+        quant_margin=1.25,
     ),
     "lenet-300-100": dict(
-        dense_steps=6000, batch_size=128, lr=1e-3, levels=(0.8, 0.9, 0.93, 0.95, 0.97, 0.98),
-        ramp=400, hold=400, update_every=25, prune_lr=5e-4, bits=(2, 3, 4),
-        dc_fc_bits=(6, 5, 4, 3), ft_steps=300, ft_lr=5e-5, quant_levels=2, quant_margin=1.25,
+        dense_steps=6000,
+        batch_size=128,
+        lr=1e-3,
+        levels=(0.8, 0.9, 0.93, 0.95, 0.97, 0.98),
+        ramp=400,
+        hold=400,
+        update_every=25,
+        prune_lr=5e-4,
+        bits=(2, 3, 4),
+        dc_fc_bits=(6, 5, 4, 3),
+        ft_steps=300,
+        ft_lr=5e-5,
+        quant_levels=2,
+        quant_margin=1.25,
     ),
 }
 QUICK = dict(
-    dense_steps=60, levels=(0.5, 0.8), ramp=10, hold=10, update_every=5, bits=(3,),
-    dc_fc_bits=(4,), ft_steps=5, quant_levels=1, quant_margin=100.0,
+    dense_steps=60,
+    levels=(0.5, 0.8),
+    ramp=10,
+    hold=10,
+    update_every=5,
+    bits=(3,),
+    dc_fc_bits=(4,),
+    ft_steps=5,
+    quant_levels=1,
+    quant_margin=100.0,
 )
 
 
@@ -168,8 +208,10 @@ class Cache:
         info = json.loads(self._path(name, key).with_suffix(".json").read_text())
         with np.load(self._path(name, key).with_suffix(".npz")) as z:
             flat = {k: z[k] for k in z.files}
-        trees = {n: _unflatten({k[len(n) + 1 :]: v for k, v in flat.items() if k.startswith(n + "/")})
-                 for n in info["trees"]}
+        trees = {
+            n: _unflatten({k[len(n) + 1 :]: v for k, v in flat.items() if k.startswith(n + "/")})
+            for n in info["trees"]
+        }
         return trees, info["info"]
 
     def put(self, name: str, key: str, trees: dict, info: dict) -> None:
@@ -222,9 +264,13 @@ def make_trainer(opt, model, steps: int, batch_size: int):
 @partial(jax.jit, static_argnames=("model", "batch"))
 def accuracy(params, x, y, *, model, batch):
     pad = -x.shape[0] % batch
-    xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(-1, batch, *x.shape[1:])
+    xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(
+        -1, batch, *x.shape[1:]
+    )
     ys = jnp.concatenate([y, jnp.full((pad,), -1, y.dtype)]).reshape(-1, batch)
-    hits = lax.map(lambda b: jnp.sum(jnp.argmax(models.apply(model, params, b[0]), -1) == b[1]), (xs, ys))
+    hits = lax.map(
+        lambda b: jnp.sum(jnp.argmax(models.apply(model, params, b[0]), -1) == b[1]), (xs, ys)
+    )
     return hits.sum() / x.shape[0]
 
 
@@ -280,13 +326,19 @@ def pruning_optimizer(method: str, cfg: Config, params: dict):
         s_han = overall_han(params)
         progress = tuple(min(1.0, s / s_han * table3) for s in cfg.levels)
         opt = fisher_optax.pruned(
-            adam, staircase(progress, cfg.ramp, cfg.hold), criterion="magnitude",
-            method="one_stage", sparsity=targets, update_every=cfg.update_every,
+            adam,
+            staircase(progress, cfg.ramp, cfg.hold),
+            criterion="magnitude",
+            method="one_stage",
+            sparsity=targets,
+            update_every=cfg.update_every,
         )
         return opt
     criterion = {"magnitude": "magnitude", "two_stage": "fisher", "saliency": "saliency"}[method]
     return fisher_optax.pruned(
-        adam, staircase(cfg.levels, cfg.ramp, cfg.hold), criterion=criterion,
+        adam,
+        staircase(cfg.levels, cfg.ramp, cfg.hold),
+        criterion=criterion,
         method="two_stage" if method == "two_stage" else "one_stage",
         update_every=cfg.update_every,
     )
@@ -323,8 +375,12 @@ def dense_phase(cfg, data, model, cache, key):
     for k in tqdm(keys, desc=f"{cfg.model} seed {cfg.seed}: dense", leave=False):
         params, opt_state, loss = train(params, opt_state, k, x, y)
     adam_state = opt_state[0]
-    info = {"accuracy": evaluate(params, data, cfg, model), "loss": float(loss),
-            "seconds": time.perf_counter() - t0, "n_params": models.n_params(params)}
+    info = {
+        "accuracy": evaluate(params, data, cfg, model),
+        "loss": float(loss),
+        "seconds": time.perf_counter() - t0,
+        "n_params": models.n_params(params),
+    }
     cache.put("dense", ck, {"params": params, "nu": adam_state.nu, "mu": adam_state.mu}, info)
     return params, adam_state.nu, adam_state.mu, info
 
@@ -337,8 +393,12 @@ def prune_phase(method, cfg, data, model, cache, key, dense):
     if hit is not None:
         trees, info = hit
         return [
-            {"params": trees[f"params{i}"], "mask": jax.tree.map(lambda m: m.astype(bool), trees[f"mask{i}"]),
-             "fisher": trees[f"fisher{i}"], **lvl}
+            {
+                "params": trees[f"params{i}"],
+                "mask": jax.tree.map(lambda m: m.astype(bool), trees[f"mask{i}"]),
+                "fisher": trees[f"fisher{i}"],
+                **lvl,
+            }
             for i, lvl in enumerate(info["levels"])
         ]
     opt = pruning_optimizer(method, cfg, params)
@@ -350,19 +410,36 @@ def prune_phase(method, cfg, data, model, cache, key, dense):
     train = make_trainer(opt, model, cfg.ramp + cfg.hold, cfg.batch_size)
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     out, t0 = [], time.perf_counter()
-    for i, k in enumerate(tqdm(jax.random.split(key, len(cfg.levels)),
-                               desc=f"{cfg.model} seed {cfg.seed}: prune {method}", leave=False)):
+    for i, k in enumerate(
+        tqdm(
+            jax.random.split(key, len(cfg.levels)),
+            desc=f"{cfg.model} seed {cfg.seed}: prune {method}",
+            leave=False,
+        )
+    ):
         params, state, loss = train(params, state, k, x, y)
         fisher = fisher_optax.fisher_from_state(state.inner_state, batch_size=cfg.batch_size)
         report = fisher_optax.sparsity_report(state.mask)
-        out.append({"params": params, "mask": state.mask, "fisher": fisher,
-                    "level": cfg.levels[i], "sparsity": float(report.sparsity),
-                    "accuracy": evaluate(params, data, cfg, model), "loss": float(loss)})
+        out.append(
+            {
+                "params": params,
+                "mask": state.mask,
+                "fisher": fisher,
+                "level": cfg.levels[i],
+                "sparsity": float(report.sparsity),
+                "accuracy": evaluate(params, data, cfg, model),
+                "loss": float(loss),
+            }
+        )
     seconds = time.perf_counter() - t0
     trees = {}
     for i, lvl in enumerate(out):
-        trees.update({f"params{i}": lvl["params"], f"mask{i}": lvl["mask"], f"fisher{i}": lvl["fisher"]})
-    levels = [{k: v for k, v in lvl.items() if k not in ("params", "mask", "fisher")} for lvl in out]
+        trees.update(
+            {f"params{i}": lvl["params"], f"mask{i}": lvl["mask"], f"fisher{i}": lvl["fisher"]}
+        )
+    levels = [
+        {k: v for k, v in lvl.items() if k not in ("params", "mask", "fisher")} for lvl in out
+    ]
     for lvl in levels:
         lvl["seconds"] = seconds / len(levels)
     cache.put(f"prune-{method}", ck, trees, {"levels": levels})
@@ -376,8 +453,13 @@ def bit_settings(method, cfg, params):
     if method != "deep_compression":
         return [(f"{b} bits avg", {"average_bits": b, "granularity": "layer"}) for b in cfg.bits]
     conv_extra = 3 if model_kind(params) == "cnn" else 0
-    return [(f"{min(8, b + conv_extra)}/{b} bits" if conv_extra else f"{b} bits",
-             {"conv": min(8, b + conv_extra), "fc": b}) for b in cfg.dc_fc_bits]
+    return [
+        (
+            f"{min(8, b + conv_extra)}/{b} bits" if conv_extra else f"{b} bits",
+            {"conv": min(8, b + conv_extra), "fc": b},
+        )
+        for b in cfg.dc_fc_bits
+    ]
 
 
 def quantized(method, setting, level):
@@ -398,15 +480,20 @@ def quantized(method, setting, level):
     # One width per leaf (no per-weight width map in the file), chosen from its summed
     # saliency by allocate_bits' exact allocation under the average.
     bits = fisher_optax.allocate_bits(
-        params, fisher=fisher, mask=mask, average_bits=setting["average_bits"],
-        granularity=setting["granularity"], bit_widths=BIT_WIDTHS,
+        params,
+        fisher=fisher,
+        mask=mask,
+        average_bits=setting["average_bits"],
+        granularity=setting["granularity"],
+        bit_widths=BIT_WIDTHS,
     )
     return fisher_optax.quantize(params, bits, fisher=fisher, mask=mask)
 
 
 def quant_phase(method, cfg, data, model, cache, key, level, label, setting):
-    ck = _key("quant", _fields(cfg, QUANT_FIELDS), method, level["level"], level["accuracy"],
-              setting)
+    ck = _key(
+        "quant", _fields(cfg, QUANT_FIELDS), method, level["level"], level["accuracy"], setting
+    )
     hit = cache.get(f"quant-{method}", ck)
     if hit is not None:
         return hit[1]
@@ -417,17 +504,26 @@ def quant_phase(method, cfg, data, model, cache, key, level, label, setting):
     params = fisher_optax.dequantize(q)
     state = opt.init(params)
     train = make_trainer(opt, model, cfg.ft_steps, cfg.batch_size)
-    params, state, _ = train(params, state, key, jnp.asarray(data.x_train), jnp.asarray(data.y_train))
+    params, state, _ = train(
+        params, state, key, jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    )
     q = fisher_optax.requantize(params, q)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.fo"
         size = fisher_optax.save_compressed(path, q)
         loaded = fisher_optax.dequantize(fisher_optax.load_compressed(path))
     n_params = models.n_params(params)
-    info = {"level": level["level"], "sparsity": level["sparsity"], "bits": label,
-            "bytes": int(size), "ratio": 4.0 * n_params / size,
-            "accuracy_before_ft": before, "accuracy": evaluate(loaded, data, cfg, model),
-            "pruned_accuracy": level["accuracy"], "seconds": time.perf_counter() - t0}
+    info = {
+        "level": level["level"],
+        "sparsity": level["sparsity"],
+        "bits": label,
+        "bytes": int(size),
+        "ratio": 4.0 * n_params / size,
+        "accuracy_before_ft": before,
+        "accuracy": evaluate(loaded, data, cfg, model),
+        "pruned_accuracy": level["accuracy"],
+        "seconds": time.perf_counter() - t0,
+    }
     cache.put(f"quant-{method}", ck, {}, info)
     return info
 
@@ -447,11 +543,16 @@ def run_seed(cfg: Config, data, cache: Cache) -> dict:
         chosen = (near or levels[:1])[-cfg.quant_levels :]
         points = []
         jobs = [(lv, label, s) for lv in chosen for label, s in bit_settings(method, cfg, dense[0])]
-        for lv, label, s in tqdm(jobs, desc=f"{cfg.model} seed {cfg.seed}: quantize {method}", leave=False):
+        for lv, label, s in tqdm(
+            jobs, desc=f"{cfg.model} seed {cfg.seed}: quantize {method}", leave=False
+        ):
             points.append(quant_phase(method, cfg, data, model, cache, k_quant, lv, label, s))
         seconds += sum(lv["seconds"] for lv in levels) + sum(p["seconds"] for p in points)
         out["methods"][method] = {
-            "levels": [{k: v for k, v in lv.items() if k not in ("params", "mask", "fisher")} for lv in levels],
+            "levels": [
+                {k: v for k, v in lv.items() if k not in ("params", "mask", "fisher")}
+                for lv in levels
+            ],
             "quantized": points,
         }
     out["seconds"] = seconds
@@ -463,10 +564,16 @@ def run_seed(cfg: Config, data, cache: Cache) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="digits", help="digits | fashion-mnist | mnist (with --data-dir)")
+    p.add_argument(
+        "--dataset", default="digits", help="digits | fashion-mnist | mnist (with --data-dir)"
+    )
     p.add_argument("--data-dir", default=None, help="a directory of MNIST-format IDX files")
-    p.add_argument("--models", default=None, help="comma list of examples/models.py names "
-                   "(default: digits-cnn on digits, lenet5,lenet-300-100 otherwise)")
+    p.add_argument(
+        "--models",
+        default=None,
+        help="comma list of examples/models.py names "
+        "(default: digits-cnn on digits, lenet5,lenet-300-100 otherwise)",
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="a tiny run for CI")
     p.add_argument("--out", default="results")
@@ -474,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-readme", action="store_true")
     p.add_argument("--readme", default=str(REPO / "README.md"))
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--render-only", action="store_true", help="report from <out>/<dataset>-main.json")
+    p.add_argument(
+        "--render-only", action="store_true", help="report from <out>/<dataset>-main.json"
+    )
     return p
 
 
@@ -495,8 +604,11 @@ def main(argv=None) -> dict:
     if args.render_only:
         record = json.loads(json_path.read_text())
     else:
-        names = args.models.split(",") if args.models else (
-            ["digits-cnn"] if args.dataset == "digits" else ["lenet5", "lenet-300-100"])
+        names = (
+            args.models.split(",")
+            if args.models
+            else (["digits-cnn"] if args.dataset == "digits" else ["lenet5", "lenet-300-100"])
+        )
         for n in names:
             if n not in PRESETS:
                 raise SystemExit(f"--models: unknown model {n!r}; choose from {sorted(PRESETS)}")
@@ -505,8 +617,12 @@ def main(argv=None) -> dict:
             seeds = seeds[:1]
         data = load_data(args)
         cache = Cache(args.cache_dir or str(out_dir / "cache"))
-        record = {"dataset": args.dataset, "quick": args.quick, "models": {},
-                  "platform": f"{jax.default_backend()} jax {jax.__version__}"}
+        record = {
+            "dataset": args.dataset,
+            "quick": args.quick,
+            "models": {},
+            "platform": f"{jax.default_backend()} jax {jax.__version__}",
+        }
         t_all = time.perf_counter()
         for name in names:
             preset = dict(PRESETS[name], **(QUICK if args.quick else {}))
@@ -516,10 +632,13 @@ def main(argv=None) -> dict:
                 cfg = Config(dataset=args.dataset, model=name, seed=seed, **preset)
                 runs.append(run_seed(cfg, data, cache))
             config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}
-            record["models"][name] = {"config": config, "seeds": runs,
-                                      "seconds": sum(r["seconds"] for r in runs),
-                                      "wall_seconds": time.perf_counter() - t0,
-                                      "describe": models.MODELS[name].describe()}
+            record["models"][name] = {
+                "config": config,
+                "seeds": runs,
+                "seconds": sum(r["seconds"] for r in runs),
+                "wall_seconds": time.perf_counter() - t0,
+                "describe": models.MODELS[name].describe(),
+            }
         record["seconds"] = sum(m["seconds"] for m in record["models"].values())
         record["wall_seconds"] = time.perf_counter() - t_all
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from examples.report import markdown, mean_std, plain, write_readme as _write_section
+from examples.report import markdown, mean_std, plain
+from examples.report import write_readme as _write_section
 
 WITHIN = 1.0  # points below the seed's dense accuracy that still count
 LABELS = {
@@ -62,19 +63,30 @@ def summarize(model_rec: dict) -> dict:
 
 
 def ratio_table(s: dict) -> list[list[str]]:
-    rows = [["method", f"ratio within {WITHIN:g} pt", "seeds", "its accuracy (%)",
-             "its sparsity", "its bits", "file (B)"]]
+    rows = [
+        [
+            "method",
+            f"ratio within {WITHIN:g} pt",
+            "seeds",
+            "its accuracy (%)",
+            "its sparsity",
+            "its bits",
+            "file (B)",
+        ]
+    ]
     for m, v in s["methods"].items():
         found = [b for b in v["best"] if b]
-        rows.append([
-            LABELS.get(m, m),
-            _ms([b["ratio"] for b in found]) + ("x" if found else ""),
-            f"{v['n_found']}/{len(v['best'])}",
-            _ms([b["accuracy"] for b in found], "{:.2f}"),
-            _ms([100 * b["sparsity"] for b in found]) + ("%" if found else ""),
-            ", ".join(sorted({b["bits"] for b in found})) or "—",
-            _ms([b["bytes"] for b in found], "{:.0f}"),
-        ])
+        rows.append(
+            [
+                LABELS.get(m, m),
+                _ms([b["ratio"] for b in found]) + ("x" if found else ""),
+                f"{v['n_found']}/{len(v['best'])}",
+                _ms([b["accuracy"] for b in found], "{:.2f}"),
+                _ms([100 * b["sparsity"] for b in found]) + ("%" if found else ""),
+                ", ".join(sorted({b["bits"] for b in found})) or "—",
+                _ms([b["bytes"] for b in found], "{:.0f}"),
+            ]
+        )
     return rows
 
 
@@ -83,8 +95,12 @@ def level_table(s: dict) -> list[list[str]]:
     levels = list(s["methods"][methods[0]]["pruned_accuracy"])
     rows = [["target sparsity", *[LABELS.get(m, m) for m in methods]]]
     for lvl in levels:
-        rows.append([f"{float(lvl):.0%}", *[_ms(s["methods"][m]["pruned_accuracy"][lvl], "{:.2f}")
-                                            for m in methods]])
+        rows.append(
+            [
+                f"{float(lvl):.0%}",
+                *[_ms(s["methods"][m]["pruned_accuracy"][lvl], "{:.2f}") for m in methods],
+            ]
+        )
     return rows
 
 
@@ -100,41 +116,56 @@ def reading(name: str, s: dict) -> list[str]:
             means[m] = mean_std(r)
     if means:
         best = max(means, key=lambda m: means[m][0])
-        lines.append(f"Largest ratio within {WITHIN:g} point: {LABELS[best]}, "
-                     f"{means[best][0]:.1f} ± {means[best][1]:.1f}x.")
+        lines.append(
+            f"Largest ratio within {WITHIN:g} point: {LABELS[best]}, "
+            f"{means[best][0]:.1f} ± {means[best][1]:.1f}x."
+        )
         if "deep_compression" in means and best != "deep_compression":
             dc = means["deep_compression"]
             gap = means[best][0] - dc[0]
             noise = means[best][1] + dc[1]
-            lines.append(f"Against the Deep Compression recipe in the same run ({dc[0]:.1f} ± "
-                         f"{dc[1]:.1f}x): {gap:+.1f}x, "
-                         + ("beyond" if gap > noise else "within") + " seed noise (sum of stds "
-                         f"{noise:.1f}).")
+            lines.append(
+                f"Against the Deep Compression recipe in the same run ({dc[0]:.1f} ± "
+                f"{dc[1]:.1f}x): {gap:+.1f}x, "
+                + ("beyond" if gap > noise else "within")
+                + " seed noise (sum of stds "
+                f"{noise:.1f})."
+            )
     for m in s["methods"]:
         if m not in means:
-            lines.append(f"{LABELS[m]}: no quantized point within {WITHIN:g} point on "
-                         f"{len(s['methods'][m]['ratios']) - s['methods'][m]['n_found']} seed(s).")
+            lines.append(
+                f"{LABELS[m]}: no quantized point within {WITHIN:g} point on "
+                f"{len(s['methods'][m]['ratios']) - s['methods'][m]['n_found']} seed(s)."
+            )
     # The paper's claim: the two stages lose less accuracy than magnitude at equal sparsity.
     mag = s["methods"].get("magnitude")
     for m in ("two_stage", "saliency"):
         other = s["methods"].get(m)
         if not mag or not other:
             continue
-        diffs = {lvl: np.mean(other["pruned_accuracy"][lvl]) - np.mean(mag["pruned_accuracy"][lvl])
-                 for lvl in mag["pruned_accuracy"]}
-        noise = {lvl: np.std(mag["pruned_accuracy"][lvl], ddof=1) if len(s["dense"]) > 1 else 0.0
-                 for lvl in diffs}
+        diffs = {
+            lvl: np.mean(other["pruned_accuracy"][lvl]) - np.mean(mag["pruned_accuracy"][lvl])
+            for lvl in mag["pruned_accuracy"]
+        }
+        noise = {
+            lvl: np.std(mag["pruned_accuracy"][lvl], ddof=1) if len(s["dense"]) > 1 else 0.0
+            for lvl in diffs
+        }
         text = ", ".join(f"{float(lvl):.0%}: {d:+.2f}" for lvl, d in diffs.items())
         wins = [lvl for lvl, d in diffs.items() if d > 2 * noise[lvl]]
         loses = [lvl for lvl, d in diffs.items() if d < -2 * noise[lvl]]
-        verdict = ("ahead beyond 2 stds at " + ", ".join(f"{float(x):.0%}" for x in wins)
-                   if wins else "never ahead beyond 2 stds of magnitude's seed spread")
+        verdict = (
+            "ahead beyond 2 stds at " + ", ".join(f"{float(x):.0%}" for x in wins)
+            if wins
+            else "never ahead beyond 2 stds of magnitude's seed spread"
+        )
         if loses:
             verdict += "; behind beyond 2 stds at " + ", ".join(f"{float(x):.0%}" for x in loses)
         if len(s["dense"]) < 2:
             verdict = "one seed: no noise estimate"
-        lines.append(f"{LABELS[m]} vs magnitude, pruned accuracy (points) at each level: {text}; "
-                     f"{verdict}.")
+        lines.append(
+            f"{LABELS[m]} vs magnitude, pruned accuracy (points) at each level: {text}; {verdict}."
+        )
     return lines
 
 
@@ -167,8 +198,13 @@ def plot(name: str, model_rec: dict, s: dict, out: Path) -> list[Path]:
     n = model_rec["seeds"][0]["dense"]["n_params"]
     for i, m in enumerate(s["methods"]):
         pts = [p for r in model_rec["seeds"] for p in r["methods"][m]["quantized"]]
-        ax.scatter([p["bytes"] / 1024 for p in pts], [p["accuracy"] for p in pts], s=14,
-                   color=f"C{i}", label=LABELS.get(m, m))
+        ax.scatter(
+            [p["bytes"] / 1024 for p in pts],
+            [p["accuracy"] for p in pts],
+            s=14,
+            color=f"C{i}",
+            label=LABELS.get(m, m),
+        )
     ax.scatter([4 * n / 1024], [dense], marker="*", s=120, color="k", label="dense float32")
     ax.axhline(dense - WITHIN, color="gray", ls="--", lw=1, label=f"dense - {WITHIN:g}")
     ax.set_xscale("log")
@@ -190,32 +226,53 @@ def render(record: dict, out: Path, *, plots: bool = True) -> dict:
         s = summarize(model_rec)
         lines = reading(name, s)
         pngs = plot(name, model_rec, s, out) if plots else []
-        text += [f"\n{name} ({model_rec['describe']}), {len(model_rec['seeds'])} seed(s), "
-                 f"{model_rec['seconds']:.0f} s", plain(ratio_table(s)), "", plain(level_table(s)),
-                 *["- " + line for line in lines]]
-        sections[name] = {"summary": s, "lines": lines, "pngs": [str(p) for p in pngs],
-                          "ratio_table": markdown(ratio_table(s)),
-                          "level_table": markdown(level_table(s))}
+        text += [
+            f"\n{name} ({model_rec['describe']}), {len(model_rec['seeds'])} seed(s), "
+            f"{model_rec['seconds']:.0f} s",
+            plain(ratio_table(s)),
+            "",
+            plain(level_table(s)),
+            *["- " + line for line in lines],
+        ]
+        sections[name] = {
+            "summary": s,
+            "lines": lines,
+            "pngs": [str(p) for p in pngs],
+            "ratio_table": markdown(ratio_table(s)),
+            "level_table": markdown(level_table(s)),
+        }
     return {"text": "\n".join(text), "sections": sections}
 
 
 def write_readme(readme: Path, record: dict, summary: dict) -> None:
     dataset = record["dataset"]
     command = "make demo" if dataset == "digits" else "make reproduce-fashion"
-    out = [f"Generated by `{command}` (`examples/main_job.py`) in {record['seconds'] / 60:.0f} "
-           f"minutes on {record['platform']}, 2 CPU cores; every number is in "
-           f"`results/{dataset}-main.json`."]
+    out = [
+        f"Generated by `{command}` (`examples/main_job.py`) on {record['platform']}, 2 CPU "
+        f"cores; its phases took {record['seconds'] / 60:.0f} minutes in all (the sum of each "
+        "phase's time when it was computed, compilation included; on a machine shared with "
+        "other jobs); every number is in "
+        f"`results/{dataset}-main.json`."
+    ]
     for name, sec in summary["sections"].items():
         cfg = record["models"][name]["config"]
-        out += ["", f"**{name}** ({record['models'][name]['describe']}; "
-                f"{record['models'][name]['seeds'][0]['dense']['n_params']:,} parameters). "
-                f"Dense: {cfg['dense_steps']} Adam steps; pruning: {cfg['ramp']} ramp + "
-                f"{cfg['hold']} hold steps per level, codebook fine-tuning {cfg['ft_steps']} "
-                "steps, the same for every method. Ratio = float32 dense bytes / bytes of the "
-                "saved file; accuracy of the model loaded from the file.", "",
-                sec["ratio_table"], "", "Accuracy after pruning while training (before "
-                "quantization), mean ± std over seeds:", "", sec["level_table"], "",
-                *[f"- {line}" for line in sec["lines"]]]
+        out += [
+            "",
+            f"**{name}** ({record['models'][name]['describe']}; "
+            f"{record['models'][name]['seeds'][0]['dense']['n_params']:,} parameters). "
+            f"Dense: {cfg['dense_steps']} Adam steps; pruning: {cfg['ramp']} ramp + "
+            f"{cfg['hold']} hold steps per level, codebook fine-tuning {cfg['ft_steps']} "
+            "steps, the same for every method. Ratio = float32 dense bytes / bytes of the "
+            "saved file; accuracy of the model loaded from the file.",
+            "",
+            sec["ratio_table"],
+            "",
+            "Accuracy after pruning while training (before quantization), mean ± std over seeds:",
+            "",
+            sec["level_table"],
+            "",
+            *[f"- {line}" for line in sec["lines"]],
+        ]
         if sec["pngs"]:
             out += ["", "Plots: " + ", ".join(f"`{p}`" for p in sec["pngs"]) + "."]
     _write_section(readme, f"main:{dataset}", "\n".join(out))

@@ -47,6 +47,15 @@ from fisher_optax.masks import (
     two_stage_mask,
     uniform_sparsity,
 )
+
+# Structured sparsity patterns: N:M groups and (r, c) blocks over any score.
+from fisher_optax.patterns import (
+    BLOCK_REDUCTIONS,
+    block_mask,
+    block_selection,
+    nm_mask,
+    nm_selection,
+)
 from fisher_optax.quantize import (
     QuantizedParams,
     allocate_bits,
@@ -85,6 +94,7 @@ from fisher_optax.transforms import (
 )
 
 __all__ = [
+    "BLOCK_REDUCTIONS",
     "CRITERIA",
     "CompressionReport",
     "Criterion",
@@ -102,6 +112,8 @@ __all__ = [
     "__version__",
     "allocate_bits",
     "apply_mask",
+    "block_mask",
+    "block_selection",
     "compression_report",
     "constant_sparsity",
     "dequantize",
@@ -116,6 +128,8 @@ __all__ = [
     "load_compressed",
     "magnitude_mask",
     "monte_carlo_fisher",
+    "nm_mask",
+    "nm_selection",
     "polynomial_sparsity",
     "pruned",
     "quantize",

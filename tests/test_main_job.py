@@ -70,16 +70,28 @@ def test_han_targets_give_table_3_at_its_progress():
 
 
 def test_deep_compression_pruning_reaches_the_per_layer_rates():
-    cfg = main_job.Config(dataset="t", model="lenet-300-100", seed=0, **{
-        **main_job.PRESETS["lenet-300-100"], "levels": (main_job.overall_han(
-            models.MODELS["lenet-300-100"].init(jax.random.key(0), (28, 28, 1))),),
-        "ramp": 2, "hold": 2, "update_every": 1})
+    cfg = main_job.Config(
+        dataset="t",
+        model="lenet-300-100",
+        seed=0,
+        **{
+            **main_job.PRESETS["lenet-300-100"],
+            "levels": (
+                main_job.overall_han(
+                    models.MODELS["lenet-300-100"].init(jax.random.key(0), (28, 28, 1))
+                ),
+            ),
+            "ramp": 2,
+            "hold": 2,
+            "update_every": 1,
+        },
+    )
     params = models.MODELS["lenet-300-100"].init(jax.random.key(0), (28, 28, 1))
     opt = main_job.pruning_optimizer("deep_compression", cfg, params)
     state = opt.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     for _ in range(5):
-        updates, state = opt.update(grads, state, params)
+        _, state = opt.update(grads, state, params)
         params = fisher_optax.apply_mask(params, state.mask)
     rep = {p: leaf.sparsity for p, leaf in fisher_optax.sparsity_report(state.mask).leaves.items()}
     for layer, rate in main_job.HAN_RATES["mlp"].items():
@@ -87,9 +99,18 @@ def test_deep_compression_pruning_reaches_the_per_layer_rates():
 
 
 def test_best_within_one_point_of_its_seed():
-    run = {"dense": {"accuracy": 90.0}, "methods": {"m": {"quantized": [
-        {"accuracy": 89.5, "ratio": 20.0}, {"accuracy": 88.9, "ratio": 60.0},
-        {"accuracy": 89.0, "ratio": 40.0}]}}}
+    run = {
+        "dense": {"accuracy": 90.0},
+        "methods": {
+            "m": {
+                "quantized": [
+                    {"accuracy": 89.5, "ratio": 20.0},
+                    {"accuracy": 88.9, "ratio": 60.0},
+                    {"accuracy": 89.0, "ratio": 40.0},
+                ]
+            }
+        },
+    }
     assert main_report.best_within(run, "m")["ratio"] == 40.0
     run["methods"]["m"]["quantized"] = [{"accuracy": 80.0, "ratio": 90.0}]
     assert main_report.best_within(run, "m") is None
