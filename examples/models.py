@@ -24,7 +24,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 __all__ = ["CNN", "MLP", "MODELS", "apply", "loss_fn", "n_params", "prunable_tree"]
 
