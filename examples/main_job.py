@@ -42,9 +42,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -584,7 +586,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--render-only", action="store_true", help="report from <out>/<dataset>-main.json"
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes: each computes whole (model, seed) runs into the cache, then "
+        "the report is assembled from it (every phase is cached, so the numbers are the same)",
+    )
+    p.add_argument(
+        "--fill-cache", action="store_true", help="(a worker of --jobs) compute, write no report"
+    )
     return p
+
+
+def fill_cache_in_parallel(args, names: list[str], seeds: list[int], cache_dir: str) -> None:
+    """Run every (model, seed) in one of ``args.jobs`` worker processes sharing the cache.
+
+    The phases of different seeds or models never share a cache entry, so the workers do not
+    write the same files; units are handed out in the order of ``names``. A worker that fails
+    fails the run (its output is on stderr).
+    """
+    units = [(n, s) for n in names for s in seeds]  # in order: the first model is the slowest
+    base = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--dataset",
+        args.dataset,
+        "--out",
+        args.out,
+        "--cache-dir",
+        cache_dir,
+        "--fill-cache",
+    ]
+    if args.data_dir:
+        base += ["--data-dir", args.data_dir]
+    if args.quick:
+        base += ["--quick"]
+
+    def work(unit: tuple[str, int]) -> None:
+        name, seed = unit
+        cmd = [*base, "--models", name, "--seeds", str(seed)]
+        done = subprocess.run(cmd, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"worker {name} seed {seed} failed (rc {done.returncode}): {cmd}")
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(work, units))
 
 
 def load_data(args) -> datasets.Dataset:
@@ -615,15 +662,21 @@ def main(argv=None) -> dict:
         seeds = [int(s) for s in args.seeds.split(",")]
         if args.quick:
             seeds = seeds[:1]
+        if args.jobs < 1:
+            raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+        cache_dir = args.cache_dir or str(out_dir / "cache")
+        t_all = time.perf_counter()
+        if args.jobs > 1:
+            fill_cache_in_parallel(args, names, seeds, cache_dir)
         data = load_data(args)
-        cache = Cache(args.cache_dir or str(out_dir / "cache"))
+        cache = Cache(cache_dir)
         record = {
             "dataset": args.dataset,
             "quick": args.quick,
             "models": {},
             "platform": f"{jax.default_backend()} jax {jax.__version__}",
+            "jobs": args.jobs,
         }
-        t_all = time.perf_counter()
         for name in names:
             preset = dict(PRESETS[name], **(QUICK if args.quick else {}))
             t0 = time.perf_counter()
@@ -641,6 +694,8 @@ def main(argv=None) -> dict:
             }
         record["seconds"] = sum(m["seconds"] for m in record["models"].values())
         record["wall_seconds"] = time.perf_counter() - t_all
+        if args.fill_cache:
+            return record
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=1))
     summary = main_report.render(record, out_dir, plots=not args.no_plots)

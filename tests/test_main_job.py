@@ -23,7 +23,10 @@ def test_quick_pipeline_end_to_end_and_cache(tmp_path):
     readme.write_text(README)
     out = tmp_path / "results"
     argv = ["--quick", "--out", str(out), "--no-plots", "--write-readme", "--readme", str(readme)]
-    record = main_job.main(argv)
+    # The first run computes in a worker process (--jobs), the report is assembled from the
+    # cache it filled; the rerun below, in this process, must read the same numbers.
+    record = main_job.main([*argv, "--jobs", "2"])
+    assert record["jobs"] == 2
     data = json.loads((out / "digits-main.json").read_text())
     (run,) = data["models"]["digits-cnn"]["seeds"]
     n = models.n_params(models.MODELS["digits-cnn"].init(jax.random.key(0), (8, 8, 1)))
