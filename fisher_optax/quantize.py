@@ -246,6 +246,7 @@ def allocate_bits(
     granularity: Granularity = "weight",
     quantizable: Quantizable = None,
     axis: Axis = None,
+    entry_bits: float = 0.0,
 ) -> Bits:
     r"""Bit widths per weight from the Fisher: more Fisher information, more bits.
 
@@ -282,7 +283,13 @@ def allocate_bits(
       \quad \text{s.t.} \quad \sum_l n_l b_l \le \beta \sum_l n_l ,
 
     solved by a dynamic program over leaves on the Pareto front of (total bits, total
-    estimate); ties go to fewer total bits. ``average_bits`` is required here.
+    estimate); ties go to fewer total bits. ``average_bits`` is required here. With
+    ``entry_bits=e > 0`` the budget also pays for the codebooks, as the file does: a leaf
+    at ``b`` bits costs :math:`n_l b_l + e \min(2^{b_l}, n_l)`. A small leaf then no
+    longer gets 8 bits for free: at 364 kept weights, 8 bits cost 2,912 bits of codes but
+    256 entries of about 40 bits each in a :func:`~fisher_optax.save_compressed` file (a
+    float32 entry and its share of the entropy coder's table, as
+    :func:`~fisher_optax.compression_report` shows).
 
     ``granularity="channel"`` (with ``axis``, as in :func:`quantize`): the same objective
     and budget, with one width per slice along ``axis`` (``axis=-1``: per output channel;
@@ -307,6 +314,8 @@ def allocate_bits(
       quantizable: which leaves are coded, as in :func:`quantize`.
       axis: for ``granularity="channel"`` (required there, refused otherwise): the axis
         whose slices get one width each; an int or a mapping, as in :func:`quantize`.
+      entry_bits: for ``granularity="layer"``: the bits each codebook entry costs the
+        budget (default 0: the budget counts the codes only; about 40 matches the file).
 
     Returns:
       An int32 pytree shaped like ``params``: 0 for pruned or uncoded weights, else a
@@ -354,6 +363,14 @@ def allocate_bits(
             f"granularity={granularity!r} chooses widths under a budget: pass average_bits "
             "(e.g. 4)."
         )
+    entry_bits = _validate.real(
+        entry_bits, "entry_bits", low=0.0, meaning="bits per codebook entry"
+    )
+    if entry_bits and granularity != "layer":
+        raise ValueError(
+            f"entry_bits is read by granularity='layer' only, got granularity={granularity!r}; "
+            "drop entry_bits or pass granularity='layer'."
+        )
     if granularity == "channel" and axis is None:
         raise ValueError(
             "granularity='channel' gives one width per slice along an axis: pass axis "
@@ -385,7 +402,7 @@ def allocate_bits(
             )
             for i in idx
         ]
-        choice = _layer_widths(sal, counts, widths_desc, average_bits)
+        choice = _layer_widths(sal, counts, widths_desc, average_bits, entry_bits)
         for i, b in zip(idx, choice, strict=True):
             out[i] = np.where(kept[i], b, 0).astype(np.int32)
     elif granularity == "channel":
@@ -467,22 +484,31 @@ def _choose_allocation(counts, widths_desc, budget) -> np.ndarray:
     return np.asarray(best[1] if best else (min(widths_desc),) * g)
 
 
-def _layer_widths(saliency, counts, widths_desc, budget) -> list[int]:
-    """Exact ``argmin sum_l S_l 4^-b_l`` s.t. ``sum_l n_l b_l <= budget * sum_l n_l``.
+def _layer_widths(saliency, counts, widths_desc, budget, entry_bits=0.0) -> list[int]:
+    """Exact ``argmin sum_l S_l 4^-b_l`` s.t. ``sum_l c_l(b_l) <= budget * sum_l n_l``,
+    ``c_l(b) = n_l b + entry_bits * min(2^b, n_l)``.
 
     Dynamic program over leaves keeping the Pareto front of (total bits, estimate): a
     state is dropped when another uses no more bits and has no larger estimate. Ties go
     to fewer total bits, then to the first width in descending order per leaf.
     """
     cap = budget * sum(counts) * (1 + 1e-12)
+    cost = lambda n, b: n * b + entry_bits * min(2**b, n)
     front = [(0, 0.0, ())]  # (total bits, estimate, widths so far)
     for s, n in zip(saliency, counts, strict=True):
         cand = [
-            (bits + n * b, est + s * 4.0**-b, (*chosen, b))
+            (bits + cost(n, b), est + s * 4.0**-b, (*chosen, b))
             for bits, est, chosen in front
             for b in widths_desc
-            if bits + n * b <= cap
+            if bits + cost(n, b) <= cap
         ]
+        if not cand:
+            low = sum(cost(m, min(widths_desc)) for m in counts) / max(sum(counts), 1)
+            raise ValueError(
+                f"average_bits={budget} cannot pay for the smallest width of every leaf and "
+                f"its codebook (entry_bits={entry_bits}): that needs {low:.3g} bits per coded "
+                "weight. Raise average_bits or lower entry_bits."
+            )
         cand.sort(key=lambda t: (t[0], t[1]))
         front, best = [], np.inf
         for t in cand:

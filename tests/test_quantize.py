@@ -359,6 +359,69 @@ def test_layer_granularity_equals_brute_force(seed):
         np.testing.assert_array_equal(got, np.where(mask[k], b, 0))
 
 
+def _brute_force_layers_with_books(sal, counts, widths, budget, entry_bits):
+    best = None
+    for row in itertools.product(widths, repeat=len(sal)):
+        cost = sum(n * b + entry_bits * min(2**b, n) for n, b in zip(counts, row, strict=True))
+        if cost > budget * np.sum(counts) + 1e-9:
+            continue
+        key = (sum(s * 4.0**-b for s, b in zip(sal, row, strict=True)), cost)
+        if best is None or key < best[0]:
+            best = (key, row)
+    return best[1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_layer_granularity_with_codebook_cost_equals_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    shapes = [(3, 4), (30, 20), (2, 8), (40, 10)]
+    params = {f"l{i}": rng.normal(size=s).astype(np.float32) for i, s in enumerate(shapes)}
+    fisher = {
+        k: rng.gamma(0.5, size=v.shape) * 10.0 ** rng.integers(-3, 3) for k, v in params.items()
+    }
+    mask = {k: rng.random(v.shape) < 0.7 for k, v in params.items()}
+    budget = float(rng.choice([3.0, 4.5, 6.0]))
+    entry_bits = float(rng.choice([8.0, 40.0]))
+    bits = allocate_bits(
+        params,
+        fisher=fisher,
+        mask=mask,
+        average_bits=budget,
+        granularity="layer",
+        entry_bits=entry_bits,
+    )
+    keys = sorted(params)
+    sal = [
+        float(np.sum(0.5 * fisher[k] * params[k].astype(np.float64) ** 2 * mask[k])) for k in keys
+    ]
+    counts = [int(mask[k].sum()) for k in keys]
+    want = _brute_force_layers_with_books(sal, counts, (8, 6, 4, 2), budget, entry_bits)
+    for k, b in zip(keys, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(bits[k]), np.where(mask[k], b, 0))
+
+
+def test_codebook_cost_takes_bits_from_a_small_salient_leaf():
+    params = {"small": np.ones((20, 15), np.float32), "big": np.ones((64, 64), np.float32)}
+    fisher = {"small": np.full((20, 15), 1e3), "big": np.full((64, 64), 1.0)}
+    free = allocate_bits(params, fisher=fisher, average_bits=3, granularity="layer")
+    paid = allocate_bits(params, fisher=fisher, average_bits=3, granularity="layer", entry_bits=40)
+    # Without the codebooks in the budget the 300 salient weights get 8 bits (2,400 bits of
+    # codes); with them 8 bits also cost 256 entries of 40 bits, more than the budget left.
+    assert int(np.asarray(free["small"]).max()) == 8
+    assert int(np.asarray(paid["small"]).max()) < 8
+
+
+def test_codebook_cost_errors_by_message():
+    params = {"w": np.ones((4, 4), np.float32)}
+    fisher = {"w": np.ones((4, 4))}
+    with pytest.raises(ValueError, match="cannot pay for the smallest width"):
+        allocate_bits(params, fisher=fisher, average_bits=2, granularity="layer", entry_bits=40)
+    with pytest.raises(ValueError, match="entry_bits is read by granularity='layer' only"):
+        allocate_bits(params, fisher=fisher, average_bits=4, granularity="weight", entry_bits=8)
+    with pytest.raises(ValueError, match="entry_bits"):
+        allocate_bits(params, fisher=fisher, average_bits=4, granularity="layer", entry_bits=-1)
+
+
 def test_layer_granularity_gives_more_bits_to_the_salient_layer():
     params = {"hot": np.ones((4, 4), np.float32), "cold": np.ones((4, 4), np.float32)}
     fisher = {"hot": np.full((4, 4), 1e3), "cold": np.full((4, 4), 1e-3)}
