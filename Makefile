@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test quickstart nnx-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion clean
+.PHONY: demo test quickstart nnx-example resnet-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ quickstart: $(STAMP)
 # Flax NNX CNN: pruned(adam) under nnx.jit, unit pruning, surgery, speed of shrunk vs masked.
 nnx-example: $(STAMP)
 	$(PY) examples/nnx_cnn.py
+
+# ResNet-style CNN (BatchNorm, residual stages): channel groups from the traced graph, cut
+# by Fisher saliency, shrunk vs masked accuracy, params, FLOPs and inference time.
+resnet-example: $(STAMP)
+	$(PY) examples/resnet_surgery.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -112,6 +112,7 @@ class DepGraph(NamedTuple):
       shapes: the shape of each traced leaf.
       example: the example input, used again to check the cut.
       kind: ``"nnx"`` or ``"linen"``.
+      module: the traced Linen module (``None`` for NNX), applied again to check the cut.
     """
 
     groups: tuple[Group, ...]
@@ -120,6 +121,7 @@ class DepGraph(NamedTuple):
     shapes: tuple[tuple[int, ...], ...]
     example: Any
     kind: str
+    module: Any = None
 
     def report(self) -> str:
         """A readable summary: each group with its size, then each frozen axis and why."""
@@ -193,6 +195,8 @@ class _Trace:
         self.frozen: dict[int, str] = {}  # slot -> first reason
         self.composites: list[tuple[int, list[int]]] = []  # (whole slot, factor slots)
         self.param_slots: set[int] = set()
+        self.leaf_of: dict[tuple[int, ...], int] = {}  # a parameter's slots -> its number
+        self.uses: dict[int, int] = {}  # parameter number -> operations reading it
 
     # union-find
     def find(self, a: int) -> int:
@@ -292,6 +296,9 @@ def _eqn(t: _Trace, eqn: Any, get: Callable, env: dict) -> None:
             for a, b in zip(inner_slots, s, strict=True):
                 t.link(a, b, name)
         return
+
+    for leaf in {t.leaf_of[s] for s in ins if s and s in t.leaf_of}:
+        t.uses[leaf] = t.uses.get(leaf, 0) + 1
 
     if name in _UNARY or name in _NARY:
         out = outs[0]
@@ -657,6 +664,7 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
 
     Raises:
       TypeError: if ``model`` is neither an NNX module nor a Linen module with ``variables``.
+      ValueError: if the forward cannot be traced (Python control flow on array values).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -694,7 +702,15 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
     paths = tuple(_path_tuple(p) for p, _ in flat)
     leaves = [leaf for _, leaf in flat]
     shapes = tuple(tuple(int(d) for d in jnp.shape(leaf)) for leaf in leaves)
-    closed = jax.make_jaxpr(forward)(leaves, example)
+    try:
+        closed = jax.make_jaxpr(forward)(leaves, example)
+    except jax.errors.JAXTypeError as e:
+        raise ValueError(
+            f"the model's forward cannot be traced with jax.make_jaxpr ({type(e).__name__}): "
+            "Python control flow on array values (if/while on a traced value, int(x), "
+            "np.asarray(x)) has no graph to follow. Use jax.lax.cond/where or make the "
+            "choice static, then trace again."
+        ) from e
     jaxpr = closed.jaxpr
 
     t = _Trace()
@@ -704,6 +720,7 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
         env[v] = t.new_slots(_shape(v))
         leaf_slots.append(env[v])
         t.param_slots.update(env[v])
+        t.leaf_of[env[v]] = len(leaf_slots) - 1
     for v in jaxpr.invars[len(leaves) :]:
         env[v] = t.new_slots(_shape(v))
         for slot in env[v]:
@@ -728,7 +745,8 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
                 why = "head_dim (attention scales by 1/sqrt(head_dim))"
                 t.freeze(slot, why if kind == "nnx" else "an axis the module cannot resize")
     _resolve_composites(t)
-    return _collect(t, leaf_slots, paths, shapes, example, kind)
+    graph = _collect(t, leaf_slots, paths, shapes, example, kind)
+    return graph._replace(module=None if kind == "nnx" else model)
 
 
 def _collect(
@@ -753,6 +771,12 @@ def _collect(
             if why is None and not all(r in used for r in roots):
                 why = "not used by the traced forward"
             if why is not None:
+                if t.uses.get(i, 0) > 1:
+                    why += (
+                        f" (the parameter is read by {t.uses[i]} operations, e.g. a layer "
+                        "applied twice: the couplings of all its uses are merged, so one use "
+                        "that keeps an axis whole keeps it whole everywhere)"
+                    )
                 frozen_axes.append(Frozen(_pstr(paths[i]), a, why))
                 frozen_set.add((i, a))
                 continue
@@ -1043,17 +1067,45 @@ def _resize_nnx(model: Any) -> None:
             m.out_features = int(m.out.kernel.shape[-1])
 
 
+def _check_tree(graph: DepGraph, tree: Any, name: str) -> None:
+    """``tree`` must have the traced leaves: same paths, same shapes."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    paths = tuple(_path_tuple(p) for p, _ in flat)
+    if paths != graph.paths:
+        extra = sorted(set(paths) - set(graph.paths), key=str)
+        missing = sorted(set(graph.paths) - set(paths), key=str)
+        raise ValueError(
+            f"{name} does not have the variables the graph was traced with (extra: "
+            f"{[_pstr(p) for p in extra[:3]]}, missing: {[_pstr(p) for p in missing[:3]]}); "
+            "pass the model (or variables) given to dependency_graph."
+        )
+    for (path, leaf), shape in zip(flat, graph.shapes, strict=True):
+        if tuple(jnp.shape(leaf)) != shape:
+            raise ValueError(
+                f"{name} at {keystr(path)} has shape {tuple(jnp.shape(leaf))} but the graph was "
+                f"traced with shape {shape}; pass the model (or variables) given to "
+                "dependency_graph, not one already cut."
+            )
+
+
+def _cut_tree(graph: DepGraph, tree: Any, keep: Sequence[np.ndarray], name: str) -> tuple:
+    """``(sliced tree, masked tree, index)``: the removed entries dropped, or set to zero."""
+    _check_tree(graph, tree, name)
+    index = cut_index(graph, keep)
+    removed = {p: _removed(graph, p, ix) for p, ix in index.items()}
+    sliced = _map_state(graph, tree, index, _take)
+    return sliced, _map_state(graph, tree, removed, _zero_removed), index
+
+
 def masked(model: Any, graph: DepGraph, keep: Sequence[np.ndarray]) -> Any:
     """A copy of the NNX ``model`` with every entry of every removed unit set to zero.
 
-    What the cut model must compute (checked by :func:`cut`).
+    What the cut model must compute (checked by :func:`cut`). ``model`` is not changed.
     """
     from flax import nnx
 
-    index = cut_index(graph, keep)
-    removed = {p: _removed(graph, p, ix) for p, ix in index.items()}
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, _map_state(graph, state, removed, _zero_removed))
+    return nnx.merge(graphdef, _cut_tree(graph, state, keep, "model")[1])
 
 
 def _removed(graph: DepGraph, path: Path, ix: tuple) -> tuple:
@@ -1126,8 +1178,8 @@ def cut(
       The new model.
 
     Raises:
-      ValueError: if the check fails, naming the first output that differs; or if
-        ``keep`` does not line up with the graph.
+      ValueError: if the check fails, naming the first output that differs; if ``keep``
+        does not line up with the graph; if ``model`` is not the traced model.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -1145,12 +1197,12 @@ def cut(
 
     if graph.kind != "nnx":
         raise ValueError("this graph was traced from a Linen module; use cut_linen.")
-    index = cut_index(graph, keep)
     graphdef, state = nnx.split(model)
-    new = nnx.merge(graphdef, _map_state(graph, state, index, _take))
+    sliced, zeroed, _ = _cut_tree(graph, state, keep, "model")
+    new = nnx.merge(graphdef, sliced)
     _resize_nnx(new)
     if verify:
-        ref = _apply(masked(model, graph, keep), graph.example)
+        ref = _apply(nnx.merge(graphdef, zeroed), graph.example)
         _verify(_apply(new, graph.example), ref, rtol, atol)
     return new
 
@@ -1185,15 +1237,18 @@ class LinenCut(NamedTuple):
       variables: the sliced variables (same collections as given).
       features: for each module path with a kernel, its new output width
         (``kernel.shape[-1]``): build the smaller Linen model with these ``features``.
-      index: the kept entries per path (for :func:`fisher_optax.slice_opt_state`, with the
-        paths inside the ``'params'`` collection: use ``params_index``).
-      params_index: ``index`` restricted to the ``'params'`` collection, paths relative to it.
+      index: the kept entries per variable path (one index array per axis, ``None`` =
+        whole).
+      params_index: ``index`` restricted to the ``'params'`` collection, paths relative to it
+        (what :func:`fisher_optax.slice_opt_state` takes with ``variables['params']``).
+      opt_state: the optax state sliced to the new params (``None`` if none was given).
     """
 
     variables: Any
     features: dict[Path, int]
     index: dict[Path, tuple]
     params_index: dict[Path, tuple]
+    opt_state: Any = None
 
 
 def cut_linen(
@@ -1202,41 +1257,70 @@ def cut_linen(
     keep: Sequence[np.ndarray],
     *,
     module: Any = None,
+    opt_state: Any = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> LinenCut:
-    """Slice Linen variables and report the new ``features`` of every module.
+    """Slice Linen variables (and an optax state), and report the new ``features``.
 
     Args:
       variables: the variables the graph was traced with.
       graph: from :func:`dependency_graph` on a Linen module.
       keep: from :func:`group_mask`.
-      module: the smaller Linen module (built by you from :attr:`LinenCut.features`); when
-        given, it is checked on the example input against the masked variables applied to
-        the original module (which you pass as ``module[1]``: ``module=(small, original)``).
+      module: the smaller Linen module, built by you from :attr:`LinenCut.features`. When
+        given, ``module.apply(new variables, example)`` is checked against the traced
+        module applied to the masked variables (removed entries zeroed).
+      opt_state: an optax state for ``variables['params']`` (Adam's moments,
+        :func:`fisher_optax.pruned` masks, ...), sliced like the params
+        (:func:`fisher_optax.slice_opt_state`).
       rtol: relative tolerance of the check.
-      atol: absolute tolerance of the check.
+      atol: absolute tolerance of the check, scaled by ``max(1, max |masked output|)``.
 
     Returns:
       A :class:`LinenCut`.
 
     Raises:
-      ValueError: if the check fails, naming the first output that differs.
+      ValueError: if the check fails, naming the first output that differs; if ``keep``
+        does not line up with the graph; if ``variables`` are not the traced ones.
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+      >>> from fisher_optax import depgraph
+      >>> class MLP(nn.Module):
+      ...     hidden: int = 8
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return nn.Dense(2)(nn.relu(nn.Dense(self.hidden)(x)))
+      >>> x = jnp.ones((1, 3))
+      >>> variables = MLP().init(jax.random.key(0), x)
+      >>> graph = depgraph.dependency_graph(MLP(), x, variables=variables)
+      >>> result = depgraph.cut_linen(variables, graph, (np.arange(8) < 5,))
+      >>> result.features
+      {('Dense_0',): 5, ('Dense_1',): 2}
+      >>> _ = depgraph.cut_linen(variables, graph, (np.arange(8) < 5,), module=MLP(5))
     """
     if graph.kind != "linen":
         raise ValueError("this graph was traced from an NNX module; use cut.")
-    index = cut_index(graph, keep)
-    new = _map_state(graph, variables, index, _take)
+    new, zeroed, index = _cut_tree(graph, variables, keep, "variables")
     features: dict[Path, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
         p = _path_tuple(path)
         if p and p[-1] == "kernel":
             features[p[1:-1] if p[0] == "params" else p[:-1]] = int(jnp.shape(leaf)[-1])
     if module is not None:
-        small, original = module
-        removed = {p: _removed(graph, p, ix) for p, ix in index.items()}
-        zeroed = _map_state(graph, variables, removed, _zero_removed)
-        ref = jax.jit(original.apply)(zeroed, graph.example)
-        _verify(jax.jit(small.apply)(new, graph.example), ref, rtol, atol)
+        ref = jax.jit(graph.module.apply)(zeroed, graph.example)
+        try:
+            out = jax.jit(module.apply)(new, graph.example)
+        except Exception as e:  # flax names the layer whose shape does not fit
+            raise ValueError(
+                f"module cannot be applied to the cut variables ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}); build it with the new widths of "
+                f"LinenCut.features: {dict(features)}"
+            ) from e
+        _verify(out, ref, rtol, atol)
     params_index = {p[1:]: ix for p, ix in index.items() if p and p[0] == "params"}
-    return LinenCut(new, features, index, params_index)
+    if opt_state is not None:
+        from fisher_optax.structured import slice_opt_state
+
+        opt_state = slice_opt_state(opt_state, variables["params"], params_index)
+    return LinenCut(new, features, index, params_index, opt_state)

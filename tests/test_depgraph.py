@@ -304,8 +304,19 @@ def test_linen_resnet_cut_matches_masked_model():
     )
     assert widths == (2, 2, 2, 4, 4)
     assert f[("Dense_0",)] == 3
-    # the check runs when the smaller module is given
-    depgraph.cut_linen(variables, graph, keep, module=(LResNet(widths), model))
+    # the check runs when the smaller module is given; a wrong width fails it by message
+    depgraph.cut_linen(variables, graph, keep, module=LResNet(widths))
+    with pytest.raises(ValueError, match=r"module cannot be applied to the cut variables"):
+        depgraph.cut_linen(variables, graph, keep, module=LResNet((2, 2, 2, 4, 3)))
+    # Adam's moments of the params are sliced with them, and the small model steps
+    tx = optax.adam(1e-2)
+    state = tx.init(variables["params"])
+    sliced = depgraph.cut_linen(variables, graph, keep, opt_state=tx.init(variables["params"]))
+    assert jax.tree.map(jnp.shape, sliced.opt_state[0].mu) == jax.tree.map(
+        jnp.shape, sliced.variables["params"]
+    )
+    tx.update(sliced.variables["params"], sliced.opt_state, sliced.variables["params"])
+    assert state[0].mu["Conv_0"]["kernel"].shape[-1] == 4  # the caller's state is untouched
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +489,8 @@ def test_layer_applied_twice_couples_both_uses():
         )
     ]
     reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
-    assert reasons[("['shared']['kernel']", 0)] == "model input"
+    why = reasons[("['shared']['kernel']", 0)]
+    assert why.startswith("model input (the parameter is read by 2 operations, e.g. a layer")
 
 
 class ShapeConstant(nnx.Module):
@@ -503,6 +515,33 @@ def test_cut_is_refused_when_the_result_differs():
     assert small.a.out_features == 2
 
 
+class Branchy(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.a(x) if float(x.sum()) > 0 else -self.a(x)
+
+
+def test_untraceable_forward_and_wrong_model_are_refused():
+    with pytest.raises(ValueError, match=r"cannot be traced with jax\.make_jaxpr.*lax\.cond"):
+        depgraph.dependency_graph(Branchy(nnx.Rngs(0)), jnp.ones((1, 3)))
+    model = nnx.Sequential(
+        nnx.Linear(3, 6, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(6, 2, rngs=nnx.Rngs(1))
+    )
+    x = jnp.ones((2, 3))
+    graph = depgraph.dependency_graph(model, x)
+    keep = (np.arange(6) < 3,)
+    small = depgraph.cut(model, graph, keep)
+    with pytest.raises(
+        ValueError, match=r"model at .* has shape \(3,\) but the graph was traced with shape \(6,\)"
+    ):
+        depgraph.cut(small, graph, keep)
+    other = nnx.Sequential(nnx.Linear(3, 6, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="does not have the variables the graph was traced"):
+        depgraph.masked(other, graph, keep)
+
+
 def test_bad_model_and_params():
     with pytest.raises(TypeError, match=r"model must be an nnx\.Module, or a Linen module"):
         depgraph.dependency_graph(lambda x: x, jnp.ones(3))
@@ -512,3 +551,14 @@ def test_bad_model_and_params():
         depgraph.group_scores(graph, {"other": jnp.ones(3)}, "magnitude")
     with pytest.raises(ValueError, match="use cut_linen"):
         depgraph.cut(model, graph._replace(kind="linen"), (np.ones(4, bool),))
+
+
+def test_resnet_surgery_example_quick():
+    """examples/resnet_surgery.py at smoke size: the cut equals the masked model, and shrinks."""
+    from examples import resnet_surgery
+
+    out = resnet_surgery.main(["--quick"])
+    assert out["removed"] == out["total"] // 2
+    assert out["max_diff"] < 1e-4
+    assert out["acc_small"] == out["acc_masked"]
+    assert out["params"][1] < out["params"][0] and out["flops"][1] < out["flops"][0]
