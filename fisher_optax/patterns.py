@@ -322,21 +322,23 @@ def nm_selection(
 ) -> Callable[..., Mask]:
     r"""A ``mask_fn`` for :func:`fisher_optax.pruned`: gradual N:M, from dense to ``n:m``.
 
-    The returned ``mask_fn(scores, sparsity, *, mask=None)`` prunes, at a target
-    :math:`s`, exactly
+    The returned ``mask_fn(scores, sparsity, *, mask=None)``, at a target :math:`s` below
+    :math:`c`, prunes exactly
 
     .. math::
-      k = \max\bigl(\operatorname{round}(\min(s, c)\, N),\ p\bigr), \qquad c = \frac{m - n}{m}
+      k = \max\bigl(\operatorname{round}(s N),\ p\bigr), \qquad c = \frac{m - n}{m}
+      \ \text{(in float32)},
 
-    of the :math:`N` prunable weights in scope (``p`` of them pruned by ``mask`` before;
-    the count rule of :func:`fisher_optax.topk_mask`, ``c`` in float32), the smallest
-    scores among those that are *not* among the ``n`` best of their group of ``m``
-    (:func:`nm_mask` with ``mask``). So no group ever loses more than ``m - n`` weights
-    beyond what ``mask`` pruned, the weights a group loses are its worst ones, and at
-    :math:`s \ge c` the result is exactly ``nm_mask(scores, n, m, mask=mask)``: a schedule
-    ending at ``c`` (0.5 for 2:4) goes from dense to N:M. Targets above ``c`` prune no more.
-    This is the iterative N:M of jaxpruner (the group winners are kept, the rest pruned by
-    a top-k at the scheduled sparsity), with exact counts and no sort.
+    of the :math:`N` prunable weights in scope, ``p`` of them pruned by ``mask`` before (the
+    count rule of :func:`fisher_optax.topk_mask`): the smallest scores among the weights
+    that are *not* among the ``n`` best of their group of ``m`` (as :func:`nm_mask` ranks
+    them, with ``mask``). At :math:`s \ge c` the result is exactly
+    ``nm_mask(scores, n, m, mask=mask)``; targets above ``c`` prune no more. So no group
+    ever loses more than ``m - n`` weights beyond what ``mask`` pruned, a group loses its
+    worst weights first, and a schedule ending at ``c`` (0.5 for 2:4, e.g.
+    :func:`fisher_optax.polynomial_sparsity`) goes from dense to N:M. This is jaxpruner's
+    iterative N:M (the group winners are kept, the rest pruned by a top-k at the scheduled
+    sparsity), with exact counts and no sort.
 
     With ``sparsity=`` in :func:`fisher_optax.pruned` the target is a pytree of per-leaf
     scalars, each capped at ``c`` and met leaf by leaf. With ``method="two_stage"`` both

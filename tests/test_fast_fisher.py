@@ -194,3 +194,164 @@ def test_errors_are_named():
         empirical_fisher(_xent(_mlp), bad, batch)
     with pytest.raises(ValueError, match="same leading batch axis"):
         monte_carlo_fisher(_mlp, params, {"a": x, "b": x[:2]}, key=jax.random.key(0))
+
+
+def _pool(x, window, strides, padding):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, padding)
+
+
+def _pool_eqn(x, window, strides, padding):
+    (eqn,) = jax.make_jaxpr(lambda v: _pool(v, window, strides, padding))(x).jaxpr.eqns
+    return eqn
+
+
+@pytest.mark.parametrize(
+    ("window", "padding"),
+    [
+        ((1, 2, 2, 1), "VALID"),  # 5x5: the last row and column are in no window
+        ((1, 2, 3, 1), ((0, 0), (1, 0), (0, 1), (0, 0))),  # padded on both sides
+        ((1, 3, 1, 1), "SAME"),
+    ],
+)
+def test_tiled_max_pool_vjp_matches_jax_rule_with_ties(window, padding):
+    """Integer inputs make most windows hold several maxima: the first one gets dy, as in JAX."""
+    x = jnp.round(jax.random.uniform(jax.random.key(11), (2, 5, 5, 3)) * 2)
+    pool = _fast_fisher._max_pool(_pool_eqn(x, window, window, padding))
+    assert pool is not None
+    y, vjp = jax.vjp(lambda v: _pool(v, window, window, padding), x)
+    dy = jax.random.normal(jax.random.key(12), y.shape)
+    y_fast, vjp_fast = jax.vjp(pool, x)
+    np.testing.assert_array_equal(y_fast, y)
+    np.testing.assert_array_equal(vjp_fast(dy)[0], vjp(dy)[0])
+
+
+def test_max_pool_with_overlapping_or_dilated_windows_keeps_jax_rule():
+    x = jnp.zeros((2, 6, 6, 3))
+    assert _fast_fisher._max_pool(_pool_eqn(x, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")) is None
+    (eqn,) = jax.make_jaxpr(
+        lambda v: jax.lax.reduce_window(
+            v, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID", None, (1, 2, 1, 1)
+        )
+    )(x).jaxpr.eqns
+    assert _fast_fisher._max_pool(eqn) is None
+
+
+@pytest.mark.parametrize("n", [5, 19])  # one partial chunk; one chunk of 16 and one of 3
+def test_cnn_with_tied_pools_grouped_and_dilated_convs_matches_vmap(n):
+    """Conv kernels through the grouped-convolution path, pools through the tiled VJP."""
+    k = jax.random.split(jax.random.key(13), 6)
+    params = {
+        "c1": jax.random.normal(k[0], (3, 3, 2, 4)) * 0.5,  # HWIO, stride 2, asymmetric pad
+        "c1_b": jnp.full(4, 0.1),
+        "c2": jax.random.normal(k[1], (2, 2, 2, 4)) * 0.5,  # 2 feature groups, dilated
+        "c3": jax.random.normal(k[2], (4, 4, 2, 1)) * 0.5,  # OIHW, lhs-dilated (transposed)
+        "d": jax.random.normal(k[3], (4 * 2 * 1, 3)) * 0.3,
+    }
+
+    def logits(p, x):  # x: NHWC 9x9x2
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.lax.conv_general_dilated(
+            x, p["c1"], (2, 2), ((1, 2), (0, 1)), dimension_numbers=dn
+        )  # 5x4x4
+        # relu makes all-zero windows: ties in the pools below
+        h = _pool(jax.nn.relu(h + p["c1_b"]), (1, 2, 2, 1), (1, 2, 2, 1), "SAME")  # 3x2
+        h = jax.lax.conv_general_dilated(
+            h,
+            p["c2"],
+            (1, 1),
+            "SAME",
+            rhs_dilation=(2, 1),
+            dimension_numbers=dn,
+            feature_group_count=2,
+        )  # 3x2x4
+        h = jnp.transpose(jax.nn.relu(h), (0, 3, 1, 2))  # NCHW
+        h = jax.lax.conv_general_dilated(
+            h,
+            p["c3"],
+            (2, 1),
+            ((1, 1), (0, 0)),
+            lhs_dilation=(2, 1),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )  # [n, 4, 3, 2]
+        h = _pool(h, (1, 1, 2, 2), (1, 1, 2, 2), ((0, 0), (0, 0), (0, 1), (0, 0)))  # [n, 4, 2, 1]
+        return h.reshape(h.shape[0], -1) @ p["d"]
+
+    x = jax.random.normal(k[4], (n, 9, 9, 2))
+    batch = {"x": x, "y": jnp.arange(n) % 3}
+    _both(_xent(logits), params, batch)
+    plan = _plan(_xent(logits), params, batch)
+    grouped = {
+        k: _fast_fisher._grouped_kernel_form(plan.eqns[e].eqn, plan.operand[k], {0: None})
+        for k, e in plan.layers.items()
+    }  # leaves c1, c1_b, c2, c3, d: the ungrouped kernels c1 and c3 by one grouped conv
+    assert grouped == {0: True, 1: False, 2: False, 3: True, 4: False}
+    pools = [e.eqn for e in plan.eqns if e.eqn.primitive.name == "reduce_window_max"]
+    assert len(pools) == 2 and all(_fast_fisher._max_pool(e) is not None for e in pools)
+    key = jax.random.key(14)
+    _close(
+        monte_carlo_fisher(logits, params, x, key=key),
+        monte_carlo_fisher(logits, params, x, key=key, method="vmap"),
+    )
+
+
+def test_linen_lenet_with_pools_and_grouped_conv_matches_vmap():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.max_pool(nn.Conv(4, (3, 3), padding="VALID")(x), (2, 2), (2, 2))  # 3x3
+            x = nn.Conv(4, (2, 2), feature_group_count=2, kernel_dilation=(1, 2))(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), (2, 2), padding="SAME")  # 2x2
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(15), (17, 8, 8, 1))
+    variables = net.init(jax.random.key(16), x)
+    _both(_xent(net.apply), variables, {"x": x, "y": jnp.arange(17) % 3})
+
+
+def test_nnx_1d_conv_with_stride_and_pool_matches_vmap():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 4, (3,), strides=(2,), padding=((2, 1),), rngs=rngs)
+            self.dense = nnx.Linear(4 * 3, 3, rngs=rngs)
+
+        def __call__(self, x):  # x: [n, 11, 2] -> conv [n, 6, 4] -> pool [n, 3, 4]
+            h = nnx.max_pool(nnx.tanh(self.conv(x)), (2,), (2,))
+            return self.dense(h.reshape(h.shape[0], -1))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(1)), nnx.Param)
+
+    def logits(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    batch = {"x": jax.random.normal(jax.random.key(17), (18, 11, 2)), "y": jnp.arange(18) % 3}
+    _both(_xent(logits), state, batch)
+    assert _plan(_xent(logits), state, batch).fallback == []
+
+
+def test_parameter_inside_scan_falls_back_exactly():
+    """A recurrence's weight meets the data in a ``scan`` (several outputs): vmap(grad)."""
+    k = jax.random.split(jax.random.key(18), 3)
+    params = {
+        "w_h": jax.random.normal(k[0], (4, 4)) * 0.5,
+        "w_x": jax.random.normal(k[1], (2, 4)) * 0.5,
+        "out": jax.random.normal(k[2], (4, 3)),
+    }
+
+    def logits(p, xs):  # xs: [n, 5 steps, 2]
+        def step(h, x):
+            h = jnp.tanh(h @ p["w_h"] + x @ p["w_x"])
+            return h, h
+
+        h, _ = jax.lax.scan(step, jnp.zeros((xs.shape[0], 4)), jnp.swapaxes(xs, 0, 1))
+        return h @ p["out"]
+
+    batch = {"x": jax.random.normal(jax.random.key(19), (B, 5, 2)), "y": jnp.arange(B) % 3}
+    _both(_xent(logits), params, batch)
+    plan = _plan(_xent(logits), params, batch)
+    assert plan.fallback == [1, 2]  # leaves out, w_h, w_x: the two inside the scan
+    assert plan.closed == {0: True}
