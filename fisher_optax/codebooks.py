@@ -94,6 +94,19 @@ def _layout(q: Any, name: str = "q") -> list[_Leaf]:
                 "must be concrete. Build the transformation outside jit."
             ) from None
         widths = tuple(int(b) for b in q.widths[i])
+        axis = (getattr(q, "axes", None) or (None,) * len(q.paths))[i]
+        if axis is not None:
+            # Per-slice codebooks (quantize(axis=)): book (C, K) read row-major, so the
+            # weight in slice c with code k holds entry c * K + k of the flat book.
+            view = [1] * len(shape)
+            view[axis] = shape[axis]
+            slice_of = np.arange(shape[axis]).reshape(view)
+            for b, book in zip(widths, books, strict=True):
+                sel = bits == b
+                codes = np.where(
+                    sel, np.broadcast_to(slice_of, shape) * book.shape[1] + codes, codes
+                )
+            books = tuple(book.reshape(-1) for book in books)
         out.append(_Leaf(path, tuple(shape), False, False, widths, books, bits, codes))
     return out
 
@@ -205,9 +218,10 @@ def share_codebooks(
 
     The tree ``inner`` sees is a dict from each leaf's path (``"['dense']['kernel']"``) to
     the tuple of its codebooks (one 1-D array per width, widths ascending, as in
-    ``q.codebooks``); a float leaf that ``q`` stores raw maps to the dense leaf itself when
-    ``raw="train"`` and is left out when ``raw="freeze"``. A raw leaf that is not a float
-    (a step counter) is never trained: its update is 0.
+    ``q.codebooks``; per-channel codebooks from ``quantize(axis=)``, ``(C, K)`` in ``q``,
+    are flattened row-major, slice by slice); a float leaf that ``q`` stores raw maps to
+    the dense leaf itself when ``raw="train"`` and is left out when ``raw="freeze"``. A raw
+    leaf that is not a float (a step counter) is never trained: its update is 0.
 
     Put it last in an ``optax.chain``: transforms before it (``clip_by_global_norm``, a
     schedule-free scale, ...) act on the dense gradients, which is what the model sees; a
@@ -395,7 +409,7 @@ def _rebuild(q, layout, leaves, books):
         if name == "codebooks" and i is not None and not layout[i].raw:
             k = path[2]
             j = layout[i].widths.index(int(k.key)) if hasattr(k, "key") else k.idx
-            return jnp.asarray(books[i][j], dtype=old.dtype)
+            return jnp.asarray(books[i][j], dtype=old.dtype).reshape(jnp.shape(old))
         if name == "raw" and i is not None and layout[i].raw:
             return jnp.asarray(leaves[i], dtype=old.dtype)
         return old

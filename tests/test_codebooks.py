@@ -329,3 +329,30 @@ def test_errors_on_a_pruned_weight_that_is_not_zero():
     moved = {"a": dense["a"], "b": {"bias": dense["b"]["bias"], "kernel": jnp.asarray(kernel)}}
     with pytest.raises(ValueError, match=r"params at \['b'\]\['kernel'\] holds 1 nonzero pruned"):
         requantize(moved, q)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_channel_codebooks_train_slice_by_slice(tmp_path, axis):
+    """quantize(axis=): an entry of slice c gets the summed gradient of slice c's members."""
+    rng = np.random.default_rng(3)
+    params = {"k": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
+    bits = {"k": rng.choice([0, 2, 3], size=(6, 5))}
+    q = quantize(params, bits, fisher={"k": jnp.ones((6, 5))}, axis=axis)
+    dense = dequantize(q)
+    grads = {"k": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
+    tx = share_codebooks(optax.sgd(1.0), q)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(dense))
+    b_, c_, g, u = np.asarray(q.bits[0]), np.asarray(q.codes[0]), grads["k"], updates["k"]
+    for idx in np.ndindex(6, 5):  # the reference: the sum over the weights of its entry
+        same = (b_ == b_[idx]) & (c_ == c_[idx]) & (np.indices((6, 5))[axis] == idx[axis])
+        want = 0.0 if b_[idx] == 0 else -float(np.sum(np.where(same, g, 0.0)))
+        np.testing.assert_allclose(u[idx], want, rtol=1e-5, atol=1e-6)
+    trained = requantize(optax.apply_updates(dense, updates), q)
+    assert all(trained.codebooks[0][b].shape == q.codebooks[0][b].shape for b in q.widths[0])
+    np.testing.assert_array_equal(
+        dequantize(trained)["k"], optax.apply_updates(dense, updates)["k"]
+    )
+    save_compressed(tmp_path / "c.fq", trained)
+    np.testing.assert_array_equal(
+        dequantize(load_compressed(tmp_path / "c.fq"))["k"], dequantize(trained)["k"]
+    )
