@@ -91,13 +91,18 @@ class Config:
     hold: int
     update_every: int
     prune_lr: float
-    bits: tuple[int, ...]  # average bits of the Fisher methods
+    bits: tuple[float, ...]  # average bits of the Fisher methods
     dc_fc_bits: tuple[int, ...]  # Deep Compression's fc widths (conv: +3, at most 8)
     ft_steps: int
     ft_lr: float
     quant_levels: int  # how many of the highest near-dense levels are quantized
     quant_margin: float  # "near dense": pruned accuracy >= dense - margin (points)
     eval_batch: int = 1000
+    # allocate_bits' entry_bits for the Fisher methods: the budget pays for each codebook
+    # entry as the file does (about 40 bits: a float32 and its share of the coder's table).
+    # Measured on LeNet-5 Fashion seed 0 at 95% and 97%: files 7-9% smaller at the same
+    # settings, accuracy within 0.2 points (entry_bits 0 gave small leaves 8 bits for free).
+    entry_bits: float = 40.0
 
 
 PRESETS = {
@@ -110,7 +115,7 @@ PRESETS = {
         hold=150,
         update_every=15,
         prune_lr=1e-3,
-        bits=(2, 3, 4),
+        bits=(3, 3.5, 4),
         dc_fc_bits=(5, 4, 3),
         ft_steps=100,
         ft_lr=1e-4,
@@ -127,7 +132,7 @@ PRESETS = {
         hold=300,
         update_every=25,
         prune_lr=5e-4,
-        bits=(2, 3, 4),
+        bits=(3, 3.5, 4),
         dc_fc_bits=(5, 4, 3),
         ft_steps=200,
         ft_lr=5e-5,
@@ -143,7 +148,7 @@ PRESETS = {
         hold=400,
         update_every=25,
         prune_lr=5e-4,
-        bits=(2, 3, 4),
+        bits=(3, 3.5, 4),
         dc_fc_bits=(6, 5, 4, 3),
         ft_steps=300,
         ft_lr=5e-5,
@@ -453,7 +458,13 @@ def prune_phase(method, cfg, data, model, cache, key, dense):
 def bit_settings(method, cfg, params):
     """Per setting: (label, kwargs of the quantizer)."""
     if method != "deep_compression":
-        return [(f"{b} bits avg", {"average_bits": b, "granularity": "layer"}) for b in cfg.bits]
+        return [
+            (
+                f"{b:g} bits avg",
+                {"average_bits": b, "granularity": "layer", "entry_bits": cfg.entry_bits},
+            )
+            for b in cfg.bits
+        ]
     conv_extra = 3 if model_kind(params) == "cnn" else 0
     return [
         (
@@ -488,6 +499,7 @@ def quantized(method, setting, level):
         average_bits=setting["average_bits"],
         granularity=setting["granularity"],
         bit_widths=BIT_WIDTHS,
+        entry_bits=setting.get("entry_bits", 0),
     )
     return fisher_optax.quantize(params, bits, fisher=fisher, mask=mask)
 
