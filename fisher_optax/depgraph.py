@@ -1295,8 +1295,8 @@ def cut_linen(
       >>> variables = MLP().init(jax.random.key(0), x)
       >>> graph = depgraph.dependency_graph(MLP(), x, variables=variables)
       >>> result = depgraph.cut_linen(variables, graph, (np.arange(8) < 5,))
-      >>> result.features
-      {('Dense_0',): 5, ('Dense_1',): 2}
+      >>> result.features  # Linen numbers modules as built: the outer Dense(2) is Dense_0
+      {('Dense_0',): 2, ('Dense_1',): 5}
       >>> _ = depgraph.cut_linen(variables, graph, (np.arange(8) < 5,), module=MLP(5))
     """
     if graph.kind != "linen":
