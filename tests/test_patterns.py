@@ -1,4 +1,4 @@
-"""N:M and block masks (helper D, issue #15) against NumPy loop references, under jit, in
+"""N:M and block masks against NumPy loop references, under jit, in
 ``pruned``, nested with unstructured masks, and on params sharded over 8 CPU devices."""
 
 import itertools
