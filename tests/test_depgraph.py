@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+import fisher_optax
 from fisher_optax import depgraph
 
 # --------------------------------------------------------------------------------------------
@@ -562,3 +563,26 @@ def test_resnet_surgery_example_quick():
     assert out["max_diff"] < 1e-4
     assert out["acc_small"] == out["acc_masked"]
     assert out["params"][1] < out["params"][0] and out["flops"][1] < out["flops"][0]
+
+
+def test_cut_optimizer_slices_pruned_masks_and_moments():
+    model = nnx.Sequential(
+        nnx.Linear(3, 6, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(6, 2, rngs=nnx.Rngs(1))
+    )
+    x = jax.random.normal(jax.random.key(0), (4, 3))
+    tx = fisher_optax.pruned(optax.adam(1e-2), 0.5, criterion="magnitude", method="one_stage")
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    opt.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+    graph = depgraph.dependency_graph(model, x)
+    keep = (np.array([1, 0, 1, 1, 0, 1], bool),)
+    small = depgraph.cut(model, graph, keep)
+    new_opt = depgraph.cut_optimizer(opt, model, small, graph, keep)
+    old_mask = np.asarray(opt.opt_state.mask["layers"][2]["kernel"][...])
+    new_mask = np.asarray(new_opt.opt_state.mask["layers"][2]["kernel"][...])
+    np.testing.assert_array_equal(new_mask, old_mask[keep[0], :])
+    nu = np.asarray(opt.opt_state.inner_state[0].nu["layers"][0]["kernel"][...])
+    np.testing.assert_array_equal(
+        new_opt.opt_state.inner_state[0].nu["layers"][0]["kernel"][...], nu[:, keep[0]]
+    )
+    new_opt.update(small, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(small))  # it steps
+    assert new_opt.opt_state.mask["layers"][0]["kernel"][...].shape == (3, 4)
