@@ -122,3 +122,18 @@ def test_best_within_one_point_of_its_seed():
 def test_unknown_model_is_refused():
     with pytest.raises(SystemExit, match="unknown model 'vgg'"):
         main_job.main(["--models", "vgg", "--quick"])
+
+
+def test_reading_compares_with_deep_compression_seed_by_seed():
+    s = {
+        "dense": [90.0, 90.0, 90.0],
+        "methods": {
+            "saliency": {"ratios": [100.0, 110.0, 90.0], "n_found": 3},
+            "deep_compression": {"ratios": [90.0, 70.0, 95.0], "n_found": 3},
+        },
+    }
+    lines = main_report.reading("net", s)
+    assert "Largest ratio within 1 point: OBD saliency F w²/2, 100.0 ± 10.0x." in lines
+    (dc,) = [x for x in lines if x.startswith("Against the Deep Compression")]
+    assert dc.endswith("ahead on 2 of 3 (+10.0x, +40.0x, -5.0x).")
+    assert "+15.0x, within seed noise" in dc
