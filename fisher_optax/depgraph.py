@@ -653,8 +653,11 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
 
     Args:
       model: an ``nnx.Module`` (called as ``model(example)``), or a Linen module (called as
-        ``model.apply(variables, example)``). Put BatchNorm and dropout in evaluation mode
-        first (``model.eval()``) for the trace to be the one you deploy.
+        ``model.apply(variables, example)``). An NNX model is traced, and its cut checked,
+        in evaluation mode on a copy (``eval()``: Dropout off, BatchNorm on its running
+        statistics; the channel structure is the same in both modes, and ``model`` keeps
+        its mode). A Linen module is applied as given: make it deterministic (e.g. a
+        ``train=False`` attribute) before tracing.
       example: one example input batch (a small one suffices: its values are used only to
         check the cut).
       variables: the Linen variables (``{'params': ..., 'batch_stats': ...}``); Linen only.
@@ -683,7 +686,7 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
         flat, treedef = jax.tree_util.tree_flatten_with_path(state)
 
         def forward(leaves: list, x: Any) -> Any:
-            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x)
+            return _eval_copy(graphdef, jax.tree.unflatten(treedef, leaves))(x)
 
         kind = "nnx"
     elif variables is not None and hasattr(model, "apply"):
@@ -1019,12 +1022,26 @@ def _take(x: Any, ix: tuple | None) -> Any:
     return jnp.asarray(x, dtype)
 
 
+def _eval_copy(graphdef: Any, state: Any) -> Any:
+    """The NNX model in evaluation mode (Dropout off, BatchNorm on its running statistics).
+
+    The channel structure is the same in both modes, but a training-mode forward draws
+    random bits (which the trace cannot follow) and cannot be compared between two models.
+    """
+    from flax import nnx
+
+    model = nnx.merge(graphdef, state)
+    model.eval()
+    return model
+
+
 def _apply(model: Any, x: Any) -> Any:
-    """``model(x)`` under one ``jit`` (eager NNX dispatch compiles every op separately)."""
+    """``model(x)`` in evaluation mode under one ``jit`` (eager NNX dispatch compiles every op
+    separately); ``model`` itself is not changed."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    return jax.jit(lambda s, x: _eval_copy(graphdef, s)(x))(state, x)
 
 
 def _map_state(graph: DepGraph, tree: Any, index: dict, fn: Callable) -> Any:
@@ -1088,13 +1105,16 @@ def _check_tree(graph: DepGraph, tree: Any, name: str) -> None:
             )
 
 
-def _cut_tree(graph: DepGraph, tree: Any, keep: Sequence[np.ndarray], name: str) -> tuple:
-    """``(sliced tree, masked tree, index)``: the removed entries dropped, or set to zero."""
+def _checked_index(graph: DepGraph, tree: Any, keep: Sequence[np.ndarray], name: str) -> dict:
+    """:func:`cut_index`, once ``tree`` is checked to hold the traced leaves."""
     _check_tree(graph, tree, name)
-    index = cut_index(graph, keep)
+    return cut_index(graph, keep)
+
+
+def _zeroed(graph: DepGraph, tree: Any, index: dict) -> Any:
+    """``tree`` with every entry that ``index`` drops set to zero (the masked model)."""
     removed = {p: _removed(graph, p, ix) for p, ix in index.items()}
-    sliced = _map_state(graph, tree, index, _take)
-    return sliced, _map_state(graph, tree, removed, _zero_removed), index
+    return _map_state(graph, tree, removed, _zero_removed)
 
 
 def masked(model: Any, graph: DepGraph, keep: Sequence[np.ndarray]) -> Any:
@@ -1105,7 +1125,7 @@ def masked(model: Any, graph: DepGraph, keep: Sequence[np.ndarray]) -> Any:
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, _cut_tree(graph, state, keep, "model")[1])
+    return nnx.merge(graphdef, _zeroed(graph, state, _checked_index(graph, state, keep, "model")))
 
 
 def _removed(graph: DepGraph, path: Path, ix: tuple) -> tuple:
@@ -1198,11 +1218,11 @@ def cut(
     if graph.kind != "nnx":
         raise ValueError("this graph was traced from a Linen module; use cut_linen.")
     graphdef, state = nnx.split(model)
-    sliced, zeroed, _ = _cut_tree(graph, state, keep, "model")
-    new = nnx.merge(graphdef, sliced)
+    index = _checked_index(graph, state, keep, "model")
+    new = nnx.merge(graphdef, _map_state(graph, state, index, _take))
     _resize_nnx(new)
     if verify:
-        ref = _apply(nnx.merge(graphdef, zeroed), graph.example)
+        ref = _apply(nnx.merge(graphdef, _zeroed(graph, state, index)), graph.example)
         _verify(_apply(new, graph.example), ref, rtol, atol)
     return new
 
@@ -1301,14 +1321,15 @@ def cut_linen(
     """
     if graph.kind != "linen":
         raise ValueError("this graph was traced from an NNX module; use cut.")
-    new, zeroed, index = _cut_tree(graph, variables, keep, "variables")
+    index = _checked_index(graph, variables, keep, "variables")
+    new = _map_state(graph, variables, index, _take)
     features: dict[Path, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
         p = _path_tuple(path)
         if p and p[-1] == "kernel":
             features[p[1:-1] if p[0] == "params" else p[:-1]] = int(jnp.shape(leaf)[-1])
     if module is not None:
-        ref = jax.jit(graph.module.apply)(zeroed, graph.example)
+        ref = jax.jit(graph.module.apply)(_zeroed(graph, variables, index), graph.example)
         try:
             out = jax.jit(module.apply)(new, graph.example)
         except Exception as e:  # flax names the layer whose shape does not fit

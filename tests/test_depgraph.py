@@ -586,3 +586,34 @@ def test_cut_optimizer_slices_pruned_masks_and_moments():
     )
     new_opt.update(small, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(small))  # it steps
     assert new_opt.opt_state.mask["layers"][0]["kernel"][...].shape == (3, 4)
+
+
+class DropoutResidual(nnx.Module):
+    """Conv-BN-relu, a residual branch with Dropout, global pooling: a model users write."""
+
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.conv = nnx.Conv(8, 8, (3, 3), rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.bn(self.stem(x)))
+        h = h + self.drop(nnx.relu(self.conv(h)))
+        return self.head(h.mean((1, 2)))
+
+
+def test_a_model_in_training_mode_is_traced_and_checked_in_evaluation_mode():
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 1))
+    model = DropoutResidual(nnx.Rngs(0))  # training mode: Dropout draws random bits
+    graph = depgraph.dependency_graph(model, x)
+    assert [g.size for g in graph.groups] == [8]  # the residual stream: stem, bn, conv
+    keep = (np.arange(8) % 2 == 0,)
+    small = depgraph.cut(model, graph, keep)
+    assert small.stem.out_features == 4 and small.bn.mean.shape == (4,)
+    assert not model.drop.deterministic  # the caller's model keeps its mode
+    small.eval()
+    masked = depgraph.masked(model, graph, keep)
+    masked.eval()
+    np.testing.assert_allclose(small(x), masked(x), atol=1e-5)
