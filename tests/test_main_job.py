@@ -23,10 +23,16 @@ def test_quick_pipeline_end_to_end_and_cache(tmp_path):
     readme.write_text(README)
     out = tmp_path / "results"
     argv = ["--quick", "--out", str(out), "--no-plots", "--write-readme", "--readme", str(readme)]
+    argv += ["--entry-bits", "40"]  # not the digits preset's 0: the workers must receive it
     # The first run computes in a worker process (--jobs), the report is assembled from the
     # cache it filled; the rerun below, in this process, must read the same numbers.
     record = main_job.main([*argv, "--jobs", "2"])
     assert record["jobs"] == 2
+    assert record["models"]["digits-cnn"]["config"]["entry_bits"] == 40
+    cached = sorted((out / "cache").iterdir())
+    # One quantized point per method (QUICK: one level, one setting), all from the workers:
+    # had they quantized with another entry_bits, this process would have added its own.
+    assert len([p for p in cached if p.name.startswith("quant-") and p.suffix == ".json"]) == 4
     data = json.loads((out / "digits-main.json").read_text())
     (run,) = data["models"]["digits-cnn"]["seeds"]
     n = models.n_params(models.MODELS["digits-cnn"].init(jax.random.key(0), (8, 8, 1)))
@@ -53,6 +59,7 @@ def test_quick_pipeline_end_to_end_and_cache(tmp_path):
         for s in r["models"]["digits-cnn"]["seeds"]
     ]
     assert strip(again) == strip(record)
+    assert sorted((out / "cache").iterdir()) == cached  # every phase was a hit
 
 
 def test_staircase_ramps_and_holds():
