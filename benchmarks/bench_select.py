@@ -13,6 +13,10 @@ Every method produces the same thing, a global keep-mask over all leaves pruning
 
 The three are timed interleaved (one run of each per round), so load from other processes
 hits them alike; medians over rounds and their ratios are printed. No assertions on time.
+The last column is the memory one call of ours touched for the first time (minor page faults
+times the page size): XLA's CPU backend allocates the keys and digits afresh at every call,
+and faulting those pages in costs system time (printed too) that the in-place
+``np.partition`` never pays.
 
     python benchmarks/bench_select.py            # 1e6, 1e7, 1e8 (argsort skipped at 1e8)
     python benchmarks/bench_select.py --quick    # 1e5, 1e6
@@ -21,6 +25,7 @@ hits them alike; medians over rounds and their ratios are printed. No assertions
 
 import argparse
 import platform
+import resource
 import time
 from fractions import Fraction
 
@@ -78,12 +83,22 @@ def numpy_partition(scores):
     return {name: x > threshold for name, x in scores.items()}
 
 
-def timed(fn, arg, block: bool) -> float:
+def timed(fn, arg, block: bool) -> tuple[float, float, float]:
+    """Seconds for one call; the MB of memory it touched for the first time (minor page
+    faults: XLA's CPU backend allocates its temporaries afresh at every call); and the
+    system CPU seconds of the process during the call (mostly those page faults)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     out = fn(arg)
     if block:
         jax.block_until_ready(out)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    fresh = (after.ru_minflt - before.ru_minflt) * PAGE / 1e6
+    return seconds, fresh, after.ru_stime - before.ru_stime
+
+
+PAGE = resource.getpagesize()
 
 
 def main() -> None:
@@ -101,7 +116,8 @@ def main() -> None:
     )
     header = (
         f"| {'n':>5} | {'fisher_optax':>12} | {'argsort':>10} | {'np.partition':>12} | "
-        f"{'argsort / ours':>14} | {'ours / np.partition':>19} |"
+        f"{'argsort / ours':>14} | {'ours / np.partition':>19} | {'fresh MB (ours)':>15} | "
+        f"{'system s (ours)':>15} |"
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -118,11 +134,15 @@ def main() -> None:
         if with_sort:
             jax.block_until_ready(argsort_baseline(dev))  # compile (and one run)
         times = {"ours": [], "np": [], "sort": []}
+        fresh, system = [], []
         for r in range(reps):  # interleaved rounds
-            times["ours"].append(timed(ours, dev, block=True))
-            times["np"].append(timed(numpy_partition, host, block=False))
+            seconds, mb, sys_s = timed(ours, dev, block=True)
+            times["ours"].append(seconds)
+            fresh.append(mb)
+            system.append(sys_s)
+            times["np"].append(timed(numpy_partition, host, block=False)[0])
             if with_sort and (n < 10**8 or r == 0):
-                times["sort"].append(timed(argsort_baseline, dev, block=True))
+                times["sort"].append(timed(argsort_baseline, dev, block=True)[0])
         t_ours, t_np = (float(np.median(times[k])) for k in ("ours", "np"))
         if with_sort:
             t_sort = float(np.median(times["sort"]))
@@ -131,7 +151,8 @@ def main() -> None:
             sort_cell, ratio_cell = f"{'skipped':>10}", f"{'-':>14}"
         print(
             f"| {f'1e{len(str(total)) - 1}':>5} | {t_ours:11.3f}s | {sort_cell} | "
-            f"{t_np:11.3f}s | {ratio_cell} | {t_ours / t_np:18.2f}x |",
+            f"{t_np:11.3f}s | {ratio_cell} | {t_ours / t_np:18.2f}x | "
+            f"{float(np.median(fresh)):15.0f} | {float(np.median(system)):15.3f} |",
             flush=True,
         )
         del host, dev, mask

@@ -44,22 +44,24 @@ def loss_fn(params, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
 
 
-def make_step(opt):
-    @jax.jit
+def make_step(opt, donate: bool = False):
     def step(params, state, x, y):
         grads = jax.grad(loss_fn)(params, x, y)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    return step
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_update(opt):
-    @jax.jit
+def make_update(opt, donate: bool = False):
     def update(grads, state, params):
         return opt.update(grads, state, params)
 
-    return update
+    return jax.jit(update, donate_argnums=(1,) if donate else ())
+
+
+def copy_tree(tree):
+    return jax.tree.map(jnp.copy, tree)
 
 
 def main() -> None:
@@ -75,37 +77,53 @@ def main() -> None:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     x = jax.random.normal(jax.random.key(1), (batch, sizes[0]))
     y = jax.random.randint(jax.random.key(2), (batch,), 0, sizes[-1])
+    grads = jax.grad(loss_fn)(params, x, y)
+    mask = fo.magnitude_mask(params, 0.8)
 
     plain = optax.adam(1e-3)
     # No mask update in the timed steps (the Fisher methods skip count 0, the next is 10**6);
     # they start from an 80% magnitude mask, so the masking does real work.
     wrapped = fo.pruned(optax.adam(1e-3), schedule=fo.constant_sparsity(0.8), update_every=10**6)
-    step_plain, step_pruned = make_step(plain), make_step(wrapped)
-    upd_plain, upd_pruned = make_update(plain), make_update(wrapped)
+    # A fixed mask, for comparison: keep_pruned only rewrites the updates (no selection branch,
+    # no masked gradient or moments).
+    fixed = optax.chain(optax.adam(1e-3), fo.keep_pruned(mask))
 
-    s_plain = plain.init(params)
-    s_pruned = wrapped.init(params)._replace(mask=fo.magnitude_mask(params, 0.8))
-    p_plain, s_plain = jax.block_until_ready(step_plain(params, s_plain, x, y))
-    p_pruned, s_pruned = jax.block_until_ready(step_pruned(params, s_pruned, x, y))
-    grads = jax.grad(loss_fn)(params, x, y)
-    jax.block_until_ready(
-        (upd_plain(grads, s_plain, p_plain), upd_pruned(grads, s_pruned, p_pruned))
-    )
+    def init(opt):
+        state = opt.init(params)
+        return state._replace(mask=copy_tree(mask)) if opt is wrapped else state
 
-    t_plain, t_pruned, u_plain, u_pruned = [], [], [], []
-    for _ in range(steps):  # interleaved, so both see the same machine load
-        t = time.perf_counter()
-        p_plain, s_plain = jax.block_until_ready(step_plain(p_plain, s_plain, x, y))
-        t_plain.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        p_pruned, s_pruned = jax.block_until_ready(step_pruned(p_pruned, s_pruned, x, y))
-        t_pruned.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        jax.block_until_ready(upd_plain(grads, s_plain, p_plain))
-        u_plain.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        jax.block_until_ready(upd_pruned(grads, s_pruned, p_pruned))
-        u_pruned.append(time.perf_counter() - t)
+    # name -> (jitted fn, kind, optimizer); "step" runs grad + update + apply_updates, "update"
+    # only opt.update. The donated variants let XLA update the state (and params) in place,
+    # as a training loop usually does.
+    timed = {
+        ("step", "adam"): (make_step(plain), plain),
+        ("step", "pruned"): (make_step(wrapped), wrapped),
+        ("step donated", "adam"): (make_step(plain, True), plain),
+        ("step donated", "pruned"): (make_step(wrapped, True), wrapped),
+        ("update", "adam"): (make_update(plain), plain),
+        ("update", "pruned"): (make_update(wrapped), wrapped),
+        ("update", "keep_pruned"): (make_update(fixed), fixed),
+        ("update donated", "adam"): (make_update(plain, True), plain),
+        ("update donated", "pruned"): (make_update(wrapped, True), wrapped),
+    }
+    carry = {}
+    for name, (fn, opt) in timed.items():  # compile, and one step to zero the pruned weights
+        if name[0].startswith("step"):
+            carry[name] = jax.block_until_ready(fn(copy_tree(params), init(opt), x, y))
+        else:
+            carry[name] = (params, jax.block_until_ready(fn(grads, init(opt), params))[1])
+    # The update-only calls all read the same zeroed params (pruned weights at exactly 0).
+    p_zero = carry[("step", "pruned")][0]
+    times = {name: [] for name in timed}
+    for _ in range(steps):  # interleaved, so all see the same machine load
+        for name, (fn, _) in timed.items():
+            p, s = carry[name]
+            t = time.perf_counter()
+            if name[0].startswith("step"):
+                carry[name] = jax.block_until_ready(fn(p, s, x, y))
+            else:
+                carry[name] = (p, jax.block_until_ready(fn(grads, s, p_zero))[1])
+            times[name].append(time.perf_counter() - t)
 
     # A mask-update step: with update_every=1 every step from count 1 on selects a new mask
     # (two-stage, global, from the Fisher in nu); time it from the same count-1 state.
@@ -125,22 +143,25 @@ def main() -> None:
         f"# MLP {'-'.join(map(str, sizes))} ({n_params / 1e6:.2f}M params), batch {batch}, "
         f"jax {jax.__version__}, {jax.devices()[0].platform}, medians of {steps} interleaved steps"
     )
-    print("| timed | optax.adam | pruned(adam) | ratio |")
+    print("| timed | optax.adam | with pruning | ratio |")
     print("|-------|-----------:|-------------:|------:|")
+    rows = [
+        ("train step (grad + update), between mask updates", "step", "pruned"),
+        ("train step, params and state donated", "step donated", "pruned"),
+        ("optimizer update only, between mask updates", "update", "pruned"),
+        ("optimizer update only, state donated", "update donated", "pruned"),
+        ("optimizer update only, fixed mask: chain(adam, keep_pruned)", "update", "keep_pruned"),
+    ]
+    for label, kind, other in rows:
+        base, ours = med(times[(kind, "adam")]), med(times[(kind, other)])
+        print(f"| {label} | {base:.2f} ms | {ours:.2f} ms | {ours / base:.3f} |")
+    base = med(times[("update", "adam")])
     print(
-        f"| train step (grad + update), between mask updates | {med(t_plain):.2f} ms | "
-        f"{med(t_pruned):.2f} ms | {med(t_pruned) / med(t_plain):.3f} |"
+        f"| optimizer update at a mask update (two-stage, global) | {base:.2f} ms | "
+        f"{med(t_mask):.2f} ms | {med(t_mask) / base:.1f} |"
     )
-    print(
-        f"| optimizer update only, between mask updates | {med(u_plain):.2f} ms | "
-        f"{med(u_pruned):.2f} ms | {med(u_pruned) / med(u_plain):.3f} |"
-    )
-    print(
-        f"| optimizer update at a mask update (two-stage, global) | {med(u_plain):.2f} ms | "
-        f"{med(t_mask):.2f} ms | {med(t_mask) / med(u_plain):.1f} |"
-    )
-    pruned_frac = sum(int((~m).sum()) for m in jax.tree.leaves(s_pruned.mask)) / sum(
-        m.size for m in jax.tree.leaves(s_pruned.mask) if m.ndim >= 2
+    pruned_frac = sum(int((~m).sum()) for m in jax.tree.leaves(mask)) / sum(
+        m.size for m in jax.tree.leaves(mask) if m.ndim >= 2
     )
     print(
         f"# pruned fraction of kernels in the timed steps: {pruned_frac:.3f}; "

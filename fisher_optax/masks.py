@@ -262,6 +262,7 @@ def _radix_select(
     bits: int = 32,
     *,
     weights: list[jax.Array] | None = None,
+    step_bits: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """Per group, the largest ``t < 2**bits`` with ``#{key < t} < target``, and that count.
 
@@ -273,8 +274,11 @@ def _radix_select(
     first maps each key to one uint8 digit: its byte when its higher bytes equal those of the
     threshold found so far, else 255 (keys below the threshold's prefix are already counted
     in ``below``; those above never count, and a real digit 255 is never below a candidate
-    digit, which is at most 255). Its eight counting passes then read one byte per weight
-    instead of four, a quarter of the memory traffic of plain bisection.
+    digit, which is at most 255). Its counting passes then read one byte per weight instead
+    of four, a quarter of the memory traffic of plain bisection. Each pass counts the
+    ``2**step_bits - 1`` candidates that split the remaining interval evenly and so resolves
+    ``step_bits`` bits: with ``step_bits=2`` three counts share one variadic reduction
+    (:func:`_count_many`), 16 passes instead of 32.
     """
     thresh = jnp.zeros(n_groups, jnp.uint32)
     below = jnp.zeros(n_groups, jnp.int32)
@@ -289,23 +293,67 @@ def _radix_select(
             digits.append(d)
 
         def body(i, carry, digits=digits, below0=below):
+            # Candidates t + j * 2**low for j = 1 .. 2**step_bits - 1, counted in one pass.
             t, b = carry
-            cand = t + (jnp.uint32(1) << (jnp.uint32(7) - i.astype(jnp.uint32)))
-            preds = [d < cand[g].astype(jnp.uint8) for d, g in zip(digits, groups, strict=True)]
-            if weights is None:
-                sums = [_count(q) for q in preds]
-            else:
-                sums = [
-                    jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32)
-                    for q, w in zip(preds, weights, strict=True)
-                ]
-            counts = below0 + _group_sum(sums, groups, n_groups)
-            take = counts < targets
-            return jnp.where(take, cand, t), jnp.where(take, counts, b)
+            low = jnp.uint32(8 - step_bits) - i.astype(jnp.uint32) * jnp.uint32(step_bits)
+            cands = [t + (jnp.uint32(j) << low) for j in range(1, 2**step_bits)]  # <= 255
+            sums = []
+            for n, (d, g) in enumerate(zip(digits, groups, strict=True)):
+                preds = [d < c[g].astype(jnp.uint8) for c in cands]
+                if weights is None:
+                    sums.append(_count_many(preds) if len(preds) > 1 else _count(preds[0])[None])
+                else:
+                    w = weights[n]
+                    sums.append(
+                        jnp.stack([jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32) for q in preds])
+                    )
+            counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
+            take = counts < targets[:, None]  # true for a prefix of the candidates
+            steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
+            picked = jnp.take_along_axis(
+                counts, jnp.maximum(steps.astype(jnp.int32) - 1, 0)[:, None], axis=1
+            )[:, 0]
+            return t + (steps << low), jnp.where(steps > 0, picked, b)
 
-        digit, below = lax.fori_loop(0, 8, body, (jnp.zeros(n_groups, jnp.uint32), below))
+        digit, below = lax.fori_loop(
+            0, 8 // step_bits, body, (jnp.zeros(n_groups, jnp.uint32), below)
+        )
         thresh = thresh | (digit << shift)
     return thresh, below
+
+
+def _count_many(preds: list[jax.Array]) -> jax.Array:
+    """``[jnp.sum(p) for p in preds]`` as int32, in one pass: a variadic reduction.
+
+    XLA's CPU backend fuses the comparisons into one reduction over a tuple of operands and
+    reads the data once (counted one by one, each is its own pass, and a long single
+    reduction is rewritten into a tree whose first level is stored). Partial sums run along
+    the last axis in uint16 (a row shorter than 2**16 cannot overflow it), then over the rows
+    in int32. Not for leaves that may be sharded: XLA's partitioner gathers the operands of
+    a variadic reduction over a sharded axis (see :func:`_may_be_sharded`).
+    """
+    if preds[0].ndim == 0:
+        return jnp.stack([p.astype(jnp.int32) for p in preds])
+    inner = jnp.uint16 if preds[0].shape[-1] < 2**16 else jnp.int32
+    partial = lax.reduce(
+        tuple(p.astype(inner) for p in preds),
+        tuple(np.zeros((), inner) for _ in preds),
+        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+        (preds[0].ndim - 1,),
+    )
+    return jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in partial])
+
+
+def _may_be_sharded(x: Any) -> bool:
+    """Whether ``x`` (an array or a tracer) may be laid out over several devices.
+
+    Under ``jit`` an array placed with a ``NamedSharding`` (and every value computed from
+    it) carries its mesh in its abstract value; an unsharded one carries an empty mesh.
+    (Inputs sharded only through ``jit(..., in_shardings=)`` carry none: their selection
+    still gives the same masks, but may gather.)
+    """
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    return mesh is not None and not mesh.empty and mesh.size > 1
 
 
 def _group_sum(values: list[jax.Array], groups: tuple[int, ...], n_groups: int) -> jax.Array:
@@ -345,7 +393,10 @@ def _select_kept(
     ]
     targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, groups, n_groups))
 
-    thresh, below = _radix_select(keys, groups, n_groups, targets)
+    # Three candidates per pass where no leaf may be sharded; one (plain bisection, whose
+    # single-operand sums the partitioner splits across shards) otherwise.
+    step_bits = 1 if any(_may_be_sharded(s) for s in scores) else 2
+    thresh, below = _radix_select(keys, groups, n_groups, targets, step_bits=step_bits)
     at = _group_sum(
         [_count(k == thresh[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
     )

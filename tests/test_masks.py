@@ -703,3 +703,45 @@ def test_error_complex_scores_and_key():
         fo.topk_mask({"w": jnp.ones((2, 2), jnp.complex64)}, 0.5)
     with pytest.raises(TypeError, match=r"key must be a jax\.random key"):
         fo.random_mask({"w": jnp.ones((2, 2))}, 0.5, key=3)
+
+
+_RADIX = jax.jit(masks_mod._radix_select, static_argnames=("groups", "n_groups", "step_bits"))
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.booleans())
+def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
+    """The threshold of every group is its target-th smallest key, with its count below,
+    whether a pass counts one candidate (the sharded path) or three (variadic)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(37, 5), (300,), (), (4, 3, 70000)]  # a row longer than 2**16: int32 sums
+    keys = [
+        rng.integers(0, 8, s).astype(np.uint32) * np.uint32(2**29)
+        if ties
+        else rng.integers(0, 2**32, s, dtype=np.uint32)
+        for s in shapes
+    ]
+    groups = (0, 1, 0, 1)
+    flat = [np.concatenate([np.ravel(k) for k, h in zip(keys, groups) if h == g]) for g in (0, 1)]
+    targets = np.array([rng.integers(0, f.size + 1) for f in flat], np.int32)
+    for step_bits in (1, 2):
+        thresh, below = _RADIX(
+            [jnp.asarray(k) for k in keys],
+            groups=groups,
+            n_groups=2,
+            targets=jnp.asarray(targets),
+            step_bits=step_bits,
+        )
+        for g in (0, 1):
+            t = int(targets[g])
+            want = 0 if t == 0 else int(np.partition(flat[g], t - 1)[t - 1])
+            assert int(thresh[g]) == want, (step_bits, g)
+            assert int(below[g]) == int(np.count_nonzero(flat[g] < want)), (step_bits, g)
+
+
+def test_count_many_matches_numpy_for_every_rank_and_long_rows():
+    rng = np.random.default_rng(3)
+    for shape in [(), (7,), (5, 9), (2, 3, 4), (2, 70000)]:
+        preds = [jnp.asarray(rng.random(shape) < p) for p in (0.1, 0.5, 0.9)]
+        got = np.asarray(jax.jit(masks_mod._count_many)(preds))
+        np.testing.assert_array_equal(got, [int(np.sum(np.asarray(p))) for p in preds])

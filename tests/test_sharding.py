@@ -126,3 +126,23 @@ def test_the_gather_check_can_fail_a_full_sort_gathers():
     text = jax.jit(argsort_threshold).lower(scores).compile().as_text()
     found = hlo_collectives(text)
     assert sum(found.values()) > 0, found
+
+
+def test_may_be_sharded_reads_the_mesh_of_the_abstract_value():
+    """The selection counts three candidates per variadic reduction only on values that
+    carry no mesh; a sharded leaf and anything computed from it take the plain passes."""
+    from fisher_optax import masks
+
+    scores, _ = sharded_tree(np.random.default_rng(0), ties=False)
+    seen = {}
+
+    @jax.jit
+    def probe(a, b):
+        seen["sharded"] = masks._may_be_sharded(a)
+        seen["derived"] = masks._may_be_sharded(jnp.abs(a) * 2.0)
+        seen["local"] = masks._may_be_sharded(b)
+        return a
+
+    probe(scores["a"], jnp.ones(3))
+    assert seen == {"sharded": True, "derived": True, "local": False}
+    assert not masks._may_be_sharded(jnp.ones(3))
