@@ -3,9 +3,9 @@
 Every method produces the same thing, a global keep-mask over all leaves pruning exactly
 ``k = round(s * n)`` of the smallest scores:
 
-- ``fisher_optax``: ``jax.jit(topk_mask)``: 32 counting passes over order-preserving keys,
-  one byte-wide digit per phase (plus the tie-break by flat index, two small selections
-  that run only when ties straddle the cut);
+- ``fisher_optax``: ``jax.jit(topk_mask)``: 16 counting passes over order-preserving keys,
+  one byte-wide digit per phase, three candidates counted per pass (plus the tie-break by
+  flat index, two small selections that run only when ties straddle the cut);
 - ``argsort``: what existing JAX pruners do: concatenate, ``jnp.argsort``, take the k-th
   value as threshold, compare (jitted; ties not resolved exactly);
 - ``np.partition``: NumPy introselect for the k-th value, in place on a concatenated copy

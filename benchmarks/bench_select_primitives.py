@@ -1,9 +1,11 @@
 """What the building blocks of a faster selection cost on this backend, against one counting
-pass of ``fisher_optax.topk_mask`` (the unit its 32 passes are made of).
+pass of one candidate (the unit; ``fisher_optax.topk_mask`` on sharded scores makes 32).
 
-``topk_mask`` finds the exact threshold with 32 byte-wide counting passes. Each row below is
-a primitive that a pass-saving design would use instead, timed as a ratio to one counting
-pass over the same uint8 digits in the same run (interleaved rounds, medians):
+``topk_mask`` finds the exact threshold with byte-wide counting passes. Each row below is
+a primitive that a pass-saving design can use, timed as a ratio to one counting pass over
+the same uint8 digits in the same run (interleaved rounds, medians). The first rows are
+what ``topk_mask`` does on unsharded scores: three thresholds per variadic reduction, 16
+passes:
 
 - ``m thresholds, one variadic reduction``: counting m candidates per pass, which resolves
   log2(m + 1) bits (break-even ratio: that many passes);
@@ -25,7 +27,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from fisher_optax import masks
 
@@ -41,15 +42,8 @@ def short_chunks(d):
 
 
 def variadic(m):
-    def count(d):
-        ops = tuple((d < jnp.uint8(16 * (j + 1))).astype(jnp.uint16) for j in range(m))
-        sums = lax.reduce(
-            ops,
-            tuple(jnp.uint16(0) for _ in range(m)),
-            lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
-            (1,),
-        )  # per row: at most 1000 < 2**16
-        return jnp.stack([jnp.sum(s, dtype=jnp.int32) for s in sums])
+    def count(d):  # what topk_mask does on unsharded scores, with m thresholds
+        return masks._count_many([d < jnp.uint8(16 * (j + 1)) for j in range(m)])
 
     return count
 

@@ -9,11 +9,13 @@ mapping from paths or predicates to targets (e.g. from :func:`erk_sparsity`).
 
 Selection never sorts. Scores are mapped to order-preserving ``uint32`` keys and the exact
 k-th smallest key is found one byte at a time by counting passes: each pass compares every
-key with one candidate and sums, per leaf, how many fall below it, so on sharded parameters
-only scalar counts cross devices. Ties at the cut are broken by flat index with two small
-selections (tied entries counted per row, then inside the one row that holds the cut). XLA's
-CPU sort of 1e7 floats takes seconds; the counting passes take about as long as NumPy's
-``np.partition`` (see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held
+key with three candidates at once (one variadic reduction, two bits per pass, 16 passes) and
+sums, per leaf, how many fall below each. On parameters that may be sharded each pass counts
+one candidate (32 passes), whose sums XLA's partitioner splits across shards, so only scalar
+counts cross devices. Ties at the cut are broken by flat index with two small selections
+(tied entries counted per row, then inside the one row that holds the cut). XLA's CPU sort
+of 1e7 floats takes seconds; the counting passes take 1.5-2.3x NumPy's ``np.partition``
+(see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held
 by the CPU (at most ``2**24`` weights) select in NumPy instead, with identical masks, so a
 first call compiles nothing.
 """
@@ -779,7 +781,8 @@ def topk_mask(
     inside each leaf.
 
     The exact threshold is found without sorting, one byte of order-preserving integer
-    keys at a time: 32 counting passes that each read one byte per weight, plus, only when
+    keys at a time: 16 counting passes that each read one byte per weight and count three
+    candidates (32 passes of one candidate on scores that may be sharded), plus, only when
     ties straddle the threshold, two small selections for the flat-index cut (the row that
     holds it, then its place in that row). Under ``jit`` on sharded scores only counts cross
     devices (all-reduces, no all-gather). Called eagerly on concrete arrays held by the CPU

@@ -722,7 +722,10 @@ def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
         for s in shapes
     ]
     groups = (0, 1, 0, 1)
-    flat = [np.concatenate([np.ravel(k) for k, h in zip(keys, groups) if h == g]) for g in (0, 1)]
+    flat = [
+        np.concatenate([np.ravel(k) for k, h in zip(keys, groups, strict=True) if h == g])
+        for g in (0, 1)
+    ]
     targets = np.array([rng.integers(0, f.size + 1) for f in flat], np.int32)
     for step_bits in (1, 2):
         thresh, below = _RADIX(
