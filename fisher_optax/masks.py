@@ -14,7 +14,7 @@ sums, per leaf, how many fall below each. On parameters that may be sharded each
 one candidate (32 passes), whose sums XLA's partitioner splits across shards, so only scalar
 counts cross devices. Ties at the cut are broken by flat index with two small selections
 (tied entries counted per row, then inside the one row that holds the cut). XLA's CPU sort
-of 1e7 floats takes seconds; the counting passes take 1.5-2.3x NumPy's ``np.partition``
+of 1e7 floats takes seconds; the counting passes take 1.5-2.7x NumPy's ``np.partition``
 (see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held
 by the CPU (at most ``2**24`` weights) select in NumPy instead, with identical masks, so a
 first call compiles nothing.
@@ -354,8 +354,13 @@ def _may_be_sharded(x: Any) -> bool:
     (Inputs sharded only through ``jit(..., in_shardings=)`` carry none: their selection
     still gives the same masks, but may gather.)
     """
-    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
-    return mesh is not None and not mesh.empty and mesh.size > 1
+    if jax.device_count() == 1:
+        return False
+    typeof = getattr(jax, "typeof", None)  # older jax: no sharding in the abstract value
+    mesh = getattr(getattr(typeof(x), "sharding", None), "mesh", None) if typeof else None
+    if mesh is None or not hasattr(mesh, "empty"):
+        return True  # cannot tell: take the path that never gathers
+    return not mesh.empty and mesh.size > 1
 
 
 def _group_sum(values: list[jax.Array], groups: tuple[int, ...], n_groups: int) -> jax.Array:
@@ -397,7 +402,7 @@ def _select_kept(
 
     # Three candidates per pass where no leaf may be sharded; one (plain bisection, whose
     # single-operand sums the partitioner splits across shards) otherwise.
-    step_bits = 1 if any(_may_be_sharded(s) for s in scores) else 2
+    step_bits = 1 if any(_may_be_sharded(k) for k in keys) else 2
     thresh, below = _radix_select(keys, groups, n_groups, targets, step_bits=step_bits)
     at = _group_sum(
         [_count(k == thresh[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
