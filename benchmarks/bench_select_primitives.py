@@ -62,13 +62,10 @@ def callback(k):
     )
 
 
-def median_seconds(fn, arg, rounds):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def seconds(fn, arg):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(arg))
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -109,7 +106,7 @@ def main() -> None:
         times = {name: [] for name in fns}
         for _ in range(rounds):
             for name, (fn, arg) in fns.items():
-                times[name].append(median_seconds(fn, data[arg], 1))
+                times[name].append(seconds(fn, data[arg]))
         base = float(np.median(times["pass"]))
         base_cells.append(f"{base * 1e3:.2f} ms")
         for name, _, _ in rows:

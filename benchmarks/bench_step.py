@@ -160,6 +160,12 @@ def main() -> None:
         f"| optimizer update at a mask update (two-stage, global) | {base:.2f} ms | "
         f"{med(t_mask):.2f} ms | {med(t_mask) / base:.1f} |"
     )
+    # With the state donated, XLA copies the moments that the conditional holding the
+    # selection reads (it cannot prove the in-place update comes after it): count the copies.
+    hlo = make_update(wrapped, True).lower(grads, init(wrapped), params).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    copies = [line for line in entry.splitlines() if " copy(" in line and "= f32[" in line]
+    print(f"# float32 arrays copied by the donated pruned update (XLA HLO): {len(copies)}")
     pruned_frac = sum(int((~m).sum()) for m in jax.tree.leaves(mask)) / sum(
         m.size for m in jax.tree.leaves(mask) if m.ndim >= 2
     )

@@ -14,7 +14,7 @@ sums, per leaf, how many fall below each. On parameters that may be sharded each
 one candidate (32 passes), whose sums XLA's partitioner splits across shards, so only scalar
 counts cross devices. Ties at the cut are broken by flat index with two small selections
 (tied entries counted per row, then inside the one row that holds the cut). XLA's CPU sort
-of 1e7 floats takes seconds; the counting passes take 1.5-2.7x NumPy's ``np.partition``
+of 1e7 floats takes seconds; the counting passes take 1.7-2.7x NumPy's ``np.partition``
 (see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held
 by the CPU (at most ``2**24`` weights) select in NumPy instead, with identical masks, so a
 first call compiles nothing.
@@ -300,22 +300,19 @@ def _radix_select(
             low = jnp.uint32(8 - step_bits) - i.astype(jnp.uint32) * jnp.uint32(step_bits)
             cands = [t + (jnp.uint32(j) << low) for j in range(1, 2**step_bits)]  # <= 255
             sums = []
-            for n, (d, g) in enumerate(zip(digits, groups, strict=True)):
+            for d, g, w in zip(digits, groups, weights or [None] * len(digits), strict=True):
                 preds = [d < c[g].astype(jnp.uint8) for c in cands]
-                if weights is None:
-                    sums.append(_count_many(preds) if len(preds) > 1 else _count(preds[0])[None])
-                else:
-                    w = weights[n]
+                if w is not None:
                     sums.append(
                         jnp.stack([jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32) for q in preds])
                     )
+                else:
+                    sums.append(_count_many(preds) if len(preds) > 1 else _count(preds[0])[None])
             counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
             take = counts < targets[:, None]  # true for a prefix of the candidates
             steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
-            picked = jnp.take_along_axis(
-                counts, jnp.maximum(steps.astype(jnp.int32) - 1, 0)[:, None], axis=1
-            )[:, 0]
-            return t + (steps << low), jnp.where(steps > 0, picked, b)
+            # Counts grow with the candidate and are >= b: the last one taken is the largest.
+            return t + (steps << low), jnp.max(jnp.where(take, counts, b[:, None]), axis=1)
 
         digit, below = lax.fori_loop(
             0, 8 // step_bits, body, (jnp.zeros(n_groups, jnp.uint32), below)
