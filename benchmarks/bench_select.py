@@ -13,10 +13,11 @@ Every method produces the same thing, a global keep-mask over all leaves pruning
 
 The three are timed interleaved (one run of each per round), so load from other processes
 hits them alike; medians over rounds and their ratios are printed. No assertions on time.
-The last column is the memory one call of ours touched for the first time (minor page faults
-times the page size): XLA's CPU backend allocates the keys and digits afresh at every call,
-and faulting those pages in costs system time (printed too) that the in-place
-``np.partition`` never pays.
+The last columns are the memory one call of ours touched for the first time (minor page
+faults times the page size) and its system CPU time: XLA's CPU backend allocates a call's
+temporaries afresh, and faulting those pages in costs system time that the in-place
+``np.partition`` never pays (the selection stores one byte per score, in the output's
+buffer; the kernel of commit c80da99 stored about 8 and faulted 810 MB at 1e8).
 
     python benchmarks/bench_select.py            # 1e6, 1e7, 1e8 (argsort skipped at 1e8)
     python benchmarks/bench_select.py --quick    # 1e5, 1e6
@@ -117,7 +118,7 @@ def main() -> None:
     header = (
         f"| {'n':>5} | {'fisher_optax':>12} | {'argsort':>10} | {'np.partition':>12} | "
         f"{'argsort / ours':>14} | {'ours / np.partition':>19} | {'fresh MB (ours)':>15} | "
-        f"{'system s (ours)':>15} |"
+        f"{'system s (ours)':>15} | {'temp MB (ours)':>14} |"
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -126,6 +127,9 @@ def main() -> None:
         dev = jax.device_put(host)
         reps = repeats if n < 10**8 else max(1, min(repeats, 3))
         jax.block_until_ready(ours(dev))  # compile
+        # The temporaries XLA allocates for one call (every branch's, whether it runs or not).
+        analysis = ours.lower(dev).compile().memory_analysis()
+        temp_mb = analysis.temp_size_in_bytes / 1e6 if analysis is not None else float("nan")
         mask = ours(dev)
         pruned = sum(int((~m).sum()) for m in mask.values())
         total = sum(x.size for x in host.values())
@@ -152,7 +156,8 @@ def main() -> None:
         print(
             f"| {f'1e{len(str(total)) - 1}':>5} | {t_ours:11.3f}s | {sort_cell} | "
             f"{t_np:11.3f}s | {ratio_cell} | {t_ours / t_np:18.2f}x | "
-            f"{float(np.median(fresh)):15.0f} | {float(np.median(system)):15.3f} |",
+            f"{float(np.median(fresh)):15.0f} | {float(np.median(system)):15.3f} | "
+            f"{temp_mb:14.2f} |",
             flush=True,
         )
         del host, dev, mask

@@ -14,8 +14,9 @@ sums, per leaf, how many fall below each. On parameters that may be sharded each
 one candidate (32 passes), whose sums XLA's partitioner splits across shards, so only scalar
 counts cross devices. Ties at the cut are broken by flat index with two small selections
 (tied entries counted per row, then inside the one row that holds the cut). XLA's CPU sort
-of 1e7 floats takes seconds; the counting passes take 1.7-2.7x NumPy's ``np.partition``
-(see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held
+of 1e7 floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition``
+from 1e6 to 1e8 scores on two CPU cores, storing one byte per score (see
+``benchmarks/bench_select.py``). Eager calls on concrete arrays held
 by the CPU (at most ``2**24`` weights) select in NumPy instead, with identical masks, so a
 first call compiles nothing.
 """
@@ -257,7 +258,8 @@ def _flat_index(shape: tuple[int, ...], offset: jax.Array) -> jax.Array:
 
 
 def _radix_select(
-    keys: list[jax.Array],
+    keys_of: Callable[[Any], list[jax.Array]],
+    operands: Any,
     groups: tuple[int, ...],
     n_groups: int,
     targets: jax.Array,
@@ -265,40 +267,52 @@ def _radix_select(
     *,
     weights: list[jax.Array] | None = None,
     step_bits: int = 1,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per group, the largest ``t < 2**bits`` with ``#{key < t} < target``, and that count.
 
-    The one selection routine: the score threshold (``bits=32``) and the cut among ties
-    (over row and in-row indices) are all found by it. Keys must lie below ``2**bits``, and
-    ``bits`` be a multiple of 8. With ``weights`` (int32 arrays shaped like the keys) a key
-    counts with its weight instead of 1: the tie-break counts tied entries per row that way.
-    It bisects ``bits`` bits in phases of eight, one byte of the key per phase. A phase
-    first maps each key to one uint8 digit: its byte when its higher bytes equal those of the
-    threshold found so far, else 255 (keys below the threshold's prefix are already counted
-    in ``below``; those above never count, and a real digit 255 is never below a candidate
-    digit, which is at most 255). Its counting passes then read one byte per weight instead
-    of four, a quarter of the memory traffic of plain bisection. Each pass counts the
+    Returns ``(t, #{key < t}, #{key <= t})``. The one selection routine: the score threshold
+    (``bits=32``) and the cut among ties (over row and in-row indices) are all found by it.
+    The keys are ``keys_of(operands)``, recomputed in every phase rather than stored: XLA's
+    CPU backend would keep them in memory allocated afresh at each call (4 bytes a score),
+    and faulting those pages in cost more than all the counting at 1e8 scores. Keys must lie
+    below ``2**bits``, and ``bits`` be a multiple of 8. With ``weights`` (int32 arrays shaped
+    like the keys) a key counts with its weight instead of 1: the tie-break counts tied
+    entries per row that way.
+
+    It bisects ``bits`` bits in phases of eight, one byte of the key per phase (a loop, so
+    that one digit buffer serves every phase). A phase first maps each key to one uint8
+    digit: its byte when its higher bytes equal those of the threshold found so far, else 255
+    (keys below the threshold's prefix are already counted in ``below``; those above never
+    count, and a real digit 255 is never below a candidate digit, which is at most 255). Its
+    counting passes then read one byte per weight instead of four. Each pass counts the
     ``2**step_bits - 1`` candidates that split the remaining interval evenly and so resolves
     ``step_bits`` bits: with ``step_bits=2`` three counts share one variadic reduction
-    (:func:`_count_many`), 16 passes instead of 32.
+    (:func:`_count_many`), 16 passes instead of 32. The count at the threshold plus one is
+    the smallest count not taken, so no pass is spent on it.
     """
-    thresh = jnp.zeros(n_groups, jnp.uint32)
-    below = jnp.zeros(n_groups, jnp.int32)
-    for phase in range(bits // 8):
-        shift = bits - 8 - 8 * phase
-        digits = []
-        for k, g in zip(keys, groups, strict=True):
-            d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
-            if phase:
-                same = (k >> (shift + 8)) == (thresh[g] >> (shift + 8))
-                d = jnp.where(same, d, np.uint8(0xFF))
-            digits.append(d)
+    keys = keys_of(operands)
+    sizes = [jnp.int32(0)] * n_groups
+    for i, (k, g) in enumerate(zip(keys, groups, strict=True)):
+        size = jnp.sum(weights[i], dtype=jnp.int32) if weights else jnp.int32(k.size)
+        sizes[g] = sizes[g] + size
+    low_bits = np.uint32(2**bits - 1) if bits < 32 else np.uint32(0xFFFFFFFF)
+    m = 2**step_bits - 1
 
-        def body(i, carry, digits=digits, below0=below):
+    def phase(p, carry):
+        thresh, below, hi = carry
+        shift = jnp.uint32(bits - 8) - p.astype(jnp.uint32) * jnp.uint32(8)
+        prefix = (np.uint32(0xFFFFFF00) << shift) & low_bits  # the bytes already resolved
+        digits = []
+        ops, _ = lax.optimization_barrier((operands, thresh))
+        for k, g in zip(keys_of(ops), groups, strict=True):
+            d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
+            digits.append(jnp.where(((k ^ thresh[g]) & prefix) == 0, d, np.uint8(0xFF)))
+
+        def count(i, carry, below0=below):
             # Candidates t + j * 2**low for j = 1 .. 2**step_bits - 1, counted in one pass.
-            t, b = carry
+            t, b, h = carry
             low = jnp.uint32(8 - step_bits) - i.astype(jnp.uint32) * jnp.uint32(step_bits)
-            cands = [t + (jnp.uint32(j) << low) for j in range(1, 2**step_bits)]  # <= 255
+            cands = [t + (jnp.uint32(j) << low) for j in range(1, m + 1)]  # <= 255
             sums = []
             for d, g, w in zip(digits, groups, weights or [None] * len(digits), strict=True):
                 preds = [d < c[g].astype(jnp.uint8) for c in cands]
@@ -307,18 +321,23 @@ def _radix_select(
                         jnp.stack([jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32) for q in preds])
                     )
                 else:
-                    sums.append(_count_many(preds) if len(preds) > 1 else _count(preds[0])[None])
+                    sums.append(_count_many(preds) if m > 1 else _count(preds[0])[None])
             counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
             take = counts < targets[:, None]  # true for a prefix of the candidates
             steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
-            # Counts grow with the candidate and are >= b: the last one taken is the largest.
-            return t + (steps << low), jnp.max(jnp.where(take, counts, b[:, None]), axis=1)
+            # Counts grow with the candidate: the last one taken is the largest, the first
+            # one not taken (or the interval's end, counted before) the smallest.
+            b = jnp.max(jnp.where(take, counts, b[:, None]), axis=1)
+            h = jnp.minimum(h, jnp.min(jnp.where(take, h[:, None], counts), axis=1))
+            return t + (steps << low), b, h
 
-        digit, below = lax.fori_loop(
-            0, 8 // step_bits, body, (jnp.zeros(n_groups, jnp.uint32), below)
+        digit, below, hi = lax.fori_loop(
+            0, 8 // step_bits, count, (jnp.zeros(n_groups, jnp.uint32), below, hi)
         )
-        thresh = thresh | (digit << shift)
-    return thresh, below
+        return thresh | (digit << shift), below, hi
+
+    start = (jnp.zeros(n_groups, jnp.uint32), jnp.zeros(n_groups, jnp.int32), jnp.stack(sizes))
+    return lax.fori_loop(0, bits // 8, phase, start)
 
 
 def _count_many(preds: list[jax.Array]) -> jax.Array:
@@ -341,6 +360,22 @@ def _count_many(preds: list[jax.Array]) -> jax.Array:
         (preds[0].ndim - 1,),
     )
     return jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in partial])
+
+
+def _row_counts(pred: jax.Array) -> jax.Array:
+    """``jnp.sum(pred, axis=(1, ..))`` as int32, without storing ``pred`` as integers.
+
+    XLA's CPU backend rewrites a reduction over more than 32 entries into a tree whose first
+    level is a stored integer copy of its operand (faulted in afresh at every call: 4 bytes
+    an entry for 1e8 entries). Each row is therefore padded to a multiple of 32 and summed in
+    two levels, 32 entries at a time first (fused with the comparison), then the partial sums.
+    """
+    pred = pred.reshape(pred.shape[0], -1)
+    pad = -pred.shape[1] % 32
+    if pad:
+        pred = jnp.pad(pred, ((0, 0), (0, pad)))
+    part = jnp.sum(pred.reshape(pred.shape[0], -1, 32), axis=2, dtype=jnp.uint8)
+    return jnp.sum(part, axis=1, dtype=jnp.int32)
 
 
 def _may_be_sharded(x: Any) -> bool:
@@ -383,14 +418,19 @@ def _select_kept(
     if it is lower). Ties at the threshold go to the lower flat index, where the flat index
     runs over the group's leaves in order, row-major inside each leaf.
     """
-    keys = []
-    for s, a, k in zip(scores, allowed, kept, strict=True):
-        key = _float_keys(s)
-        if k is not None:
-            key = jnp.where(k, key, _ALREADY)
-        if a is not None:
-            key = jnp.where(a, key, _NEVER)
-        keys.append(key)
+
+    def keys_of(scores, allowed, kept):
+        keys = []
+        for s, a, k in zip(scores, allowed, kept, strict=True):
+            key = _float_keys(s)
+            if k is not None:
+                key = jnp.where(k, key, _ALREADY)
+            if a is not None:
+                key = jnp.where(a, key, _NEVER)
+            keys.append(key)
+        return keys
+
+    keys = keys_of(scores, allowed, kept)
     prior = [
         _count(~k if a is None else ~k & a) if k is not None else jnp.int32(0)
         for a, k in zip(allowed, kept, strict=True)
@@ -400,10 +440,15 @@ def _select_kept(
     # Three candidates per pass where no leaf may be sharded; one (plain bisection, whose
     # single-operand sums the partitioner splits across shards) otherwise.
     step_bits = 1 if any(_may_be_sharded(k) for k in keys) else 2
-    thresh, below = _radix_select(keys, groups, n_groups, targets, step_bits=step_bits)
-    at = _group_sum(
-        [_count(k == thresh[g]) for k, g in zip(keys, groups, strict=True)], groups, n_groups
+    thresh, below, upto = _radix_select(
+        lambda ops: keys_of(*ops),
+        (scores, allowed, kept),
+        groups,
+        n_groups,
+        targets,
+        step_bits=step_bits,
     )
+    at = upto - below  # entries at the threshold
     ties = targets - below  # how many entries at the threshold to prune (>= 1 if target > 0)
 
     # The tie-break orders tied entries by flat index, as (row, index inside the row): the
@@ -417,18 +462,19 @@ def _select_kept(
     row_bits = _index_bits(max(rows_in))
     col_bits = _index_bits(max(math.prod(v.shape[1:]) for v in views))
 
-    def tie_cut(_):
+    def tie_cut(operands):
         # Two small selections instead of one over every entry's flat index: first the row
         # holding the ties[g]-th tied entry (tied entries counted per row, one pass), then
         # its position inside that row (one pass to extract the row's tied entries).
+        views = [_rows_view(k) for k in keys_of(*operands)]
         tied = [v == thresh[g] for v, g in zip(views, groups, strict=True)]
-        per_row = [jnp.sum(t, axis=tuple(range(1, t.ndim)), dtype=jnp.int32) for t in tied]
+        per_row = [_row_counts(t) for t in tied]
         row_keys = [
             lax.iota(jnp.uint32, r.shape[0]) + np.uint32(o)
             for r, o in zip(per_row, row_offsets, strict=True)
         ]
-        cut_row, before = _radix_select(
-            row_keys, groups, n_groups, ties, bits=row_bits, weights=per_row
+        cut_row, before, _ = _radix_select(
+            list, row_keys, groups, n_groups, ties, bits=row_bits, weights=per_row
         )
         in_row = [
             jnp.any(t & (_row_index(t.shape, o) == cut_row[g]), axis=0)
@@ -436,19 +482,21 @@ def _select_kept(
         ]
         sentinel = np.uint32(2**col_bits - 1)  # above every in-row index
         col_keys = [jnp.where(r, _flat_index(r.shape, jnp.uint32(0)), sentinel) for r in in_row]
-        cut_col, _ = _radix_select(col_keys, groups, n_groups, ties - before, bits=col_bits)
+        cut_col, _, _ = _radix_select(
+            list, col_keys, groups, n_groups, ties - before, bits=col_bits
+        )
         cut_in_row = [
             r & (_flat_index(r.shape, jnp.uint32(0)) <= cut_col[g])
             for r, g in zip(in_row, groups, strict=True)
         ]
         return cut_row, cut_in_row
 
-    def all_tied(_):
+    def all_tied(operands):
         return jnp.full(n_groups, _NEVER), [jnp.zeros(v.shape[1:], bool) for v in views]
 
     # Only when some group has more entries at the threshold than it may prune does the
     # tie-break run (continuous scores rarely need it); otherwise every tied entry goes.
-    cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, None)
+    cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, (scores, allowed, kept))
     out = []
     for k, v, g, o, c in zip(keys, views, groups, row_offsets, cut_in_row, strict=True):
         row = _row_index(v.shape, o)

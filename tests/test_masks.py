@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import math
 from fractions import Fraction
 
 import jax
@@ -705,14 +706,17 @@ def test_error_complex_scores_and_key():
         fo.random_mask({"w": jnp.ones((2, 2))}, 0.5, key=3)
 
 
-_RADIX = jax.jit(masks_mod._radix_select, static_argnames=("groups", "n_groups", "step_bits"))
+_RADIX = jax.jit(
+    masks_mod._radix_select, static_argnames=("keys_of", "groups", "n_groups", "step_bits")
+)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(st.integers(0, 2**31 - 1), st.booleans())
 def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
-    """The threshold of every group is its target-th smallest key, with its count below,
-    whether a pass counts one candidate (the sharded path) or three (variadic)."""
+    """The threshold of every group is its target-th smallest key, with the counts below it
+    and up to it, whether a pass counts one candidate (the sharded path) or three
+    (variadic), and with weights (the tie-break's per-row counts)."""
     rng = np.random.default_rng(seed)
     shapes = [(37, 5), (300,), (), (4, 3, 70000)]  # a row longer than 2**16: int32 sums
     keys = [
@@ -728,7 +732,8 @@ def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
     ]
     targets = np.array([rng.integers(0, f.size + 1) for f in flat], np.int32)
     for step_bits in (1, 2):
-        thresh, below = _RADIX(
+        thresh, below, upto = _RADIX(
+            list,
             [jnp.asarray(k) for k in keys],
             groups=groups,
             n_groups=2,
@@ -740,6 +745,39 @@ def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
             want = 0 if t == 0 else int(np.partition(flat[g], t - 1)[t - 1])
             assert int(thresh[g]) == want, (step_bits, g)
             assert int(below[g]) == int(np.count_nonzero(flat[g] < want)), (step_bits, g)
+            assert int(upto[g]) == int(np.count_nonzero(flat[g] <= want)), (step_bits, g)
+
+    # Weighted counts: key i counts w[i] times; the target-th smallest of the repeated keys.
+    small = [rng.integers(0, 2**16, s, dtype=np.uint32) for s in [(40,), (9,)]]
+    weights = [rng.integers(0, 5, k.shape).astype(np.int32) for k in small]
+    for g, (k, w) in enumerate(zip(small, weights, strict=True)):
+        rep = np.repeat(k, w)
+        t = int(rng.integers(0, rep.size + 1))
+        thresh, below, upto = jax.jit(
+            masks_mod._radix_select, static_argnames=("keys_of", "groups", "n_groups", "bits")
+        )(
+            list,
+            [jnp.asarray(k)],
+            groups=(0,),
+            n_groups=1,
+            targets=jnp.asarray([t]),
+            bits=16,
+            weights=[jnp.asarray(w)],
+        )
+        want = 0 if t == 0 else int(np.partition(rep, t - 1)[t - 1])
+        assert int(thresh[0]) == want, g
+        assert (int(below[0]), int(upto[0])) == (
+            int(np.count_nonzero(rep < want)),
+            int(np.count_nonzero(rep <= want)),
+        ), g
+
+
+def test_row_counts_match_numpy_for_every_shape():
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (3, 32), (4, 33), (2, 1000), (3, 3, 64, 7), (2, 70001)]:
+        pred = rng.random(shape) < 0.6
+        got = np.asarray(jax.jit(masks_mod._row_counts)(jnp.asarray(pred)))
+        np.testing.assert_array_equal(got, pred.reshape(shape[0], -1).sum(axis=1))
 
 
 def test_count_many_matches_numpy_for_every_rank_and_long_rows():
@@ -748,3 +786,24 @@ def test_count_many_matches_numpy_for_every_rank_and_long_rows():
         preds = [jnp.asarray(rng.random(shape) < p) for p in (0.1, 0.5, 0.9)]
         got = np.asarray(jax.jit(masks_mod._count_many)(preds))
         np.testing.assert_array_equal(got, [int(np.sum(np.asarray(p))) for p in preds])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_compiled_selection_stores_nothing_score_sized(with_mask):
+    """The jitted selection keeps no per-score temporaries (keys are recomputed, the digits
+    live in the output's buffer): XLA:CPU allocates temporaries afresh at every call, and at
+    1e8 scores faulting in the ~8 bytes per score the earlier kernel stored cost more than
+    the counting. Shapes only: nothing runs."""
+    shapes = {"a": (600, 1000), "b": (300, 1000), "c": (99_991,), "d": (3, 3, 16, 64)}
+    scores = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    n = sum(math.prod(s) for s in shapes.values())
+    if with_mask:
+        mask = {k: jax.ShapeDtypeStruct(s, jnp.bool_) for k, s in shapes.items()}
+        fn = jax.jit(lambda s, m: fo.topk_mask(s, 0.9, mask=m))
+        compiled = fn.lower(scores, mask).compile()
+    else:
+        compiled = jax.jit(lambda s: fo.topk_mask(s, 0.9)).lower(scores).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        pytest.skip("this backend reports no memory analysis")
+    assert analysis.temp_size_in_bytes < n / 8, (analysis.temp_size_in_bytes, n)
