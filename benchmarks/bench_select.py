@@ -22,6 +22,12 @@ buffer; the kernel of commit c80da99 stored about 8 and faulted 810 MB at 1e8).
     python benchmarks/bench_select.py            # 1e6, 1e7, 1e8 (argsort skipped at 1e8)
     python benchmarks/bench_select.py --quick    # 1e5, 1e6
     python benchmarks/bench_select.py --argsort-1e8   # also time argsort at 1e8, once
+    python benchmarks/bench_select.py --keys     # stored vs recomputed keys, 1e6 to 3.2e7
+
+``--keys`` times the two ways the kernel can give its phases the keys, forced by setting
+``fisher_optax.masks._STORED_KEYS_MAX`` while each is compiled (ahead of time, so neither
+is traced again): stored once (4 bytes a score of temporaries) or recomputed from the scores
+in every phase. Their ratio is what that threshold is chosen from.
 """
 
 import argparse
@@ -35,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fisher_optax as fo
+import fisher_optax.masks as masks_mod
 
 SPARSITY = 0.9
 
@@ -102,12 +109,49 @@ def timed(fn, arg, block: bool) -> tuple[float, float, float]:
 PAGE = resource.getpagesize()
 
 
+def keys_table(repeats: int) -> None:
+    """Stored vs recomputed keys, interleaved, with the temporaries each compiles to."""
+    print("| n | keys stored | recomputed | stored / recomputed | temp MB stored | recomputed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    default = masks_mod._STORED_KEYS_MAX
+    for n in [10**6, 2 * 10**6, 4 * 10**6, 8 * 10**6, 16 * 10**6, 32 * 10**6]:
+        dev = jax.device_put(make_scores(n))
+        compiled = {}
+        try:
+            for mode, cap in [("stored", 2**62), ("recomputed", 0)]:
+                masks_mod._STORED_KEYS_MAX = cap
+                jax.clear_caches()  # the inner jit of the selection caches its trace
+                fn = jax.jit(lambda s: fo.topk_mask(s, SPARSITY)).lower(dev).compile()
+                compiled[mode] = fn
+        finally:
+            masks_mod._STORED_KEYS_MAX = default
+        for fn in compiled.values():
+            jax.block_until_ready(fn(dev))
+        times = {mode: [] for mode in compiled}
+        for _ in range(repeats):
+            for mode, fn in compiled.items():
+                times[mode].append(timed(fn, dev, block=True)[0])
+        med = {mode: float(np.median(t)) for mode, t in times.items()}
+        temp = {m: fn.memory_analysis().temp_size_in_bytes / 1e6 for m, fn in compiled.items()}
+        print(
+            f"| {n:.1e} | {med['stored'] * 1e3:.2f} ms | {med['recomputed'] * 1e3:.2f} ms | "
+            f"{med['stored'] / med['recomputed']:.2f} | {temp['stored']:.1f} | "
+            f"{temp['recomputed']:.1f} |",
+            flush=True,
+        )
+        del dev
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--argsort-1e8", action="store_true", help="time argsort at 1e8 once")
+    parser.add_argument("--keys", action="store_true", help="stored vs recomputed keys only")
     args = parser.parse_args()
+    if args.keys:
+        keys_table(max(args.repeats, 15))
+        return
     sizes = [10**5, 10**6] if args.quick else [10**6, 10**7, 10**8]
     repeats = 3 if args.quick else args.repeats
     print(

@@ -15,10 +15,10 @@ one candidate (32 passes), whose sums XLA's partitioner splits across shards, so
 counts cross devices. Ties at the cut are broken by flat index with two small selections
 (tied entries counted per row, then inside the one row that holds the cut). XLA's CPU sort
 of 1e7 floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition``
-from 1e6 to 1e8 scores on two CPU cores, storing one byte per score (see
-``benchmarks/bench_select.py``). Eager calls on concrete arrays held
-by the CPU (at most ``2**24`` weights) select in NumPy instead, with identical masks, so a
-first call compiles nothing.
+from 1e6 to 1e8 scores on two CPU cores; above ``2**21`` scores they store one byte per
+score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``). Eager
+calls on concrete arrays held by the CPU (at most ``2**24`` weights) select in NumPy
+instead, with identical masks, so a first call compiles nothing.
 """
 
 import math
@@ -71,6 +71,14 @@ _HOST_MAX = 2**24
 
 A first call then compiles nothing (the jitted kernel takes seconds to compile per tree
 layout, NumPy's introselect milliseconds to run); the masks are identical either way."""
+# Up to this many scores the jitted selection stores their keys (4 bytes each) for its
+# phases to read; above it every phase recomputes them from the scores. XLA's CPU backend
+# allocates a call's temporaries afresh, and glibc serves a block above 32 MB (its largest
+# mmap threshold) with new pages that fault in at every call: 0.5-0.9 s of system time at
+# 1e8 scores, measured. Below it the block is reused, and stored keys were faster: stored /
+# recomputed 0.85-0.96 up to 2e6 scores, 1.2-1.5 at 4e6-8e6 (bench_select.py --keys).
+_STORED_KEYS_MAX = 2**21
+
 _SPARSITY_MEANING = "the fraction of prunable weights to remove"
 
 
@@ -272,9 +280,9 @@ def _radix_select(
 
     Returns ``(t, #{key < t}, #{key <= t})``. The one selection routine: the score threshold
     (``bits=32``) and the cut among ties (over row and in-row indices) are all found by it.
-    The keys are ``keys_of(operands)``, recomputed in every phase rather than stored: XLA's
-    CPU backend would keep them in memory allocated afresh at each call (4 bytes a score),
-    and faulting those pages in cost more than all the counting at 1e8 scores. Keys must lie
+    The keys are ``keys_of(operands)``, evaluated in every phase: ``list`` of stored keys,
+    or a function recomputing them from the scores (then nothing score-sized is stored;
+    see ``_STORED_KEYS_MAX``). Keys must lie
     below ``2**bits``, and ``bits`` be a multiple of 8. With ``weights`` (int32 arrays shaped
     like the keys) a key counts with its weight instead of 1: the tie-break counts tied
     entries per row that way.
@@ -431,6 +439,12 @@ def _select_kept(
         return keys
 
     keys = keys_of(scores, allowed, kept)
+    # Where the keys go: stored once and read by every phase, or recomputed from the scores
+    # by each (see _STORED_KEYS_MAX).
+    if sum(k.size for k in keys) <= _STORED_KEYS_MAX:
+        source, get_keys = keys, list
+    else:
+        source, get_keys = (scores, allowed, kept), lambda ops: keys_of(*ops)
     prior = [
         _count(~k if a is None else ~k & a) if k is not None else jnp.int32(0)
         for a, k in zip(allowed, kept, strict=True)
@@ -441,8 +455,8 @@ def _select_kept(
     # single-operand sums the partitioner splits across shards) otherwise.
     step_bits = 1 if any(_may_be_sharded(k) for k in keys) else 2
     thresh, below, upto = _radix_select(
-        lambda ops: keys_of(*ops),
-        (scores, allowed, kept),
+        get_keys,
+        source,
         groups,
         n_groups,
         targets,
@@ -466,7 +480,7 @@ def _select_kept(
         # Two small selections instead of one over every entry's flat index: first the row
         # holding the ties[g]-th tied entry (tied entries counted per row, one pass), then
         # its position inside that row (one pass to extract the row's tied entries).
-        views = [_rows_view(k) for k in keys_of(*operands)]
+        views = [_rows_view(k) for k in get_keys(operands)]
         tied = [v == thresh[g] for v, g in zip(views, groups, strict=True)]
         per_row = [_row_counts(t) for t in tied]
         row_keys = [
@@ -496,7 +510,7 @@ def _select_kept(
 
     # Only when some group has more entries at the threshold than it may prune does the
     # tie-break run (continuous scores rarely need it); otherwise every tied entry goes.
-    cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, (scores, allowed, kept))
+    cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, source)
     out = []
     for k, v, g, o, c in zip(keys, views, groups, row_offsets, cut_in_row, strict=True):
         row = _row_index(v.shape, o)

@@ -351,6 +351,34 @@ def test_host_selection_equals_the_jitted_kernel(seed, sparsity, scope):
     assert keys[0] == keys[1] == keys[2] == keys[3]
 
 
+def test_recomputed_keys_give_the_stored_keys_masks(monkeypatch):
+    """Above _STORED_KEYS_MAX every phase recomputes the keys from the scores (and the
+    tie-break receives the scores): the same masks as the NumPy path, ties, prior masks,
+    element-wise prunable and layer groups included."""
+    monkeypatch.setattr(masks_mod, "_STORED_KEYS_MAX", 0)
+    jax.clear_caches()  # the selection's inner jit caches its trace
+    try:
+        select = jax.jit(
+            lambda sc, sp, m, a, scope: fo.topk_mask(sc, sp, scope=scope, mask=m, prunable=a),
+            static_argnames="scope",
+        )
+        for seed, scope in [(0, "global"), (1, "layer"), (2, "global")]:
+            rng = np.random.default_rng(seed)
+            shapes = {"a": (6, 9), "b": (40,), "c": (2, 3, 5)}
+            tree = {k: rng.integers(-3, 4, s).astype(np.float32) for k, s in shapes.items()}
+            tree["a"] = rng.standard_normal(shapes["a"]).astype(np.float32)
+            prior = as_jnp({k: rng.uniform(size=s) > 0.25 for k, s in shapes.items()})
+            allow = as_jnp({k: rng.uniform(size=s) > 0.1 for k, s in shapes.items()})
+            scores = as_jnp(tree)
+            for sparsity in (0.3, 0.8):
+                host = fo.topk_mask(scores, sparsity, scope=scope, mask=prior, prunable=allow)
+                device = select(scores, jnp.float32(sparsity), prior, allow, scope)
+                for k in shapes:
+                    np.testing.assert_array_equal(np.asarray(host[k]), np.asarray(device[k]))
+    finally:
+        jax.clear_caches()
+
+
 def test_eager_small_masks_compile_nothing(caplog):
     """A first eager magnitude_mask on concrete CPU params compiles no XLA computation."""
     params = {"w": jnp.asarray(np.arange(-6.0, 6.0, dtype=np.float32).reshape(3, 4) + 0.5)}
@@ -789,21 +817,34 @@ def test_count_many_matches_numpy_for_every_rank_and_long_rows():
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_compiled_selection_stores_nothing_score_sized(with_mask):
-    """The jitted selection keeps no per-score temporaries (keys are recomputed, the digits
-    live in the output's buffer): XLA:CPU allocates temporaries afresh at every call, and at
-    1e8 scores faulting in the ~8 bytes per score the earlier kernel stored cost more than
-    the counting. Shapes only: nothing runs."""
-    shapes = {"a": (600, 1000), "b": (300, 1000), "c": (99_991,), "d": (3, 3, 16, 64)}
+def test_compiled_selection_stores_nothing_score_sized_above_the_threshold(with_mask, monkeypatch):
+    """Above _STORED_KEYS_MAX the jitted selection keeps no per-score temporaries (keys are
+    recomputed in each phase, the digits live in the output's buffer): XLA:CPU allocates
+    temporaries afresh at every call, and at 1e8 scores faulting in the ~8 bytes per score
+    the earlier kernel stored cost more than the counting. Below it the keys are stored
+    (faster there: benchmarks/bench_select.py --keys). Shapes only: nothing runs."""
+    shapes = {"a": (600, 1000), "b": (300, 1000), "c": (100_000,), "d": (3, 3, 16, 64)}
     scores = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    mask = {k: jax.ShapeDtypeStruct(s, jnp.bool_) for k, s in shapes.items()}
     n = sum(math.prod(s) for s in shapes.values())
-    if with_mask:
-        mask = {k: jax.ShapeDtypeStruct(s, jnp.bool_) for k, s in shapes.items()}
-        fn = jax.jit(lambda s, m: fo.topk_mask(s, 0.9, mask=m))
-        compiled = fn.lower(scores, mask).compile()
-    else:
-        compiled = jax.jit(lambda s: fo.topk_mask(s, 0.9)).lower(scores).compile()
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        pytest.skip("this backend reports no memory analysis")
-    assert analysis.temp_size_in_bytes < n / 8, (analysis.temp_size_in_bytes, n)
+    every = lambda path, leaf: True  # the 1-D leaf too
+
+    def temp_bytes(cap):
+        monkeypatch.setattr(masks_mod, "_STORED_KEYS_MAX", cap)
+        jax.clear_caches()  # the selection's inner jit caches its trace
+        if with_mask:
+            fn = jax.jit(lambda s, m: fo.topk_mask(s, 0.9, mask=m, prunable=every)).lower(
+                scores, mask
+            )
+        else:
+            fn = jax.jit(lambda s: fo.topk_mask(s, 0.9, prunable=every)).lower(scores)
+        analysis = fn.compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    try:
+        assert temp_bytes(n - 1) < n / 8
+        assert 4 * n <= temp_bytes(n) < 5 * n  # the keys, stored
+    finally:
+        jax.clear_caches()
