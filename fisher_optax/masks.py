@@ -281,11 +281,10 @@ def _radix_select(
     Returns ``(t, #{key < t}, #{key <= t})``. The one selection routine: the score threshold
     (``bits=32``) and the cut among ties (over row and in-row indices) are all found by it.
     The keys are ``keys_of(operands)``, evaluated in every phase: ``list`` of stored keys,
-    or a function recomputing them from the scores (then nothing score-sized is stored;
-    see ``_STORED_KEYS_MAX``). Keys must lie
-    below ``2**bits``, and ``bits`` be a multiple of 8. With ``weights`` (int32 arrays shaped
-    like the keys) a key counts with its weight instead of 1: the tie-break counts tied
-    entries per row that way.
+    or a function recomputing them from the scores (then nothing score-sized is stored; see
+    ``_STORED_KEYS_MAX``). Keys must lie below ``2**bits``, and ``bits`` be a multiple of 8.
+    With ``weights`` (int32 arrays shaped like the keys) a key counts with its weight
+    instead of 1: the tie-break counts tied entries per row that way.
 
     It bisects ``bits`` bits in phases of eight, one byte of the key per phase (a loop, so
     that one digit buffer serves every phase). A phase first maps each key to one uint8
@@ -311,6 +310,8 @@ def _radix_select(
         shift = jnp.uint32(bits - 8) - p.astype(jnp.uint32) * jnp.uint32(8)
         prefix = (np.uint32(0xFFFFFF00) << shift) & low_bits  # the bytes already resolved
         digits = []
+        # Tied to the loop state, so that XLA can neither hoist the keys out of the loop
+        # (and store them) nor merge the phases' recomputations.
         ops, _ = lax.optimization_barrier((operands, thresh))
         for k, g in zip(keys_of(ops), groups, strict=True):
             d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
