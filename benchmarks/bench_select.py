@@ -23,6 +23,7 @@ buffer; the kernel of commit c80da99 stored about 8 and faulted 810 MB at 1e8).
     python benchmarks/bench_select.py --quick    # 1e5, 1e6
     python benchmarks/bench_select.py --argsort-1e8   # also time argsort at 1e8, once
     python benchmarks/bench_select.py --keys     # stored vs recomputed keys, 1e6 to 3.2e7
+    python benchmarks/bench_select.py --sizes 1e8,1e9 --argsort-1e8   # on a GPU
 
 ``--keys`` times the two ways the kernel can give its phases the keys, forced by setting
 ``fisher_optax.masks._STORED_KEYS_MAX`` while each is compiled (ahead of time, so neither
@@ -148,11 +149,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--argsort-1e8", action="store_true", help="time argsort at 1e8 once")
     parser.add_argument("--keys", action="store_true", help="stored vs recomputed keys only")
+    parser.add_argument(
+        "--sizes", help="comma-separated sizes instead of the defaults, e.g. 1e8,1e9 (on a GPU)"
+    )
     args = parser.parse_args()
     if args.keys:
         keys_table(max(args.repeats, 15))
         return
     sizes = [10**5, 10**6] if args.quick else [10**6, 10**7, 10**8]
+    if args.sizes:
+        sizes = [int(float(x)) for x in args.sizes.split(",")]
     repeats = 3 if args.quick else args.repeats
     print(
         f"# global selection, sparsity {SPARSITY}, float32, jax {jax.__version__}, "
