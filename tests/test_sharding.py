@@ -49,8 +49,24 @@ def hlo_collectives(compiled_text):
     return {c: len(re.findall(rf"\b{c}(-start)?\(", compiled_text)) for c in COLLECTIVES}
 
 
-@pytest.mark.parametrize(("scope", "ties"), [("global", False), ("global", True), ("layer", True)])
-def test_sharded_topk_matches_single_device_without_gathers(ties, scope):
+@pytest.mark.parametrize(
+    ("scope", "ties", "stored_keys"),
+    [
+        ("global", False, True),
+        ("global", True, True),
+        ("layer", True, True),
+        ("global", True, False),
+    ],
+)
+def test_sharded_topk_matches_single_device_without_gathers(
+    ties, scope, stored_keys, monkeypatch, request
+):
+    """Stored keys, and (stored_keys=False) keys recomputed in every phase, as above
+    fisher_optax.masks._STORED_KEYS_MAX."""
+    if not stored_keys:
+        monkeypatch.setattr(fo.masks, "_STORED_KEYS_MAX", 0)
+        jax.clear_caches()  # the selection's inner jit caches its trace
+        request.addfinalizer(jax.clear_caches)
     rng = np.random.default_rng(0)
     scores, shardings = sharded_tree(rng, ties)
     assert len(scores["a"].sharding.device_set) == 8
