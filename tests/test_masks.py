@@ -379,6 +379,17 @@ def test_recomputed_keys_give_the_stored_keys_masks(monkeypatch):
         jax.clear_caches()
 
 
+def test_jitted_selection_with_an_empty_leaf_and_ties_matches_numpy():
+    """An empty leaf takes part in the tie-break (its rows are counted too)."""
+    tree = {"a": np.zeros((0, 5), np.float32), "b": np.ones((7, 3), np.float32)}
+    every = lambda path, leaf: True
+    host = fo.topk_mask(tree, 0.3, prunable=every)
+    device = jax.jit(lambda t: fo.topk_mask(t, 0.3, prunable=every))(as_jnp(tree))
+    for k in tree:
+        np.testing.assert_array_equal(np.asarray(host[k]), np.asarray(device[k]))
+    assert int((~np.asarray(device["b"])).sum()) == 6  # round(0.3 * 21)
+
+
 def test_eager_small_masks_compile_nothing(caplog):
     """A first eager magnitude_mask on concrete CPU params compiles no XLA computation."""
     params = {"w": jnp.asarray(np.arange(-6.0, 6.0, dtype=np.float32).reshape(3, 4) + 0.5)}
@@ -802,10 +813,10 @@ def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
 
 def test_row_counts_match_numpy_for_every_shape():
     rng = np.random.default_rng(5)
-    for shape in [(1, 1), (3, 32), (4, 33), (2, 1000), (3, 3, 64, 7), (2, 70001)]:
+    for shape in [(1, 1), (3, 32), (4, 33), (2, 1000), (3, 3, 64, 7), (2, 70001), (0, 5), (3, 0)]:
         pred = rng.random(shape) < 0.6
         got = np.asarray(jax.jit(masks_mod._row_counts)(jnp.asarray(pred)))
-        np.testing.assert_array_equal(got, pred.reshape(shape[0], -1).sum(axis=1))
+        np.testing.assert_array_equal(got, pred.sum(axis=tuple(range(1, pred.ndim))))
 
 
 def test_count_many_matches_numpy_for_every_rank_and_long_rows():
