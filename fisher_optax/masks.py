@@ -243,6 +243,8 @@ def _count(pred: jax.Array) -> jax.Array:
     """
     if pred.ndim == 0:
         return pred.astype(jnp.int32)
+    if pred.size == 0:
+        return jnp.int32(0)
     d = pred.shape[0]
     c = _chunk(d)
     if c is None:

@@ -380,8 +380,13 @@ def test_recomputed_keys_give_the_stored_keys_masks(monkeypatch):
 
 
 def test_jitted_selection_with_an_empty_leaf_and_ties_matches_numpy():
-    """An empty leaf takes part in the tie-break (its rows are counted too)."""
-    tree = {"a": np.zeros((0, 5), np.float32), "b": np.ones((7, 3), np.float32)}
+    """Empty leaves take part in the tie-break (their rows are counted too): no rows, or
+    rows of no entries (a zero-size count; this failed before 2026-12-03)."""
+    tree = {
+        "a": np.zeros((0, 5), np.float32),
+        "b": np.ones((7, 3), np.float32),
+        "c": np.zeros((3, 0, 2), np.float32),
+    }
     every = lambda path, leaf: True
     host = fo.topk_mask(tree, 0.3, prunable=every)
     device = jax.jit(lambda t: fo.topk_mask(t, 0.3, prunable=every))(as_jnp(tree))
