@@ -14,10 +14,11 @@ Every method produces the same thing, a global keep-mask over all leaves pruning
 The three are timed interleaved (one run of each per round), so load from other processes
 hits them alike; medians over rounds and their ratios are printed. No assertions on time.
 The last columns are the memory one call of ours touched for the first time (minor page
-faults times the page size) and its system CPU time: XLA's CPU backend allocates a call's
-temporaries afresh, and faulting those pages in costs system time that the in-place
-``np.partition`` never pays (the selection stores one byte per score, in the output's
-buffer; the kernel of commit c80da99 stored about 8 and faulted 810 MB at 1e8).
+faults times the page size), its system CPU time, and the temporaries of the compiled call:
+XLA's CPU backend allocates a call's temporaries afresh, and faulting those pages in costs
+system time that the in-place ``np.partition`` never pays (above 2**21 scores the selection
+stores nothing score-sized but one byte per score, in the output's buffer; the kernel of
+commit c80da99 stored about 8 and faulted 810 MB at 1e8).
 
     python benchmarks/bench_select.py            # 1e6, 1e7, 1e8 (argsort skipped at 1e8)
     python benchmarks/bench_select.py --quick    # 1e5, 1e6
