@@ -10,15 +10,16 @@ mapping from paths or predicates to targets (e.g. from :func:`erk_sparsity`).
 Selection never sorts. Scores are mapped to order-preserving ``uint32`` keys and the exact
 k-th smallest key is found one byte at a time by counting passes: each pass compares every
 key with three candidates at once (one variadic reduction, two bits per pass, 16 passes) and
-sums, per leaf, how many fall below each. On parameters that may be sharded each pass counts
-one candidate (32 passes), whose sums XLA's partitioner splits across shards, so only scalar
-counts cross devices. Ties at the cut are broken by flat index with two small selections
-(tied entries counted per row, then inside the one row that holds the cut). XLA's CPU sort
-of 1e7 floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition``
-from 1e6 to 1e8 scores on two CPU cores; above ``2**21`` scores they store one byte per
-score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``). Eager
-calls on concrete arrays held by the CPU (at most ``2**24`` weights) select in NumPy
-instead, with identical masks, so a first call compiles nothing.
+sums, per leaf, how many fall below each. On parameters sharded along explicit mesh axes
+each device counts its block in ``shard_map``; on other sharded ones (``Auto`` axes) each
+pass counts one candidate (32 passes), whose sums XLA's partitioner splits across shards:
+either way only scalar counts cross devices. Ties at the cut are broken by flat index with
+two small selections (tied entries counted per row, then inside the one row that holds the
+cut). XLA's CPU sort of 1e7 floats takes seconds; the counting passes take 0.3-0.5x
+NumPy's ``np.partition`` from 1e6 to 1e8 scores on two CPU cores; above ``2**21`` scores
+they store one byte per score, recomputing the keys in every phase (see
+``benchmarks/bench_select.py``). Eager calls on concrete arrays held by the CPU (at most
+``2**24`` weights) select in NumPy instead, with identical masks, so a first call compiles nothing.
 """
 
 import math
@@ -332,7 +333,11 @@ def _radix_select(
                         jnp.stack([jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32) for q in preds])
                     )
                 else:
-                    sums.append(_count_many(preds) if m > 1 else _count(preds[0])[None])
+                    layout = _explicit_layout(d) if m > 1 else None
+                    if layout is not None:
+                        sums.append(_count_many_sharded(d, [c[g] for c in cands], *layout))
+                    else:
+                        sums.append(_count_many(preds) if m > 1 else _count(preds[0])[None])
             counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
             take = counts < targets[:, None]  # true for a prefix of the candidates
             steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
@@ -389,6 +394,44 @@ def _row_counts(pred: jax.Array) -> jax.Array:
         pred = jnp.pad(pred, ((0, 0), (0, pad)))
     part = jnp.sum(pred.reshape(pred.shape[0], -1, 32), axis=2, dtype=jnp.uint8)
     return jnp.sum(part, axis=1, dtype=jnp.int32)
+
+
+def _explicit_layout(x: Any) -> tuple[Any, Any] | None:
+    """``(mesh, spec)`` of ``x`` if it is laid out over several devices along explicit mesh
+    axes (``jax.make_mesh``'s default), whose spec the abstract value carries; else ``None``
+    (local, or sharded along ``Auto`` axes, whose layout is not known while tracing)."""
+    if jax.device_count() == 1 or not hasattr(jax, "shard_map"):
+        return None
+    typeof = getattr(jax, "typeof", None)
+    sharding = getattr(typeof(x), "sharding", None) if typeof else None
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if mesh is None or spec is None or explicit is None or getattr(mesh, "empty", True):
+        return None
+    if mesh.size <= 1 or any(t != explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    return mesh, spec
+
+
+def _count_many_sharded(d: jax.Array, cands: list[jax.Array], mesh: Any, spec: Any) -> jax.Array:
+    """``[#{d < c} for c in cands]`` for digits sharded along explicit axes: each device
+    counts its block in one variadic reduction (:func:`_count_many`), then only the int32
+    counts are summed across the axes the digits are split along."""
+    axes = tuple(
+        a
+        for entry in spec
+        if entry is not None
+        for a in (entry if isinstance(entry, tuple) else (entry,))
+    )
+
+    def local(block, *c):
+        counts = _count_many([block < x.astype(jnp.uint8) for x in c])
+        return lax.psum(counts, axes) if axes else counts
+
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, *[replicated] * len(cands)), out_specs=replicated
+    )(d, *cands)
 
 
 def _may_be_sharded(x: Any) -> bool:
@@ -456,9 +499,12 @@ def _select_kept(
     ]
     targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, groups, n_groups))
 
-    # Three candidates per pass where no leaf may be sharded; one (plain bisection, whose
-    # single-operand sums the partitioner splits across shards) otherwise.
-    step_bits = 1 if any(_may_be_sharded(k) for k in keys) else 2
+    # Three candidates per pass where every leaf is local or sharded along explicit axes
+    # (counted per shard, see _count_many_sharded); one otherwise (plain bisection, whose
+    # single-operand sums the partitioner splits across shards: it would gather a variadic
+    # reduction over a sharded axis).
+    fast = all(not _may_be_sharded(k) or _explicit_layout(k) is not None for k in keys)
+    step_bits = 2 if fast else 1
     thresh, below, upto = _radix_select(
         get_keys,
         source,

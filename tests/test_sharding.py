@@ -23,13 +23,23 @@ pytestmark = pytest.mark.skipif(
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 
 
-def mesh_2x4():
-    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+def mesh_2x4(explicit=False):
+    """Auto axes (``Mesh``'s default: layouts unknown while tracing), or explicit ones
+    (``jax.make_mesh``'s default: the abstract values carry the partition specs)."""
+    devices = np.array(jax.devices()[:8]).reshape(2, 4)
+    if not explicit:
+        return Mesh(devices, ("data", "model"))
+    return Mesh(devices, ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
 
 
-def sharded_tree(rng, ties):
+def counted_per_shard(lowered_text):
+    """Whether the selection counted inside shard_map (the three-candidate sharded path)."""
+    return "manual_computation" in lowered_text or "SPMDFullToShardShape" in lowered_text
+
+
+def sharded_tree(rng, ties, explicit=False):
     """Leaves sharded along rows, columns, both, and one replicated."""
-    mesh = mesh_2x4()
+    mesh = mesh_2x4(explicit)
     shapes_specs = {
         "a": ((64, 256), P("data", "model")),
         "b": ((128, 40), P(("data", "model"), None)),
@@ -50,25 +60,29 @@ def hlo_collectives(compiled_text):
 
 
 @pytest.mark.parametrize(
-    ("scope", "ties", "stored_keys"),
+    ("scope", "ties", "stored_keys", "explicit"),
     [
-        ("global", False, True),
-        ("global", True, True),
-        ("layer", True, True),
-        ("global", True, False),
+        ("global", False, True, False),
+        ("global", True, True, False),
+        ("layer", True, True, False),
+        ("global", True, False, False),
+        ("global", False, True, True),
+        ("layer", True, True, True),
+        ("global", True, False, True),
     ],
 )
 def test_sharded_topk_matches_single_device_without_gathers(
-    ties, scope, stored_keys, monkeypatch, request
+    ties, scope, stored_keys, explicit, monkeypatch, request
 ):
     """Stored keys, and (stored_keys=False) keys recomputed in every phase, as above
-    fisher_optax.masks._STORED_KEYS_MAX."""
+    fisher_optax.masks._STORED_KEYS_MAX; on a mesh of Auto axes (one candidate per pass)
+    and of explicit axes (three, counted per shard in shard_map)."""
     if not stored_keys:
         monkeypatch.setattr(fo.masks, "_STORED_KEYS_MAX", 0)
         jax.clear_caches()  # the selection's inner jit caches its trace
         request.addfinalizer(jax.clear_caches)
     rng = np.random.default_rng(0)
-    scores, shardings = sharded_tree(rng, ties)
+    scores, shardings = sharded_tree(rng, ties, explicit)
     assert len(scores["a"].sharding.device_set) == 8
     prior = jax.tree.map(lambda x: jnp.asarray(rng.uniform(size=x.shape) > 0.1), scores)
     prior = jax.tree.map(jax.device_put, prior, shardings)
@@ -76,7 +90,9 @@ def test_sharded_topk_matches_single_device_without_gathers(
     def select(scores, prior, sparsity):
         return fo.topk_mask(scores, sparsity, scope=scope, mask=prior)
 
-    compiled = jax.jit(select).lower(scores, prior, jnp.float32(0.6)).compile()
+    lowered = jax.jit(select).lower(scores, prior, jnp.float32(0.6))
+    assert counted_per_shard(lowered.as_text()) == explicit
+    compiled = lowered.compile()
     got = compiled(scores, prior, jnp.float32(0.6))
     local = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), scores)
     lprior = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), prior)
@@ -91,8 +107,9 @@ def test_sharded_topk_matches_single_device_without_gathers(
     assert "all-reduce" in text  # the counts do cross devices, as scalars
 
 
-def test_sharded_pruned_step_without_gathers():
-    mesh = mesh_2x4()
+@pytest.mark.parametrize("explicit", [False, True])
+def test_sharded_pruned_step_without_gathers(explicit):
+    mesh = mesh_2x4(explicit)
     rng = np.random.default_rng(1)
     spec = {"w1": P("data", "model"), "w2": P("model", None), "b": P()}
     shapes = {"w1": (64, 128), "w2": (128, 16), "b": (16,)}
@@ -118,7 +135,9 @@ def test_sharded_pruned_step_without_gathers():
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    compiled = step.lower(params, state).compile()
+    lowered = step.lower(params, state)
+    assert counted_per_shard(lowered.as_text()) == explicit
+    compiled = lowered.compile()
     new_params, new_state = compiled(*compiled(params, state))  # step 1 updates the mask
     assert sum(int((~m).sum()) for m in jax.tree.leaves(new_state.mask)) == round(0.5 * 10240)
     # Same result as on one device.
@@ -162,3 +181,27 @@ def test_may_be_sharded_reads_the_mesh_of_the_abstract_value():
     probe(scores["a"], jnp.ones(3))
     assert seen == {"sharded": True, "derived": True, "local": False}
     assert not masks._may_be_sharded(jnp.ones(3))
+
+
+def test_explicit_layout_only_for_explicit_axes():
+    """The mesh and spec are read where the abstract value carries them (explicit axes);
+    Auto axes and local values give None (their counts take the plain passes)."""
+    from fisher_optax import masks
+
+    auto, _ = sharded_tree(np.random.default_rng(0), ties=False)
+    explicit, _ = sharded_tree(np.random.default_rng(0), ties=False, explicit=True)
+    seen = {}
+
+    @jax.jit
+    def probe(a, e, b):
+        seen["auto"] = masks._explicit_layout(a)
+        seen["explicit"] = masks._explicit_layout(e)
+        seen["derived"] = masks._explicit_layout(jnp.abs(e) * 2.0)
+        seen["local"] = masks._explicit_layout(b)
+        return a
+
+    probe(auto["a"], explicit["a"], jnp.ones(3))
+    assert seen["auto"] is None and seen["local"] is None
+    for key in ("explicit", "derived"):
+        mesh, spec = seen[key]
+        assert mesh.shape == {"data": 2, "model": 4} and tuple(spec) == ("data", "model")
