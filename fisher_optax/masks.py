@@ -364,7 +364,8 @@ def _count_many(preds: list[jax.Array]) -> jax.Array:
     reduction is rewritten into a tree whose first level is stored). Partial sums run along
     the last axis in uint16 (a row shorter than 2**16 cannot overflow it), then over the rows
     in int32. Not for leaves that may be sharded: XLA's partitioner gathers the operands of
-    a variadic reduction over a sharded axis (see :func:`_may_be_sharded`).
+    a variadic reduction over a sharded axis (see :func:`_may_be_sharded`); on explicit
+    mesh axes :func:`_count_many_sharded` runs it on each shard.
     """
     if preds[0].ndim == 0:
         return jnp.stack([p.astype(jnp.int32) for p in preds])
