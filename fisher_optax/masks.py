@@ -387,9 +387,11 @@ def _row_counts(pred: jax.Array) -> jax.Array:
     an entry for 1e8 entries). Each row is therefore padded to a multiple of 32 and summed in
     two levels, 32 entries at a time first (fused with the comparison), then the partial sums.
     """
-    pred = pred.reshape(pred.shape[0], math.prod(pred.shape[1:]))
     if pred.size == 0:
         return jnp.zeros(pred.shape[0], jnp.int32)
+    if _explicit_layout(pred) is not None:  # blocks of 32 might split a sharded axis unevenly
+        return jnp.sum(pred, axis=tuple(range(1, pred.ndim)), dtype=jnp.int32)
+    pred = pred.reshape(pred.shape[0], math.prod(pred.shape[1:]))
     pad = -pred.shape[1] % 32
     if pad:
         pred = jnp.pad(pred, ((0, 0), (0, pad)))
