@@ -389,7 +389,9 @@ def _row_counts(pred: jax.Array) -> jax.Array:
     """
     if pred.size == 0:
         return jnp.zeros(pred.shape[0], jnp.int32)
-    if _explicit_layout(pred) is not None:  # blocks of 32 might split a sharded axis unevenly
+    if _may_be_sharded(pred):
+        # Blocks of 32 could split a sharded axis unevenly: data would move between devices
+        # (Auto axes) or jax would refuse the reshape (explicit axes).
         return jnp.sum(pred, axis=tuple(range(1, pred.ndim)), dtype=jnp.int32)
     pred = pred.reshape(pred.shape[0], math.prod(pred.shape[1:]))
     pad = -pred.shape[1] % 32

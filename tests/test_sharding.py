@@ -207,16 +207,19 @@ def test_explicit_layout_only_for_explicit_axes():
         assert mesh.shape == {"data": 2, "model": 4} and tuple(spec) == ("data", "model")
 
 
-@pytest.mark.parametrize("stored_keys", [True, False])
-def test_explicit_mesh_shapes_whose_blocks_do_not_split_evenly(stored_keys, monkeypatch, request):
-    """On explicit axes jax refuses a reshape that splits a sharded axis unevenly: the
-    tie-break's per-row counts must not reshape (a 64-wide axis over 4 devices is 16 per
-    device, not a multiple of 32). Ties everywhere, so the tie-break runs."""
+@pytest.mark.parametrize(("stored_keys", "explicit"), [(True, True), (False, True), (True, False)])
+def test_sharded_shapes_whose_blocks_do_not_split_evenly(
+    stored_keys, explicit, monkeypatch, request
+):
+    """The tie-break's per-row counts must not reshape a sharded leaf into blocks of 32 (a
+    64-wide axis over 4 devices is 16 per device): on explicit axes jax refuses such a
+    reshape, on Auto axes the partitioner moves data (collective-permute). Ties everywhere,
+    so the tie-break runs."""
     if not stored_keys:
         monkeypatch.setattr(fo.masks, "_STORED_KEYS_MAX", 0)
         jax.clear_caches()  # the selection's inner jit caches its trace
         request.addfinalizer(jax.clear_caches)
-    mesh = mesh_2x4(explicit=True)
+    mesh = mesh_2x4(explicit)
     rng = np.random.default_rng(3)
     shapes_specs = {
         "a": ((64, 64), P("data", "model")),
@@ -231,7 +234,10 @@ def test_explicit_mesh_shapes_whose_blocks_do_not_split_evenly(stored_keys, monk
         for k, (shape, spec) in shapes_specs.items()
     }
     every = lambda path, leaf: True
-    got = jax.jit(lambda t: fo.topk_mask(t, 0.5, prunable=every))(tree)
+    compiled = jax.jit(lambda t: fo.topk_mask(t, 0.5, prunable=every)).lower(tree).compile()
+    got = compiled(tree)
     want = fo.topk_mask({k: np.asarray(v) for k, v in tree.items()}, 0.5, prunable=every)
     for k in tree:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+    found = hlo_collectives(compiled.as_text())
+    assert found == dict.fromkeys(COLLECTIVES, 0), found
