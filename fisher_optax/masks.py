@@ -19,7 +19,8 @@ cut). XLA's CPU sort of 1e7 floats takes seconds; the counting passes take 0.3-0
 NumPy's ``np.partition`` from 1e6 to 1e8 scores on two CPU cores; above ``2**21`` scores
 they store one byte per score, recomputing the keys in every phase (see
 ``benchmarks/bench_select.py``). Eager calls on concrete arrays held by the CPU (at most
-``2**24`` weights) select in NumPy instead, with identical masks, so a first call compiles nothing.
+``2**24`` weights) select in NumPy instead, with identical masks, so a first call compiles
+nothing.
 """
 
 import math
@@ -77,7 +78,7 @@ layout, NumPy's introselect milliseconds to run); the masks are identical either
 # allocates a call's temporaries afresh, and glibc serves a block above 32 MB (its largest
 # mmap threshold) with new pages that fault in at every call: 0.5-0.9 s of system time at
 # 1e8 scores, measured. Below it the block is reused, and stored keys were faster: stored /
-# recomputed 0.85-0.96 up to 2e6 scores, 1.2-1.5 at 4e6-8e6 (bench_select.py --keys).
+# recomputed 0.85-0.96 up to 2e6 scores, 1.1-1.5 at 4e6-8e6 (bench_select.py --keys).
 _STORED_KEYS_MAX = 2**21
 
 _SPARSITY_MEANING = "the fraction of prunable weights to remove"
