@@ -402,14 +402,19 @@ def _row_counts(pred: jax.Array) -> jax.Array:
     return jnp.sum(part, axis=1, dtype=jnp.int32)
 
 
+def _aval_sharding(x: Any) -> Any:
+    """The sharding the abstract value of ``x`` carries, or ``None`` (older jax has none)."""
+    typeof = getattr(jax, "typeof", None)
+    return getattr(typeof(x), "sharding", None) if typeof else None
+
+
 def _explicit_layout(x: Any) -> tuple[Any, Any] | None:
     """``(mesh, spec)`` of ``x`` if it is laid out over several devices along explicit mesh
     axes (``jax.make_mesh``'s default), whose spec the abstract value carries; else ``None``
     (local, or sharded along ``Auto`` axes, whose layout is not known while tracing)."""
     if jax.device_count() == 1 or not hasattr(jax, "shard_map"):
         return None
-    typeof = getattr(jax, "typeof", None)
-    sharding = getattr(typeof(x), "sharding", None) if typeof else None
+    sharding = _aval_sharding(x)
     mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
     explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
     if mesh is None or spec is None or explicit is None or getattr(mesh, "empty", True):
@@ -450,8 +455,7 @@ def _may_be_sharded(x: Any) -> bool:
     """
     if jax.device_count() == 1:
         return False
-    typeof = getattr(jax, "typeof", None)  # older jax: no sharding in the abstract value
-    mesh = getattr(getattr(typeof(x), "sharding", None), "mesh", None) if typeof else None
+    mesh = getattr(_aval_sharding(x), "mesh", None)
     if mesh is None or not hasattr(mesh, "empty"):
         return True  # cannot tell: take the path that never gathers
     return not mesh.empty and mesh.size > 1

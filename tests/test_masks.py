@@ -351,7 +351,7 @@ def test_host_selection_equals_the_jitted_kernel(seed, sparsity, scope):
     assert keys[0] == keys[1] == keys[2] == keys[3]
 
 
-def test_recomputed_keys_give_the_stored_keys_masks(monkeypatch):
+def test_recomputed_keys_give_the_numpy_masks(monkeypatch):
     """Above _STORED_KEYS_MAX every phase recomputes the keys from the scores (and the
     tie-break receives the scores): the same masks as the NumPy path, ties, prior masks,
     element-wise prunable and layer groups included."""
