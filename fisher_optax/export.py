@@ -262,13 +262,19 @@ def _varint_sizes(values) -> int:
 
 
 def _table(counts: np.ndarray) -> np.ndarray:
-    """Frequencies stored for ``counts``: the counts, scaled to sum <= 2^16 if needed."""
+    """Frequencies stored for ``counts``: the counts, scaled to sum <= 2^16 if needed.
+
+    Every used symbol keeps a frequency of at least 1: the used ones get 1 each and share
+    the rest of the total in proportion to their counts, so the sum never exceeds 2^16
+    (which the reader refuses), however many rare symbols there are.
+    """
     counts = np.asarray(counts, np.int64)
     total = int(counts.sum())
     if total <= _TABLE_TOTAL:
         return counts
-    scaled = counts * _TABLE_TOTAL // total
-    return np.where(counts > 0, np.maximum(scaled, 1), 0)
+    used = counts > 0
+    spare = _TABLE_TOTAL - int(used.sum())  # >= 0: an alphabet holds at most 2^16 symbols
+    return np.where(used, 1 + counts * spare // total, 0)
 
 
 def _entropy_bits(counts: np.ndarray) -> float:
@@ -276,7 +282,7 @@ def _entropy_bits(counts: np.ndarray) -> float:
     c = np.asarray(counts, np.float64)
     c = c[c > 0]
     n = c.sum()
-    return float(-(c * np.log2(c / n)).sum()) if n else 0.0
+    return max(0.0, float(-(c * np.log2(c / n)).sum())) if n else 0.0
 
 
 def _model(freq: np.ndarray):
@@ -321,7 +327,9 @@ def _stream_cost(counts: np.ndarray) -> float:
     """Estimated bytes of a stream with these counts: its table and its entropy."""
     freq = _table(counts)
     used = freq[freq > 0]
-    table = min(_varint_sizes(freq), 2 * used.size + _varint_sizes(used))
+    dense = _varint_sizes(freq)
+    # An empty stream's table is the dense one (the sparse form needs a used symbol).
+    table = min(dense, 2 * used.size + _varint_sizes(used)) if used.size else dense
     return table + _entropy_bits(counts) / 8 + 4
 
 

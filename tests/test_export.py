@@ -29,6 +29,7 @@ from fisher_optax.export import (
     _positions_bits,
     _Reader,
     _relative_entries,
+    _table,
     _varints,
 )
 
@@ -242,6 +243,34 @@ def test_sparse_leaf_is_small_and_all_pruned_leaf_roundtrips(tmp_path):
 
 # --------------------------------------------------------------------------- raw leaves, trees
 
+
+
+@pytest.mark.parametrize("shape", [(30, 20), (100, 100)])
+def test_all_pruned_small_leaf_costs_bytes_not_a_dense_table(tmp_path, shape):
+    # Fewer weights than the widest filler: the widest index width would leave the position
+    # stream empty, and an empty stream's table is dense (2^16 + 1 entries, 65 kB).
+    w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    q = quantize({"w": w}, 3, mask={"w": np.zeros(shape, bool)})
+    r = compression_report(q)
+    assert r.leaves[0].positions.bytes < 20 and r.total_bytes < 100
+    assert save_compressed(tmp_path / "p.fq", q) == r.total_bytes
+    _assert_same_q(q, load_compressed(tmp_path / "p.fq"))
+
+
+def test_many_rare_codes_still_give_a_table_the_reader_accepts(tmp_path):
+    # One dominant code and 255 codes used once: scaled to 2^16 with every used code kept at
+    # frequency >= 1, the table used to sum past 2^16, and the file it wrote failed to load.
+    w = np.zeros((700, 100), np.float32)
+    w.flat[:255] = np.arange(1, 256, dtype=np.float32)
+    q = quantize({"w": w}, 8)
+    assert save_compressed(tmp_path / "r.fq", q) == compression_report(q).total_bytes
+    _assert_same_q(q, load_compressed(tmp_path / "r.fq"))
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        counts = np.where(rng.random(4096) < 0.5, rng.integers(1, 3, 4096), 0)
+        counts[rng.integers(4096)] = rng.integers(10**5, 10**7)
+        freq = _table(counts)
+        assert freq.sum() <= 2**16 and np.array_equal(freq > 0, counts > 0)
 
 def test_raw_leaves_of_every_dtype_are_exact(tmp_path):
     rng = np.random.default_rng(0)
