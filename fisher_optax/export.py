@@ -71,8 +71,10 @@ than a fixed multiple of its own size; every decoded symbol lies in its alphabet
 construction of the decoder, and the position stream must land exactly on the shape.
 """
 
+import contextlib
 import math
 import os
+import secrets
 import struct
 import zlib
 from typing import Any, NamedTuple
@@ -687,7 +689,8 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
     of dicts, lists and tuples (see :func:`load_compressed`).
 
     Args:
-      path: the file to write (overwritten).
+      path: the file to write. An existing file is replaced whole, in one rename at the
+        end: a save that fails (disk full, interrupted) leaves it as it was.
       q: from :func:`~fisher_optax.quantize`.
 
     Returns:
@@ -717,9 +720,34 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
       https://arxiv.org/abs/2201.01741
     """
     data, _ = _encode(q)
-    with open(path, "wb") as f:
-        f.write(data)
+    _write_atomically(path, data)
     return len(data)
+
+
+def _write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a failure leaves the previous file as it was.
+
+    The bytes go to a new file next to the target (created with the umask's permissions),
+    are flushed to disk, and replace the target in one rename; on any error the new file is
+    removed. A symlink is written through, as ``open(path, "wb")`` would.
+    """
+    target = os.path.realpath(os.fspath(path))
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:  # name the file asked for, not the temporary one
+        raise type(e)(e.errno, e.strerror, os.fspath(path)) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 class _Reader:

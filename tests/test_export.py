@@ -2,6 +2,7 @@
 sizes against the order-0 entropy, raw leaves of every dtype, NNX and Linen trees, and
 refusal of truncated, corrupted or hostile files with bounded memory."""
 
+import os
 import struct
 import tracemalloc
 import zlib
@@ -244,7 +245,6 @@ def test_sparse_leaf_is_small_and_all_pruned_leaf_roundtrips(tmp_path):
 # --------------------------------------------------------------------------- raw leaves, trees
 
 
-
 @pytest.mark.parametrize("shape", [(30, 20), (100, 100)])
 def test_all_pruned_small_leaf_costs_bytes_not_a_dense_table(tmp_path, shape):
     # Fewer weights than the widest filler: the widest index width would leave the position
@@ -271,6 +271,7 @@ def test_many_rare_codes_still_give_a_table_the_reader_accepts(tmp_path):
         counts[rng.integers(4096)] = rng.integers(10**5, 10**7)
         freq = _table(counts)
         assert freq.sum() <= 2**16 and np.array_equal(freq > 0, counts > 0)
+
 
 def test_raw_leaves_of_every_dtype_are_exact(tmp_path):
     rng = np.random.default_rng(0)
@@ -395,6 +396,30 @@ def saved(tmp_path):
     f = tmp_path / "ok.fq"
     save_compressed(f, q)
     return f, f.read_bytes()
+
+
+def test_failed_save_leaves_the_previous_file_and_no_debris(saved, monkeypatch):
+    f, good = saved
+    q = quantize({"w": np.random.default_rng(0).normal(size=(50, 40)).astype(np.float32)}, 4)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fisher_optax.export.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_compressed(f, q)
+    assert f.read_bytes() == good and sorted(p.name for p in f.parent.iterdir()) == ["ok.fq"]
+    monkeypatch.undo()
+    # A save that succeeds replaces the file whole, with the umask's permissions, and
+    # writes through a symlink as open(path, "wb") does.
+    link = f.parent / "link.fq"
+    link.symlink_to(f)
+    n = save_compressed(link, q)
+    assert link.is_symlink() and f.stat().st_size == n
+    _assert_same_q(q, load_compressed(f))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_truncated_file(saved):
@@ -658,3 +683,9 @@ def test_one_width_per_slice_is_stored_per_slice(tmp_path):
     assert compression_report(q).leaves[0].width_map.symbols == int(mask.sum())
     save_compressed(f, q)
     _assert_same_q(q, load_compressed(f))
+
+
+def test_save_into_a_missing_folder_names_the_path_asked_for(tmp_path):
+    q = quantize({"w": np.ones((4, 4), np.float32)}, 2)
+    with pytest.raises(FileNotFoundError, match=r"No such file or directory: '.*nowhere/m\.fq'"):
+        save_compressed(tmp_path / "nowhere" / "m.fq", q)
