@@ -72,6 +72,14 @@ def _is_raw(q: QuantizedParams, i: int) -> bool:
     return quantized is not None and not quantized[i]
 
 
+def _is_floating(dtype: str) -> bool:
+    """Whether the dtype named ``dtype`` is floating; an extended dtype (a PRNG key) is not."""
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+    except TypeError:  # 'key<fry>' and other extended dtypes have no NumPy dtype
+        return False
+
+
 def _layout(q: Any, name: str = "q") -> list[_Leaf]:
     if not isinstance(q, QuantizedParams):
         raise TypeError(
@@ -81,7 +89,7 @@ def _layout(q: Any, name: str = "q") -> list[_Leaf]:
     out = []
     for i, (path, shape, dtype) in enumerate(zip(q.paths, q.shapes, q.dtypes, strict=True)):
         if _is_raw(q, i):
-            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+            floating = _is_floating(dtype)
             out.append(_Leaf(path, tuple(shape), True, floating, (), (), None, None))
             continue
         try:
@@ -411,6 +419,8 @@ def _rebuild(q, layout, leaves, books):
             j = layout[i].widths.index(int(k.key)) if hasattr(k, "key") else k.idx
             return jnp.asarray(books[i][j], dtype=old.dtype).reshape(jnp.shape(old))
         if name == "raw" and i is not None and layout[i].raw:
+            if isinstance(old, np.ndarray):  # stays NumPy: jnp would narrow 64-bit dtypes
+                return np.asarray(leaves[i]).astype(old.dtype)
             return jnp.asarray(leaves[i], dtype=old.dtype)
         return old
 

@@ -356,3 +356,22 @@ def test_per_channel_codebooks_train_slice_by_slice(tmp_path, axis):
     np.testing.assert_array_equal(
         dequantize(load_compressed(tmp_path / "c.fq"))["k"], dequantize(trained)["k"]
     )
+
+
+def test_key_and_64_bit_raw_leaves_pass_through_share_codebooks_and_requantize():
+    # A whole nnx.state holds a PRNG key (Dropout) and counters; NumPy raw leaves keep their
+    # 64-bit dtypes (jnp would narrow them to 32 bits with x64 off).
+    params = {
+        "kernel": np.arange(16, dtype=np.float32).reshape(4, 4),
+        "rng": jax.random.key(0),
+        "step": np.array(2**40 + 5, np.int64),
+        "scale": np.array([1e-300, 0.1], np.float64),
+    }
+    q = quantize(params, 2)
+    dense = dequantize(q)
+    share_codebooks(optax.adam(1e-2), q).init(dense)
+    q2 = requantize(dense, q)
+    out = dequantize(q2)
+    assert out["step"].dtype == np.int64 and int(out["step"]) == 2**40 + 5
+    assert out["scale"].dtype == np.float64 and out["scale"][0] == 1e-300
+    assert jax.random.key_data(out["rng"]).tolist() == jax.random.key_data(params["rng"]).tolist()
