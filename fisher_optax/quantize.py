@@ -732,13 +732,16 @@ def quantize(
         for k, b in zip(_kept_masks(params, mask, leaves, flags), bit_arrays, strict=True)
     ]
     weights = _check_values(params, fisher, treedef, leaves, flags, kept)
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
     out_bits, out_codes, out_books, out_raw = [], [], [], []
     for i, leaf in enumerate(leaves):
         if not flags[i]:
             out_bits.append(None)
             out_codes.append(None)
             out_books.append({})
-            out_raw.append(leaf)
+            # A Python scalar (a hyperparameter in the tree) becomes a 0-d array of its dtype,
+            # so that the file can store it.
+            out_raw.append(leaf if hasattr(leaf, "dtype") else np.asarray(leaf, dtypes[i]))
             continue
         x = _concrete(leaf, "params", paths[i])
         book_dtype = np.float64 if x.dtype == np.float64 else np.float32
@@ -772,7 +775,7 @@ def quantize(
         out_books,
         out_raw,
         treedef=treedef,
-        dtypes=[jnp.result_type(leaf) for leaf in leaves],
+        dtypes=dtypes,
         axes=axes,
     )
 

@@ -689,3 +689,12 @@ def test_save_into_a_missing_folder_names_the_path_asked_for(tmp_path):
     q = quantize({"w": np.ones((4, 4), np.float32)}, 2)
     with pytest.raises(FileNotFoundError, match=r"No such file or directory: '.*nowhere/m\.fq'"):
         save_compressed(tmp_path / "nowhere" / "m.fq", q)
+
+
+def test_python_scalar_leaves_are_stored_as_0d_arrays(tmp_path):
+    params = {"kernel": np.ones((3, 3), np.float32), "temperature": 0.5, "steps": 3}
+    q = quantize(params, 2)
+    assert save_compressed(tmp_path / "s.fq", q) == compression_report(q).total_bytes
+    out = dequantize(load_compressed(tmp_path / "s.fq"))
+    assert out["temperature"].dtype == np.float32 and float(out["temperature"]) == 0.5
+    assert out["steps"].dtype == np.int32 and int(out["steps"]) == 3
