@@ -227,6 +227,8 @@ def _float_keys(x: jax.Array) -> jax.Array:
 
 def _chunk(d: int) -> int | None:
     """The largest divisor of ``d`` that is at most 255 (and at least 16), or ``None``."""
+    if d == 0:  # an empty axis: nothing to split
+        return None
     if d <= 255:
         return d
     return next((c for c in range(255, 15, -1) if d % c == 0), None)

@@ -386,6 +386,7 @@ def test_jitted_selection_with_an_empty_leaf_and_ties_matches_numpy():
         "a": np.zeros((0, 5), np.float32),
         "b": np.ones((7, 3), np.float32),
         "c": np.zeros((3, 0, 2), np.float32),
+        "d": np.zeros((0,), np.float32),  # a 1-D empty leaf (ZeroDivisionError before)
     }
     every = lambda path, leaf: True
     host = fo.topk_mask(tree, 0.3, prunable=every)
