@@ -575,11 +575,14 @@ def _select_kept(
     # tie-break run (continuous scores rarely need it); otherwise every tied entry goes.
     cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, source)
     out = []
-    for k, v, g, o, c in zip(keys, views, groups, row_offsets, cut_in_row, strict=True):
+    for k, v, g, o, c, a, p in zip(
+        keys, views, groups, row_offsets, cut_in_row, allowed, kept, strict=True
+    ):
         row = _row_index(v.shape, o)
         tied_pruned = (v == thresh[g]) & ((row < cut_row[g]) | ((row == cut_row[g]) & c))
         prune = ((v < thresh[g]) | tied_pruned) & (targets[g] > 0)
-        out.append((~prune).reshape(k.shape))
+        keep = (~prune).reshape(k.shape)
+        out.append(keep & p if a is not None and p is not None else keep)  # see the host path
     return out
 
 
@@ -653,6 +656,8 @@ def _select_kept_host(
         start = 0
         for i in members:
             out[i] = ~prune[start : start + keys[i].size].reshape(np.shape(scores[i]))
+            if kept[i] is not None and allowed[i] is not None:  # never ranked, still pruned
+                out[i] &= np.asarray(kept[i], bool)
             start += keys[i].size
     return out
 
@@ -777,6 +782,10 @@ def _topk_leaves(
         jnp.ones(jnp.shape(x), bool) if tracing else jax.device_put(np.ones(np.shape(x), bool))
         for x in leaves
     ]
+    # What the earlier mask prunes stays pruned, in leaves not ranked here too.
+    for i, k in enumerate(kept or []):
+        if i not in chosen and k is not None:
+            out[i] = k if isinstance(k, jax.Array) else jax.device_put(np.asarray(k, bool))
     if not chosen:
         return out
     layer = per_leaf or scope == "layer"
@@ -932,7 +941,8 @@ def topk_mask(
         not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
         ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
         out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
-      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+      mask: an existing bool mask; what it prunes stays pruned (prunable or not) and,
+        where prunable, counts toward the target.
 
     Returns:
       A boolean pytree shaped like ``scores``; ``True`` keeps a weight. Non-prunable
@@ -980,7 +990,8 @@ def magnitude_mask(
         mapping; see :func:`topk_mask`).
       scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
       prunable: which weights may be pruned, as in :func:`topk_mask`.
-      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+      mask: an existing bool mask; what it prunes stays pruned (prunable or not) and,
+        where prunable, counts toward the target.
 
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
@@ -1041,7 +1052,8 @@ def fisher_mask(
       criterion: ``"fisher"``, ``"saliency"``, or a callable ``(params, fisher) -> scores``.
       scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
       prunable: which weights may be pruned, as in :func:`topk_mask`.
-      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+      mask: an existing bool mask; what it prunes stays pruned (prunable or not) and,
+        where prunable, counts toward the target.
 
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
@@ -1110,7 +1122,8 @@ def two_stage_mask(
         ``(params, fisher) -> scores`` for stage two.
       scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
       prunable: which weights may be pruned, as in :func:`topk_mask`.
-      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+      mask: an existing bool mask; what it prunes stays pruned (prunable or not) and,
+        where prunable, counts toward the target.
 
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.
@@ -1167,7 +1180,8 @@ def random_mask(
       key: a ``jax.random`` key.
       scope: ``"global"`` or ``"layer"``, as in :func:`topk_mask`.
       prunable: which weights may be pruned, as in :func:`topk_mask`.
-      mask: an existing bool mask; what it prunes stays pruned and counts toward the target.
+      mask: an existing bool mask; what it prunes stays pruned (prunable or not) and,
+        where prunable, counts toward the target.
 
     Returns:
       A boolean pytree shaped like ``params``; ``True`` keeps a weight.

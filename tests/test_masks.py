@@ -865,3 +865,19 @@ def test_compiled_selection_stores_nothing_score_sized_above_the_threshold(with_
         assert 4 * n <= temp_bytes(n) < 5 * n  # the keys, stored
     finally:
         jax.clear_caches()
+
+
+def test_what_the_earlier_mask_prunes_stays_pruned_outside_the_prunable_weights():
+    """A prior mask's pruning in a leaf not ranked (a bias) or at an entry not prunable stays:
+    masks only grow (it was undone before). The target counts prunable weights only."""
+    scores = {"b": np.array([1.0, 2.0, 3.0], np.float32), "w": np.arange(1.0, 7.0).reshape(2, 3)}
+    prior = {"b": np.array([False, True, True]), "w": np.array([[True] * 3, [False, True, True]])}
+    allow = {"b": False, "w": np.array([[True] * 3, [False, True, True]])}
+    # None: 6 prunable, (1, 0) pruned before, 3 in all. allow: 5 prunable, 2 (2.5 rounded
+    # half to even) and (1, 0), not prunable, still pruned. The same mask either way.
+    want_w = np.array([[False, False, True], [False, True, True]])
+    for prunable in (None, allow):
+        f = lambda s, p, prunable=prunable: fo.topk_mask(s, 0.5, mask=p, prunable=prunable)
+        for got in (f(scores, prior), jax.jit(f)(as_jnp(scores), as_jnp(prior))):
+            np.testing.assert_array_equal(np.asarray(got["b"]), prior["b"])
+            np.testing.assert_array_equal(np.asarray(got["w"]), want_w)
