@@ -420,6 +420,17 @@ def _fisher_from_state(
     return merged
 
 
+def _has_seen_a_gradient(opt_state: Any) -> jax.Array:
+    """Whether every second-moment state in ``opt_state`` has ``count > 0`` (a bool scalar,
+    traced under ``jit``): before that its Fisher is 0/0. Under ``optax.MultiSteps`` the
+    inner count stays 0 until the first accumulated step."""
+    ready = jnp.asarray(True)
+    for name in _SECOND_MOMENT_STATES:
+        for _, moment in otu.tree_get_all_with_path(opt_state, name):
+            ready = ready & (_unwrap(moment.count) > 0)
+    return ready
+
+
 def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fisher:
     """Put the merged Fisher leaves into the tree structure of ``params``.
 

@@ -17,7 +17,7 @@ from fisher_optax import _validate
 from fisher_optax import masks as _masks
 from fisher_optax._tree import check_matching
 from fisher_optax._types import Mask, Params
-from fisher_optax.fisher import _fisher_from_state
+from fisher_optax.fisher import _fisher_from_state, _has_seen_a_gradient
 from fisher_optax.schedules import constant_sparsity
 from fisher_optax.scores import CRITERIA, Criterion
 from fisher_optax.scores import scores as _scores
@@ -194,8 +194,10 @@ def pruned(
     1. if :math:`t` is a multiple of ``update_every``, the mask is recomputed at the target
        ``schedule(t)`` from the current weights (the ``params`` passed to ``update``) and,
        for the criteria that read it, the Fisher diagonal read from the inner state (Adam's
-       bias-corrected ``nu`` over the :math:`t` gradients seen so far; so those criteria
-       skip :math:`t = 0`, when there is none). The scores are
+       bias-corrected ``nu`` over the gradients seen so far; so those criteria skip the
+       updates due before the inner optimizer has seen a gradient, when there is none:
+       :math:`t = 0`, and under ``optax.MultiSteps`` the steps before the first
+       accumulated one). The scores are
        :func:`fisher_optax.scores` of ``criterion``; ``method="two_stage"`` first prunes
        ``magnitude_fraction`` of the target by :math:`|w|`, as
        :func:`fisher_optax.two_stage_mask`. The current mask is passed as ``mask=``, so
@@ -240,7 +242,8 @@ def pruned(
       prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
         bool pytree (see :func:`fisher_optax.topk_mask`).
       update_every: recompute the mask every this many steps (at steps 0, ``update_every``,
-        ``2 * update_every``, ...; the Fisher criteria skip step 0).
+        ``2 * update_every``, ...; the Fisher criteria skip those before the inner
+        optimizer's first gradient).
       key: a ``jax.random`` key, required by ``criterion="random"`` (folded with the step
         count at each mask update) and refused otherwise.
       mask_fn: optional selection ``mask_fn(scores, sparsity, *, mask) -> mask`` replacing
@@ -390,8 +393,8 @@ def pruned(
         due = count % update_every == 0
         # Decided from the state's structure, at trace time: no hidden state in the closure.
         with_fisher = has_fisher(state.inner_state, params)
-        if with_fisher:  # no gradient seen at count 0: no Fisher yet
-            due = due & (count > 0)
+        if with_fisher:  # no Fisher before the inner optimizer has seen a gradient
+            due = due & (count > 0) & _has_seen_a_gradient(state.inner_state)
 
         def recompute(_):
             old = jax.tree.unflatten(treedef, old_leaves)

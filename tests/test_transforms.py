@@ -485,3 +485,33 @@ def test_pruned_mask_fn_replaces_the_selection():
     k = np.asarray(mask["out"]["kernel"])  # (5, 3): rows are all kept or all pruned
     assert set(k.all(axis=1) | ~k.any(axis=1)) == {True}
     assert int((~k).sum()) == 9  # 0.6 of 15: three whole rows
+
+
+def test_pruned_multisteps_waits_for_the_first_accumulated_step():
+    """Under MultiSteps the inner Adam's count stays 0 for k micro-steps: its Fisher is 0/0
+    until then. A mask update due before it is skipped (it pruned by NaN scores before:
+    flat-index order under jit, a ValueError eagerly); the next one prunes by the Fisher."""
+    params = make_params(6)
+    opt = fo.pruned(
+        optax.MultiSteps(optax.adam(1e-2), every_k_schedule=4),
+        0.5,
+        criterion="fisher",
+        method="one_stage",
+        update_every=2,
+    )
+    jitted = jax.jit(opt.update)
+    for update in (opt.update, jitted):
+        p, s = params, opt.init(params)
+        pruned_at = []
+        for i in range(7):
+            u, s_next = update(grads_at(p, i), s, p)
+            inner = s.inner_state.inner_opt_state[0].count
+            pruned_at.append(
+                (i, int(inner), sum(int((~m).sum()) for m in jax.tree.leaves(s_next.mask)))
+            )
+            p, s = optax.apply_updates(p, u), s_next
+        # Steps 2 (inner count 0) skipped; step 4 (inner count 1) prunes half the kernels.
+        assert [n for _, _, n in pruned_at[:4]] == [0, 0, 0, 0]
+        assert pruned_at[4][1] == 1 and pruned_at[4][2] == round(0.5 * n_prunable(params))
+        fisher = fo.fisher_from_state(s.inner_state)
+        assert all(bool(jnp.all(jnp.isfinite(f))) for f in jax.tree.leaves(fisher))
