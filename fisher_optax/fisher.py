@@ -279,7 +279,8 @@ def fisher_from_state(
     (schedule_free_adamw) and :class:`FisherTrackerState`. Beware: adamax and yogi reuse
     ``ScaleByAdamState`` with a ``nu`` that is not an average of squared gradients (an
     infinity norm, a sign-driven accumulator); the state cannot tell, so do not read a
-    Fisher from them.
+    Fisher from them. ``optax.contrib.adopt`` reuses it with a ``nu`` that starts at
+    ``g_0**2`` (no zero-start bias): read it with ``bias_correction=False``.
 
     Args:
       opt_state: an optax state, or any pytree that holds one. The protocol for a framework
