@@ -412,7 +412,16 @@ def pruned(
         mask = jax.tree.unflatten(treedef, mask_leaves)
         zero_pruned = lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype))
         grads = jax.tree.map(zero_pruned, updates, mask)
-        inner_state = otu.tree_map_params(inner, zero_pruned, state.inner_state, mask)
+        # Masked-out subtrees (optax.masked, partition, multi_transform) hold MaskedNode
+        # where the mask holds arrays: they stay as they are.
+        skip = lambda x: isinstance(x, optax.MaskedNode)
+        inner_state = otu.tree_map_params(
+            inner,
+            lambda x, m: x if skip(x) else zero_pruned(x, m),
+            state.inner_state,
+            mask,
+            is_leaf=skip,
+        )
         inner_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
         return _masked_updates(inner_updates, params, mask_leaves), PrunedState(
             count=optax.safe_increment(count),

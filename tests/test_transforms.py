@@ -515,3 +515,32 @@ def test_pruned_multisteps_waits_for_the_first_accumulated_step():
         assert pruned_at[4][1] == 1 and pruned_at[4][2] == round(0.5 * n_prunable(params))
         fisher = fo.fisher_from_state(s.inner_state)
         assert all(bool(jnp.all(jnp.isfinite(f))) for f in jax.tree.leaves(fisher))
+
+
+@pytest.mark.parametrize("kind", ["partition", "masked"])
+def test_pruned_around_partition_and_masked_inner_optimizers(kind):
+    """Their states hold MaskedNode where a group's params are masked out (a structure
+    error at the first update before); the moments of each group are zeroed where pruned."""
+    params = make_params(7)
+    labels = jax.tree.map_with_path(lambda p, x: "k" if x.ndim >= 2 else "b", params)
+    if kind == "partition":
+        inner = optax.partition({"k": optax.adam(1e-2), "b": optax.adam(1e-3)}, labels)
+    else:
+        on = jax.tree.map(lambda label: label == "k", labels)
+        inner = optax.chain(
+            optax.masked(optax.adam(1e-2), on),
+            optax.masked(optax.sgd(1e-2), jax.tree.map(lambda x: not x, on)),
+        )
+    criterion = "fisher" if kind == "partition" else "magnitude"
+    opt = fo.pruned(inner, 0.5, criterion=criterion, method="one_stage", update_every=2)
+    history, n_traces, _ = train(opt, params, 5)
+    params5, state5 = history[-1]
+    assert n_traces == 1
+    assert sum(int((~m).sum()) for m in jax.tree.leaves(state5.mask)) == round(
+        0.5 * n_prunable(params)
+    )
+    for w, m in zip(jax.tree.leaves(params5), jax.tree.leaves(state5.mask), strict=True):
+        assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0)
+    nu = fo.fisher_from_state(state5.inner_state, missing=0.0, params=params5)
+    for f, m in zip(jax.tree.leaves(nu), jax.tree.leaves(state5.mask), strict=True):
+        assert np.all(np.asarray(f)[~np.asarray(m)] == 0.0)
