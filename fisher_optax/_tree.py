@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def strip_value(path: Sequence[Any]) -> tuple:
@@ -16,6 +17,37 @@ def strip_value(path: Sequence[Any]) -> tuple:
     return tuple(
         k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value")
     )
+
+
+NOT_KERNEL_NAMES = frozenset({"bias", "scale", "mean", "var"})
+"""Last path keys of leaves that are never kernels: biases, norm scales, batch statistics."""
+
+
+def is_kernel(path: Sequence[Any], leaf: Any) -> bool:
+    """Whether a leaf is a kernel: the weights pruned and quantized by default.
+
+    A kernel has ``ndim >= 2``, and is neither named like a bias or a norm's parameter or
+    statistic (its last path key is ``bias``, ``scale``, ``mean`` or ``var``) nor held in
+    a Linen ``batch_stats`` collection. The rank alone is not enough: a layer stacked with
+    ``nn.scan`` or ``nnx.vmap`` gives its biases, norm scales and statistics a leading
+    axis (``(L, C)``), and attention's ``DenseGeneral`` has a bias of shape
+    ``(heads, head_dim)``. Compose it to choose otherwise, e.g.
+    ``prunable=lambda p, x: is_kernel(p, x) and "embed" not in jax.tree_util.keystr(p)``.
+
+    Args:
+      path: the leaf's ``jax.tree_util`` key path (Flax's ``.value`` hop is ignored).
+      leaf: the array.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fisher_optax
+      >>> tree = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((2, 4))}}
+      >>> [fisher_optax.is_kernel(p, x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+      [False, True]
+    """
+    if np.ndim(leaf) < 2:
+        return False
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in strip_value(path)]
+    return "batch_stats" not in names and not (names and names[-1] in NOT_KERNEL_NAMES)
 
 
 def keystr(path: Sequence[Any]) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from fisher_optax import _validate
-from fisher_optax._tree import keystr, strip_value
+from fisher_optax._tree import is_kernel, keystr, strip_value
 from fisher_optax._types import Fisher, Mask, Params, Scores
 from fisher_optax.scores import CRITERIA
 from fisher_optax.scores import scores as _scores
@@ -45,6 +45,7 @@ __all__ = [
     "apply_mask",
     "erk_sparsity",
     "fisher_mask",
+    "is_kernel",
     "magnitude_mask",
     "random_mask",
     "sparsity_report",
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 Prunable: TypeAlias = Callable[[tuple, jax.Array], bool] | Any | None
-"""``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a bool pytree."""
+"""``None`` (the kernels, :func:`is_kernel`), a predicate on ``(path, leaf)``, or a bool pytree."""
 
 Sparsity: TypeAlias = float | jax.Array | Mapping[str | Callable, float] | Any
 """One fraction in ``[0, 1]``, a pytree of per-leaf fractions shaped like the params (one
@@ -96,7 +97,7 @@ def _flat(tree: Any) -> tuple[list[tuple], list[Any], Any]:
 def _prunable_flags(paths: list[tuple], leaves: list[Any], prunable: Prunable) -> list:
     """Per leaf: ``False``, ``True`` or a boolean array (element by element)."""
     if prunable is None:
-        return [jnp.ndim(x) >= 2 for x in leaves]
+        return [is_kernel(p, x) for p, x in zip(paths, leaves, strict=True)]
     if callable(prunable):
         _validate.callable_arity(prunable, "prunable", "prunable(path, leaf) -> bool", 2)
         flags = []
@@ -937,10 +938,11 @@ def topk_mask(
       scope: ``"global"`` ranks all prunable weights together; ``"layer"`` ranks and
         prunes each leaf on its own. A per-leaf ``sparsity`` always ranks each leaf on its
         own.
-      prunable: which weights may be pruned. ``None``: leaves with ``ndim >= 2`` (kernels,
-        not biases or norm scales). A predicate ``prunable(path, leaf) -> bool`` where
-        ``path`` is the leaf's ``jax.tree_util`` key path tuple (Flax's ``.value`` hop left
-        out). Or a pytree like the params holding a bool per leaf or a bool array per leaf.
+      prunable: which weights may be pruned. ``None``: the kernels (:func:`is_kernel`: ``ndim >=
+        2``, not biases, norm scales or batch statistics, stacked or not). A predicate
+        ``prunable(path, leaf) -> bool`` where ``path`` is the leaf's ``jax.tree_util`` key path
+        tuple (Flax's ``.value`` hop left out). Or a pytree like the params holding a bool per leaf
+        or a bool array per leaf.
       mask: an existing bool mask; what it prunes stays pruned (prunable or not) and,
         where prunable, counts toward the target.
 
@@ -1373,8 +1375,8 @@ def sparsity_report(mask: Mask, *, prunable: Prunable = None) -> SparsityReport:
 
     Args:
       mask: a boolean pytree; ``True`` keeps a weight.
-      prunable: which weights count toward the overall figure: ``None`` (leaves with
-        ``ndim >= 2``), a predicate on ``(path, leaf)``, or a bool pytree (see
+      prunable: which weights count toward the overall figure: ``None`` (the kernels,
+        :func:`is_kernel`), a predicate on ``(path, leaf)``, or a bool pytree (see
         :func:`topk_mask`).
 
     Returns:

@@ -276,9 +276,9 @@ def nm_mask(
       m: the group size, an int ``>= 1``.
       axis: the axis along which groups of ``m`` consecutive weights run (an int, negative
         counts from the end).
-      prunable: which leaves get the pattern, as in :func:`fisher_optax.topk_mask` (default:
-        leaves with ``ndim >= 2``). An element-wise bool array applies group by group: a
-        group with a weight that may not be pruned is left as it is.
+      prunable: which leaves get the pattern, as in :func:`fisher_optax.topk_mask` (default: the
+        kernels, :func:`fisher_optax.is_kernel`). An element-wise bool array applies group by group:
+        a group with a weight that may not be pruned is left as it is.
       mask: an earlier bool mask; what it prunes stays pruned.
 
     Returns:
@@ -499,7 +499,7 @@ def _block_call(scores, sparsity, r, c, reduce, scope, prunable, mask):
             raise ValueError(
                 f"block masks tile the last two axes of a leaf, but the leaf at {keystr(path)} "
                 f"has shape {jnp.shape(leaf)}. Leave it out with prunable= (the default "
-                "prunes only leaves with ndim >= 2)."
+                "prunes only kernels, leaves with ndim >= 2)."
             )
     targets = _f32_targets(_masks._per_leaf(sparsity, paths, leaves))
     kinds, dyn = _split_flags(flags)
@@ -564,9 +564,9 @@ def block_mask(
       reduce: a key of :data:`BLOCK_REDUCTIONS`.
       scope: ``"global"`` (one ranking of all blocks; their scores must share a scale) or
         ``"layer"`` (each leaf on its own).
-      prunable: which leaves are cut into blocks, as in :func:`fisher_optax.topk_mask`
-        (default: leaves with ``ndim >= 2``); with an element-wise bool array, a block may
-        go only if every weight in it may.
+      prunable: which leaves are cut into blocks, as in :func:`fisher_optax.topk_mask` (default: the
+        kernels, :func:`fisher_optax.is_kernel`); with an element-wise bool array, a block may go
+        only if every weight in it may.
       mask: an earlier bool mask; what it prunes stays pruned and counts as pruned.
 
     Returns:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisher_optax import _validate
-from fisher_optax._tree import check_matching, keystr, strip_value
+from fisher_optax._tree import check_matching, is_kernel, keystr, strip_value
 from fisher_optax._types import Bits, Fisher, Mask, Params
 from fisher_optax.kmeans import INITS, Init, _kmeans_host, _kmeans_rows_host
 
@@ -250,9 +250,9 @@ def allocate_bits(
 ) -> Bits:
     r"""Bit widths per weight from the Fisher: more Fisher information, more bits.
 
-    Only the weights :func:`quantize` codes take part: those of quantizable leaves (by
-    default floating leaves with ``ndim >= 2``) that ``mask`` keeps. Every other weight
-    gets 0 (pruned, or a leaf that :func:`quantize` stores as it is).
+    Only the weights :func:`quantize` codes take part: those of quantizable leaves (by default
+    floating kernels, :func:`fisher_optax.is_kernel`) that ``mask`` keeps. Every other weight gets 0
+    (pruned, or a leaf that :func:`quantize` stores as it is).
 
     ``granularity="weight"`` (Tu et al. 2016): the kept weights' :math:`\log F` (``F``
     clamped below at the smallest positive normal float32) is clustered with 1-D k-means
@@ -648,7 +648,8 @@ def quantize(
 
     Pruned weights (``mask`` False, or 0 in a ``bits`` tree) belong to no group: bits 0,
     code 0, no codebook entry, dequantized to exact 0. Leaves that are not quantizable
-    (by default: biases, norm scales, every leaf with ``ndim < 2`` and every non-float
+    (by default all but floating kernels, :func:`fisher_optax.is_kernel`: biases, norm
+    scales and batch statistics however stacked, every leaf with ``ndim < 2``, every non-float
     leaf, e.g. step counters or PRNG keys in a whole ``nnx.state(model)``) are stored
     exactly as they are.
 
@@ -901,7 +902,8 @@ def _quantizable_flags(paths, leaves, quantizable) -> list[bool]:
     """Per leaf, whether it is quantized (``True``) or stored as it is (``False``)."""
     if quantizable is None:
         return [
-            np.ndim(x) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves
+            is_kernel(p, x) and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+            for p, x in zip(paths, leaves, strict=True)
         ]
     if callable(quantizable):
         _validate.callable_arity(quantizable, "quantizable", "quantizable(path, leaf)", 2)

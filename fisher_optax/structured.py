@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from fisher_optax import _validate
-from fisher_optax._tree import check_matching, keystr, strip_value
+from fisher_optax._tree import check_matching, is_kernel, keystr, strip_value
 from fisher_optax._types import Fisher, Mask, Params, Scores
 from fisher_optax.scores import Criterion
 from fisher_optax.scores import scores as weight_scores
@@ -49,12 +49,15 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
     return [(keystr(p), leaf) for p, leaf in flat]
 
 
-def _resolve_prunable(params: Any, prunable: Any, default: Callable[[Any], bool]) -> list[bool]:
+def _resolve_prunable(
+    params: Any, prunable: Any, default: Callable[[Any, Any], bool]
+) -> list[bool]:
     """One flag per leaf of ``params``: ``None`` (default rule), a predicate on
     ``(path, leaf)`` with ``path`` the jax key path (``.value`` hop left out, as
     :func:`fisher_optax.topk_mask` passes it), or a pytree of bools."""
     if prunable is None:
-        return [bool(default(leaf)) for _, leaf in _flat(params)]
+        flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+        return [bool(default(path, leaf)) for path, leaf in flat]
     if callable(prunable):
         _validate.callable_arity(prunable, "prunable", "prunable(path, leaf) -> bool", 2)
         flat, _ = jax.tree_util.tree_flatten_with_path(params)
@@ -109,10 +112,11 @@ def unit_scores(
       fisher: the Fisher diagonal, shaped like ``params``; needed by ``"saliency"`` and
         ``"fisher"``. Negative or non-finite values are errors.
       key: a ``jax.random`` key, for ``"random"`` only.
-      prunable: which leaves are unit-bearing kernels: ``None`` for every leaf with
-        ``ndim >= 2``, a predicate ``prunable(path, leaf) -> bool`` (``path`` a jax key path
-        tuple, as :func:`fisher_optax.topk_mask` passes it; ``jax.tree_util.keystr(path)``
-        reads ``"['dense']['kernel']"``) or a pytree with a bool per leaf of ``params``.
+      prunable: which leaves are unit-bearing kernels: ``None`` for the kernels
+        (:func:`fisher_optax.is_kernel`), a predicate ``prunable(path, leaf) -> bool`` (``path`` a
+        jax key path tuple, as :func:`fisher_optax.topk_mask` passes it;
+        ``jax.tree_util.keystr(path)`` reads ``"['dense']['kernel']"``) or a pytree with a bool per
+        leaf of ``params``.
 
     Returns:
       A pytree with the structure of ``params``: each kernel leaf holds a float32 ``(out,)``
@@ -142,7 +146,7 @@ def unit_scores(
       Li, Kadav, Durdanovic, Samet, Graf. Pruning Filters for Efficient ConvNets. ICLR 2017.
       https://arxiv.org/abs/1608.08710
     """
-    flags = _resolve_prunable(params, prunable, lambda x: jnp.ndim(x) >= 2)
+    flags = _resolve_prunable(params, prunable, is_kernel)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     for (path, w), flag in zip(flat, flags, strict=True):
         if flag and jnp.ndim(w) < 2:
@@ -227,7 +231,7 @@ def unit_mask(
                 f"scores at {keystr(path)} have shape {jnp.shape(s)}; "
                 "expected one score per unit, a vector, as unit_scores returns."
             )
-    flags = _resolve_prunable(scores, prunable, lambda _: True)
+    flags = _resolve_prunable(scores, prunable, lambda _p, _x: True)
     earlier = (
         [None] * len(flat)
         if mask is None

@@ -239,8 +239,8 @@ def pruned(
         params, or a mapping ``{path or predicate: fraction}``; see
         :func:`fisher_optax.topk_mask`), checked at ``init``.
       scope: ``"global"`` or ``"layer"`` (for a scalar target).
-      prunable: ``None`` (leaves with ``ndim >= 2``), a predicate on ``(path, leaf)``, or a
-        bool pytree (see :func:`fisher_optax.topk_mask`).
+      prunable: ``None`` (the kernels, :func:`fisher_optax.is_kernel`), a predicate on ``(path,
+        leaf)``, or a bool pytree (see :func:`fisher_optax.topk_mask`).
       update_every: recompute the mask every this many steps (at steps 0, ``update_every``,
         ``2 * update_every``, ...; the Fisher criteria skip those before the inner
         optimizer's first gradient).

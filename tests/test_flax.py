@@ -676,3 +676,47 @@ def test_batchnorm_model_saved_and_loaded_predicts_what_the_dequantized_model_pr
     x = jax.random.normal(jax.random.key(7), (6, 3))
     np.testing.assert_array_equal(fresh(x), in_memory(x))
     np.testing.assert_array_equal(fresh.layers[1].mean[...], trained.layers[1].mean[...])
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        y = nn.BatchNorm(use_running_average=True)(nn.Dense(x.shape[-1])(x))
+        return x + nn.relu(y), None
+
+
+class _ScanNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16)(x)
+        stack = nn.scan(
+            _ScanBlock,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        x, _ = stack()(x, None)
+        x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x[:, None], x[:, None])
+        return nn.Dense(3)(x[:, 0])
+
+
+def test_stacked_and_attention_biases_and_norms_are_not_kernels():
+    """nn.scan gives biases, BatchNorm scales and statistics shape (L, C), attention's
+    DenseGeneral a bias (heads, head_dim): the default rule judged them kernels by rank
+    (quantized and pruned: eval outputs moved by ~7 at 2 bits). By name they stay whole."""
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    v = _ScanNet().init(jax.random.key(1), x)
+    v = jax.tree.map(lambda a: a + jax.random.uniform(jax.random.key(2), a.shape), v)
+    flat = jax.tree_util.tree_flatten_with_path(v)[0]
+    kernels = {keystr(p) for p, a in flat if fisher_optax.is_kernel(p, a)}
+    assert kernels and all(k.endswith("['kernel']") for k in kernels)
+    not_kernels = [keystr(p) for p, a in flat if a.ndim >= 2 and keystr(p) not in kernels]
+    assert any("['mean']" in k for k in not_kernels)  # stacked statistics, (3, 16)
+    assert any("query" in k and "['bias']" in k for k in not_kernels)  # (heads, head_dim)
+    d = fisher_optax.dequantize(fisher_optax.quantize(v, 2))
+    m = fisher_optax.magnitude_mask(v["params"], 0.5, scope="layer")
+    for (p, a), b in zip(flat, jax.tree.leaves(d), strict=True):
+        if keystr(p) not in kernels:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=keystr(p))
+    for p, keep in jax.tree_util.tree_flatten_with_path(m)[0]:
+        assert bool(np.all(keep)) == ("['kernel']" not in keystr(p)), keystr(p)
