@@ -764,6 +764,7 @@ def _collect(
     members: dict[int, dict[tuple[int, int], list[int]]] = {}
     frozen_axes: list[Frozen] = []
     frozen_set: set[tuple[int, int]] = set()
+    in_frozen: dict[int, str] = {}  # class -> a parameter axis kept whole holding part of it
     for i, slots in enumerate(leaf_slots):
         for a, slot in enumerate(slots):
             start, n = t.slots[slot]
@@ -782,12 +783,22 @@ def _collect(
                     )
                 frozen_axes.append(Frozen(_pstr(paths[i]), a, why))
                 frozen_set.add((i, a))
+                for r in roots:
+                    in_frozen.setdefault(r, f"{_pstr(paths[i])}[{a}]")
                 continue
             for k, r in enumerate(roots):
                 members.setdefault(r, {}).setdefault((i, a), []).append(k)
     # a unit that would touch a frozen axis somewhere is not prunable (the class itself was
-    # not frozen, only an axis holding part of it: e.g. an axis the module cannot resize)
-    units = {r: m for r, m in members.items() if not (set(m) & frozen_set)}
+    # not frozen, only an axis holding part of it: e.g. an axis the module cannot resize, or
+    # the input axis of a layer reading a concatenation of which another part is frozen)
+    units = {r: m for r, m in members.items() if r not in in_frozen and not (set(m) & frozen_set)}
+    kept = {ax for m in units.values() for ax in m}
+    for r, m in members.items():
+        for i, a in m:
+            if r in in_frozen and (i, a) not in kept and (i, a) not in frozen_set:
+                why = f"tied to {in_frozen[r]}, which is kept whole (see there)"
+                frozen_axes.append(Frozen(_pstr(paths[i]), a, why))
+                frozen_set.add((i, a))
     # groups: units sharing a parameter axis
     axis_group: dict[tuple[int, int], int] = {}
     gparent: list[int] = []

@@ -432,6 +432,39 @@ def test_grouped_conv_is_kept_whole():
     assert "grouped and depthwise convs are kept whole" in graph.report()
 
 
+class CatInput(nnx.Module):
+    """DenseNet / U-Net style: the model input concatenated to features before ``c``."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.b = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+        self.c = nnx.Conv(4 + 2, 3, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.a(x))
+        return self.c(jnp.concatenate([x, nnx.relu(self.b(h))], axis=-1)).mean((1, 2))
+
+
+def test_concatenation_with_a_part_kept_whole_keeps_the_other_part_whole_too():
+    """``c`` reads [input, b's channels]: its input axis is kept whole (the model input), so
+    b's output channels, tied to it, are not prunable (they were, and cut failed inside its
+    own check); a's channels, which c never sees, still are."""
+    model = make(CatInput)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+    graph = depgraph.dependency_graph(model, x)
+    assert _members(graph) == [
+        [("['a']['bias']", 0), ("['a']['kernel']", 3), ("['b']['kernel']", 2)]
+    ]
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['b']['kernel']", 3)] == (
+        "tied to ['c']['kernel'][2], which is kept whole (see there)"
+    )
+    keep = _keep_half(graph)
+    small = depgraph.cut(model, graph, keep)
+    assert small.a.kernel.shape == (3, 3, 2, 2) and small.b.kernel.shape == (3, 3, 2, 4)
+    np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-5)
+
+
 class Cumsum(nnx.Module):
     def __init__(self, rngs):
         self.a = nnx.Linear(3, 4, rngs=rngs)
