@@ -298,8 +298,10 @@ def fisher_from_state(
       params: optional parameters; when given, the result is checked against them and
         returned in their tree structure (for example an ``nnx.State`` of ``nnx.Param``
         when ``opt_state`` wraps its arrays in other objects).
-      missing: a finite value ``>= 0`` for parameters that no second-moment state covers (e.g. the
-        ``sgd`` group of a ``partition``). Needs ``params`` for their shapes. By default
+      missing: a finite value ``>= 0`` for parameters that no second-moment state covers
+        (e.g. the ``sgd`` group of a ``partition``) and for leaves of ``params`` that the
+        optimizer never held (e.g. the batch statistics in a whole ``nnx.state(model)``
+        when it trains ``wrt=nnx.Param``). Needs ``params`` for their shapes. By default
         such parameters are an error.
 
     Returns:
@@ -449,9 +451,14 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
         # The entry at this path, or a MaskedNode standing for a whole subtree above it.
         key = next((ppath[:k] for k in range(len(ppath), -1, -1) if ppath[:k] in entries), None)
         if key is None or (key != ppath and not _is_masked(entries[key])):
+            if missing is not None:  # a leaf the optimizer never held, e.g. batch statistics
+                leaves.append(jnp.full(jnp.shape(p), missing, dtype=jnp.result_type(p)))
+                continue
             raise ValueError(
                 f"the optimizer state has no entry for the parameter at "
-                f"{keystr(ppath)}; pass the params this optimizer was initialised with."
+                f"{keystr(ppath)}; pass the params this optimizer was initialised with, or "
+                "missing=0.0 to fill the leaves it does not hold (e.g. the batch statistics "
+                "of a whole nnx.state(model))."
             )
         used.add(key)
         f = entries[key]
@@ -464,6 +471,11 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
                 f"parameter has shape {jnp.shape(p)}."
             )
         leaves.append(f)
+    if entries and not used:
+        raise ValueError(
+            "params shares no path with the optimizer state: pass the params this optimizer "
+            "was initialised with (or a tree holding them, such as nnx.state(model))."
+        )
     extra = [k for k in entries if k not in used]
     if extra:
         raise ValueError(

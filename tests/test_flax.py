@@ -720,3 +720,31 @@ def test_stacked_and_attention_biases_and_norms_are_not_kernels():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=keystr(p))
     for p, keep in jax.tree_util.tree_flatten_with_path(m)[0]:
         assert bool(np.all(keep)) == ("['kernel']" not in keystr(p)), keystr(p)
+
+
+def test_fisher_for_a_whole_nnx_state_fills_what_the_optimizer_never_held():
+    """allocate_bits and quantize(fisher=) over nnx.state(model) need a Fisher shaped like
+    the whole state: missing= fills the batch statistics (refused before, naming the path)."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.lin(x))
+
+    model = Net(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    opt.update(model, nnx.grad(lambda m: (m(jnp.ones((2, 3))) ** 2).mean())(model))
+    with pytest.raises(ValueError, match=r"no entry for the parameter at \['bn'\]\['mean'\]; .*"
+                       r"missing=0.0 to fill"):  # fmt: skip
+        fisher_optax.fisher_from_state(opt, params=nnx.state(model))
+    full = fisher_optax.fisher_from_state(opt, params=nnx.state(model), missing=0.0)
+    only = fisher_optax.fisher_from_state(opt, params=nnx.state(model, nnx.Param))
+    assert float(jnp.sum(full["bn"]["mean"][...])) == 0.0
+    np.testing.assert_array_equal(full["lin"]["kernel"][...], only["lin"]["kernel"][...])
+    q = fisher_optax.quantize(nnx.state(model), 3, fisher=full)
+    assert q.widths[q.paths.index("['lin']['kernel']")] == (3,)
+    with pytest.raises(ValueError, match="params shares no path with the optimizer state"):
+        fisher_optax.fisher_from_state(opt, params={"x": jnp.ones(3)}, missing=0.0)
