@@ -637,7 +637,9 @@ def quantize(
     ``"linear"`` is Deep Compression's start. A group whose Fisher sums to zero (e.g. a
     leaf the optimizer never updated, read with ``fisher_from_state(..., missing=0.0)``)
     is clustered unweighted, and a cluster of zero Fisher is centred on the unweighted
-    mean of its values: zero Fisher never collapses a codebook. A group with ``m``
+    mean of its values: zero Fisher never collapses a codebook. In a group with some
+    positive Fisher, a value of zero Fisher counts with 1e-9 of the smallest positive
+    one: it takes the entries the others leave spare. A group with ``m``
     distinct values gets ``min(2^b, m)`` entries (each value its own entry when ``m <=
     2^b``); a start other than ``"dp"`` may leave a cluster empty, and the codebook then
     keeps only the entries some weight uses.
@@ -759,7 +761,7 @@ def quantize(
                 books[width] = c.astype(book_dtype)
         for width in widths if axes[i] is None else ():
             sel = bmap == width
-            w = None if weights[i] is None else weights[i][sel]
+            w = None if weights[i] is None else _lift_zero_weights(weights[i][sel])
             if method == "kmeans":
                 c, a = _kmeans_host(x[sel], 2**width, w, init=init)
             else:
@@ -851,6 +853,25 @@ def _leaf_axes(axis, params, paths, leaves, flags) -> list[int | None]:
     return out
 
 
+def _lift_zero_weights(w, valid=None):
+    """Zero weights raised to 1e-9 times the smallest positive weight of their group (a
+    row of a 2-D ``w``, among its ``valid`` entries; a group with none stays as it is).
+
+    The weighted objective ignores values of zero Fisher, so k-means would leave entries
+    unused that could serve them; at this weight they take the entries the others leave
+    spare, and shift the others' entries by about 1e-9 of a value (below float32's
+    resolution).
+    """
+    w = np.asarray(w, np.float64)
+    flat = w.ndim == 1
+    w2 = w[None] if flat else w
+    ok = np.ones(w2.shape, bool) if valid is None else np.asarray(valid, bool).reshape(w2.shape)
+    pos = (w2 > 0) & ok
+    low = np.where(pos, w2, np.inf).min(axis=1, keepdims=True)
+    lifted = np.where(ok & ~pos & np.isfinite(low), low * 1e-9, w2)
+    return lifted[0] if flat else lifted
+
+
 def _quantize_slices(x, sel, w, k, axis, method, init):
     """Per slice of ``x`` along ``axis``: codebooks ``(C, K)`` and codes shaped like ``x``."""
     rows = np.moveaxis(x, axis, 0)
@@ -858,6 +879,8 @@ def _quantize_slices(x, sel, w, k, axis, method, init):
     flat = rows.reshape(shape[0], -1)
     valid = np.moveaxis(sel, axis, 0).reshape(shape[0], -1)
     wr = None if w is None else np.moveaxis(w, axis, 0).reshape(shape[0], -1)
+    if method == "kmeans" and wr is not None:
+        wr = _lift_zero_weights(wr, valid)
     if method == "kmeans":
         c, _, a = _kmeans_rows_host(flat, k, wr, valid, init=init)
     else:
