@@ -744,7 +744,10 @@ def quantize(
             out_books.append({})
             # A Python scalar (a hyperparameter in the tree) becomes a 0-d array of its dtype,
             # so that the file can store it.
-            out_raw.append(leaf if hasattr(leaf, "dtype") else np.asarray(leaf, dtypes[i]))
+            if isinstance(leaf, np.ndarray | np.generic):
+                out_raw.append(np.array(leaf))  # a copy: q does not change with the caller's
+            else:
+                out_raw.append(leaf if hasattr(leaf, "dtype") else np.asarray(leaf, dtypes[i]))
             continue
         x = _concrete(leaf, "params", paths[i])
         book_dtype = np.float64 if x.dtype == np.float64 else np.float32
@@ -985,8 +988,8 @@ def dequantize(q: QuantizedParams) -> Params:
     for bits, codes, books, raw, dtype, axis in zip(
         q.bits, q.codes, q.codebooks, q.raw, q.dtypes, q.axes, strict=True
     ):
-        if bits is None:
-            leaves.append(raw)
+        if bits is None:  # a NumPy leaf is copied: editing the result leaves q as it was
+            leaves.append(raw.copy() if isinstance(raw, np.ndarray) else raw)
             continue
         bits, codes = xp.asarray(bits), xp.asarray(codes).astype(xp.int32)
         out = xp.zeros(bits.shape, xp.float64 if dtype == "float64" else xp.float32)

@@ -851,3 +851,12 @@ def test_channel_granularity_errors(kwargs, match):
     fisher = jax.tree.map(np.ones_like, params)
     with pytest.raises(ValueError, match=match):
         allocate_bits(params, fisher=fisher, **kwargs)
+
+
+def test_raw_numpy_leaves_are_copies_not_the_callers_arrays():
+    params = {"kernel": np.ones((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    q = quantize(params, 1)
+    d = dequantize(q)
+    d["bias"] += 1.0  # editing the result in place
+    params["bias"] -= 1.0  # or the caller's array
+    np.testing.assert_array_equal(np.asarray(dequantize(q)["bias"]), np.zeros(2, np.float32))
