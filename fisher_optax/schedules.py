@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fisher_optax import _validate
 
@@ -76,11 +77,23 @@ def polynomial_sparsity(
         )
     power = _validate.real(power, "power", low=0.0, low_open=True)
 
+    span = end_step - begin_step
+
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        frac = jnp.clip((step - begin_step) / (end_step - begin_step), 0.0, 1.0)
+        step = jnp.asarray(step)
+        if jnp.issubdtype(step.dtype, jnp.integer):
+            # Steps subtracted as integers: in float32 they would be rounded to multiples of
+            # 2 above 2**24 (and of 4 above 2**25), a staircase of sparsities.
+            wide = jnp.int64 if step.dtype.itemsize > 4 else jnp.int32
+            top = np.iinfo(wide).max
+            begin = jnp.asarray(min(begin_step, top), wide)
+            done = jnp.clip(step.astype(wide) - begin, 0, min(span, top))
+            frac, before = done.astype(jnp.float32) / np.float32(span), step < begin
+        else:
+            step = step.astype(jnp.float32)
+            frac, before = jnp.clip((step - begin_step) / span, 0.0, 1.0), step < begin_step
         s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** power
-        return jnp.where(step < begin_step, 0.0, s).astype(jnp.float32)
+        return jnp.where(before, 0.0, s).astype(jnp.float32)
 
     schedule.end_step = end_step  # read by fisher_optax.pruned to check the final target
     return schedule
