@@ -250,6 +250,10 @@ def _count(pred: jax.Array) -> jax.Array:
         return pred.astype(jnp.int32)
     if pred.size == 0:
         return jnp.int32(0)
+    if _may_be_sharded(pred):
+        # Chunks could split a sharded axis unevenly: data would move between devices
+        # (Auto axes) or jax would refuse the reshape (explicit axes).
+        return jnp.sum(pred, dtype=jnp.int32)
     d = pred.shape[0]
     c = _chunk(d)
     if c is None:
@@ -593,7 +597,7 @@ def _rows_view(x: jax.Array) -> jax.Array:
         return x
     if x.ndim == 0:
         return x.reshape(1, 1)
-    c = _chunk(x.shape[0])
+    c = None if _may_be_sharded(x) else _chunk(x.shape[0])  # (d, 1) splits no sharded axis
     return x.reshape(c, x.shape[0] // c) if c is not None else x.reshape(x.shape[0], 1)
 
 

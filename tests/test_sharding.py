@@ -226,6 +226,10 @@ def test_sharded_shapes_whose_blocks_do_not_split_evenly(
         "b": ((8, 12, 20), P(None, "model", None)),
         "c": ((36,), P("model")),
         "d": ((4, 28), P(None, "model")),
+        # chunks of at most 255 (the largest divisor: 150 of 300, 134 of 1072) that do not
+        # split evenly over 4 devices: refused on explicit axes, gathered on Auto ones
+        "e": ((392, 300), P("data", "model")),
+        "f": ((1072,), P("model")),
     }
     tree = {
         k: jax.device_put(
@@ -239,5 +243,6 @@ def test_sharded_shapes_whose_blocks_do_not_split_evenly(
     want = fo.topk_mask({k: np.asarray(v) for k, v in tree.items()}, 0.5, prunable=every)
     for k in tree:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+        assert got[k].sharding.is_equivalent_to(tree[k].sharding, tree[k].ndim), k
     found = hlo_collectives(compiled.as_text())
     assert found == dict.fromkeys(COLLECTIVES, 0), found
