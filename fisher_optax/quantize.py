@@ -168,7 +168,13 @@ def _check_width(b, what: str) -> int:
 
 
 def _check_bit_widths(bit_widths) -> tuple[int, ...]:
-    widths = tuple(bit_widths)
+    try:
+        widths = tuple(bit_widths)
+    except TypeError:
+        raise TypeError(
+            f"bit_widths must be a sequence of widths, e.g. (8, 6, 4, 2), got {bit_widths!r}; "
+            f"for one width pass ({bit_widths!r},)."
+        ) from None
     if not widths:
         raise ValueError("bit_widths must hold at least one width, e.g. (8, 6, 4, 2).")
     for b in widths:
@@ -345,6 +351,12 @@ def allocate_bits(
 
       LeCun, Denker, Solla. Optimal Brain Damage. NeurIPS 1989.
     """
+    if fisher is None:
+        raise TypeError(
+            "allocate_bits ranks the weights by their Fisher: pass fisher= (e.g. "
+            "fisher_optax.fisher_from_state(opt_state, params=params)); for one width "
+            "everywhere, quantize(params, bits) takes an int."
+        )
     widths_desc = _check_bit_widths(bit_widths)
     _validate.scope(scope)
     _validate.choice(granularity, "granularity", GRANULARITIES)
@@ -386,6 +398,8 @@ def allocate_bits(
     fish = _check_values(params, fisher, treedef, leaves, flags, kept)
     idx = [i for i, f in enumerate(flags) if f]
     out = [np.zeros(np.shape(x), np.int32) for x in leaves]
+    if not idx:  # nothing to code: every leaf stays as it is (0 bits)
+        return jax.tree.unflatten(treedef, [jax.device_put(x) for x in out])
     if granularity == "layer":
         counts = [int(kept[i].sum()) for i in idx]
         sal = [

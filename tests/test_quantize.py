@@ -860,3 +860,22 @@ def test_raw_numpy_leaves_are_copies_not_the_callers_arrays():
     d["bias"] += 1.0  # editing the result in place
     params["bias"] -= 1.0  # or the caller's array
     np.testing.assert_array_equal(np.asarray(dequantize(q)["bias"]), np.zeros(2, np.float32))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"average_bits": 4}, {"average_bits": 4, "granularity": "layer"},
+     {"average_bits": 4, "granularity": "channel", "axis": -1}],
+)  # fmt: skip
+def test_allocate_bits_with_nothing_to_code_gives_zero_bits(kw):
+    params = {"b": jnp.ones(3), "w": jnp.ones((2, 2))}
+    bits = allocate_bits(params, fisher=params, quantizable=lambda path, leaf: False, **kw)
+    assert all(not np.any(np.asarray(b)) for b in jax.tree.leaves(bits))  # a zip error before
+
+
+def test_allocate_bits_argument_errors_say_what_to_pass():
+    params = {"w": jnp.ones((2, 3))}
+    with pytest.raises(TypeError, match="ranks the weights by their Fisher: pass fisher="):
+        allocate_bits(params, fisher=None, average_bits=4)
+    with pytest.raises(TypeError, match=r"bit_widths must be a sequence .* pass \(4,\)"):
+        allocate_bits(params, fisher=params, bit_widths=4)

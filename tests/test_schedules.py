@@ -75,3 +75,16 @@ def test_schedule_errors():
 def test_schedules_expose_their_end_step():
     assert fo.polynomial_sparsity(0.5, 3, 9).end_step == 9
     assert fo.constant_sparsity(0.5, 4).end_step == 4
+
+
+def test_polynomial_sparsity_is_exact_past_2_to_the_24_steps():
+    """Steps are subtracted as integers: in float32 they were rounded to even numbers above
+    2**24 (sparsities in a staircase; the step before an odd begin_step pruned already)."""
+    begin, end = 20_000_001, 20_000_011
+    schedule = fo.polynomial_sparsity(0.9, begin_step=begin, end_step=end, power=1)
+    got = [float(schedule(jnp.int32(t))) for t in range(begin - 1, end + 1)]
+    want = [0.0] + [0.9 * (t - begin) / 10 for t in range(begin, end + 1)]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    jitted = jax.jit(schedule)
+    np.testing.assert_allclose([float(jitted(jnp.int32(t))) for t in (begin - 1, begin + 3)],
+                               [0.0, 0.27], atol=1e-6)  # fmt: skip
