@@ -408,6 +408,21 @@ def requantize(params: Params, q: QuantizedParams) -> QuantizedParams:
     return _rebuild(q, layout, leaves, books)
 
 
+def _pad_slices(book: np.ndarray, q: Any, i: int, width: int, axis: int) -> np.ndarray:
+    """Per-slice ``book`` (C, K) with the entries after each slice's largest code repeating
+    its last used entry (0 for a slice with none), as the file stores and reads them."""
+    bits, codes = np.asarray(q.bits[i]), np.asarray(q.codes[i]).astype(np.int64)
+    view = [1] * bits.ndim
+    view[axis] = bits.shape[axis]
+    channel = np.broadcast_to(np.arange(bits.shape[axis]).reshape(view), bits.shape)
+    sel = bits == width
+    used = np.zeros(book.shape[0], np.int64)
+    np.maximum.at(used, channel[sel], codes[sel] + 1)
+    last = book[np.arange(book.shape[0]), np.maximum(used - 1, 0)]
+    live = np.arange(book.shape[1])[None, :] < used[:, None]
+    return np.where(live, book, np.where(used > 0, last, 0)[:, None]).astype(book.dtype)
+
+
 def _rebuild(q, layout, leaves, books):
     """``q`` with its codebook leaves (and raw leaves) swapped for the trained ones."""
 
@@ -417,7 +432,11 @@ def _rebuild(q, layout, leaves, books):
         if name == "codebooks" and i is not None and not layout[i].raw:
             k = path[2]
             j = layout[i].widths.index(int(k.key)) if hasattr(k, "key") else k.idx
-            return jnp.asarray(books[i][j], dtype=old.dtype).reshape(jnp.shape(old))
+            book = np.asarray(books[i][j], dtype=old.dtype).reshape(jnp.shape(old))
+            axis = (getattr(q, "axes", None) or (None,) * len(q.paths))[i]
+            if axis is not None:
+                book = _pad_slices(book, q, i, layout[i].widths[j], axis)
+            return jnp.asarray(book)
         if name == "raw" and i is not None and layout[i].raw:
             if isinstance(old, np.ndarray):  # stays NumPy: jnp would narrow 64-bit dtypes
                 return np.asarray(leaves[i]).astype(old.dtype)

@@ -375,3 +375,15 @@ def test_key_and_64_bit_raw_leaves_pass_through_share_codebooks_and_requantize()
     assert out["step"].dtype == np.int64 and int(out["step"]) == 2**40 + 5
     assert out["scale"].dtype == np.float64 and out["scale"][0] == 1e-300
     assert jax.random.key_data(out["rng"]).tolist() == jax.random.key_data(params["rng"]).tolist()
+
+
+def test_requantized_per_slice_books_equal_the_ones_read_back_from_the_file(tmp_path):
+    """A slice with fewer entries than its book's width is padded with its last entry; the
+    trained padding kept its old value in memory, while the file repeats the new one."""
+    w = jnp.array([[0.0, 1.0], [1.0, 2.0], [2.0, 2.0]])  # column 1: two values, column 0: three
+    q = quantize({"w": w}, 2, axis=-1)
+    tuned = requantize({"w": jnp.where(w == 2.0, 5.0, w)}, q)
+    save_compressed(tmp_path / "p.fq", tuned)
+    back = load_compressed(tmp_path / "p.fq")
+    np.testing.assert_array_equal(np.asarray(tuned.codebooks[0][2]), back.codebooks[0][2])
+    np.testing.assert_array_equal(np.asarray(tuned.codebooks[0][2])[1], [1.0, 5.0, 5.0])
