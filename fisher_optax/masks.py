@@ -784,7 +784,7 @@ def _topk_leaves(
     tracing = not all(_validate.is_concrete(x) for x in [*leaves, *scores])
     # Outside a trace, device_put of NumPy ones: jnp.ones would compile once per shape.
     out = [
-        jnp.ones(jnp.shape(x), bool) if tracing else jax.device_put(np.ones(np.shape(x), bool))
+        jnp.ones(jnp.shape(x), bool) if tracing else _to_device(np.ones(np.shape(x), bool), x)
         for x in leaves
     ]
     # What the earlier mask prunes stays pruned, in leaves not ranked here too.

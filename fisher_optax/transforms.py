@@ -356,7 +356,7 @@ def pruned(
             per_leaf_targets(params)
         return PrunedState(
             count=jnp.zeros([], jnp.int32),
-            mask=jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params),
+            mask=jax.tree.map(lambda p: jnp.ones_like(p, dtype=bool), params),  # p's layout
             inner_state=inner_state,
         )
 

@@ -246,3 +246,35 @@ def test_sharded_shapes_whose_blocks_do_not_split_evenly(
         assert got[k].sharding.is_equivalent_to(tree[k].sharding, tree[k].ndim), k
     found = hlo_collectives(compiled.as_text())
     assert found == dict.fromkeys(COLLECTIVES, 0), found
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_pruned_init_lays_the_mask_out_like_the_params(explicit):
+    """The mask was built whole on device 0: a jitted step compiled once more than adam's
+    (the mask's layout changed twice); eager masks placed unranked leaves there too."""
+    mesh = mesh_2x4(explicit)
+    rng = np.random.default_rng(1)
+    params = {
+        "w": jax.device_put(jnp.asarray(rng.standard_normal((64, 128)), jnp.float32),
+                            NamedSharding(mesh, P("data", "model"))),
+        "b": jax.device_put(jnp.zeros(16), NamedSharding(mesh, P())),
+    }  # fmt: skip
+    opt = fo.pruned(optax.adam(1e-2), 0.5, criterion="magnitude", method="one_stage")
+    state = opt.init(params)
+    for k in params:
+        assert state.mask[k].sharding.is_equivalent_to(params[k].sharding, params[k].ndim), k
+    eager = fo.magnitude_mask(params, 0.5)
+    assert eager["b"].sharding.is_equivalent_to(params["b"].sharding, 1)
+    sizes = {}
+    for name, o in (("adam", optax.adam(1e-2)), ("pruned", opt)):
+        p, s = params, o.init(params)
+
+        @jax.jit
+        def step(p, s, o=o):
+            u, s = o.update(jax.tree.map(jnp.cos, p), s, p)
+            return optax.apply_updates(p, u), s
+
+        for _ in range(4):
+            p, s = step(p, s)
+        sizes[name] = step._cache_size()
+    assert sizes["pruned"] == sizes["adam"], sizes
