@@ -1063,35 +1063,40 @@ def _map_state(graph: DepGraph, tree: Any, index: dict, fn: Callable) -> Any:
 
 
 def _resize_nnx(model: Any) -> None:
-    """Set each module's shape attributes from its (already sliced) variables."""
+    """Set each module's shape attributes from its (already sliced) variables.
+
+    Shapes are read from the trailing axes: a module stacked by ``nnx.vmap`` holds its
+    variables with leading layer axes.
+    """
     from flax import nnx
 
     for _, m in nnx.iter_modules(model):
         if isinstance(m, nnx.Linear):
-            m.in_features, m.out_features = (int(d) for d in m.kernel.shape)
+            m.in_features, m.out_features = (int(d) for d in m.kernel.shape[-2:])
         elif isinstance(m, nnx.Conv) and not isinstance(m, nnx.ConvTranspose):
             m.in_features = int(m.kernel.shape[-2]) * m.feature_group_count
             m.out_features = int(m.kernel.shape[-1])
-            m.kernel_shape = tuple(int(d) for d in m.kernel.shape)
+            rank = len(m.kernel_shape)
+            m.kernel_shape = tuple(int(d) for d in m.kernel.shape[-rank:])
         elif isinstance(m, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm):
             v = m.scale if getattr(m, "scale", None) is not None else getattr(m, "mean", None)
             if v is not None and v.ndim == 1:
                 m.num_features = int(v.shape[0])
         elif isinstance(m, nnx.LinearGeneral):
-            n_in = len(m.in_features)
-            shape = tuple(int(d) for d in m.kernel.shape)
+            n_in, n_out = len(m.in_features), len(m.out_features)
+            shape = tuple(int(d) for d in m.kernel.shape[-(n_in + n_out) :])
             m.in_features, m.out_features = shape[:n_in], shape[n_in:]
         elif isinstance(m, nnx.Embed):
-            m.num_embeddings, m.features = (int(d) for d in m.embedding.shape)
+            m.num_embeddings, m.features = (int(d) for d in m.embedding.shape[-2:])
     for _, m in nnx.iter_modules(model):
         if isinstance(m, nnx.MultiHeadAttention):
             same_kv = m.num_kv_heads == m.num_heads
-            m.num_heads = int(m.query.kernel.shape[1])
+            m.num_heads = int(m.query.kernel.shape[-2])  # (in, heads, head_dim)
             if same_kv:
                 m.num_kv_heads = m.num_heads
             m.qkv_features = m.num_heads * m.head_dim
-            m.in_features = int(m.query.kernel.shape[0])
-            m.in_kv_features = int(m.key.kernel.shape[0])
+            m.in_features = int(m.query.kernel.shape[-3])
+            m.in_kv_features = int(m.key.kernel.shape[-3])
             m.out_features = int(m.out.kernel.shape[-1])
 
 

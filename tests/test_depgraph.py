@@ -465,6 +465,43 @@ def test_concatenation_with_a_part_kept_whole_keeps_the_other_part_whole_too():
     np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-5)
 
 
+class WithStack(nnx.Module):
+    """Two Linear layers stacked by nnx.vmap (kernel (2, 3, 3)) next to a prunable pair."""
+
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(3, 6, rngs=rngs)
+        self.fc2 = nnx.Linear(6, 2, rngs=rngs)
+
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked(r):
+            return nnx.Linear(3, 3, rngs=r)
+
+        self.stack = stacked(rngs)
+        self.o = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(layer, h):
+            return nnx.relu(layer(h))
+
+        return self.fc2(nnx.relu(self.fc1(x))) + self.o(body(self.stack, x))
+
+
+def test_cut_with_layers_stacked_by_nnx_vmap():
+    """Resizing read a stacked kernel (L, in, out) as (in, out): any cut failed with a
+    ValueError from unpacking. Shapes are read from the trailing axes."""
+    model = WithStack(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    graph = depgraph.dependency_graph(model, x)
+    assert [g.name for g in graph.groups] == ["['fc1']['kernel'][1]"]
+    keep = _keep_half(graph)
+    small = depgraph.cut(model, graph, keep)
+    assert small.fc1.out_features == 3 and small.fc2.in_features == 3
+    assert (small.stack.in_features, small.stack.out_features) == (3, 3)
+    np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-5)
+
+
 class Cumsum(nnx.Module):
     def __init__(self, rngs):
         self.a = nnx.Linear(3, 4, rngs=rngs)
