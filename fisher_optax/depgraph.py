@@ -884,8 +884,10 @@ def group_scores(
       S_u = \sum_{(\ell, i) \in u} s_{\ell, i}, \qquad s = \tfrac12 F w^2 \text{ by default,}
 
     over every parameter entry :math:`(\ell, i)` that removing unit :math:`u` deletes (its
-    output slice, the consumers' input slices, BatchNorm entries, ...). An entry shared by
-    two units (a kernel weight between two cut channels) counts in both.
+    output slice, the consumers' input slices, BatchNorm entries, ...), each once: also
+    an entry in the slices of two axes of one parameter (a layer whose input and output
+    channels are tied, applied twice or in ``x + W x``). An entry shared by two units (a
+    kernel weight between two cut channels) counts in both.
 
     Args:
       graph: from :func:`dependency_graph`.
@@ -907,18 +909,33 @@ def group_scores(
 
     per_weight = per_weight_scores(params, criterion, fisher=fisher, key=key)
     leaves = _match_leaves(graph, per_weight, "params")
-    sums: dict[tuple[int, int], np.ndarray] = {}
+    sums: dict[tuple[int, ...], np.ndarray] = {}
+
+    def marginal(i: int, *axes: int) -> np.ndarray:  # leaf i summed over all other axes
+        if (i, *axes) not in sums:
+            x = leaves[i]
+            kept = np.sum(x, axis=tuple(d for d in range(x.ndim) if d not in axes))
+            sums[i, *axes] = kept if list(axes) == sorted(axes) else kept.T
+        return sums[i, *axes]
+
     out = []
     for g in graph.groups:
         s = np.zeros(g.size)
         for u, unit in enumerate(g.units):
+            by_leaf: dict[int, list] = {}
             for (i, a), ix in unit.items():
-                if i not in leaves:
-                    continue
-                if (i, a) not in sums:
-                    x = leaves[i]
-                    sums[i, a] = x.sum(axis=tuple(d for d in range(x.ndim) if d != a))
-                s[u] += sums[i, a][ix].sum()
+                if i in leaves:
+                    by_leaf.setdefault(i, []).append((a, ix))
+            for i, cuts in by_leaf.items():
+                s[u] += sum(marginal(i, a)[ix].sum() for a, ix in cuts)
+                if len(cuts) == 2:  # the entries in both slices were counted twice
+                    (a, ia), (b, ib) = cuts
+                    s[u] -= marginal(i, a, b)[np.ix_(ia, ib)].sum()
+                elif len(cuts) > 2:  # rare: count the union of the slices directly
+                    gone = np.zeros(leaves[i].shape, bool)
+                    for a, ix in cuts:
+                        gone[(slice(None),) * a + (ix,)] = True
+                    s[u] += leaves[i][gone].sum() - sum(marginal(i, a)[ix].sum() for a, ix in cuts)
         out.append(s)
     return tuple(out)
 

@@ -687,3 +687,44 @@ def test_a_model_in_training_mode_is_traced_and_checked_in_evaluation_mode():
     masked = depgraph.masked(model, graph, keep)
     masked.eval()
     np.testing.assert_allclose(small(x), masked(x), atol=1e-5)
+
+
+class SharedHidden(nnx.Module):
+    """A square layer applied twice in a chain: its input and output channels are one unit."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 5, rngs=rngs)
+        self.s = nnx.Linear(5, 5, rngs=rngs)
+        self.o = nnx.Linear(5, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.a(x))
+        return self.o(nnx.relu(self.s(nnx.relu(self.s(h)))))
+
+
+def test_group_scores_count_each_removed_entry_once():
+    """Unit j removes row j and column j of s.kernel: the diagonal entry (j, j) lies in both
+    slices and was counted twice. Reference: the set of entries cut_index removes."""
+    model = make(SharedHidden)
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    graph = depgraph.dependency_graph(model, x)
+    params = nnx.state(model, nnx.Param)
+    (got,) = depgraph.group_scores(graph, params, "magnitude")
+    flat = {
+        depgraph._path_tuple(p): np.abs(np.asarray(w))
+        for p, w in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    (size,) = [g.size for g in graph.groups]
+    want = []
+    for u in range(size):
+        keep = np.ones(size, bool)
+        keep[u] = False
+        removed = 0.0
+        for path, ix in depgraph.cut_index(graph, (keep,)).items():
+            w = flat[path]
+            gone = np.ones(w.shape, bool)
+            kept = [np.arange(n) if k is None else k for n, k in zip(w.shape, ix, strict=True)]
+            gone[np.ix_(*kept)] = False
+            removed += w[gone].sum()
+        want.append(removed)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
