@@ -623,11 +623,22 @@ def _nnx_allowed(model: Any, paths: Sequence[Path], shapes: Sequence[tuple]) -> 
 _LINEN_1D = ("bias", "scale", "mean", "var")
 
 
+_LINEN_QKV = frozenset({"query", "key", "value"})  # MultiHeadDotProductAttention's children
+
+
 def _linen_allowed(paths: Sequence[Path], shapes: Sequence[tuple]) -> list[Any]:
     out: list[Any] = []
     for path, shape in zip(paths, shapes, strict=True):
         leaf, nd = path[-1], len(shape)
-        if leaf == "kernel" and nd >= 2:
+        parent = path[-2] if len(path) >= 2 else None
+        if leaf == "kernel" and nd == 3 and parent in _LINEN_QKV:
+            # (in, heads, head_dim): head_dim stays whole (attention scales by
+            # 1/sqrt(head_dim)), and the heads follow the out projection, which Linen cannot
+            # resize along them either.
+            out.append({1})
+        elif leaf == "kernel" and nd == 3 and parent == "out":
+            out.append({2})  # (heads, head_dim, features): only the output features
+        elif leaf == "kernel" and nd >= 2:
             out.append({nd - 2, nd - 1})
         elif leaf in _LINEN_1D and nd == 1:
             out.append({0})

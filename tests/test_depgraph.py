@@ -320,6 +320,33 @@ def test_linen_resnet_cut_matches_masked_model():
     assert state[0].mu["Conv_0"]["kernel"].shape[-1] == 4  # the caller's state is untouched
 
 
+class LAttn(nn.Module):
+    out: int = 6
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="inp")(x)
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=2, qkv_features=8, out_features=self.out, use_bias=False, name="attn"
+        )(h)
+        return nn.Dense(2, name="head")(nn.relu(h))
+
+
+def test_linen_attention_keeps_head_dim_whole():
+    """Without biases (whose rank-2 shape froze everything) query/key/value's head_dim was
+    a prunable group: cut_linen returned variables that only a module with another
+    1/sqrt(head_dim) scale could run. Only the out projection's features are cut now."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+    variables = LAttn().init(jax.random.key(1), x)
+    graph = depgraph.dependency_graph(LAttn(), x, variables=variables)
+    assert _members(graph) == [
+        [("['params']['attn']['out']['kernel']", 2), ("['params']['head']['kernel']", 0)]
+    ]
+    keep = _keep_half(graph)
+    result = depgraph.cut_linen(variables, graph, keep, module=LAttn(out=3))  # checked
+    assert result.variables["params"]["attn"]["query"]["kernel"].shape == (6, 2, 4)
+
+
 # --------------------------------------------------------------------------------------------
 # Transformer (NNX): heads and MLP units; the residual stream is coupled but kept whole
 
