@@ -1192,7 +1192,7 @@ def _zero_removed(x: Any, removed: tuple | None) -> Any:
     return jnp.asarray(x)
 
 
-def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float) -> None:
+def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float, graph: Any, keep: Any) -> None:
     ref = jax.tree_util.tree_flatten_with_path(ref_out)[0]
     new = jax.tree.leaves(new_out)
     for (path, r), n in zip(ref, new, strict=True):
@@ -1209,8 +1209,20 @@ def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float) -> None:
                 f"the cut model's output {keystr(path)} differs from the masked model's on "
                 f"the example input (max abs difference {float(err.max()):.3g}, tolerance "
                 f"atol={atol} x {scale:.3g} + rtol={rtol}): the trace missed a dependency, "
-                "so the cut is refused. Freeze the layer involved or report the model."
+                "so the cut is refused. Groups cut: "
+                f"{', '.join(_cut_groups(graph, keep)) or 'none'}. Keep a group whole with "
+                "keep[g] = np.ones(graph.groups[g].size, bool), e.g. one whose width the "
+                "forward reads as a number (x / sqrt(q.shape[-1])), and please report the "
+                "model."
             )
+
+
+def _cut_groups(graph: DepGraph, keep: Sequence[np.ndarray]) -> list[str]:
+    return [
+        f"{k} ({g.name})"
+        for k, (g, kp) in enumerate(zip(graph.groups, keep, strict=True))
+        if not np.all(kp)
+    ]
 
 
 def cut(
@@ -1267,7 +1279,7 @@ def cut(
     _resize_nnx(new)
     if verify:
         ref = _apply(nnx.merge(graphdef, _zeroed(graph, state, index)), graph.example)
-        _verify(_apply(new, graph.example), ref, rtol, atol)
+        _verify(_apply(new, graph.example), ref, rtol, atol, graph, keep)
     return new
 
 
@@ -1382,7 +1394,7 @@ def cut_linen(
                 f"{str(e).splitlines()[0]}); build it with the new widths of "
                 f"LinenCut.features: {dict(features)}"
             ) from e
-        _verify(out, ref, rtol, atol)
+        _verify(out, ref, rtol, atol, graph, keep)
     params_index = {p[1:]: ix for p, ix in index.items() if p and p[0] == "params"}
     if opt_state is not None:
         from fisher_optax.structured import slice_opt_state

@@ -755,3 +755,34 @@ def test_group_scores_count_each_removed_entry_once():
             removed += w[gone].sum()
         want.append(removed)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+class HandAttn(nnx.Module):
+    """One head written by hand, scaled by 1/sqrt(q.shape[-1]): a width read as a number."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(3, 8, rngs=rngs)
+        self.q = nnx.Linear(8, 8, rngs=rngs)
+        self.k = nnx.Linear(8, 8, rngs=rngs)
+        self.v = nnx.Linear(8, 8, rngs=rngs)
+        self.o = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.inp(x))
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        a = jax.nn.softmax(jnp.einsum("bld,bmd->blm", q, k) / jnp.sqrt(q.shape[-1]), axis=-1)
+        return self.o(jnp.einsum("blm,bmd->bld", a, v))
+
+
+def test_refused_cut_names_the_groups_cut_and_how_to_keep_one_whole():
+    model = make(HandAttn)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+    graph = depgraph.dependency_graph(model, x)
+    qk = next(i for i, g in enumerate(graph.groups) if g.name == "['k']['kernel'][1]")
+    keep = list(_keep_half(graph))
+    with pytest.raises(ValueError, match=rf"Groups cut: .*{qk} \(\['k'\]\['kernel'\]\[1\]\).*"
+                       r"keep\[g\] = np.ones\(graph.groups\[g\].size, bool\)"):  # fmt: skip
+        depgraph.cut(model, graph, tuple(keep))
+    keep[qk] = np.ones(graph.groups[qk].size, bool)  # the width the scale reads stays whole
+    small = depgraph.cut(model, graph, tuple(keep))
+    np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-5)
