@@ -201,7 +201,19 @@ def _plan(
         if ok:
             e, j = uses[k][0]
             eqn = eqns[e].eqn
-            ok = len(eqn.outvars) == 1 and _is_float(eqn.outvars[0].aval)
+            # A layer computing in bfloat16 or float16 goes to vmap(grad) too: the closed
+            # forms square its inputs and cotangents in that precision (relative errors of
+            # 1e-3 in bfloat16; small float16 cotangents underflow when squared), while the
+            # reference squares each example's gradient in the parameter's float32.
+            ok = (
+                len(eqn.outvars) == 1
+                and _is_float(eqn.outvars[0].aval)
+                and all(
+                    jnp.dtype(v.aval.dtype).itemsize >= 4
+                    for v in (*eqn.invars, *eqn.outvars)
+                    if hasattr(v, "aval") and _is_float(v.aval)
+                )
+            )
         if not ok:
             fallback.append(k)
             continue
@@ -503,6 +515,19 @@ def _vmap_sums(ell, param_leaves, example_leaves, which):
             leaves[k] = w
         return ell(leaves, example)
 
-    sub = [param_leaves[k] for k in which]
-    grads = jax.vmap(jax.grad(ell_sub), in_axes=(None, 0))(sub, example_leaves)
-    return [jnp.sum(jnp.square(g), axis=0) for g in grads]
+    # An integer leaf (a step counter, an RNG count) has no gradient: its sum is 0.
+    which = list(which)
+    real = [k for k in which if jnp.issubdtype(jnp.result_type(param_leaves[k]), jnp.inexact)]
+    sub = [param_leaves[k] for k in real]
+
+    def ell_real(sub_real, example):
+        full = [param_leaves[k] for k in which]
+        for k, w in zip(real, sub_real, strict=True):
+            full[which.index(k)] = w
+        return ell_sub(full, example)
+
+    grads = jax.vmap(jax.grad(ell_real), in_axes=(None, 0))(sub, example_leaves)
+    sums = dict(zip(real, (jnp.sum(jnp.square(g), axis=0) for g in grads), strict=True))
+    return [
+        sums[k] if k in sums else jnp.zeros(jnp.shape(param_leaves[k]), jnp.float32) for k in which
+    ]

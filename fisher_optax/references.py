@@ -136,18 +136,55 @@ def empirical_fisher(
     return _jitted(_empirical, loss_fn, method, microbatch_size)(params, batch)
 
 
+class _Same:
+    """Hashed and compared by identity: a value a function reads, in a cache key."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+
+def _reads(fn: Callable) -> tuple:
+    """What ``fn`` reads besides its arguments: the values of its closure cells, of the
+    globals its code names, and the arguments bound by a ``functools.partial``."""
+    out = []
+    while isinstance(fn, functools.partial):
+        out += [_Same(a) for a in (*fn.args, *fn.keywords.values())]
+        fn = fn.func
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            out.append(_Same(cell.cell_contents))
+        except ValueError:  # an empty cell
+            continue
+    code, names = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+    for name in getattr(code, "co_names", ()):
+        if name in names:
+            out.append(_Same(names[name]))
+    return tuple(out)
+
+
 def _jitted(fn: Callable, model_fn: Callable, *static: Any) -> Callable:
     """``fn(model_fn, *static, params, data)`` under ``jit``, cached per ``model_fn``.
 
     The traced computation is interpreted equation by equation; run eagerly that is
-    thousands of dispatches, so it is always compiled. ``model_fn`` is a static argument
-    (cached by identity); an unhashable one is compiled afresh at each call.
+    thousands of dispatches, so it is always compiled. ``model_fn`` is a static argument,
+    cached by identity and by the identity of what it reads (closure cells, the globals
+    its code names, partial arguments): a loss over ``nnx.merge(graphdef, params, rest)``
+    whose ``rest`` is rebound (new BatchNorm statistics, a new teacher) is traced afresh
+    instead of reusing the old ``rest`` baked into the compiled code. Objects changed in
+    place, and what the functions it calls read, are baked in at the first call, as with
+    any ``jax.jit``. An unhashable ``model_fn`` is compiled afresh at each call.
     """
     try:
         hash(model_fn)
     except TypeError:
         return jax.jit(lambda params, data: fn(model_fn, *static, params, data))
-    return functools.partial(_JIT[fn], model_fn, *static)
+    return functools.partial(_JIT[fn], model_fn, _reads(model_fn), *static)
 
 
 def _empirical(loss_fn, method, microbatch_size, params, batch):
@@ -155,6 +192,15 @@ def _empirical(loss_fn, method, microbatch_size, params, batch):
 
     def example_loss(p, example):  # each example is its own one-example batch
         return loss_fn(p, jax.tree.map(lambda x: x[None], example))
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    shape = jax.eval_shape(example_loss, params, first).shape
+    if shape != ():
+        raise ValueError(
+            f"loss_fn must return a scalar, the mean loss over the batch; on a one-example "
+            f"batch it returned shape {shape}. Reduce every axis (e.g. .mean() over the "
+            "batch and the sequence)."
+        )
 
     total = _chunked_sum(
         lambda chunk: _square_sums(example_loss, params, chunk, method), batch, n, microbatch_size
@@ -234,6 +280,16 @@ def _monte_carlo(logits_fn, num_samples, method, microbatch_size, params, data):
         logits = jax.lax.stop_gradient(logits_fn(params, x))[0]
         return jax.random.categorical(example_key, logits, shape=(num_samples,))
 
+    first = jax.tree.map(lambda a: a[:1], inputs)
+    shape = jax.eval_shape(logits_fn, params, first).shape
+    if len(shape) != 2 or shape[0] != 1:
+        raise ValueError(
+            f"logits_fn must return [batch, classes] logits; on a one-example batch it "
+            f"returned shape {shape}. For a binary model return two logits per example "
+            "(e.g. jnp.stack([0 * z, z], -1)); per-position logits of a sequence model "
+            "([batch, length, classes]) are not supported."
+        )
+
     def neg_log_p(p, pair):
         example, label = pair
         x = jax.tree.map(lambda a: a[None], example)
@@ -255,7 +311,14 @@ def _monte_carlo(logits_fn, num_samples, method, microbatch_size, params, data):
     )
 
 
+def _without_reads(fn: Callable) -> Callable:
+    def call(model_fn, reads, *rest):  # reads: what model_fn reads (a part of the cache key)
+        return fn(model_fn, *rest)
+
+    return call
+
+
 _JIT = {
-    fn: jax.jit(fn, static_argnums=tuple(range(nstatic)))
+    fn: jax.jit(_without_reads(fn), static_argnums=tuple(range(nstatic + 1)))
     for fn, nstatic in ((_empirical, 3), (_monte_carlo, 4))
 }

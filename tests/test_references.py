@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from fisher_optax import empirical_fisher, fisher_from_state, monte_carlo_fisher
+import fisher_optax as fo
+from fisher_optax import empirical_fisher, fisher_from_state, monte_carlo_fisher, references
 
 D, C, N = 4, 3, 10
 
@@ -150,3 +151,67 @@ def test_adam_nu_ranks_weights_like_the_empirical_fisher():
     # Pixels that are 0 in every digit give exactly zero gradients: leave them out.
     ratio = np.median(a[f > 0] / f[f > 0])
     assert 0.7 < ratio < 3.0, ratio
+
+
+def test_a_rebound_global_or_closure_value_is_read_afresh_and_cached_otherwise():
+    """The loss is compiled once per function and per what it reads: rebinding a global it
+    names (new BatchNorm statistics, a teacher) gave the old value baked in before."""
+    global _SCALE
+    batch = {"x": jnp.array([1.0, 2.0])}
+    loss = lambda w, b: jnp.mean((b["x"] * w * _SCALE) ** 2)
+    _SCALE = jnp.array(1.0)
+    assert float(fo.empirical_fisher(loss, jnp.array(1.0), batch)) == 34.0
+    _SCALE = jnp.array(2.0)
+    assert float(fo.empirical_fisher(loss, jnp.array(1.0), batch)) == 34.0 * 16
+    jitted = references._JIT[references._empirical]
+    size = jitted._cache_size()
+    fo.empirical_fisher(loss, jnp.array(1.0), batch)
+    assert jitted._cache_size() == size  # nothing changed: no new trace
+
+    def make(scale):
+        return lambda w, b: jnp.mean((b["x"] * w * scale) ** 2)
+
+    assert float(fo.empirical_fisher(make(jnp.array(3.0)), jnp.array(1.0), batch)) == 34.0 * 81
+
+
+_SCALE = None
+
+
+def test_shapes_the_references_refuse_by_message():
+    params = {"w": jnp.ones((3, 2))}
+    batch = {"x": jnp.ones((4, 5, 3))}
+    per_position = lambda p, b: jnp.mean(b["x"] @ p["w"], axis=(0, 2))  # shape (5,)
+    for method in ("layers", "vmap"):  # layers summed it silently before
+        with pytest.raises(ValueError, match=r"must return a scalar.* shape \(5,\)"):
+            fo.empirical_fisher(per_position, params, batch, method=method)
+        with pytest.raises(ValueError, match=r"\[batch, classes\] logits.* shape \(1, 5, 2\)"):
+            fo.monte_carlo_fisher(
+                lambda p, x: x @ p["w"], params, batch["x"], key=jax.random.key(0), method=method
+            )
+    with pytest.raises(ValueError, match=r"\[batch, classes\] logits.* shape \(1,\)"):
+        fo.monte_carlo_fisher(
+            lambda p, x: (x @ p["w"])[:, 0], params, jnp.ones((4, 3)), key=jax.random.key(0)
+        )
+
+
+def test_integer_leaves_and_half_precision_layers_agree_between_methods():
+    """An integer leaf (a counter) has no gradient: 0 in both methods (vmap raised). A layer
+    computing in bfloat16 goes to vmap(grad): the closed form squared in bfloat16 (1e-3)."""
+    rng = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+        "o": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+        "step": jnp.array(3),
+    }
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), "y": jnp.arange(8) % 2}
+
+    def loss(p, b):
+        h = jnp.tanh(b["x"].astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16))
+        logits = (h @ p["o"].astype(jnp.bfloat16)).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"]).mean()
+
+    fast = fo.empirical_fisher(loss, params, batch, method="layers")
+    ref = fo.empirical_fisher(loss, params, batch, method="vmap")
+    assert int(fast["step"]) == 0 and int(ref["step"]) == 0
+    for k in ("w", "o"):
+        np.testing.assert_allclose(fast[k], ref[k], rtol=1e-6)
