@@ -790,7 +790,7 @@ def _topk_leaves(
     # What the earlier mask prunes stays pruned, in leaves not ranked here too.
     for i, k in enumerate(kept or []):
         if i not in chosen and k is not None:
-            out[i] = k if isinstance(k, jax.Array) else jax.device_put(np.asarray(k, bool))
+            out[i] = k if isinstance(k, jax.Array) else _to_device(np.asarray(k, bool), leaves[i])
     if not chosen:
         return out
     layer = per_leaf or scope == "layer"
@@ -952,7 +952,7 @@ def topk_mask(
 
     Returns:
       A boolean pytree shaped like ``scores``; ``True`` keeps a weight. Non-prunable
-      weights are always ``True``.
+      weights are ``True`` unless ``mask`` prunes them.
 
     Raises:
       ValueError: if ``sparsity`` is outside ``[0, 1]``, NaN, or does not match the leaves,
