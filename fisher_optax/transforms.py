@@ -208,7 +208,14 @@ def pruned(
        updates. Moments of pruned weights therefore stay exactly zero, and the Fisher read
        later is zero there;
     3. the updates of pruned weights become minus the weight, so pruned weights are exactly
-       zero after ``optax.apply_updates`` (as :func:`keep_pruned`).
+       zero after ``optax.apply_updates`` (as :func:`keep_pruned`). So ``pruned`` goes last
+       in a chain: a transform after it (a learning rate, weight decay) would rescale the
+       ``-w``; put such transforms inside it, ``pruned(optax.chain(...), ...)``.
+
+    The Fisher is read with ``b2 = 0.999`` (optax's default) unless the inner optimizer
+    injects its ``b2`` (``optax.inject_hyperparams(optax.adam)(..., b2=0.95)``): with
+    another ``b2`` given plainly, the ranking within one Adam is unchanged but the values
+    (and the ranking across groups of a ``partition`` with different ``b2``) are not.
 
     Per-leaf targets: with ``sparsity`` given (a pytree of per-leaf fractions, a mapping,
     e.g. from :func:`fisher_optax.erk_sparsity`), the schedule gives the *progress*: leaf
@@ -230,7 +237,8 @@ def pruned(
         step 0.
       criterion: a key of :data:`fisher_optax.CRITERIA` or a callable
         ``(params, fisher) -> scores`` (it gets the Fisher read from ``inner`` when there is
-        one, else ``None``).
+        one, else ``None``; when there is one it skips the updates the Fisher criteria
+        skip).
       method: a key of :data:`METHODS`: ``"one_stage"`` or ``"two_stage"``.
       magnitude_fraction: for ``"two_stage"``, the share of the target removed by
         magnitude first, in ``[0, 1]``. ``0`` is pure criterion pruning, ``1`` pure
@@ -250,7 +258,9 @@ def pruned(
         :func:`fisher_optax.topk_mask` (for structured patterns: N:M, blocks, units). It
         gets the score tree, the current target (a traced float32 scalar, or with
         ``sparsity=`` a pytree of per-leaf scalars) and the current mask, which it must
-        keep pruned; it runs inside ``jit`` and ``lax.cond``. ``scope`` and ``prunable``
+        keep pruned (it is ANDed with that mask, so masks only grow; a result that is not
+        a bool tree shaped like it is a ``TypeError``); it runs inside ``jit`` and
+        ``lax.cond``. ``scope`` and ``prunable``
         are then its own business (they are not passed). With ``"two_stage"`` it runs for
         both stages (first on :math:`|w|`).
 
@@ -361,9 +371,21 @@ def pruned(
         )
 
     def select(score_tree, target, old):
-        if mask_fn is not None:
-            return mask_fn(score_tree, target, mask=old)
-        return _masks.topk_mask(score_tree, target, scope=scope, prunable=prunable, mask=old)
+        if mask_fn is None:
+            return _masks.topk_mask(score_tree, target, scope=scope, prunable=prunable, mask=old)
+        new = mask_fn(score_tree, target, mask=old)
+        name = getattr(mask_fn, "__name__", "mask_fn")
+        ok = jax.tree.structure(new) == jax.tree.structure(old) and all(
+            jnp.result_type(n) == jnp.bool_ and jnp.shape(n) == jnp.shape(o)
+            for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
+        )
+        if not ok:
+            raise TypeError(
+                f"mask_fn {name!r} must return a bool mask shaped like the params (the tree "
+                f"of mask=), got {jax.tree.map(lambda x: (jnp.result_type(x), jnp.shape(x)), new)}."
+            )
+        # What the old mask prunes stays pruned, whatever mask_fn returns: masks only grow.
+        return jax.tree.map(jnp.logical_and, new, old)
 
     def new_mask(params, inner_state, old, count, with_fisher):
         progress = jnp.asarray(schedule(count), jnp.float32)

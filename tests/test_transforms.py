@@ -1,5 +1,6 @@
 """keep_pruned and pruned: exact zeros, masks that grow on schedule, one compilation."""
 
+import itertools
 from fractions import Fraction
 
 import jax
@@ -544,3 +545,19 @@ def test_pruned_around_partition_and_masked_inner_optimizers(kind):
     nu = fo.fisher_from_state(state5.inner_state, missing=0.0, params=params5)
     for f, m in zip(jax.tree.leaves(nu), jax.tree.leaves(state5.mask), strict=True):
         assert np.all(np.asarray(f)[~np.asarray(m)] == 0.0)
+
+
+def test_pruned_mask_fn_results_are_checked_and_cannot_regrow_weights():
+    params = make_params(8)
+    regrow = lambda scores, sparsity, *, mask: fo.topk_mask(scores, sparsity)  # ignores mask
+    schedule = fo.polynomial_sparsity(0.6, begin_step=0, end_step=3)
+    opt = fo.pruned(optax.adam(1e-2), schedule, criterion="random", key=jax.random.key(0),
+                    method="one_stage", update_every=1, mask_fn=regrow)  # fmt: skip
+    history, _, _ = train(opt, params, 4)
+    for (_, before), (_, after) in itertools.pairwise(history):
+        for a, b in zip(jax.tree.leaves(before.mask), jax.tree.leaves(after.mask), strict=True):
+            assert not np.any(np.asarray(b) & ~np.asarray(a))  # masks only grow
+    floats = lambda scores, sparsity, *, mask: jax.tree.map(lambda m: m.astype(float), mask)
+    opt = fo.pruned(optax.adam(1e-2), 0.5, criterion="magnitude", mask_fn=floats)
+    with pytest.raises(TypeError, match=r"mask_fn '<lambda>' must return a bool mask"):
+        opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
