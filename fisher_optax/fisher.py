@@ -434,6 +434,14 @@ def _has_seen_a_gradient(opt_state: Any) -> jax.Array:
     return ready
 
 
+def _filled(p: Any, missing: float) -> jax.Array:
+    """``missing`` shaped like ``p``: in ``p``'s dtype if floating, else float32 (a counter
+    or a PRNG key of a whole ``nnx.state`` has a Fisher of 0, not an integer or a key)."""
+    dtype = jnp.result_type(p)
+    dtype = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+    return jnp.full(jnp.shape(p), missing, dtype=dtype)
+
+
 def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fisher:
     """Put the merged Fisher leaves into the tree structure of ``params``.
 
@@ -452,7 +460,7 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
         key = next((ppath[:k] for k in range(len(ppath), -1, -1) if ppath[:k] in entries), None)
         if key is None or (key != ppath and not _is_masked(entries[key])):
             if missing is not None:  # a leaf the optimizer never held, e.g. batch statistics
-                leaves.append(jnp.full(jnp.shape(p), missing, dtype=jnp.result_type(p)))
+                leaves.append(_filled(p, missing))
                 continue
             raise ValueError(
                 f"the optimizer state has no entry for the parameter at "
@@ -463,7 +471,7 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
         used.add(key)
         f = entries[key]
         if _is_masked(f):
-            leaves.append(jnp.full(jnp.shape(p), missing, dtype=jnp.result_type(p)))
+            leaves.append(_filled(p, missing))
             continue
         if jnp.shape(f) != jnp.shape(p):
             raise ValueError(

@@ -730,11 +730,12 @@ def test_fisher_for_a_whole_nnx_state_fills_what_the_optimizer_never_held():
         def __init__(self, rngs):
             self.lin = nnx.Linear(3, 4, rngs=rngs)
             self.bn = nnx.BatchNorm(4, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)  # a PRNG key and a counter in the state
 
         def __call__(self, x):
-            return self.bn(self.lin(x))
+            return self.drop(self.bn(self.lin(x)))
 
-    model = Net(nnx.Rngs(0))
+    model = Net(nnx.Rngs(0, dropout=1))
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     opt.update(model, nnx.grad(lambda m: (m(jnp.ones((2, 3))) ** 2).mean())(model))
     with pytest.raises(ValueError, match=r"no entry for the parameter at \['bn'\]\['mean'\]; .*"
@@ -743,6 +744,8 @@ def test_fisher_for_a_whole_nnx_state_fills_what_the_optimizer_never_held():
     full = fisher_optax.fisher_from_state(opt, params=nnx.state(model), missing=0.0)
     only = fisher_optax.fisher_from_state(opt, params=nnx.state(model, nnx.Param))
     assert float(jnp.sum(full["bn"]["mean"][...])) == 0.0
+    key = full["drop"]["rngs"]["key"][...]  # filled as float32 0, not as a key array
+    assert key.dtype == jnp.float32 and not np.any(np.asarray(key))
     np.testing.assert_array_equal(full["lin"]["kernel"][...], only["lin"]["kernel"][...])
     q = fisher_optax.quantize(nnx.state(model), 3, fisher=full)
     assert q.widths[q.paths.index("['lin']['kernel']")] == (3,)
