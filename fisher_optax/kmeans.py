@@ -786,51 +786,11 @@ def _kmeans_rows_big(u, wu, nu, m, k, init):
     """
     rows, width = u.shape
     ri = np.arange(rows)[:, None]
-    col = np.arange(width)[None, :]
-    real = col < m[:, None]
-    lo_u = u[:, 0]
-    hi_u = u[np.arange(rows), m - 1]
+    real = np.arange(width)[None, :] < m[:, None]
     if init == "dp":
-        groups = max(512, 8 * k)
-        # Row sums as NumPy sums each row alone (pairwise summation depends on length).
-        total = np.array([wu[r, : m[r]].sum() for r in range(rows)])
-        total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
-        before = np.cumsum(wu, 1) - wu
-        by_weight = np.floor(before / total * groups).astype(np.int64)
-        span = np.maximum(hi_u - lo_u, np.finfo(np.float64).tiny)[:, None]
-        su = np.where(real, u, lo_u[:, None])
-        by_width = np.clip(np.floor((su - lo_u[:, None]) / span * groups), 0, groups - 1)
-        key = by_weight * (groups + 1) + by_width.astype(np.int64)
-        step = np.concatenate([np.zeros((rows, 1), bool), key[:, 1:] != key[:, :-1]], 1)
-        coarse = np.cumsum(step & real, 1)
-        gid = np.where((m <= 2 * groups)[:, None], col, coarse)
-        mg = gid[np.arange(rows), m - 1] + 1
-        ww = np.where(wu > 0, wu, 0.0)
-        ww = np.where((~(ww.sum(1) > 0))[:, None], nu, ww)
-        centre = (lo_u + hi_u) / 2
-        d = np.where(real, u - centre[:, None], 0.0)
-        gmax = int(mg.max())
-        slot = np.where(real, ri * (gmax + 1) + gid, ri * (gmax + 1) + gmax)  # padding: dump
-        size = rows * (gmax + 1)
-        gw, gs, gq = (
-            np.bincount(slot.ravel(), v.ravel(), minlength=size).reshape(rows, gmax + 1)[:, :gmax]
-            for v in (ww, ww * d, ww * d * d)
-        )
-        c0 = np.full((rows, k), np.inf)
-        kk = np.minimum(k, mg)
-        for kval in np.unique(kk):  # a handful of distinct cluster counts at most
-            sel = np.flatnonzero(kk == kval)
-            starts = _dp_rows(gw[sel], gs[sel], gq[sel], mg[sel], int(kval))
-            stops = np.concatenate([starts[:, 1:], mg[sel, None]], 1)
-            zero = np.zeros((sel.size, 1))
-            pw = np.concatenate([zero, np.cumsum(gw[sel], 1)], 1)
-            ps = np.concatenate([zero, np.cumsum(gs[sel], 1)], 1)
-            r = np.arange(sel.size)[:, None]
-            cw = pw[r, stops] - pw[r, starts]
-            c = centre[sel, None] + (ps[r, stops] - ps[r, starts]) / np.where(cw > 0, cw, 1)
-            c0[sel, : int(kval)] = np.where(stops > starts, c, np.inf)
+        c0 = _unique_rows(_dp_init_rows(u, wu, nu, m, k))
     elif init == "linear":
-        c0 = np.linspace(lo_u, hi_u, k, axis=1)
+        c0 = np.sort(np.linspace(u[:, 0], u[np.arange(rows), m - 1], k, axis=1), 1)
     else:
         mass = wu if init == "quantile" else np.cbrt(wu)
         mass_sum = np.array([mass[r, : m[r]].sum() for r in range(rows)])
@@ -838,8 +798,7 @@ def _kmeans_rows_big(u, wu, nu, m, k, init):
         cdf = np.where(real, cdf, np.inf)
         q = np.broadcast_to((np.arange(k) + 0.5) / k, (rows, k))
         j = np.minimum(_searchsorted_rows(cdf, q, "left"), (m - 1)[:, None])
-        c0 = u[ri, j]
-    c0 = np.sort(c0, 1) if init == "linear" else _unique_rows(c0)
+        c0 = _unique_rows(u[ri, j])
     c = _lloyd_rows(c0, u, wu, nu)
     mids = (c[:, 1:] + c[:, :-1]) / 2
     a = _searchsorted_rows(mids, np.where(real, u, -np.inf), "left")
@@ -849,6 +808,63 @@ def _kmeans_rows_big(u, wu, nu, m, k, init):
     out = np.full((rows, k), np.inf)
     out[np.broadcast_to(ri, used.shape)[used], new_index[used]] = c[used]
     return out, np.take_along_axis(new_index, a, 1)
+
+
+def _dp_init_rows(u, wu, nu, m, k):
+    """``init="dp"``: per row, the exact k-means centroids of at most ``2 * max(512, 8k)``
+    contiguous groups of its distinct values (each value its own group when there are no
+    more), ``+inf`` where a row has fewer groups than ``k``.
+
+    A group ends where the cumulative weight crosses a multiple of ``total / groups`` or
+    the value crosses a multiple of ``(max - min) / groups``: fine where the weight is
+    dense and in the sparse tails, which is where the optimum puts centroids on few values.
+    """
+    rows, width = u.shape
+    ri = np.arange(rows)[:, None]
+    col = np.arange(width)[None, :]
+    real = col < m[:, None]
+    lo_u = u[:, 0]
+    hi_u = u[np.arange(rows), m - 1]
+    groups = max(512, 8 * k)
+    # Row sums as NumPy sums each row alone (pairwise summation depends on length).
+    total = np.array([wu[r, : m[r]].sum() for r in range(rows)])
+    total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
+    before = np.cumsum(wu, 1) - wu
+    by_weight = np.floor(before / total * groups).astype(np.int64)
+    span = np.maximum(hi_u - lo_u, np.finfo(np.float64).tiny)[:, None]
+    su = np.where(real, u, lo_u[:, None])
+    by_width = np.clip(np.floor((su - lo_u[:, None]) / span * groups), 0, groups - 1)
+    key = by_weight * (groups + 1) + by_width.astype(np.int64)
+    step = np.concatenate([np.zeros((rows, 1), bool), key[:, 1:] != key[:, :-1]], 1)
+    coarse = np.cumsum(step & real, 1)
+    gid = np.where((m <= 2 * groups)[:, None], col, coarse)
+    mg = gid[np.arange(rows), m - 1] + 1
+    # A row of zero weight would leave the DP indifferent: it splits by the counts there.
+    ww = np.where(wu > 0, wu, 0.0)
+    ww = np.where((~(ww.sum(1) > 0))[:, None], nu, ww)
+    centre = (lo_u + hi_u) / 2
+    d = np.where(real, u - centre[:, None], 0.0)
+    gmax = int(mg.max())
+    slot = np.where(real, ri * (gmax + 1) + gid, ri * (gmax + 1) + gmax)  # padding: dump
+    size = rows * (gmax + 1)
+    gw, gs, gq = (
+        np.bincount(slot.ravel(), v.ravel(), minlength=size).reshape(rows, gmax + 1)[:, :gmax]
+        for v in (ww, ww * d, ww * d * d)
+    )
+    c0 = np.full((rows, k), np.inf)
+    kk = np.minimum(k, mg)
+    for kval in np.unique(kk):  # a handful of distinct cluster counts at most
+        sel = np.flatnonzero(kk == kval)
+        starts = _dp_rows(gw[sel], gs[sel], gq[sel], mg[sel], int(kval))
+        stops = np.concatenate([starts[:, 1:], mg[sel, None]], 1)
+        zero = np.zeros((sel.size, 1))
+        pw = np.concatenate([zero, np.cumsum(gw[sel], 1)], 1)
+        ps = np.concatenate([zero, np.cumsum(gs[sel], 1)], 1)
+        r = np.arange(sel.size)[:, None]
+        cw = pw[r, stops] - pw[r, starts]
+        c = centre[sel, None] + (ps[r, stops] - ps[r, starts]) / np.where(cw > 0, cw, 1)
+        c0[sel, : int(kval)] = np.where(stops > starts, c, np.inf)
+    return c0
 
 
 def _unique_rows(c):

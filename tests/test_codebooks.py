@@ -170,7 +170,7 @@ def test_in_a_chain_after_clip_by_global_norm():
 
 
 def test_under_flax_nnx_optimizer():
-    from flax import nnx
+    nnx = pytest.importorskip("flax.nnx")
 
     class MLP(nnx.Module):
         def __init__(self, rngs):

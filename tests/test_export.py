@@ -11,6 +11,7 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -322,11 +323,10 @@ def test_linen_collections_roundtrip(tmp_path):
 
 
 def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
-    """Issue 10 items 8-9: an nnx.State with int keys is saved whole, BatchNorm statistics
+    """An nnx.State with int keys is saved whole, BatchNorm statistics
     and the Dropout RNG state included, and a new instance predicts what the in-memory
     dequantized model predicts."""
     nnx = pytest.importorskip("flax.nnx")
-    import optax
 
     def build(seed):
         rngs = nnx.Rngs(seed)
@@ -339,7 +339,7 @@ def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
         )
 
     # The slowest test of this file (~20 s on a cold worker, nearly all Flax's eager init
-    # and one nnx.jit compile): it is issue 10's acceptance test, run once.
+    # and one nnx.jit compile): the whole Flax round trip, run once.
     model = build(0)
     opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
     rng = np.random.default_rng(0)

@@ -1,5 +1,7 @@
 """fisher_from_state and fisher_tracker against a hand-computed EMA, under every wrapper."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,8 +326,6 @@ def test_nnx_optimizer_lines_up_with_param_state():
 
 
 def test_core_modules_never_import_flax():
-    import pathlib
-
     package = pathlib.Path(fisher_optax.__file__).parent
     # flax.py is the Flax adapter; depgraph.py traces Flax models and imports Flax lazily.
     for path in sorted(package.glob("*.py")):

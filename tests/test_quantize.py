@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisher_optax import QuantizedParams, allocate_bits, dequantize, fisher_from_state, quantize
+from fisher_optax.quantize import _budget_widths
 
 SHAPES = {"dense": {"kernel": (12, 8), "bias": (8,)}, "out": [(8, 3)]}
 EVERY = lambda path, leaf: True  # quantize every leaf (biases too)
@@ -812,8 +813,6 @@ def test_channel_granularity_equals_brute_force(seed):
 def test_budget_solver_equals_brute_force_on_random_units(entry_bits):
     # One solver for layer and channel widths; with entry_bits a unit's cost n b + e min(2^b, n)
     # is not linear in b, and the solver must stay exact.
-    from fisher_optax.quantize import _budget_widths
-
     rng = np.random.default_rng(0)
     for _ in range(150):
         c = int(rng.integers(1, 7))
