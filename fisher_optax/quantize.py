@@ -290,13 +290,12 @@ def allocate_bits(
 
     solved by a dynamic program over leaves on the Pareto front of (total bits, total
     estimate), with branch and bound; ties go to fewer total bits. ``average_bits`` is
-    required here. With
-    ``entry_bits=e > 0`` the budget also pays for the codebooks, as the file does: a leaf
-    at ``b`` bits costs :math:`n_l b_l + e \min(2^{b_l}, n_l)`. A small leaf then no
-    longer gets 8 bits for free: at 364 kept weights, 8 bits cost 2,912 bits of codes but
-    256 entries of about 40 bits each in a :func:`~fisher_optax.save_compressed` file (a
-    float32 entry and its share of the entropy coder's table, as
-    :func:`~fisher_optax.compression_report` shows).
+    required here. With ``entry_bits=e > 0`` the budget also pays for the codebooks, as
+    the file does: a leaf at ``b`` bits costs :math:`n_l b_l + e \min(2^{b_l}, n_l)`. A
+    small leaf then no longer gets 8 bits for free: at 364 kept weights, 8 bits cost 2,912
+    bits of codes but 256 entries of about 40 bits each in a
+    :func:`~fisher_optax.save_compressed` file (a float32 entry and its share of the
+    entropy coder's table, as :func:`~fisher_optax.compression_report` shows).
 
     ``granularity="channel"`` (with ``axis``, as in :func:`quantize`): the same objective
     and budget, with one width per slice along ``axis`` (``axis=-1``: per output channel;
@@ -507,10 +506,12 @@ def _allocate_units(out, weights, kept, fish, axes, widths_desc, budget, entry_b
     )
     parts = np.split(widths, np.cumsum([s.size for s in sal])[:-1])
     for i, part in zip(weights, parts, strict=True):
-        shape = [1] * kept[i].ndim
-        if axes[i] is not None:
+        if axes[i] is None:
+            per = part[0]
+        else:  # one width per slice, broadcast along the other axes
+            shape = [1] * kept[i].ndim
             shape[axes[i]] = part.size
-        per = part.reshape(shape) if axes[i] is not None else part[0]
+            per = part.reshape(shape)
         out[i] = np.where(kept[i], per, 0).astype(np.int32)
 
 
