@@ -5,6 +5,7 @@ refusal of truncated, corrupted or hostile files with bounded memory."""
 import os
 import struct
 import tracemalloc
+import warnings
 import zlib
 
 import hypothesis.extra.numpy as hnp
@@ -320,6 +321,23 @@ def test_linen_collections_roundtrip(tmp_path):
     np.testing.assert_array_equal(
         out["batch_stats"]["BatchNorm_0"]["var"], variables["batch_stats"]["BatchNorm_0"]["var"]
     )
+
+
+def test_an_nnx_state_is_written_without_reading_deprecated_attributes(tmp_path):
+    # The writer records each leaf's path by walking the pytree registry; reading a
+    # Variable's `.value` attribute instead warns on every leaf with Flax >= 0.12.
+    nnx = pytest.importorskip("flax.nnx")
+    state = nnx.state(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
+    q = quantize(state, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        save_compressed(tmp_path / "m.foqz", q)
+    loaded = load_compressed(tmp_path / "m.foqz")
+    assert loaded.paths == q.paths == ("['bias']", "['kernel']")
+    for a, b in zip(
+        jax.tree.leaves(dequantize(loaded)), jax.tree.leaves(dequantize(q)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
