@@ -337,32 +337,6 @@ def fisher_from_state(
       Kunstner, Balles, Hennig. Limitations of the Empirical Fisher Approximation for
       Natural Gradient Descent. NeurIPS 2019. https://arxiv.org/abs/1905.12558
     """
-    return _fisher_from_state(
-        opt_state,
-        b2=b2,
-        bias_correction=bias_correction,
-        batch_size=batch_size,
-        params=params,
-        missing=missing,
-        check_count=True,
-    )
-
-
-def _fisher_from_state(
-    opt_state: Any,
-    *,
-    b2: float | None = None,
-    bias_correction: bool = True,
-    batch_size: int | None = None,
-    params: Params | None = None,
-    missing: float | None = None,
-    check_count: bool = True,
-) -> Fisher:
-    """:func:`fisher_from_state`, with the ``count == 0`` check optional.
-
-    Transforms that guard the read themselves (:func:`_has_seen_a_gradient`) skip the
-    check: no error for a concrete count of 0, no NaN for a traced one.
-    """
     if missing is not None and params is None:
         raise ValueError(
             "missing= fills parameters that no second-moment state covers, and needs "
@@ -383,8 +357,32 @@ def _fisher_from_state(
         missing = _validate.real(
             missing, "missing", low=0.0, meaning="the Fisher value of uncovered parameters"
         )
+    return _read_fisher(opt_state, b2, bias_correction, batch_size, params, missing, True)
+
+
+def _fisher_from_state(
+    opt_state: Any, *, params: Params | None = None, check_count: bool = True
+) -> Fisher:
+    """:func:`fisher_from_state` with its defaults, and the ``count == 0`` check optional.
+
+    Transforms that guard the read themselves (:func:`_has_seen_a_gradient`) skip the
+    check: no error for a concrete count of 0, no NaN for a traced one.
+    """
     if not isinstance(check_count, bool):
         raise TypeError(f"check_count must be a bool, got {check_count!r}.")
+    return _read_fisher(opt_state, None, True, None, params, None, check_count)
+
+
+def _read_fisher(
+    opt_state: Any,
+    b2: float | None,
+    bias_correction: bool,
+    batch_size: int | None,
+    params: Params | None,
+    missing: float | None,
+    check_count: bool,
+) -> Fisher:
+    """:func:`fisher_from_state` on checked arguments."""
     found = []
     for name in _SECOND_MOMENT_STATES:
         found.extend(otu.tree_get_all_with_path(opt_state, name))
