@@ -314,10 +314,10 @@ def fisher_from_state(
 
     Raises:
       ValueError: if no second-moment state is found (naming what was found instead),
-        if ``count == 0`` (no gradient seen yet), if some parameters are covered by no
-        state or by several,
-        or if ``missing`` is given without ``params``; if ``b2`` is outside ``[0, 1)``,
-        ``batch_size`` is not a positive int or ``missing`` is negative or not finite.
+        if a concrete ``count == 0`` (no gradient seen yet), if some parameters are
+        covered by no state or by several, or if ``missing`` is given without ``params``;
+        if ``b2`` is outside ``[0, 1)``, ``batch_size`` is not a positive int or
+        ``missing`` is negative or not finite.
       TypeError: for a bool or non-integer ``batch_size``, a non-bool ``bias_correction``
         or a non-numeric ``b2``/``missing``.
 
