@@ -600,8 +600,8 @@ def _dp_rows(gw, gs, gq, mg, k):
             starts = np.cumsum(length) - length
             seg = np.repeat(np.arange(mid.size), length)
             t = tl[seg] + (np.arange(seg.size) - starts[seg])
-            b = sb[seg]
-            val = dprev[b + t] + cost(b + t, (sb + mid)[seg])
+            ft = sb[seg] + t
+            val = dprev[ft] + cost(ft, (sb + mid)[seg])
             best = np.minimum.reduceat(val, starts)
             hit = np.flatnonzero(val <= best[seg])
             first = hit[np.searchsorted(seg[hit], np.arange(mid.size))]
