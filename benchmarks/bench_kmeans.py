@@ -4,7 +4,7 @@ n values shaped like trained weights (normal, Laplace, and a bimodal "after magn
 pruning" set with a gap around zero), k = 16 and 256. kmeans_1d is timed jitted, after a
 warm-up call, as the median of several runs; scikit-learn is timed once per case in the
 same process; so is the host-side NumPy k-means that ``quantize`` runs
-(``fisher_optax.kmeans._kmeans_host``, init "dp"). Inertia is reported relative to the
+(``fisher_optax.kmeans_rows_host`` on one row, init "dp"). Inertia is reported relative to the
 exact optimum of the kmeans1d package (a dynamic program in C++). Prints a markdown
 table; asserts nothing about time.
 
@@ -23,8 +23,7 @@ import kmeans1d
 import numpy as np
 from sklearn.cluster import KMeans
 
-from fisher_optax import kmeans_1d
-from fisher_optax.kmeans import _kmeans_host
+from fisher_optax import kmeans_1d, kmeans_rows_host
 
 
 def data(kind: str, n: int, seed: int = 0) -> np.ndarray:
@@ -81,7 +80,8 @@ def main() -> None:
             _, r_lin = timed(lambda xj=xj, k=k: kmeans_1d(xj, k, init="linear"), 1)
             _, r_den = timed(lambda xj=xj, k=k: kmeans_1d(xj, k, init="density"), 1)
             t = time.perf_counter()
-            host_c, _ = _kmeans_host(x, k)
+            host_c, counts, _ = kmeans_rows_host(x[None], k)
+            host_c = host_c[0, : counts[0]]
             t_host = time.perf_counter() - t
             t = time.perf_counter()
             sk = KMeans(k, n_init=1, random_state=0).fit(x.reshape(-1, 1))

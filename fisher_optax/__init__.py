@@ -31,6 +31,7 @@ from fisher_optax.fisher import (
 from fisher_optax.kmeans import (
     KMeansResult,
     kmeans_1d,
+    kmeans_rows_host,
 )
 
 # Pruning: masks (sort-free exact selection), schedules, masked-training transforms.
@@ -127,6 +128,7 @@ __all__ = [
     "is_kernel",
     "keep_pruned",
     "kmeans_1d",
+    "kmeans_rows_host",
     "load_compressed",
     "magnitude_mask",
     "monte_carlo_fisher",

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from fisher_optax import _validate
-from fisher_optax._tree import leaves_with_paths
+from fisher_optax._tree import check_matching
 from fisher_optax._types import Params
 from fisher_optax.quantize import QuantizedParams
 
@@ -134,33 +134,30 @@ def _segments(leaf: _Leaf) -> np.ndarray:
     return seg.astype(np.int32)
 
 
-def _check_structure(layout: list[_Leaf], tree: Any, name: str) -> list[Any]:
+def _members(leaf: _Leaf) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per entry of the leaf's codebooks, the flat index of one weight that holds it (0 for
+    an entry no weight uses) and whether there is one; ``(None, None)`` for a raw leaf.
+
+    Reading the entries out of the params through one member each is exact (members are
+    equal) and costs K gathers instead of a pass over the leaf.
+    """
+    if leaf.raw:
+        return None, None
+    k = int(_offsets(leaf)[-1])
+    flat = _segments(leaf).reshape(-1)
+    first = np.zeros(k + 1, np.int64)
+    order = np.argsort(flat, kind="stable")
+    idx = np.searchsorted(flat[order], np.arange(k + 1))
+    has = np.bincount(flat, minlength=k + 1) > 0
+    first[has] = order[idx[has]]
+    return first[:k].astype(np.int32), has[:k]
+
+
+def _leaves_like_q(q: QuantizedParams, tree: Any, name: str) -> list[Any]:
     """Leaves of ``tree`` in order, checked path by path and shape by shape against ``q``."""
-    pairs = leaves_with_paths(tree)
-    for i, leaf in enumerate(layout):
-        if i >= len(pairs):
-            raise ValueError(
-                f"{name} has no leaf at {leaf.path}, which q has: {name} has {len(pairs)} "
-                f"leaves, q has {len(layout)}. Pass the tree q was quantized from (or "
-                "dequantize(q))."
-            )
-        path, x = pairs[i]
-        if path != leaf.path:
-            raise ValueError(
-                f"{name} does not match q: leaf {i} is at {path} in {name} but at {leaf.path} "
-                "in q. Pass the tree q was quantized from (or dequantize(q))."
-            )
-        if tuple(jnp.shape(x)) != leaf.shape:
-            raise ValueError(
-                f"{name} at {path} has shape {tuple(jnp.shape(x))} but q has shape "
-                f"{leaf.shape} there."
-            )
-    if len(pairs) > len(layout):
-        raise ValueError(
-            f"{name} has a leaf at {pairs[len(layout)][0]} that q lacks ({len(pairs)} leaves "
-            f"against {len(layout)}). Pass the tree q was quantized from (or dequantize(q))."
-        )
-    return [x for _, x in pairs]
+    shapes = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in q.shapes]
+    reference = jax.tree.unflatten(q.treedef, shapes)
+    return check_matching(reference, tree, ref_name="q", other_name=name)
 
 
 def _read_entries(leaf: _Leaf, x: Any, name: str) -> tuple[np.ndarray, ...]:
@@ -289,23 +286,7 @@ def share_codebooks(
     layout = _layout(q)
     train_raw = raw == "train"
     offsets = [_offsets(leaf) for leaf in layout]
-    # One member per entry (0 for an empty entry), to read the entries out of the params:
-    # exact, since members are equal, and K gathers instead of a pass over the leaf.
-    reps, filled = [], []
-    for leaf, seg in zip(layout, (None if x.raw else _segments(x) for x in layout), strict=True):
-        if leaf.raw:
-            reps.append(None)
-            filled.append(None)
-            continue
-        k = int(_offsets(leaf)[-1])
-        flat = seg.reshape(-1)
-        first = np.zeros(k + 1, np.int64)
-        order = np.argsort(flat, kind="stable")
-        idx = np.searchsorted(flat[order], np.arange(k + 1))
-        has = np.bincount(flat, minlength=k + 1) > 0
-        first[has] = order[idx[has]]
-        reps.append(first[:k].astype(np.int32))
-        filled.append(has[:k])
+    reps, filled = zip(*(_members(leaf) for leaf in layout), strict=True)
 
     def to_entries(leaves, segments, reduce):
         tree = {}
@@ -332,7 +313,7 @@ def share_codebooks(
         return jnp.where(jnp.asarray(filled[i]), vals, jnp.asarray(np.concatenate(layout[i].books)))
 
     def init_fn(params):
-        leaves = _check_structure(layout, params, "params")
+        leaves = _leaves_like_q(q, params, "params")
         segments = tuple(None if leaf.raw else jnp.asarray(_segments(leaf)) for leaf in layout)
         if any(not _validate.is_concrete(x) for x in leaves):  # init under jit
             entries = to_entries(leaves, segments, read_params)
@@ -348,11 +329,11 @@ def share_codebooks(
 
     def update_fn(updates, state, params=None):
         leaves, treedef = jax.tree.flatten(updates)
-        _check_structure(layout, updates, "updates")
+        _leaves_like_q(q, updates, "updates")
         g = to_entries(leaves, state.segments, sum_grads)
         p = None
         if params is not None:
-            p = to_entries(_check_structure(layout, params, "params"), state.segments, read_params)
+            p = to_entries(_leaves_like_q(q, params, "params"), state.segments, read_params)
         u, inner_state = inner.update(g, state.inner_state, p)
         out = []
         for i, (leaf, x) in enumerate(zip(layout, leaves, strict=True)):
@@ -401,7 +382,7 @@ def requantize(params: Params, q: QuantizedParams) -> QuantizedParams:
       ({1: Array([0.25, 2.75], dtype=float32)},)
     """
     layout = _layout(q)
-    leaves = _check_structure(layout, params, "params")
+    leaves = _leaves_like_q(q, params, "params")
     books = []
     for leaf, x in zip(layout, leaves, strict=True):
         books.append(None if leaf.raw else _read_entries(leaf, x, "params"))

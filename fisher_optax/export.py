@@ -4,71 +4,20 @@ The streams that carry information (the positions of the kept weights, the width
 the codes of each ``b``-bit group) are entropy-coded with an order-0 model each: the
 symbol frequencies are stored in the file and the symbols are coded with asymmetric
 numeral systems (ANS, the ``constriction`` library), so a stream costs its order-0
-entropy plus a few bytes. Leaves that :func:`~fisher_optax.quantize` keeps raw (biases,
-norm statistics, step counters, PRNG keys) are stored exactly, with their dtype.
+entropy plus a few bytes. Positions use relative index coding (Han et al. 2016). Leaves
+that :func:`~fisher_optax.quantize` keeps raw (biases, norm statistics, step counters, PRNG
+keys) are stored exactly, with their dtype.
 
-File layout (all integers little-endian; ``varint`` = LEB128, at most 9 bytes)::
+A file is a 24-byte header (magic, version, flags, leaf count, payload size, CRC-32 of the
+payload) and a payload of one record per leaf: its path, kind, dtype and shape, then
+either its raw bytes or its codebooks and coded streams. The byte-level layout, version
+by version, is in ``docs/file_format.md``; the constants below name its fields.
 
-    header (24 bytes): magic b"FOQZ" | version u16 (2 or 3) | flags u16 (0) | num_leaves u32
-                       | payload_size u64 | crc32(payload) u32
-    payload: num_leaves leaf records back to back, then u32 pad length P and P zero bytes
-
-    leaf record:
-      path      u16 depth, then per level u8 kind and its key:
-                  0 dict str key, 1 list index, 2 tuple index, 3 dict int key,
-                  4 attribute name, 5 flattened index;
-                  str keys (0, 4) as u16 length + UTF-8, indices (1, 2, 5) u32, int keys i64
-      kind      u8: 0 quantized, 1 raw
-      dtype     u8 code (float32 float16 bfloat16 float64 int8 int16 int32 int64 uint8
-                uint16 uint32 uint64 bool key): the leaf's dtype
-      shape     u8 ndim, ndim x u64
-      raw leaf: for a PRNG key (code 13) u8 length + its impl name (e.g. threefry2x32) and
-                the u32 key data, else the elements, C order, itemsize bytes each
-      quantized leaf:
-        book dtype u8 (a float code)
-        widths     u8 count G, G x u8 (ascending, each in 1..16)
-        axis       version 3 only: u8 0 = one codebook per width (as version 2), or
-                   a + 1 = one codebook per width and per slice along axis a of the
-                   leaf (C = shape[a] slices)
-        codebooks  per width b: u16 entries L - 1 (L <= 2^b), then L values; per slice
-                   (axis a): u16 K - 1 (K <= 2^b, the longest slice codebook), a stream
-                   of C symbols in 0..K (L_c, the entries of slice c), then the
-                   sum(L_c) values, slice by slice
-        positions  u8 mode: 1 = every weight kept (nothing follows); 0 = relative index
-                   coding: u8 index bits r (1..16), u64 entries E, then a stream of E
-                   symbols in 0..2^r - 1
-        width map  if G > 1: a stream with one symbol in 0..G-1 per kept weight; per
-                   slice (axis a): first u8 mode, 1 = one width per slice: a stream of
-                   C symbols (a slice without kept weights: any), 0 = per kept weight
-        codes      per width b: a stream with one symbol in 0..L-1 (per slice: 0..K-1,
-                   below its slice's L_c) per kept weight of width b, in position order
-
-    The writer emits version 2 (no axis byte) when no leaf has per-slice codebooks, so
-    such files are byte for byte what earlier versions wrote; the reader reads both.
-
-    stream of n symbols over an alphabet of A:
-      table      the symbol frequencies (sum at most 2^16: scaled down from the counts,
-                 a used symbol keeps a frequency >= 1), whichever form is shorter:
-                 dense: varint 0, then A varints; sparse: varint U (used symbols), then
-                 U pairs of varints (symbols skipped since the previous one, frequency)
-      data       only if the table has two or more non-zero entries: varint word count W,
-                 W x u32: the ANS words of constriction's ``stack.AnsCoder`` with the
-                 model ``Categorical(table / sum, perfect=False)``; a stream with one
-                 used symbol is that symbol n times and costs nothing more
-
-Relative index coding (Han et al. 2016): walking the flattened leaf from position -1, an
-entry ``e < 2^r - 1`` advances ``e + 1`` positions and puts the next kept weight there;
-the filler ``e = 2^r - 1`` advances ``2^r - 1`` positions and puts nothing. The writer adds
-fillers until the walk ends within ``2^r - 1`` of the leaf's end and picks the ``r`` that
-makes the stream and its table smallest.
-
-Safety: nothing in the file is executed or unpickled. The header's payload size must match
-the file and the CRC-32 must match before anything is parsed; every size is checked
-against the bytes left before an array is made. All leaves together may declare at most
-``1024`` elements per payload byte (the writer pads the payload in the rare file that
-would declare more), so a hostile file cannot make the reader allocate or decode more
-than a fixed multiple of its own size; every decoded symbol lies in its alphabet by
-construction of the decoder, and the position stream must land exactly on the shape.
+Safety: nothing in the file is executed or unpickled. The payload size and the CRC-32 are
+checked before anything is parsed, every size against the bytes left before an array is
+made, and all leaves together may declare at most 1024 elements per payload byte, so a
+hostile file cannot make the reader allocate or decode more than a fixed multiple of its
+own size.
 """
 
 import contextlib
@@ -97,9 +46,14 @@ __all__ = [
 ]
 
 MAGIC = b"FOQZ"
-VERSION = 3  # the newest; files without per-slice codebooks are written as version 2
-_VERSIONS = (2, 3)
+# The newest version. Version 3 has a per-leaf axis byte (per-slice codebooks); a file
+# without per-slice codebooks is written as version 2, which has none.
+VERSION = 3
+_VERSIONS = (2, 3)  # what the reader reads
+# Header, little-endian: magic, version u16, flags u16 (0), num_leaves u32, payload_size
+# u64, crc32(payload) u32.
 _HEADER = struct.Struct("<4sHHIQI")
+# The dtype codes (u8) of leaves and codebooks: a dtype's index in this tuple.
 _DTYPES = (
     "float32",
     "float16",
@@ -118,9 +72,11 @@ _DTYPES = (
 )
 _FLOATS = 4  # the first four codes are float dtypes (codebooks)
 _KEY = _DTYPES.index("key")
-_QUANTIZED, _RAW = 0, 1
+_QUANTIZED, _RAW = 0, 1  # a leaf record's kind byte
+# A path level's kind byte: dict str key, list index, tuple index, dict int key,
+# attribute name, flattened index.
 _DICT, _LIST, _TUPLE, _INTKEY, _ATTR, _FLAT = 0, 1, 2, 3, 4, 5
-_MAX_INDEX_BITS = 16
+_MAX_INDEX_BITS = 16  # the widest relative-index entry (r in 1..16)
 _TABLE_TOTAL = 1 << 16  # frequencies are scaled to sum to at most this
 _WEIGHTS_PER_BYTE = 1024  # a file declares at most this many elements per payload byte
 _ANS = constriction.stream.stack
@@ -154,17 +110,12 @@ def _tree_paths(treedef) -> list[tuple[tuple[int, Any], ...]]:
 
 
 def _follow(node, k):
-    """The child of ``node`` at key ``k``, or None when it cannot be followed."""
-    try:
-        if isinstance(k, jax.tree_util.DictKey):
-            return node[k.key]
-        if isinstance(k, jax.tree_util.SequenceKey):
-            return node[k.idx]
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            return getattr(node, k.name)
-    except (KeyError, IndexError, TypeError, AttributeError):
-        pass
-    return None
+    """The child of ``node`` at key ``k``, as the pytree registry flattens ``node``.
+
+    No attribute is read, so a Flax Variable's deprecated ``.value`` is never touched.
+    """
+    children = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+    return next((child for path, child in children if path == (k,)), None)
 
 
 def _kind_key(k, parent, kpath) -> tuple[int, Any]:

@@ -140,20 +140,14 @@ def _found_names(state: Any) -> list[str]:
 
 
 def _check_count(count: jax.Array, where: str) -> None:
-    msg = (
-        f"the second-moment state at {where} has count == 0: no gradient "
-        "has been seen yet, so nu / (1 - b2**count) is 0/0. Call the optimizer's update at "
-        "least once before reading the Fisher."
-    )
-    if isinstance(count, jax.core.Tracer):
-
-        def _raise(c):
-            if int(c) == 0:
-                raise ValueError(msg)
-
-        jax.debug.callback(_raise, count)
-    elif int(count) == 0:
-        raise ValueError(msg)
+    """A concrete ``count == 0`` is an error, at trace time; a traced count is not checked
+    here (its Fisher is NaN, see :func:`_corrected_nu`)."""
+    if _validate.is_concrete(count) and int(count) == 0:
+        raise ValueError(
+            f"the second-moment state at {where} has count == 0: no gradient "
+            "has been seen yet, so nu / (1 - b2**count) is 0/0. Call the optimizer's update "
+            "at least once before reading the Fisher."
+        )
 
 
 def _corrected_nu(
@@ -169,9 +163,12 @@ def _corrected_nu(
     """The (optionally bias-corrected and rescaled) ``nu`` of one moment state."""
     where = keystr(path)
     count = _unwrap(moment.count)
+    scale = jnp.asarray(1.0 if batch_size is None else batch_size, jnp.float32)
     if check_count:
         _check_count(count, where)
-    scale = jnp.asarray(1.0 if batch_size is None else batch_size, jnp.float32)
+        # A traced count cannot raise without a host callback and a sync: a state that has
+        # seen no gradient reads as NaN, with or without bias correction.
+        scale = jnp.where(count > 0, scale, jnp.nan)
     if bias_correction:
         if type(moment).__name__ == "FisherTrackerState":
             decay = _unwrap(moment.decay)
@@ -282,6 +279,12 @@ def fisher_from_state(
     Fisher from them. ``optax.contrib.adopt`` reuses it with a ``nu`` that starts at
     ``g_0**2`` (no zero-start bias): read it with ``bias_correction=False``.
 
+    A state that has seen no gradient (``count == 0``) has no Fisher: a concrete count of
+    0 is a ``ValueError``, raised at trace time. Under ``jit`` the count of a state passed
+    as an argument is traced and cannot raise; the Fisher of such a state is then NaN
+    everywhere (the 0/0 it is), so check ``count`` before, or read the Fisher outside
+    ``jit``.
+
     Args:
       opt_state: an optax state, or any pytree that holds one. The protocol for a framework
         that wraps optax state in its own objects: the wrapper is a registered pytree (so the
@@ -311,10 +314,10 @@ def fisher_from_state(
 
     Raises:
       ValueError: if no second-moment state is found (naming what was found instead),
-        if ``count == 0`` (no gradient seen yet; under ``jit`` the error is raised when
-        the computation runs), if some parameters are covered by no state or by several,
-        or if ``missing`` is given without ``params``; if ``b2`` is outside ``[0, 1)``,
-        ``batch_size`` is not a positive int or ``missing`` is negative or not finite.
+        if a concrete ``count == 0`` (no gradient seen yet), if some parameters are
+        covered by no state or by several, or if ``missing`` is given without ``params``;
+        if ``b2`` is outside ``[0, 1)``, ``batch_size`` is not a positive int or
+        ``missing`` is negative or not finite.
       TypeError: for a bool or non-integer ``batch_size``, a non-bool ``bias_correction``
         or a non-numeric ``b2``/``missing``.
 
@@ -333,32 +336,6 @@ def fisher_from_state(
 
       Kunstner, Balles, Hennig. Limitations of the Empirical Fisher Approximation for
       Natural Gradient Descent. NeurIPS 2019. https://arxiv.org/abs/1905.12558
-    """
-    return _fisher_from_state(
-        opt_state,
-        b2=b2,
-        bias_correction=bias_correction,
-        batch_size=batch_size,
-        params=params,
-        missing=missing,
-        check_count=True,
-    )
-
-
-def _fisher_from_state(
-    opt_state: Any,
-    *,
-    b2: float | None = None,
-    bias_correction: bool = True,
-    batch_size: int | None = None,
-    params: Params | None = None,
-    missing: float | None = None,
-    check_count: bool = True,
-) -> Fisher:
-    """:func:`fisher_from_state`, with the ``count == 0`` check optional.
-
-    Transforms that read the Fisher right after their inner update (count >= 1 for sure)
-    skip the check, which under ``jit`` costs a host callback.
     """
     if missing is not None and params is None:
         raise ValueError(
@@ -380,8 +357,32 @@ def _fisher_from_state(
         missing = _validate.real(
             missing, "missing", low=0.0, meaning="the Fisher value of uncovered parameters"
         )
+    return _read_fisher(opt_state, b2, bias_correction, batch_size, params, missing, True)
+
+
+def _fisher_from_state(
+    opt_state: Any, *, params: Params | None = None, check_count: bool = True
+) -> Fisher:
+    """:func:`fisher_from_state` with its defaults, and the ``count == 0`` check optional.
+
+    Transforms that guard the read themselves (:func:`_has_seen_a_gradient`) skip the
+    check: no error for a concrete count of 0, no NaN for a traced one.
+    """
     if not isinstance(check_count, bool):
         raise TypeError(f"check_count must be a bool, got {check_count!r}.")
+    return _read_fisher(opt_state, None, True, None, params, None, check_count)
+
+
+def _read_fisher(
+    opt_state: Any,
+    b2: float | None,
+    bias_correction: bool,
+    batch_size: int | None,
+    params: Params | None,
+    missing: float | None,
+    check_count: bool,
+) -> Fisher:
+    """:func:`fisher_from_state` on checked arguments."""
     found = []
     for name in _SECOND_MOMENT_STATES:
         found.extend(otu.tree_get_all_with_path(opt_state, name))

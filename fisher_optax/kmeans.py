@@ -13,9 +13,9 @@ over the values themselves. Lloyd is local; ``init="dp"`` starts it from the exa
 of a coarsened summary (a dynamic program, divide and conquer per layer), which is what
 reaches the optimum on pruned, bimodal weights.
 
-The host-side functions at the end (NumPy, no compile) are what ``quantize`` runs:
-``_kmeans_host`` on one group, ``_kmeans_rows_host`` on every row of a 2-D array at once
-(per-channel codebooks), row by row the same result.
+:func:`kmeans_rows_host`, at the end, is the same clustering on the host (NumPy, no
+compile), on every row of a 2-D array at once: what ``quantize`` runs, one row per group
+of weights or per output channel.
 """
 
 from typing import Literal, NamedTuple
@@ -24,8 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from numpy.typing import ArrayLike
 
-__all__ = ["KMeansResult", "kmeans_1d"]
+from fisher_optax import _validate
+
+__all__ = ["KMeansResult", "kmeans_1d", "kmeans_rows_host"]
 
 Init = Literal["dp", "linear", "quantile", "kmeans++", "density"]
 INITS: dict[str, str] = {
@@ -35,7 +38,6 @@ INITS: dict[str, str] = {
     "kmeans++": "D^2 sampling, needs key",
     "density": "weighted quantiles of p(x)^(1/3) (Panter & Dite)",
 }
-_INITS = tuple(INITS)
 
 
 class KMeansResult(NamedTuple):
@@ -315,40 +317,21 @@ def _assign(c, x):
     return jnp.searchsorted(mid, x, side="left", method=method).astype(jnp.int32)
 
 
-def _check_args(values, num_clusters, weights, valid, init, max_iters, tol, key, num_bins):
-    if isinstance(num_clusters, bool) or int(num_clusters) != num_clusters or num_clusters < 1:
-        raise ValueError(
-            f"kmeans_1d: num_clusters must be an int >= 1, got {num_clusters!r}. "
-            "Pass the number of centroids, e.g. 2**bits."
-        )
-    if init not in _INITS:
-        raise ValueError(f"kmeans_1d: init must be one of {_INITS}, got {init!r}.")
-    if init == "kmeans++" and key is None:
-        raise ValueError(
-            "kmeans_1d: init='kmeans++' samples its centres and needs a PRNG key; pass "
-            "key=jax.random.key(0), or use init='density', 'quantile' or 'linear'."
-        )
-    if isinstance(max_iters, bool) or int(max_iters) != max_iters or max_iters < 0:
-        raise ValueError(f"kmeans_1d: max_iters must be an int >= 0, got {max_iters!r}.")
-    if not tol >= 0:
-        raise ValueError(f"kmeans_1d: tol must be >= 0, got {tol!r}.")
-    if isinstance(num_bins, bool) or int(num_bins) != num_bins or num_bins < 2:
-        raise ValueError(f"kmeans_1d: num_bins must be an int >= 2, got {num_bins!r}.")
-    if not jnp.issubdtype(jnp.result_type(values), jnp.floating) and not jnp.issubdtype(
-        jnp.result_type(values), jnp.integer
-    ):
-        raise TypeError(
-            f"kmeans_1d: values must be a real array, got dtype {jnp.result_type(values)}."
-        )
+def _check_shapes(values, weights, valid) -> None:
+    """``values`` real; ``weights`` and ``valid`` (when given) shaped like it, ``valid`` bool."""
+    dtype = jnp.result_type(values)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"values must be a real array, got dtype {dtype}.")
     shape = jnp.shape(values)
     for name, arr in (("weights", weights), ("valid", valid)):
         if arr is not None and jnp.shape(arr) != shape:
             raise ValueError(
-                f"kmeans_1d: {name} must have the shape of values {shape}, got {jnp.shape(arr)}."
+                f"{name} must have the shape of values {shape}, got {jnp.shape(arr)}; build "
+                f"it from the same array as values."
             )
     if valid is not None and jnp.result_type(valid) != jnp.bool_:
         raise TypeError(
-            f"kmeans_1d: valid must be a boolean array (True = take part), got dtype "
+            f"valid must be a boolean array (True = take part), got dtype "
             f"{jnp.result_type(valid)}; pass e.g. mask.astype(bool)."
         )
 
@@ -431,7 +414,9 @@ def kmeans_1d(
       ValueError: if ``num_clusters < 1``, ``init`` is unknown, ``kmeans++`` lacks a key,
         ``max_iters``, ``tol`` or ``num_bins`` is out of range, or ``weights``/``valid`` do
         not have the shape of ``values``.
-      TypeError: if ``values`` is not real or ``valid`` is not boolean.
+      TypeError: if ``values`` is not real, ``valid`` is not boolean, ``key`` is not a PRNG
+        key, or ``num_clusters``, ``max_iters``, ``num_bins`` or ``tol`` is not a number of
+        the right kind (a bool or a float where an int is expected).
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
@@ -456,7 +441,19 @@ def kmeans_1d(
       Panter, Dite. Quantization Distortion in Pulse-Count Modulation with Nonuniform
       Spacing of Levels. Proc. IRE 39(1), 1951.
     """
-    _check_args(values, num_clusters, weights, valid, init, max_iters, tol, key, num_bins)
+    num_clusters = _validate.integer(num_clusters, "num_clusters", minimum=1)
+    init = _validate.choice(init, "init", INITS)
+    if init == "kmeans++" and key is None:
+        raise ValueError(
+            "init='kmeans++' samples its centres and needs a PRNG key; pass "
+            "key=jax.random.key(0), or use init='density', 'quantile' or 'linear'."
+        )
+    if key is not None:
+        _validate.key(key)
+    max_iters = _validate.integer(max_iters, "max_iters", minimum=0)
+    tol = _validate.real(tol, "tol", low=0.0, meaning="relative centroid movement to stop at")
+    num_bins = _validate.integer(num_bins, "num_bins", minimum=2)
+    _check_shapes(values, weights, valid)
     # Flatten and fill in the optional inputs here, so that every call with the same
     # length, dtype and static arguments reuses one compiled function.
     values = jnp.asarray(values)
@@ -470,11 +467,11 @@ def kmeans_1d(
         w,
         ok,
         jax.random.key(0) if key is None else key,
-        num_clusters=int(num_clusters),
+        num_clusters=num_clusters,
         init=init,
-        max_iters=int(max_iters),
-        tol=float(tol),
-        num_bins=int(num_bins),
+        max_iters=max_iters,
+        tol=tol,
+        num_bins=num_bins,
     )
     return result._replace(assignments=result.assignments.reshape(shape))
 
@@ -528,167 +525,12 @@ def _kmeans_1d(x, w, ok, key, *, num_clusters, init, max_iters, tol, num_bins):
 # ---------------------------------------------------------------------------------------
 # Host-side (NumPy) k-means: what quantize and allocate_bits run, once per model, on
 # concrete values. Compiling a jitted k-means per shape costs seconds; this costs
-# milliseconds at the sizes of a layer's surviving weights.
+# milliseconds at the sizes of a layer's surviving weights. Every row of a 2-D array is
+# clustered on its own, vectorised over the rows (no Python loop over rows); one group of
+# values is the one-row case.
 
-
-def _dp_host(wu, su, qu, k):
-    """Exact weighted k-means of ``M`` sorted groups by DP; returns cluster start indices.
-
-    ``wu, su, qu``: per group its weight, weighted sum and weighted sum of squares (about
-    a common centre). ``D_i(j) = min_t D_{i-1}(t) + cost(t, j)``; the optimal split is
-    monotone in ``j`` (the cost is Monge), so each layer is a divide and conquer, run
-    level by level with every segment of a level vectorised.
-    """
-    m = wu.shape[0]
-    pw = np.concatenate([[0.0], np.cumsum(wu)])
-    ps = np.concatenate([[0.0], np.cumsum(su)])
-    pq = np.concatenate([[0.0], np.cumsum(qu)])
-
-    def cost(t, j):
-        dw = pw[j] - pw[t]
-        ds = ps[j] - ps[t]
-        c = (pq[j] - pq[t]) - ds * ds / np.where(dw > 0, dw, 1)
-        return np.where(dw > 0, np.maximum(c, 0), 0)
-
-    j_all = np.arange(m + 1)
-    dprev = cost(np.zeros_like(j_all), j_all)
-    opts = []
-    for _ in range(k - 1):
-        dcur = np.empty(m + 1)
-        opt = np.zeros(m + 1, np.int64)
-        jl, jr = np.array([0]), np.array([m])
-        tl, tr = np.array([0]), np.array([m])
-        while jl.size:
-            mid = (jl + jr) // 2
-            hi = np.minimum(tr, mid)
-            length = hi - tl + 1
-            seg = np.repeat(np.arange(mid.size), length)
-            t = tl[seg] + (np.arange(seg.size) - np.repeat(np.cumsum(length) - length, length))
-            val = dprev[t] + cost(t, mid[seg])
-            starts = np.cumsum(length) - length
-            best = np.minimum.reduceat(val, starts)
-            # First t reaching the minimum (ties: the earliest split).
-            hit = np.flatnonzero(val <= best[seg])
-            first = hit[np.searchsorted(seg[hit], np.arange(mid.size))]
-            arg = t[first]
-            dcur[mid], opt[mid] = best, arg
-            left, right = mid - 1 >= jl, mid + 1 <= jr
-            jl, jr, tl, tr = (
-                np.concatenate([jl[left], mid[right] + 1]),
-                np.concatenate([mid[left] - 1, jr[right]]),
-                np.concatenate([tl[left], arg[right]]),
-                np.concatenate([arg[left], tr[right]]),
-            )
-        opts.append(opt)
-        dprev = dcur
-    starts = [0] * k
-    j = m
-    for i in range(k - 1, 0, -1):
-        j = int(opts[i - 1][j])
-        starts[i] = j
-    return np.array(starts)
-
-
-def _coarsen_host(w, x, num_groups):
-    """Contiguous groups of the sorted values: equal weight where dense, equal width in tails."""
-    total = max(float(w.sum()), np.finfo(np.float64).tiny)
-    before = np.cumsum(w) - w
-    by_weight = np.floor(before / total * num_groups).astype(np.int64)
-    span = max(float(x[-1] - x[0]), np.finfo(np.float64).tiny)
-    by_width = np.clip(np.floor((x - x[0]) / span * num_groups), 0, num_groups - 1)
-    key = by_weight * (num_groups + 1) + by_width.astype(np.int64)
-    new = np.concatenate([[False], key[1:] != key[:-1]])
-    return np.cumsum(new)
-
-
-def _lloyd_host(c, u, wu, nu, max_iters=100):
-    """Lloyd on sorted distinct values ``u`` (weights ``wu``, counts ``nu``), exact per value.
-
-    A cluster whose weights sum to zero (e.g. a Fisher of 0 everywhere on it) is centred
-    on the unweighted mean of its values: unweighted k-means there, not a collapsed centre.
-    """
-    pw = np.concatenate([[0.0], np.cumsum(wu)])
-    ps = np.concatenate([[0.0], np.cumsum(wu * u)])
-    pn = np.concatenate([[0.0], np.cumsum(nu)])
-    pu = np.concatenate([[0.0], np.cumsum(nu * u)])
-    for _ in range(max_iters):
-        cut = np.searchsorted(u, (c[1:] + c[:-1]) / 2, side="right")
-        lo = np.concatenate([[0], cut])
-        hi = np.concatenate([cut, [u.size]])
-        cw, cs = pw[hi] - pw[lo], ps[hi] - ps[lo]
-        cn, cu = pn[hi] - pn[lo], pu[hi] - pu[lo]
-        new = np.where(
-            cw > 0, cs / np.where(cw > 0, cw, 1), np.where(cn > 0, cu / np.maximum(cn, 1), c)
-        )
-        new = np.sort(new)
-        if np.array_equal(new, c):
-            break
-        c = new
-    return c
-
-
-def _kmeans_host(x, k, weights=None, *, init="dp"):
-    """Weighted 1-D k-means of a flat NumPy array on the host: ``(centroids, assignments)``.
-
-    Same objective as :func:`kmeans_1d`. Centroids ascend and every one owns a value (at
-    most ``min(k, m)`` for ``m`` distinct values); assignments index them. A zero total
-    weight falls back to unweighted k-means (all weights 1); a cluster of zero weight is
-    centred on its unweighted mean. ``init="dp"``: exact DP on at most
-    ``2 * max(512, 8k)`` groups of the sorted distinct values (exact when there are no more
-    distinct values than that), then Lloyd on the values; other inits start Lloyd from
-    their points (``"linear"`` as in Deep Compression, ``"quantile"``, ``"density"``).
-    """
-    x = np.asarray(x, np.float64).reshape(-1)
-    w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64).reshape(-1)
-    if x.size == 0:
-        return np.zeros(0), np.zeros(0, np.int64)
-    if not w.sum() > 0:
-        w = np.ones_like(x)
-    u, inv = np.unique(x, return_inverse=True)
-    inv = inv.reshape(-1)
-    if u.size <= k:
-        return u, inv
-    wu = np.bincount(inv, w, minlength=u.size)
-    nu = np.bincount(inv, minlength=u.size).astype(np.float64)
-    if init == "dp":
-        groups = max(512, 8 * k)
-        gid = np.arange(u.size) if u.size <= 2 * groups else _coarsen_host(wu, u, groups)
-        # Groups of zero weight would make the DP indifferent: give it the counts there.
-        ww = np.where(wu > 0, wu, 0.0)
-        if not ww.sum() > 0:
-            ww = nu
-        centre = (u[0] + u[-1]) / 2
-        d = u - centre
-        mg = int(gid[-1]) + 1
-        gw = np.bincount(gid, ww, minlength=mg)
-        gs = np.bincount(gid, ww * d, minlength=mg)
-        gq = np.bincount(gid, ww * d * d, minlength=mg)
-        starts = _dp_host(gw, gs, gq, min(k, mg))
-        stops = np.concatenate([starts[1:], [mg]])
-        pw, ps = np.concatenate([[0.0], np.cumsum(gw)]), np.concatenate([[0.0], np.cumsum(gs)])
-        cw = pw[stops] - pw[starts]
-        c0 = centre + (ps[stops] - ps[starts]) / np.where(cw > 0, cw, 1)
-        c0 = np.unique(c0[stops > starts])
-    elif init == "linear":
-        c0 = np.linspace(u[0], u[-1], k)
-    else:
-        # Quantiles of the weight (``quantile``) or of its cube root (``density``).
-        mass = wu if init == "quantile" else np.cbrt(wu)
-        cdf = np.cumsum(mass) / mass.sum()
-        c0 = np.unique(u[np.minimum(np.searchsorted(cdf, (np.arange(k) + 0.5) / k), u.size - 1)])
-    c = _lloyd_host(np.sort(c0), u, wu, nu)
-    a = np.searchsorted((c[1:] + c[:-1]) / 2, u, side="left")
-    used = np.unique(a)
-    c = c[used]
-    a = np.searchsorted(used, a)
-    return c, a[inv]
-
-
-# ---------------------------------------------------------------------------------------
-# Row-wise host k-means: one independent clustering per row of a 2-D array (per-channel
-# codebooks). Every step of _kmeans_host, vectorised over the rows: no Python loop over
-# rows, and each row sees exactly the arithmetic (sums in the same order) that
-# _kmeans_host would do on it alone, so the two agree bit for bit.
+HOST_INITS: dict[str, str] = {k: v for k, v in INITS.items() if k != "kmeans++"}
+"""The starts :func:`kmeans_rows_host` takes: those of :data:`INITS` but ``"kmeans++"``."""
 
 
 def _searchsorted_rows(a, q, side):
@@ -697,6 +539,8 @@ def _searchsorted_rows(a, q, side):
     ``a``: ``(R, L)``, each row ascending (``+inf`` padding allowed); ``q``: ``(R, Q)``.
     """
     rows, length = a.shape
+    if rows == 1:  # NumPy's own search, several times faster than the bisection below
+        return np.searchsorted(a[0], q[0], side=side)[None].astype(np.int64)
     lo = np.zeros(q.shape, np.int64)
     hi = np.full(q.shape, length, np.int64)
     if length == 0:
@@ -714,10 +558,14 @@ def _searchsorted_rows(a, q, side):
 
 
 def _dp_rows(gw, gs, gq, mg, k):
-    """:func:`_dp_host` on every row: row ``r`` has ``mg[r]`` groups (zero padding after).
+    """Exact weighted k-means of sorted groups by DP, per row; returns cluster starts.
 
-    Returns ``(R, k)`` cluster start indices. The divide and conquer of all rows runs
-    level by level together: a segment carries its row.
+    ``gw, gs, gq``: ``(R, M)``, per group its weight, weighted sum and weighted sum of
+    squares (about a common centre); row ``r`` has ``mg[r]`` groups (zero padding after).
+    ``D_i(j) = min_t D_{i-1}(t) + cost(t, j)``; the optimal split is monotone in ``j``
+    (the cost is Monge), so each layer is a divide and conquer, run level by level with
+    every segment of a level, of every row, vectorised: a segment carries its row. Ties go
+    to the earliest split. Returns ``(R, k)`` cluster start indices.
     """
     rows, m = gw.shape
     zero = np.zeros((rows, 1))
@@ -752,8 +600,8 @@ def _dp_rows(gw, gs, gq, mg, k):
             starts = np.cumsum(length) - length
             seg = np.repeat(np.arange(mid.size), length)
             t = tl[seg] + (np.arange(seg.size) - starts[seg])
-            b = sb[seg]
-            val = dprev[b + t] + cost(b + t, (sb + mid)[seg])
+            ft = sb[seg] + t
+            val = dprev[ft] + cost(ft, (sb + mid)[seg])
             best = np.minimum.reduceat(val, starts)
             hit = np.flatnonzero(val <= best[seg])
             first = hit[np.searchsorted(seg[hit], np.arange(mid.size))]
@@ -778,10 +626,12 @@ def _dp_rows(gw, gs, gq, mg, k):
 
 
 def _lloyd_rows(c, u, wu, nu, max_iters=100):
-    """:func:`_lloyd_host` on every row; ``c`` and ``u`` are ``+inf``-padded on the right.
+    """Lloyd per row on sorted distinct values ``u`` (weights ``wu``, counts ``nu``).
 
-    A row stops when its centroids stop changing, as in :func:`_lloyd_host`: rows that
-    have converged are not updated again.
+    ``c`` and ``u`` are ``+inf``-padded on the right. Exact per value. A cluster whose
+    weights sum to zero (e.g. a Fisher of 0 everywhere on it) is centred on the unweighted
+    mean of its values: unweighted k-means there, not a collapsed centre. A row stops when
+    its centroids stop changing; rows that have converged are not updated again.
     """
     rows = u.shape[0]
     real = np.isfinite(u)
@@ -815,29 +665,84 @@ def _lloyd_rows(c, u, wu, nu, max_iters=100):
     return c
 
 
-_ROW_BLOCK = 1 << 15  # values per block of rows in _kmeans_rows_host
+_ROW_BLOCK = 1 << 15  # values per block of rows in kmeans_rows_host
 
 
-def _kmeans_rows_host(x, k, weights=None, valid=None, *, init="dp"):
-    """:func:`_kmeans_host` on every row of the 2-D ``x`` at once (its ``valid`` entries).
+def kmeans_rows_host(
+    values: ArrayLike,
+    num_clusters: int,
+    *,
+    weights: ArrayLike | None = None,
+    valid: ArrayLike | None = None,
+    init: Init = "dp",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted 1-D k-means of every row of a 2-D array, on the host in NumPy (no compile).
 
-    Returns ``(centroids, counts, assignments)``: ``centroids`` ``(R, K)`` with row ``r``'s
-    ``counts[r]`` ascending centroids first and its last centroid repeated after them (0
-    for a row with no valid entry), ``K = max(counts)`` (at least 1), and ``assignments``
-    ``(R, n)`` int64 indices into the row's centroids, 0 where not valid. Row ``r`` equals
-    ``_kmeans_host(x[r][valid[r]], k, weights[r][valid[r]], init=init)``.
+    The objective of :func:`kmeans_1d`, solved per row on the row's ``valid`` entries; row
+    ``r``'s result depends on row ``r`` alone. What :func:`~fisher_optax.quantize` and
+    :func:`~fisher_optax.allocate_bits` run: one row per group of weights, or one row per
+    output channel for per-channel codebooks. Computation is in float64.
+
+    Per row: centroids ascend and every one owns a value (at most ``min(k, m)`` for ``m``
+    distinct values; a row with ``m <= k`` gets each value as its own centroid). A zero
+    total weight falls back to unweighted k-means (all weights 1); a cluster of zero
+    weight is centred on its unweighted mean. ``init="dp"``: the exact dynamic program on
+    at most ``2 * max(512, 8k)`` groups of the sorted distinct values (exact when there
+    are no more distinct values than that), then Lloyd on the values; the other starts
+    (``"linear"`` as in Deep Compression, ``"quantile"``, ``"density"``) start Lloyd from
+    their points and may leave clusters empty, which are dropped.
+
+    Args:
+      values: real array ``(R, n)``; for one group of values pass ``x[None]``.
+      num_clusters: ``k >= 1``, the most centroids per row.
+      weights: optional non-negative array shaped like ``values``; ``None``: all ones.
+      valid: optional bool array shaped like ``values``; only ``True`` entries take part.
+      init: a key of :data:`HOST_INITS`.
+
+    Returns:
+      ``(centroids, counts, assignments)``: ``centroids`` ``(R, K)`` float64 with row
+      ``r``'s ``counts[r]`` ascending centroids first and its last centroid repeated after
+      them (0 for a row with no valid entry), ``K`` the smaller of ``num_clusters`` and the
+      most distinct valid values in a row (at least 1); ``counts``
+      ``(R,)`` int; ``assignments`` ``(R, n)`` int64 indices into the row's centroids, 0
+      where not valid.
+
+    Raises:
+      ValueError: if ``values`` is not 2-D, ``num_clusters < 1``, ``init`` is unknown, or
+        ``weights``/``valid`` do not have the shape of ``values``.
+      TypeError: if ``values`` is not real, ``valid`` is not boolean or ``num_clusters``
+        is not an int.
+
+    Examples:
+      >>> import numpy as np, fisher_optax
+      >>> x = np.array([[0.0, 0.1, 0.2, 5.0, 5.1, 9.0], [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]])
+      >>> centroids, counts, assignments = fisher_optax.kmeans_rows_host(x, 3)
+      >>> centroids
+      array([[0.1 , 5.05, 9.  ],
+             [1.  , 2.  , 3.  ]])
+      >>> assignments
+      array([[0, 0, 0, 1, 1, 2],
+             [0, 0, 1, 1, 2, 2]])
     """
-    x = np.asarray(x, np.float64)
+    k = _validate.integer(num_clusters, "num_clusters", minimum=1)
+    init = _validate.choice(init, "init", HOST_INITS)
+    _check_shapes(values, weights, valid)
+    if np.ndim(values) != 2:
+        raise ValueError(
+            f"values must be 2-D (rows, n), got shape {np.shape(values)}; for one group of "
+            "values pass x[None] (one row), for a leaf's channels move them to the rows."
+        )
+    x = np.asarray(values, np.float64)
     rows, n = x.shape
     valid = np.ones(x.shape, bool) if valid is None else np.asarray(valid, bool)
     w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64)
     w = np.where(valid, w, 0.0)
-    dead = ~(w.sum(1) > 0)  # no weight: unweighted, as _kmeans_host
+    dead = ~(w.sum(1) > 0)  # no weight: unweighted
     w = np.where(dead[:, None] & valid, 1.0, w)
     ri = np.arange(rows)[:, None]
     # Distinct sorted values per row (np.unique row by row): invalid entries sort last.
     key = np.where(valid, x, np.inf)
-    order = np.argsort(key, axis=1, kind="stable")
+    order = np.argsort(key, axis=1)
     xs = np.take_along_axis(key, order, 1)
     vs = np.take_along_axis(valid, order, 1)
     new = vs & np.concatenate([np.ones((rows, 1), bool), xs[:, 1:] != xs[:, :-1]], 1)
@@ -881,51 +786,11 @@ def _kmeans_rows_big(u, wu, nu, m, k, init):
     """
     rows, width = u.shape
     ri = np.arange(rows)[:, None]
-    col = np.arange(width)[None, :]
-    real = col < m[:, None]
-    lo_u = u[:, 0]
-    hi_u = u[np.arange(rows), m - 1]
+    real = np.arange(width)[None, :] < m[:, None]
     if init == "dp":
-        groups = max(512, 8 * k)
-        # Row sums as NumPy sums each row alone (pairwise summation depends on length).
-        total = np.array([wu[r, : m[r]].sum() for r in range(rows)])
-        total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
-        before = np.cumsum(wu, 1) - wu
-        by_weight = np.floor(before / total * groups).astype(np.int64)
-        span = np.maximum(hi_u - lo_u, np.finfo(np.float64).tiny)[:, None]
-        su = np.where(real, u, lo_u[:, None])
-        by_width = np.clip(np.floor((su - lo_u[:, None]) / span * groups), 0, groups - 1)
-        key = by_weight * (groups + 1) + by_width.astype(np.int64)
-        step = np.concatenate([np.zeros((rows, 1), bool), key[:, 1:] != key[:, :-1]], 1)
-        coarse = np.cumsum(step & real, 1)
-        gid = np.where((m <= 2 * groups)[:, None], col, coarse)
-        mg = gid[np.arange(rows), m - 1] + 1
-        ww = np.where(wu > 0, wu, 0.0)
-        ww = np.where((~(ww.sum(1) > 0))[:, None], nu, ww)
-        centre = (lo_u + hi_u) / 2
-        d = np.where(real, u - centre[:, None], 0.0)
-        gmax = int(mg.max())
-        slot = np.where(real, ri * (gmax + 1) + gid, ri * (gmax + 1) + gmax)  # padding: dump
-        size = rows * (gmax + 1)
-        gw, gs, gq = (
-            np.bincount(slot.ravel(), v.ravel(), minlength=size).reshape(rows, gmax + 1)[:, :gmax]
-            for v in (ww, ww * d, ww * d * d)
-        )
-        c0 = np.full((rows, k), np.inf)
-        kk = np.minimum(k, mg)
-        for kval in np.unique(kk):  # a handful of distinct cluster counts at most
-            sel = np.flatnonzero(kk == kval)
-            starts = _dp_rows(gw[sel], gs[sel], gq[sel], mg[sel], int(kval))
-            stops = np.concatenate([starts[:, 1:], mg[sel, None]], 1)
-            zero = np.zeros((sel.size, 1))
-            pw = np.concatenate([zero, np.cumsum(gw[sel], 1)], 1)
-            ps = np.concatenate([zero, np.cumsum(gs[sel], 1)], 1)
-            r = np.arange(sel.size)[:, None]
-            cw = pw[r, stops] - pw[r, starts]
-            c = centre[sel, None] + (ps[r, stops] - ps[r, starts]) / np.where(cw > 0, cw, 1)
-            c0[sel, : int(kval)] = np.where(stops > starts, c, np.inf)
+        c0 = _unique_rows(_dp_init_rows(u, wu, nu, m, k))
     elif init == "linear":
-        c0 = np.linspace(lo_u, hi_u, k, axis=1)
+        c0 = np.sort(np.linspace(u[:, 0], u[np.arange(rows), m - 1], k, axis=1), 1)
     else:
         mass = wu if init == "quantile" else np.cbrt(wu)
         mass_sum = np.array([mass[r, : m[r]].sum() for r in range(rows)])
@@ -933,8 +798,7 @@ def _kmeans_rows_big(u, wu, nu, m, k, init):
         cdf = np.where(real, cdf, np.inf)
         q = np.broadcast_to((np.arange(k) + 0.5) / k, (rows, k))
         j = np.minimum(_searchsorted_rows(cdf, q, "left"), (m - 1)[:, None])
-        c0 = u[ri, j]
-    c0 = np.sort(c0, 1) if init == "linear" else _unique_rows(c0)
+        c0 = _unique_rows(u[ri, j])
     c = _lloyd_rows(c0, u, wu, nu)
     mids = (c[:, 1:] + c[:, :-1]) / 2
     a = _searchsorted_rows(mids, np.where(real, u, -np.inf), "left")
@@ -944,6 +808,63 @@ def _kmeans_rows_big(u, wu, nu, m, k, init):
     out = np.full((rows, k), np.inf)
     out[np.broadcast_to(ri, used.shape)[used], new_index[used]] = c[used]
     return out, np.take_along_axis(new_index, a, 1)
+
+
+def _dp_init_rows(u, wu, nu, m, k):
+    """``init="dp"``: per row, the exact k-means centroids of at most ``2 * max(512, 8k)``
+    contiguous groups of its distinct values (each value its own group when there are no
+    more), ``+inf`` where a row has fewer groups than ``k``.
+
+    A group ends where the cumulative weight crosses a multiple of ``total / groups`` or
+    the value crosses a multiple of ``(max - min) / groups``: fine where the weight is
+    dense and in the sparse tails, which is where the optimum puts centroids on few values.
+    """
+    rows, width = u.shape
+    ri = np.arange(rows)[:, None]
+    col = np.arange(width)[None, :]
+    real = col < m[:, None]
+    lo_u = u[:, 0]
+    hi_u = u[np.arange(rows), m - 1]
+    groups = max(512, 8 * k)
+    # Row sums as NumPy sums each row alone (pairwise summation depends on length).
+    total = np.array([wu[r, : m[r]].sum() for r in range(rows)])
+    total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
+    before = np.cumsum(wu, 1) - wu
+    by_weight = np.floor(before / total * groups).astype(np.int64)
+    span = np.maximum(hi_u - lo_u, np.finfo(np.float64).tiny)[:, None]
+    su = np.where(real, u, lo_u[:, None])
+    by_width = np.clip(np.floor((su - lo_u[:, None]) / span * groups), 0, groups - 1)
+    key = by_weight * (groups + 1) + by_width.astype(np.int64)
+    step = np.concatenate([np.zeros((rows, 1), bool), key[:, 1:] != key[:, :-1]], 1)
+    coarse = np.cumsum(step & real, 1)
+    gid = np.where((m <= 2 * groups)[:, None], col, coarse)
+    mg = gid[np.arange(rows), m - 1] + 1
+    # A row of zero weight would leave the DP indifferent: it splits by the counts there.
+    ww = np.where(wu > 0, wu, 0.0)
+    ww = np.where((~(ww.sum(1) > 0))[:, None], nu, ww)
+    centre = (lo_u + hi_u) / 2
+    d = np.where(real, u - centre[:, None], 0.0)
+    gmax = int(mg.max())
+    slot = np.where(real, ri * (gmax + 1) + gid, ri * (gmax + 1) + gmax)  # padding: dump
+    size = rows * (gmax + 1)
+    gw, gs, gq = (
+        np.bincount(slot.ravel(), v.ravel(), minlength=size).reshape(rows, gmax + 1)[:, :gmax]
+        for v in (ww, ww * d, ww * d * d)
+    )
+    c0 = np.full((rows, k), np.inf)
+    kk = np.minimum(k, mg)
+    for kval in np.unique(kk):  # a handful of distinct cluster counts at most
+        sel = np.flatnonzero(kk == kval)
+        starts = _dp_rows(gw[sel], gs[sel], gq[sel], mg[sel], int(kval))
+        stops = np.concatenate([starts[:, 1:], mg[sel, None]], 1)
+        zero = np.zeros((sel.size, 1))
+        pw = np.concatenate([zero, np.cumsum(gw[sel], 1)], 1)
+        ps = np.concatenate([zero, np.cumsum(gs[sel], 1)], 1)
+        r = np.arange(sel.size)[:, None]
+        cw = pw[r, stops] - pw[r, starts]
+        c = centre[sel, None] + (ps[r, stops] - ps[r, starts]) / np.where(cw > 0, cw, 1)
+        c0[sel, : int(kval)] = np.where(stops > starts, c, np.inf)
+    return c0
 
 
 def _unique_rows(c):

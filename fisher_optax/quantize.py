@@ -26,13 +26,13 @@ import numpy as np
 from fisher_optax import _validate
 from fisher_optax._tree import check_matching, is_kernel, keystr, strip_value
 from fisher_optax._types import Bits, Fisher, Mask, Params
-from fisher_optax.kmeans import INITS, Init, _kmeans_host, _kmeans_rows_host
+from fisher_optax.kmeans import HOST_INITS, Init, kmeans_rows_host
 
 __all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
 
 MAX_BITS = 16
-Method = Literal["kmeans", "uniform"]
-METHODS: dict[str, str] = {
+CodebookMethod = Literal["kmeans", "uniform"]
+CODEBOOK_METHODS: dict[str, str] = {
     "kmeans": "weighted k-means codebook per group (Choi et al. 2017; Deep Compression)",
     "uniform": "evenly spaced grid from the group's min to its max (fixed point)",
 }
@@ -158,13 +158,13 @@ def _is_int(x) -> bool:
 
 
 def _check_width(b, what: str) -> int:
-    if not _is_int(b) or not 1 <= b <= MAX_BITS:
+    try:
+        return _validate.integer(b, what, minimum=1, maximum=MAX_BITS)
+    except ValueError as e:
         raise ValueError(
-            f"{what} must be an int in 1..{MAX_BITS}, got {b!r}. Widths above {MAX_BITS} are "
-            "not quantization; prune a weight with a mask (or 0 in an allocate_bits tree), "
-            "not with bits=0."
-        )
-    return int(b)
+            f"{e} Widths above {MAX_BITS} are not quantization; prune a weight with a mask "
+            "(or 0 in an allocate_bits tree), not with bits=0."
+        ) from None
 
 
 def _check_bit_widths(bit_widths) -> tuple[int, ...]:
@@ -289,22 +289,22 @@ def allocate_bits(
       \quad \text{s.t.} \quad \sum_l n_l b_l \le \beta \sum_l n_l ,
 
     solved by a dynamic program over leaves on the Pareto front of (total bits, total
-    estimate); ties go to fewer total bits. ``average_bits`` is required here. With
-    ``entry_bits=e > 0`` the budget also pays for the codebooks, as the file does: a leaf
-    at ``b`` bits costs :math:`n_l b_l + e \min(2^{b_l}, n_l)`. A small leaf then no
-    longer gets 8 bits for free: at 364 kept weights, 8 bits cost 2,912 bits of codes but
-    256 entries of about 40 bits each in a :func:`~fisher_optax.save_compressed` file (a
-    float32 entry and its share of the entropy coder's table, as
-    :func:`~fisher_optax.compression_report` shows).
+    estimate), with branch and bound; ties go to fewer total bits. ``average_bits`` is
+    required here. With ``entry_bits=e > 0`` the budget also pays for the codebooks, as
+    the file does: a leaf at ``b`` bits costs :math:`n_l b_l + e \min(2^{b_l}, n_l)`. A
+    small leaf then no longer gets 8 bits for free: at 364 kept weights, 8 bits cost 2,912
+    bits of codes but 256 entries of about 40 bits each in a
+    :func:`~fisher_optax.save_compressed` file (a float32 entry and its share of the
+    entropy coder's table, as :func:`~fisher_optax.compression_report` shows).
 
     ``granularity="channel"`` (with ``axis``, as in :func:`quantize`): the same objective
     and budget, with one width per slice along ``axis`` (``axis=-1``: per output channel;
     a leaf that ``axis`` maps to ``None`` is one unit, as in ``"layer"``), so ``l`` runs
-    over all slices of all leaves. Solved exactly: a dynamic program on the Pareto front
-    of (total bits, estimate), slice by slice, that drops a partial allocation when even
-    the linear relaxation of the slices left (fractional widths, exact for this convex
-    cost) cannot bring it below the best complete allocation found greedily. Use the same
-    ``axis`` in :func:`quantize` to give each slice its own codebook.
+    over all slices of all leaves, and ``entry_bits`` charges each slice's codebook. Solved
+    exactly by the same dynamic program, slice by slice, that drops a partial allocation
+    when even a relaxation of the slices left (fractional widths) cannot bring it below
+    the best complete allocation found greedily. Use the same ``axis`` in :func:`quantize`
+    to give each slice its own codebook.
 
     Args:
       params: the parameter pytree (the weights, for saliency and the default
@@ -313,15 +313,16 @@ def allocate_bits(
         ``fisher_from_state(opt_state)``).
       mask: optional bool pytree like ``params``; ``False`` = pruned, gets 0 bits.
       average_bits: optional budget ``β`` on the mean bits of the coded weights
-        (required for ``granularity="layer"``).
+        (required for ``granularity="layer"`` and ``"channel"``).
       bit_widths: distinct widths in ``1..16``.
       scope: ``"global"`` or ``"layer"`` (``granularity="weight"`` only).
       granularity: ``"weight"``, ``"layer"`` or ``"channel"``.
       quantizable: which leaves are coded, as in :func:`quantize`.
       axis: for ``granularity="channel"`` (required there, refused otherwise): the axis
         whose slices get one width each; an int or a mapping, as in :func:`quantize`.
-      entry_bits: for ``granularity="layer"``: the bits each codebook entry costs the
-        budget (default 0: the budget counts the codes only; about 40 matches the file).
+      entry_bits: for ``granularity="layer"`` or ``"channel"``: the bits each codebook
+        entry costs the budget (default 0: the budget counts the codes only; about 40
+        matches the file).
 
     Returns:
       An int32 pytree shaped like ``params``: 0 for pruned or uncoded weights, else a
@@ -332,8 +333,11 @@ def allocate_bits(
         or ``fisher`` that does not match ``params``, a negative or non-finite Fisher or a
         non-finite weight where it is used, a budget below ``min(bit_widths)``,
         ``granularity="layer"`` or ``"channel"`` without a budget, ``"channel"`` without
-        ``axis`` (or ``axis`` with another granularity), or an ``axis`` out of range.
-      TypeError: on a mask that is not boolean, or traced inputs (this runs on the host).
+        ``axis`` (or ``axis`` with another granularity), an ``axis`` out of range,
+        ``entry_bits`` with ``granularity="weight"``, or a budget that cannot pay for the
+        smallest width and its codebook everywhere.
+      TypeError: on a mask that is not boolean, a width that is not an int (a bool or a
+        float), or traced inputs (this runs on the host).
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
@@ -350,6 +354,31 @@ def allocate_bits(
       Information Theory. ISVLSI 2016. https://arxiv.org/abs/1605.04859
 
       LeCun, Denker, Solla. Optimal Brain Damage. NeurIPS 1989.
+    """
+    widths_desc, average_bits, entry_bits = _check_allocation(
+        fisher, bit_widths, average_bits, scope, granularity, axis, entry_bits
+    )
+    treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
+    kept = _kept_masks(params, mask, leaves, flags)
+    fish = _check_values(params, fisher, treedef, leaves, flags, kept)
+    idx = [i for i, f in enumerate(flags) if f]
+    out = [np.zeros(np.shape(x), np.int32) for x in leaves]
+    if idx and granularity == "weight":
+        _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits)
+    elif idx:  # "layer" is "channel" with every leaf one unit
+        if granularity == "layer":
+            axes = [None] * len(leaves)
+        else:
+            axes = _leaf_axes(axis, params, paths, leaves, flags)
+        weights = {i: _concrete(leaves[i], "params", paths[i]) for i in idx}
+        _allocate_units(out, weights, kept, fish, axes, widths_desc, average_bits, entry_bits)
+    return jax.tree.unflatten(treedef, [jax.device_put(x) for x in out])
+
+
+def _check_allocation(fisher, bit_widths, average_bits, scope, granularity, axis, entry_bits):
+    """The arguments of :func:`allocate_bits` that do not depend on the trees, checked.
+
+    Returns ``(widths descending, average_bits or None, entry_bits)``.
     """
     if fisher is None:
         raise TypeError(
@@ -378,10 +407,10 @@ def allocate_bits(
     entry_bits = _validate.real(
         entry_bits, "entry_bits", low=0.0, meaning="bits per codebook entry"
     )
-    if entry_bits and granularity != "layer":
+    if entry_bits and granularity == "weight":
         raise ValueError(
-            f"entry_bits is read by granularity='layer' only, got granularity={granularity!r}; "
-            "drop entry_bits or pass granularity='layer'."
+            "entry_bits is read by granularity='layer' or 'channel' only, got "
+            "granularity='weight'; drop entry_bits or pass granularity='layer'."
         )
     if granularity == "channel" and axis is None:
         raise ValueError(
@@ -393,81 +422,20 @@ def allocate_bits(
             f"axis is read by granularity='channel' only, got granularity={granularity!r}; "
             "drop axis or pass granularity='channel'."
         )
-    treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
-    kept = _kept_masks(params, mask, leaves, flags)
-    fish = _check_values(params, fisher, treedef, leaves, flags, kept)
-    idx = [i for i, f in enumerate(flags) if f]
-    out = [np.zeros(np.shape(x), np.int32) for x in leaves]
-    if not idx:  # nothing to code: every leaf stays as it is (0 bits)
-        return jax.tree.unflatten(treedef, [jax.device_put(x) for x in out])
-    if granularity == "layer":
-        counts = [int(kept[i].sum()) for i in idx]
-        sal = [
-            float(
-                np.sum(
-                    np.where(
-                        kept[i],
-                        0.5
-                        * fish[i]
-                        * np.square(_concrete(leaves[i], "params", paths[i]).astype(np.float64)),
-                        0,
-                    )
-                )
-            )
-            for i in idx
-        ]
-        choice = _layer_widths(sal, counts, widths_desc, average_bits, entry_bits)
-        for i, b in zip(idx, choice, strict=True):
-            out[i] = np.where(kept[i], b, 0).astype(np.int32)
-    elif granularity == "channel":
-        axes = _leaf_axes(axis, params, paths, leaves, flags)
-        sal, counts, sizes = [], [], []
-        for i in idx:
-            x = _concrete(leaves[i], "params", paths[i]).astype(np.float64)
-            s_w = np.where(kept[i], 0.5 * fish[i] * np.square(x), 0.0)
-            if axes[i] is None:
-                sal.append(s_w.reshape(1, -1).sum(1))
-                counts.append(kept[i].reshape(1, -1).sum(1))
-            else:
-                sal.append(np.moveaxis(s_w, axes[i], 0).reshape(x.shape[axes[i]], -1).sum(1))
-                moved = np.moveaxis(kept[i], axes[i], 0)
-                counts.append(moved.reshape(x.shape[axes[i]], -1).sum(1))
-            sizes.append(sal[-1].size)
-        sal_all = np.concatenate(sal) if sal else np.zeros(0)
-        n_all = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-        live = n_all > 0
-        widths = np.zeros(n_all.size, np.int64)
-        widths[live] = _channel_widths(sal_all[live], n_all[live], widths_desc, average_bits)
-        for i, part in zip(idx, np.split(widths, np.cumsum(sizes)[:-1]), strict=True):
-            if axes[i] is None:
-                per = np.broadcast_to(part[0], kept[i].shape)
-            else:
-                shape = [1] * kept[i].ndim
-                shape[axes[i]] = part.size
-                per = np.broadcast_to(part.reshape(shape), kept[i].shape)
-            out[i] = np.where(kept[i], per, 0).astype(np.int32)
-    else:
-        _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits)
-    return jax.tree.unflatten(treedef, [jax.device_put(x) for x in out])
+    return widths_desc, average_bits, entry_bits
 
 
 def _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits):
+    """``granularity="weight"``: widths by rank of the k-means groups of log-Fisher."""
     g = len(widths_desc)
     tiny = np.finfo(np.float32).tiny
     logs = {i: np.log(np.maximum(fish[i][kept[i]].astype(np.float64), tiny)) for i in idx}
-    ranks = {}
     if scope == "global":
-        flat = np.concatenate([logs[i] for i in idx]) if idx else np.zeros(0)
-        c, a = _kmeans_host(flat, g)
-        r = len(c) - 1 - a  # centroids ascend: rank 0 = highest Fisher
-        for i, part in zip(
-            idx, np.split(r, np.cumsum([logs[i].size for i in idx])[:-1]), strict=True
-        ):
-            ranks[i] = part
+        ranks = _ranks(np.concatenate([logs[i] for i in idx]), g)
+        parts = np.split(ranks, np.cumsum([logs[i].size for i in idx])[:-1])
+        ranks = dict(zip(idx, parts, strict=True))
     else:
-        for i in idx:
-            c, a = _kmeans_host(logs[i], g)
-            ranks[i] = len(c) - 1 - a
+        ranks = {i: _ranks(logs[i], g) for i in idx}
     if average_bits is None:
         table = np.asarray(widths_desc)
     else:
@@ -477,6 +445,12 @@ def _allocate_weights(out, idx, kept, fish, widths_desc, scope, average_bits):
         leaf = np.zeros(kept[i].shape, np.int32)
         leaf[kept[i]] = table[ranks[i]]
         out[i] = leaf
+
+
+def _ranks(values, num_groups) -> np.ndarray:
+    """Per value, the rank of its 1-D k-means group by centroid (0 = the highest)."""
+    _, counts, assignments = kmeans_rows_host(values[None], num_groups)
+    return counts[0] - 1 - assignments[0]
 
 
 def _choose_allocation(counts, widths_desc, budget) -> np.ndarray:
@@ -498,60 +472,82 @@ def _choose_allocation(counts, widths_desc, budget) -> np.ndarray:
     return np.asarray(best[1] if best else (min(widths_desc),) * g)
 
 
-def _layer_widths(saliency, counts, widths_desc, budget, entry_bits=0.0) -> list[int]:
-    """Exact ``argmin sum_l S_l 4^-b_l`` s.t. ``sum_l c_l(b_l) <= budget * sum_l n_l``,
-    ``c_l(b) = n_l b + entry_bits * min(2^b, n_l)``.
+def _as_rows(a: np.ndarray, axis: int | None) -> np.ndarray:
+    """``a`` as rows: the whole array as one row (``axis=None``), else one row per slice."""
+    if axis is None:
+        return a.reshape(1, -1)
+    return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
 
-    Dynamic program over leaves keeping the Pareto front of (total bits, estimate): a
-    state is dropped when another uses no more bits and has no larger estimate. Ties go
-    to fewer total bits, then to the first width in descending order per leaf.
+
+def _from_rows(rows: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    """The inverse of :func:`_as_rows`."""
+    if axis is None:
+        return rows.reshape(shape)
+    moved = [shape[axis], *shape[:axis], *shape[axis + 1 :]]
+    return np.moveaxis(rows.reshape(moved), 0, axis)
+
+
+def _allocate_units(out, weights, kept, fish, axes, widths_desc, budget, entry_bits):
+    """``granularity="layer"``/``"channel"``: one width per unit (a leaf, or a slice of it
+    along its axis), from the units' saliencies under the budget (:func:`_budget_widths`).
+
+    ``weights``: the quantizable leaves by index, as NumPy arrays.
     """
-    cap = budget * sum(counts) * (1 + 1e-12)
-    cost = lambda n, b: n * b + entry_bits * min(2**b, n)
-    front = [(0, 0.0, ())]  # (total bits, estimate, widths so far)
-    for s, n in zip(saliency, counts, strict=True):
-        cand = [
-            (bits + cost(n, b), est + s * 4.0**-b, (*chosen, b))
-            for bits, est, chosen in front
-            for b in widths_desc
-            if bits + cost(n, b) <= cap
-        ]
-        if not cand:
-            low = sum(cost(m, min(widths_desc)) for m in counts) / max(sum(counts), 1)
-            raise ValueError(
-                f"average_bits={budget} cannot pay for the smallest width of every leaf and "
-                f"its codebook (entry_bits={entry_bits}): that needs {low:.3g} bits per coded "
-                "weight. Raise average_bits or lower entry_bits."
-            )
-        cand.sort(key=lambda t: (t[0], t[1]))
-        front, best = [], np.inf
-        for t in cand:
-            if t[1] < best:
-                front.append(t)
-                best = t[1]
-    win = min(front, key=lambda t: (t[1], t[0]))
-    return list(win[2])
+    sal, counts = [], []
+    for i, x in weights.items():
+        s_w = np.where(kept[i], 0.5 * fish[i] * np.square(x.astype(np.float64)), 0.0)
+        sal.append(_as_rows(s_w, axes[i]).sum(1))
+        counts.append(_as_rows(kept[i], axes[i]).sum(1))
+    n_all = np.concatenate(counts)
+    live = n_all > 0  # a unit with no kept weight has no width to choose
+    widths = np.zeros(n_all.size, np.int64)
+    widths[live] = _budget_widths(
+        np.concatenate(sal)[live], n_all[live], widths_desc, budget, entry_bits
+    )
+    parts = np.split(widths, np.cumsum([s.size for s in sal])[:-1])
+    for i, part in zip(weights, parts, strict=True):
+        if axes[i] is None:
+            per = part[0]
+        else:  # one width per slice, broadcast along the other axes
+            shape = [1] * kept[i].ndim
+            shape[axes[i]] = part.size
+            per = part.reshape(shape)
+        out[i] = np.where(kept[i], per, 0).astype(np.int32)
 
 
-def _channel_widths(saliency, counts, widths_desc, budget) -> np.ndarray:
-    """Exact ``argmin sum_c S_c 4^-b_c`` s.t. ``sum_c n_c b_c <= budget * sum_c n_c``.
+def _budget_widths(saliency, counts, widths_desc, budget, entry_bits=0.0) -> np.ndarray:
+    """Exact ``argmin sum_u S_u 4^-b_u`` s.t. ``sum_u c_u(b_u) <= budget * sum_u n_u``, with
+    ``c_u(b) = n_u b + entry_bits * min(2^b, n_u)`` (codes and codebook entries).
 
     ``counts`` must be positive. A dynamic program over units on the Pareto front of
     (total bits, estimate), with branch and bound: a partial allocation is dropped when
-    its estimate plus the linear relaxation of the units left (a lower bound; greedy by
-    gain per bit is exact for it because ``S 4^-b`` is convex in ``b``) exceeds the best
-    complete allocation, found greedily. Ties go to fewer total bits, then to the wider
-    width of the unit placed last.
+    its estimate plus a lower bound for the units left exceeds the best complete
+    allocation, found greedily. The bound is the fractional knapsack over every unit's
+    upgrades ``b_j -> b_j+1`` taken as independent items, greedy by gain per bit: it
+    relaxes the problem, so it is a lower bound whatever the costs (and it is exact for
+    the linear relaxation when ``entry_bits = 0``: ``S 4^-b`` is convex in ``b``). Ties go
+    to fewer total bits, then to the wider width of the unit placed last.
+
+    Raises:
+      ValueError: if even the smallest width for every unit exceeds the budget (only
+        possible with ``entry_bits > 0``).
     """
     s = np.asarray(saliency, np.float64)
     n = np.asarray(counts, np.int64)
     w = np.sort(np.asarray(widths_desc, np.int64))  # ascending
     nw = w.size
     cap = budget * n.sum() * (1 + 1e-12)
-    bits = n[:, None] * w[None, :]  # (C, W)
+    bits = n[:, None] * w[None, :] + entry_bits * np.minimum(2.0 ** w[None, :], n[:, None])
+    if bits[:, 0].sum() > cap:
+        raise ValueError(
+            f"average_bits={budget} cannot pay for the smallest width of every unit and its "
+            f"codebook (entry_bits={entry_bits}): that needs "
+            f"{bits[:, 0].sum() / n.sum():.3g} bits per coded weight. Raise average_bits or "
+            "lower entry_bits."
+        )
     est = s[:, None] * 4.0 ** -w[None, :].astype(np.float64)
-    # Upgrades w_j -> w_j+1 of every channel, by gain per bit (decreasing within a channel:
-    # S 4^-b is convex in b), for the linear-relaxation bound of the channels not yet placed.
+    # Upgrades w_j -> w_j+1 of every unit, by gain per bit, for the lower bound on the
+    # units not yet placed.
     dbits = (bits[:, 1:] - bits[:, :-1]).ravel()
     dgain = (est[:, :-1] - est[:, 1:]).ravel()
     owner = np.repeat(np.arange(n.size), nw - 1)
@@ -559,7 +555,7 @@ def _channel_widths(saliency, counts, widths_desc, budget) -> np.ndarray:
         slope = np.where(dbits > 0, dgain / np.where(dbits > 0, dbits, 1), np.inf)
     order = np.lexsort((owner, -slope))
     dbits, dgain, owner, slope = dbits[order], dgain[order], owner[order], slope[order]
-    # Incumbent: the relaxation's greedy, skipping upgrades that do not fit.
+    # Incumbent: the bound's greedy, taking each unit's upgrades in order while they fit.
     level = np.zeros(n.size, np.int64)
     used = float(bits[:, 0].sum())
     for u in range(owner.size):
@@ -573,7 +569,7 @@ def _channel_widths(saliency, counts, widths_desc, budget) -> np.ndarray:
     base_est_suffix = np.concatenate([np.cumsum(est[::-1, 0])[::-1], [0.0]])
 
     def lower_bound(i, room):
-        """Relaxation of channels i.. with ``room`` bits: a lower bound on their estimate."""
+        """The bound for units i.. with ``room`` bits: at most their least estimate."""
         sel = owner >= i
         db, dg = dbits[sel], dgain[sel]
         cb = np.concatenate([[0], np.cumsum(db)])
@@ -622,16 +618,13 @@ def _concrete_bits(leaf, path: str) -> np.ndarray:
     return arr
 
 
-_QUANTIZE_INITS = {k: v for k, v in INITS.items() if k != "kmeans++"}
-
-
 def quantize(
     params: Params,
     bits: int | Bits,
     *,
     fisher: Fisher | None = None,
     mask: Mask | None = None,
-    method: Method = "kmeans",
+    method: CodebookMethod = "kmeans",
     init: Init = "dp",
     quantizable: Quantizable = None,
     axis: Axis = None,
@@ -709,8 +702,8 @@ def quantize(
         ``method`` or ``init``, a tree that does not match ``params``, a non-finite kept
         weight, a negative or non-finite Fisher on a kept weight, or an ``axis`` out of
         range for a leaf (or naming a path that is missing or stored raw).
-      TypeError: on traced or non-integer bits, traced params, a non-bool mask, or a
-        non-float leaf selected by ``quantizable``.
+      TypeError: on traced or non-integer bits (a bool or a float), traced params, a
+        non-bool mask, or a non-float leaf selected by ``quantizable``.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
@@ -734,11 +727,11 @@ def quantize(
       Kim, Hooper, Gholami, et al. SqueezeLLM: Dense-and-Sparse Quantization. 2023.
       https://arxiv.org/abs/2306.07629
     """
-    _validate.choice(method, "method", METHODS)
-    _validate.choice(init, "init", _QUANTIZE_INITS)
+    _validate.choice(method, "method", CODEBOOK_METHODS)
+    _validate.choice(init, "init", HOST_INITS)
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     axes = _leaf_axes(axis, params, paths, leaves, flags)
-    if _is_int(bits) or isinstance(bits, bool | float):
+    if isinstance(bits, int | float | np.integer | np.floating):  # bool is an int
         b = _check_width(bits, "bits (one int for every weight)")
         bit_arrays = [np.full(np.shape(leaf), b, np.uint8) for leaf in leaves]
     else:
@@ -756,35 +749,11 @@ def quantize(
             out_bits.append(None)
             out_codes.append(None)
             out_books.append({})
-            # A Python scalar (a hyperparameter in the tree) becomes a 0-d array of its dtype,
-            # so that the file can store it.
-            if isinstance(leaf, np.ndarray | np.generic):
-                out_raw.append(np.array(leaf))  # a copy: q does not change with the caller's
-            else:
-                out_raw.append(leaf if hasattr(leaf, "dtype") else np.asarray(leaf, dtypes[i]))
+            out_raw.append(_raw_copy(leaf, dtypes[i]))
             continue
         x = _concrete(leaf, "params", paths[i])
-        book_dtype = np.float64 if x.dtype == np.float64 else np.float32
-        x = x.astype(np.float64)
         bmap = np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)
-        widths = [int(w) for w in np.unique(bmap[bmap > 0])]
-        codes = np.zeros(x.shape, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
-        books = {}
-        if axes[i] is not None:
-            for width in widths:
-                sel = bmap == width
-                c, a = _quantize_slices(x, sel, weights[i], 2**width, axes[i], method, init)
-                codes[sel] = a[sel]
-                books[width] = c.astype(book_dtype)
-        for width in widths if axes[i] is None else ():
-            sel = bmap == width
-            w = None if weights[i] is None else _lift_zero_weights(weights[i][sel])
-            if method == "kmeans":
-                c, a = _kmeans_host(x[sel], 2**width, w, init=init)
-            else:
-                c, a = _uniform(x[sel], 2**width)
-            codes[sel] = a
-            books[width] = c.astype(book_dtype)
+        codes, books = _quantize_leaf(x, bmap, weights[i], axes[i], method, init)
         out_bits.append(bmap)
         out_codes.append(codes)
         out_books.append(books)
@@ -798,6 +767,34 @@ def quantize(
         dtypes=dtypes,
         axes=axes,
     )
+
+
+def _raw_copy(leaf, dtype):
+    """A leaf that :func:`quantize` stores as it is, detached from the caller's array."""
+    if isinstance(leaf, np.ndarray | np.generic):
+        return np.array(leaf)  # a copy: q does not change with the caller's
+    # A Python scalar (a hyperparameter in the tree) becomes a 0-d array of its dtype, so
+    # that the file can store it.
+    return leaf if hasattr(leaf, "dtype") else np.asarray(leaf, dtype)
+
+
+def _quantize_leaf(x, bmap, weights, axis, method, init):
+    """Codes and codebooks ``{width: book}`` of one leaf, width by width.
+
+    The weights of one width are clustered as rows (:func:`_as_rows`): the whole leaf as
+    one row (a 1-D book), or one row per slice along ``axis`` (a ``(C, K)`` book).
+    """
+    book_dtype = np.float64 if x.dtype == np.float64 else np.float32
+    x = x.astype(np.float64)
+    widths = [int(w) for w in np.unique(bmap[bmap > 0])]
+    codes = np.zeros(x.shape, np.uint8 if max(widths, default=0) <= 8 else np.uint16)
+    books = {}
+    for width in widths:
+        sel = bmap == width
+        c, counts, a = _quantize_rows(x, sel, weights, 2**width, axis, method, init)
+        codes[sel] = a[sel]
+        books[width] = (c[0, : counts[0]] if axis is None else c).astype(book_dtype)
+    return codes, books
 
 
 def _check_axis(a, leaf, path: str) -> int | None:
@@ -870,9 +867,9 @@ def _leaf_axes(axis, params, paths, leaves, flags) -> list[int | None]:
     return out
 
 
-def _lift_zero_weights(w, valid=None):
-    """Zero weights raised to 1e-9 times the smallest positive weight of their group (a
-    row of a 2-D ``w``, among its ``valid`` entries; a group with none stays as it is).
+def _lift_zero_weights(w, valid):
+    """Zero weights raised to 1e-9 times the smallest positive weight of their row among
+    its ``valid`` entries (a row with none stays as it is).
 
     The weighted objective ignores values of zero Fisher, so k-means would leave entries
     unused that could serve them; at this weight they take the entries the others leave
@@ -880,33 +877,29 @@ def _lift_zero_weights(w, valid=None):
     resolution).
     """
     w = np.asarray(w, np.float64)
-    flat = w.ndim == 1
-    w2 = w[None] if flat else w
-    ok = np.ones(w2.shape, bool) if valid is None else np.asarray(valid, bool).reshape(w2.shape)
-    pos = (w2 > 0) & ok
-    low = np.where(pos, w2, np.inf).min(axis=1, keepdims=True)
-    lifted = np.where(ok & ~pos & np.isfinite(low), low * 1e-9, w2)
-    return lifted[0] if flat else lifted
+    pos = (w > 0) & valid
+    low = np.where(pos, w, np.inf).min(axis=1, keepdims=True)
+    return np.where(valid & ~pos & np.isfinite(low), low * 1e-9, w)
 
 
-def _quantize_slices(x, sel, w, k, axis, method, init):
-    """Per slice of ``x`` along ``axis``: codebooks ``(C, K)`` and codes shaped like ``x``."""
-    rows = np.moveaxis(x, axis, 0)
-    shape = rows.shape
-    flat = rows.reshape(shape[0], -1)
-    valid = np.moveaxis(sel, axis, 0).reshape(shape[0], -1)
-    wr = None if w is None else np.moveaxis(w, axis, 0).reshape(shape[0], -1)
-    if method == "kmeans" and wr is not None:
-        wr = _lift_zero_weights(wr, valid)
+def _quantize_rows(x, sel, w, k, axis, method, init):
+    """Codebooks ``(R, K)``, their lengths ``(R,)`` and codes shaped like ``x`` of the ``sel``
+    weights, per row of ``x`` as :func:`_as_rows` lays it out (one row per slice along
+    ``axis``, or one)."""
+    valid = _as_rows(sel, axis)
+    wr = None if w is None else _as_rows(w, axis)
     if method == "kmeans":
-        c, _, a = _kmeans_rows_host(flat, k, wr, valid, init=init)
+        wr = None if wr is None else _lift_zero_weights(wr, valid)
+        c, counts, a = kmeans_rows_host(_as_rows(x, axis), k, weights=wr, valid=valid, init=init)
     else:
-        c, _, a = _uniform_rows(flat, valid, k)
-    return c, np.moveaxis(a.reshape(shape), 0, axis)
+        c, counts, a = _uniform_rows(_as_rows(x, axis), valid, k)
+    return c, counts, _from_rows(a, x.shape, axis)
 
 
 def _uniform_rows(x, valid, k):
-    """:func:`_uniform` on the valid entries of every row: ``(levels, counts, codes)``."""
+    """``k`` evenly spaced levels from min to max of every row's valid entries, each
+    entry rounded to the nearest: ``(levels, counts, codes)``, laid out as
+    :func:`~fisher_optax.kmeans.kmeans_rows_host` returns them (unused levels dropped)."""
     rows = x.shape[0]
     any_valid = valid.any(1)
     lo = np.where(any_valid, np.min(np.where(valid, x, np.inf), 1), 0.0)
@@ -926,16 +919,6 @@ def _uniform_rows(x, valid, k):
     last = levels[np.arange(rows), np.maximum(counts - 1, 0)]
     levels = np.where(np.arange(width) < counts[:, None], levels, last[:, None])
     return levels, counts, np.where(valid, np.take_along_axis(index, a, 1), 0)
-
-
-def _uniform(x, k):
-    """``k`` evenly spaced levels from min to max; returns the used levels and codes."""
-    lo, hi = x.min(), x.max()
-    step = (hi - lo) / (k - 1) if k > 1 else 0.0
-    a = np.clip(np.round((x - lo) / step), 0, k - 1).astype(np.int64) if step > 0 else 0 * x
-    a = a.astype(np.int64)
-    used, inv = np.unique(a, return_inverse=True)
-    return lo + step * used, inv.reshape(-1)
 
 
 def _quantizable_flags(paths, leaves, quantizable) -> list[bool]:

@@ -23,7 +23,7 @@ from fisher_optax._types import Fisher, Params
 
 __all__ = ["empirical_fisher", "monte_carlo_fisher"]
 
-METHODS: dict[str, str] = {
+FISHER_METHODS: dict[str, str] = {
     "layers": "closed forms from each layer's inputs and output gradients, exact; "
     "unrecognised parameters fall back to per-example gradients",
     "vmap": "vmap of grad, one backward pass per example (the slow reference)",
@@ -48,7 +48,7 @@ def _batch_size(batch: Any, name: str) -> int:
 def _check_common(params: Params, microbatch_size: int | None, method: str) -> None:
     if microbatch_size is not None:
         _validate.integer(microbatch_size, "microbatch_size")
-    _validate.choice(method, "method", METHODS)
+    _validate.choice(method, "method", FISHER_METHODS)
     _validate.finite(params, "params")
 
 

@@ -5,12 +5,14 @@ refusal of truncated, corrupted or hostile files with bounded memory."""
 import os
 import struct
 import tracemalloc
+import warnings
 import zlib
 
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -321,12 +323,28 @@ def test_linen_collections_roundtrip(tmp_path):
     )
 
 
+def test_an_nnx_state_is_written_without_reading_deprecated_attributes(tmp_path):
+    # The writer records each leaf's path by walking the pytree registry; reading a
+    # Variable's `.value` attribute instead warns on every leaf with Flax >= 0.12.
+    nnx = pytest.importorskip("flax.nnx")
+    state = nnx.state(nnx.Linear(6, 4, rngs=nnx.Rngs(0)))
+    q = quantize(state, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        save_compressed(tmp_path / "m.foqz", q)
+    loaded = load_compressed(tmp_path / "m.foqz")
+    assert loaded.paths == q.paths == ("['bias']", "['kernel']")
+    for a, b in zip(
+        jax.tree.leaves(dequantize(loaded)), jax.tree.leaves(dequantize(q)), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
-    """Issue 10 items 8-9: an nnx.State with int keys is saved whole, BatchNorm statistics
+    """An nnx.State with int keys is saved whole, BatchNorm statistics
     and the Dropout RNG state included, and a new instance predicts what the in-memory
     dequantized model predicts."""
     nnx = pytest.importorskip("flax.nnx")
-    import optax
 
     def build(seed):
         rngs = nnx.Rngs(seed)
@@ -339,7 +357,7 @@ def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
         )
 
     # The slowest test of this file (~20 s on a cold worker, nearly all Flax's eager init
-    # and one nnx.jit compile): it is issue 10's acceptance test, run once.
+    # and one nnx.jit compile): the whole Flax round trip, run once.
     model = build(0)
     opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
     rng = np.random.default_rng(0)
@@ -354,12 +372,12 @@ def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
         step(model, opt)
     model.eval()
     state = nnx.state(model)
-    assert np.any(np.asarray(state["layers"][1]["mean"].value) != 0)  # statistics moved
+    assert np.any(np.asarray(state["layers"][1]["mean"][...]) != 0)  # statistics moved
     q = quantize(state, 4)
     save_compressed(tmp_path / "bn.fq", q)
     loaded = dequantize(load_compressed(tmp_path / "bn.fq"))
     # Issue 10 item 8: the State's structure, nnx.Sequential's int keys included.
-    assert jax.tree.structure(loaded) == jax.tree.structure(state.to_pure_dict())
+    assert jax.tree.structure(loaded) == jax.tree.structure(nnx.to_pure_dict(state))
     assert set(loaded["layers"]) == {0, 1, 3, 4}
     assert q.quantized.count(True) == 2  # the two kernels; everything else is raw
     expected = nnx.merge(nnx.graphdef(model), dequantize(q))
@@ -370,7 +388,7 @@ def test_nnx_batchnorm_model_predicts_the_same_after_the_file(tmp_path):
     nnx.update(fresh, target)
     np.testing.assert_array_equal(fresh(x), expected(x))
     np.testing.assert_array_equal(
-        fresh.layers[1].var.value, np.asarray(state["layers"][1]["var"].value)
+        fresh.layers[1].var[...], np.asarray(state["layers"][1]["var"][...])
     )
 
 

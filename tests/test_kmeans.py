@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn.cluster import KMeans
 
 from fisher_optax import KMeansResult, kmeans_1d
-from fisher_optax.kmeans import _kmeans_1d, _kmeans_host
+from fisher_optax.kmeans import _kmeans_1d, kmeans_rows_host
 
 N = 600  # one length for most tests: each new shape or static argument compiles again
 
@@ -259,21 +259,47 @@ def test_property_assignments_are_nearest_and_inertia_is_exact(x, valid, k):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"num_clusters": 0}, ValueError, "num_clusters must be an int >= 1"),
-        ({"num_clusters": 2.5}, ValueError, "num_clusters must be an int >= 1"),
-        ({"init": "random"}, ValueError, "init must be one of"),
-        ({"init": "kmeans++"}, ValueError, "needs a PRNG key"),
-        ({"max_iters": -1}, ValueError, "max_iters must be an int >= 0"),
-        ({"num_bins": 1}, ValueError, "num_bins must be an int >= 2"),
-        ({"weights": np.ones(3)}, ValueError, r"weights must have the shape of values \(4,\)"),
-        ({"valid": np.ones(4)}, TypeError, "valid must be a boolean array"),
-        ({"values": np.ones(4, complex)}, TypeError, "values must be a real array"),
+        ({"num_clusters": 0}, ValueError, "^num_clusters must be an int >= 1, got 0"),
+        ({"num_clusters": 2.5}, TypeError, r"^num_clusters must be an int >= 1, got 2.5 \(float"),
+        ({"num_clusters": True}, TypeError, r"^num_clusters must be an int >= 1, got True \(bool"),
+        ({"init": "random"}, ValueError, "^init must be one of: 'dp'"),
+        (
+            {"init": "kmeans++"},
+            ValueError,
+            r"^init='kmeans\+\+' samples its centres and needs a PRNG",
+        ),
+        ({"init": "kmeans++", "key": 0}, TypeError, "^key must be a jax.random key"),
+        ({"max_iters": -1}, ValueError, "^max_iters must be an int >= 0"),
+        ({"max_iters": 1.0}, TypeError, "^max_iters must be an int >= 0"),
+        ({"tol": -1.0}, ValueError, "^tol must be a finite number >= 0.0"),
+        ({"tol": "1e-6"}, TypeError, "^tol must be a real number"),
+        ({"num_bins": 1}, ValueError, "^num_bins must be an int >= 2"),
+        ({"weights": np.ones(3)}, ValueError, r"^weights must have the shape of values \(4,\)"),
+        ({"valid": np.ones(4)}, TypeError, "^valid must be a boolean array"),
+        ({"values": np.ones(4, complex)}, TypeError, "^values must be a real array"),
     ],
 )
 def test_errors(kwargs, error, match):
     args = {"values": np.arange(4.0), "num_clusters": 2, **kwargs}
     with pytest.raises(error, match=match):
         kmeans_1d(args.pop("values"), args.pop("num_clusters"), **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"values": np.arange(4.0)}, ValueError, r"^values must be 2-D \(rows, n\), got shape"),
+        ({"num_clusters": 0}, ValueError, "^num_clusters must be an int >= 1"),
+        ({"num_clusters": 2.0}, TypeError, "^num_clusters must be an int >= 1"),
+        ({"init": "kmeans++"}, ValueError, "^init must be one of: 'dp'"),
+        ({"weights": np.ones((1, 3))}, ValueError, "^weights must have the shape of values"),
+        ({"valid": np.ones((1, 4))}, TypeError, "^valid must be a boolean array"),
+    ],
+)
+def test_host_errors(kwargs, error, match):
+    args = {"values": np.arange(4.0)[None], "num_clusters": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        kmeans_rows_host(args.pop("values"), args.pop("num_clusters"), **args)
 
 
 def test_brute_force_weighted_reference_is_right():
@@ -291,6 +317,12 @@ def test_brute_force_weighted_reference_is_right():
     np.testing.assert_allclose(_weighted_optimum(x, w, 3), best, rtol=1e-9)
 
 
+def _host(x, k, w=None, init="dp"):
+    """One group of values clustered on the host: the one-row case of kmeans_rows_host."""
+    c, counts, a = kmeans_rows_host(x[None], k, weights=None if w is None else w[None], init=init)
+    return c[0, : counts[0]], a[0]
+
+
 @pytest.mark.parametrize(
     ("kind", "n", "k", "rtol"),
     [("normal", 600, 16, 1e-6), ("bimodal", 3000, 16, 1e-4), ("laplace", 3000, 64, 1e-3)],
@@ -299,7 +331,7 @@ def test_host_kmeans_reaches_the_exact_optimum(kind, n, k, rtol):
     # The NumPy path quantize runs: exact DP up to 2 * max(512, 8k) distinct values
     # (n = 600), DP on groups of the sorted values beyond (n = 3000), then Lloyd.
     x = _data(kind, seed=3, n=n)
-    c, a = _kmeans_host(x, k)
+    c, a = _host(x, k)
     assert np.all(np.diff(c) > 0) and a.shape == x.shape
     np.testing.assert_array_equal(c[a], c[np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)])
     assert _np_inertia(x, c) <= _exact_optimum(x, k) * (1 + rtol)
@@ -309,17 +341,17 @@ def test_host_kmeans_weighted_matches_exact_weighted_optimum():
     rng = np.random.default_rng(5)
     x = rng.normal(size=120)
     w = rng.gamma(0.5, size=120)
-    c, _ = _kmeans_host(x, 5, w)
+    c, _ = _host(x, 5, w)
     np.testing.assert_allclose(_np_inertia(x, c, w), _weighted_optimum(x, w, 5), rtol=1e-9)
 
 
 def test_host_kmeans_zero_weights_fall_back_to_unweighted():
     x = _data("laplace", seed=6, n=200)
-    c0, a0 = _kmeans_host(x, 8)
-    c, a = _kmeans_host(x, 8, np.zeros_like(x))
+    c0, a0 = _host(x, 8)
+    c, a = _host(x, 8, np.zeros_like(x))
     np.testing.assert_array_equal(c, c0)
     np.testing.assert_array_equal(a, a0)
-    assert len(_kmeans_host(np.array([1.0, 1.0, 2.0]), 8)[0]) == 2  # min(k, m) centroids
+    assert len(_host(np.array([1.0, 1.0, 2.0]), 8)[0]) == 2  # min(k, m) centroids
 
 
 # --------------------------------------------------------------- row-wise host k-means (E)
@@ -327,9 +359,7 @@ def test_host_kmeans_zero_weights_fall_back_to_unweighted():
 
 @pytest.mark.parametrize("init", ["dp", "linear", "quantile", "density"])
 def test_rows_equal_host_kmeans_row_by_row(init):
-    """Every row of _kmeans_rows_host is exactly _kmeans_host on that row alone."""
-    from fisher_optax.kmeans import _kmeans_rows_host
-
+    """Every row of a batch is exactly the one-row call on that row's valid entries."""
     rng = np.random.default_rng(7)
     cases = [  # rows, n, k, values, weighted
         (6, 40, 4, "normal", True),
@@ -348,11 +378,12 @@ def test_rows_equal_host_kmeans_row_by_row(init):
         valid[0] = False  # a row with nothing to cluster
         if weighted:
             w[1] = 0.0  # a row of zero weight: unweighted, as the host path
-        c, counts, a = _kmeans_rows_host(x, k, w, valid, init=init)
+        c, counts, a = kmeans_rows_host(x, k, weights=w, valid=valid, init=init)
         assert counts[0] == 0 and np.all(c[0] == 0)
         for r in range(rows):
             sel = valid[r]
-            cr, ar = _kmeans_host(x[r][sel], k, None if w is None else w[r][sel], init=init)
+            cr, ar = _host(x[r][sel], k, None if w is None else w[r][sel], init=init)
+            assert cr.size <= k and np.all(np.diff(cr) > 0)
             assert counts[r] == cr.size
             np.testing.assert_array_equal(c[r, : counts[r]], cr)
             np.testing.assert_array_equal(a[r][sel], ar)
@@ -361,12 +392,10 @@ def test_rows_equal_host_kmeans_row_by_row(init):
 
 
 def test_rows_dp_reaches_the_exact_optimum_per_row():
-    from fisher_optax.kmeans import _kmeans_rows_host
-
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.normal(size=(3, 400)), rng.laplace(size=(3, 400))])
     for k in (4, 16):
-        c, _, a = _kmeans_rows_host(x, k)
+        c, _, a = kmeans_rows_host(x, k)
         for r in range(x.shape[0]):
             got = float(np.sum((x[r] - c[r, a[r]]) ** 2))
             assert got <= _exact_optimum(x[r], k) * (1 + 1e-3)

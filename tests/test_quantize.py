@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisher_optax import QuantizedParams, allocate_bits, dequantize, fisher_from_state, quantize
+from fisher_optax.quantize import _budget_widths
 
 SHAPES = {"dense": {"kernel": (12, 8), "bias": (8,)}, "out": [(8, 3)]}
 EVERY = lambda path, leaf: True  # quantize every leaf (biases too)
@@ -430,7 +431,7 @@ def test_codebook_cost_errors_by_message():
     fisher = {"w": np.ones((4, 4))}
     with pytest.raises(ValueError, match="cannot pay for the smallest width"):
         allocate_bits(params, fisher=fisher, average_bits=2, granularity="layer", entry_bits=40)
-    with pytest.raises(ValueError, match="entry_bits is read by granularity='layer' only"):
+    with pytest.raises(ValueError, match="entry_bits is read by granularity='layer' or 'channel'"):
         allocate_bits(params, fisher=fisher, average_bits=4, granularity="weight", entry_bits=8)
     with pytest.raises(ValueError, match="entry_bits"):
         allocate_bits(params, fisher=fisher, average_bits=4, granularity="layer", entry_bits=-1)
@@ -454,7 +455,14 @@ def _bad(p, where, value):
     ("call", "error", "match"),
     [
         (lambda p: quantize(p, 0), ValueError, r"bits \(one int for every weight\) must be"),
-        (lambda p: quantize(p, True), ValueError, r"must be an int in 1\.\.16"),
+        (lambda p: quantize(p, 17), ValueError, r"in 1\.\.16, got 17\. Widths above 16 are not"),
+        (lambda p: quantize(p, True), TypeError, r"must be an int in 1\.\.16, got True \(bool"),
+        (lambda p: quantize(p, 4.0), TypeError, r"must be an int in 1\.\.16, got 4\.0 \(float"),
+        (
+            lambda p: allocate_bits(p, fisher=jax.tree.map(np.abs, p), bit_widths=(8, 4.0)),
+            TypeError,
+            r"every entry of bit_widths must be an int in 1\.\.16, got 4\.0",
+        ),
         (
             lambda p: quantize(p, jax.tree.map(lambda x: np.full(x.shape, 17), p)),
             ValueError,
@@ -747,11 +755,11 @@ def test_axis_errors(axis, error, match):
         np.testing.assert_array_equal(a, b)
 
 
-def _brute_force_units(sal, counts, widths, budget):
+def _brute_force_units(sal, counts, widths, budget, entry_bits=0.0):
     cap = budget * sum(counts) * (1 + 1e-12)
     best = None
     for combo in itertools.product(widths, repeat=len(sal)):
-        bits = sum(n * b for n, b in zip(counts, combo, strict=True))
+        bits = sum(n * b + entry_bits * min(2**b, n) for n, b in zip(counts, combo, strict=True))
         if bits <= cap:
             est = sum(s * 4.0**-b for s, b in zip(sal, combo, strict=True))
             if best is None or est < best:
@@ -801,22 +809,43 @@ def test_channel_granularity_equals_brute_force(seed):
     np.testing.assert_allclose(est, _brute_force_units(units, counts, widths, budget), rtol=1e-9)
 
 
-def test_channel_granularity_solver_equals_brute_force_on_random_units():
-    from fisher_optax.quantize import _channel_widths
-
+@pytest.mark.parametrize("entry_bits", [0.0, 8.0, 40.0])
+def test_budget_solver_equals_brute_force_on_random_units(entry_bits):
+    # One solver for layer and channel widths; with entry_bits a unit's cost n b + e min(2^b, n)
+    # is not linear in b, and the solver must stay exact.
     rng = np.random.default_rng(0)
     for _ in range(150):
         c = int(rng.integers(1, 7))
         widths = tuple(
             sorted(rng.choice([1, 2, 3, 4, 6, 8], size=int(rng.integers(1, 4)), replace=False))
         )[::-1]
-        n = rng.integers(1, 20, c)
+        n = rng.integers(1, 300, c)
         s = rng.exponential(size=c) ** 3
-        budget = float(rng.uniform(min(widths), max(widths)))
-        b = _channel_widths(s, n, widths, budget)
-        assert np.dot(n, b) <= budget * n.sum() * (1 + 1e-12)
+        base = float(np.sum(n * min(widths) + entry_bits * np.minimum(2 ** min(widths), n)))
+        budget = float(rng.uniform(base / n.sum(), max(widths) + entry_bits))
+        b = _budget_widths(s, n, widths, budget, entry_bits)
+        cost = n * b + entry_bits * np.minimum(2.0**b, n)
+        assert cost.sum() <= budget * n.sum() * (1 + 1e-12)
         est = float(np.sum(s * 4.0**-b))
-        np.testing.assert_allclose(est, _brute_force_units(s, n, widths, budget), rtol=1e-12)
+        want = _brute_force_units(s, n, widths, budget, entry_bits)
+        np.testing.assert_allclose(est, want, rtol=1e-12)
+
+
+def test_channel_granularity_pays_for_per_channel_codebooks():
+    # 8 channels of 64 weights. At 4 bits a channel costs 256 bits of codes and, with
+    # entry_bits=40, 16 entries of 40 bits; at 1 bit 64 + 2 * 40. A budget of 5 bits per
+    # weight (2,560 bits) pays for 4 bits everywhere without the codebooks, and with them
+    # for the 1-bit base (1,152 bits) and one upgrade (752 bits): the most salient channel.
+    rng = np.random.default_rng(4)
+    params = {"k": (rng.normal(size=(64, 8)) * np.arange(1, 9)).astype(np.float32)}
+    fisher = {"k": np.ones((64, 8), np.float32)}
+    kw = dict(granularity="channel", axis=-1, bit_widths=(4, 1), average_bits=5)
+    free = np.asarray(allocate_bits(params, fisher=fisher, **kw)["k"])
+    paid = np.asarray(allocate_bits(params, fisher=fisher, entry_bits=40, **kw)["k"])
+    assert np.all(free == 4)
+    assert np.all(paid == paid[:1])
+    saliency = np.sum(params["k"].astype(np.float64) ** 2, 0)
+    np.testing.assert_array_equal(paid[0], np.where(np.arange(8) == np.argmax(saliency), 4, 1))
 
 
 def test_channel_granularity_feeds_per_channel_quantize():

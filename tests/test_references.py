@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sklearn.datasets import load_digits
 
 import fisher_optax as fo
 from fisher_optax import empirical_fisher, fisher_from_state, monte_carlo_fisher, references
@@ -109,8 +110,6 @@ def test_adam_nu_ranks_weights_like_the_empirical_fisher():
     ratio bounds catch a wrong scale (a missing bias correction is 1/(1-0.99**600) ~ 1, but
     forgetting batch_size is a factor 256).
     """
-    from sklearn.datasets import load_digits
-
     images, labels = load_digits(return_X_y=True)
     x = jnp.asarray(images / 16.0, jnp.float32)
     y = jnp.asarray(labels)
