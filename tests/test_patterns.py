@@ -1,6 +1,8 @@
 """N:M and block masks against NumPy loop references, under jit, in
 ``pruned``, nested with unstructured masks, and on params sharded over 8 CPU devices."""
 
+import dataclasses
+import functools
 import itertools
 import re
 from fractions import Fraction
@@ -525,3 +527,77 @@ def test_block_errors_by_message():
         fo.select({"w": jnp.ones((4, 4), bool)}, 0.5, pattern=fo.Blocks((2, 2)))
     with pytest.raises(ValueError, match="sparsity names the path"):
         fo.select(scores, {"['x']": 0.5}, pattern=fo.Blocks((2, 2)))
+
+
+# ------------------------------------------------------------------------------------------
+# Pattern values and the one selection call
+
+
+def test_non_prunable_weights_keep_what_mask_pruned_in_every_pattern():
+    """One rule for every pattern: a leaf that is not prunable is True unless mask pruned it
+    (the full N:M pattern and blocks returned it all True before)."""
+    scores = {"b": jnp.ones(4), "w": jnp.arange(16.0).reshape(4, 4)}
+    prior = {"b": jnp.array([True, False, True, True]), "w": jnp.ones((4, 4), bool)}
+    for pattern, sparsity in [
+        (fo.Unstructured(), 0.5),
+        (fo.NM(2, 4), 1.0),
+        (fo.NM(2, 4), 0.25),
+        (fo.Blocks((2, 2)), 0.5),
+    ]:
+        got = fo.select(scores, sparsity, pattern=pattern, mask=prior)
+        np.testing.assert_array_equal(np.asarray(got["b"]), np.asarray(prior["b"]), str(pattern))
+        assert int((~got["w"]).sum()) == (8 if sparsity >= 0.5 else 4), pattern
+
+
+def test_patterns_are_immutable_hashable_values_checked_at_construction():
+    assert fo.NM(2, 4) == fo.NM(2, 4, axis=-2, scope="layer")
+    assert len({fo.NM(2, 4), fo.NM(2, 4), fo.Blocks([2, 3]), fo.Blocks((2, 3))}) == 2
+    assert fo.Blocks([2, 3]).shape == (2, 3) and fo.NM(np.int64(2), 4).n == 2
+    assert fo.NM(1, 3).cap == float(np.float32(2 / 3))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fo.NM(2, 4).n = 3
+    with pytest.raises(ValueError, match=r"scope must be one of: 'global'.*Got 'model'"):
+        fo.Unstructured("model")
+    # A pattern is a static argument of jit: one trace per pattern value, not per call.
+    traces = []
+
+    @functools.partial(jax.jit, static_argnames="pattern")
+    def f(scores, s, pattern):
+        traces.append(pattern)
+        return fo.select(scores, s, pattern=pattern)
+
+    scores = {"w": jnp.arange(16.0).reshape(4, 4)}
+    for s in (0.25, 0.5):
+        f(scores, jnp.float32(s), pattern=fo.NM(2, 4))
+        f(scores, jnp.float32(s), pattern=fo.NM(2, 4))
+    assert traces == [fo.NM(2, 4)]
+
+
+def test_select_refuses_what_is_not_a_pattern():
+    scores = {"w": jnp.ones((4, 4))}
+    with pytest.raises(TypeError, match=r"pattern must be a selection pattern .*Got the class NM"):
+        fo.select(scores, 0.5, pattern=fo.NM)
+    with pytest.raises(TypeError, match=r"a method select\(scores, sparsity.*Got 'layer'"):
+        fo.select(scores, 0.5, pattern="layer")
+
+
+@pytest.mark.parametrize("pattern", [fo.NM(2, 4), fo.Blocks((2, 2))])
+def test_mask_entry_points_take_a_pattern(pattern):
+    """magnitude_mask and both stages of two_stage_mask select in the pattern's units."""
+    rng = np.random.default_rng(11)
+    params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.ones(4)}
+    fisher = jax.tree.map(lambda w: jnp.abs(w) * 0.0 + jnp.asarray(rng.random(w.shape)), params)
+    magnitude = fo.scores(params, "magnitude")
+    assert_tree_equal(
+        fo.magnitude_mask(params, 0.5, pattern=pattern), fo.select(magnitude, 0.5, pattern=pattern)
+    )
+    got = fo.two_stage_mask(params, 0.5, fisher=fisher, magnitude_fraction=0.5, pattern=pattern)
+    first = fo.select(magnitude, 0.25, pattern=pattern)
+    want = fo.select(fo.scores(params, "fisher", fisher=fisher), 0.5, pattern=pattern, mask=first)
+    assert_tree_equal(got, want)
+    assert not (np.asarray(got["w"]) & ~np.asarray(first["w"])).any()
+    if isinstance(pattern, fo.NM):
+        assert (np.asarray(got["w"]).reshape(2, 4, 4).sum(axis=1) == 2).all()
+    else:
+        blocks = np.asarray(got["w"]).reshape(4, 2, 2, 2)
+        assert (blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3))).all()
