@@ -172,6 +172,7 @@ def per_leaf(
     leaves = [x for _, x in flat]
     names = [keystr(p) for p in paths]
     check = check or (lambda value, where, path, leaf: value)
+    article = "an" if name[:1] in "aeiou" else "a"
     if spec is None:
         return [default(p, x) for p, x in zip(paths, leaves, strict=True)]
     if is_path_map(spec):
@@ -179,7 +180,7 @@ def per_leaf(
         matched = [False] * len(paths)
         for k, v in spec.items():
             if callable(k):
-                callable_arity(k, f"a {name} key", "predicate(path, leaf) -> bool", 2)
+                callable_arity(k, f"{article} {name} key", "predicate(path, leaf) -> bool", 2)
                 hits = [i for i, (p, x) in enumerate(zip(paths, leaves, strict=True)) if k(p, x)]
                 label = getattr(k, "__name__", repr(k))
             elif isinstance(k, str):
@@ -192,7 +193,7 @@ def per_leaf(
                     )
             else:
                 raise TypeError(
-                    f"a {name} mapping is keyed by path strings or predicates(path, leaf), "
+                    f"{article} {name} mapping is keyed by path strings or predicates(path, leaf), "
                     f"got the key {k!r} ({type(k).__name__})."
                 )
             for i in hits:

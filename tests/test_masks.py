@@ -913,3 +913,35 @@ def test_what_the_earlier_mask_prunes_stays_pruned_outside_the_prunable_weights(
         for got in (f(scores, prior), jax.jit(f)(as_jnp(scores), as_jnp(prior))):
             np.testing.assert_array_equal(np.asarray(got["b"]), prior["b"])
             np.testing.assert_array_equal(np.asarray(got["w"]), want_w)
+
+
+def test_per_leaf_resolver_forms_and_messages():
+    """The one resolver of per-leaf specs (prunable, sparsity, and quantize's quantizable
+    and axis): default, predicate, pytree and mapping, with the messages of each."""
+    from fisher_optax._tree import per_leaf
+
+    tree = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    kw = {"name": "axis", "default": lambda p, x: x.ndim, "missing": None, "plural": "axes"}
+    assert per_leaf(None, tree, **kw) == [2, 1]
+    assert per_leaf(lambda p, x: p[-1].key, tree, **kw) == ["a", "b"]
+    assert per_leaf({"a": 0, "b": -1}, tree, **kw) == [0, -1]
+    assert per_leaf({"['b']": -1}, tree, **kw) == [None, -1]
+    assert per_leaf({lambda p, x: x.ndim == 2: 1}, tree, **kw) == [1, None]
+    seen = []
+    check = lambda v, where, path, leaf: seen.append(where) or v
+    per_leaf({"['a']": 0, lambda p, x: x.ndim == 1: 1}, tree, check=check, **kw)
+    per_leaf({"a": 0, "b": 0}, tree, check=check, **kw)
+    assert seen[0] == "axis[\"['a']\"]" and seen[1].startswith("axis['<lambda>']")
+    assert seen[2:] == ["axis at ['a']", "axis at ['b']"]
+    with pytest.raises(ValueError, match=r"axis names the path \"\['c'\]\", which the params"):
+        per_leaf({"['c']": 0}, tree, **kw)
+    with pytest.raises(ValueError, match=r"axis gives the leaf at \['a'\] two axes"):
+        per_leaf({"['a']": 0, lambda p, x: True: 1}, tree, **kw)
+    with pytest.raises(TypeError, match=r"an axis mapping is keyed by path strings"):
+        per_leaf({"['a']": 0, 3: 1}, tree, **kw)
+    with pytest.raises(TypeError, match=r"an axis key must accept 2 positional arguments"):
+        per_leaf({lambda p: True: 1}, tree, **kw)
+    with pytest.raises(ValueError, match=r"axis does not match the structure of the params"):
+        per_leaf({"a": 0}, tree, **kw)
+    with pytest.raises(ValueError, match=r"axis has a leaf at \['c'\] that the params lack"):
+        per_leaf({"a": 0, "b": 0, "c": 0}, tree, **kw)
