@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import fisher_optax as fo
 from fisher_optax import _select as select_mod
+from fisher_optax._tree import per_leaf
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
@@ -918,8 +919,6 @@ def test_what_the_earlier_mask_prunes_stays_pruned_outside_the_prunable_weights(
 def test_per_leaf_resolver_forms_and_messages():
     """The one resolver of per-leaf specs (prunable, sparsity, and quantize's quantizable
     and axis): default, predicate, pytree and mapping, with the messages of each."""
-    from fisher_optax._tree import per_leaf
-
     tree = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
     kw = {"name": "axis", "default": lambda p, x: x.ndim, "missing": None, "plural": "axes"}
     assert per_leaf(None, tree, **kw) == [2, 1]
