@@ -23,7 +23,7 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 
 def k_of(sparsity, n):
-    """topk_mask's documented count: exact product of the float32 sparsity, half to even."""
+    """select's documented count: exact product of the float32 sparsity, half to even."""
     return round(Fraction(float(np.float32(sparsity))) * n)
 
 
@@ -162,7 +162,9 @@ NM_LAYOUTS = [[(8, 4), (2, 8, 8)], [(16, 2)]]
     with_prior=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_nm_mask_matches_loop_reference_exact_per_group(layout, m, n_frac, axis, with_prior, seed):
+def test_nm_full_pattern_matches_loop_reference_exact_per_group(
+    layout, m, n_frac, axis, with_prior, seed
+):
     if axis == -1 and any(s[-1] % m for s in layout):
         m = 2  # every axis -1 length here is even
     n = max(1, round(n_frac * m))
@@ -214,7 +216,7 @@ three_sparsities = st.lists(st.floats(0, 1), min_size=3, max_size=3)
     with_prior=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_nm_selection_matches_loop_reference(layout, nm, sparsities, scope, with_prior, seed):
+def test_nm_gradual_matches_loop_reference(layout, nm, sparsities, scope, with_prior, seed):
     n, m = nm
     rng = np.random.default_rng(seed)
     pattern = fo.NM(n, m, scope=scope)
@@ -232,7 +234,7 @@ def test_nm_selection_matches_loop_reference(layout, nm, sparsities, scope, with
             assert lost.max() <= m - n
 
 
-def test_nm_selection_counts_follow_the_schedule_and_end_at_the_pattern():
+def test_nm_counts_follow_the_target_and_end_at_the_pattern():
     rng = np.random.default_rng(3)
     scores = {"a": jnp.asarray(rng.standard_normal((64, 6)), jnp.float32)}
     nm = fo.NM(2, 4)
@@ -300,9 +302,7 @@ BLOCK_LAYOUTS = [[(6, 8), (2, 4, 6)], [(5, 7)]]
     with_prior=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_block_mask_matches_loop_reference(
-    layout, block, reduce, sparsities, scope, with_prior, seed
-):
+def test_blocks_match_loop_reference(layout, block, reduce, sparsities, scope, with_prior, seed):
     rng = np.random.default_rng(seed)
     for sparsity in sparsities:
         scores = int_scores(rng, layout)
