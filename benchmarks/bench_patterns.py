@@ -1,14 +1,14 @@
 """Structured masks: N:M and block selection against the unstructured
-``topk_mask`` on the same scores, and against a ``lax.top_k`` N:M (what jaxpruner does).
+``select`` on the same scores, and against a ``lax.top_k`` N:M (what jaxpruner does).
 
-All jitted, on four 2-D leaves (rows of 1000), timed interleaved (one call of each method
-per round), medians over the rounds, as ratios against ``topk_mask`` at 50% timed in the
-same run:
+All jitted, on four 2-D leaves (rows of 1000), timed interleaved (one call of each pattern
+per round), medians over the rounds, as ratios against the unstructured ``select`` at 50%
+timed in the same run:
 
-- ``topk_mask``: global unstructured top-k at 50% (the baseline);
-- ``nm_mask 2:4``: the 2:4 pattern along the rows (4 elementwise passes, no top-k);
-- ``nm_selection 2:4 @25%``: a gradual step (the 2:4 winners, then a top-k at 25%);
-- ``block_mask 4x4``: global, 50% of the 4 x 4 blocks by summed score;
+- ``Unstructured``: global unstructured top-k at 50% (the baseline);
+- ``NM 2:4``: the full 2:4 pattern along the rows (4 elementwise passes, no top-k);
+- ``NM 2:4 @25%``: a gradual step (the 2:4 winners, then a top-k at 25%);
+- ``Blocks 4x4``: global, 50% of the 4 x 4 blocks by summed score;
 - ``lax.top_k 2:4``: groups reshaped to ``(-1, 4)``, ``lax.top_k(., 2)`` and a scatter.
 
 Prints a table; no assertions.
@@ -27,7 +27,6 @@ import numpy as np
 from jax import lax
 
 import fisher_optax as fo
-from fisher_optax.patterns import block_mask, nm_mask, nm_selection
 
 
 def make_scores(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -43,29 +42,29 @@ def make_scores(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 def top_k_nm(scores):
     out = {}
     for name, x in scores.items():
-        groups = x.T.reshape(-1, 4)  # groups of 4 down each column, as nm_mask's axis=-2
+        groups = x.T.reshape(-1, 4)  # groups of 4 down each column, as NM's axis=-2
         _, idx = lax.top_k(groups, 2)
         keep = jnp.zeros(groups.shape, bool).at[jnp.arange(groups.shape[0])[:, None], idx].set(True)
         out[name] = keep.reshape(x.shape[::-1]).T
     return out
 
 
-METHODS = {
-    "topk_mask": jax.jit(lambda s: fo.topk_mask(s, 0.5)),
-    "nm_mask 2:4": jax.jit(lambda s: nm_mask(s, 2, 4)),
-    "nm_selection 2:4 @25%": jax.jit(lambda s: nm_selection(2, 4, scope="global")(s, 0.25)),
-    "block_mask 4x4": jax.jit(lambda s: block_mask(s, 0.5, block=(4, 4))),
+PATTERNS = {
+    "Unstructured": jax.jit(lambda s: fo.select(s, 0.5)),
+    "NM 2:4": jax.jit(lambda s: fo.select(s, 1.0, pattern=fo.NM(2, 4))),
+    "NM 2:4 @25%": jax.jit(lambda s: fo.select(s, 0.25, pattern=fo.NM(2, 4, scope="global"))),
+    "Blocks 4x4": jax.jit(lambda s: fo.select(s, 0.5, pattern=fo.Blocks((4, 4)))),
     "lax.top_k 2:4": jax.jit(top_k_nm),
 }
 
 
 def time_all(scores, rounds: int) -> dict[str, float]:
     scores = jax.device_put(scores)
-    for fn in METHODS.values():  # compile and warm up
+    for fn in PATTERNS.values():  # compile and warm up
         jax.block_until_ready(fn(scores))
-    times = {name: [] for name in METHODS}
+    times = {name: [] for name in PATTERNS}
     for _ in range(rounds):
-        for name, fn in METHODS.items():
+        for name, fn in PATTERNS.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn(scores))
             times[name].append(time.perf_counter() - t0)
@@ -81,21 +80,21 @@ def main() -> None:
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {platform.processor() or '?'}")
     # Same answer check (host side): lax.top_k breaks ties its own way, scores are continuous.
     small = make_scores(40_000)
-    a = METHODS["nm_mask 2:4"](small)
-    b = METHODS["lax.top_k 2:4"](small)
+    a = PATTERNS["NM 2:4"](small)
+    b = PATTERNS["lax.top_k 2:4"](small)
     same = all(bool((a[k] == b[k]).all()) for k in small)
-    print(f"nm_mask equals the lax.top_k 2:4 mask on continuous scores: {same}")
-    names = list(METHODS)
+    print(f"NM 2:4 equals the lax.top_k 2:4 mask on continuous scores: {same}")
+    names = list(PATTERNS)
     print("| n | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
     for n in sizes:
         scores = make_scores(n)
         size = sum(x.size for x in scores.values())
         med = time_all(scores, args.rounds)
-        base = med["topk_mask"]
+        base = med["Unstructured"]
         cells = [f"{med[k]:.3f} s ({med[k] / base:.2f}x)" for k in names]
         print(f"| {size:.0e} | " + " | ".join(cells) + " |", flush=True)
-    print("(ratios: median time / median topk_mask time, same run)")
+    print("(ratios: median time / median Unstructured time, same run)")
 
 
 if __name__ == "__main__":

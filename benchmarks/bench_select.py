@@ -1,9 +1,9 @@
-"""Global mask selection: sort-free counting (fisher_optax.topk_mask) vs a full sort vs NumPy.
+"""Global mask selection: sort-free counting (fisher_optax.select) vs a full sort vs NumPy.
 
 Every method produces the same thing, a global keep-mask over all leaves pruning exactly
 ``k = round(s * n)`` of the smallest scores:
 
-- ``fisher_optax``: ``jax.jit(topk_mask)``: 16 counting passes over order-preserving keys,
+- ``fisher_optax``: ``jax.jit(select)``: 16 counting passes over order-preserving keys,
   one byte-wide digit per phase, three candidates counted per pass (plus the tie-break by
   flat index, two small selections that run only when ties straddle the cut);
 - ``argsort``: what existing JAX pruners do: concatenate, ``jnp.argsort``, take the k-th
@@ -27,7 +27,7 @@ commit c80da99 stored about 8 and faulted 810 MB at 1e8).
     python benchmarks/bench_select.py --sizes 1e8,1e9 --argsort-1e8   # on a GPU
 
 ``--keys`` times the two ways the kernel can give its phases the keys, forced by setting
-``fisher_optax.masks._STORED_KEYS_MAX`` while each is compiled (ahead of time, so neither
+``fisher_optax._select.STORED_KEYS_MAX`` while each is compiled (ahead of time, so neither
 is traced again): stored once (4 bytes a score of temporaries) or recomputed from the scores
 in every phase. Their ratio is what that threshold is chosen from.
 """
@@ -43,13 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import fisher_optax as fo
-import fisher_optax.masks as masks_mod
+from fisher_optax import _select as select_mod
 
 SPARSITY = 0.9
 
 
 def n_pruned(n: int) -> int:
-    """The count topk_mask prunes: the exact product of float32(SPARSITY) and n, rounded."""
+    """The count select prunes: the exact product of float32(SPARSITY) and n, rounded."""
     return round(Fraction(float(np.float32(SPARSITY))) * n)
 
 
@@ -67,7 +67,7 @@ def make_scores(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 @jax.jit
 def ours(scores):
-    return fo.topk_mask(scores, SPARSITY)
+    return fo.select(scores, SPARSITY)
 
 
 @jax.jit
@@ -115,18 +115,18 @@ def keys_table(repeats: int) -> None:
     """Stored vs recomputed keys, interleaved, with the temporaries each compiles to."""
     print("| n | keys stored | recomputed | stored / recomputed | temp MB stored | recomputed |")
     print("|---|---:|---:|---:|---:|---:|")
-    default = masks_mod._STORED_KEYS_MAX
+    default = select_mod.STORED_KEYS_MAX
     for n in [10**6, 2 * 10**6, 4 * 10**6, 8 * 10**6, 16 * 10**6, 32 * 10**6]:
         dev = jax.device_put(make_scores(n))
         compiled = {}
         try:
             for mode, cap in [("stored", 2**62), ("recomputed", 0)]:
-                masks_mod._STORED_KEYS_MAX = cap
+                select_mod.STORED_KEYS_MAX = cap
                 jax.clear_caches()  # the inner jit of the selection caches its trace
-                fn = jax.jit(lambda s: fo.topk_mask(s, SPARSITY)).lower(dev).compile()
+                fn = jax.jit(lambda s: fo.select(s, SPARSITY)).lower(dev).compile()
                 compiled[mode] = fn
         finally:
-            masks_mod._STORED_KEYS_MAX = default
+            select_mod.STORED_KEYS_MAX = default
         for fn in compiled.values():
             jax.block_until_ready(fn(dev))
         times = {mode: [] for mode in compiled}

@@ -1,10 +1,10 @@
 """What the building blocks of a faster selection cost on this backend, against one counting
-pass of one candidate (the unit; ``fisher_optax.topk_mask`` on sharded scores makes 32).
+pass of one candidate (the unit; ``fisher_optax.select`` on sharded scores makes 32).
 
-``topk_mask`` finds the exact threshold with byte-wide counting passes. Each row below is
+``select`` finds the exact threshold with byte-wide counting passes. Each row below is
 a primitive that a pass-saving design can use, timed as a ratio to one counting pass over
 the same uint8 digits in the same run (interleaved rounds, medians). The first rows are
-what ``topk_mask`` does on unsharded scores: three thresholds per variadic reduction, 16
+what ``select`` does on unsharded scores: three thresholds per variadic reduction, 16
 passes:
 
 - ``m thresholds, one variadic reduction``: counting m candidates per pass, which resolves
@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisher_optax import masks
+from fisher_optax import _select
 
 
 def counting_pass(d):
-    """One counting pass of topk_mask over uint8 digits."""
-    return masks._count(d < jnp.uint8(100))
+    """One counting pass of select over uint8 digits."""
+    return _select.count(d < jnp.uint8(100))
 
 
 def short_chunks(d):
@@ -42,8 +42,8 @@ def short_chunks(d):
 
 
 def variadic(m):
-    def count(d):  # what topk_mask does on unsharded scores, with m thresholds
-        return masks._count_many([d < jnp.uint8(16 * (j + 1)) for j in range(m)])
+    def count(d):  # what select does on unsharded scores, with m thresholds
+        return _select.count_many([d < jnp.uint8(16 * (j + 1)) for j in range(m)])
 
     return count
 
@@ -78,7 +78,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(
         f"# jax {jax.__version__}, {jax.devices()[0].platform}, medians of {rounds} "
-        "interleaved rounds; ratio to one counting pass of topk_mask"
+        "interleaved rounds; ratio to one counting pass of select"
     )
     rows = [
         ("3 thresholds, one variadic reduction (2 bits)", variadic(3), "digits"),

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fisher_optax as fo
-import fisher_optax.masks as masks_mod
+from fisher_optax import _select as select_mod
 
 
 def main() -> None:
@@ -56,14 +56,14 @@ def main() -> None:
     }
     n = sum(x.size for x in tree.values())
     plans = {}
-    real = masks_mod._explicit_layout
+    real = select_mod.explicit_layout
     try:
         for name, layout in [("3 candidates per shard", real), ("1 candidate", lambda x: None)]:
-            masks_mod._explicit_layout = layout
+            select_mod.explicit_layout = layout
             jax.clear_caches()  # the selection's inner jit caches its trace
-            plans[name] = jax.jit(lambda t: fo.topk_mask(t, 0.9)).lower(tree).compile()
+            plans[name] = jax.jit(lambda t: fo.select(t, 0.9)).lower(tree).compile()
     finally:
-        masks_mod._explicit_layout = real
+        select_mod.explicit_layout = real
     results = {name: fn(tree) for name, fn in plans.items()}
     first, second = results.values()
     for k in tree:  # same masks, not a timing

@@ -6,6 +6,17 @@ Using Information Theory" (ISVLSI 2016, https://arxiv.org/abs/1605.04859) on top
 
 __version__ = "0.1.0"
 
+from fisher_optax._tree import is_kernel
+from fisher_optax._types import (
+    Fisher,
+    Mask,
+    Params,
+    Prunable,
+    Scores,
+    Sparsity,
+    SparsitySchedule,
+)
+
 # Fisher from optimizer states; exact references.
 # Trained quantization: fine-tune the codebooks after quantize.
 from fisher_optax.codebooks import (
@@ -40,23 +51,20 @@ from fisher_optax.masks import (
     SparsityReport,
     apply_mask,
     erk_sparsity,
-    fisher_mask,
-    is_kernel,
     magnitude_mask,
-    random_mask,
     sparsity_report,
-    topk_mask,
     two_stage_mask,
     uniform_sparsity,
 )
 
-# Structured sparsity patterns: N:M groups and (r, c) blocks over any score.
+# Selection patterns (unstructured, N:M groups, (r, c) blocks) and the one selection call.
 from fisher_optax.patterns import (
     BLOCK_REDUCTIONS,
-    block_mask,
-    block_selection,
-    nm_mask,
-    nm_selection,
+    NM,
+    Blocks,
+    Pattern,
+    Unstructured,
+    select,
 )
 from fisher_optax.quantize import (
     QuantizedParams,
@@ -89,6 +97,7 @@ from fisher_optax.structured import (
     unit_scores,
 )
 from fisher_optax.transforms import (
+    PRUNING_METHODS,
     KeepPrunedState,
     PrunedState,
     keep_pruned,
@@ -98,24 +107,34 @@ from fisher_optax.transforms import (
 __all__ = [
     "BLOCK_REDUCTIONS",
     "CRITERIA",
+    "NM",
+    "PRUNING_METHODS",
+    "Blocks",
     "CompressionReport",
     "Criterion",
     "CriterionName",
+    "Fisher",
     "FisherTrackerState",
     "KMeansResult",
     "KeepPrunedState",
     "LeafReport",
     "LeafSparsity",
+    "Mask",
+    "Params",
+    "Pattern",
+    "Prunable",
     "PrunedState",
     "QuantizedParams",
+    "Scores",
     "ShareCodebooksState",
+    "Sparsity",
     "SparsityReport",
+    "SparsitySchedule",
     "StreamReport",
+    "Unstructured",
     "__version__",
     "allocate_bits",
     "apply_mask",
-    "block_mask",
-    "block_selection",
     "compression_report",
     "constant_sparsity",
     "dequantize",
@@ -123,7 +142,6 @@ __all__ = [
     "erk_sparsity",
     "expand_unit_mask",
     "fisher_from_state",
-    "fisher_mask",
     "fisher_tracker",
     "is_kernel",
     "keep_pruned",
@@ -132,20 +150,17 @@ __all__ = [
     "load_compressed",
     "magnitude_mask",
     "monte_carlo_fisher",
-    "nm_mask",
-    "nm_selection",
     "polynomial_sparsity",
     "pruned",
     "quantize",
-    "random_mask",
     "requantize",
     "saliency",
     "save_compressed",
     "scores",
+    "select",
     "share_codebooks",
     "slice_opt_state",
     "sparsity_report",
-    "topk_mask",
     "two_stage_mask",
     "uniform_sparsity",
     "unit_mask",

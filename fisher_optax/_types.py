@@ -1,8 +1,15 @@
-"""Type aliases shared across fisher_optax."""
+"""Type aliases shared across fisher_optax.
 
+Trees are ``Any`` to the type checker: a pytree may be a dict, a list, a Flax ``nnx.State``
+or any registered node. The aliases say what a tree holds.
+"""
+
+from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
 import jax
+
+Array: TypeAlias = jax.Array
 
 Params: TypeAlias = Any
 """A pytree of parameter arrays (a dict, a Flax ``nnx.State``, ...)."""
@@ -19,4 +26,20 @@ Scores: TypeAlias = Any
 Bits: TypeAlias = Any
 """A pytree of integer bit widths shaped like the parameters; 0 marks a pruned weight."""
 
-Array: TypeAlias = jax.Array
+KeyPath: TypeAlias = tuple[Any, ...]
+"""A leaf's ``jax.tree_util`` key path, without Flax's ``.value`` hop."""
+
+LeafPredicate: TypeAlias = Callable[[KeyPath, jax.Array], bool]
+"""``predicate(path, leaf) -> bool``: selects leaves by their path and value."""
+
+Prunable: TypeAlias = Callable[[KeyPath, jax.Array], bool | jax.Array] | Mapping | Any | None
+"""Which weights may be pruned: ``None`` (the kernels, :func:`fisher_optax.is_kernel`), a
+predicate ``(path, leaf)`` returning a bool or a bool array shaped like the leaf, a pytree
+like the params of those, or a mapping ``{path string or LeafPredicate: flag}``."""
+
+Sparsity: TypeAlias = float | jax.Array | Mapping[str | LeafPredicate, float] | Any
+"""One fraction in ``[0, 1]``, a pytree of per-leaf fractions shaped like the params (one
+scalar per leaf), or a mapping ``{path string or LeafPredicate: fraction}``."""
+
+SparsitySchedule: TypeAlias = Callable[[jax.typing.ArrayLike], jax.Array]
+"""A function from the step count to the target sparsity in ``[0, 1]`` (a float32 scalar)."""

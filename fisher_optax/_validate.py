@@ -10,6 +10,7 @@ Checks on *values* run only when the value is concrete; under ``jit`` a traced v
 through and the caller documents its rule (e.g. a traced sparsity is clipped to [0, 1]).
 """
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisher_optax._tree import check_matching, keystr
+from fisher_optax._tree import check_matching, is_kernel, keystr, per_leaf
 
 __all__: list[str] = []  # private module; nothing re-exported
 
@@ -132,6 +133,69 @@ def scope(value: Any) -> str:
     return choice(value, "scope", SCOPES)
 
 
+SPARSITY_MEANING = "the fraction of prunable weights to remove"
+
+
+def _target(value: Any, where: str) -> Any:
+    """A checked fraction, rounded to float32 when concrete: eager and jitted counts agree."""
+    value = fraction(value, where, meaning=SPARSITY_MEANING)
+    return float(np.float32(value)) if isinstance(value, float) else value
+
+
+def sparsity(value: Any, tree: Any) -> Any:
+    """A checked target: one fraction, or a list with one fraction per leaf of ``tree``.
+
+    A scalar (Python number, NumPy or jax scalar, tracer) is one target; a pytree shaped
+    like ``tree`` or a mapping ``{path or predicate: fraction}`` gives one per leaf (leaves
+    no key matches get 0). Concrete fractions come back as Python floats rounded to float32.
+    """
+    if not isinstance(value, list | tuple | dict | Mapping) and jnp.ndim(value) == 0:
+        return _target(value, "sparsity")
+    return per_leaf(
+        value,
+        tree,
+        name="sparsity",
+        default=lambda path, leaf: 0.0,
+        missing=0.0,
+        check=lambda v, where, path, leaf: _target(v, where),
+        plural="targets",
+        what="one fraction per leaf, e.g. from erk_sparsity",
+    )
+
+
+def _prunable_flag(flag: Any, where: str, path: Any, leaf: Any) -> Any:
+    if isinstance(flag, bool | np.bool_):
+        return bool(flag)
+    if jnp.result_type(flag) == jnp.bool_ and jnp.ndim(flag) == 0:
+        return bool(flag) if is_concrete(flag) else flag
+    if jnp.result_type(flag) == jnp.bool_ and jnp.shape(flag) == jnp.shape(leaf):
+        return jnp.asarray(flag)
+    raise TypeError(
+        f"{where} must be a bool or a bool array of shape {jnp.shape(leaf)}, got "
+        f"{jnp.result_type(flag)} of shape {jnp.shape(flag)}. Return e.g. leaf.ndim >= 2, or "
+        "a bool array to choose weight by weight."
+    )
+
+
+def prunable(value: Any, tree: Any) -> list[Any]:
+    """Per leaf of ``tree``: ``False``, ``True`` or a boolean array (weight by weight).
+
+    ``value`` is ``None`` (the kernels, :func:`fisher_optax.is_kernel`), a predicate
+    ``(path, leaf)`` returning a bool or a bool array shaped like the leaf, a pytree like
+    ``tree`` of those, or a mapping ``{path or predicate: flag}`` (unmatched leaves: ``False``).
+    """
+    return per_leaf(
+        value,
+        tree,
+        name="prunable",
+        default=is_kernel,
+        missing=False,
+        check=_prunable_flag,
+        plural="flags",
+        what="a bool per leaf, or a bool array shaped like it",
+    )
+
+
 def key(value: Any, name: str = "key") -> jax.Array:
     """A ``jax.random`` key (new-style typed key or legacy uint32[2])."""
     if isinstance(value, jax.Array) and (
@@ -151,8 +215,6 @@ def callable_arity(fn: Any, name: str, signature: str, nargs: int) -> Callable:
 
     ``signature`` is how the message spells the expected call, e.g. ``"prunable(path, leaf)"``.
     """
-    import inspect
-
     if not callable(fn):
         raise TypeError(f"{name} must be a callable {signature}, got {type(fn).__name__}.")
     try:
@@ -248,3 +310,15 @@ def fisher(reference: Any, tree: Any, name: str = "fisher", *, where: Any = None
                 "gradient or a difference."
             )
     return leaves
+
+
+def pattern(value: Any) -> Any:
+    """A selection pattern: a value with ``select(scores, sparsity, *, prunable, mask)``."""
+    if isinstance(value, type) or not callable(getattr(value, "select", None)):
+        given = f"the class {value.__name__}" if isinstance(value, type) else repr(value)
+        raise TypeError(
+            "pattern must be a selection pattern such as fisher_optax.Unstructured(), "
+            "fisher_optax.NM(2, 4) or fisher_optax.Blocks((4, 4)): a value with a method "
+            f"select(scores, sparsity, *, prunable, mask). Got {given}."
+        )
+    return value

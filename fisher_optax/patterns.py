@@ -1,61 +1,84 @@
-"""Structured sparsity patterns over any score: N:M groups and whole (r, c) blocks.
+"""Selection patterns: which weights may go together, as values taken by one selection call.
 
-Both are selections over a score tree, like :func:`fisher_optax.topk_mask`: the scores come
-from :func:`fisher_optax.scores` (magnitude, Fisher, saliency, random) or any callable, and
-the smallest go first. Each pattern comes twice:
+A pattern is a small immutable value: :class:`Unstructured` (any weight, ranked globally
+or per layer), :class:`NM` (``n`` of every ``m`` consecutive weights kept) and
+:class:`Blocks` (whole ``(r, c)`` blocks). :func:`select` prunes the weights of smallest
+score in the pattern's units, and so do :func:`fisher_optax.magnitude_mask`,
+:func:`fisher_optax.two_stage_mask` and :func:`fisher_optax.pruned` given ``pattern=``,
+as jaxpruner's ``sparsity_types`` are given to its one updater.
 
-* a mask function, :func:`nm_mask` and :func:`block_mask`, for a one-shot mask (then
-  :func:`fisher_optax.keep_pruned` keeps it through training), and
-* a ``mask_fn`` factory, :func:`nm_selection` and :func:`block_selection`, for
-  :func:`fisher_optax.pruned`: ``pruned(adam, schedule, mask_fn=nm_selection(2, 4))`` grows
-  a mask from dense to 2:4 while training, inside ``jit``.
-
-Both nest with earlier masks (``mask=``): what a mask pruned stays pruned and counts as
-pruned. Neither sorts: an N:M group is ranked by ``m`` elementwise comparisons, and blocks
-are ranked by :func:`fisher_optax.topk_mask` over one score per block, so on sharded
-parameters whose groups or blocks do not straddle shards, nothing is gathered.
+Every pattern shares one protocol, :class:`Pattern`: a method
+``pattern.select(scores, sparsity, *, prunable, mask) -> Mask`` that takes a score tree
+shaped like the params, the target (a fraction, traced or not, per leaf or not), which
+weights may be pruned and the mask so far, and returns a bool mask. A new pattern is one
+more class with that method. Shared rules: what ``mask`` pruned stays pruned and counts as
+pruned; non-prunable weights are ``True`` unless ``mask`` pruned them; ties go to the lower
+flat index; counts are exact (``round(s * n)``, half to even, of the float32 target), eager
+and under ``jit`` alike. Nothing sorts: the top-k is the counting selection of
+:mod:`fisher_optax._select`, an N:M group is ranked by ``m`` elementwise comparisons, and
+blocks are ranked by the top-k over one score per block, so on sharded parameters whose
+groups or blocks do not straddle shards nothing is gathered.
 """
 
+import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fisher_optax import _validate
-from fisher_optax import masks as _masks
-from fisher_optax._tree import keystr
-from fisher_optax._types import Mask, Scores
+from fisher_optax import _select, _validate
+from fisher_optax._tree import keystr, strip_value
+from fisher_optax._types import Mask, Prunable, Scores, Sparsity
 
-__all__ = [
-    "BLOCK_REDUCTIONS",
-    "block_mask",
-    "block_selection",
-    "nm_mask",
-    "nm_selection",
-]
+__all__ = ["BLOCK_REDUCTIONS", "NM", "Blocks", "Pattern", "Unstructured", "select"]
 
 BLOCK_REDUCTIONS: dict[str, str] = {
     "sum": "the sum of the block's scores",
     "mean": "their mean",
     "max": "their maximum",
 }
-"""How :func:`block_mask` scores a block from the scores of the weights ``mask`` keeps in it."""
+"""How :class:`Blocks` scores a block from the scores of the weights ``mask`` keeps in it."""
 
 _F32_MAX = np.float32(np.finfo(np.float32).max)
+
+
+@runtime_checkable
+class Pattern(Protocol):
+    """What :func:`select` and :func:`fisher_optax.pruned` take as ``pattern``.
+
+    Any value with this method is a pattern. It must honour the shared rules of this module
+    (what ``mask`` pruned stays pruned; non-prunable weights stay unless ``mask`` pruned
+    them) and be traceable: :func:`fisher_optax.pruned` calls it inside ``jit`` and
+    ``lax.cond`` with a traced float32 ``sparsity`` (a scalar, or a pytree of per-leaf
+    scalars). Patterns are hashable, immutable values (frozen dataclasses).
+    """
+
+    def select(
+        self,
+        scores: Scores,
+        sparsity: Sparsity,
+        *,
+        prunable: Prunable = None,
+        mask: Mask | None = None,
+    ) -> Mask:
+        """The keep-mask of ``scores`` at ``sparsity`` (see :func:`select`)."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared checks
 
 
-def _score_leaves(scores: Scores, prunable: Any, mask: Mask | None):
+def _score_leaves(scores: Scores, prunable: Prunable, mask: Mask | None):
     """Paths, leaves, treedef, per-leaf prunable flags and prior-mask leaves, checked."""
-    paths, leaves, treedef = _masks._flat(scores)
-    flags = _masks._prunable_flags(paths, leaves, prunable)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
+    paths = [strip_value(p) for p, _ in flat]
+    leaves = [x for _, x in flat]
+    flags = _validate.prunable(prunable, scores)
+    prior = None if mask is None else _validate.bool_leaves(scores, mask, ref_name="scores")
     for path, leaf, flag in zip(paths, leaves, flags, strict=True):
         if flag is False:
             continue
@@ -65,17 +88,14 @@ def _score_leaves(scores: Scores, prunable: Any, mask: Mask | None):
                 f"scores at {keystr(path)} have dtype {dtype}; scores must be real numbers "
                 "(floating point or integer)."
             )
+        # NumPy, not jnp: inside a trace (lax.cond of pruned, called eagerly) a jnp op on a
+        # concrete array returns a tracer, which has no bool.
         if _validate.is_concrete(leaf) and np.isnan(np.asarray(leaf, np.float32)).any():
             raise ValueError(
                 f"scores at {keystr(path)} hold NaN, which cannot be ranked. Check the params "
                 "and the Fisher for NaN (diverged training?) before pruning."
             )
-    prior = None if mask is None else _validate.bool_leaves(scores, mask, ref_name="scores")
     return paths, leaves, treedef, flags, prior
-
-
-def _is_static(flag: Any) -> bool:
-    return isinstance(flag, bool)
 
 
 def _split_flags(flags: list) -> tuple[tuple[str, ...], list]:
@@ -86,10 +106,10 @@ def _split_flags(flags: list) -> tuple[tuple[str, ...], list]:
 
 
 def _f32_targets(targets: Any) -> Any:
-    """Checked targets (a fraction or a list of them) as float32 scalars, for the jitted core.
+    """Checked targets (a fraction or a list of them) as float32 scalars, for a jitted core.
 
-    A concrete fraction gives the count a traced one gives (:func:`fisher_optax.topk_mask`
-    rounds both exactly), so one compiled core serves every target.
+    A concrete fraction gives the count a traced one gives (the top-k rounds both exactly),
+    so one compiled core serves every target.
     """
     if isinstance(targets, list):
         return [jnp.asarray(s, jnp.float32) for s in targets]
@@ -97,15 +117,174 @@ def _f32_targets(targets: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# Unstructured
+
+
+@dataclasses.dataclass(frozen=True)
+class Unstructured:
+    """Any weight may go: the smallest scores in scope, exactly ``round(s * n)`` of ``n``.
+
+    ``sparsity`` is the fraction of the prunable weights in scope to remove. The count, the
+    tie-break and the algorithm are those described in :func:`select`.
+
+    Attributes:
+      scope: ``"global"`` (default) ranks all prunable weights together, so their scores
+        must share a scale; ``"layer"`` ranks and prunes each leaf on its own. A per-leaf
+        ``sparsity`` always ranks each leaf on its own.
+
+    Raises:
+      ValueError: at construction, if ``scope`` is unknown.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax as fo
+      >>> scores = {"a": jnp.array([[1.0, 2.0]]), "b": jnp.array([[10.0, 20.0]])}
+      >>> fo.select(scores, 0.5, pattern=fo.Unstructured("layer"))["b"]
+      Array([[False,  True]], dtype=bool)
+    """
+
+    scope: Literal["global", "layer"] = "global"
+
+    def __post_init__(self) -> None:
+        _validate.scope(self.scope)
+
+    def select(
+        self,
+        scores: Scores,
+        sparsity: Sparsity,
+        *,
+        prunable: Prunable = None,
+        mask: Mask | None = None,
+    ) -> Mask:
+        """The keep-mask of ``scores`` at ``sparsity``; see :func:`select`."""
+        targets = _validate.sparsity(sparsity, scores)
+        _, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
+        out = _select.topk_leaves(
+            leaves, leaves, targets, scope=self.scope, flags=flags, kept=prior
+        )
+        return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------
 # N:M
 
 
-def _check_nm(n: Any, m: Any, axis: Any) -> tuple[int, int, int]:
-    m = _validate.integer(m, "m", minimum=1)
-    n = _validate.integer(n, f"n (the weights kept in each group of m={m})", minimum=1, maximum=m)
-    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
-        raise TypeError(f"axis must be an int (e.g. -2, a kernel's input axis), got {axis!r}.")
-    return n, m, int(axis)
+@dataclasses.dataclass(frozen=True)
+class NM:
+    r"""N:M sparsity: in every group of ``m`` consecutive weights along ``axis``, keep ``n``.
+
+    A group keeps the ``n`` weights of largest score: its winners, as ranked with ``mask``
+    (weights ``mask`` pruned lose to every other; ties: the lower flat index loses, inside a
+    group the one nearer the start of ``axis``). The full pattern prunes exactly ``m - n``
+    per group (a group in which ``mask`` kept ``q`` weights keeps ``min(n, q)``): every group
+    then holds at most ``n`` nonzero weights, the layout sparse tensor cores accelerate for
+    2:4.
+
+    ``sparsity`` is the fraction of the prunable weights in scope to remove, capped at the
+    pattern's own :math:`c = (m - n) / m` (in float32). At a target :math:`s \ge c` the
+    result is the full pattern, so ``select(scores, 1.0, pattern=NM(2, 4))`` is the 2:4
+    mask. Below it,
+
+    .. math::
+      k = \max\bigl(\operatorname{round}(s N),\ p\bigr)
+
+    of the :math:`N` prunable weights in scope are pruned (``p`` of them by ``mask``
+    before), the smallest scores among those that are *not* their group's winners. So no
+    group ever loses more than ``m - n`` weights beyond what ``mask`` pruned, a group loses
+    its worst weights first, and a schedule ending at ``c`` (0.5 for 2:4) goes from dense to
+    N:M: jaxpruner's iterative N:M, with exact counts and no sort. A per-leaf ``sparsity``
+    caps each leaf's target at ``c`` and meets it leaf by leaf.
+
+    ``m`` must divide the length of ``axis`` in every prunable leaf (a partial group has no
+    hardware meaning); leave other leaves out with ``prunable``. An element-wise
+    ``prunable`` applies group by group: a group holding a weight that may not be pruned is
+    left as it is. The cost of the full pattern is ``m`` elementwise passes (no sort), all
+    inside each group, so a leaf sharded along ``axis`` in pieces of a multiple of ``m`` (or
+    along any other axis) is never gathered; below ``c`` a top-k over what the winners leave
+    follows.
+
+    Attributes:
+      n: the weights kept per group, an int in ``1..m``.
+      m: the group size, an int ``>= 1``.
+      axis: the axis along which groups run (negative counts from the end). The default
+        ``-2`` is the input axis of a Dense kernel ``(in, out)`` and of a Conv kernel
+        ``(*window, in, out)``: the reduction axis of ``x @ W``, along which hardware N:M
+        groups run.
+      scope: how the weights below the cap are ranked: ``"layer"`` (default; every leaf
+        moves toward N:M at the pace of the target, as jaxpruner's per-layer N:M) or
+        ``"global"`` (one ranking across leaves, whose scores must then share a scale).
+
+    Raises:
+      ValueError: at construction, if ``n`` is not in ``1..m`` or ``scope`` is unknown; when
+        selecting, if ``axis`` is out of range for a prunable leaf or ``m`` does not divide
+        its length there (naming the leaf).
+      TypeError: at construction, if ``n``, ``m`` or ``axis`` is not an int.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax as fo
+      >>> scores = {"w": jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 1.0], [2.0, 1.0]])}
+      >>> fo.select(scores, 1.0, pattern=fo.NM(2, 4))["w"]  # 2 of every 4 down each column
+      Array([[ True, False],
+             [ True,  True],
+             [False, False],
+             [False,  True]], dtype=bool)
+      >>> scores = {"w": jnp.array([[4.0], [3.0], [1.0], [2.0], [0.1], [0.2], [0.3], [9.0]])}
+      >>> fo.select(scores, 0.375, pattern=fo.NM(2, 4))["w"].ravel()  # 0.3 is a winner
+      Array([ True,  True, False,  True, False, False,  True,  True], dtype=bool)
+
+    References:
+      Mishra et al. Accelerating Sparse Deep Neural Networks. 2021.
+      https://arxiv.org/abs/2104.08378
+
+      Lasby, Golubeva, Evci, Nica, Ioannou. JaxPruner: A concise library for sparsity
+      research. 2023. https://arxiv.org/abs/2304.14082
+
+      Zhou et al. Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch.
+      ICLR 2021. https://arxiv.org/abs/2102.04010
+    """
+
+    n: int
+    m: int
+    axis: int = -2
+    scope: Literal["global", "layer"] = "layer"
+
+    def __post_init__(self) -> None:
+        m = _validate.integer(self.m, "m", minimum=1)
+        n = _validate.integer(
+            self.n, f"n (the weights kept in each group of m={m})", minimum=1, maximum=m
+        )
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int | np.integer):
+            raise TypeError(
+                f"axis must be an int (e.g. -2, a kernel's input axis), got {self.axis!r}."
+            )
+        _validate.scope(self.scope)
+        object.__setattr__(self, "n", n)
+        object.__setattr__(self, "m", m)
+        object.__setattr__(self, "axis", int(self.axis))
+
+    @property
+    def cap(self) -> float:
+        """:math:`(m - n) / m` in float32: the sparsity of the full pattern."""
+        return float(np.float32((self.m - self.n) / self.m))
+
+    def select(
+        self,
+        scores: Scores,
+        sparsity: Sparsity,
+        *,
+        prunable: Prunable = None,
+        mask: Mask | None = None,
+    ) -> Mask:
+        """The keep-mask of ``scores`` at ``sparsity``; see the class and :func:`select`."""
+        n, m, cap = self.n, self.m, self.cap
+        targets = _validate.sparsity(sparsity, scores)
+        arrays, dyn, prior, static = _prep_nm(scores, n, m, self.axis, prunable, mask)
+        concrete = targets if isinstance(targets, list) else [targets]
+        if all(isinstance(s, float) and s >= cap for s in concrete):
+            targets = None  # the full pattern: no top-k to run
+        else:
+            targets = _f32_targets(targets)
+        out = _nm_core(arrays, dyn, targets, prior, n=n, m=m, scope=self.scope, cap=cap, **static)
+        return jax.tree.unflatten(static["treedef"], out)
 
 
 def _nm_axis(path: tuple, leaf: Any, axis: int, m: int) -> int:
@@ -136,11 +315,11 @@ def _nm_keep(score: jax.Array, prior: Any, a: int, n: int, m: int) -> jax.Array:
     """In every group of ``m`` along axis ``a``, True at the ``n`` best entries.
 
     Entry ``i`` beats entry ``j`` if its score is larger or, on a tie, if its flat index is
-    larger (the lower index goes first, as in :func:`fisher_optax.topk_mask`); entries
+    larger (the lower index goes first, as :class:`Unstructured` breaks them); entries
     ``prior`` pruned lose to every other. An entry is kept iff fewer than ``n`` entries of
     its group beat it: ``m`` elementwise passes, no sort, all inside each group.
     """
-    key = _masks._float_keys(score)
+    key = _select.float_keys(score)
     if prior is not None:
         key = jnp.where(prior, key, np.uint32(0))  # real scores have keys above 0
     key = _grouped(key, a, m)
@@ -173,14 +352,14 @@ def _prep_nm(scores, n, m, axis, prunable, mask):
     shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
     arrays = [None if k == "skip" else x for x, k in zip(leaves, kinds, strict=True)]
     static = {"treedef": treedef, "kinds": kinds, "shapes": shapes, "axes": axes}
-    return paths, leaves, arrays, dyn, prior, static
+    return arrays, dyn, prior, static
 
 
 def _final_nm(shape, gflag, prior_leaf, keep) -> jax.Array:
     """The N:M keep-mask of one leaf: its best ``n`` per group, and nothing ``mask`` pruned."""
-    if gflag is False:
-        return jnp.ones(shape, bool)
-    if not _is_static(gflag):
+    if gflag is False:  # not prunable: kept, unless mask pruned it
+        return jnp.ones(shape, bool) if prior_leaf is None else prior_leaf
+    if not isinstance(gflag, bool):
         keep = jnp.where(gflag, keep, True)
     return keep if prior_leaf is None else keep & prior_leaf
 
@@ -220,10 +399,9 @@ def _nm_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, axes, n, m,
         s = jnp.where(jnp.isnan(s) | (s > _F32_MAX), _F32_MAX, s)
         ranked.append(jnp.where(protected[i], jnp.inf, s))
     gradual = jax.tree.leaves(
-        _masks.topk_mask(
+        Unstructured(scope).select(
             jax.tree.unflatten(treedef, ranked),
             jax.tree.unflatten(treedef, capped) if per_leaf else capped,
-            scope=scope,
             prunable=jax.tree.unflatten(treedef, gflags),
             mask=None if prior is None else jax.tree.unflatten(treedef, prior),
         )
@@ -233,7 +411,7 @@ def _nm_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, axes, n, m,
         if g is False:
             out.append(gradual[i])
             continue
-        # Groups left alone keep what mask pruned (topk_mask would free them). Once the
+        # Groups left alone keep what mask pruned (the top-k would free them). Once the
         # target reaches c the result is the pattern itself: min(s, c) * N may round one
         # short of the (m - n) / m * N weights outside the winners when c is no float32.
         grown = gradual[i] if prior is None else gradual[i] & prior[i]
@@ -242,175 +420,122 @@ def _nm_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, axes, n, m,
     return out
 
 
-def nm_mask(
-    scores: Scores,
-    n: int,
-    m: int,
-    *,
-    axis: int = -2,
-    prunable: _masks.Prunable = None,
-    mask: Mask | None = None,
-) -> Mask:
-    r"""N:M sparsity: in every group of ``m`` consecutive weights along ``axis``, keep ``n``.
-
-    Each group keeps the ``n`` weights of largest score, i.e. prunes exactly ``m - n``.
-    Ties go as in :func:`fisher_optax.topk_mask`: among equal scores, the weight with the
-    lower flat index is pruned first (inside a group, the one nearer the start of
-    ``axis``). With ``mask``, the weights it pruned stay pruned and count among the group's
-    pruned: a group in which ``mask`` kept ``q`` weights keeps ``min(n, q)``. Every group
-    then holds at most ``n`` nonzero weights, the layout sparse tensor cores accelerate
-    for 2:4.
-
-    The default ``axis=-2`` is the input axis of a Dense kernel ``(in, out)`` and of a Conv
-    kernel ``(*window, in, out)``: the reduction axis of ``x @ W``, along which
-    hardware N:M groups run. ``m`` must divide that axis' length in every prunable leaf
-    (there is no remainder rule: a partial group has no hardware meaning); leave other
-    leaves out with ``prunable``. The cost is ``m`` elementwise passes over each leaf (no
-    sort); the work stays inside each group, so a leaf sharded along ``axis`` in pieces of
-    a multiple of ``m`` (or along any other axis) is never gathered.
-
-    Args:
-      scores: a pytree of real arrays; larger is more important (e.g. from
-        :func:`fisher_optax.scores`). Cast to float32 to be ranked.
-      n: the weights kept per group, an int in ``1..m``.
-      m: the group size, an int ``>= 1``.
-      axis: the axis along which groups of ``m`` consecutive weights run (an int, negative
-        counts from the end).
-      prunable: which leaves get the pattern, as in :func:`fisher_optax.topk_mask` (default: the
-        kernels, :func:`fisher_optax.is_kernel`). An element-wise bool array applies group by group:
-        a group with a weight that may not be pruned is left as it is.
-      mask: an earlier bool mask; what it prunes stays pruned.
-
-    Returns:
-      A boolean pytree shaped like ``scores``; ``True`` keeps a weight. Leaves that are not
-      prunable are all ``True`` (as in :func:`fisher_optax.topk_mask`).
-
-    Raises:
-      ValueError: if ``n`` is not in ``1..m``, ``axis`` is out of range for a prunable leaf
-        or ``m`` does not divide its length there (naming the leaf), concrete scores hold
-        NaN, or ``mask``/``prunable`` do not match ``scores``.
-      TypeError: if ``n``, ``m`` or ``axis`` is not an int, scores are not real, ``mask`` is
-        not boolean, or a ``prunable`` predicate does not take ``(path, leaf)``.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from fisher_optax.patterns import nm_mask
-      >>> scores = {"w": jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 1.0], [2.0, 1.0]])}
-      >>> nm_mask(scores, 2, 4)["w"]  # 2 of every 4 down each column
-      Array([[ True, False],
-             [ True,  True],
-             [False, False],
-             [False,  True]], dtype=bool)
-
-    References:
-      Mishra et al. Accelerating Sparse Deep Neural Networks. 2021.
-      https://arxiv.org/abs/2104.08378
-    """
-    n, m, axis = _check_nm(n, m, axis)
-    _, _, arrays, dyn, prior, static = _prep_nm(scores, n, m, axis, prunable, mask)
-    out = _nm_core(arrays, dyn, None, prior, n=n, m=m, scope="layer", cap=0.0, **static)
-    return jax.tree.unflatten(static["treedef"], out)
-
-
-def nm_selection(
-    n: int,
-    m: int,
-    *,
-    axis: int = -2,
-    scope: Literal["global", "layer"] = "layer",
-    prunable: _masks.Prunable = None,
-) -> Callable[..., Mask]:
-    r"""A ``mask_fn`` for :func:`fisher_optax.pruned`: gradual N:M, from dense to ``n:m``.
-
-    The returned ``mask_fn(scores, sparsity, *, mask=None)``, at a target :math:`s` below
-    :math:`c`, prunes exactly
-
-    .. math::
-      k = \max\bigl(\operatorname{round}(s N),\ p\bigr), \qquad c = \frac{m - n}{m}
-      \ \text{(in float32)},
-
-    of the :math:`N` prunable weights in scope, ``p`` of them pruned by ``mask`` before (the
-    count rule of :func:`fisher_optax.topk_mask`): the smallest scores among the weights
-    that are *not* among the ``n`` best of their group of ``m`` (as :func:`nm_mask` ranks
-    them, with ``mask``). At :math:`s \ge c` the result is exactly
-    ``nm_mask(scores, n, m, mask=mask)``; targets above ``c`` prune no more. So no group
-    ever loses more than ``m - n`` weights beyond what ``mask`` pruned, a group loses its
-    worst weights first, and a schedule ending at ``c`` (0.5 for 2:4, e.g.
-    :func:`fisher_optax.polynomial_sparsity`) goes from dense to N:M. This is jaxpruner's
-    iterative N:M (the group winners are kept, the rest pruned by a top-k at the scheduled
-    sparsity), with exact counts and no sort.
-
-    With ``sparsity=`` in :func:`fisher_optax.pruned` the target is a pytree of per-leaf
-    scalars, each capped at ``c`` and met leaf by leaf. With ``method="two_stage"`` both
-    stages run through it (first on :math:`|w|`).
-
-    Args:
-      n: the weights kept per group at the end, an int in ``1..m``.
-      m: the group size, an int ``>= 1``.
-      axis: the axis the groups run along, as in :func:`nm_mask`.
-      scope: ``"layer"`` (default; every leaf moves toward N:M at the pace of the
-        schedule, as jaxpruner's per-layer N:M) or ``"global"`` (one ranking of the
-        weights allowed to go across leaves, whose scores must then share a scale).
-      prunable: which leaves get the pattern, as in :func:`nm_mask`.
-
-    Returns:
-      ``mask_fn(scores, sparsity, *, mask=None) -> Mask``, traceable (runs under ``jit``
-      and ``lax.cond``). ``sparsity`` is a scalar, a per-leaf pytree or a mapping, as
-      :func:`fisher_optax.topk_mask` takes it.
-
-    Raises:
-      ValueError: if ``n`` is not in ``1..m`` or ``scope`` is unknown; when called, as
-        :func:`nm_mask` and :func:`fisher_optax.topk_mask`.
-      TypeError: if ``n``, ``m`` or ``axis`` is not an int.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from fisher_optax.patterns import nm_selection
-      >>> select = nm_selection(2, 4)
-      >>> scores = {"w": jnp.array([[4.0], [3.0], [1.0], [2.0], [0.1], [0.2], [0.3], [9.0]])}
-      >>> select(scores, 0.375)["w"].ravel()  # 3 of 8 go; 0.3 is among its group's best 2
-      Array([ True,  True, False,  True, False, False,  True,  True], dtype=bool)
-      >>> select(scores, 0.5)["w"].ravel()  # the full 2:4 pattern
-      Array([ True,  True, False, False, False, False,  True,  True], dtype=bool)
-
-    References:
-      Lasby, Golubeva, Evci, Nica, Ioannou. JaxPruner: A concise library for sparsity
-      research. 2023. https://arxiv.org/abs/2304.14082
-
-      Zhou et al. Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch.
-      ICLR 2021. https://arxiv.org/abs/2102.04010
-    """
-    n, m, axis = _check_nm(n, m, axis)
-    scope = _validate.scope(scope)
-    cap = float(np.float32((m - n) / m))
-
-    def mask_fn(scores: Scores, sparsity: Any, *, mask: Mask | None = None) -> Mask:
-        paths, leaves, arrays, dyn, prior, static = _prep_nm(scores, n, m, axis, prunable, mask)
-        targets = _f32_targets(_masks._per_leaf(sparsity, paths, leaves))
-        out = _nm_core(arrays, dyn, targets, prior, n=n, m=m, scope=scope, cap=cap, **static)
-        return jax.tree.unflatten(static["treedef"], out)
-
-    mask_fn.__name__ = f"nm_selection({n}, {m})"
-    return mask_fn
-
-
 # ---------------------------------------------------------------------------------------------
 # Blocks
 
 
-def _check_block(block: Any) -> tuple[int, int]:
-    if (
-        not isinstance(block, tuple | list)
-        or len(block) != 2
-        or any(isinstance(b, bool) or not isinstance(b, int | np.integer) for b in block)
-    ):
-        raise TypeError(
-            f"block must be a pair of ints (rows, columns), e.g. (4, 4), got {block!r}."
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    r"""Whole ``(r, c)`` blocks: exactly ``round(sparsity * n)`` of the ``n`` blocks in scope.
+
+    Each prunable leaf of shape ``(..., H, W)`` is cut into blocks of ``r`` rows and ``c``
+    columns of its last two axes (one grid per index of the leading axes, e.g. per tap of a
+    Conv kernel ``(*window, in, out)``). A block scores
+
+    .. math::
+      S_b = \operatorname{reduction}\{\, s_i : i \in b,\ \text{mask}_i \,\}
+
+    over the scores of the weights ``mask`` keeps in it, with ``reduction`` a key of
+    :data:`BLOCK_REDUCTIONS`. ``sparsity`` is the fraction of prunable *blocks* to remove;
+    the blocks are ranked by the unstructured top-k (its exact count, half to even, and its
+    tie-break: among equal block scores the block of lower flat index goes first, blocks
+    numbered row-major in each leaf's grid and leaves in flattening order), globally or per
+    layer. A block in which ``mask`` kept nothing counts as already pruned; the weights
+    ``mask`` pruned stay pruned. Inside :func:`fisher_optax.pruned` the pruned blocks only
+    grow along the schedule. With an element-wise ``prunable``, a block may go only if every
+    weight in it may.
+
+    Leaves that blocks do not tile: when ``H`` or ``W`` is not a multiple of ``r`` or ``c``,
+    the last row or column of blocks is smaller (it holds what is left). Each such block
+    still counts as one block, and ``"sum"`` adds fewer scores in it, so it tends to go
+    first; ``"mean"`` and ``"max"`` do not favour it. With partial blocks the weight
+    sparsity may differ from the block sparsity.
+
+    Attributes:
+      shape: ``(r, c)``, the block's rows and columns (ints ``>= 1``).
+      reduction: ``"sum"`` (default; for OBD saliencies, the estimated loss increase of
+        removing the block), ``"mean"`` or ``"max"``.
+      scope: ``"global"`` (default; one ranking of all blocks, whose scores must share a
+        scale) or ``"layer"`` (each leaf on its own).
+
+    Raises:
+      ValueError: at construction, if ``shape`` holds a size below 1, or ``reduction`` or
+        ``scope`` is unknown; when selecting, if a prunable leaf has ``ndim < 2``.
+      TypeError: at construction, if ``shape`` is not a pair of ints.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax as fo
+      >>> scores = {"w": jnp.array([[1.0, 1.0, 5.0, 5.0],
+      ...                           [1.0, 9.0, 5.0, 5.0]])}
+      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)))["w"]  # sums 12 < 20
+      Array([[False, False,  True,  True],
+             [False, False,  True,  True]], dtype=bool)
+      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="max"))["w"]  # 9 > 5
+      Array([[ True,  True, False, False],
+             [ True,  True, False, False]], dtype=bool)
+
+    References:
+      Gray, Radford, Kingma. GPU Kernels for Block-Sparse Weights. 2017.
+      https://openai.com/research/block-sparse-gpu-kernels
+
+      Narang, Undersander, Diamos. Block-Sparse Recurrent Neural Networks. 2017.
+      https://arxiv.org/abs/1711.02782
+    """
+
+    shape: tuple[int, int]
+    reduction: Literal["sum", "mean", "max"] = "sum"
+    scope: Literal["global", "layer"] = "global"
+
+    def __post_init__(self) -> None:
+        shape = self.shape
+        if (
+            not isinstance(shape, tuple | list)
+            or len(shape) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int | np.integer) for b in shape)
+        ):
+            raise TypeError(
+                f"shape must be a pair of ints (rows, columns), e.g. (4, 4), got {shape!r}."
+            )
+        r, c = (int(b) for b in shape)
+        if r < 1 or c < 1:
+            raise ValueError(f"block sizes must be >= 1, got shape={(r, c)}.")
+        _validate.choice(self.reduction, "reduction", BLOCK_REDUCTIONS)
+        _validate.scope(self.scope)
+        object.__setattr__(self, "shape", (r, c))
+
+    def select(
+        self,
+        scores: Scores,
+        sparsity: Sparsity,
+        *,
+        prunable: Prunable = None,
+        mask: Mask | None = None,
+    ) -> Mask:
+        """The keep-mask of ``scores`` at ``sparsity``; see the class and :func:`select`."""
+        targets = _validate.sparsity(sparsity, scores)
+        paths, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
+        for path, leaf, flag in zip(paths, leaves, flags, strict=True):
+            if flag is not False and jnp.ndim(leaf) < 2:
+                raise ValueError(
+                    f"blocks tile the last two axes of a leaf, but the leaf at {keystr(path)} "
+                    f"has shape {jnp.shape(leaf)}. Leave it out with prunable= (the default "
+                    "prunes only kernels)."
+                )
+        kinds, dyn = _split_flags(flags)
+        out = _block_core(
+            [None if k == "skip" else x for x, k in zip(leaves, kinds, strict=True)],
+            dyn,
+            _f32_targets(targets),
+            prior,
+            treedef=treedef,
+            kinds=kinds,
+            shapes=tuple(tuple(jnp.shape(x)) for x in leaves),
+            r=self.shape[0],
+            c=self.shape[1],
+            reduction=self.reduction,
+            scope=self.scope,
         )
-    r, c = (int(b) for b in block)
-    if r < 1 or c < 1:
-        raise ValueError(f"block sizes must be >= 1, got block={(r, c)}.")
-    return r, c
+        return jax.tree.unflatten(treedef, out)
 
 
 def _blocked(x: jax.Array, r: int, c: int, fill: Any) -> jax.Array:
@@ -424,18 +549,18 @@ def _blocked(x: jax.Array, r: int, c: int, fill: Any) -> jax.Array:
     return x.reshape(*lead, rows, r, cols, c)
 
 
-def _block_scores(score, kept, r, c, reduce):
+def _block_scores(score, kept, r, c, reduction):
     """One score per block from the entries ``kept`` keeps, and whether it keeps any."""
     s = jnp.asarray(score)
     s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
     valid = jnp.ones(s.shape, bool) if kept is None else kept
     valid = _blocked(valid, r, c, False)
     alive = jnp.any(valid, axis=(-3, -1))
-    if reduce == "max":
+    if reduction == "max":
         out = jnp.max(jnp.where(valid, _blocked(s, r, c, 0), -jnp.inf), axis=(-3, -1))
         return jnp.where(alive, out, 0), alive
     total = jnp.sum(jnp.where(valid, _blocked(s, r, c, 0), 0), axis=(-3, -1))
-    if reduce == "sum":
+    if reduction == "sum":
         return total, alive
     count = jnp.sum(valid, axis=(-3, -1), dtype=jnp.int32)
     return total / jnp.maximum(count, 1).astype(total.dtype), alive
@@ -452,9 +577,9 @@ def _expand(block_keep: jax.Array, shape: tuple, r: int, c: int) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("treedef", "kinds", "shapes", "r", "c", "reduce", "scope")
+    jax.jit, static_argnames=("treedef", "kinds", "shapes", "r", "c", "reduction", "scope")
 )
-def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, reduce, scope):
+def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, reduction, scope):
     bscores, alive, bflags = [], [], []
     for i, (leaf, kind) in enumerate(zip(leaves, kinds, strict=True)):
         if kind == "skip":
@@ -462,7 +587,7 @@ def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, re
             alive.append(jnp.ones(shapes[i], bool))
             bflags.append(False)
             continue
-        s, a = _block_scores(leaf, None if prior is None else prior[i], r, c, reduce)
+        s, a = _block_scores(leaf, None if prior is None else prior[i], r, c, reduction)
         bscores.append(s)
         alive.append(a)
         if kind == "all":
@@ -474,174 +599,108 @@ def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, re
             bflags.append(jnp.all(f, axis=(-3, -1)))
     per_leaf = isinstance(targets, list)
     keep_blocks = jax.tree.leaves(
-        _masks.topk_mask(
+        Unstructured(scope).select(
             jax.tree.unflatten(treedef, bscores),
             jax.tree.unflatten(treedef, targets) if per_leaf else targets,
-            scope=scope,
             prunable=jax.tree.unflatten(treedef, bflags),
             mask=jax.tree.unflatten(treedef, alive),
         )
     )
     out = []
     for i, kind in enumerate(kinds):
-        if kind == "skip":
-            out.append(keep_blocks[i])
+        if kind == "skip":  # not prunable: kept, unless mask pruned it
+            out.append(keep_blocks[i] if prior is None else keep_blocks[i] & prior[i])
             continue
         keep = _expand(keep_blocks[i], shapes[i], r, c)
         out.append(keep if prior is None else keep & prior[i])
     return out
 
 
-def _block_call(scores, sparsity, r, c, reduce, scope, prunable, mask):
-    paths, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
-    for path, leaf, flag in zip(paths, leaves, flags, strict=True):
-        if flag is not False and jnp.ndim(leaf) < 2:
-            raise ValueError(
-                f"block masks tile the last two axes of a leaf, but the leaf at {keystr(path)} "
-                f"has shape {jnp.shape(leaf)}. Leave it out with prunable= (the default "
-                "prunes only kernels, leaves with ndim >= 2)."
-            )
-    targets = _f32_targets(_masks._per_leaf(sparsity, paths, leaves))
-    kinds, dyn = _split_flags(flags)
-    shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
-    arrays = [None if k == "skip" else x for x, k in zip(leaves, kinds, strict=True)]
-    out = _block_core(
-        arrays,
-        dyn,
-        targets,
-        prior,
-        treedef=treedef,
-        kinds=kinds,
-        shapes=shapes,
-        r=r,
-        c=c,
-        reduce=reduce,
-        scope=scope,
-    )
-    return jax.tree.unflatten(treedef, out)
+# ---------------------------------------------------------------------------------------------
+# The one selection call
 
 
-def block_mask(
+def select(
     scores: Scores,
-    sparsity: _masks.Sparsity,
+    sparsity: Sparsity,
     *,
-    block: tuple[int, int],
-    reduce: Literal["sum", "mean", "max"] = "sum",
-    scope: Literal["global", "layer"] = "global",
-    prunable: _masks.Prunable = None,
+    pattern: Pattern = Unstructured(),
+    prunable: Prunable = None,
     mask: Mask | None = None,
 ) -> Mask:
-    r"""Prune whole ``(r, c)`` blocks: exactly ``round(sparsity * n)`` of the ``n`` blocks.
+    r"""Keep the largest scores: prune the smallest, in the units of ``pattern``.
 
-    Each prunable leaf of shape ``(..., H, W)`` is cut into blocks of ``r`` rows and ``c``
-    columns of its last two axes (one grid per index of the leading axes, e.g. per tap of
-    a Conv kernel ``(*window, in, out)``). A block scores
+    ``pattern.select(scores, sparsity, prunable=prunable, mask=mask)``; see
+    :class:`Unstructured` (the default), :class:`NM` and :class:`Blocks` for what
+    ``sparsity`` counts in each. Unstructured, with ``n`` prunable weights in scope of which
+    ``m`` were pruned by ``mask``, prunes
 
     .. math::
-      S_b = \operatorname{reduce}\{\, s_i : i \in b,\ \text{mask}_i \,\}
+      k = \max\bigl(\operatorname{round}(s \cdot n),\ m\bigr)
 
-    over the scores of the weights ``mask`` keeps in it, with ``reduce`` one of
-    :data:`BLOCK_REDUCTIONS`: ``"sum"`` (default; for OBD saliencies, the estimated loss
-    increase of removing the block), ``"mean"`` or ``"max"``. The blocks are then ranked by
-    :func:`fisher_optax.topk_mask` (its exact count, half to even, and its tie-break: among
-    equal block scores the block of lower flat index goes first, blocks numbered row-major
-    in each leaf's grid and leaves in flattening order), globally or per layer. A block
-    in which ``mask`` kept nothing counts as already pruned; the weights ``mask`` pruned
-    stay pruned.
+    weights: the ``m`` pruned before, then the smallest scores among the rest.
+    :math:`s \cdot n` is the exact product of the float32 value of ``sparsity`` (a Python
+    float is rounded to float32 first), rounded half to even, so an eager call and a jitted
+    one with a traced sparsity prune the same count. Ties break deterministically: among
+    equal scores the weight with the lower flat index is pruned first, where the flat index
+    runs over the prunable leaves in scope in ``jax.tree`` flattening order, row-major
+    inside each leaf. Scores are ranked as float32, where ``-0.0`` and subnormals equal
+    ``0.0``.
 
-    Leaves that blocks do not tile: when ``H`` or ``W`` is not a multiple of ``r`` or ``c``,
-    the last row or column of blocks is smaller (it holds what is left). Each such block
-    still counts as one block, and ``"sum"`` adds fewer scores in it, so it tends to go
-    first; ``"mean"`` and ``"max"`` do not favour it. ``sparsity`` is a fraction of blocks,
-    not of weights, so with partial blocks the weight sparsity may differ from it.
-
-    Args:
-      scores: a pytree of real arrays; larger is more important (e.g. from
-        :func:`fisher_optax.scores`).
-      sparsity: the fraction of prunable blocks to remove, in ``[0, 1]``: a scalar, a
-        per-leaf pytree or a mapping, as in :func:`fisher_optax.topk_mask`.
-      block: ``(r, c)``, the block's rows and columns (ints ``>= 1``).
-      reduce: a key of :data:`BLOCK_REDUCTIONS`.
-      scope: ``"global"`` (one ranking of all blocks; their scores must share a scale) or
-        ``"layer"`` (each leaf on its own).
-      prunable: which leaves are cut into blocks, as in :func:`fisher_optax.topk_mask` (default: the
-        kernels, :func:`fisher_optax.is_kernel`); with an element-wise bool array, a block may go
-        only if every weight in it may.
-      mask: an earlier bool mask; what it prunes stays pruned and counts as pruned.
-
-    Returns:
-      A boolean pytree shaped like ``scores``; ``True`` keeps a weight.
-
-    Raises:
-      ValueError: if ``block`` holds a size below 1, ``reduce`` or ``scope`` is unknown, a
-        prunable leaf has ``ndim < 2``, and as :func:`fisher_optax.topk_mask`.
-      TypeError: if ``block`` is not a pair of ints, and as :func:`fisher_optax.topk_mask`.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from fisher_optax.patterns import block_mask
-      >>> scores = {"w": jnp.array([[1.0, 1.0, 5.0, 5.0],
-      ...                           [1.0, 9.0, 5.0, 5.0]])}
-      >>> block_mask(scores, 0.5, block=(2, 2))["w"]  # sums 12 < 20
-      Array([[False, False,  True,  True],
-             [False, False,  True,  True]], dtype=bool)
-      >>> block_mask(scores, 0.5, block=(2, 2), reduce="max")["w"]  # 9 > 5
-      Array([[ True,  True, False, False],
-             [ True,  True, False, False]], dtype=bool)
-
-    References:
-      Gray, Radford, Kingma. GPU Kernels for Block-Sparse Weights. 2017.
-      https://openai.com/research/block-sparse-gpu-kernels
-
-      Narang, Undersander, Diamos. Block-Sparse Recurrent Neural Networks. 2017.
-      https://arxiv.org/abs/1711.02782
-    """
-    r, c = _check_block(block)
-    reduce = _validate.choice(reduce, "reduce", BLOCK_REDUCTIONS)
-    scope = _validate.scope(scope)
-    return _block_call(scores, sparsity, r, c, reduce, scope, prunable, mask)
-
-
-def block_selection(
-    block: tuple[int, int],
-    *,
-    reduce: Literal["sum", "mean", "max"] = "sum",
-    scope: Literal["global", "layer"] = "global",
-    prunable: _masks.Prunable = None,
-) -> Callable[..., Mask]:
-    """A ``mask_fn`` for :func:`fisher_optax.pruned`: prune whole blocks on its schedule.
-
-    ``pruned(adam, schedule, mask_fn=block_selection((4, 4)))`` recomputes, at each mask
-    update, :func:`block_mask` at the scheduled target (the fraction of blocks) with the
-    current mask as ``mask=``, so the pruned blocks only grow. Scores come from
-    ``pruned``'s ``criterion``; with ``method="two_stage"`` both stages prune blocks.
+    The exact threshold is found without sorting, one byte of order-preserving integer keys
+    at a time: 16 counting passes that each read one byte per weight and count three
+    candidates (32 passes of one candidate on scores that may be sharded), plus, only when
+    ties straddle the threshold, two small selections for the flat-index cut. Under ``jit``
+    on sharded scores only counts cross devices (all-reduces, no all-gather). Called eagerly
+    on concrete arrays held by the CPU (NumPy, or one CPU device), with at most ``2**24``
+    weights in scope, the same selection runs in NumPy (``np.partition``), with identical
+    masks and nothing to compile.
 
     Args:
-      block: ``(r, c)``, as in :func:`block_mask`.
-      reduce: a key of :data:`BLOCK_REDUCTIONS`.
-      scope: ``"global"`` or ``"layer"``, as in :func:`block_mask`.
-      prunable: which leaves are cut into blocks, as in :func:`block_mask`.
+      scores: a pytree of real arrays shaped like the params; larger means more important
+        (e.g. from :func:`fisher_optax.scores`, any criterion, ``"random"`` included).
+      sparsity: the target, in ``[0, 1]``: one scalar; a pytree like ``scores`` with one
+        scalar per leaf (each leaf is then ranked on its own, whatever the pattern's scope);
+        or a mapping from path strings (``jax.tree_util.keystr`` form, e.g.
+        ``"['dense']['kernel']"``) or predicates ``(path, leaf) -> bool`` to fractions, where
+        leaves no key matches get 0 (as jaxpruner's ``custom_sparsity_map``). Concrete values
+        outside ``[0, 1]`` or NaN are errors; under ``jit`` a traced value is clipped to
+        ``[0, 1]`` and NaN becomes 0. What it is a fraction of depends on the pattern.
+      pattern: a :class:`Pattern`: :class:`Unstructured` (default: one global ranking),
+        :class:`NM` or :class:`Blocks`.
+      prunable: which weights may be pruned. ``None``: the kernels
+        (:func:`fisher_optax.is_kernel`: ``ndim >= 2``, not biases, norm scales or batch
+        statistics, stacked or not). A predicate ``prunable(path, leaf)`` returning a bool
+        or a bool array shaped like the leaf, where ``path`` is the leaf's ``jax.tree_util``
+        key path tuple (Flax's ``.value`` hop left out). A pytree like the params holding a
+        bool or a bool array per leaf. Or a mapping ``{path or predicate: flag}`` (leaves no
+        key matches are not prunable).
+      mask: an existing bool mask; what it prunes stays pruned (prunable or not) and,
+        where prunable, counts toward the target.
 
     Returns:
-      ``mask_fn(scores, sparsity, *, mask=None) -> Mask``, traceable.
+      A boolean pytree shaped like ``scores``; ``True`` keeps a weight. Non-prunable
+      weights are ``True`` unless ``mask`` prunes them.
 
     Raises:
-      ValueError: if ``block`` holds a size below 1, or ``reduce`` or ``scope`` is unknown.
-      TypeError: if ``block`` is not a pair of ints.
+      ValueError: if ``sparsity`` is outside ``[0, 1]``, NaN, or does not match the leaves,
+        concrete scores hold NaN (under ``jit`` they cannot be checked: NaN then ranks above
+        every number and is pruned last), ``mask``/``prunable`` do not match ``scores``, and
+        as the pattern says.
+      TypeError: if ``pattern`` is not a pattern, scores are not real numbers, ``mask`` is
+        not boolean, or a ``prunable`` predicate does not take ``(path, leaf)``.
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> from fisher_optax.patterns import block_selection
-      >>> select = block_selection((1, 2))
-      >>> select({"w": jnp.array([[1.0, 2.0, 0.5, 0.5]])}, 0.5)["w"]
-      Array([[ True,  True, False, False]], dtype=bool)
+      >>> import jax.numpy as jnp, fisher_optax as fo
+      >>> scores = {"w": jnp.array([[3.0, 1.0], [2.0, 1.0]]), "b": jnp.array([0.0, 0.0])}
+      >>> fo.select(scores, 0.5)["w"]  # the two 1.0s are pruned; the bias is not prunable
+      Array([[ True, False],
+             [ True, False]], dtype=bool)
+      >>> fo.select(scores, 0.25)["w"]  # tie: the lower flat index goes first
+      Array([[ True, False],
+             [ True,  True]], dtype=bool)
+      >>> fo.select(scores, 1.0, pattern=fo.NM(1, 2))["w"]  # the best 1 of each 2 down a column
+      Array([[ True, False],
+             [False,  True]], dtype=bool)
     """
-    r, c = _check_block(block)
-    reduce = _validate.choice(reduce, "reduce", BLOCK_REDUCTIONS)
-    scope = _validate.scope(scope)
-
-    def mask_fn(scores: Scores, sparsity: Any, *, mask: Mask | None = None) -> Mask:
-        return _block_call(scores, sparsity, r, c, reduce, scope, prunable, mask)
-
-    mask_fn.__name__ = f"block_selection({(r, c)})"
-    return mask_fn
+    return _validate.pattern(pattern).select(scores, sparsity, prunable=prunable, mask=mask)

@@ -1,21 +1,19 @@
 """Sparsity schedules: optax-style callables from the step count to the target sparsity.
 
 Like ``optax.Schedule``, each schedule is a pure function of the step count that works on
-Python ints and on traced int32 counts inside ``jit``, and returns a float32 scalar.
+Python ints and on traced int32 counts inside ``jit``, and returns a float32 scalar. A
+schedule carries nothing else: :func:`fisher_optax.pruned` checks it at the steps it is
+told about (``end_step=``), any plain callable alike.
 """
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fisher_optax import _validate
+from fisher_optax._types import SparsitySchedule
 
 __all__ = ["constant_sparsity", "polynomial_sparsity"]
-
-SparsitySchedule = Callable[[jax.typing.ArrayLike], jax.Array]
-"""A function from the step count to the target sparsity in ``[0, 1]``."""
 
 
 def polynomial_sparsity(
@@ -95,7 +93,6 @@ def polynomial_sparsity(
         s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** power
         return jnp.where(before, 0.0, s).astype(jnp.float32)
 
-    schedule.end_step = end_step  # read by fisher_optax.pruned to check the final target
     return schedule
 
 
@@ -125,5 +122,4 @@ def constant_sparsity(sparsity: float, step: int = 0) -> SparsitySchedule:
     def schedule(count: jax.typing.ArrayLike) -> jax.Array:
         return jnp.where(jnp.asarray(count) >= step0, sparsity, 0.0).astype(jnp.float32)
 
-    schedule.end_step = step0  # read by fisher_optax.pruned to check the target
     return schedule

@@ -14,24 +14,21 @@ import optax
 from optax import tree_utils as otu
 
 from fisher_optax import _validate
-from fisher_optax import masks as _masks
 from fisher_optax._tree import check_matching
-from fisher_optax._types import Mask, Params
+from fisher_optax._types import Fisher, Mask, Params, Prunable, Sparsity, SparsitySchedule
 from fisher_optax.fisher import _fisher_from_state, _has_seen_a_gradient
+from fisher_optax.patterns import Pattern, Unstructured
 from fisher_optax.schedules import constant_sparsity
 from fisher_optax.scores import CRITERIA, Criterion
 from fisher_optax.scores import scores as _scores
 
-__all__ = ["KeepPrunedState", "PrunedState", "keep_pruned", "pruned"]
+__all__ = ["PRUNING_METHODS", "KeepPrunedState", "PrunedState", "keep_pruned", "pruned"]
 
-METHODS: dict[str, str] = {
+PRUNING_METHODS: dict[str, str] = {
     "one_stage": "one ranking of the prunable weights by the criterion",
     "two_stage": "magnitude first (magnitude_fraction of the target), then the criterion",
 }
-"""How :func:`pruned` combines its criterion with magnitude pruning."""
-
-MaskFn = Callable[..., Mask]
-"""``mask_fn(scores, sparsity, *, mask) -> Mask``: a selection replacing :func:`topk_mask`."""
+"""The values of :func:`pruned`'s ``method``: how it combines its criterion with magnitude."""
 
 
 class KeepPrunedState(NamedTuple):
@@ -139,27 +136,6 @@ def keep_pruned(mask: Mask) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _check_mask_fn(mask_fn: Any) -> None:
-    """``mask_fn`` accepts ``(scores, sparsity, *, mask)``."""
-    import inspect
-
-    if not callable(mask_fn):
-        raise TypeError(
-            f"mask_fn must be a callable mask_fn(scores, sparsity, *, mask), got "
-            f"{type(mask_fn).__name__}."
-        )
-    try:
-        inspect.signature(mask_fn).bind(None, None, mask=None)
-    except TypeError:
-        raise TypeError(
-            f"mask_fn must accept (scores, sparsity, *, mask): two positional arguments and "
-            f"the keyword mask; got {getattr(mask_fn, '__name__', mask_fn)!r} with signature "
-            f"{inspect.signature(mask_fn)}."
-        ) from None
-    except ValueError:  # builtins without a signature: trust them
-        pass
-
-
 def _check_schedule(schedule: Callable, steps: list[int]) -> None:
     """Evaluate ``schedule`` eagerly at ``steps``: a bad target fails here, not inside jit."""
     for t in steps:
@@ -173,19 +149,85 @@ def _check_schedule(schedule: Callable, steps: list[int]) -> None:
         _validate.fraction(value, f"schedule({t})", meaning="the target sparsity at that step")
 
 
+def _read_fisher(inner_state: Any, params: Params, criterion: Any) -> Fisher:
+    """The Fisher read from the inner state, with a message naming the criterion."""
+    try:
+        return _fisher_from_state(inner_state, params=params, check_count=False)
+    except ValueError as err:
+        raise ValueError(
+            f"criterion={criterion!r} ranks by the Fisher read from the inner optimizer's "
+            f"state, which failed: {err}"
+        ) from None
+
+
+def _has_fisher(inner_state: Any, params: Params, criterion: Any) -> bool:
+    """Whether the scores read a Fisher: always for the Fisher criteria (which fail here,
+    at trace time, without one), when the state holds one for a callable criterion."""
+    if criterion in ("fisher", "saliency"):
+        _read_fisher(inner_state, params, criterion)
+        return True
+    if not callable(criterion):
+        return False
+    try:
+        _fisher_from_state(inner_state, params=params, check_count=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _targets(progress: jax.Array, per_leaf: Any, share: Any, params: Params) -> tuple:
+    """``(target, stage-one target)``: scalars, or with per-leaf targets ``per_leaf`` (a list
+    from :func:`fisher_optax._validate.sparsity`) pytrees like ``params`` scaled by
+    ``progress``; both formed in float32."""
+    if per_leaf is None:
+        return progress, share * progress
+    treedef = jax.tree.structure(params)
+    target = jax.tree.unflatten(treedef, [jnp.float32(s) * progress for s in per_leaf])
+    return target, jax.tree.map(lambda s: jnp.float32(share) * s, target)
+
+
+def _grown(pattern: Pattern, scores: Any, target: Any, old: Mask, prunable: Prunable) -> Mask:
+    """The pattern's mask at ``target``, checked, ANDed with ``old``: masks only grow."""
+    new = pattern.select(scores, target, prunable=prunable, mask=old)
+    ok = jax.tree.structure(new) == jax.tree.structure(old) and all(
+        jnp.result_type(n) == jnp.bool_ and jnp.shape(n) == jnp.shape(o)
+        for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
+    )
+    if not ok:
+        got = jax.tree.map(lambda x: (jnp.result_type(x), jnp.shape(x)), new)
+        raise TypeError(
+            f"pattern {pattern!r} must return a bool mask shaped like the params (the tree of "
+            f"mask=) from its select, got {got}."
+        )
+    # Built-in patterns keep what old prunes; the AND holds any other pattern to the rule.
+    return jax.tree.map(jnp.logical_and, new, old)
+
+
+def _zero_pruned(inner: Any, grads: Any, inner_state: Any, mask: Mask) -> tuple[Any, Any]:
+    """Gradients and every parameter-shaped leaf of the inner state zeroed where ``mask``
+    prunes. Masked-out subtrees (optax.masked, partition, multi_transform) hold MaskedNode
+    where the mask holds arrays: they stay as they are."""
+    zero = lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype))
+    skip = lambda x: isinstance(x, optax.MaskedNode)
+    inner_state = otu.tree_map_params(
+        inner, lambda x, m: x if skip(x) else zero(x, m), inner_state, mask, is_leaf=skip
+    )
+    return jax.tree.map(zero, grads, mask), inner_state
+
+
 def pruned(
     inner: optax.GradientTransformation,
-    schedule: Callable[[jax.Array], jax.Array] | float,
+    schedule: SparsitySchedule | float,
     *,
     criterion: Criterion = "fisher",
     method: Literal["one_stage", "two_stage"] = "two_stage",
     magnitude_fraction: float = 0.5,
-    sparsity: _masks.Sparsity | None = None,
-    scope: Literal["global", "layer"] = "global",
-    prunable: _masks.Prunable = None,
+    pattern: Pattern = Unstructured(),  # noqa: B008 (a frozen, immutable value)
+    sparsity: Sparsity | None = None,
+    prunable: Prunable = None,
     update_every: int = 100,
+    end_step: int | None = None,
     key: jax.Array | None = None,
-    mask_fn: MaskFn | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Wrap an optimizer so it prunes while it trains, with masks grown inside ``jit``.
 
@@ -197,11 +239,11 @@ def pruned(
        bias-corrected ``nu`` over the gradients seen so far; so those criteria skip the
        updates due before the inner optimizer has seen a gradient, when there is none:
        :math:`t = 0`, and under ``optax.MultiSteps`` the steps before the first
-       accumulated one). The scores are
-       :func:`fisher_optax.scores` of ``criterion``; ``method="two_stage"`` first prunes
-       ``magnitude_fraction`` of the target by :math:`|w|`, as
-       :func:`fisher_optax.two_stage_mask`. The current mask is passed as ``mask=``, so
-       masks only grow. This runs under ``lax.cond``: no host round trip, no
+       accumulated one). The mask is ``pattern``'s selection
+       (:func:`fisher_optax.select`) over :func:`fisher_optax.scores` of ``criterion``;
+       ``method="two_stage"`` first prunes ``magnitude_fraction`` of the target by
+       :math:`|w|`, as :func:`fisher_optax.two_stage_mask`. The current mask is passed as
+       ``mask=``, so masks only grow. This runs under ``lax.cond``: no host round trip, no
        recompilation, no selection cost on the other steps;
     2. the gradients and the inner moments (every parameter-shaped leaf of the inner state:
        ``mu``, ``nu``, ...) are zeroed where the mask prunes, and the inner optimizer
@@ -221,48 +263,49 @@ def pruned(
     e.g. from :func:`fisher_optax.erk_sparsity`), the schedule gives the *progress*: leaf
     :math:`l` is pruned to ``sparsity[l] * schedule(t)`` (formed in float32), so one
     schedule ending at 1 drives all targets together, and each leaf is ranked on its own.
-    Without it, ``schedule(t)`` is the target itself, global or per layer by ``scope``.
+    Without it, ``schedule(t)`` is the target itself, in the units of ``pattern``: a
+    schedule from 0 to 0.5 with ``pattern=NM(2, 4)`` goes from dense to 2:4.
 
-    The schedule is evaluated at ``init`` at steps 0, ``update_every`` and its
-    ``end_step`` (when it has one, as :func:`fisher_optax.polynomial_sparsity` does), so a
-    target outside ``[0, 1]`` or NaN raises there; under ``jit`` the library's rule holds
-    for any other step (clipped to ``[0, 1]``, NaN prunes nothing).
+    The schedule is a plain callable, checked at ``init`` at the steps :func:`pruned` knows:
+    0, ``update_every`` and ``end_step`` when given, so a target outside ``[0, 1]`` or NaN
+    at those steps raises there; under ``jit`` the library's rule holds for any other step
+    (clipped to ``[0, 1]``, NaN prunes nothing). Pass the schedule's last step as
+    ``end_step`` to have its final target checked, for a library schedule and an
+    ``optax`` one alike.
 
     Args:
       inner: the optimizer to wrap. The criteria ``"fisher"`` and ``"saliency"`` need an
         EMA of squared gradients in its state (adam, adamw, nadam, radam, lamb, amsgrad,
         schedule_free_adamw, or a chain with :func:`fisher_optax.fisher_tracker`).
       schedule: a callable from the step count to the target sparsity (e.g.
-        :func:`fisher_optax.polynomial_sparsity`), or a float for a constant target from
-        step 0.
+        :func:`fisher_optax.polynomial_sparsity`, or an ``optax`` schedule), or a float for
+        a constant target from step 0.
       criterion: a key of :data:`fisher_optax.CRITERIA` or a callable
         ``(params, fisher) -> scores`` (it gets the Fisher read from ``inner`` when there is
         one, else ``None``; when there is one it skips the updates the Fisher criteria
         skip).
-      method: a key of :data:`METHODS`: ``"one_stage"`` or ``"two_stage"``.
+      method: a key of :data:`PRUNING_METHODS`: ``"one_stage"`` or ``"two_stage"``.
       magnitude_fraction: for ``"two_stage"``, the share of the target removed by
         magnitude first, in ``[0, 1]``. ``0`` is pure criterion pruning, ``1`` pure
         magnitude.
+      pattern: the selection pattern (:class:`fisher_optax.Unstructured`, default global;
+        :class:`fisher_optax.NM`; :class:`fisher_optax.Blocks`; or any
+        :class:`fisher_optax.Pattern`). It runs for both stages of ``"two_stage"`` (first on
+        :math:`|w|`), inside ``jit`` and ``lax.cond``, with a traced float32 target; its
+        result is ANDed with the current mask, and one that is not a bool tree shaped like
+        the params is a ``TypeError``.
       sparsity: optional per-leaf final targets (a pytree of scalars shaped like the
         params, or a mapping ``{path or predicate: fraction}``; see
-        :func:`fisher_optax.topk_mask`), checked at ``init``.
-      scope: ``"global"`` or ``"layer"`` (for a scalar target).
-      prunable: ``None`` (the kernels, :func:`fisher_optax.is_kernel`), a predicate on ``(path,
-        leaf)``, or a bool pytree (see :func:`fisher_optax.topk_mask`).
+        :func:`fisher_optax.select`), checked at ``init``.
+      prunable: which weights may be pruned, as in :func:`fisher_optax.select`.
       update_every: recompute the mask every this many steps (at steps 0, ``update_every``,
         ``2 * update_every``, ...; the Fisher criteria skip those before the inner
         optimizer's first gradient).
+      end_step: optional step (an int ``>= 0``) at which the schedule reaches its final
+        target, e.g. the ``end_step`` given to :func:`fisher_optax.polynomial_sparsity`;
+        the schedule is checked there at ``init``.
       key: a ``jax.random`` key, required by ``criterion="random"`` (folded with the step
         count at each mask update) and refused otherwise.
-      mask_fn: optional selection ``mask_fn(scores, sparsity, *, mask) -> mask`` replacing
-        :func:`fisher_optax.topk_mask` (for structured patterns: N:M, blocks, units). It
-        gets the score tree, the current target (a traced float32 scalar, or with
-        ``sparsity=`` a pytree of per-leaf scalars) and the current mask, which it must
-        keep pruned (it is ANDed with that mask, so masks only grow; a result that is not
-        a bool tree shaped like it is a ``TypeError``); it runs inside ``jit`` and
-        ``lax.cond``. ``scope`` and ``prunable``
-        are then its own business (they are not passed). With ``"two_stage"`` it runs for
-        both stages (first on :math:`|w|`).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`PrunedState`
@@ -270,22 +313,24 @@ def pruned(
       Works under ``jit``, eagerly, and under ``flax.nnx.Optimizer``.
 
     Raises:
-      ValueError: if ``method``, ``criterion`` or ``scope`` is unknown,
-        ``magnitude_fraction`` is outside ``[0, 1]``, ``key`` is missing for ``"random"``
+      ValueError: if ``method`` or ``criterion`` is unknown, ``magnitude_fraction`` is
+        outside ``[0, 1]``, ``end_step`` is negative, ``key`` is missing for ``"random"``
         or given for another criterion; at ``init`` if the schedule gives a target outside
-        ``[0, 1]`` or NaN, ``sparsity`` does not match the params, or a Fisher criterion
-        wraps an optimizer without a second moment; at ``update`` if ``params`` is not
-        given.
-      TypeError: if ``update_every`` is not a positive int, or ``criterion``,
-        ``prunable`` or ``mask_fn`` is a callable of the wrong arity.
+        ``[0, 1]`` or NaN at a step it is checked at, ``sparsity`` does not match the
+        params, or a Fisher criterion wraps an optimizer without a second moment; at
+        ``update`` if ``params`` is not given.
+      TypeError: if ``update_every`` or ``end_step`` is not an int, ``pattern`` is not a
+        pattern, or ``criterion`` or ``prunable`` is a callable of the wrong arity; at
+        ``update`` if the pattern returns something other than a bool mask like the params.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, fisher_optax
+      >>> import jax, jax.numpy as jnp, optax, fisher_optax as fo
       >>> params = {"w": jnp.arange(1.0, 9.0).reshape(2, 4)}
-      >>> opt = fisher_optax.pruned(
+      >>> opt = fo.pruned(
       ...     optax.adam(1e-2),
-      ...     fisher_optax.polynomial_sparsity(0.5, begin_step=0, end_step=4),
+      ...     fo.polynomial_sparsity(0.5, begin_step=0, end_step=4),
       ...     update_every=2,
+      ...     end_step=4,
       ... )
       >>> state = opt.init(params)
       >>> step = jax.jit(lambda p, s: opt.update(jax.tree.map(jnp.ones_like, p), s, p))
@@ -294,6 +339,7 @@ def pruned(
       ...     params = optax.apply_updates(params, updates)
       >>> int((params["w"] == 0).sum()), int((~state.mask["w"]).sum())
       (4, 4)
+      >>> nm = fo.pruned(optax.adam(1e-2), 0.5, criterion="magnitude", pattern=fo.NM(2, 4))
 
     References:
       Tu, Berisha, Cao, Seo. Reducing the Model Order of Deep Neural Networks Using
@@ -302,18 +348,21 @@ def pruned(
       Zhu, Gupta. To prune, or not to prune: exploring the efficacy of pruning for model
       compression. 2017. https://arxiv.org/abs/1710.01878
     """
-    method = _validate.choice(method, "method", METHODS)
+    method = _validate.choice(method, "method", PRUNING_METHODS)
     if callable(criterion):
         _validate.callable_arity(criterion, "criterion", "criterion(params, fisher)", 2)
     else:
         criterion = _validate.choice(criterion, "criterion", CRITERIA)
-    scope = _validate.scope(scope)
+    pattern = _validate.pattern(pattern)
     share = _validate.fraction(
         magnitude_fraction,
         "magnitude_fraction",
         meaning="the share of the target sparsity removed by magnitude in stage one",
     )
     update_every = _validate.integer(update_every, "update_every", minimum=1)
+    checked_steps = {0, update_every}
+    if end_step is not None:
+        checked_steps.add(_validate.integer(end_step, "end_step", minimum=0))
     if criterion == "random":
         if key is None:
             raise ValueError("criterion='random' needs key=jax.random.key(seed).")
@@ -324,85 +373,34 @@ def pruned(
             "criterion='random'."
         )
     if callable(prunable):
-        _validate.callable_arity(prunable, "prunable", "prunable(path, leaf) -> bool", 2)
-    if mask_fn is not None:
-        _check_mask_fn(mask_fn)
+        _validate.callable_arity(prunable, "prunable", "prunable(path, leaf)", 2)
     if not callable(schedule):
         schedule = constant_sparsity(schedule)
-    needs_fisher = criterion in ("fisher", "saliency")
     inner = optax.with_extra_args_support(inner)
 
-    def read_fisher(inner_state, params):
-        try:
-            return _fisher_from_state(inner_state, params=params, check_count=False)
-        except ValueError as err:
-            raise ValueError(
-                f"criterion={criterion!r} ranks by the Fisher read from the inner optimizer's "
-                f"state, which failed: {err}"
-            ) from None
-
-    def has_fisher(inner_state, params) -> bool:
-        if needs_fisher:
-            read_fisher(inner_state, params)  # fail at init, not deep inside a jitted step
-            return True
-        if not callable(criterion):
-            return False
-        try:
-            _fisher_from_state(inner_state, params=params, check_count=False)
-        except ValueError:
-            return False
-        return True
-
     def per_leaf_targets(params):
-        paths, leaves, _ = _masks._flat(params)
-        return _masks._per_leaf(sparsity, paths, leaves)
+        return None if sparsity is None else _validate.sparsity(sparsity, params)
 
     def init_fn(params: Params) -> PrunedState:
         inner_state = inner.init(params)
-        has_fisher(inner_state, params)
-        end = getattr(schedule, "end_step", None)
-        _check_schedule(schedule, sorted({0, update_every} | ({int(end)} if end else set())))
-        if sparsity is not None:
-            per_leaf_targets(params)
+        _has_fisher(inner_state, params, criterion)
+        _check_schedule(schedule, sorted(checked_steps))
+        per_leaf_targets(params)
         return PrunedState(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.map(lambda p: jnp.ones_like(p, dtype=bool), params),  # p's layout
             inner_state=inner_state,
         )
 
-    def select(score_tree, target, old):
-        if mask_fn is None:
-            return _masks.topk_mask(score_tree, target, scope=scope, prunable=prunable, mask=old)
-        new = mask_fn(score_tree, target, mask=old)
-        name = getattr(mask_fn, "__name__", "mask_fn")
-        ok = jax.tree.structure(new) == jax.tree.structure(old) and all(
-            jnp.result_type(n) == jnp.bool_ and jnp.shape(n) == jnp.shape(o)
-            for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
-        )
-        if not ok:
-            raise TypeError(
-                f"mask_fn {name!r} must return a bool mask shaped like the params (the tree "
-                f"of mask=), got {jax.tree.map(lambda x: (jnp.result_type(x), jnp.shape(x)), new)}."
-            )
-        # What the old mask prunes stays pruned, whatever mask_fn returns: masks only grow.
-        return jax.tree.map(jnp.logical_and, new, old)
-
     def new_mask(params, inner_state, old, count, with_fisher):
         progress = jnp.asarray(schedule(count), jnp.float32)
-        treedef = jax.tree.structure(params)
-        if sparsity is None:
-            target = progress
-            stage1 = share * progress
-        else:
-            per_leaf = per_leaf_targets(params)
-            target = jax.tree.unflatten(treedef, [jnp.float32(s) * progress for s in per_leaf])
-            stage1 = jax.tree.map(lambda s: jnp.float32(share) * s, target)
-        fisher = read_fisher(inner_state, params) if with_fisher else None
+        target, stage1 = _targets(progress, per_leaf_targets(params), share, params)
+        fisher = _read_fisher(inner_state, params, criterion) if with_fisher else None
         sub = jax.random.fold_in(key, count) if criterion == "random" else None
         score_tree = _scores(params, criterion, fisher=fisher, key=sub)
         if method == "two_stage":
-            old = select(_scores(params, "magnitude"), stage1, old)
-        return select(score_tree, target, old)
+            old = _grown(pattern, _scores(params, "magnitude"), stage1, old, prunable)
+        return _grown(pattern, score_tree, target, old, prunable)
 
     def update_fn(updates, state, params=None, **extra_args):
         _need_params(params)
@@ -414,7 +412,7 @@ def pruned(
         count = state.count
         due = count % update_every == 0
         # Decided from the state's structure, at trace time: no hidden state in the closure.
-        with_fisher = has_fisher(state.inner_state, params)
+        with_fisher = _has_fisher(state.inner_state, params, criterion)
         if with_fisher:  # no Fisher before the inner optimizer has seen a gradient
             due = due & (count > 0) & _has_seen_a_gradient(state.inner_state)
 
@@ -432,18 +430,7 @@ def pruned(
         else:
             mask_leaves = jax.lax.cond(due, recompute, lambda _: list(old_leaves), None)
         mask = jax.tree.unflatten(treedef, mask_leaves)
-        zero_pruned = lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype))
-        grads = jax.tree.map(zero_pruned, updates, mask)
-        # Masked-out subtrees (optax.masked, partition, multi_transform) hold MaskedNode
-        # where the mask holds arrays: they stay as they are.
-        skip = lambda x: isinstance(x, optax.MaskedNode)
-        inner_state = otu.tree_map_params(
-            inner,
-            lambda x, m: x if skip(x) else zero_pruned(x, m),
-            state.inner_state,
-            mask,
-            is_leaf=skip,
-        )
+        grads, inner_state = _zero_pruned(inner, updates, state.inner_state, mask)
         inner_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
         return _masked_updates(inner_updates, params, mask_leaves), PrunedState(
             count=optax.safe_increment(count),

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fisher_optax as fo
-from fisher_optax import masks as masks_mod
+from fisher_optax import _select as select_mod
+from fisher_optax._tree import per_leaf
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
@@ -83,16 +84,16 @@ def as_jnp(tree):
 def selection_path(path):
     """Eager calls on small concrete trees select in NumPy ("host"); "device" forces the
     jitted kernel, as for large or traced inputs."""
-    saved = masks_mod._HOST_MAX
-    masks_mod._HOST_MAX = saved if path == "host" else -1
+    saved = select_mod.HOST_MAX
+    select_mod.HOST_MAX = saved if path == "host" else -1
     try:
         yield
     finally:
-        masks_mod._HOST_MAX = saved
+        select_mod.HOST_MAX = saved
 
 
 # ------------------------------------------------------------------------------------------
-# topk_mask
+# select (Unstructured)
 
 
 @pytest.mark.parametrize("path", ["host", "device"])
@@ -103,7 +104,7 @@ def test_topk_global_matches_sort_reference(path, data, sparsity, with_prior):
     names = list(tree)
     prior = {k: rng.uniform(size=v.shape) > 0.3 for k, v in tree.items()} if with_prior else None
     with selection_path(path):
-        mask = fo.topk_mask(as_jnp(tree), sparsity, mask=None if prior is None else as_jnp(prior))
+        mask = fo.select(as_jnp(tree), sparsity, mask=None if prior is None else as_jnp(prior))
     want = ref_prune(
         [tree[k] for k in names], sparsity, None if prior is None else [prior[k] for k in names]
     )
@@ -116,7 +117,7 @@ def test_topk_global_matches_sort_reference(path, data, sparsity, with_prior):
 def test_topk_layer_matches_sort_reference_per_leaf(path, data, sparsity):
     tree, _ = data
     with selection_path(path):
-        mask = fo.topk_mask(as_jnp(tree), sparsity, scope="layer")
+        mask = fo.select(as_jnp(tree), sparsity, pattern=fo.Unstructured("layer"))
     for name, x in tree.items():
         np.testing.assert_array_equal(~np.asarray(mask[name]).ravel(), ref_prune([x], sparsity))
         assert int((~np.asarray(mask[name])).sum()) == k_of(sparsity, x.size)
@@ -126,7 +127,7 @@ def test_topk_layer_matches_sort_reference_per_leaf(path, data, sparsity):
 @given(score_trees(ties=False), st.floats(0, 1), st.sampled_from(["global", "layer"]))
 def test_exact_pruned_count(data, sparsity, scope):
     tree, _ = data
-    mask = fo.topk_mask(as_jnp(tree), sparsity, scope=scope)
+    mask = fo.select(as_jnp(tree), sparsity, pattern=fo.Unstructured(scope))
     counts = {k: int((~np.asarray(m)).sum()) for k, m in mask.items()}
     if scope == "global":
         n = sum(v.size for v in tree.values())
@@ -141,9 +142,9 @@ def test_masks_nest(data, s1, s2, scope):
     tree, _ = data
     lo, hi = sorted([s1, s2])
     scores = as_jnp(tree)
-    m_lo = fo.topk_mask(scores, lo, scope=scope)
-    m_hi = fo.topk_mask(scores, hi, scope=scope, mask=m_lo)
-    m_hi_fresh = fo.topk_mask(scores, hi, scope=scope)
+    m_lo = fo.select(scores, lo, pattern=fo.Unstructured(scope))
+    m_hi = fo.select(scores, hi, pattern=fo.Unstructured(scope), mask=m_lo)
+    m_hi_fresh = fo.select(scores, hi, pattern=fo.Unstructured(scope))
     for k in tree:
         # Everything pruned at the lower sparsity stays pruned at the higher one.
         assert not np.any(~np.asarray(m_lo[k]) & np.asarray(m_hi[k]))
@@ -154,13 +155,13 @@ def test_masks_nest(data, s1, s2, scope):
 def test_prior_mask_above_target_keeps_its_pruning():
     scores = {"w": jnp.arange(12.0).reshape(3, 4)}
     prior = {"w": jnp.arange(12).reshape(3, 4) % 2 == 0}  # prunes 6 (the odd entries kept)
-    mask = fo.topk_mask(scores, 0.25, mask=prior)
+    mask = fo.select(scores, 0.25, mask=prior)
     np.testing.assert_array_equal(mask["w"], prior["w"])
 
 
 def test_tie_break_lower_flat_index_first_across_leaves():
     scores = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}
-    mask = fo.topk_mask(scores, 5 / 8)
+    mask = fo.select(scores, 5 / 8)
     np.testing.assert_array_equal(mask["a"], np.zeros((2, 2), bool))
     np.testing.assert_array_equal(mask["b"], np.array([[False, True], [True, True]]))
 
@@ -178,7 +179,9 @@ def test_tie_break_over_rows_of_every_leaf_shape(scope):
 
     @jax.jit
     def select(scores, prior, sparsity):
-        return fo.topk_mask(scores, sparsity, scope=scope, prunable=lambda p, x: True, mask=prior)
+        return fo.select(
+            scores, sparsity, pattern=fo.Unstructured(scope), prunable=lambda p, x: True, mask=prior
+        )
 
     for sparsity in [0.05, 0.3, 0.31, 0.77, 0.999]:
         got = select(as_jnp(tree), as_jnp(prior), jnp.float32(sparsity))
@@ -193,15 +196,15 @@ def test_tie_break_over_rows_of_every_leaf_shape(scope):
 
 def test_negative_zero_ties_with_zero_and_infinities_rank():
     scores = {"w": jnp.array([[0.0, -0.0, jnp.inf, -jnp.inf, 1.0, -1.0]])}
-    mask = fo.topk_mask(scores, 3 / 6)
+    mask = fo.select(scores, 3 / 6)
     # -inf, -1, then the first of the tied zeros (index 0; -0.0 at index 1 is its equal).
     np.testing.assert_array_equal(mask["w"], [[False, True, True, False, True, False]])
 
 
 def test_sparsity_zero_and_one():
     scores = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
-    assert bool(jnp.all(fo.topk_mask(scores, 0.0)["w"]))
-    full = fo.topk_mask(scores, 1.0)
+    assert bool(jnp.all(fo.select(scores, 0.0)["w"]))
+    full = fo.select(scores, 1.0)
     assert not bool(jnp.any(full["w"]))
     assert bool(jnp.all(full["b"]))  # not prunable: ndim 1
 
@@ -267,11 +270,11 @@ def test_topk_under_jit_matches_eager_and_compiles_once():
     @jax.jit
     def f(scores, sparsity):
         traces.append(1)
-        return fo.topk_mask(scores, sparsity)
+        return fo.select(scores, sparsity)
 
     for s in [0.1, 0.37, 0.5, 0.93]:
         got = f(scores, jnp.float32(s))
-        want = fo.topk_mask(scores, float(jnp.float32(s)))
+        want = fo.select(scores, float(jnp.float32(s)))
         for k in scores:
             np.testing.assert_array_equal(got[k], want[k])
     assert len(traces) == 1
@@ -279,26 +282,26 @@ def test_topk_under_jit_matches_eager_and_compiles_once():
 
 def test_traced_sparsity_is_clipped():
     scores = {"w": jnp.arange(4.0).reshape(2, 2)}
-    m = jax.jit(fo.topk_mask)(scores, jnp.float32(1.5))
+    m = jax.jit(fo.select)(scores, jnp.float32(1.5))
     assert not bool(jnp.any(m["w"]))
 
 
 def test_nan_under_jit_ranks_above_every_number():
     scores = {"w": jnp.array([[jnp.nan, 1.0, jnp.inf, 0.0]])}
-    m = jax.jit(lambda s: fo.topk_mask(s, 0.75))(scores)
+    m = jax.jit(lambda s: fo.select(s, 0.75))(scores)
     np.testing.assert_array_equal(m["w"], [[True, False, False, False]])
 
 
 def test_flat_index_and_keys_are_order_preserving():
     x = np.array([-np.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, np.inf], np.float32)
-    keys = np.asarray(masks_mod._float_keys(jnp.asarray(x)))
+    keys = np.asarray(select_mod.float_keys(jnp.asarray(x)))
     assert np.all(np.diff(keys.astype(np.int64)) >= 0)
     assert keys[3] == keys[4]
-    idx = np.asarray(masks_mod._flat_index((2, 3, 4), jnp.uint32(5)))
+    idx = np.asarray(select_mod.flat_index((2, 3, 4), jnp.uint32(5)))
     np.testing.assert_array_equal(idx, np.arange(24).reshape(2, 3, 4) + 5)
 
 
-_ROUND = jax.jit(jax.vmap(masks_mod._round_product))
+_ROUND = jax.jit(jax.vmap(select_mod.round_product))
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
@@ -317,11 +320,13 @@ def test_traced_target_is_exact_round_half_even(seed):
     want = [round(Fraction(float(a)) * int(b)) for a, b in zip(s, n, strict=True)]
     np.testing.assert_array_equal(got, want)
     # float32(0.7) * 45 rounds to 31.5 in float32, but the exact product is below 31.5.
-    assert int(masks_mod._round_product(jnp.float32(0.7), jnp.int32(45))) == 31
+    assert int(select_mod.round_product(jnp.float32(0.7), jnp.int32(45))) == 31
 
 
 _JIT_SELECT = jax.jit(
-    lambda sc, sp, m, a, scope: fo.topk_mask(sc, sp, scope=scope, mask=m, prunable=a),
+    lambda sc, sp, m, a, scope: fo.select(
+        sc, sp, pattern=fo.Unstructured(scope), mask=m, prunable=a
+    ),
     static_argnames="scope",
 )
 
@@ -340,26 +345,28 @@ def test_host_selection_equals_the_jitted_kernel(seed, sparsity, scope):
     allow = {k: rng.uniform(size=s) > 0.1 for k, s in shapes.items()}
     scores, prior_j, allow_j = as_jnp(tree), as_jnp(prior), as_jnp(allow)
     s32 = float(np.float32(sparsity))
-    host = fo.topk_mask(scores, s32, scope=scope, mask=prior_j, prunable=allow_j)
+    host = fo.select(scores, s32, pattern=fo.Unstructured(scope), mask=prior_j, prunable=allow_j)
     device = _JIT_SELECT(scores, jnp.float32(s32), prior_j, allow_j, scope)
     for k in shapes:
         assert isinstance(host[k], jax.Array) and host[k].dtype == jnp.bool_
         np.testing.assert_array_equal(np.asarray(host[k]), np.asarray(device[k]))
     # Subnormals rank as zero on both paths: their ties go by flat index, as zeros do.
-    keys = np.asarray(masks_mod._float_keys(jnp.asarray(special)))
-    np.testing.assert_array_equal(masks_mod._float_keys_host(special), keys)
+    keys = np.asarray(select_mod.float_keys(jnp.asarray(special)))
+    np.testing.assert_array_equal(select_mod.float_keys_host(special), keys)
     assert keys[0] == keys[1] == keys[2] == keys[3]
 
 
 def test_recomputed_keys_give_the_numpy_masks(monkeypatch):
-    """Above _STORED_KEYS_MAX every phase recomputes the keys from the scores (and the
+    """Above STORED_KEYS_MAX every phase recomputes the keys from the scores (and the
     tie-break receives the scores): the same masks as the NumPy path, ties, prior masks,
     element-wise prunable and layer groups included."""
-    monkeypatch.setattr(masks_mod, "_STORED_KEYS_MAX", 0)
+    monkeypatch.setattr(select_mod, "STORED_KEYS_MAX", 0)
     jax.clear_caches()  # the selection's inner jit caches its trace
     try:
         select = jax.jit(
-            lambda sc, sp, m, a, scope: fo.topk_mask(sc, sp, scope=scope, mask=m, prunable=a),
+            lambda sc, sp, m, a, scope: fo.select(
+                sc, sp, pattern=fo.Unstructured(scope), mask=m, prunable=a
+            ),
             static_argnames="scope",
         )
         for seed, scope in [(0, "global"), (1, "layer"), (2, "global")]:
@@ -371,7 +378,9 @@ def test_recomputed_keys_give_the_numpy_masks(monkeypatch):
             allow = as_jnp({k: rng.uniform(size=s) > 0.1 for k, s in shapes.items()})
             scores = as_jnp(tree)
             for sparsity in (0.3, 0.8):
-                host = fo.topk_mask(scores, sparsity, scope=scope, mask=prior, prunable=allow)
+                host = fo.select(
+                    scores, sparsity, pattern=fo.Unstructured(scope), mask=prior, prunable=allow
+                )
                 device = select(scores, jnp.float32(sparsity), prior, allow, scope)
                 for k in shapes:
                     np.testing.assert_array_equal(np.asarray(host[k]), np.asarray(device[k]))
@@ -389,8 +398,8 @@ def test_jitted_selection_with_an_empty_leaf_and_ties_matches_numpy():
         "d": np.zeros((0,), np.float32),  # a 1-D empty leaf (ZeroDivisionError before)
     }
     every = lambda path, leaf: True
-    host = fo.topk_mask(tree, 0.3, prunable=every)
-    device = jax.jit(lambda t: fo.topk_mask(t, 0.3, prunable=every))(as_jnp(tree))
+    host = fo.select(tree, 0.3, prunable=every)
+    device = jax.jit(lambda t: fo.select(t, 0.3, prunable=every))(as_jnp(tree))
     for k in tree:
         np.testing.assert_array_equal(np.asarray(host[k]), np.asarray(device[k]))
     assert int((~np.asarray(device["b"])).sum()) == 6  # round(0.3 * 21)
@@ -416,7 +425,7 @@ def test_count_matches_numpy_sum():
     rng = np.random.default_rng(0)
     for shape in [(), (7,), (3, 300), (2, 256), (4, 1000), (2, 257 * 3), (2, 70001), (70001,)]:
         pred = rng.uniform(size=shape) < 0.9
-        assert int(masks_mod._count(jnp.asarray(pred))) == int(pred.sum())
+        assert int(select_mod.count(jnp.asarray(pred))) == int(pred.sum())
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,11 +434,11 @@ def test_count_matches_numpy_sum():
 
 @SETTINGS
 @given(score_trees(ties=False), st.floats(0, 1), st.sampled_from(["fisher", "saliency"]))
-def test_fisher_mask_matches_reference(data, sparsity, criterion):
+def test_fisher_and_saliency_selection_matches_reference(data, sparsity, criterion):
     params, rng = data
     names = list(params)
     fisher = {k: rng.uniform(size=v.shape).astype(np.float32) for k, v in params.items()}
-    mask = fo.fisher_mask(as_jnp(params), sparsity, fisher=as_jnp(fisher), criterion=criterion)
+    mask = fo.select(fo.scores(as_jnp(params), criterion, fisher=as_jnp(fisher)), sparsity)
     if criterion == "fisher":
         score = [fisher[k] for k in names]
     else:
@@ -457,7 +466,7 @@ def test_two_stage_matches_brute_force(path, data, share, s, criterion, scope):
             fisher=as_jnp(fisher),
             magnitude_fraction=share,
             criterion=criterion,
-            scope=scope,
+            pattern=fo.Unstructured(scope),
         )
     ms = np.float32(share) * np.float32(s)  # the stage-one target, formed in float32
     groups = [names] if scope == "global" else [[k] for k in names]
@@ -484,21 +493,23 @@ def test_magnitude_mask_matches_reference_layer_scope():
         "a": rng.standard_normal((5, 5)).astype(np.float32),
         "b": rng.standard_normal((3, 8)).astype(np.float32),
     }
-    mask = fo.magnitude_mask(as_jnp(params), 0.4, scope="layer")
+    mask = fo.magnitude_mask(as_jnp(params), 0.4, pattern=fo.Unstructured("layer"))
     for k, v in params.items():
         np.testing.assert_array_equal(~np.asarray(mask[k]).ravel(), ref_prune([np.abs(v)], 0.4))
 
 
-def test_random_mask_exact_count_deterministic_and_key_dependent():
+def test_random_scores_select_an_exact_count_deterministic_and_key_dependent():
     params = {"a": jnp.zeros((20, 10)), "b": jnp.zeros((5, 4)), "bias": jnp.zeros(7)}
-    m1 = fo.random_mask(params, 0.33, key=jax.random.key(0))
-    m2 = fo.random_mask(params, 0.33, key=jax.random.key(0))
-    m3 = fo.random_mask(params, 0.33, key=jax.random.key(1))
+    m1 = fo.select(fo.scores(params, "random", key=jax.random.key(0)), 0.33)
+    m2 = fo.select(fo.scores(params, "random", key=jax.random.key(0)), 0.33)
+    m3 = fo.select(fo.scores(params, "random", key=jax.random.key(1)), 0.33)
     assert int(sum((~m).sum() for k, m in m1.items() if k != "bias")) == round(0.33 * 220)
     assert bool(jnp.all(m1["bias"]))
     assert all(bool(jnp.array_equal(m1[k], m2[k])) for k in params)
     assert not bool(jnp.array_equal(m1["a"], m3["a"]))
-    layer = fo.random_mask(params, 0.33, key=jax.random.key(0), scope="layer")
+    layer = fo.select(
+        fo.scores(params, "random", key=jax.random.key(0)), 0.33, pattern=fo.Unstructured("layer")
+    )
     assert int((~layer["a"]).sum()) == 66 and int((~layer["b"]).sum()) == 7
 
 
@@ -524,12 +535,12 @@ def test_apply_mask_and_sparsity_report():
 @pytest.mark.parametrize(("n", "s"), [(10, 0.65), (10, 0.45), (45, 0.3)])
 def test_eager_and_jit_prune_the_same_count_issue_cases(n, s):
     scores = {"w": jnp.arange(float(n)).reshape(1, n)}
-    eager = int((~fo.topk_mask(scores, s)["w"]).sum())
-    jitted = int((~jax.jit(fo.topk_mask)(scores, jnp.float32(s))["w"]).sum())
+    eager = int((~fo.select(scores, s)["w"]).sum())
+    jitted = int((~jax.jit(fo.select)(scores, jnp.float32(s))["w"]).sum())
     assert eager == jitted == k_of(s, n)
 
 
-_JIT_TOPK_PRUNABLE = jax.jit(lambda sc, x, a: fo.topk_mask(sc, x, prunable=a))
+_JIT_TOPK_PRUNABLE = jax.jit(lambda sc, x, a: fo.select(sc, x, prunable=a))
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -539,7 +550,7 @@ def test_eager_and_jit_prune_the_same_count(n, s):
     scores = {"w": np.zeros((1, 64), np.float32)}
     scores["w"][0, :n] = np.arange(n)
     allowed = {"w": np.arange(64).reshape(1, 64) < n}
-    eager = fo.topk_mask(scores, s, prunable=allowed)["w"]
+    eager = fo.select(scores, s, prunable=allowed)["w"]
     jitted = _JIT_TOPK_PRUNABLE(scores, jnp.float32(s), allowed)["w"]
     np.testing.assert_array_equal(eager, jitted)
     assert int((~eager).sum()) == k_of(s, n)
@@ -547,8 +558,8 @@ def test_eager_and_jit_prune_the_same_count(n, s):
 
 def test_traced_nan_sparsity_prunes_nothing_and_large_is_clipped():
     scores = {"w": jnp.arange(4.0).reshape(2, 2)}
-    assert bool(jnp.all(jax.jit(fo.topk_mask)(scores, jnp.float32(jnp.nan))["w"]))
-    assert not bool(jnp.any(jax.jit(fo.topk_mask)(scores, jnp.float32(1.5))["w"]))
+    assert bool(jnp.all(jax.jit(fo.select)(scores, jnp.float32(jnp.nan))["w"]))
+    assert not bool(jnp.any(jax.jit(fo.select)(scores, jnp.float32(1.5))["w"]))
 
 
 # ------------------------------------------------------------------------------------------
@@ -647,7 +658,7 @@ def test_erk_power_scale_zero_is_uniform_and_uniform_sparsity():
     with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0.0, 1.0\]"):
         fo.erk_sparsity(params, 1.2)
     uni = fo.magnitude_mask(params, fo.uniform_sparsity(params, 0.37))
-    lay = fo.magnitude_mask(params, 0.37, scope="layer")
+    lay = fo.magnitude_mask(params, 0.37, pattern=fo.Unstructured("layer"))
     for k in params:
         np.testing.assert_array_equal(uni[k], lay[k])
 
@@ -658,7 +669,7 @@ def test_erk_power_scale_zero_is_uniform_and_uniform_sparsity():
 
 def test_error_sparsity_out_of_range_or_nan():
     with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0.0, 1.0\]"):
-        fo.topk_mask({"w": jnp.ones((2, 2))}, 1.5)
+        fo.select({"w": jnp.ones((2, 2))}, 1.5)
     with pytest.raises(ValueError, match=r"sparsity must be a finite number.*got -0.1"):
         fo.magnitude_mask({"w": jnp.ones((2, 2))}, -0.1)
     with pytest.raises(ValueError, match=r"sparsity must be a finite number.*got nan"):
@@ -669,10 +680,10 @@ def test_error_sparsity_out_of_range_or_nan():
 
 def test_error_nan_scores_name_the_leaf():
     with pytest.raises(ValueError, match=r"scores at \['w'\] hold NaN"):
-        fo.topk_mask({"w": jnp.array([[1.0, jnp.nan]])}, 0.5)
+        fo.select({"w": jnp.array([[1.0, jnp.nan]])}, 0.5)
     params = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match=r"fisher at \['w'\] holds 4 non-finite value"):
-        fo.fisher_mask(params, 0.5, fisher={"w": jnp.full((2, 2), jnp.nan)})
+        fo.select(fo.scores(params, "fisher", fisher={"w": jnp.full((2, 2), jnp.nan)}), 0.5)
     with pytest.raises(ValueError, match=r"params at \['w'\] holds 1 non-finite value"):
         fo.magnitude_mask({"w": jnp.array([[1.0, jnp.inf]])}, 0.5)
 
@@ -681,7 +692,7 @@ def test_error_negative_fisher():
     params = {"w": jnp.ones((2, 2))}
     neg = {"w": jnp.array([[1.0, -0.5], [0.2, 0.3]])}
     with pytest.raises(ValueError, match=r"fisher at \['w'\] holds 1 negative value"):
-        fo.fisher_mask(params, 0.5, fisher=neg)
+        fo.select(fo.scores(params, "fisher", fisher=neg), 0.5)
     with pytest.raises(ValueError, match=r"fisher at \['w'\] holds 1 negative value"):
         fo.two_stage_mask(params, 0.5, fisher=neg)
 
@@ -689,24 +700,27 @@ def test_error_negative_fisher():
 def test_error_unknown_scope_and_criterion():
     params = {"w": jnp.ones((2, 2))}
     with pytest.raises(ValueError, match=r"scope must be one of: 'global'.*Got 'model'"):
-        fo.topk_mask(params, 0.5, scope="model")
+        fo.select(params, 0.5, pattern=fo.Unstructured("model"))
     with pytest.raises(ValueError, match=r"criterion must be one of: 'fisher'.*Got 'hessian'"):
-        fo.fisher_mask(params, 0.5, fisher=params, criterion="hessian")
+        fo.two_stage_mask(params, 0.5, fisher=params, criterion="hessian")
     with pytest.raises(ValueError, match=r"criterion must be one of: 'fisher'.*Got 'random'"):
         fo.two_stage_mask(params, 0.5, fisher=params, criterion="random")
 
 
-def test_callable_criterion_in_fisher_mask():
+def test_callable_criterion_in_two_stage_mask():
     params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
     fisher = {"w": jnp.array([[4.0, 3.0], [2.0, 1.0]])}
-    m = fo.fisher_mask(params, 0.5, fisher=fisher, criterion=lambda p, f: {"w": -p["w"]})
+    neg = lambda p, f: {"w": -p["w"]}
+    m = fo.two_stage_mask(params, 0.5, fisher=fisher, magnitude_fraction=0.0, criterion=neg)
     np.testing.assert_array_equal(m["w"], [[True, True], [False, False]])
 
 
 def test_error_fisher_tree_mismatch_names_first_path():
     params = {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 3))}
     with pytest.raises(ValueError, match=r"fisher at \['b'\] has shape \(3, 2\)"):
-        fo.fisher_mask(params, 0.5, fisher={"a": jnp.ones((2, 2)), "b": jnp.ones((3, 2))})
+        fo.select(
+            fo.scores(params, "fisher", fisher={"a": jnp.ones((2, 2)), "b": jnp.ones((3, 2))}), 0.5
+        )
     with pytest.raises(ValueError, match=r"leaf 1 is at \['c'\] in fisher but at \['b'\]"):
         fo.two_stage_mask(params, 0.5, fisher={"a": jnp.ones((2, 2)), "c": jnp.ones((3, 3))})
 
@@ -730,10 +744,31 @@ def test_error_magnitude_fraction_out_of_range():
         fo.two_stage_mask(params, 0.5, fisher=params, magnitude_fraction=1.5)
 
 
+def test_prunable_predicate_may_return_arrays_and_mappings_name_leaves():
+    """A predicate may answer per weight (a bool array shaped like the leaf) or per leaf (a
+    bool or a 0-d bool array); a mapping flags the leaves it names, the others are not
+    prunable."""
+    params = {"b": jnp.arange(1.0, 5.0), "w": jnp.arange(1.0, 5.0).reshape(2, 2)}
+    upper = lambda p, x: jnp.arange(x.size).reshape(x.shape) >= x.size // 2
+    m = fo.magnitude_mask(params, 0.5, prunable=upper)  # 2 of 3, 4, 3, 4: the two 3s
+    np.testing.assert_array_equal(m["b"], [True, True, False, True])
+    np.testing.assert_array_equal(m["w"], [[True, True], [False, True]])
+    m = fo.magnitude_mask(params, 0.5, prunable=lambda p, x: jnp.asarray(x.ndim == 1))
+    np.testing.assert_array_equal(m["b"], [False, False, True, True])
+    assert bool(jnp.all(m["w"]))
+    m = fo.magnitude_mask(params, 0.25, prunable={"['b']": True})
+    np.testing.assert_array_equal(m["b"], [False, True, True, True])
+    assert bool(jnp.all(m["w"]))
+
+
 def test_error_bad_prunable():
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
-    with pytest.raises(TypeError, match="predicate must return a Python bool"):
-        fo.magnitude_mask(params, 0.5, prunable=lambda p, x: jnp.asarray(True))
+    with pytest.raises(
+        TypeError, match=r"prunable\(path, leaf\) at \['b'\] must be a bool or a bool array"
+    ):
+        fo.magnitude_mask(params, 0.5, prunable=lambda p, x: 1)
+    with pytest.raises(TypeError, match=r"prunable\[\"\['w'\]\"\] must be a bool or a bool array"):
+        fo.magnitude_mask(params, 0.5, prunable={"['w']": jnp.ones(3, bool)})
     with pytest.raises(
         TypeError, match=r"prunable must accept 2 positional arguments: prunable\(path, leaf\)"
     ):
@@ -746,13 +781,13 @@ def test_error_bad_prunable():
 
 def test_error_complex_scores_and_key():
     with pytest.raises(TypeError, match="scores must be real numbers"):
-        fo.topk_mask({"w": jnp.ones((2, 2), jnp.complex64)}, 0.5)
+        fo.select({"w": jnp.ones((2, 2), jnp.complex64)}, 0.5)
     with pytest.raises(TypeError, match=r"key must be a jax\.random key"):
-        fo.random_mask({"w": jnp.ones((2, 2))}, 0.5, key=3)
+        fo.select(fo.scores({"w": jnp.ones((2, 2))}, "random", key=3), 0.5)
 
 
 _RADIX = jax.jit(
-    masks_mod._radix_select, static_argnames=("keys_of", "groups", "n_groups", "step_bits")
+    select_mod.radix_select, static_argnames=("keys_of", "groups", "n_groups", "step_bits")
 )
 
 
@@ -799,7 +834,7 @@ def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
         rep = np.repeat(k, w)
         t = int(rng.integers(0, rep.size + 1))
         thresh, below, upto = jax.jit(
-            masks_mod._radix_select, static_argnames=("keys_of", "groups", "n_groups", "bits")
+            select_mod.radix_select, static_argnames=("keys_of", "groups", "n_groups", "bits")
         )(
             list,
             [jnp.asarray(k)],
@@ -821,7 +856,7 @@ def test_row_counts_match_numpy_for_every_shape():
     rng = np.random.default_rng(5)
     for shape in [(1, 1), (3, 32), (4, 33), (2, 1000), (3, 3, 64, 7), (2, 70001), (0, 5), (3, 0)]:
         pred = rng.random(shape) < 0.6
-        got = np.asarray(jax.jit(masks_mod._row_counts)(jnp.asarray(pred)))
+        got = np.asarray(jax.jit(select_mod.row_counts)(jnp.asarray(pred)))
         np.testing.assert_array_equal(got, pred.sum(axis=tuple(range(1, pred.ndim))))
 
 
@@ -829,13 +864,13 @@ def test_count_many_matches_numpy_for_every_rank_and_long_rows():
     rng = np.random.default_rng(3)
     for shape in [(), (7,), (5, 9), (2, 3, 4), (2, 70000)]:
         preds = [jnp.asarray(rng.random(shape) < p) for p in (0.1, 0.5, 0.9)]
-        got = np.asarray(jax.jit(masks_mod._count_many)(preds))
+        got = np.asarray(jax.jit(select_mod.count_many)(preds))
         np.testing.assert_array_equal(got, [int(np.sum(np.asarray(p))) for p in preds])
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_compiled_selection_stores_nothing_score_sized_above_the_threshold(with_mask, monkeypatch):
-    """Above _STORED_KEYS_MAX the jitted selection keeps no per-score temporaries (keys are
+    """Above STORED_KEYS_MAX the jitted selection keeps no per-score temporaries (keys are
     recomputed in each phase, the digits live in the output's buffer): XLA:CPU allocates
     temporaries afresh at every call, and at 1e8 scores faulting in the ~8 bytes per score
     the earlier kernel stored cost more than the counting. Below it the keys are stored
@@ -847,14 +882,12 @@ def test_compiled_selection_stores_nothing_score_sized_above_the_threshold(with_
     every = lambda path, leaf: True  # the 1-D leaf too
 
     def temp_bytes(cap):
-        monkeypatch.setattr(masks_mod, "_STORED_KEYS_MAX", cap)
+        monkeypatch.setattr(select_mod, "STORED_KEYS_MAX", cap)
         jax.clear_caches()  # the selection's inner jit caches its trace
         if with_mask:
-            fn = jax.jit(lambda s, m: fo.topk_mask(s, 0.9, mask=m, prunable=every)).lower(
-                scores, mask
-            )
+            fn = jax.jit(lambda s, m: fo.select(s, 0.9, mask=m, prunable=every)).lower(scores, mask)
         else:
-            fn = jax.jit(lambda s: fo.topk_mask(s, 0.9, prunable=every)).lower(scores)
+            fn = jax.jit(lambda s: fo.select(s, 0.9, prunable=every)).lower(scores)
         analysis = fn.compile().memory_analysis()
         if analysis is None:
             pytest.skip("this backend reports no memory analysis")
@@ -877,7 +910,37 @@ def test_what_the_earlier_mask_prunes_stays_pruned_outside_the_prunable_weights(
     # half to even) and (1, 0), not prunable, still pruned. The same mask either way.
     want_w = np.array([[False, False, True], [False, True, True]])
     for prunable in (None, allow):
-        f = lambda s, p, prunable=prunable: fo.topk_mask(s, 0.5, mask=p, prunable=prunable)
+        f = lambda s, p, prunable=prunable: fo.select(s, 0.5, mask=p, prunable=prunable)
         for got in (f(scores, prior), jax.jit(f)(as_jnp(scores), as_jnp(prior))):
             np.testing.assert_array_equal(np.asarray(got["b"]), prior["b"])
             np.testing.assert_array_equal(np.asarray(got["w"]), want_w)
+
+
+def test_per_leaf_resolver_forms_and_messages():
+    """The one resolver of per-leaf specs (prunable, sparsity, and quantize's quantizable
+    and axis): default, predicate, pytree and mapping, with the messages of each."""
+    tree = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    kw = {"name": "axis", "default": lambda p, x: x.ndim, "missing": None, "plural": "axes"}
+    assert per_leaf(None, tree, **kw) == [2, 1]
+    assert per_leaf(lambda p, x: p[-1].key, tree, **kw) == ["a", "b"]
+    assert per_leaf({"a": 0, "b": -1}, tree, **kw) == [0, -1]
+    assert per_leaf({"['b']": -1}, tree, **kw) == [None, -1]
+    assert per_leaf({lambda p, x: x.ndim == 2: 1}, tree, **kw) == [1, None]
+    seen = []
+    check = lambda v, where, path, leaf: seen.append(where) or v
+    per_leaf({"['a']": 0, lambda p, x: x.ndim == 1: 1}, tree, check=check, **kw)
+    per_leaf({"a": 0, "b": 0}, tree, check=check, **kw)
+    assert seen[0] == "axis[\"['a']\"]" and seen[1].startswith("axis['<lambda>']")
+    assert seen[2:] == ["axis at ['a']", "axis at ['b']"]
+    with pytest.raises(ValueError, match=r"axis names the path \"\['c'\]\", which the params"):
+        per_leaf({"['c']": 0}, tree, **kw)
+    with pytest.raises(ValueError, match=r"axis gives the leaf at \['a'\] two axes"):
+        per_leaf({"['a']": 0, lambda p, x: True: 1}, tree, **kw)
+    with pytest.raises(TypeError, match=r"an axis mapping is keyed by path strings"):
+        per_leaf({"['a']": 0, 3: 1}, tree, **kw)
+    with pytest.raises(TypeError, match=r"an axis key must accept 2 positional arguments"):
+        per_leaf({lambda p: True: 1}, tree, **kw)
+    with pytest.raises(ValueError, match=r"axis does not match the structure of the params"):
+        per_leaf({"a": 0}, tree, **kw)
+    with pytest.raises(ValueError, match=r"axis has a leaf at \['c'\] that the params lack"):
+        per_leaf({"a": 0, "b": 0, "c": 0}, tree, **kw)

@@ -1,6 +1,8 @@
 """N:M and block masks against NumPy loop references, under jit, in
 ``pruned``, nested with unstructured masks, and on params sharded over 8 CPU devices."""
 
+import dataclasses
+import functools
 import itertools
 import re
 from fractions import Fraction
@@ -16,13 +18,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fisher_optax as fo
-from fisher_optax.patterns import block_mask, block_selection, nm_mask, nm_selection
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 
 def k_of(sparsity, n):
-    """topk_mask's documented count: exact product of the float32 sparsity, half to even."""
+    """select's documented count: exact product of the float32 sparsity, half to even."""
     return round(Fraction(float(np.float32(sparsity))) * n)
 
 
@@ -161,14 +162,21 @@ NM_LAYOUTS = [[(8, 4), (2, 8, 8)], [(16, 2)]]
     with_prior=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_nm_mask_matches_loop_reference_exact_per_group(layout, m, n_frac, axis, with_prior, seed):
+def test_nm_full_pattern_matches_loop_reference_exact_per_group(
+    layout, m, n_frac, axis, with_prior, seed
+):
     if axis == -1 and any(s[-1] % m for s in layout):
         m = 2  # every axis -1 length here is even
     n = max(1, round(n_frac * m))
     rng = np.random.default_rng(seed)
     scores = int_scores(rng, layout)
     prior = random_prior(rng, scores) if with_prior else None
-    got = nm_mask(as_jnp(scores), n, m, axis=axis, mask=None if prior is None else as_jnp(prior))
+    got = fo.select(
+        as_jnp(scores),
+        1.0,
+        pattern=fo.NM(n, m, axis=axis),
+        mask=None if prior is None else as_jnp(prior),
+    )
     for k, s in scores.items():
         want = ref_nm(s, n, m, axis, None if prior is None else prior[k])
         np.testing.assert_array_equal(np.asarray(got[k]), want, err_msg=k)
@@ -181,12 +189,16 @@ def test_nm_mask_matches_loop_reference_exact_per_group(layout, m, n_frac, axis,
 
 def test_nm_ties_go_to_the_lower_flat_index_first():
     scores = {"w": jnp.zeros((4, 2))}
-    got = np.asarray(nm_mask(scores, 2, 4)["w"])  # all tied: the last two of each column stay
+    got = np.asarray(
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4))["w"]
+    )  # all tied: the last two of each column stay
     np.testing.assert_array_equal(got, [[False, False], [False, False], [True, True], [True, True]])
-    got = np.asarray(nm_mask(scores, 1, 2, axis=-1)["w"])
+    got = np.asarray(fo.select(scores, 1.0, pattern=fo.NM(1, 2, axis=-1))["w"])
     np.testing.assert_array_equal(got, [[False, True]] * 4)
     # -0.0 ties with 0.0; inf ranks above every number.
-    got = nm_mask({"w": jnp.array([[0.0], [-0.0], [jnp.inf], [-jnp.inf]])}, 2, 4)["w"]
+    got = fo.select(
+        {"w": jnp.array([[0.0], [-0.0], [jnp.inf], [-jnp.inf]])}, 1.0, pattern=fo.NM(2, 4)
+    )["w"]
     np.testing.assert_array_equal(np.asarray(got).ravel(), [False, True, True, False])
 
 
@@ -204,14 +216,15 @@ three_sparsities = st.lists(st.floats(0, 1), min_size=3, max_size=3)
     with_prior=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_nm_selection_matches_loop_reference(layout, nm, sparsities, scope, with_prior, seed):
+def test_nm_gradual_matches_loop_reference(layout, nm, sparsities, scope, with_prior, seed):
     n, m = nm
     rng = np.random.default_rng(seed)
-    select = nm_selection(n, m, scope=scope)
+    pattern = fo.NM(n, m, scope=scope)
     for sparsity in [*sparsities, (m - n) / m]:
         scores = int_scores(rng, layout)
         prior = random_prior(rng, scores, 0.15) if with_prior else None
-        got = select(as_jnp(scores), sparsity, mask=None if prior is None else as_jnp(prior))
+        mask = None if prior is None else as_jnp(prior)
+        got = fo.select(as_jnp(scores), sparsity, pattern=pattern, mask=mask)
         assert_tree_equal(got, ref_nm_gradual(scores, n, m, -2, sparsity, scope, prior))
         # No group loses more than m - n weights beyond what the prior pruned.
         for k, s in scores.items():
@@ -221,42 +234,48 @@ def test_nm_selection_matches_loop_reference(layout, nm, sparsities, scope, with
             assert lost.max() <= m - n
 
 
-def test_nm_selection_counts_follow_the_schedule_and_end_at_the_pattern():
+def test_nm_counts_follow_the_target_and_end_at_the_pattern():
     rng = np.random.default_rng(3)
     scores = {"a": jnp.asarray(rng.standard_normal((64, 6)), jnp.float32)}
-    select = nm_selection(2, 4)
-    final = nm_mask(scores, 2, 4)
+    nm = fo.NM(2, 4)
+    final = fo.select(scores, 1.0, pattern=nm)
+    traced = jax.jit(lambda scores, s: fo.select(scores, s, pattern=nm))
     for s in [0.0, 0.1, 0.3, 0.49]:
-        assert int((~select(scores, s)["a"]).sum()) == k_of(s, 384)
+        assert int((~fo.select(scores, s, pattern=nm)["a"]).sum()) == k_of(s, 384)
     for s in [0.5, 0.7, 1.0]:  # the cap: no more than the pattern
-        assert_tree_equal(select(scores, s), final)
+        assert_tree_equal(fo.select(scores, s, pattern=nm), final)
+        assert_tree_equal(traced(scores, jnp.float32(s)), final)  # through the top-k path
     # 1:3 has a cap (2/3) that float32 cannot hold: the end is still the exact pattern.
     scores3 = {"a": jnp.asarray(rng.standard_normal((3 * 50, 2)), jnp.float32)}
-    assert_tree_equal(nm_selection(1, 3)(scores3, 2 / 3), nm_mask(scores3, 1, 3))
+    assert_tree_equal(
+        fo.select(scores3, 2 / 3, pattern=fo.NM(1, 3)), fo.select(scores3, 1.0, pattern=fo.NM(1, 3))
+    )
 
 
 def test_nm_per_leaf_targets_and_elementwise_prunable():
     rng = np.random.default_rng(4)
     scores = {"a": jnp.asarray(rng.standard_normal((8, 4))), "b": jnp.asarray(rng.random((4, 4)))}
-    got = nm_selection(2, 4)(scores, {"['a']": 0.25})
+    got = fo.select(scores, {"['a']": 0.25}, pattern=fo.NM(2, 4))
     assert int((~got["a"]).sum()) == 8 and bool(got["b"].all())
     # A group holding a protected weight is left as it is; the others get 2:4.
     allowed = {"a": np.ones((8, 4), bool), "b": np.ones((4, 4), bool)}
     allowed["a"][1, 2] = False
-    got = nm_mask(scores, 2, 4, prunable=allowed)
+    got = fo.select(scores, 1.0, pattern=fo.NM(2, 4), prunable=allowed)
     assert bool(got["a"][:4, 2].all())
     np.testing.assert_array_equal(
         np.asarray(got["a"][4:, 2]), ref_nm(scores["a"][4:, 2:3], 2, 4, 0).ravel()
     )
     assert int((~got["a"]).sum()) == 2 * 7 and int((~got["b"]).sum()) == 2 * 4
     # Non-prunable leaves (the default: ndim < 2) stay dense.
-    assert bool(nm_mask({"w": jnp.ones((4, 4)), "b": jnp.ones(3)}, 1, 4)["b"].all())
+    assert bool(
+        fo.select({"w": jnp.ones((4, 4)), "b": jnp.ones(3)}, 1.0, pattern=fo.NM(1, 4))["b"].all()
+    )
 
 
 def test_nm_from_fisher_scores_and_keep_pruned():
     params = {"w": jnp.asarray(np.random.default_rng(5).standard_normal((8, 4)), jnp.float32)}
     fisher = jax.tree.map(lambda w: w**2 + 0.5, params)
-    mask = nm_mask(fo.scores(params, "saliency", fisher=fisher), 2, 4)
+    mask = fo.select(fo.scores(params, "saliency", fisher=fisher), 1.0, pattern=fo.NM(2, 4))
     opt = optax.chain(optax.adamw(0.1, weight_decay=0.1), fo.keep_pruned(mask))
     state = opt.init(params)
     for _ in range(3):
@@ -283,19 +302,15 @@ BLOCK_LAYOUTS = [[(6, 8), (2, 4, 6)], [(5, 7)]]
     with_prior=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_block_mask_matches_loop_reference(
-    layout, block, reduce, sparsities, scope, with_prior, seed
-):
+def test_blocks_match_loop_reference(layout, block, reduce, sparsities, scope, with_prior, seed):
     rng = np.random.default_rng(seed)
     for sparsity in sparsities:
         scores = int_scores(rng, layout)
         prior = random_prior(rng, scores, 0.4) if with_prior else None
-        got = block_mask(
+        got = fo.select(
             as_jnp(scores),
             sparsity,
-            block=block,
-            reduce=reduce,
-            scope=scope,
+            pattern=fo.Blocks(block, reduction=reduce, scope=scope),
             mask=None if prior is None else as_jnp(prior),
         )
         assert_tree_equal(got, ref_block_mask(scores, sparsity, *block, reduce, scope, prior))
@@ -304,11 +319,11 @@ def test_block_mask_matches_loop_reference(
 def test_block_exact_count_ties_and_partial_edge_blocks():
     # 3 x 5 with (2, 2) blocks: a 2 x 3 grid whose last row and column are partial.
     scores = {"w": jnp.ones((3, 5))}
-    got = np.asarray(block_mask(scores, 0.5, block=(2, 2), reduce="mean")["w"])
+    got = np.asarray(fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="mean"))["w"])
     # All block means tie at 1: the 3 blocks of lower flat index (the top row) go.
     np.testing.assert_array_equal(got, np.array([[0] * 5, [0] * 5, [1] * 5], bool))
     # With "sum" the smaller edge blocks score less and go first: (1, 2) holds 1 weight.
-    got = np.asarray(block_mask(scores, 1 / 6, block=(2, 2))["w"])
+    got = np.asarray(fo.select(scores, 1 / 6, pattern=fo.Blocks((2, 2)))["w"])
     assert (~got).sum() == 1 and not got[2, 4]
 
 
@@ -317,9 +332,13 @@ def test_block_prior_mask_counts_and_nests():
     prior = np.ones((4, 4), bool)
     prior[2:, 2:] = False  # the best block is already empty: it counts as pruned
     prior[0, 0] = False
-    got = np.asarray(block_mask(scores, 0.25, block=(2, 2), mask={"w": jnp.asarray(prior)})["w"])
+    got = np.asarray(
+        fo.select(scores, 0.25, pattern=fo.Blocks((2, 2)), mask={"w": jnp.asarray(prior)})["w"]
+    )
     np.testing.assert_array_equal(got, prior)  # target 1 block: already met
-    got = np.asarray(block_mask(scores, 0.5, block=(2, 2), mask={"w": jnp.asarray(prior)})["w"])
+    got = np.asarray(
+        fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)), mask={"w": jnp.asarray(prior)})["w"]
+    )
     want = prior.copy()
     want[:2, :2] = False  # then the block of smallest sum among the kept weights
     np.testing.assert_array_equal(got, want)
@@ -329,11 +348,11 @@ def test_block_elementwise_prunable_and_per_leaf_targets():
     scores = {"a": jnp.arange(16.0).reshape(4, 4), "b": jnp.ones((2, 2))}
     allowed = {"a": np.ones((4, 4), bool), "b": True}
     allowed["a"][0, 1] = False  # the worst block holds a protected weight: the next goes
-    got = block_mask(scores, 0.25, block=(2, 2), scope="layer", prunable=allowed)
+    got = fo.select(scores, 0.25, pattern=fo.Blocks((2, 2), scope="layer"), prunable=allowed)
     want = np.ones((4, 4), bool)
     want[:2, 2:] = False
     np.testing.assert_array_equal(np.asarray(got["a"]), want)
-    got = block_selection((2, 2))(scores, {"a": 0.5, "b": 0.0})
+    got = fo.select(scores, {"a": 0.5, "b": 0.0}, pattern=fo.Blocks((2, 2)))
     assert int((~got["a"]).sum()) == 8 and bool(got["b"].all())
 
 
@@ -345,26 +364,27 @@ def test_selections_under_jit_match_eager_and_compile_once():
     rng = np.random.default_rng(6)
     scores = {"a": jnp.asarray(rng.integers(0, 4, (8, 6)), jnp.float32), "b": jnp.ones((4, 4))}
     prior = jax.tree.map(lambda x: jnp.asarray(rng.uniform(size=x.shape) > 0.1), scores)
-    for select in [nm_selection(2, 4), block_selection((2, 3), reduce="max")]:
+    for pattern in [fo.NM(2, 4), fo.Blocks((2, 3), reduction="max")]:
         traces = []
 
         @jax.jit
-        def f(scores, s, prior, select=select, traces=traces):
+        def f(scores, s, prior, pattern=pattern, traces=traces):
             traces.append(1)
-            return select(scores, s, mask=prior)
+            return fo.select(scores, s, pattern=pattern, mask=prior)
 
         for s in [0.0, 0.2, 0.37, 0.5, 0.9]:
-            assert_tree_equal(f(scores, jnp.float32(s), prior), select(scores, s, mask=prior))
+            want = fo.select(scores, s, pattern=pattern, mask=prior)
+            assert_tree_equal(f(scores, jnp.float32(s), prior), want)
         assert len(traces) == 1
-    jitted = jax.jit(lambda s: nm_mask(s, 2, 4))(scores)
-    assert_tree_equal(jitted, nm_mask(scores, 2, 4))
+    jitted = jax.jit(lambda s: fo.select(s, 1.0, pattern=fo.NM(2, 4)))(scores)
+    assert_tree_equal(jitted, fo.select(scores, 1.0, pattern=fo.NM(2, 4)))
 
 
 def test_traced_nan_scores_never_prune_a_group_winner():
     scores = {"w": jnp.array([[jnp.nan], [1.0], [2.0], [3.0]])}
-    got = jax.jit(lambda s, t: nm_selection(2, 4)(s, t))(scores, jnp.float32(0.5))["w"]
+    got = jax.jit(lambda s, t: fo.select(s, t, pattern=fo.NM(2, 4)))(scores, jnp.float32(0.5))["w"]
     np.testing.assert_array_equal(np.asarray(got).ravel(), [True, False, False, True])
-    got = jax.jit(lambda s, t: nm_selection(1, 4)(s, t))(scores, jnp.float32(0.74))["w"]
+    got = jax.jit(lambda s, t: fo.select(s, t, pattern=fo.NM(1, 4)))(scores, jnp.float32(0.74))["w"]
     assert bool(got[0, 0])  # NaN ranks above every number: its group's winner
 
 
@@ -375,9 +395,9 @@ def test_pruned_grows_nm_and_blocks_on_a_schedule():
         "b": jnp.zeros(8),
     }
     schedule = fo.polynomial_sparsity(0.5, begin_step=0, end_step=6, power=1)
-    for mask_fn, method in [
-        (nm_selection(2, 4), "one_stage"),
-        (block_selection((4, 2)), "two_stage"),
+    for pattern, method in [
+        (fo.NM(2, 4), "one_stage"),
+        (fo.Blocks((4, 2)), "two_stage"),
     ]:
         opt = fo.pruned(
             optax.adam(1e-2),
@@ -385,7 +405,7 @@ def test_pruned_grows_nm_and_blocks_on_a_schedule():
             criterion="magnitude",
             method=method,
             update_every=2,
-            mask_fn=mask_fn,
+            pattern=pattern,
         )
         state = opt.init(params)
         step = jax.jit(lambda p, s, opt=opt: opt.update(jax.tree.map(jnp.sin, p), s, p))
@@ -431,15 +451,19 @@ def test_sharded_selections_match_reference_without_gathers():
         prior[k] = jax.device_put(jnp.asarray(rng.uniform(size=shape) > 0.1), sharding)
     host = jax.tree.map(np.asarray, (scores, prior))
     # N:M groups down the rows of "a" (32 rows a shard), 4 x 4 blocks of "c" (16 rows a shard).
-    nm = nm_selection(2, 4, prunable={"a": True, "c": False})
-    blocks = block_selection((4, 4), reduce="mean", prunable={"a": False, "c": True})
+    nm = (fo.NM(2, 4), {"a": True, "c": False})
+    blocks = (fo.Blocks((4, 4), reduction="mean"), {"a": False, "c": True})
     cases = [
         (nm, "a", lambda s, p: ref_nm_gradual(s, 2, 4, -2, 0.3, "layer", p)),
         (blocks, "c", lambda s, p: ref_block_mask(s, 0.3, 4, 4, "mean", "global", p)),
     ]
-    for select, name, ref in cases:
+    for (pattern, prunable), name, ref in cases:
         compiled = (
-            jax.jit(lambda s, t, p, f=select: f(s, t, mask=p))
+            jax.jit(
+                lambda s, t, p, pattern=pattern, prunable=prunable: fo.select(
+                    s, t, pattern=pattern, prunable=prunable, mask=p
+                )
+            )
             .lower(scores, jnp.float32(0.3), prior)
             .compile()
         )
@@ -460,46 +484,120 @@ def test_sharded_selections_match_reference_without_gathers():
 def test_nm_errors_by_message():
     scores = {"w": jnp.ones((6, 4))}
     with pytest.raises(ValueError, match=r"groups of m=4 do not tile axis -2 .*\['w'\].*length 6"):
-        nm_mask(scores, 2, 4)
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4))
     with pytest.raises(ValueError, match=r"axis=2 is out of range .*\['w'\] of shape \(6, 4\)"):
-        nm_mask(scores, 2, 4, axis=2)
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=2))
     with pytest.raises(ValueError, match=r"n \(the weights kept in each group of m=4\) .*1\.\.4"):
-        nm_mask(scores, 5, 4, axis=-1)
+        fo.select(scores, 1.0, pattern=fo.NM(5, 4, axis=-1))
     with pytest.raises(ValueError, match=r"n \(.*\) must be an int in 1\.\.4, got 0"):
-        nm_selection(0, 4)
+        fo.NM(0, 4)
     with pytest.raises(TypeError, match="m must be an int >= 1"):
-        nm_mask(scores, 2, 4.0)
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4.0))
     with pytest.raises(TypeError, match="axis must be an int"):
-        nm_selection(2, 4, axis=None)
+        fo.NM(2, 4, axis=None)
     with pytest.raises(ValueError, match="scope must be one of"):
-        nm_selection(2, 4, scope="row")
+        fo.NM(2, 4, scope="row")
     with pytest.raises(ValueError, match=r"scores at \['w'\] hold NaN"):
-        nm_mask({"w": jnp.full((4, 4), jnp.nan)}, 2, 4)
+        fo.select({"w": jnp.full((4, 4), jnp.nan)}, 1.0, pattern=fo.NM(2, 4))
     with pytest.raises(TypeError, match=r"mask at \['w'\] has dtype float32"):
-        nm_mask(scores, 2, 4, axis=-1, mask={"w": jnp.ones((6, 4))})
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=-1), mask={"w": jnp.ones((6, 4))})
     with pytest.raises(ValueError, match=r"mask at \['w'\] has shape \(4, 4\)"):
-        nm_selection(2, 4, axis=-1)(scores, 0.5, mask={"w": jnp.ones((4, 4), bool)})
+        fo.select(scores, 0.5, pattern=fo.NM(2, 4, axis=-1), mask={"w": jnp.ones((4, 4), bool)})
     with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0\.0, 1\.0\]"):
-        nm_selection(2, 4, axis=-1)(scores, 1.5)
+        fo.select(scores, 1.5, pattern=fo.NM(2, 4, axis=-1))
     # A leaf left out by prunable is not checked.
-    assert bool(nm_mask(scores, 2, 4, prunable=lambda p, x: False)["w"].all())
+    assert bool(fo.select(scores, 1.0, pattern=fo.NM(2, 4), prunable=lambda p, x: False)["w"].all())
 
 
 def test_block_errors_by_message():
     scores = {"w": jnp.ones((4, 4))}
-    with pytest.raises(TypeError, match=r"block must be a pair of ints \(rows, columns\)"):
-        block_mask(scores, 0.5, block=4)
-    with pytest.raises(TypeError, match="block must be a pair of ints"):
-        block_selection((2.0, 2))
-    with pytest.raises(ValueError, match=r"block sizes must be >= 1, got block=\(0, 2\)"):
-        block_mask(scores, 0.5, block=(0, 2))
-    with pytest.raises(ValueError, match="reduce must be one of: 'sum'"):
-        block_selection((2, 2), reduce="median")
+    with pytest.raises(TypeError, match=r"shape must be a pair of ints \(rows, columns\)"):
+        fo.select(scores, 0.5, pattern=fo.Blocks(4))
+    with pytest.raises(TypeError, match="shape must be a pair of ints"):
+        fo.Blocks((2.0, 2))
+    with pytest.raises(ValueError, match=r"block sizes must be >= 1, got shape=\(0, 2\)"):
+        fo.select(scores, 0.5, pattern=fo.Blocks((0, 2)))
+    with pytest.raises(ValueError, match="reduction must be one of: 'sum'"):
+        fo.Blocks((2, 2), reduction="median")
     with pytest.raises(ValueError, match=r"last two axes .*\['b'\] has shape \(4,\)"):
-        block_mask({"b": jnp.ones(4)}, 0.5, block=(2, 2), prunable=lambda p, x: True)
+        fo.select({"b": jnp.ones(4)}, 0.5, pattern=fo.Blocks((2, 2)), prunable=lambda p, x: True)
     with pytest.raises(ValueError, match=r"scores at \['w'\] hold NaN"):
-        block_mask({"w": jnp.full((4, 4), jnp.nan)}, 0.5, block=(2, 2))
+        fo.select({"w": jnp.full((4, 4), jnp.nan)}, 0.5, pattern=fo.Blocks((2, 2)))
     with pytest.raises(TypeError, match=r"scores at \['w'\] have dtype bool"):
-        block_mask({"w": jnp.ones((4, 4), bool)}, 0.5, block=(2, 2))
+        fo.select({"w": jnp.ones((4, 4), bool)}, 0.5, pattern=fo.Blocks((2, 2)))
     with pytest.raises(ValueError, match="sparsity names the path"):
-        block_mask(scores, {"['x']": 0.5}, block=(2, 2))
+        fo.select(scores, {"['x']": 0.5}, pattern=fo.Blocks((2, 2)))
+
+
+# ------------------------------------------------------------------------------------------
+# Pattern values and the one selection call
+
+
+def test_non_prunable_weights_keep_what_mask_pruned_in_every_pattern():
+    """One rule for every pattern: a leaf that is not prunable is True unless mask pruned it
+    (the full N:M pattern and blocks returned it all True before)."""
+    scores = {"b": jnp.ones(4), "w": jnp.arange(16.0).reshape(4, 4)}
+    prior = {"b": jnp.array([True, False, True, True]), "w": jnp.ones((4, 4), bool)}
+    for pattern, sparsity in [
+        (fo.Unstructured(), 0.5),
+        (fo.NM(2, 4), 1.0),
+        (fo.NM(2, 4), 0.25),
+        (fo.Blocks((2, 2)), 0.5),
+    ]:
+        got = fo.select(scores, sparsity, pattern=pattern, mask=prior)
+        np.testing.assert_array_equal(np.asarray(got["b"]), np.asarray(prior["b"]), str(pattern))
+        assert int((~got["w"]).sum()) == (8 if sparsity >= 0.5 else 4), pattern
+
+
+def test_patterns_are_immutable_hashable_values_checked_at_construction():
+    assert fo.NM(2, 4) == fo.NM(2, 4, axis=-2, scope="layer")
+    assert len({fo.NM(2, 4), fo.NM(2, 4), fo.Blocks([2, 3]), fo.Blocks((2, 3))}) == 2
+    assert fo.Blocks([2, 3]).shape == (2, 3) and fo.NM(np.int64(2), 4).n == 2
+    assert fo.NM(1, 3).cap == float(np.float32(2 / 3))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fo.NM(2, 4).n = 3
+    with pytest.raises(ValueError, match=r"scope must be one of: 'global'.*Got 'model'"):
+        fo.Unstructured("model")
+    # A pattern is a static argument of jit: one trace per pattern value, not per call.
+    traces = []
+
+    @functools.partial(jax.jit, static_argnames="pattern")
+    def f(scores, s, pattern):
+        traces.append(pattern)
+        return fo.select(scores, s, pattern=pattern)
+
+    scores = {"w": jnp.arange(16.0).reshape(4, 4)}
+    for s in (0.25, 0.5):
+        f(scores, jnp.float32(s), pattern=fo.NM(2, 4))
+        f(scores, jnp.float32(s), pattern=fo.NM(2, 4))
+    assert traces == [fo.NM(2, 4)]
+
+
+def test_select_refuses_what_is_not_a_pattern():
+    scores = {"w": jnp.ones((4, 4))}
+    with pytest.raises(TypeError, match=r"pattern must be a selection pattern .*Got the class NM"):
+        fo.select(scores, 0.5, pattern=fo.NM)
+    with pytest.raises(TypeError, match=r"a method select\(scores, sparsity.*Got 'layer'"):
+        fo.select(scores, 0.5, pattern="layer")
+
+
+@pytest.mark.parametrize("pattern", [fo.NM(2, 4), fo.Blocks((2, 2))])
+def test_mask_entry_points_take_a_pattern(pattern):
+    """magnitude_mask and both stages of two_stage_mask select in the pattern's units."""
+    rng = np.random.default_rng(11)
+    params = {"w": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.ones(4)}
+    fisher = jax.tree.map(lambda w: jnp.abs(w) * 0.0 + jnp.asarray(rng.random(w.shape)), params)
+    magnitude = fo.scores(params, "magnitude")
+    assert_tree_equal(
+        fo.magnitude_mask(params, 0.5, pattern=pattern), fo.select(magnitude, 0.5, pattern=pattern)
+    )
+    got = fo.two_stage_mask(params, 0.5, fisher=fisher, magnitude_fraction=0.5, pattern=pattern)
+    first = fo.select(magnitude, 0.25, pattern=pattern)
+    want = fo.select(fo.scores(params, "fisher", fisher=fisher), 0.5, pattern=pattern, mask=first)
+    assert_tree_equal(got, want)
+    assert not (np.asarray(got["w"]) & ~np.asarray(first["w"])).any()
+    if isinstance(pattern, fo.NM):
+        assert (np.asarray(got["w"]).reshape(2, 4, 4).sum(axis=1) == 2).all()
+    else:
+        blocks = np.asarray(got["w"]).reshape(4, 2, 2, 2)
+        assert (blocks.all(axis=(1, 3)) | ~blocks.any(axis=(1, 3))).all()

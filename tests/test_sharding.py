@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fisher_optax as fo
+from fisher_optax import _select as select_mod
 
 pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS set by the root conftest)"
@@ -75,10 +76,10 @@ def test_sharded_topk_matches_single_device_without_gathers(
     ties, scope, stored_keys, explicit, monkeypatch, request
 ):
     """Stored keys, and (stored_keys=False) keys recomputed in every phase, as above
-    fisher_optax.masks._STORED_KEYS_MAX; on a mesh of Auto axes (one candidate per pass)
+    fisher_optax._select.STORED_KEYS_MAX; on a mesh of Auto axes (one candidate per pass)
     and of explicit axes (three, counted per shard in shard_map)."""
     if not stored_keys:
-        monkeypatch.setattr(fo.masks, "_STORED_KEYS_MAX", 0)
+        monkeypatch.setattr(select_mod, "STORED_KEYS_MAX", 0)
         jax.clear_caches()  # the selection's inner jit caches its trace
         request.addfinalizer(jax.clear_caches)
     rng = np.random.default_rng(0)
@@ -88,7 +89,7 @@ def test_sharded_topk_matches_single_device_without_gathers(
     prior = jax.tree.map(jax.device_put, prior, shardings)
 
     def select(scores, prior, sparsity):
-        return fo.topk_mask(scores, sparsity, scope=scope, mask=prior)
+        return fo.select(scores, sparsity, pattern=fo.Unstructured(scope), mask=prior)
 
     lowered = jax.jit(select).lower(scores, prior, jnp.float32(0.6))
     assert counted_per_shard(lowered.as_text()) == explicit
@@ -96,7 +97,7 @@ def test_sharded_topk_matches_single_device_without_gathers(
     got = compiled(scores, prior, jnp.float32(0.6))
     local = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), scores)
     lprior = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), prior)
-    want = fo.topk_mask(local, float(jnp.float32(0.6)), scope=scope, mask=lprior)
+    want = fo.select(local, float(jnp.float32(0.6)), pattern=fo.Unstructured(scope), mask=lprior)
     for k in scores:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
     # The mask keeps the layout of its leaf.
@@ -166,38 +167,34 @@ def test_the_gather_check_can_fail_a_full_sort_gathers():
 def test_may_be_sharded_reads_the_mesh_of_the_abstract_value():
     """The selection counts three candidates per variadic reduction only on values that
     carry no mesh; a sharded leaf and anything computed from it take the plain passes."""
-    from fisher_optax import masks
-
     scores, _ = sharded_tree(np.random.default_rng(0), ties=False)
     seen = {}
 
     @jax.jit
     def probe(a, b):
-        seen["sharded"] = masks._may_be_sharded(a)
-        seen["derived"] = masks._may_be_sharded(jnp.abs(a) * 2.0)
-        seen["local"] = masks._may_be_sharded(b)
+        seen["sharded"] = select_mod.may_be_sharded(a)
+        seen["derived"] = select_mod.may_be_sharded(jnp.abs(a) * 2.0)
+        seen["local"] = select_mod.may_be_sharded(b)
         return a
 
     probe(scores["a"], jnp.ones(3))
     assert seen == {"sharded": True, "derived": True, "local": False}
-    assert not masks._may_be_sharded(jnp.ones(3))
+    assert not select_mod.may_be_sharded(jnp.ones(3))
 
 
 def test_explicit_layout_only_for_explicit_axes():
     """The mesh and spec are read where the abstract value carries them (explicit axes);
     Auto axes and local values give None (their counts take the plain passes)."""
-    from fisher_optax import masks
-
     auto, _ = sharded_tree(np.random.default_rng(0), ties=False)
     explicit, _ = sharded_tree(np.random.default_rng(0), ties=False, explicit=True)
     seen = {}
 
     @jax.jit
     def probe(a, e, b):
-        seen["auto"] = masks._explicit_layout(a)
-        seen["explicit"] = masks._explicit_layout(e)
-        seen["derived"] = masks._explicit_layout(jnp.abs(e) * 2.0)
-        seen["local"] = masks._explicit_layout(b)
+        seen["auto"] = select_mod.explicit_layout(a)
+        seen["explicit"] = select_mod.explicit_layout(e)
+        seen["derived"] = select_mod.explicit_layout(jnp.abs(e) * 2.0)
+        seen["local"] = select_mod.explicit_layout(b)
         return a
 
     probe(auto["a"], explicit["a"], jnp.ones(3))
@@ -216,7 +213,7 @@ def test_sharded_shapes_whose_blocks_do_not_split_evenly(
     reshape, on Auto axes the partitioner moves data (collective-permute). Ties everywhere,
     so the tie-break runs."""
     if not stored_keys:
-        monkeypatch.setattr(fo.masks, "_STORED_KEYS_MAX", 0)
+        monkeypatch.setattr(select_mod, "STORED_KEYS_MAX", 0)
         jax.clear_caches()  # the selection's inner jit caches its trace
         request.addfinalizer(jax.clear_caches)
     mesh = mesh_2x4(explicit)
@@ -238,9 +235,9 @@ def test_sharded_shapes_whose_blocks_do_not_split_evenly(
         for k, (shape, spec) in shapes_specs.items()
     }
     every = lambda path, leaf: True
-    compiled = jax.jit(lambda t: fo.topk_mask(t, 0.5, prunable=every)).lower(tree).compile()
+    compiled = jax.jit(lambda t: fo.select(t, 0.5, prunable=every)).lower(tree).compile()
     got = compiled(tree)
-    want = fo.topk_mask({k: np.asarray(v) for k, v in tree.items()}, 0.5, prunable=every)
+    want = fo.select({k: np.asarray(v) for k, v in tree.items()}, 0.5, prunable=every)
     for k in tree:
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
         assert got[k].sharding.is_equivalent_to(tree[k].sharding, tree[k].ndim), k

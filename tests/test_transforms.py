@@ -1,5 +1,6 @@
 """keep_pruned and pruned: exact zeros, masks that grow on schedule, one compilation."""
 
+import dataclasses
 import itertools
 from fractions import Fraction
 
@@ -216,7 +217,7 @@ def test_pruned_methods_reach_exact_sparsity_per_layer(method):
         0.5,
         criterion=method,
         method="one_stage",
-        scope="layer",
+        pattern=fo.Unstructured("layer"),
         update_every=5,
         key=key,
     )
@@ -343,11 +344,17 @@ def test_pruned_errors():
     with pytest.raises(ValueError, match=r"criterion must be one of: 'magnitude'.*Got 'obd'"):
         fo.pruned(adam, 0.5, criterion="obd")
     with pytest.raises(ValueError, match=r"scope must be one of: 'global'"):
-        fo.pruned(adam, 0.5, scope="net")
+        fo.pruned(adam, 0.5, pattern=fo.Unstructured("net"))
+    with pytest.raises(TypeError, match=r"pattern must be a selection pattern .*Got the class NM"):
+        fo.pruned(adam, 0.5, pattern=fo.NM)
+    with pytest.raises(TypeError, match=r"pattern must be a selection pattern .*Got 'layer'"):
+        fo.pruned(adam, 0.5, pattern="layer")
+    with pytest.raises(TypeError, match=r"end_step must be an int >= 0, got 2\.5"):
+        fo.pruned(adam, 0.5, end_step=2.5)
+    with pytest.raises(ValueError, match="end_step must be an int >= 0, got -1"):
+        fo.pruned(adam, 0.5, end_step=-1)
     with pytest.raises(TypeError, match=r"prunable must accept 2 positional arguments"):
         fo.pruned(adam, 0.5, prunable=lambda leaf: True)
-    with pytest.raises(TypeError, match=r"mask_fn must accept \(scores, sparsity, \*, mask\)"):
-        fo.pruned(adam, 0.5, mask_fn=lambda scores, sparsity: scores)
     params = make_params()
     with pytest.raises(ValueError, match=r"criterion='fisher' ranks by the Fisher.*"):
         fo.pruned(optax.sgd(0.1, momentum=0.9), 0.5).init(params)
@@ -394,7 +401,7 @@ def test_pruned_chain_fisher_tracker_sgd_ranks_by_the_tracked_fisher():
         rtol=1e-5,
     )
     _, state4 = step(params3, state3, 3)
-    want = fo.topk_mask(jax.tree.map(jnp.asarray, fisher_ref), 0.5)
+    want = fo.select(jax.tree.map(jnp.asarray, fisher_ref), 0.5)
     for got, w in zip(jax.tree.leaves(state4.mask), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(got, w)
 
@@ -462,27 +469,34 @@ def test_pruned_per_leaf_targets_follow_the_schedule_together():
     assert bool(jnp.all(history[-1][1].mask["dense"]["bias"]))
 
 
-def test_pruned_mask_fn_replaces_the_selection():
-    params = make_params(7)
-    calls = []
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """A pattern defined outside the library: whole rows of each kernel by summed score."""
 
-    def per_row(scores, sparsity, *, mask):
-        # A structured pattern: prune whole rows of each kernel by their summed score.
-        calls.append(sparsity)
+    calls: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def select(self, scores, sparsity, *, prunable=None, mask=None):
+        self.calls.append(sparsity)
         rows = jax.tree.map(lambda s: jnp.sum(s, axis=-1, keepdims=True) * jnp.ones_like(s), scores)
-        return fo.topk_mask(rows, sparsity, mask=mask, scope="layer")
+        pattern = fo.Unstructured("layer")
+        return fo.select(rows, sparsity, pattern=pattern, prunable=prunable, mask=mask)
 
+
+def test_pruned_takes_a_pattern_defined_outside_the_library():
+    params = make_params(7)
+    rows = Rows()
+    assert isinstance(rows, fo.Pattern)
     opt = fo.pruned(
         optax.adam(1e-2),
         0.6,
         criterion="magnitude",
         method="one_stage",
         update_every=10,
-        mask_fn=per_row,
+        pattern=rows,
     )
     history, _, _ = train(opt, params, 1)
     mask = history[0][1].mask
-    assert calls  # traced once
+    assert rows.calls  # traced once
     k = np.asarray(mask["out"]["kernel"])  # (5, 3): rows are all kept or all pruned
     assert set(k.all(axis=1) | ~k.any(axis=1)) == {True}
     assert int((~k).sum()) == 9  # 0.6 of 15: three whole rows
@@ -547,17 +561,60 @@ def test_pruned_around_partition_and_masked_inner_optimizers(kind):
         assert np.all(np.asarray(f)[~np.asarray(m)] == 0.0)
 
 
-def test_pruned_mask_fn_results_are_checked_and_cannot_regrow_weights():
+@dataclasses.dataclass(frozen=True)
+class Regrow:
+    """A pattern breaking the rule: it ignores mask= and would regrow pruned weights."""
+
+    def select(self, scores, sparsity, *, prunable=None, mask=None):
+        return fo.select(scores, sparsity, prunable=prunable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Floats:
+    """A pattern returning float masks."""
+
+    def select(self, scores, sparsity, *, prunable=None, mask=None):
+        return jax.tree.map(lambda m: m.astype(float), mask)
+
+
+def test_pruned_pattern_results_are_checked_and_cannot_regrow_weights():
     params = make_params(8)
-    regrow = lambda scores, sparsity, *, mask: fo.topk_mask(scores, sparsity)  # ignores mask
     schedule = fo.polynomial_sparsity(0.6, begin_step=0, end_step=3)
     opt = fo.pruned(optax.adam(1e-2), schedule, criterion="random", key=jax.random.key(0),
-                    method="one_stage", update_every=1, mask_fn=regrow)  # fmt: skip
+                    method="one_stage", update_every=1, pattern=Regrow())  # fmt: skip
     history, _, _ = train(opt, params, 4)
     for (_, before), (_, after) in itertools.pairwise(history):
         for a, b in zip(jax.tree.leaves(before.mask), jax.tree.leaves(after.mask), strict=True):
             assert not np.any(np.asarray(b) & ~np.asarray(a))  # masks only grow
-    floats = lambda scores, sparsity, *, mask: jax.tree.map(lambda m: m.astype(float), mask)
-    opt = fo.pruned(optax.adam(1e-2), 0.5, criterion="magnitude", mask_fn=floats)
-    with pytest.raises(TypeError, match=r"mask_fn '<lambda>' must return a bool mask"):
+    opt = fo.pruned(optax.adam(1e-2), 0.5, criterion="magnitude", pattern=Floats())
+    with pytest.raises(TypeError, match=r"pattern Floats\(\) must return a bool mask"):
         opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
+
+
+def test_pruned_checks_the_schedule_at_end_step_for_any_callable():
+    """The final target of a plain optax schedule is checked at init when end_step says
+    where it is; without end_step only steps 0 and update_every are checked."""
+    params = make_params()
+    overshoot = optax.polynomial_schedule(0.0, 1.5, power=1, transition_steps=10)
+    with pytest.raises(ValueError, match=r"schedule\(10\) must be a finite number in \[0.0, 1.0\]"):
+        fo.pruned(optax.adam(1e-2), overshoot, update_every=5, end_step=10).init(params)
+    fo.pruned(optax.adam(1e-2), overshoot, update_every=5).init(params)  # 0 and 0.75: fine
+    ramp = optax.polynomial_schedule(0.0, 0.5, power=1, transition_steps=10)
+    opt = fo.pruned(optax.adam(1e-2), ramp, criterion="magnitude", update_every=5, end_step=10)
+    history, _, _ = train(opt, params, 11)
+    assert int((~history[-1][1].mask["dense"]["kernel"]).sum()) > 0
+
+
+def test_pruned_grows_a_2_4_pattern_with_two_stages():
+    """Both stages select in N:M units: the end of the schedule is the 2:4 pattern."""
+    kernel = jnp.asarray(np.random.default_rng(9).standard_normal((8, 4)), jnp.float32)
+    params = {"w": kernel, "b": jnp.zeros(4)}
+    schedule = fo.polynomial_sparsity(0.5, begin_step=0, end_step=4, power=1)
+    opt = fo.pruned(optax.adam(1e-2), schedule, criterion="magnitude", pattern=fo.NM(2, 4),
+                    update_every=2, end_step=4)  # fmt: skip
+    state = opt.init(params)
+    for _ in range(5):
+        updates, state = opt.update(jax.tree.map(jnp.ones_like, params), state, params)
+        params = optax.apply_updates(params, updates)
+    kept = np.asarray(state.mask["w"]).reshape(2, 4, 4).sum(axis=1)
+    assert (kept == 2).all()

@@ -1,0 +1,672 @@
+"""The selection kernel: exact, sort-free top-k over score trees (private).
+
+Every pattern of :mod:`fisher_optax.patterns` ends here: :func:`topk_leaves` prunes exactly
+``round(s * n)`` of the ``n`` prunable weights in each group of leaves, the ones with the
+smallest scores, ties broken by flat index.
+
+Selection never sorts. Scores are mapped to order-preserving ``uint32`` keys
+(:func:`float_keys`) and the exact k-th smallest key is found one byte at a time by
+counting passes (:func:`radix_select`): each pass compares every key with three candidates
+at once (one variadic reduction, two bits per pass, 16 passes) and sums, per group, how many
+fall below each. On parameters sharded along explicit mesh axes each device counts its block
+in ``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one candidate (32
+passes), whose sums XLA's partitioner splits across shards: either way only scalar counts
+cross devices. Ties at the cut are broken by flat index with two small selections (tied
+entries counted per row, then inside the one row that holds the cut). XLA's CPU sort of 1e7
+floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition`` from 1e6 to
+1e8 scores on two CPU cores; above :data:`STORED_KEYS_MAX` scores they store one byte per
+score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``). Eager calls
+on concrete arrays held by the CPU (at most :data:`HOST_MAX` weights) select in NumPy
+instead, with identical masks, so a first call compiles nothing.
+"""
+
+import math
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fisher_optax import _validate
+
+__all__: list[str] = []  # private module; nothing re-exported
+
+_SIGN = np.uint32(0x80000000)
+_NEVER = np.uint32(0xFFFFFFFF)  # key of entries that may not be pruned: above every real score
+_ALREADY = np.uint32(0)  # key of entries an earlier mask pruned: below every real score
+_TINY = np.float32(np.finfo(np.float32).tiny)  # the smallest normal float32
+_MAX_COUNT = 2**31 - 1
+HOST_MAX = 2**24
+"""Selections over at most this many concrete weights held on the CPU run in NumPy.
+
+A first call then compiles nothing (the jitted kernel takes seconds to compile per tree
+layout, NumPy's introselect milliseconds to run); the masks are identical either way."""
+# Up to this many scores the jitted selection stores their keys (4 bytes each) for its
+# phases to read; above it every phase recomputes them from the scores. XLA's CPU backend
+# allocates a call's temporaries afresh, and glibc serves a block above 32 MB (its largest
+# mmap threshold) with new pages that fault in at every call: 0.5-0.9 s of system time at
+# 1e8 scores, measured. Below it the block is reused, and stored keys were faster: stored /
+# recomputed 0.85-0.96 up to 2e6 scores, 1.1-1.5 at 4e6-8e6 (bench_select.py --keys).
+STORED_KEYS_MAX = 2**21
+
+
+def float_keys(x: jax.Array) -> jax.Array:
+    """Order-preserving map from float32 to uint32: ``a < b`` iff ``key(a) < key(b)``.
+
+    ``-0.0`` and subnormals are folded onto ``+0.0`` (XLA's CPU compares already treat
+    subnormals as zero; saying so makes every backend and the NumPy path agree), and every
+    NaN onto the positive quiet NaN, whose key lies above ``+inf``: under ``jit`` a NaN score
+    ranks above every number and is pruned last.
+    """
+    x = x.astype(jnp.float32)
+    x = jnp.where(jnp.abs(x) < _TINY, jnp.float32(0.0), x)
+    x = jnp.where(jnp.isnan(x), jnp.float32(jnp.nan), x)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >= _SIGN, ~bits, bits | _SIGN)
+
+
+def _chunk(d: int) -> int | None:
+    """The largest divisor of ``d`` that is at most 255 (and at least 16), or ``None``."""
+    if d == 0:  # an empty axis: nothing to split
+        return None
+    if d <= 255:
+        return d
+    return next((c for c in range(255, 15, -1) if d % c == 0), None)
+
+
+def count(pred: jax.Array) -> jax.Array:
+    """``jnp.sum(pred)`` as int32, summed in two levels.
+
+    XLA's CPU backend vectorises a short reduction into uint8 across contiguous rows much
+    better than one long int32 reduction: the leading axis is split into chunks of at most
+    255, each chunk is summed along that axis in uint8 (which cannot overflow) as whole rows
+    added element by element, and the chunk sums in int32 (measured 2-3x faster than summing
+    chunks of the last axis, 10x faster than one int32 sum, for 1e7 entries). A 1-D leaf is
+    viewed as ``(chunk, rest)``. Splitting the leaf's own leading axis keeps the sums local
+    to each shard of a sharded leaf.
+    """
+    if pred.ndim == 0:
+        return pred.astype(jnp.int32)
+    if pred.size == 0:
+        return jnp.int32(0)
+    if may_be_sharded(pred):
+        # Chunks could split a sharded axis unevenly: data would move between devices
+        # (Auto axes) or jax would refuse the reshape (explicit axes).
+        return jnp.sum(pred, dtype=jnp.int32)
+    d = pred.shape[0]
+    c = _chunk(d)
+    if c is None:
+        inner = jnp.uint16 if d <= 65535 else jnp.int32
+        return jnp.sum(jnp.sum(pred, axis=0, dtype=inner), dtype=jnp.int32)
+    if pred.ndim == 1:
+        pred = pred.reshape(c, d // c)
+        return jnp.sum(jnp.sum(pred, axis=0, dtype=jnp.uint8), dtype=jnp.int32)
+    pred = pred.reshape(d // c, c, *pred.shape[1:])
+    return jnp.sum(jnp.sum(pred, axis=1, dtype=jnp.uint8), dtype=jnp.int32)
+
+
+def flat_index(shape: tuple[int, ...], offset: jax.Array) -> jax.Array:
+    """Row-major flat index of every entry, plus ``offset``, as uint32 (shard-local iotas)."""
+    idx = jnp.broadcast_to(offset.astype(jnp.uint32), shape)
+    stride = 1
+    for dim in range(len(shape) - 1, -1, -1):
+        idx = idx + lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride)
+        stride *= shape[dim]
+    return idx
+
+
+def radix_select(
+    keys_of: Callable[[Any], list[jax.Array]],
+    operands: Any,
+    groups: tuple[int, ...],
+    n_groups: int,
+    targets: jax.Array,
+    bits: int = 32,
+    *,
+    weights: list[jax.Array] | None = None,
+    step_bits: int = 1,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per group, the largest ``t < 2**bits`` with ``#{key < t} < target``, and that count.
+
+    Returns ``(t, #{key < t}, #{key <= t})``. The one selection routine: the score threshold
+    (``bits=32``) and the cut among ties (over row and in-row indices) are all found by it.
+    The keys are ``keys_of(operands)``, evaluated in every phase: ``list`` of stored keys,
+    or a function recomputing them from the scores (then nothing score-sized is stored; see
+    ``STORED_KEYS_MAX``). Keys must lie below ``2**bits``, and ``bits`` be a multiple of 8.
+    With ``weights`` (int32 arrays shaped like the keys) a key counts with its weight
+    instead of 1: the tie-break counts tied entries per row that way.
+
+    It bisects ``bits`` bits in phases of eight, one byte of the key per phase (a loop, so
+    that one digit buffer serves every phase). A phase first maps each key to one uint8
+    digit: its byte when its higher bytes equal those of the threshold found so far, else 255
+    (keys below the threshold's prefix are already counted in ``below``; those above never
+    count, and a real digit 255 is never below a candidate digit, which is at most 255). Its
+    counting passes then read one byte per weight instead of four. Each pass counts the
+    ``2**step_bits - 1`` candidates that split the remaining interval evenly and so resolves
+    ``step_bits`` bits: with ``step_bits=2`` three counts share one variadic reduction
+    (:func:`count_many`), 16 passes instead of 32. The count at the threshold plus one is
+    the smallest count not taken, so no pass is spent on it.
+    """
+    keys = keys_of(operands)
+    sizes = [jnp.int32(0)] * n_groups
+    for i, (k, g) in enumerate(zip(keys, groups, strict=True)):
+        size = jnp.sum(weights[i], dtype=jnp.int32) if weights else jnp.int32(k.size)
+        sizes[g] = sizes[g] + size
+    low_bits = np.uint32(2**bits - 1) if bits < 32 else np.uint32(0xFFFFFFFF)
+    m = 2**step_bits - 1
+
+    def phase(p, carry):
+        thresh, below, hi = carry
+        shift = jnp.uint32(bits - 8) - p.astype(jnp.uint32) * jnp.uint32(8)
+        prefix = (np.uint32(0xFFFFFF00) << shift) & low_bits  # the bytes already resolved
+        digits = []
+        # Tied to the loop state, so that XLA can neither hoist the keys out of the loop
+        # (and store them) nor merge the phases' recomputations.
+        ops, _ = lax.optimization_barrier((operands, thresh))
+        for k, g in zip(keys_of(ops), groups, strict=True):
+            d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
+            digits.append(jnp.where(((k ^ thresh[g]) & prefix) == 0, d, np.uint8(0xFF)))
+
+        def one_pass(i, carry, below0=below):
+            # Candidates t + j * 2**low for j = 1 .. 2**step_bits - 1, counted in one pass.
+            t, b, h = carry
+            low = jnp.uint32(8 - step_bits) - i.astype(jnp.uint32) * jnp.uint32(step_bits)
+            cands = [t + (jnp.uint32(j) << low) for j in range(1, m + 1)]  # <= 255
+            sums = []
+            for d, g, w in zip(digits, groups, weights or [None] * len(digits), strict=True):
+                preds = [d < c[g].astype(jnp.uint8) for c in cands]
+                if w is not None:
+                    sums.append(
+                        jnp.stack([jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32) for q in preds])
+                    )
+                else:
+                    layout = explicit_layout(d) if m > 1 else None
+                    if layout is not None:
+                        sums.append(_count_many_sharded(d, [c[g] for c in cands], *layout))
+                    else:
+                        sums.append(count_many(preds) if m > 1 else count(preds[0])[None])
+            counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
+            take = counts < targets[:, None]  # true for a prefix of the candidates
+            steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
+            # Counts grow with the candidate: the last one taken is the largest, the first
+            # one not taken (or the interval's end, counted before) the smallest.
+            b = jnp.max(jnp.where(take, counts, b[:, None]), axis=1)
+            h = jnp.minimum(h, jnp.min(jnp.where(take, h[:, None], counts), axis=1))
+            return t + (steps << low), b, h
+
+        digit, below, hi = lax.fori_loop(
+            0, 8 // step_bits, one_pass, (jnp.zeros(n_groups, jnp.uint32), below, hi)
+        )
+        return thresh | (digit << shift), below, hi
+
+    start = (jnp.zeros(n_groups, jnp.uint32), jnp.zeros(n_groups, jnp.int32), jnp.stack(sizes))
+    return lax.fori_loop(0, bits // 8, phase, start)
+
+
+def count_many(preds: list[jax.Array]) -> jax.Array:
+    """``[jnp.sum(p) for p in preds]`` as int32, in one pass: a variadic reduction.
+
+    XLA's CPU backend fuses the comparisons into one reduction over a tuple of operands and
+    reads the data once (counted one by one, each is its own pass, and a long single
+    reduction is rewritten into a tree whose first level is stored). Partial sums run along
+    the last axis in uint16 (a row shorter than 2**16 cannot overflow it), then over the rows
+    in int32. Not for leaves that may be sharded: XLA's partitioner gathers the operands of
+    a variadic reduction over a sharded axis (see :func:`may_be_sharded`); on explicit
+    mesh axes :func:`_count_many_sharded` runs it on each shard.
+    """
+    if preds[0].ndim == 0:
+        return jnp.stack([p.astype(jnp.int32) for p in preds])
+    inner = jnp.uint16 if preds[0].shape[-1] < 2**16 else jnp.int32
+    partial = lax.reduce(
+        tuple(p.astype(inner) for p in preds),
+        tuple(np.zeros((), inner) for _ in preds),
+        lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
+        (preds[0].ndim - 1,),
+    )
+    return jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in partial])
+
+
+def row_counts(pred: jax.Array) -> jax.Array:
+    """``jnp.sum(pred, axis=(1, ..))`` as int32, without storing ``pred`` as integers.
+
+    XLA's CPU backend rewrites a reduction over more than 32 entries into a tree whose first
+    level is a stored integer copy of its operand (faulted in afresh at every call: 4 bytes
+    an entry for 1e8 entries). Each row is therefore padded to a multiple of 32 and summed in
+    two levels, 32 entries at a time first (fused with the comparison), then the partial sums.
+    """
+    if pred.size == 0:
+        return jnp.zeros(pred.shape[0], jnp.int32)
+    if may_be_sharded(pred):
+        # Blocks of 32 could split a sharded axis unevenly: data would move between devices
+        # (Auto axes) or jax would refuse the reshape (explicit axes).
+        return jnp.sum(pred, axis=tuple(range(1, pred.ndim)), dtype=jnp.int32)
+    pred = pred.reshape(pred.shape[0], math.prod(pred.shape[1:]))
+    pad = -pred.shape[1] % 32
+    if pad:
+        pred = jnp.pad(pred, ((0, 0), (0, pad)))
+    part = jnp.sum(pred.reshape(pred.shape[0], -1, 32), axis=2, dtype=jnp.uint8)
+    return jnp.sum(part, axis=1, dtype=jnp.int32)
+
+
+def _aval_sharding(x: Any) -> Any:
+    """The sharding the abstract value of ``x`` carries, or ``None`` (older jax has none)."""
+    typeof = getattr(jax, "typeof", None)
+    return getattr(typeof(x), "sharding", None) if typeof else None
+
+
+def explicit_layout(x: Any) -> tuple[Any, Any] | None:
+    """``(mesh, spec)`` of ``x`` if it is laid out over several devices along explicit mesh
+    axes (``jax.make_mesh``'s default), whose spec the abstract value carries; else ``None``
+    (local, or sharded along ``Auto`` axes, whose layout is not known while tracing)."""
+    if jax.device_count() == 1 or not hasattr(jax, "shard_map"):
+        return None
+    sharding = _aval_sharding(x)
+    mesh, spec = getattr(sharding, "mesh", None), getattr(sharding, "spec", None)
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if mesh is None or spec is None or explicit is None or getattr(mesh, "empty", True):
+        return None
+    if mesh.size <= 1 or any(t != explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    return mesh, spec
+
+
+def _count_many_sharded(d: jax.Array, cands: list[jax.Array], mesh: Any, spec: Any) -> jax.Array:
+    """``[#{d < c} for c in cands]`` for digits sharded along explicit axes: each device
+    counts its block in one variadic reduction (:func:`count_many`), then only the int32
+    counts are summed across the axes the digits are split along."""
+    axes = tuple(
+        a
+        for entry in spec
+        if entry is not None
+        for a in (entry if isinstance(entry, tuple) else (entry,))
+    )
+
+    def local(block, *c):
+        counts = count_many([block < x.astype(jnp.uint8) for x in c])
+        return lax.psum(counts, axes) if axes else counts
+
+    replicated = jax.sharding.PartitionSpec()
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, *[replicated] * len(cands)), out_specs=replicated
+    )(d, *cands)
+
+
+def may_be_sharded(x: Any) -> bool:
+    """Whether ``x`` (an array or a tracer) may be laid out over several devices.
+
+    Under ``jit`` an array placed with a ``NamedSharding`` (and every value computed from
+    it) carries its mesh in its abstract value; an unsharded one carries an empty mesh.
+    (Inputs sharded only through ``jit(..., in_shardings=)`` carry none: their selection
+    still gives the same masks, but may gather.)
+    """
+    if jax.device_count() == 1:
+        return False
+    mesh = getattr(_aval_sharding(x), "mesh", None)
+    if mesh is None or not hasattr(mesh, "empty"):
+        return True  # cannot tell: take the path that never gathers
+    return not mesh.empty and mesh.size > 1
+
+
+def _group_sum(values: list[jax.Array], groups: tuple[int, ...], n_groups: int) -> jax.Array:
+    sums = [jnp.int32(0)] * n_groups
+    for v, g in zip(values, groups, strict=True):
+        sums[g] = sums[g] + v
+    return jnp.stack(sums)
+
+
+def _select_kept(
+    scores: list[jax.Array],
+    allowed: list[jax.Array | None],
+    kept: list[jax.Array | None],
+    targets: jax.Array,
+    *,
+    groups: tuple[int, ...],
+    n_groups: int,
+) -> list[jax.Array]:
+    """Keep-masks pruning, per group, the ``targets[g]`` smallest scores (exact, sort-free).
+
+    Entries where ``allowed`` is False are never pruned; entries where ``kept`` is False are
+    pruned whatever their score (and count toward the target, which is raised to their number
+    if it is lower). Ties at the threshold go to the lower flat index, where the flat index
+    runs over the group's leaves in order, row-major inside each leaf.
+    """
+
+    def keys_of(scores, allowed, kept):
+        keys = []
+        for s, a, k in zip(scores, allowed, kept, strict=True):
+            key = float_keys(s)
+            if k is not None:
+                key = jnp.where(k, key, _ALREADY)
+            if a is not None:
+                key = jnp.where(a, key, _NEVER)
+            keys.append(key)
+        return keys
+
+    keys = keys_of(scores, allowed, kept)
+    # Where the keys go: stored once and read by every phase, or recomputed from the scores
+    # by each (see STORED_KEYS_MAX).
+    if sum(k.size for k in keys) <= STORED_KEYS_MAX:
+        source, get_keys = keys, list
+    else:
+        source, get_keys = (scores, allowed, kept), lambda ops: keys_of(*ops)
+    prior = [
+        count(~k if a is None else ~k & a) if k is not None else jnp.int32(0)
+        for a, k in zip(allowed, kept, strict=True)
+    ]
+    targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, groups, n_groups))
+
+    # Three candidates per pass where every leaf is local or sharded along explicit axes
+    # (counted per shard, see _count_many_sharded); one otherwise (plain bisection, whose
+    # single-operand sums the partitioner splits across shards: it would gather a variadic
+    # reduction over a sharded axis).
+    fast = all(not may_be_sharded(k) or explicit_layout(k) is not None for k in keys)
+    step_bits = 2 if fast else 1
+    thresh, below, upto = radix_select(
+        get_keys,
+        source,
+        groups,
+        n_groups,
+        targets,
+        step_bits=step_bits,
+    )
+    at = upto - below  # entries at the threshold
+    ties = targets - below  # how many entries at the threshold to prune (>= 1 if target > 0)
+
+    # The tie-break orders tied entries by flat index, as (row, index inside the row): the
+    # rows of a group run over its leaves in order (1-D leaves are viewed as rows too), so a
+    # row-major flat index is the pair (global row, in-row index) compared lexicographically.
+    views = [_rows_view(k) for k in keys]
+    row_offsets, rows_in = [], [0] * n_groups
+    for v, g in zip(views, groups, strict=True):
+        row_offsets.append(rows_in[g])
+        rows_in[g] += v.shape[0]
+    row_bits = _index_bits(max(rows_in))
+    col_bits = _index_bits(max(math.prod(v.shape[1:]) for v in views))
+
+    def tie_cut(operands):
+        # Two small selections instead of one over every entry's flat index: first the row
+        # holding the ties[g]-th tied entry (tied entries counted per row, one pass), then
+        # its position inside that row (one pass to extract the row's tied entries).
+        views = [_rows_view(k) for k in get_keys(operands)]
+        tied = [v == thresh[g] for v, g in zip(views, groups, strict=True)]
+        per_row = [row_counts(t) for t in tied]
+        row_keys = [
+            lax.iota(jnp.uint32, r.shape[0]) + np.uint32(o)
+            for r, o in zip(per_row, row_offsets, strict=True)
+        ]
+        cut_row, before, _ = radix_select(
+            list, row_keys, groups, n_groups, ties, bits=row_bits, weights=per_row
+        )
+        in_row = [
+            jnp.any(t & (_row_index(t.shape, o) == cut_row[g]), axis=0)
+            for t, g, o in zip(tied, groups, row_offsets, strict=True)
+        ]
+        sentinel = np.uint32(2**col_bits - 1)  # above every in-row index
+        col_keys = [jnp.where(r, flat_index(r.shape, jnp.uint32(0)), sentinel) for r in in_row]
+        cut_col, _, _ = radix_select(list, col_keys, groups, n_groups, ties - before, bits=col_bits)
+        cut_in_row = [
+            r & (flat_index(r.shape, jnp.uint32(0)) <= cut_col[g])
+            for r, g in zip(in_row, groups, strict=True)
+        ]
+        return cut_row, cut_in_row
+
+    def all_tied(operands):
+        return jnp.full(n_groups, _NEVER), [jnp.zeros(v.shape[1:], bool) for v in views]
+
+    # Only when some group has more entries at the threshold than it may prune does the
+    # tie-break run (continuous scores rarely need it); otherwise every tied entry goes.
+    cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, source)
+    out = []
+    for k, v, g, o, c, a, p in zip(
+        keys, views, groups, row_offsets, cut_in_row, allowed, kept, strict=True
+    ):
+        row = _row_index(v.shape, o)
+        tied_pruned = (v == thresh[g]) & ((row < cut_row[g]) | ((row == cut_row[g]) & c))
+        prune = ((v < thresh[g]) | tied_pruned) & (targets[g] > 0)
+        keep = (~prune).reshape(k.shape)
+        out.append(keep & p if a is not None and p is not None else keep)  # see the host path
+    return out
+
+
+def _rows_view(x: jax.Array) -> jax.Array:
+    """``x`` as rows ``(rows, ...)`` in row-major order: a 1-D leaf as ``(chunk, d // chunk)``."""
+    if x.ndim >= 2:
+        return x
+    if x.ndim == 0:
+        return x.reshape(1, 1)
+    c = None if may_be_sharded(x) else _chunk(x.shape[0])  # (d, 1) splits no sharded axis
+    return x.reshape(c, x.shape[0] // c) if c is not None else x.reshape(x.shape[0], 1)
+
+
+def _row_index(shape: tuple[int, ...], offset: int) -> jax.Array:
+    """The row (leading-axis) index of every entry, plus ``offset``, as uint32."""
+    return lax.broadcasted_iota(jnp.uint32, shape, 0) + np.uint32(offset)
+
+
+def _index_bits(n: int) -> int:
+    """Bits (a multiple of 8, at most 32) for indices below ``n`` plus a sentinel above them."""
+    return min(32, 8 * math.ceil((int(n).bit_length() + 1) / 8))
+
+
+_select_kept_jit = jax.jit(_select_kept, static_argnames=("groups", "n_groups"))
+
+
+def float_keys_host(x: Any) -> np.ndarray:
+    """:func:`float_keys` in NumPy, bit for bit."""
+    x = np.asarray(x).astype(np.float32)
+    x[np.abs(x) < _TINY] = 0.0
+    x[np.isnan(x)] = np.nan
+    bits = x.view(np.uint32)
+    return np.where(bits >= _SIGN, ~bits, bits | _SIGN)
+
+
+def _select_kept_host(
+    scores: list[Any],
+    allowed: list[Any],
+    kept: list[Any],
+    targets: list[int],
+    *,
+    groups: tuple[int, ...],
+    n_groups: int,
+) -> list[np.ndarray]:
+    """:func:`_select_kept` in NumPy for concrete inputs: the same masks, nothing compiled.
+
+    Per group the target-th smallest key comes from ``np.partition``; the entries below it
+    are pruned, then the tied entries in flat-index order until the target is met.
+    """
+    keys, prior = [], [0] * n_groups
+    for s, a, k, g in zip(scores, allowed, kept, groups, strict=True):
+        key = float_keys_host(s)
+        if k is not None:
+            k = np.asarray(k, bool)
+            key = np.where(k, key, _ALREADY)
+            prior[g] += int(np.count_nonzero(~k if a is None else ~k & np.asarray(a, bool)))
+        if a is not None:
+            key = np.where(np.asarray(a, bool), key, _NEVER)
+        keys.append(key.reshape(-1))
+    out: list[np.ndarray] = [np.empty(0, bool)] * len(keys)
+    for g in range(n_groups):
+        members = [i for i, h in enumerate(groups) if h == g]
+        flat = np.concatenate([keys[i] for i in members])
+        target = max(int(targets[g]), prior[g])
+        prune = np.zeros(flat.size, bool)
+        if target > 0:
+            thresh = np.partition(flat, target - 1)[target - 1]
+            prune = flat < thresh
+            tied = np.flatnonzero(flat == thresh)
+            prune[tied[: target - int(np.count_nonzero(prune))]] = True
+        start = 0
+        for i in members:
+            out[i] = ~prune[start : start + keys[i].size].reshape(np.shape(scores[i]))
+            if kept[i] is not None and allowed[i] is not None:  # never ranked, still pruned
+                out[i] &= np.asarray(kept[i], bool)
+            start += keys[i].size
+    return out
+
+
+def on_host(arrays: list[Any]) -> bool:
+    """Whether every array is a concrete value held by the host or by one CPU device."""
+    for x in arrays:
+        if x is None or isinstance(x, bool | np.bool_):
+            continue
+        if isinstance(x, jax.core.Tracer):
+            return False
+        if isinstance(x, jax.Array):
+            devices = x.devices()
+            if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+                return False
+        elif not isinstance(x, np.ndarray | np.generic):
+            return False
+        dtype = np.dtype(x.dtype)
+        # 64-bit integers convert differently (jax wraps them to 32 bits first).
+        if dtype.kind in "iu" and dtype.itemsize > 4:
+            return False
+    return True
+
+
+def to_device(mask: np.ndarray, like: Any) -> jax.Array:
+    """``mask`` as a jax array, on the device of ``like`` if that array is committed to one."""
+    if isinstance(like, jax.Array) and like.committed:
+        return jax.device_put(mask, like.sharding)
+    return jax.device_put(mask)
+
+
+def round_product(s: jax.Array, n: jax.Array) -> jax.Array:
+    """Exact ``round(s * n)`` (half to even) of a float32 ``s`` in [0, 1] and an int32 ``n``.
+
+    A float32 product rounds: ``float32(0.7) * 45`` gives 31.5 although the exact product is
+    31.4999995. Instead ``s = m * 2**-q`` (integer ``m < 2**24``) and ``m * n`` is formed
+    exactly in two uint32 words from 16-bit limbs, then shifted right by ``q`` with the
+    remainder compared to one half. Traceable; no 64-bit types needed.
+    """
+    s = jnp.clip(s.astype(jnp.float32), 0.0, 1.0)
+    n = n.astype(jnp.uint32)
+    bits = lax.bitcast_convert_type(s, jnp.uint32)
+    exp = (bits >> 23).astype(jnp.int32)
+    mant = bits & np.uint32(0x7FFFFF)
+    m = jnp.where(exp > 0, mant | np.uint32(0x800000), mant)
+    q = jnp.where(exp > 0, 150 - exp, 149)  # s = m * 2**-q, q >= 23 (q == 23 only for s == 1)
+    m0, m1 = m & np.uint32(0xFFFF), m >> 16
+    n0, n1 = n & np.uint32(0xFFFF), n >> 16
+    lo, mid, hi = m0 * n0, m1 * n0 + m0 * n1, m1 * n1
+    p_lo = lo + (mid << 16)
+    p_hi = hi + (mid >> 16) + (p_lo < lo).astype(jnp.uint32)
+
+    def shl(x, k):  # x << k, 0 when k >= 32 (XLA leaves wide shifts undefined)
+        return jnp.where(k >= 32, np.uint32(0), x << jnp.clip(k, 0, 31).astype(jnp.uint32))
+
+    def shr(x, k):
+        return jnp.where(k >= 32, np.uint32(0), x >> jnp.clip(k, 0, 31).astype(jnp.uint32))
+
+    def low_bits(x, k):  # x mod 2**k
+        return jnp.where(k >= 32, x, x & (shl(np.uint32(1), k) - np.uint32(1)))
+
+    # floor(P / 2**q) and the remainder R = P mod 2**q, as (hi, lo) words.
+    k = jnp.where(q >= 32, shr(p_hi, q - 32), shl(p_hi, 32 - q) | shr(p_lo, q))
+    r_hi = jnp.where(q >= 32, low_bits(p_hi, q - 32), np.uint32(0))
+    r_lo = jnp.where(q >= 32, p_lo, low_bits(p_lo, q))
+    h_hi = jnp.where(q >= 33, shl(np.uint32(1), q - 33), np.uint32(0))
+    h_lo = jnp.where(q >= 33, np.uint32(0), shl(np.uint32(1), q - 1))
+    above = (r_hi > h_hi) | ((r_hi == h_hi) & (r_lo > h_lo))
+    half = (r_hi == h_hi) & (r_lo == h_lo)
+    k = k + (above | (half & ((k & np.uint32(1)) == 1))).astype(jnp.uint32)
+    return jnp.where(q >= 56, np.uint32(0), k).astype(jnp.int32)
+
+
+def _target(sparsity: Any, n: Any) -> Any:
+    """``round(sparsity * n)``, exactly and half to even, of the float32 value of ``sparsity``.
+
+    Concrete and traced sparsities give the same count: a Python float is rounded to float32
+    first (as :func:`fisher_optax._validate.sparsity` does), then multiplied exactly
+    (``Fraction``), as the traced path does.
+    """
+    if isinstance(sparsity, float) and isinstance(n, int):
+        return round(Fraction(float(np.float32(sparsity))) * n)
+    return round_product(jnp.asarray(sparsity, jnp.float32), jnp.asarray(n, jnp.int32))
+
+
+def topk_leaves(
+    leaves: list[Any],
+    scores: list[Any],
+    sparsity: Any,
+    *,
+    scope: str,
+    flags: list,
+    kept: list | None,
+) -> list[jax.Array]:
+    """Keep-mask leaves pruning the smallest ``scores`` (lists in flattening order).
+
+    ``sparsity`` is a checked scalar, or a list of per-leaf fractions (each leaf its own
+    group, whatever ``scope`` says).
+    """
+    per_leaf = isinstance(sparsity, list)
+    chosen = [
+        i
+        for i, f in enumerate(flags)
+        # A leaf with a zero target and no earlier mask keeps everything: skip its passes.
+        if f is not False
+        and not (kept is None and per_leaf and isinstance(sparsity[i], float) and not sparsity[i])
+    ]
+    tracing = not all(_validate.is_concrete(x) for x in [*leaves, *scores])
+    # Outside a trace, device_put of NumPy ones: jnp.ones would compile once per shape.
+    out = [
+        jnp.ones(jnp.shape(x), bool) if tracing else to_device(np.ones(np.shape(x), bool), x)
+        for x in leaves
+    ]
+    # What the earlier mask prunes stays pruned, in leaves not ranked here too.
+    for i, k in enumerate(kept or []):
+        if i not in chosen and k is not None:
+            out[i] = k if isinstance(k, jax.Array) else to_device(np.asarray(k, bool), leaves[i])
+    if not chosen:
+        return out
+    layer = per_leaf or scope == "layer"
+    groups = tuple(j if layer else 0 for j in range(len(chosen)))
+    n_groups = len(chosen) if layer else 1
+    allowed, counts, sizes = [], [0] * n_groups, [0] * n_groups
+    for i, g in zip(chosen, groups, strict=True):
+        shape = tuple(np.shape(leaves[i]))
+        size = math.prod(shape)
+        sizes[g] += size
+        if flags[i] is True:
+            allowed.append(None)
+            n_i = size
+        elif _validate.is_concrete(flags[i]):
+            f = np.broadcast_to(np.asarray(flags[i], bool), shape)
+            allowed.append(f)
+            n_i = int(np.count_nonzero(f))
+        else:
+            allowed.append(jnp.broadcast_to(flags[i], shape))
+            n_i = jnp.sum(allowed[-1], dtype=jnp.int32)
+        counts[g] = counts[g] + n_i
+    if max(sizes) > _MAX_COUNT:
+        raise ValueError(
+            f"a selection over {max(sizes)} weights exceeds the int32 counters (at most "
+            f"{_MAX_COUNT}); use Unstructured('layer') or prune groups of leaves separately."
+        )
+    group_sparsity = [sparsity[i] for i in chosen] if per_leaf else [sparsity] * n_groups
+    targets = [_target(s, c) for s, c in zip(group_sparsity, counts, strict=True)]
+    chosen_scores = [scores[i] for i in chosen]
+    chosen_kept = [None if kept is None else kept[i] for i in chosen]
+    if (
+        all(isinstance(t, int) for t in targets)
+        and sum(sizes) <= HOST_MAX
+        and on_host([*chosen_scores, *allowed, *chosen_kept])
+    ):
+        new = _select_kept_host(
+            chosen_scores, allowed, chosen_kept, targets, groups=groups, n_groups=n_groups
+        )
+        new = [to_device(m, x) for m, x in zip(new, chosen_scores, strict=True)]
+    else:
+        if all(isinstance(t, int) for t in targets):
+            stacked = np.asarray(targets, np.int32)  # no eager jnp.stack compile
+        else:
+            stacked = jnp.stack([jnp.asarray(t, jnp.int32) for t in targets])
+        new = _select_kept_jit(
+            chosen_scores, allowed, chosen_kept, stacked, groups=groups, n_groups=n_groups
+        )
+    for i, m in zip(chosen, new, strict=True):
+        out[i] = m
+    return out
