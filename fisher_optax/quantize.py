@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisher_optax import _validate
-from fisher_optax._tree import check_matching, is_kernel, keystr, strip_value
+from fisher_optax._tree import check_matching, is_kernel, is_path_map, keystr, per_leaf
 from fisher_optax._types import Bits, Fisher, Mask, Params
 from fisher_optax.kmeans import HOST_INITS, Init, kmeans_rows_host
 
@@ -197,10 +197,9 @@ def _concrete(leaf, name: str, path: str) -> np.ndarray:
 
 def _leaves_and_flags(params, quantizable):
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    kpaths = [strip_value(p) for p, _ in flat]
-    paths = [keystr(p) for p in kpaths]
+    paths = [keystr(p) for p, _ in flat]
     leaves = [x for _, x in flat]
-    flags = _quantizable_flags(kpaths, leaves, quantizable)
+    flags = _quantizable_flags(params, quantizable)
     for p, leaf, f in zip(paths, leaves, flags, strict=True):
         if f and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(
@@ -828,42 +827,33 @@ def _leaf_axes(axis, params, paths, leaves, flags) -> list[int | None]:
             _check_axis(axis, x, p) if f else None
             for x, p, f in zip(leaves, paths, flags, strict=True)
         ]
-    kpaths = [strip_value(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    out: list[Any] = [None] * len(leaves)
-    matched = [False] * len(leaves)
-    for key, a in axis.items():
-        if callable(key):
-            _validate.callable_arity(key, "an axis key", "predicate(path, leaf) -> bool", 2)
-            hits = [i for i, (p, x) in enumerate(zip(kpaths, leaves, strict=True)) if key(p, x)]
-            label = getattr(key, "__name__", repr(key))
-        elif isinstance(key, str):
-            hits = [i for i, p in enumerate(paths) if p == key]
-            label = key
-            if not hits:
+    if not is_path_map(axis):
+        bad = next(iter(axis), None)
+        raise TypeError(
+            "an axis mapping is keyed by path strings or predicates(path, leaf), got the key "
+            f"{bad!r}; path strings are written as jax.tree_util.keystr writes them, e.g. "
+            "\"['dense']['kernel']\"."
+        )
+    given = {}
+
+    def record(a, where, path, leaf):
+        given[keystr(path)] = where
+        return a
+
+    axes = per_leaf(
+        axis, params, name="axis", default=lambda p, x: None, check=record, plural="axes"
+    )
+    out: list[int | None] = []
+    for a, leaf, path, f in zip(axes, leaves, paths, flags, strict=True):
+        if not f:
+            if path in given and given[path] == f"axis[{path!r}]" and a is not None:
                 raise ValueError(
-                    f"axis names the path {key!r}, which the params do not have. Paths are "
-                    f"written as jax.tree_util.keystr writes them: {paths[:4]}..."
+                    f"axis names {path}, which quantize stores raw (not quantizable); "
+                    "select it with quantizable= or drop it from axis."
                 )
+            out.append(None)
         else:
-            raise TypeError(
-                f"an axis mapping is keyed by path strings or predicates(path, leaf), got "
-                f"the key {key!r} ({type(key).__name__})."
-            )
-        for i in hits:
-            if matched[i]:
-                raise ValueError(
-                    f"axis gives the leaf at {paths[i]} two axes (again by {label}); each leaf "
-                    "may match one key of the mapping."
-                )
-            matched[i] = True
-            if not flags[i]:
-                if isinstance(key, str) and a is not None:
-                    raise ValueError(
-                        f"axis names {paths[i]}, which quantize stores raw (not quantizable); "
-                        "select it with quantizable= or drop it from axis."
-                    )
-                continue
-            out[i] = _check_axis(a, leaves[i], paths[i])
+            out.append(_check_axis(a, leaf, path))
     return out
 
 
@@ -921,34 +911,28 @@ def _uniform_rows(x, valid, k):
     return levels, counts, np.where(valid, np.take_along_axis(index, a, 1), 0)
 
 
-def _quantizable_flags(paths, leaves, quantizable) -> list[bool]:
+def _quantizable_flags(params, quantizable) -> list[bool]:
     """Per leaf, whether it is quantized (``True``) or stored as it is (``False``)."""
-    if quantizable is None:
-        return [
-            is_kernel(p, x) and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-            for p, x in zip(paths, leaves, strict=True)
-        ]
-    if callable(quantizable):
-        _validate.callable_arity(quantizable, "quantizable", "quantizable(path, leaf)", 2)
-        flags = [quantizable(p, x) for p, x in zip(paths, leaves, strict=True)]
-    else:
-        flat = jax.tree_util.tree_flatten_with_path(quantizable)[0]
-        if len(flat) != len(leaves) or any(
-            strip_value(q) != p for (q, _), p in zip(flat, paths, strict=False)
-        ):
-            raise ValueError(
-                "quantizable does not match the structure of params: give one Python bool "
-                "per leaf, e.g. jax.tree.map(lambda x: x.ndim >= 2, params), or a predicate "
-                "quantizable(path, leaf) -> bool."
-            )
-        flags = [f for _, f in flat]
-    for p, f in zip(paths, flags, strict=True):
+
+    def python_bool(f, where, path, leaf):
         if not isinstance(f, bool | np.bool_):
             raise TypeError(
-                f"quantizable at {keystr(p)} must be a Python bool (True = quantize the whole "
-                f"leaf), got {type(f).__name__}."
+                f"{where} must be a Python bool (True = quantize the whole leaf), got "
+                f"{type(f).__name__}."
             )
-    return [bool(f) for f in flags]
+        return bool(f)
+
+    return per_leaf(
+        quantizable,
+        params,
+        name="quantizable",
+        default=lambda p, x: is_kernel(p, x) and jnp.issubdtype(jnp.result_type(x), jnp.floating),
+        missing=False,
+        check=python_bool,
+        plural="flags",
+        what="one Python bool per leaf, e.g. jax.tree.map(lambda x: x.ndim >= 2, params), or "
+        "a predicate quantizable(path, leaf) -> bool",
+    )
 
 
 def dequantize(q: QuantizedParams) -> Params:

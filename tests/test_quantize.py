@@ -526,12 +526,12 @@ def _bad(p, where, value):
         (
             lambda p: quantize(p, 2, quantizable=lambda path, leaf: leaf.ndim),
             TypeError,
-            r"quantizable at \['dense'\]\['bias'\] must be a Python bool",
+            r"quantizable\(path, leaf\) at \['dense'\]\['bias'\] must be a Python bool",
         ),
         (
             lambda p: quantize(p, 2, quantizable={"dense": True}),
             ValueError,
-            "quantizable does not match the structure of params",
+            "quantizable does not match the structure of the params",
         ),
         (lambda p: allocate_bits(p, fisher=p), ValueError, r"fisher at .* negative"),
         (
