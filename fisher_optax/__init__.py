@@ -79,14 +79,6 @@ from fisher_optax.scores import (
     scores,
 )
 
-# Structured pruning: unit scores and masks, optimizer state after surgery (Flax-free;
-# the cut engine is fisher_optax.surgery, the model adapters fisher_optax.flax).
-from fisher_optax.structured import (
-    expand_unit_mask,
-    slice_opt_state,
-    unit_mask,
-    unit_scores,
-)
 from fisher_optax.transforms import (
     KeepPrunedState,
     PrunedState,
@@ -120,7 +112,6 @@ __all__ = [
     "dequantize",
     "empirical_fisher",
     "erk_sparsity",
-    "expand_unit_mask",
     "fisher_from_state",
     "fisher_mask",
     "fisher_tracker",
@@ -141,11 +132,8 @@ __all__ = [
     "save_compressed",
     "scores",
     "share_codebooks",
-    "slice_opt_state",
     "sparsity_report",
     "topk_mask",
     "two_stage_mask",
     "uniform_sparsity",
-    "unit_mask",
-    "unit_scores",
 ]
