@@ -75,7 +75,7 @@ def test_fisher_from_nnx_optimizer_lines_up_with_params_and_masks_work():
     graph = depgraph.dependency_graph(model, x)
     wm = jax.jit(
         lambda p, f: depgraph.select_groups(
-            graph, fisher_optax.scores(p, fisher=f), 0.5, scope="group"
+            graph, fisher_optax.scores(p, "saliency", fisher=f), 0.5, scope="group"
         )
     )(params, fisher)
     assert int(wm["layers"][0]["bias"][...].sum()) == 6
