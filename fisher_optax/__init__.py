@@ -78,7 +78,6 @@ from fisher_optax.scores import (
     saliency,
     scores,
 )
-
 from fisher_optax.transforms import (
     KeepPrunedState,
     PrunedState,

@@ -138,7 +138,25 @@ class DepGraph(NamedTuple):
     module: Any = None
 
     def report(self) -> str:
-        """A readable summary: each group with its size, then each frozen axis and why."""
+        """A readable summary: each group with its size, then each frozen axis and why.
+
+        Returns:
+          The summary, one line per group and per frozen parameter axis.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> from flax import nnx
+          >>> from fisher_optax import depgraph
+          >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu,
+          ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+          >>> print(depgraph.dependency_graph(model, jnp.ones((1, 3))).report())
+          1 prunable groups:
+            ['layers'][0]['kernel'][1]: 8 units, 3 parameter axes
+          3 parameter axes kept whole:
+            ['layers'][0]['kernel'][0]: model input
+            ['layers'][2]['bias'][0]: model output
+            ['layers'][2]['kernel'][1]: model output
+        """
         lines = [f"{len(self.groups)} prunable groups:"]
         for g in self.groups:
             lines.append(f"  {g.name}: {g.size} units, {len(g.members)} parameter axes")
