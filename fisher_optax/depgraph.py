@@ -1128,6 +1128,18 @@ def _unit_vector(graph: DepGraph, keep: Sequence[Any]) -> Any:
     return jnp.concatenate([jnp.asarray(k) for k in keep])
 
 
+def _concrete_units(graph: DepGraph, keep: Sequence[Any]) -> np.ndarray:
+    """:func:`_unit_vector` of a ``keep`` that must be known on the host (not traced)."""
+    kept_units = _unit_vector(graph, keep)
+    if not isinstance(kept_units, np.ndarray):
+        raise ValueError(
+            "keep is traced (inside jit): weight_mask, masked and cut need concrete arrays "
+            "(from group_mask), since the cut changes shapes; under jit select the units "
+            "with select_groups, which returns the mask."
+        )
+    return kept_units
+
+
 def _expand(graph: DepGraph, numbered: list[tuple[int, Any]], kept_units: Any) -> list[Any]:
     """Per leaf: True where no removed unit touches the entry (NumPy or jnp, as given)."""
     out = []
@@ -1164,8 +1176,8 @@ def weight_mask(graph: DepGraph, keep: Sequence[np.ndarray], params: Any) -> Any
       A pytree with the structure of ``params`` holding a bool array per leaf.
 
     Raises:
-      ValueError: if ``keep`` does not line up with the groups, or ``params`` with the
-        traced model.
+      ValueError: if ``keep`` does not line up with the groups or is traced (under ``jit``
+        use :func:`select_groups`), or ``params`` does not line up with the traced model.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np, fisher_optax
@@ -1180,10 +1192,8 @@ def weight_mask(graph: DepGraph, keep: Sequence[np.ndarray], params: Any) -> Any
       Array([ True, False,  True], dtype=bool)
       >>> small_params = fisher_optax.apply_mask(params, mask)
     """
-    kept_units = _unit_vector(graph, keep)
+    kept_units = _concrete_units(graph, keep)
     numbered = _numbered(graph, params, "params")
-    if not isinstance(kept_units, np.ndarray):
-        raise ValueError("keep must be concrete (from group_mask); under jit use select_groups.")
     masks = iter([jax.device_put(m) for m in _expand(graph, numbered, kept_units)])
     return jax.tree.map(lambda _: next(masks), params)
 
@@ -1279,9 +1289,7 @@ def select_groups(
 
 def _cut_index(graph: DepGraph, keep: Sequence[np.ndarray]) -> dict[Path, tuple]:
     """The entries kept, per traced leaf path: one index array per axis (``None`` = whole)."""
-    kept_units = _unit_vector(graph, keep)
-    if not isinstance(kept_units, np.ndarray):
-        raise ValueError("keep must be concrete (from group_mask): a cut changes shapes.")
+    kept_units = _concrete_units(graph, keep)
     drop: dict[tuple[int, int], set] = {}
     first = 0
     for g in graph.groups:
@@ -1424,7 +1432,7 @@ def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float, graph: Any, ke
 def _zeroed(graph: DepGraph, tree: Any, keep: Sequence[np.ndarray]) -> Any:
     """``tree`` (the traced variables) with every entry of every removed unit set to zero."""
     numbered = _numbered(graph, tree, "variables")
-    masks = _expand(graph, numbered, _unit_vector(graph, keep))
+    masks = _expand(graph, numbered, _concrete_units(graph, keep))
     leaves = [
         x
         if i not in graph.entries
@@ -1480,8 +1488,8 @@ def masked(model: Any, graph: DepGraph, keep: Sequence[np.ndarray]) -> Any:
       A new NNX model of the same type, or for Linen a new variables dict.
 
     Raises:
-      ValueError: if ``keep`` does not line up with the groups or ``model`` is not the
-        traced model.
+      ValueError: if ``keep`` does not line up with the groups or is traced, or ``model`` is
+        not the traced model.
       TypeError: if ``model`` is not of the graph's kind.
 
     Examples:

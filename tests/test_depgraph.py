@@ -879,6 +879,10 @@ def test_weight_mask_applied_gives_the_masked_models_params(resnet):
         assert not np.any(np.asarray(s)[~np.asarray(m)])
     with pytest.raises(ValueError, match=r"params has a leaf at .* that the traced model lacks"):
         depgraph.weight_mask(graph, keep, {"zz": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"keep is traced .* select the units with select_groups"):
+        jax.jit(lambda k: depgraph.weight_mask(graph, k, params))(keep)
+    with pytest.raises(ValueError, match="keep is traced"):
+        jax.jit(lambda k: depgraph.masked(model, graph, k))(keep)
 
 
 def test_select_groups_eager_jitted_and_three_step_agree_with_one_compile(resnet):
