@@ -7,8 +7,9 @@ recurses into sub-jaxprs itself. Which calls are inlined is the caller's choice:
 
 * :data:`PLAIN_CALLS` (``jit``/``pjit``, ``closed_call``, ``core_call``) compute exactly their
   body, values and derivatives alike, so inlining them changes nothing.
-* :data:`ALL_CALLS` adds ``custom_jvp_call``, ``custom_vjp_call`` and ``remat``/``checkpoint``,
-  whose bodies compute the same values but carry their own differentiation or memory rule.
+* :data:`ALL_CALLS` adds ``custom_jvp_call``, ``custom_vjp_call`` and ``jax.checkpoint``'s
+  ``remat2``, whose bodies compute the same values but carry their own differentiation or
+  memory rule.
   An interpreter that only follows which index flows where (the dependency graph) inlines
   them; one that differentiates the equations it evaluates must not.
 """
@@ -31,6 +32,7 @@ _BODY = {
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
     "remat": "jaxpr",
+    "remat2": "jaxpr",
     "checkpoint": "jaxpr",
 }
 PLAIN_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})

@@ -31,7 +31,7 @@ rule per primitive in a table, calls inlined by one walker):
   ties the input feature axis to the kernel's input axis and the kernel's output axis to
   the output feature axis; ``concatenate`` ties each input to its offset in the output;
   a reshape that merges (flatten) or splits axes ties each element to its coordinate on
-  the one axis that may be cut; ``pjit``, ``custom_jvp``/``custom_vjp`` and ``remat``
+  the one axis that may be cut; ``pjit``, ``custom_jvp``/``custom_vjp`` and ``jax.checkpoint``
   bodies are followed.
 * Everything else *freezes* the axes it touches (kept whole), and so do: the model's
   input and output, reductions (a mean or a max over channels changes when channels go),

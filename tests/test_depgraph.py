@@ -1211,3 +1211,29 @@ def test_cut_optimizer_with_pruned_fine_tunes_under_jit():
         jax.tree.leaves(nnx.state(small, nnx.Param)), jax.tree.leaves(mask), strict=True
     ):
         assert not np.any(np.asarray(p)[~np.asarray(m)])
+
+
+class Wrapped(nnx.Module):
+    """Layers called through jax.jit, jax.checkpoint and a custom_jvp activation: the walker
+    inlines each body, so the channels are followed through them."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 6, rngs=rngs)
+        self.b = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.jit(lambda k, b, x: x @ k + b)(self.a.kernel[...], self.a.bias[...], x)
+        h = jax.checkpoint(jax.nn.relu)(h)  # relu is a custom_jvp
+        return self.b(jax.jit(jnp.tanh)(h))
+
+
+def test_calls_jit_checkpoint_and_custom_jvp_are_followed():
+    model = Wrapped(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    graph = depgraph.dependency_graph(model, x)
+    assert _members(graph) == [
+        [("['a']['bias']", 0), ("['a']['kernel']", 1), ("['b']['kernel']", 0)]
+    ]
+    keep = _keep_half(graph)
+    small = depgraph.cut(model, graph, keep)
+    np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-6)
