@@ -456,6 +456,10 @@ def test_cut_optimizer_slices_adam_moments():
     )
     assert int(new_opt.opt_state[0].count[...]) == 1
     new_opt.update(small, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(small))  # it steps
+    with pytest.raises(
+        ValueError, match=r"sliced optimizer state at .*bias.\] has shape \(4,\) but the"
+    ):
+        depgraph.cut_optimizer(opt, graph, keep, model=model)  # not the cut model
 
 
 # --------------------------------------------------------------------------------------------
