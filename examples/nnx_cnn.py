@@ -3,47 +3,44 @@
 1. Train a CNN on scikit-learn's 8x8 digits with
    ``nnx.Optimizer(model, fisher_optax.pruned(optax.adam(...), ...), wrt=nnx.Param)`` under
    ``nnx.jit``: unstructured two-stage (magnitude, then Fisher) pruning grows the mask.
-2. Score whole units (conv channels, dense columns) by their summed OBD saliency
-   0.5 * F * w^2, with the Fisher read from the optimizer's own Adam state, and drop a
-   fraction of each hidden layer's units: their incoming weights and biases are zeroed in
-   the model (relu(0) = 0, so nothing is left to fold into the next layer, which lets the
-   zero-padded convolutions lose channels exactly).
-3. Surgery: ``fisher_optax.flax.shrink(model, optimizer, unit_mask=...)`` returns a
-   physically smaller model and its optimizer with Adam's moments sliced to the new shapes.
-   ``shrink`` itself checks, layer by layer on a probe input, that the shrunk model computes
-   what the masked dense model computes; the script checks it again on the test set. Params,
-   FLOPs and the median time of a jitted forward pass over the test set are compared at that
-   (identical) accuracy.
+2. Trace the model once (:func:`fisher_optax.depgraph.dependency_graph`): each hidden
+   layer's output channels form a group with the next layer's input rows (a block of rows
+   per channel through the flatten). Score every unit by its summed OBD saliency
+   0.5 * F * w^2 over all the weights it removes, with the Fisher read from the
+   optimizer's own Adam state, and remove a fraction of each group's units: their weights
+   are zeroed in the model (:func:`~fisher_optax.depgraph.weight_mask`).
+3. The cut (:func:`~fisher_optax.depgraph.cut`) returns a physically smaller model,
+   checked against the masked dense model on the traced batch; the script checks it again
+   on the test set. :func:`~fisher_optax.depgraph.cut_optimizer` slices Adam's moments and
+   the pruning mask to the new shapes. Params, FLOPs and the median time of a jitted
+   forward pass over the test set are compared at that (identical) accuracy.
 4. Fine-tune the shrunk model, continuing Adam and the pruning mask where they were. The
    ``pruned`` schedule keeps its target sparsity, which now applies to the smaller model:
    the fine-tune prunes it further, to that fraction of its own weights.
+
+Data, training loop and timing come from examples/common.py.
 
 Run: python examples/nnx_cnn.py            (about a minute on two CPU cores)
      python examples/nnx_cnn.py --quick    (a smoke run)
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import accuracy, load_digits, median_times, predict, train
 from flax import nnx
 
 import fisher_optax
 import fisher_optax.flax as ff
-
-if __package__ in (None, ""):
-    # Run as a script: put the repository root on the path so examples.* imports.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.datasets import load_digits_dataset
+from fisher_optax import depgraph
 
 
 def flatten(x):
-    return x.reshape(x.shape[0], -1)  # NHWC order, which surgery expects
+    return x.reshape(x.shape[0], -1)
 
 
 def make_model(width: int, seed: int) -> nnx.Sequential:
@@ -56,53 +53,8 @@ def make_model(width: int, seed: int) -> nnx.Sequential:
     )  # fmt: skip
 
 
-def loss_fn(model, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-    optimizer.update(model, grads)
-    return loss
-
-
-@nnx.jit
-def predict(model, x):
-    return model(x)
-
-
-def accuracy(model, x, y) -> float:
-    return float((np.asarray(predict(model, x)).argmax(-1) == y).mean())
-
-
-def train(model, optimizer, data, steps, batch, rng) -> float:
-    loss = float("nan")
-    for _ in range(steps):
-        idx = rng.choice(len(data.y_train), batch, replace=False)
-        loss = float(train_step(model, optimizer, data.x_train[idx], data.y_train[idx]))
-    return loss
-
-
 def nonzero(model) -> int:
     return sum(int(np.count_nonzero(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def median_times(models, x, repeats):
-    """Median seconds per jitted forward pass; calls interleaved so load drifts hit all."""
-    fns = []
-    for m in models:
-        graphdef, state = nnx.split(m)
-        fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
-        fn(state, x).block_until_ready()  # compile
-        fns.append((fn, state))
-    times = [[] for _ in models]
-    for _ in range(repeats):
-        for i, (fn, state) in enumerate(fns):
-            t = time.perf_counter()
-            fn(state, x).block_until_ready()
-            times[i].append(time.perf_counter() - t)
-    return [float(np.median(t)) for t in times]
 
 
 def main():
@@ -111,7 +63,7 @@ def main():
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--sparsity", type=float, default=0.8, help="unstructured target")
-    ap.add_argument("--unit-fraction", type=float, default=0.5, help="units dropped per layer")
+    ap.add_argument("--unit-fraction", type=float, default=0.5, help="units removed per group")
     ap.add_argument("--criterion", default="saliency", choices=["saliency", "fisher", "magnitude"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=50)
@@ -121,7 +73,7 @@ def main():
     if args.quick:
         args.width, args.steps, args.finetune_steps, args.repeats = 8, 120, 40, 5
 
-    data = load_digits_dataset()
+    data = load_digits()
     rng = np.random.default_rng(args.seed)
     model = make_model(args.width, args.seed)
     schedule = fisher_optax.polynomial_sparsity(
@@ -141,21 +93,23 @@ def main():
         f"{nonzero(model)} non-zero params"
     )
 
-    # 2. Structured: drop the least salient units of each hidden layer.
+    # 2. Structured: drop the least salient units of each hidden layer. The traced graph
+    # groups each layer's output channels with the next layer's input rows (through the
+    # flatten, a block of rows per channel); the output layer is the model's output, kept.
+    x_test = jnp.asarray(data.x_test)
+    graph = depgraph.dependency_graph(model, x_test[:8])
     params = nnx.state(model, nnx.Param)
     # The optimizer is a pytree holding Adam's state; params= lines the result up with it.
     fisher = fisher_optax.fisher_from_state(optimizer, batch_size=args.batch, params=params)
-    scores = fisher_optax.unit_scores(params, args.criterion, fisher=fisher)
-    units = fisher_optax.unit_mask(
-        scores, args.unit_fraction, scope="layer", prunable=ff.prunable_units(model)
-    )
-    ff.apply_mask_to_model(model, fisher_optax.expand_unit_mask(params, units, bias=True))
+    scores = depgraph.group_scores(graph, params, args.criterion, fisher=fisher)
+    keep = depgraph.group_mask(graph, scores, args.unit_fraction, scope="group")
+    ff.apply_mask_to_model(model, depgraph.weight_mask(graph, keep, params))
     acc_masked = accuracy(model, data.x_test, data.y_test)
 
-    # 3. Surgery; the optimizer state follows.
-    small, small_opt, _, _ = ff.shrink(model, optimizer, unit_mask=units)
-    x_test = jnp.asarray(data.x_test)
-    diff = float(jnp.max(jnp.abs(predict(small, x_test) - predict(model, x_test))))
+    # 3. The cut, checked against the masked model; the optimizer state follows.
+    small = depgraph.cut(model, graph, keep)
+    small_opt = depgraph.cut_optimizer(optimizer, graph, keep, model=small)
+    diff = float(np.max(np.abs(predict(small, x_test) - predict(model, x_test))))
     acc_small = accuracy(small, data.x_test, data.y_test)
     n_dense, f_dense = ff.param_count_and_flops(model, x_test[:1])
     n_small, f_small = ff.param_count_and_flops(small, x_test[:1])

@@ -1,4 +1,4 @@
-"""A small ResNet-style CNN in Flax NNX, shared by examples/resnet_surgery.py and the tests.
+"""A small ResNet-style CNN in Flax NNX, used by examples/resnet_surgery.py.
 
 conv-BN-relu stem, two residual stages of basic blocks (the first block of stage 2 halves
 the resolution and doubles the width through a 1x1 projection shortcut; every other block

@@ -17,80 +17,25 @@
 5. Fine-tune the shrunk model briefly, Adam's moments sliced to the new shapes
    (:func:`~fisher_optax.depgraph.cut_optimizer`), and report its accuracy.
 
+Data, training loop and timing come from examples/common.py.
+
 Run: python examples/resnet_surgery.py           (a few minutes on two CPU cores)
      python examples/resnet_surgery.py --quick   (a smoke run)
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import accuracy, load_digits, median_times, predict, train
 from flax import nnx
+from resnet import make_resnet
 
 import fisher_optax
 from fisher_optax import depgraph
 from fisher_optax.flax import param_count_and_flops
-
-if __package__ in (None, ""):
-    # Run as a script: put the repository root on the path so examples.* imports.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.datasets import load_digits_dataset
-from examples.resnet import make_resnet
-
-# The training loop and the timing below follow examples/nnx_cnn.py; this model has
-# BatchNorm, so it switches between train() and eval() modes.
-
-
-def loss_fn(model, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
-    optimizer.update(model, grads)
-    return loss
-
-
-def predict(model, x) -> np.ndarray:
-    return np.asarray(depgraph._apply(model, x))
-
-
-def accuracy(model, x, y) -> float:
-    model.eval()
-    return float((predict(model, x).argmax(-1) == y).mean())
-
-
-def train(model, optimizer, data, steps, batch, rng) -> float:
-    model.train()
-    loss = float("nan")
-    for _ in range(steps):
-        idx = rng.choice(len(data.y_train), batch, replace=False)
-        loss = float(train_step(model, optimizer, data.x_train[idx], data.y_train[idx]))
-    model.eval()
-    return loss
-
-
-def median_times(models, x, repeats) -> list[float]:
-    """Median seconds per jitted forward pass; calls interleaved so load drifts hit all."""
-    fns = []
-    for m in models:
-        graphdef, state = nnx.split(m)
-        fn = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
-        fn(state, x).block_until_ready()  # compile
-        fns.append((fn, state))
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for i, (fn, state) in enumerate(fns):
-            t = time.perf_counter()
-            fn(state, x).block_until_ready()
-            times[i].append(time.perf_counter() - t)
-    return [float(np.median(t)) for t in times]
 
 
 def widths(model) -> list[int]:
@@ -105,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--finetune-steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--sparsity", type=float, default=0.5, help="fraction of channels removed")
-    ap.add_argument("--scope", default="group", choices=list(depgraph.GROUP_SCOPES))
+    ap.add_argument("--scope", default="group", choices=["global", "group"])
     ap.add_argument("--criterion", default="saliency", choices=["saliency", "fisher", "magnitude"])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=30)
@@ -115,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.width, args.blocks, args.steps, args.finetune_steps, args.repeats = 4, 1, 60, 20, 3
 
-    data = load_digits_dataset()
+    data = load_digits()
     rng = np.random.default_rng(args.seed)
     model = make_resnet(args.width, args.seed, blocks=args.blocks)
     optimizer = nnx.Optimizer(model, optax.adam(args.lr), wrt=nnx.Param)
@@ -148,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 4. Cut (checked against the masked model inside cut), then check on the test set.
     masked_model = depgraph.masked(model, graph, keep)
     small = depgraph.cut(model, graph, keep)
-    small_opt = depgraph.cut_optimizer(optimizer, model, small, graph, keep)
+    small_opt = depgraph.cut_optimizer(optimizer, graph, keep, model=small)
     diff = float(np.max(np.abs(predict(small, x_test) - predict(masked_model, x_test))))
     acc_masked = accuracy(masked_model, data.x_test, data.y_test)
     acc_small = accuracy(small, data.x_test, data.y_test)

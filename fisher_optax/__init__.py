@@ -87,15 +87,6 @@ from fisher_optax.scores import (
     saliency,
     scores,
 )
-
-# Structured pruning: unit scores and masks, optimizer state after surgery (Flax-free;
-# the cut engine is fisher_optax.surgery, the model adapters fisher_optax.flax).
-from fisher_optax.structured import (
-    expand_unit_mask,
-    slice_opt_state,
-    unit_mask,
-    unit_scores,
-)
 from fisher_optax.transforms import (
     PRUNING_METHODS,
     KeepPrunedState,
@@ -140,7 +131,6 @@ __all__ = [
     "dequantize",
     "empirical_fisher",
     "erk_sparsity",
-    "expand_unit_mask",
     "fisher_from_state",
     "fisher_tracker",
     "is_kernel",
@@ -159,10 +149,7 @@ __all__ = [
     "scores",
     "select",
     "share_codebooks",
-    "slice_opt_state",
     "sparsity_report",
     "two_stage_mask",
     "uniform_sparsity",
-    "unit_mask",
-    "unit_scores",
 ]

@@ -40,42 +40,30 @@ References:
   https://github.com/google-deepmind/kfac-jax
 """
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
+
+from fisher_optax import _jaxpr
+from fisher_optax._jaxpr import Eqn, Lit
 
 __all__: list[str] = []  # private module; used by fisher_optax.references
 
-# Call-like primitives whose body is a plain jaxpr: inlined so that a parameter passed into a
-# jitted sub-function is still seen meeting the data inside it.
-_INLINE = frozenset({"jit", "pjit", "closed_call", "core_call"})
 # Operations that only re-index a tensor one to one: a squared gradient passes through them.
 _REINDEX = frozenset(
     {"reshape", "convert_element_type", "transpose", "squeeze", "expand_dims", "copy"}
 )
 
 
-class _Lit(NamedTuple):
-    value: Any
-
-
-class _Eqn(NamedTuple):
-    eqn: Any  # the original JaxprEqn (primitive, params, avals)
-    ins: tuple  # int ids or _Lit
-    outs: tuple  # int ids
-
-
 class _Plan(NamedTuple):
-    eqns: list[_Eqn]
+    eqns: list[Eqn]
     consts: dict[int, Any]
     param_ids: list[int]
     example_ids: list[int]
-    out: Any  # id or _Lit of the scalar loss
+    out: Any  # id or Lit of the scalar loss
     layers: dict[int, int]  # param index -> eqn index of its consumer
     operand: dict[int, int]  # param index -> operand position in that eqn
     closed: dict[int, bool]  # param index -> outer-product closed form applies
@@ -83,40 +71,6 @@ class _Plan(NamedTuple):
     fallback: list[int]  # param indices left to vmap(grad)
     unused: list[int]  # param indices the loss does not depend on
     data: frozenset  # ids that depend on the example
-
-
-def _flatten(closed: Any) -> tuple[list[_Eqn], dict[int, Any], list, list]:
-    """The equations of ``closed`` with jit-like calls inlined, variables renamed to ints."""
-    counter = itertools.count()
-    eqns: list[_Eqn] = []
-    consts: dict[int, Any] = {}
-
-    def walk(jaxpr: Any, const_values: Sequence[Any], in_refs: Sequence[Any]) -> list:
-        env: dict[Any, Any] = {}
-        for var, value in zip(jaxpr.constvars, const_values, strict=True):
-            env[var] = next(counter)
-            consts[env[var]] = value
-        for var, ref in zip(jaxpr.invars, in_refs, strict=True):
-            env[var] = ref
-
-        def ref(atom: Any) -> Any:
-            return _Lit(atom.val) if isinstance(atom, jcore.Literal) else env[atom]
-
-        for eqn in jaxpr.eqns:
-            ins = [ref(a) for a in eqn.invars]
-            sub = eqn.params.get("jaxpr")
-            if eqn.primitive.name in _INLINE and isinstance(sub, jcore.ClosedJaxpr):
-                outs = walk(sub.jaxpr, sub.consts, ins)
-            else:
-                outs = [next(counter) for _ in eqn.outvars]
-                eqns.append(_Eqn(eqn, tuple(ins), tuple(outs)))
-            for var, out in zip(eqn.outvars, outs, strict=True):
-                env[var] = out
-        return [ref(a) for a in jaxpr.outvars]
-
-    ins = [next(counter) for _ in closed.jaxpr.invars]
-    outs = walk(closed.jaxpr, closed.consts, ins)
-    return eqns, consts, ins, outs
 
 
 def _bind(eqn: Any, args: Sequence[Any]) -> list:
@@ -154,7 +108,7 @@ def _plan(
     """Trace the per-example loss and find each parameter's consumer."""
     spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
     closed = jax.make_jaxpr(ell)([spec(p) for p in param_leaves], [spec(x) for x in example_leaves])
-    eqns, consts, ins, outs = _flatten(closed)
+    eqns, consts, ins, outs = _jaxpr.flatten(closed)
     n_params = len(param_leaves)
     param_ids, example_ids = ins[:n_params], ins[n_params:]
 
@@ -164,11 +118,11 @@ def _plan(
     uses: dict[int, list[tuple[int, int]]] = {k: [] for k in range(n_params)}
     bad: set[int] = set()
     for e, (eqn, eins, eouts) in enumerate(eqns):
-        refs = [r for r in eins if not isinstance(r, _Lit)]
+        refs = [r for r in eins if not isinstance(r, Lit)]
         if any(r in data for r in refs):
             data.update(eouts)
             for j, r in enumerate(eins):
-                if not isinstance(r, _Lit) and r not in data:
+                if not isinstance(r, Lit) and r not in data:
                     for k in deps.get(r, ()):
                         uses[k].append((e, j))
             continue
@@ -189,7 +143,7 @@ def _plan(
         ):
             reindex[eouts[0]] = reindex[refs[0]]
     for r in outs:
-        if not isinstance(r, _Lit) and r not in data:
+        if not isinstance(r, Lit) and r not in data:
             bad.update(deps.get(r, ()))
 
     layers, operand, closed_form, one_to_one, fallback, unused = {}, {}, {}, {}, [], []
@@ -246,10 +200,10 @@ def _evaluate(plan: _Plan, param_leaves: Sequence, example_leaves: Sequence | No
     env.update(zip(plan.param_ids, param_leaves, strict=True))
     if example_leaves is not None:
         env.update(zip(plan.example_ids, example_leaves, strict=True))
-    read = lambda r: r.value if isinstance(r, _Lit) else env[r]
+    read = lambda r: r.value if isinstance(r, Lit) else env[r]
     recorded = {}
     for e, (eqn, eins, eouts) in enumerate(plan.eqns):
-        if example_leaves is None and any(r in plan.data for r in eins if not isinstance(r, _Lit)):
+        if example_leaves is None and any(r in plan.data for r in eins if not isinstance(r, Lit)):
             continue
         args = [read(r) for r in eins]
         pool = _max_pool(eqn) if example_leaves is not None else None
@@ -293,7 +247,7 @@ def _sums(plan: _Plan, ell: Callable, param_leaves: list, example_leaves: list) 
     def total(probes):
         def one(example_probes, example):
             env, recorded = _evaluate(plan, param_leaves, example, example_probes)
-            out = plan.out.value if isinstance(plan.out, _Lit) else env[plan.out]
+            out = plan.out.value if isinstance(plan.out, Lit) else env[plan.out]
             return out, recorded
 
         losses, recorded = jax.vmap(one)(probes, example_leaves)
@@ -321,7 +275,7 @@ def _layer_sum(plan, k, e, param_leaves, static, data_inputs, cotangent):
 
     def apply(v, data):  # the consumer as a function of its parameter operand, one example
         args = [
-            data[i] if i in data else v if i == j else r.value if isinstance(r, _Lit) else static[r]
+            data[i] if i in data else v if i == j else r.value if isinstance(r, Lit) else static[r]
             for i, r in enumerate(eins)
         ]
         return _bind(eqn, args)[0]

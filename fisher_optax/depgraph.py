@@ -1,7 +1,8 @@
-"""Structured pruning from the traced computation: coupled channels, group scores, surgery.
+"""Structured pruning from the traced computation: coupled channels, group scores, the cut.
 
-The model's forward is traced once with an example input (``jax.make_jaxpr``) and every
-parameter's axes are followed through the primitives. Indices that must be removed
+The one engine for removing whole units (channels, features, heads) from NNX and Linen
+models. The model's forward is traced once with an example input (``jax.make_jaxpr``) and
+every parameter's axes are followed through the primitives. Indices that must be removed
 together (an output channel of a conv, the BatchNorm entries that normalise it, the input
 slice of every consumer, and, through a residual add, the same channel of every layer that
 writes into the sum) fall into one *unit*; the units that share parameter axes form a
@@ -9,14 +10,28 @@ writes into the sum) fall into one *unit*; the units that share parameter axes f
 concatenation offsets channels, attention heads couple the query, key, value and output
 projections.
 
-Rules of the trace (each index is an element of a union-find; the unions are exact):
+The steps, each a function of the graph:
+
+* :func:`dependency_graph` traces the model; :func:`group_scores` sums per-weight scores
+  over each unit; :func:`group_mask` selects the units to remove (``keep``, one bool array
+  per group) with the count and tie rule of :func:`fisher_optax.topk_mask`;
+  :func:`select_groups` does the three in one traceable call on a param-shaped score tree
+  and returns a param-shaped mask.
+* :func:`weight_mask` turns ``keep`` into a param-shaped mask (for
+  :func:`fisher_optax.apply_mask` and :func:`fisher_optax.keep_pruned`), :func:`masked`
+  into the model with the removed entries zeroed.
+* :func:`cut` returns the smaller model (NNX) or the smaller variables (Linen), checked
+  against :func:`masked`; :func:`cut_optimizer` slices the optimizer state the same way.
+
+Rules of the trace (each index is an element of a union-find; the unions are exact; one
+rule per primitive in a table, calls inlined by one walker):
 
 * elementwise ops, ``broadcast_in_dim``, ``transpose``, ``squeeze`` and identity reshapes
   tie equal axes; ``dot_general`` ties contracted and batch axes; ``conv_general_dilated``
   ties the input feature axis to the kernel's input axis and the kernel's output axis to
   the output feature axis; ``concatenate`` ties each input to its offset in the output;
   a reshape that merges (flatten) or splits axes ties each element to its coordinate on
-  the one axis that may be cut; ``pjit``, ``custom_jvp``/``custom_vjp`` and ``remat``
+  the one axis that may be cut; ``pjit``, ``custom_jvp``/``custom_vjp`` and ``jax.checkpoint``
   bodies are followed.
 * Everything else *freezes* the axes it touches (kept whole), and so do: the model's
   input and output, reductions (a mean or a max over channels changes when channels go),
@@ -26,8 +41,8 @@ Rules of the trace (each index is an element of a union-find; the unions are exa
   ``1/sqrt(head_dim)`` scale would change). :attr:`DepGraph.frozen` lists each frozen
   parameter axis with its reason.
 
-The cut is then checked: the smaller model must compute what the *masked* model (every
-removed entry set to zero) computes on the example input.
+A removed unit loses every entry it touches, the consumers' input slices included, so the
+cut model computes exactly what the masked model computes, whatever the activations.
 
 References:
   Fang, Ma, Song, Mi, Wang. DepGraph: Towards Any Structural Pruning. CVPR 2023,
@@ -37,14 +52,15 @@ References:
   Theory. ISVLSI 2016, https://arxiv.org/abs/1605.04859.
 """
 
-from collections.abc import Callable, Hashable, Sequence
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisher_optax import _validate
+from fisher_optax import _jaxpr, _validate
 from fisher_optax._tree import keystr
 
 __all__ = [
@@ -53,22 +69,16 @@ __all__ = [
     "Group",
     "LinenCut",
     "cut",
-    "cut_index",
-    "cut_linen",
     "cut_optimizer",
     "dependency_graph",
     "group_mask",
     "group_scores",
     "masked",
+    "select_groups",
+    "weight_mask",
 ]
 
 Path = tuple[Hashable, ...]
-
-GROUP_SCOPES: dict[str, str] = {
-    "global": "one ranking over the units of every group",
-    "group": "each group loses the same fraction of its units",
-}
-"""How :func:`group_mask` ranks units."""
 
 
 class Frozen(NamedTuple):
@@ -110,6 +120,9 @@ class DepGraph(NamedTuple):
       frozen: every parameter axis kept whole, with its reason.
       paths: the path (tuple of keys) of each traced leaf, in flattening order.
       shapes: the shape of each traced leaf.
+      entries: for each traced leaf number that some unit cuts, ``(flat indices, unit
+        numbers)``: every entry a unit removes, with the unit's number counted across the
+        groups in order. What scores are summed over and masks expanded from.
       example: the example input, used again to check the cut.
       kind: ``"nnx"`` or ``"linen"``.
       module: the traced Linen module (``None`` for NNX), applied again to check the cut.
@@ -119,12 +132,31 @@ class DepGraph(NamedTuple):
     frozen: tuple[Frozen, ...]
     paths: tuple[Path, ...]
     shapes: tuple[tuple[int, ...], ...]
+    entries: dict[int, tuple[np.ndarray, np.ndarray]]
     example: Any
     kind: str
     module: Any = None
 
     def report(self) -> str:
-        """A readable summary: each group with its size, then each frozen axis and why."""
+        """A readable summary: each group with its size, then each frozen axis and why.
+
+        Returns:
+          The summary, one line per group and per frozen parameter axis.
+
+        Examples:
+          >>> import jax.numpy as jnp
+          >>> from flax import nnx
+          >>> from fisher_optax import depgraph
+          >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu,
+          ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+          >>> print(depgraph.dependency_graph(model, jnp.ones((1, 3))).report())
+          1 prunable groups:
+            ['layers'][0]['kernel'][1]: 8 units, 3 parameter axes
+          3 parameter axes kept whole:
+            ['layers'][0]['kernel'][0]: model input
+            ['layers'][2]['bias'][0]: model output
+            ['layers'][2]['kernel'][1]: model output
+        """
         lines = [f"{len(self.groups)} prunable groups:"]
         for g in self.groups:
             lines.append(f"  {g.name}: {g.size} units, {len(g.members)} parameter axes")
@@ -161,31 +193,6 @@ def _pstr(path: Path) -> str:
 
 # --------------------------------------------------------------------------------------------
 # The trace: a union-find over every index of every axis of every variable
-
-_UNARY = frozenset(
-    "neg exp exp2 log log1p expm1 tanh logistic sin cos tan abs sign sqrt rsqrt cbrt "
-    "integer_pow square erf erfc erf_inv floor ceil round is_finite not convert_element_type "
-    "reduce_precision stop_gradient copy copy_p real imag conj".split()
-)
-_NARY = frozenset(
-    "add sub mul div max min pow atan2 rem nextafter and or xor eq ne lt le gt ge "
-    "select_n clamp add_any".split()
-)
-_REDUCE = frozenset(
-    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split()
-)
-_CALLS = {
-    "pjit": "jaxpr",
-    "jit": "jaxpr",
-    "closed_call": "call_jaxpr",
-    "core_call": "call_jaxpr",
-    "custom_jvp_call": "call_jaxpr",
-    "custom_vjp_call": "call_jaxpr",
-    "custom_vjp_call_jaxpr": "fun_jaxpr",
-    "remat": "jaxpr",
-    "checkpoint": "jaxpr",
-}
-_WINDOW = frozenset("reduce_window_sum reduce_window_max reduce_window_min".split())
 
 
 class _Trace:
@@ -225,6 +232,11 @@ class _Trace:
     def freeze(self, slot: int, reason: str) -> None:
         self.frozen.setdefault(slot, reason)
 
+    def freeze_all(self, groups: Sequence[Any], reason: str) -> None:
+        for s in groups:
+            for slot in s or ():
+                self.freeze(slot, reason)
+
     def link(self, a: int, b: int, what: str) -> None:
         (sa, na), (sb, nb) = self.slots[a], self.slots[b]
         if na != nb:
@@ -241,233 +253,227 @@ def _shape(v: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in v.aval.shape)
 
 
-def _is_literal(v: Any) -> bool:
-    return isinstance(v, jax.extend.core.Literal)
+# The rules, one per primitive: ``rule(t, eqn, ins, outs)`` ties or freezes the slots of the
+# equation's operands (``ins``, ``None`` for a literal) and results (``outs``). ``eqn`` is
+# the original equation, for its params and avals. A primitive without a rule freezes every
+# axis it touches.
+Rule = Callable[[_Trace, Any, list, list], None]
 
 
-def _run(t: _Trace, jaxpr: Any, env: dict) -> None:
-    def get(v: Any) -> tuple[int, ...] | None:
-        if _is_literal(v):
-            return None
-        if v not in env:
-            env[v] = t.new_slots(_shape(v))
-        return env[v]
-
-    for eqn in jaxpr.eqns:
-        _eqn(t, eqn, get, env)
-
-
-def _sub_jaxpr(p: Any) -> tuple[Any, list]:
-    if hasattr(p, "jaxpr") and hasattr(p, "consts"):  # ClosedJaxpr
-        return p.jaxpr, list(p.consts)
-    return p, []
-
-
-def _eqn(t: _Trace, eqn: Any, get: Callable, env: dict) -> None:
-    name = eqn.primitive.name
-    ins = [get(v) for v in eqn.invars]
-    outs = [get(v) for v in eqn.outvars]
-    prm = eqn.params
-
-    def freeze_all(reason: str) -> None:
-        for s in ins + outs:
-            for slot in s or ():
-                t.freeze(slot, reason)
-
-    if name in _CALLS and _CALLS[name] in prm:
-        inner, _ = _sub_jaxpr(prm[_CALLS[name]])
-        if len(inner.invars) != len(eqn.invars) or len(inner.outvars) != len(eqn.outvars):
-            freeze_all(f"primitive {name}: its body's arguments do not line up")
+def _elementwise(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    name, out = eqn.primitive.name, outs[0]
+    for v, s in zip(eqn.invars, ins, strict=True):
+        if s is None or len(s) == 0:
+            continue
+        src, dst = _shape(v), _shape(eqn.outvars[0])
+        if len(src) != len(dst) or any(p not in (1, q) for p, q in zip(src, dst, strict=True)):
+            t.freeze_all(ins + outs, f"primitive {name} with operands of different shapes")
             return
-        sub: dict = {}
-        for v in inner.constvars:
-            sub[v] = t.new_slots(_shape(v))
-            for slot in sub[v]:
-                t.freeze(slot, "a constant array closed over by the model")
-        for iv, ov, s in zip(inner.invars, eqn.invars, ins, strict=True):
-            sub[iv] = s if s is not None else t.new_slots(_shape(ov))
-        _run(t, inner, sub)
-        for iv, s in zip(inner.outvars, outs, strict=True):
-            if _is_literal(iv):
-                continue
-            inner_slots = sub.get(iv)
-            if inner_slots is None:
-                continue
-            for a, b in zip(inner_slots, s, strict=True):
+        # a size-1 axis is broadcast: it holds no channel of the output
+        for a, b, p, q in zip(s, out, src, dst, strict=True):
+            if p == q:
                 t.link(a, b, name)
+
+
+def _broadcast_in_dim(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    s, out = ins[0], outs[0]
+    if s is None:
         return
+    src, dst = _shape(eqn.invars[0]), _shape(eqn.outvars[0])
+    for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+        if src[i] == dst[d]:
+            t.link(s[i], out[d], "broadcast_in_dim")
 
-    for leaf in {t.leaf_of[s] for s in ins if s and s in t.leaf_of}:
-        t.uses[leaf] = t.uses.get(leaf, 0) + 1
 
-    if name in _UNARY or name in _NARY:
-        out = outs[0]
-        for v, s in zip(eqn.invars, ins, strict=True):
-            if s is None or len(s) == 0:
-                continue
-            src, dst = _shape(v), _shape(eqn.outvars[0])
-            if len(src) != len(dst) or any(p not in (1, q) for p, q in zip(src, dst, strict=True)):
-                freeze_all(f"primitive {name} with operands of different shapes")
-                return
-            # a size-1 axis is broadcast: it holds no channel of the output
-            for a, b, p, q in zip(s, out, src, dst, strict=True):
-                if p == q:
-                    t.link(a, b, name)
+def _transpose(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    for i, p in enumerate(eqn.params["permutation"]):
+        t.link(ins[0][p], outs[0][i], "transpose")
+
+
+def _squeeze(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    s = ins[0]
+    dims = {d % len(s) for d in eqn.params["dimensions"]}
+    for a, b in zip([x for i, x in enumerate(s) if i not in dims], outs[0], strict=True):
+        t.link(a, b, "squeeze")
+
+
+def _reshape_rule(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    if eqn.params.get("dimensions") is not None:
+        t.freeze_all(ins + outs, "reshape with a dimension permutation")
         return
+    _reshape(t, ins[0], outs[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0]))
 
-    if name == "broadcast_in_dim":
-        (s,), (out,) = ins[:1], outs
-        if s is None:
-            return
-        src = _shape(eqn.invars[0])
-        for i, d in enumerate(prm["broadcast_dimensions"]):
-            if src[i] == _shape(eqn.outvars[0])[d]:
-                t.link(s[i], out[d], name)
+
+def _reduce(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    name, s = eqn.primitive.name, ins[0]
+    axes = {a % max(len(s), 1) for a in eqn.params["axes"]}
+    kept = [x for i, x in enumerate(s) if i not in axes]
+    for a, b in zip(kept, outs[0], strict=True):
+        t.link(a, b, name)
+    for i in axes:
+        t.freeze(s[i], f"reduced by {name} (a mean, max or norm over it changes with a cut)")
+
+
+def _dot_general(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    ls, rs = ins
+    out = outs[0]
+    if ls is None or rs is None:
+        t.freeze_all(ins + outs, "dot_general with a literal operand")
         return
-
-    if name == "transpose":
-        (s,), (out,) = ins[:1], outs
-        for i, p in enumerate(prm["permutation"]):
-            t.link(s[p], out[i], name)
-        return
-
-    if name == "squeeze":
-        (s,), (out,) = ins, outs
-        dims = {d % len(s) for d in prm["dimensions"]}
-        for a, b in zip([x for i, x in enumerate(s) if i not in dims], out, strict=True):
-            t.link(a, b, name)
-        return
-
-    if name == "reshape":
-        if prm.get("dimensions") is not None:
-            freeze_all("reshape with a dimension permutation")
-            return
-        _reshape(t, ins[0], outs[0], _shape(eqn.invars[0]), _shape(eqn.outvars[0]))
-        return
-
-    if name in _REDUCE:
-        s, out = ins[0], outs[0]
-        axes = {a % max(len(s), 1) for a in prm["axes"]}
-        kept = [x for i, x in enumerate(s) if i not in axes]
-        for a, b in zip(kept, out, strict=True):
-            t.link(a, b, name)
-        for i in axes:
-            t.freeze(s[i], f"reduced by {name} (a mean, max or norm over it changes with a cut)")
-        return
-
-    if name == "dot_general":
-        (lc, rc), (lb, rb) = prm["dimension_numbers"]
-        ls, rs = ins
-        out = outs[0]
-        if ls is None or rs is None:
-            freeze_all("dot_general with a literal operand")
-            return
-        for a, b in zip(lc, rc, strict=True):
-            t.link(ls[a], rs[b], name)
-        k = 0
-        for a, b in zip(lb, rb, strict=True):
-            t.link(ls[a], rs[b], name)
-            t.link(ls[a], out[k], name)
+    for a, b in zip(lc, rc, strict=True):
+        t.link(ls[a], rs[b], "dot_general")
+    k = 0
+    for a, b in zip(lb, rb, strict=True):
+        t.link(ls[a], rs[b], "dot_general")
+        t.link(ls[a], out[k], "dot_general")
+        k += 1
+    for i in range(len(ls)):
+        if i not in lc and i not in lb:
+            t.link(ls[i], out[k], "dot_general")
             k += 1
-        for i in range(len(ls)):
-            if i not in lc and i not in lb:
-                t.link(ls[i], out[k], name)
-                k += 1
-        for i in range(len(rs)):
-            if i not in rc and i not in rb:
-                t.link(rs[i], out[k], name)
-                k += 1
-        return
+    for i in range(len(rs)):
+        if i not in rc and i not in rb:
+            t.link(rs[i], out[k], "dot_general")
+            k += 1
 
-    if name == "conv_general_dilated":
-        dn = prm["dimension_numbers"]
-        ls, rs = ins
-        out = outs[0]
-        lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-        t.link(ls[lhs_spec[0]], out[out_spec[0]], name)
-        groups = prm["feature_group_count"] * prm["batch_group_count"]
-        if groups == 1:
-            t.link(ls[lhs_spec[1]], rs[rhs_spec[1]], name)
-            t.link(rs[rhs_spec[0]], out[out_spec[1]], name)
-        else:
-            why = (
-                f"grouped convolution (feature_group_count={prm['feature_group_count']}, "
-                f"batch_group_count={prm['batch_group_count']}): grouped and depthwise convs "
-                "are kept whole"
-            )
-            for s, spec in ((ls, lhs_spec), (rs, rhs_spec), (out, out_spec)):
-                t.freeze(s[spec[1]], why)
-                t.freeze(s[spec[0]] if s is rs else s[spec[1]], why)
+
+def _conv(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    name, prm = "conv_general_dilated", eqn.params
+    dn = prm["dimension_numbers"]
+    ls, rs = ins
+    out = outs[0]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    t.link(ls[lhs_spec[0]], out[out_spec[0]], name)
+    if prm["feature_group_count"] * prm["batch_group_count"] == 1:
+        t.link(ls[lhs_spec[1]], rs[rhs_spec[1]], name)
+        t.link(rs[rhs_spec[0]], out[out_spec[1]], name)
+    else:
+        why = (
+            f"grouped convolution (feature_group_count={prm['feature_group_count']}, "
+            f"batch_group_count={prm['batch_group_count']}): grouped and depthwise convs "
+            "are kept whole"
+        )
         for s, spec in ((ls, lhs_spec), (rs, rhs_spec), (out, out_spec)):
-            for d in spec[2:]:
-                t.freeze(s[d], "a convolution's window or spatial axis")
-        return
+            t.freeze(s[spec[1]], why)
+            t.freeze(s[spec[0]] if s is rs else s[spec[1]], why)
+    for s, spec in ((ls, lhs_spec), (rs, rhs_spec), (out, out_spec)):
+        for d in spec[2:]:
+            t.freeze(s[d], "a convolution's window or spatial axis")
 
-    if name == "concatenate":
-        out = outs[0]
-        d = prm["dimension"]
-        start_out = t.slots[out[d]][0]
-        offset = 0
-        for s in ins:
-            if s is None:
-                freeze_all("concatenate with a literal operand")
-                return
-            for i, (a, b) in enumerate(zip(s, out, strict=True)):
-                if i != d:
-                    t.link(a, b, name)
-            sa, na = t.slots[s[d]]
-            for k in range(na):
-                t.union(sa + k, start_out + offset + k)
-            offset += na
-        return
 
-    if name in _WINDOW:
-        s, out = ins[0], outs[0]
-        for i in range(len(s)):
-            plain = (
-                prm["window_dimensions"][i] == 1
-                and prm["window_strides"][i] == 1
-                and tuple(prm["padding"][i]) == (0, 0)
-                and prm["base_dilation"][i] == 1
-                and prm["window_dilation"][i] == 1
-            )
-            if plain:
-                t.link(s[i], out[i], name)
-            else:
-                t.freeze(s[i], "a pooling window axis")
-                t.freeze(out[i], "a pooling window axis")
+def _concatenate(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    out, d = outs[0], eqn.params["dimension"]
+    if any(s is None for s in ins):
+        t.freeze_all(ins + outs, "concatenate with a literal operand")
         return
+    start_out = t.slots[out[d]][0]
+    offset = 0
+    for s in ins:
+        for i, (a, b) in enumerate(zip(s, out, strict=True)):
+            if i != d:
+                t.link(a, b, "concatenate")
+        sa, na = t.slots[s[d]]
+        for k in range(na):
+            t.union(sa + k, start_out + offset + k)
+        offset += na
 
-    if name in ("slice", "pad", "rev"):
-        s, out = ins[0], outs[0]
-        src = _shape(eqn.invars[0])
-        for i in range(len(s)):
-            if name == "slice":
-                st = prm["strides"]
-                same = (
-                    prm["start_indices"][i] == 0
-                    and prm["limit_indices"][i] == src[i]
-                    and (st is None or st[i] == 1)
-                )
-            elif name == "pad":
-                same = tuple(prm["padding_config"][i]) == (0, 0, 0)
-            else:
-                same = i not in prm["dimensions"]
-            if same:
-                t.link(s[i], out[i], name)
-            else:
-                t.freeze(s[i], f"{name} along this axis (fixed indices)")
-                t.freeze(out[i], f"{name} along this axis (fixed indices)")
-        for extra in ins[1:]:
-            for slot in extra or ():
-                t.freeze(slot, f"{name} padding value")
-        return
 
-    if name == "iota":
-        freeze_all("iota (values depend on the position along the axis)")
-        return
+def _window(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    prm, s, out = eqn.params, ins[0], outs[0]
+    for i in range(len(s)):
+        plain = (
+            prm["window_dimensions"][i] == 1
+            and prm["window_strides"][i] == 1
+            and tuple(prm["padding"][i]) == (0, 0)
+            and prm["base_dilation"][i] == 1
+            and prm["window_dilation"][i] == 1
+        )
+        if plain:
+            t.link(s[i], out[i], eqn.primitive.name)
+        else:
+            t.freeze(s[i], "a pooling window axis")
+            t.freeze(out[i], "a pooling window axis")
 
-    freeze_all(f"primitive {name} is not understood")
+
+def _unchanged_axes(eqn: Any) -> list[bool]:
+    """Per axis of a slice, pad or rev: whether it maps every index to itself."""
+    name, prm, src = eqn.primitive.name, eqn.params, _shape(eqn.invars[0])
+    if name == "slice":
+        st = prm["strides"]
+        return [
+            prm["start_indices"][i] == 0
+            and prm["limit_indices"][i] == src[i]
+            and (st is None or st[i] == 1)
+            for i in range(len(src))
+        ]
+    if name == "pad":
+        return [tuple(c) == (0, 0, 0) for c in prm["padding_config"]]
+    return [i not in prm["dimensions"] for i in range(len(src))]  # rev
+
+
+def _reindex(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    name, s, out = eqn.primitive.name, ins[0], outs[0]
+    for i, same in enumerate(_unchanged_axes(eqn)):
+        if same:
+            t.link(s[i], out[i], name)
+        else:
+            t.freeze(s[i], f"{name} along this axis (fixed indices)")
+            t.freeze(out[i], f"{name} along this axis (fixed indices)")
+    t.freeze_all(ins[1:], f"{name} padding value")
+
+
+def _iota(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
+    t.freeze_all(ins + outs, "iota (values depend on the position along the axis)")
+
+
+_ELEMENTWISE = (
+    "neg exp exp2 log log1p expm1 tanh logistic sin cos tan abs sign sqrt rsqrt cbrt "
+    "integer_pow square erf erfc erf_inv floor ceil round is_finite not convert_element_type "
+    "reduce_precision stop_gradient copy copy_p real imag conj "
+    "add sub mul div max min pow atan2 rem nextafter and or xor eq ne lt le gt ge "
+    "select_n clamp add_any"
+)
+_REDUCE = "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin"
+_WINDOW = "reduce_window_sum reduce_window_max reduce_window_min"
+
+_RULES: dict[str, Rule] = {
+    **dict.fromkeys(_ELEMENTWISE.split(), _elementwise),
+    **dict.fromkeys(_REDUCE.split(), _reduce),
+    **dict.fromkeys(_WINDOW.split(), _window),
+    **dict.fromkeys(("slice", "pad", "rev"), _reindex),
+    "broadcast_in_dim": _broadcast_in_dim,
+    "transpose": _transpose,
+    "squeeze": _squeeze,
+    "reshape": _reshape_rule,
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "concatenate": _concatenate,
+    "iota": _iota,
+}
+
+
+def _run(t: _Trace, flat: _jaxpr.Flat, env: dict[int, tuple[int, ...]]) -> None:
+    """Apply the rule of every equation of ``flat`` (calls already inlined)."""
+
+    def get(ref: Any, aval_of: Any) -> tuple[int, ...] | None:
+        if isinstance(ref, _jaxpr.Lit):
+            return None
+        if ref not in env:
+            env[ref] = t.new_slots(_shape(aval_of))
+        return env[ref]
+
+    for e in flat.eqns:
+        ins = [get(r, v) for r, v in zip(e.ins, e.eqn.invars, strict=True)]
+        outs = [get(r, v) for r, v in zip(e.outs, e.eqn.outvars, strict=True)]
+        for leaf in {t.leaf_of[s] for s in ins if s and s in t.leaf_of}:
+            t.uses[leaf] = t.uses.get(leaf, 0) + 1
+        name = e.eqn.primitive.name
+        rule = _RULES.get(name)
+        if rule is None:
+            t.freeze_all(ins + outs, f"primitive {name} is not understood")
+        else:
+            rule(t, e.eqn, ins, outs)
 
 
 def _reshape(t: _Trace, s: Any, out: Any, src: tuple, dst: tuple) -> None:
@@ -725,29 +731,24 @@ def dependency_graph(model: Any, example: Any, *, variables: Any = None) -> DepG
             "np.asarray(x)) has no graph to follow. Use jax.lax.cond/where or make the "
             "choice static, then trace again."
         ) from e
-    jaxpr = closed.jaxpr
+    flat = _jaxpr.flatten(closed, _jaxpr.ALL_CALLS)
 
     t = _Trace()
-    env: dict = {}
+    env: dict[int, tuple[int, ...]] = {}
     leaf_slots = []
-    for v in jaxpr.invars[: len(leaves)]:
-        env[v] = t.new_slots(_shape(v))
-        leaf_slots.append(env[v])
-        t.param_slots.update(env[v])
-        t.leaf_of[env[v]] = len(leaf_slots) - 1
-    for v in jaxpr.invars[len(leaves) :]:
-        env[v] = t.new_slots(_shape(v))
-        for slot in env[v]:
-            t.freeze(slot, "model input")
-    for v in jaxpr.constvars:
-        env[v] = t.new_slots(_shape(v))
-        for slot in env[v]:
-            t.freeze(slot, "a constant array closed over by the model")
-    _run(t, jaxpr, env)
-    for v in jaxpr.outvars:
-        if not _is_literal(v) and v in env:
-            for slot in env[v]:
-                t.freeze(slot, "model output")
+    for ref, v in zip(flat.ins, closed.jaxpr.invars, strict=True):
+        env[ref] = t.new_slots(_shape(v))
+        if len(leaf_slots) < len(leaves):
+            leaf_slots.append(env[ref])
+            t.param_slots.update(env[ref])
+            t.leaf_of[env[ref]] = len(leaf_slots) - 1
+        else:
+            t.freeze_all([env[ref]], "model input")
+    for ref, value in flat.consts.items():
+        env[ref] = t.new_slots(np.shape(value))
+        t.freeze_all([env[ref]], "a constant array closed over by the model")
+    _run(t, flat, env)
+    t.freeze_all([env.get(r) for r in flat.outs if not isinstance(r, _jaxpr.Lit)], "model output")
 
     allowed = _nnx_allowed(model, paths, shapes) if kind == "nnx" else _linen_allowed(paths, shapes)
     for i, slots in enumerate(leaf_slots):
@@ -849,21 +850,56 @@ def _collect(
             )
         )
     groups.sort(key=lambda g: min(ax for u in g.units for ax in u))
-    return DepGraph(tuple(groups), tuple(frozen_axes), paths, shapes, example, kind)
+    return DepGraph(
+        tuple(groups),
+        tuple(frozen_axes),
+        paths,
+        shapes,
+        _unit_entries(groups, shapes),
+        example,
+        kind,
+    )
+
+
+def _unit_entries(groups: Sequence[Group], shapes: Sequence[tuple]) -> dict[int, tuple]:
+    """Per traced leaf: the flat index of every entry some unit removes, and that unit.
+
+    Units are numbered across the groups in order (group 0's units first). An entry in the
+    slices of two axes of one leaf that the same unit cuts appears once for that unit; an
+    entry that two units remove (a weight between two cut channels) appears once for each.
+    """
+    grids: dict[int, np.ndarray] = {}
+    parts: dict[int, tuple[list, list]] = {}
+    first = 0
+    for g in groups:
+        for u, unit in enumerate(g.units):
+            by_leaf: dict[int, list] = {}
+            for (i, a), ix in unit.items():
+                by_leaf.setdefault(i, []).append((a, ix))
+            for i, cuts in by_leaf.items():
+                if i not in grids:
+                    grids[i] = np.arange(math.prod(shapes[i]), dtype=np.int64).reshape(shapes[i])
+                flat = [np.take(grids[i], ix, axis=a).ravel() for a, ix in cuts]
+                idx = flat[0] if len(flat) == 1 else np.unique(np.concatenate(flat))
+                entries, units = parts.setdefault(i, ([], []))
+                entries.append(idx)
+                units.append(np.full(len(idx), first + u, np.int64))
+        first += g.size
+    return {i: (np.concatenate(e), np.concatenate(u)) for i, (e, u) in sorted(parts.items())}
 
 
 # --------------------------------------------------------------------------------------------
-# Scores and masks over units
+# Scores and the selection of units
 
 
-def _match_leaves(graph: DepGraph, tree: Any, name: str) -> dict[int, np.ndarray]:
-    """Leaves of ``tree`` keyed by the number of the traced leaf with the same path.
+def _numbered(graph: DepGraph, tree: Any, name: str) -> list[tuple[int, Any]]:
+    """``(traced leaf number, leaf)`` for each leaf of ``tree``, in its flattening order.
 
     ``tree`` may be the whole traced state or a part of it (``nnx.state(model, nnx.Param)``,
-    Linen's ``variables['params']``); leaves it lacks simply score zero.
+    Linen's ``variables['params']``).
     """
     where = {p: i for i, p in enumerate(graph.paths)}
-    out: dict[int, np.ndarray] = {}
+    out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         p = _path_tuple(path)
         i = where.get(p, where.get(("params", *p)))
@@ -877,8 +913,18 @@ def _match_leaves(graph: DepGraph, tree: Any, name: str) -> dict[int, np.ndarray
                 f"{name} at {keystr(path)} has shape {tuple(np.shape(leaf))} but the traced "
                 f"model has shape {graph.shapes[i]} there; pass the model the graph was built from."
             )
-        out[i] = np.asarray(leaf, np.float64)
+        out.append((i, leaf))
     return out
+
+
+def _n_units(graph: DepGraph) -> int:
+    return sum(g.size for g in graph.groups)
+
+
+def _split(graph: DepGraph, units: Any) -> tuple:
+    """A vector over all units, as one array per group."""
+    offsets = np.cumsum([0] + [g.size for g in graph.groups])
+    return tuple(units[offsets[k] : offsets[k + 1]] for k in range(len(graph.groups)))
 
 
 def group_scores(
@@ -904,7 +950,7 @@ def group_scores(
       graph: from :func:`dependency_graph`.
       params: the parameters to score (``nnx.state(model, nnx.Param)``, Linen's
         ``variables['params']``); variables it lacks (BatchNorm statistics) score zero.
-      criterion: a name from :data:`fisher_optax.scores.CRITERIA` or a callable
+      criterion: a name from :data:`fisher_optax.CRITERIA` or a callable
         ``criterion(params, fisher) -> scores``.
       fisher: the Fisher diagonal of ``params`` (needed by ``"fisher"`` and ``"saliency"``).
       key: a PRNG key (``"random"`` only).
@@ -914,41 +960,79 @@ def group_scores(
 
     Raises:
       ValueError: if ``params`` does not line up with the traced model, or as
-        :func:`fisher_optax.scores.scores` does (bad Fisher, non-finite weights).
+        :func:`fisher_optax.scores` does (bad Fisher, non-finite weights).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from fisher_optax import depgraph
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+      >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+      >>> params = nnx.state(model, nnx.Param)
+      >>> (scores,) = depgraph.group_scores(graph, params, "magnitude")
+      >>> scores.shape  # one score per hidden unit: its column, bias and row summed
+      (3,)
     """
     from fisher_optax.scores import scores as per_weight_scores
 
     per_weight = per_weight_scores(params, criterion, fisher=fisher, key=key)
-    leaves = _match_leaves(graph, per_weight, "params")
-    sums: dict[tuple[int, ...], np.ndarray] = {}
+    total = np.zeros(_n_units(graph))
+    for i, leaf in _numbered(graph, per_weight, "params"):
+        if i in graph.entries:
+            idx, unit = graph.entries[i]
+            x = np.asarray(leaf, np.float64).ravel()
+            total += np.bincount(unit, weights=x[idx], minlength=len(total))
+    return _split(graph, total)
 
-    def marginal(i: int, *axes: int) -> np.ndarray:  # leaf i summed over all other axes
-        if (i, *axes) not in sums:
-            x = leaves[i]
-            kept = np.sum(x, axis=tuple(d for d in range(x.ndim) if d not in axes))
-            sums[i, *axes] = kept if list(axes) == sorted(axes) else kept.T
-        return sums[i, *axes]
 
-    out = []
-    for g in graph.groups:
-        s = np.zeros(g.size)
-        for u, unit in enumerate(g.units):
-            by_leaf: dict[int, list] = {}
-            for (i, a), ix in unit.items():
-                if i in leaves:
-                    by_leaf.setdefault(i, []).append((a, ix))
-            for i, cuts in by_leaf.items():
-                s[u] += sum(marginal(i, a)[ix].sum() for a, ix in cuts)
-                if len(cuts) == 2:  # the entries in both slices were counted twice
-                    (a, ia), (b, ib) = cuts
-                    s[u] -= marginal(i, a, b)[np.ix_(ia, ib)].sum()
-                elif len(cuts) > 2:  # rare: count the union of the slices directly
-                    gone = np.zeros(leaves[i].shape, bool)
-                    for a, ix in cuts:
-                        gone[(slice(None),) * a + (ix,)] = True
-                    s[u] += leaves[i][gone].sum() - sum(marginal(i, a)[ix].sum() for a, ix in cuts)
-        out.append(s)
-    return tuple(out)
+_GROUP_SCOPES: dict[str, str] = {
+    "global": "one ranking over the units of every group",
+    "group": "each group loses the same fraction of its units",
+}
+
+
+def _keep_units(
+    scores: Sequence[Any], sparsity: Any, scope: str, min_units: int, kept: Sequence[Any] | None
+) -> tuple:
+    """The units kept: :func:`fisher_optax.topk_mask` over one score vector per group.
+
+    Each group's ``min_units`` best units still kept (by score, then by index: the lower
+    index goes first among ties) are lifted above every score and kept whatever the count.
+    """
+    from fisher_optax.masks import topk_mask
+
+    if not scores:
+        return ()
+    concrete = all(_validate.is_concrete(x) for x in (*scores, *(kept or ()), sparsity))
+    lifted, protected = [], []
+    for k, s in enumerate(scores):
+        was = None if kept is None else kept[k]
+        if concrete:
+            s = np.asarray(s, np.float32)
+            rank = s if was is None else np.where(was, s, -np.inf)
+            best = np.zeros(s.shape, bool)
+            best[np.argsort(rank, kind="stable")[len(s) - min(min_units, len(s)) :]] = True
+            best = best if was is None else best & np.asarray(was, bool)
+            lifted.append(np.where(best, np.inf, s).astype(np.float32))
+        else:
+            s = jnp.asarray(s, jnp.float32)
+            rank = s if was is None else jnp.where(was, s, -jnp.inf)
+            top = jnp.argsort(rank, stable=True)[len(s) - min(min_units, len(s)) :]
+            best = jnp.zeros(s.shape, bool).at[top].set(True)
+            best = best if was is None else best & was
+            lifted.append(jnp.where(best, jnp.inf, s))
+        protected.append(best)
+    keep = topk_mask(
+        tuple(lifted),
+        sparsity,
+        scope="global" if scope == "global" else "layer",
+        prunable=(True,) * len(lifted),
+        mask=None if kept is None else tuple(kept),
+    )
+    if concrete:
+        return tuple(np.asarray(k) | p for k, p in zip(keep, protected, strict=True))
+    return tuple(k | p for k, p in zip(keep, protected, strict=True))
 
 
 def group_mask(
@@ -959,26 +1043,50 @@ def group_mask(
     scope: Literal["global", "group"] = "global",
     min_units: int = 1,
 ) -> tuple[np.ndarray, ...]:
-    """Which units to keep: the lowest-scoring ``sparsity`` fraction is removed, exactly.
+    r"""Which units to keep: the lowest-scoring ``sparsity`` fraction of them is removed.
+
+    The selection is :func:`fisher_optax.topk_mask` over the unit scores, with its count
+    and tie rule: of :math:`n` units in scope (all units for ``scope="global"``, each
+    group's for ``scope="group"``)
+
+    .. math::
+      k = \operatorname{round}(s \cdot n)
+
+    go, the exact product of the float32 value of ``sparsity``, rounded half to even
+    (``0.05`` of 50 units removes 3: ``float32(0.05) * 50`` is ``2.50000004``), and among
+    equal scores the unit with the lower index (groups in order, then units) goes first.
+    Each group keeps its ``min_units`` best units whatever the count, so fewer than
+    :math:`k` units go when the count would empty a group (a group with no unit left
+    would cut the network in two).
 
     Args:
       graph: from :func:`dependency_graph`.
-      scores: from :func:`group_scores` (one array per group).
-      sparsity: the fraction of the prunable units to remove, in ``[0, 1]``;
-        ``round(sparsity * n)`` units go (ties broken by position).
-      scope: ``"global"`` ranks all units together (``n`` = all units); ``"group"`` removes
-        ``round(sparsity * size)`` from each group.
+      scores: from :func:`group_scores` (one array per group); ranked as float32.
+      sparsity: the fraction of the units to remove, in ``[0, 1]``.
+      scope: ``"global"`` ranks all units together; ``"group"`` removes the fraction from
+        each group on its own.
       min_units: each group keeps at least this many units (``>= 1``).
 
     Returns:
-      One boolean array per group, ``True`` keeping a unit.
+      One boolean NumPy array per group, ``True`` keeping a unit: the ``keep`` of
+      :func:`cut`, :func:`masked`, :func:`weight_mask` and :func:`cut_optimizer`.
 
     Raises:
       ValueError: on a bad ``sparsity``, ``scope`` or ``min_units``, or scores that do not
-        line up with the groups.
+        line up with the groups or are not finite.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from flax import nnx
+      >>> from fisher_optax import depgraph
+      >>> model = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+      >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+      >>> depgraph.group_mask(graph, [np.array([3.0, 1.0, 1.0, 2.0])], 0.5)
+      (array([ True, False, False,  True]),)
     """
     sparsity = _validate.fraction(sparsity, "sparsity", meaning="the fraction of units to remove")
-    scope = _validate.choice(scope, "scope", GROUP_SCOPES)
+    scope = _validate.choice(scope, "scope", _GROUP_SCOPES)
     min_units = _validate.integer(min_units, "min_units", minimum=1)
     if len(scores) != len(graph.groups):
         raise ValueError(
@@ -989,59 +1097,206 @@ def group_mask(
     for g, s in zip(graph.groups, scores, strict=True):
         if s.shape != (g.size,):
             raise ValueError(
-                f"scores for group {g.name} has shape {s.shape}, expected ({g.size},)."
+                f"scores for group {g.name} has shape {s.shape}, expected ({g.size},); pass "
+                "group_scores(graph, ...)."
             )
         if not np.isfinite(s).all():
-            raise ValueError(f"scores for group {g.name} holds non-finite values.")
-    keep = [np.ones(g.size, bool) for g in graph.groups]
-    if scope == "group":
-        for k, (g, s) in enumerate(zip(graph.groups, scores, strict=True)):
-            n = min(round(sparsity * g.size), max(g.size - min_units, 0))
-            keep[k][np.argsort(s, kind="stable")[:n]] = False
-        return tuple(keep)
-    total = sum(g.size for g in graph.groups)
-    n = round(sparsity * total)
-    flat = np.concatenate(scores) if scores else np.zeros(0)
-    owner = np.concatenate([np.full(g.size, k) for k, g in enumerate(graph.groups)] or [[]])
-    offset = np.cumsum([0] + [g.size for g in graph.groups])
-    left = [g.size for g in graph.groups]
-    removed = 0
-    for j in np.argsort(flat, kind="stable"):
-        if removed == n:
-            break
-        k = int(owner[j])
-        if left[k] > min_units:
-            keep[k][j - offset[k]] = False
-            left[k] -= 1
-            removed += 1
-    return tuple(keep)
+            raise ValueError(
+                f"scores for group {g.name} holds non-finite values; check the params and "
+                "the Fisher for NaN or inf before scoring."
+            )
+    return _keep_units(scores, sparsity, scope, min_units, None)
+
+
+def _unit_vector(graph: DepGraph, keep: Sequence[Any]) -> Any:
+    """The checked ``keep`` as one bool vector over all units (NumPy unless traced)."""
+    if len(keep) != len(graph.groups):
+        raise ValueError(
+            f"keep has {len(keep)} arrays but the graph has {len(graph.groups)} groups; pass "
+            "group_mask(graph, ...)."
+        )
+    for g, k in zip(graph.groups, keep, strict=True):
+        if jnp.result_type(k) != jnp.bool_ or jnp.shape(k) != (g.size,):
+            raise ValueError(
+                f"keep for group {g.name} must be a bool array of shape ({g.size},), got "
+                f"{jnp.result_type(k)} {jnp.shape(k)}; pass group_mask(graph, ...)."
+            )
+    if not keep:
+        return np.ones(0, bool)
+    if all(_validate.is_concrete(k) for k in keep):
+        return np.concatenate([np.asarray(k, bool) for k in keep])
+    return jnp.concatenate([jnp.asarray(k) for k in keep])
+
+
+def _concrete_units(graph: DepGraph, keep: Sequence[Any]) -> np.ndarray:
+    """:func:`_unit_vector` of a ``keep`` that must be known on the host (not traced)."""
+    kept_units = _unit_vector(graph, keep)
+    if not isinstance(kept_units, np.ndarray):
+        raise ValueError(
+            "keep is traced (inside jit): weight_mask, masked and cut need concrete arrays "
+            "(from group_mask), since the cut changes shapes; under jit select the units "
+            "with select_groups, which returns the mask."
+        )
+    return kept_units
+
+
+def _expand(graph: DepGraph, numbered: list[tuple[int, Any]], kept_units: Any) -> list[Any]:
+    """Per leaf: True where no removed unit touches the entry (NumPy or jnp, as given)."""
+    out = []
+    for i, _ in numbered:
+        shape = graph.shapes[i]
+        if i not in graph.entries:
+            out.append(np.ones(shape, bool) if isinstance(kept_units, np.ndarray) else None)
+            continue
+        idx, unit = graph.entries[i]
+        if isinstance(kept_units, np.ndarray):
+            m = np.ones(math.prod(shape), bool)
+            m[idx[~kept_units[unit]]] = False
+        else:
+            gone = jnp.zeros(math.prod(shape), jnp.int32).at[idx.astype(np.int32)]
+            m = gone.add((~kept_units[unit]).astype(jnp.int32)) == 0
+        out.append(m.reshape(shape))
+    return out
+
+
+def weight_mask(graph: DepGraph, keep: Sequence[np.ndarray], params: Any) -> Any:
+    """The entries a cut keeps, as a bool tree shaped like ``params``.
+
+    ``False`` marks every entry of every removed unit: with :func:`fisher_optax.apply_mask`
+    it gives the parameters of :func:`masked`, and with :func:`fisher_optax.keep_pruned`
+    training holds the removed units at zero until the cut.
+
+    Args:
+      graph: from :func:`dependency_graph`.
+      keep: from :func:`group_mask` (one bool array per group).
+      params: the traced variables or a part of them (``nnx.state(model, nnx.Param)``,
+        Linen's ``variables['params']``).
+
+    Returns:
+      A pytree with the structure of ``params`` holding a bool array per leaf.
+
+    Raises:
+      ValueError: if ``keep`` does not line up with the groups or is traced (under ``jit``
+        use :func:`select_groups`), or ``params`` does not line up with the traced model.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np, fisher_optax
+      >>> from flax import nnx
+      >>> from fisher_optax import depgraph
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+      >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+      >>> params = nnx.state(model, nnx.Param)
+      >>> mask = depgraph.weight_mask(graph, (np.array([True, False, True]),), params)
+      >>> mask["layers"][2]["kernel"][...].ravel()  # the row read from unit 1 is pruned
+      Array([ True, False,  True], dtype=bool)
+      >>> small_params = fisher_optax.apply_mask(params, mask)
+    """
+    kept_units = _concrete_units(graph, keep)
+    numbered = _numbered(graph, params, "params")
+    masks = iter([jax.device_put(m) for m in _expand(graph, numbered, kept_units)])
+    return jax.tree.map(lambda _: next(masks), params)
+
+
+def select_groups(
+    graph: DepGraph,
+    scores: Any,
+    sparsity: float | jax.Array,
+    *,
+    scope: Literal["global", "group"] = "global",
+    min_units: int = 1,
+    mask: Any = None,
+) -> Any:
+    """Remove whole units by their summed per-weight scores: a mask shaped like ``scores``.
+
+    :func:`group_scores`, :func:`group_mask` and :func:`weight_mask` in one traceable call
+    that works under ``jax.jit`` with a traced ``sparsity`` (one compile for every value):
+    the map from units to parameter entries is fixed by the graph, the sums and the
+    selection run in ``jnp``. Its result equals that of the three functions on the same
+    scores (sums in float32 here, float64 there, so near-ties can rank differently).
+
+    Args:
+      graph: from :func:`dependency_graph`.
+      scores: per-weight scores shaped like the traced variables or a part of them (e.g.
+        ``fisher_optax.scores(nnx.state(model, nnx.Param), "saliency", fisher=...)``).
+      sparsity: the fraction of units to remove, in ``[0, 1]``, a float32 scalar under
+        ``jit`` (the rule of :func:`fisher_optax.topk_mask`).
+      scope: as for :func:`group_mask`.
+      min_units: as for :func:`group_mask`.
+      mask: an earlier mask shaped like ``scores``. A unit whose entries it prunes all is
+        counted as removed, and the result prunes everything it prunes (masks only grow).
+
+    Returns:
+      A bool tree shaped like ``scores``: ``False`` on every entry of every removed unit
+      and wherever ``mask`` is ``False``.
+
+    Raises:
+      ValueError: if ``scores`` or ``mask`` does not line up with the traced model, or on
+        a bad ``sparsity``, ``scope`` or ``min_units``.
+      TypeError: if ``mask`` is not boolean.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from fisher_optax import depgraph
+      >>> model = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+      >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+      >>> scores = jax.tree.map(jnp.abs, nnx.state(model, nnx.Param))
+      >>> select = jax.jit(lambda s, p: depgraph.select_groups(graph, s, p))
+      >>> m = select(scores, jnp.float32(0.5))
+      >>> int(m["layers"][0]["bias"][...].sum())  # 2 of the 4 hidden units are left
+      2
+    """
+
+    scope = _validate.choice(scope, "scope", _GROUP_SCOPES)
+    min_units = _validate.integer(min_units, "min_units", minimum=1)
+    sparsity = _validate.fraction(sparsity, "sparsity", meaning="the fraction of units to remove")
+    numbered = _numbered(graph, scores, "scores")
+    n = _n_units(graph)
+    sums = jnp.zeros(n, jnp.float32)
+    for i, leaf in numbered:
+        if i in graph.entries:
+            idx, unit = graph.entries[i]
+            x = jnp.ravel(jnp.asarray(leaf, jnp.float32))[idx.astype(np.int32)]
+            sums = sums.at[unit.astype(np.int32)].add(x)
+    kept = None
+    masks = None
+    if mask is not None:
+        masks = _validate.bool_leaves(scores, mask, "mask", "scores")
+        pruned = jnp.zeros(n, jnp.int32)
+        size = np.zeros(n, np.int64)
+        for (i, _), m in zip(numbered, masks, strict=True):
+            if i in graph.entries:
+                idx, unit = graph.entries[i]
+                gone = ~jnp.ravel(jnp.asarray(m, bool))[idx.astype(np.int32)]
+                pruned = pruned.at[unit.astype(np.int32)].add(gone.astype(jnp.int32))
+                size += np.bincount(unit, minlength=n)
+        kept = _split(graph, ~((pruned == size) & (size > 0)))
+    keep = _keep_units(_split(graph, sums), sparsity, scope, min_units, kept)
+    units = jnp.concatenate([jnp.asarray(k) for k in keep]) if keep else jnp.ones(0, bool)
+    out = []
+    expanded = _expand(graph, numbered, units)
+    for k, ((_, leaf), m) in enumerate(zip(numbered, expanded, strict=True)):
+        m = jnp.ones(jnp.shape(leaf), bool) if m is None else m
+        out.append(m if masks is None else m & jnp.asarray(masks[k], bool))
+    return jax.tree.unflatten(jax.tree.structure(scores), out)
 
 
 # --------------------------------------------------------------------------------------------
 # The cut
 
 
-def cut_index(graph: DepGraph, keep: Sequence[np.ndarray]) -> dict[Path, tuple]:
-    """The entries kept, per traced leaf path: one index array per axis (``None`` = whole).
-
-    The format of :func:`fisher_optax.slice_opt_state`'s ``index``.
-    """
-    if len(keep) != len(graph.groups):
-        raise ValueError(
-            f"keep has {len(keep)} arrays but the graph has {len(graph.groups)} groups; pass "
-            "group_mask(graph, ...)."
-        )
+def _cut_index(graph: DepGraph, keep: Sequence[np.ndarray]) -> dict[Path, tuple]:
+    """The entries kept, per traced leaf path: one index array per axis (``None`` = whole)."""
+    kept_units = _concrete_units(graph, keep)
     drop: dict[tuple[int, int], set] = {}
-    for g, k in zip(graph.groups, keep, strict=True):
-        k = np.asarray(k)
-        if k.dtype != np.bool_ or k.shape != (g.size,):
-            raise ValueError(
-                f"keep for group {g.name} must be a bool array of shape ({g.size},), got "
-                f"{k.dtype} {k.shape}."
-            )
-        for u in np.flatnonzero(~k):
+    first = 0
+    for g in graph.groups:
+        for u in np.flatnonzero(~kept_units[first : first + g.size]):
             for ax, ix in g.units[u].items():
                 drop.setdefault(ax, set()).update(int(x) for x in ix)
+        first += g.size
     index: dict[Path, tuple] = {}
     for (i, a), gone in drop.items():
         entry = list(index.get(graph.paths[i], (None,) * len(graph.shapes[i])))
@@ -1058,7 +1313,7 @@ def _take(x: Any, ix: tuple | None) -> Any:
     for a, k in enumerate(ix):
         if k is not None:
             x = np.take(x, k, axis=a)
-    return jnp.asarray(x, dtype)
+    return jax.device_put(x.astype(dtype))
 
 
 def _eval_copy(graphdef: Any, state: Any) -> Any:
@@ -1149,49 +1404,6 @@ def _check_tree(graph: DepGraph, tree: Any, name: str) -> None:
             )
 
 
-def _checked_index(graph: DepGraph, tree: Any, keep: Sequence[np.ndarray], name: str) -> dict:
-    """:func:`cut_index`, once ``tree`` is checked to hold the traced leaves."""
-    _check_tree(graph, tree, name)
-    return cut_index(graph, keep)
-
-
-def _zeroed(graph: DepGraph, tree: Any, index: dict) -> Any:
-    """``tree`` with every entry that ``index`` drops set to zero (the masked model)."""
-    removed = {p: _removed(graph, p, ix) for p, ix in index.items()}
-    return _map_state(graph, tree, removed, _zero_removed)
-
-
-def masked(model: Any, graph: DepGraph, keep: Sequence[np.ndarray]) -> Any:
-    """A copy of the NNX ``model`` with every entry of every removed unit set to zero.
-
-    What the cut model must compute (checked by :func:`cut`). ``model`` is not changed.
-    """
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, _zeroed(graph, state, _checked_index(graph, state, keep, "model")))
-
-
-def _removed(graph: DepGraph, path: Path, ix: tuple) -> tuple:
-    shape = graph.shapes[graph.paths.index(path)]
-    return tuple(
-        None if k is None else np.setdiff1d(np.arange(shape[a]), k) for a, k in enumerate(ix)
-    )
-
-
-def _zero_removed(x: Any, removed: tuple | None) -> Any:
-    """Zero every entry lying in a removed index of some axis."""
-    if removed is None:
-        return x
-    x = np.array(x)
-    for a, k in enumerate(removed):
-        if k is not None and len(k):
-            sl = [slice(None)] * x.ndim
-            sl[a] = k
-            x[tuple(sl)] = 0
-    return jnp.asarray(x)
-
-
 def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float, graph: Any, keep: Any) -> None:
     ref = jax.tree_util.tree_flatten_with_path(ref_out)[0]
     new = jax.tree.leaves(new_out)
@@ -1217,6 +1429,19 @@ def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float, graph: Any, ke
             )
 
 
+def _zeroed(graph: DepGraph, tree: Any, keep: Sequence[np.ndarray]) -> Any:
+    """``tree`` (the traced variables) with every entry of every removed unit set to zero."""
+    numbered = _numbered(graph, tree, "variables")
+    masks = _expand(graph, numbered, _concrete_units(graph, keep))
+    leaves = [
+        x
+        if i not in graph.entries
+        else jax.device_put(np.where(m, np.asarray(x), 0).astype(jnp.result_type(x)))
+        for (i, x), m in zip(numbered, masks, strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+
+
 def _cut_groups(graph: DepGraph, keep: Sequence[np.ndarray]) -> list[str]:
     return [
         f"{k} ({g.name})"
@@ -1225,40 +1450,128 @@ def _cut_groups(graph: DepGraph, keep: Sequence[np.ndarray]) -> list[str]:
     ]
 
 
+def _nnx_state(model: Any, graph: DepGraph) -> tuple[Any, Any]:
+    from flax import nnx
+
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            "the graph was traced from an NNX model: pass that model (an nnx.Module), got "
+            f"{type(model).__name__}."
+        )
+    graphdef, state = nnx.split(model)
+    _check_tree(graph, state, "model")
+    return graphdef, state
+
+
+def _linen_variables(variables: Any, graph: DepGraph) -> Any:
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "the graph was traced from a Linen module: pass the variables it was traced with "
+            f"(the {{'params': ...}} dict), got {type(variables).__name__}."
+        )
+    _check_tree(graph, variables, "variables")
+    return variables
+
+
+def masked(model: Any, graph: DepGraph, keep: Sequence[np.ndarray]) -> Any:
+    """The traced model with every entry of every removed unit set to zero, shapes unchanged.
+
+    What the cut model must compute (checked by :func:`cut`). ``model`` is not changed.
+
+    Args:
+      model: the NNX model the graph was traced from, or for a Linen graph the variables
+        it was traced with.
+      graph: from :func:`dependency_graph`.
+      keep: from :func:`group_mask` (one bool array per group).
+
+    Returns:
+      A new NNX model of the same type, or for Linen a new variables dict.
+
+    Raises:
+      ValueError: if ``keep`` does not line up with the groups or is traced, or ``model`` is
+        not the traced model.
+      TypeError: if ``model`` is not of the graph's kind.
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from flax import nnx
+      >>> from fisher_optax import depgraph
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(3, 1, rngs=nnx.Rngs(1)))
+      >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+      >>> zeroed = depgraph.masked(model, graph, (np.array([True, False, True]),))
+      >>> zeroed.layers[0].kernel[:, 1]
+      Array([0., 0.], dtype=float32)
+    """
+    if graph.kind == "nnx":
+        from flax import nnx
+
+        graphdef, state = _nnx_state(model, graph)
+        return nnx.merge(graphdef, _zeroed(graph, state, keep))
+    return _zeroed(graph, _linen_variables(model, graph), keep)
+
+
+class LinenCut(NamedTuple):
+    """The result of :func:`cut` on a Linen graph.
+
+    Attributes:
+      variables: the sliced variables (same collections and structure as given).
+      features: for each module path with a kernel, its new output width
+        (``kernel.shape[-1]``): build the smaller Linen module with these ``features``.
+    """
+
+    variables: Any
+    features: dict[Path, int]
+
+
 def cut(
     model: Any,
     graph: DepGraph,
     keep: Sequence[np.ndarray],
     *,
+    module: Any = None,
     verify: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-5,
 ) -> Any:
-    """A new, smaller NNX model of the same type without the removed units.
+    """The smaller model without the removed units, checked against :func:`masked`.
 
-    Every variable is sliced (kernels, biases, BatchNorm ``mean``/``var``/``scale``/``bias``,
-    LayerNorm scales, attention projections) and every module's shape attributes are
-    updated (``in_features``, ``out_features``, ``kernel_shape``, ``num_features``,
-    ``num_heads``, ``qkv_features``, ...). ``model`` is not changed.
+    NNX: a new model of the same type. Every variable is sliced (kernels, biases,
+    BatchNorm ``mean``/``var``/``scale``/``bias``, LayerNorm scales, attention projections)
+    and every module's shape attributes are updated (``in_features``, ``out_features``,
+    ``kernel_shape``, ``num_features``, ``num_heads``, ``qkv_features``, ...).
+
+    Linen: the sliced variables and the new ``features`` of each module, from which you
+    build the smaller module; given as ``module=``, it is applied to the new variables and
+    checked.
+
+    The check runs the new model on the graph's example input next to the masked model
+    (every removed entry zeroed) and refuses a cut whose outputs differ. ``model`` is not
+    changed.
 
     Args:
-      model: the NNX model the graph was traced from.
+      model: the NNX model the graph was traced from, or for a Linen graph the variables
+        it was traced with.
       graph: from :func:`dependency_graph`.
-      keep: from :func:`group_mask`.
-      verify: check that the new model computes what :func:`masked` computes on the
-        graph's example input.
+      keep: from :func:`group_mask` (one bool array per group).
+      module: Linen only: the smaller module, built from :attr:`LinenCut.features`; without
+        it a Linen cut is not checked.
+      verify: run the check.
       rtol: relative tolerance of the check.
       atol: absolute tolerance of the check, scaled by ``max(1, max |masked output|)``.
 
     Returns:
-      The new model.
+      The new NNX model, or for Linen a :class:`LinenCut`.
 
     Raises:
-      ValueError: if the check fails, naming the first output that differs; if ``keep``
-        does not line up with the graph; if ``model`` is not the traced model.
+      ValueError: if the check fails, naming the first output that differs and the groups
+        cut; if ``keep`` does not line up with the graph; if ``model`` is not the traced
+        model; if ``module`` is given for an NNX graph or cannot be applied to the new
+        variables.
+      TypeError: if ``model`` is not of the graph's kind.
 
     Examples:
-      >>> import jax.numpy as jnp, numpy as np
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
       >>> from flax import nnx
       >>> from fisher_optax import depgraph
       >>> model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.relu,
@@ -1268,100 +1581,9 @@ def cut(
       >>> small = depgraph.cut(model, graph, keep)
       >>> small.layers[0].out_features, small.layers[2].kernel.shape
       (5, (5, 2))
-    """
-    from flax import nnx
 
-    if graph.kind != "nnx":
-        raise ValueError("this graph was traced from a Linen module; use cut_linen.")
-    graphdef, state = nnx.split(model)
-    index = _checked_index(graph, state, keep, "model")
-    new = nnx.merge(graphdef, _map_state(graph, state, index, _take))
-    _resize_nnx(new)
-    if verify:
-        ref = _apply(nnx.merge(graphdef, _zeroed(graph, state, index)), graph.example)
-        _verify(_apply(new, graph.example), ref, rtol, atol, graph, keep)
-    return new
+      Linen: the new variables and widths, then the smaller module to check them.
 
-
-def cut_optimizer(
-    optimizer: Any, model: Any, new_model: Any, graph: DepGraph, keep: Sequence[np.ndarray]
-) -> Any:
-    """An ``nnx.Optimizer`` for ``new_model`` whose state is ``optimizer``'s, sliced.
-
-    Adam's moments, :func:`fisher_optax.pruned` masks and any per-parameter state are cut
-    with the same indices as the model (:func:`fisher_optax.slice_opt_state`); ``count``
-    and the step carry over.
-    """
-    from flax import nnx
-
-    from fisher_optax.structured import slice_opt_state
-
-    params = nnx.state(model, optimizer.wrt)
-    wrt = {_path_tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    index = {p: ix for p, ix in cut_index(graph, keep).items() if p in wrt}
-    state = slice_opt_state(optimizer.opt_state, params, index)
-    new_opt = nnx.Optimizer(new_model, optimizer.tx, wrt=optimizer.wrt)
-    new_opt.opt_state = nnx.data(state)
-    new_opt.step.set_value(optimizer.step.get_value())
-    return new_opt
-
-
-class LinenCut(NamedTuple):
-    """The result of :func:`cut_linen`.
-
-    Attributes:
-      variables: the sliced variables (same collections as given).
-      features: for each module path with a kernel, its new output width
-        (``kernel.shape[-1]``): build the smaller Linen model with these ``features``.
-      index: the kept entries per variable path (one index array per axis, ``None`` =
-        whole).
-      params_index: ``index`` restricted to the ``'params'`` collection, paths relative to it
-        (what :func:`fisher_optax.slice_opt_state` takes with ``variables['params']``).
-      opt_state: the optax state sliced to the new params (``None`` if none was given).
-    """
-
-    variables: Any
-    features: dict[Path, int]
-    index: dict[Path, tuple]
-    params_index: dict[Path, tuple]
-    opt_state: Any = None
-
-
-def cut_linen(
-    variables: Any,
-    graph: DepGraph,
-    keep: Sequence[np.ndarray],
-    *,
-    module: Any = None,
-    opt_state: Any = None,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
-) -> LinenCut:
-    """Slice Linen variables (and an optax state), and report the new ``features``.
-
-    Args:
-      variables: the variables the graph was traced with.
-      graph: from :func:`dependency_graph` on a Linen module.
-      keep: from :func:`group_mask`.
-      module: the smaller Linen module, built by you from :attr:`LinenCut.features`. When
-        given, ``module.apply(new variables, example)`` is checked against the traced
-        module applied to the masked variables (removed entries zeroed).
-      opt_state: an optax state for ``variables['params']`` (Adam's moments,
-        :func:`fisher_optax.pruned` masks, ...), sliced like the params
-        (:func:`fisher_optax.slice_opt_state`).
-      rtol: relative tolerance of the check.
-      atol: absolute tolerance of the check, scaled by ``max(1, max |masked output|)``.
-
-    Returns:
-      A :class:`LinenCut`.
-
-    Raises:
-      ValueError: if the check fails, naming the first output that differs; if ``keep``
-        does not line up with the graph; if ``variables`` are not the traced ones.
-
-    Examples:
-      >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
-      >>> from fisher_optax import depgraph
       >>> class MLP(nn.Module):
       ...     hidden: int = 8
       ...     @nn.compact
@@ -1370,22 +1592,36 @@ def cut_linen(
       >>> x = jnp.ones((1, 3))
       >>> variables = MLP().init(jax.random.key(0), x)
       >>> graph = depgraph.dependency_graph(MLP(), x, variables=variables)
-      >>> result = depgraph.cut_linen(variables, graph, (np.arange(8) < 5,))
-      >>> result.features  # Linen numbers modules as built: the outer Dense(2) is Dense_0
+      >>> depgraph.cut(variables, graph, keep).features  # Dense_0 is the outer Dense(2)
       {('Dense_0',): 2, ('Dense_1',): 5}
-      >>> _ = depgraph.cut_linen(variables, graph, (np.arange(8) < 5,), module=MLP(5))
+      >>> result = depgraph.cut(variables, graph, keep, module=MLP(5))
     """
-    if graph.kind != "linen":
-        raise ValueError("this graph was traced from an NNX module; use cut.")
-    index = _checked_index(graph, variables, keep, "variables")
+    if graph.kind == "nnx":
+        from flax import nnx
+
+        if module is not None:
+            raise ValueError(
+                "module= is the smaller Linen module of a Linen cut; this graph was traced "
+                "from an NNX model, whose cut builds the new model itself. Leave module out."
+            )
+        graphdef, state = _nnx_state(model, graph)
+        index = _cut_index(graph, keep)
+        new = nnx.merge(graphdef, _map_state(graph, state, index, _take))
+        _resize_nnx(new)
+        if verify:
+            ref = _apply(nnx.merge(graphdef, _zeroed(graph, state, keep)), graph.example)
+            _verify(_apply(new, graph.example), ref, rtol, atol, graph, keep)
+        return new
+    variables = _linen_variables(model, graph)
+    index = _cut_index(graph, keep)
     new = _map_state(graph, variables, index, _take)
     features: dict[Path, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(new)[0]:
         p = _path_tuple(path)
         if p and p[-1] == "kernel":
             features[p[1:-1] if p[0] == "params" else p[:-1]] = int(jnp.shape(leaf)[-1])
-    if module is not None:
-        ref = jax.jit(graph.module.apply)(_zeroed(graph, variables, index), graph.example)
+    if module is not None and verify:
+        ref = jax.jit(graph.module.apply)(_zeroed(graph, variables, keep), graph.example)
         try:
             out = jax.jit(module.apply)(new, graph.example)
         except Exception as e:  # flax names the layer whose shape does not fit
@@ -1395,9 +1631,121 @@ def cut_linen(
                 f"LinenCut.features: {dict(features)}"
             ) from e
         _verify(out, ref, rtol, atol, graph, keep)
-    params_index = {p[1:]: ix for p, ix in index.items() if p and p[0] == "params"}
-    if opt_state is not None:
-        from fisher_optax.structured import slice_opt_state
+    return LinenCut(new, features)
 
-        opt_state = slice_opt_state(opt_state, variables["params"], params_index)
-    return LinenCut(new, features, index, params_index, opt_state)
+
+def _is_masked_node(x: Any) -> bool:
+    import optax
+
+    return isinstance(x, optax.MaskedNode)
+
+
+def _slice_state(graph: DepGraph, tree: Any, index: dict[Path, tuple]) -> Any:
+    """``tree`` with every subtree that lines up with the traced variables sliced by ``index``.
+
+    A subtree lines up when each of its leaves sits at a traced path (or at a path of
+    Linen's ``'params'`` collection) with the traced shape; ``optax.MaskedNode`` counts as
+    lining up. Those are per-parameter quantities (Adam's ``mu`` and ``nu``, the mask of
+    :func:`fisher_optax.pruned`); everything else (``count``, hyperparameters) is kept.
+    """
+    where = {p: i for i, p in enumerate(graph.paths)}
+
+    def number(path: Any) -> int | None:
+        p = _path_tuple(path)
+        return where.get(p, where.get(("params", *p)))
+
+    def matches(node: Any) -> bool:
+        if node is None or _is_masked_node(node):
+            return False
+        flat = jax.tree_util.tree_flatten_with_path(node, is_leaf=_is_masked_node)[0]
+        if not flat:
+            return False
+        for path, x in flat:
+            i = number(path)
+            if i is None or not (_is_masked_node(x) or tuple(jnp.shape(x)) == graph.shapes[i]):
+                return False
+        return True
+
+    def take(path: Any, x: Any) -> Any:
+        ix = None if _is_masked_node(x) else index.get(graph.paths[number(path)])
+        for a, k in enumerate(ix or ()):
+            if k is not None:
+                x = jnp.take(x, jnp.asarray(k, jnp.int32), axis=a)
+        return x
+
+    # one compile per moment tree, not one per leaf (mu and nu share it)
+    take_all = jax.jit(
+        lambda node: jax.tree_util.tree_map_with_path(take, node, is_leaf=_is_masked_node)
+    )
+    return jax.tree.map(lambda n: take_all(n) if matches(n) else n, tree, is_leaf=matches)
+
+
+def cut_optimizer(
+    optimizer: Any, graph: DepGraph, keep: Sequence[np.ndarray], *, model: Any = None
+) -> Any:
+    """The optimizer state of the cut model: every per-parameter quantity sliced like the cut.
+
+    Adam's moments, :func:`fisher_optax.pruned` masks and any state laid out like the
+    parameters are sliced with the indices of :func:`cut`, so the kept entries carry their
+    exact values; ``count``, hyperparameters and the step carry over, so fine-tuning goes
+    on with the same moments and the same bias correction. States that store parameters in
+    another layout (``optax.flatten``'s ravelled vector, adafactor's factored moments) are
+    not recognised and are left unchanged.
+
+    Args:
+      optimizer: an ``nnx.Optimizer`` of the traced NNX model, or an optax state of the
+        traced variables (for Linen: of ``variables['params']``).
+      graph: from :func:`dependency_graph`.
+      keep: from :func:`group_mask` (one bool array per group).
+      model: ``nnx.Optimizer`` only: the cut model (from :func:`cut`) that the new
+        optimizer updates.
+
+    Returns:
+      A new ``nnx.Optimizer`` (same ``tx`` and ``wrt``, the step carried over) for
+      ``model``, or the sliced optax state.
+
+    Raises:
+      ValueError: if ``keep`` does not line up with the groups, or the sliced state does
+        not fit ``model``.
+      TypeError: if ``optimizer`` is an ``nnx.Optimizer`` and ``model`` is not an
+        ``nnx.Module``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np, optax
+      >>> from flax import nnx
+      >>> from fisher_optax import depgraph
+      >>> model = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+      >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+      >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+      >>> keep = (np.array([True, False, True, True]),)
+      >>> small = depgraph.cut(model, graph, keep)
+      >>> small_opt = depgraph.cut_optimizer(optimizer, graph, keep, model=small)
+      >>> small_opt.opt_state[0].mu["layers"][2]["kernel"].shape
+      (3, 1)
+    """
+    index = _cut_index(graph, keep)
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is an optional extra
+        nnx = None
+    if nnx is None or not isinstance(optimizer, nnx.Optimizer):
+        return _slice_state(graph, optimizer, index)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            "cut_optimizer of an nnx.Optimizer needs model=, the cut model it will update "
+            f"(from cut(model, graph, keep)); got {type(model).__name__}."
+        )
+    from fisher_optax._tree import check_matching
+
+    state = _slice_state(graph, optimizer.opt_state, index)
+    new_opt = nnx.Optimizer(model, optimizer.tx, wrt=optimizer.wrt)
+    check_matching(
+        new_opt.opt_state,
+        state,
+        ref_name="the optimizer state of model",
+        other_name="the sliced optimizer state",
+    )
+    new_opt.opt_state = nnx.data(state)
+    new_opt.step.set_value(optimizer.step.get_value())
+    return new_opt

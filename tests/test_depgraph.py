@@ -1,5 +1,11 @@
 """Tests of fisher_optax.depgraph: coupled groups from the trace, scores, masks, cuts."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -247,8 +253,13 @@ def test_group_mask_errors(resnet):
         depgraph.group_mask(graph, scores[:1], 0.5)
     with pytest.raises(ValueError, match=r"expected \(4,\)"):
         depgraph.group_mask(graph, [np.ones(3), *scores[1:]], 0.5)
+    with pytest.raises(ValueError, match="holds non-finite values"):
+        depgraph.group_mask(graph, [np.full(g.size, np.nan) for g in graph.groups], 0.5)
+    model = resnet[0]
     with pytest.raises(ValueError, match=r"keep for group .* must be a bool array"):
-        depgraph.cut_index(graph, [np.ones(g.size, int) for g in graph.groups])
+        depgraph.cut(model, graph, [np.ones(g.size, int) for g in graph.groups])
+    with pytest.raises(ValueError, match="keep has 1 arrays but the graph has 4 groups"):
+        depgraph.masked(model, graph, [np.ones(4, bool)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +305,7 @@ def test_linen_resnet_cut_matches_masked_model():
     graph = depgraph.dependency_graph(model, x, variables=variables)
     assert sorted(g.size for g in graph.groups) == [4, 4, 8, 8]
     keep = _keep_half(graph)
-    result = depgraph.cut_linen(variables, graph, keep)
+    result = depgraph.cut(variables, graph, keep)
     f = result.features
     widths = (
         f[("Conv_0",)],
@@ -306,17 +317,17 @@ def test_linen_resnet_cut_matches_masked_model():
     assert widths == (2, 2, 2, 4, 4)
     assert f[("Dense_0",)] == 3
     # the check runs when the smaller module is given; a wrong width fails it by message
-    depgraph.cut_linen(variables, graph, keep, module=LResNet(widths))
+    depgraph.cut(variables, graph, keep, module=LResNet(widths))
     with pytest.raises(ValueError, match=r"module cannot be applied to the cut variables"):
-        depgraph.cut_linen(variables, graph, keep, module=LResNet((2, 2, 2, 4, 3)))
+        depgraph.cut(variables, graph, keep, module=LResNet((2, 2, 2, 4, 3)))
     # Adam's moments of the params are sliced with them, and the small model steps
     tx = optax.adam(1e-2)
     state = tx.init(variables["params"])
-    sliced = depgraph.cut_linen(variables, graph, keep, opt_state=tx.init(variables["params"]))
-    assert jax.tree.map(jnp.shape, sliced.opt_state[0].mu) == jax.tree.map(
-        jnp.shape, sliced.variables["params"]
+    sliced = depgraph.cut_optimizer(state, graph, keep)
+    assert jax.tree.map(jnp.shape, sliced[0].mu) == jax.tree.map(
+        jnp.shape, result.variables["params"]
     )
-    tx.update(sliced.variables["params"], sliced.opt_state, sliced.variables["params"])
+    tx.update(result.variables["params"], sliced, result.variables["params"])
     assert state[0].mu["Conv_0"]["kernel"].shape[-1] == 4  # the caller's state is untouched
 
 
@@ -333,9 +344,9 @@ class LAttn(nn.Module):
 
 
 def test_linen_attention_keeps_head_dim_whole():
-    """Without biases (whose rank-2 shape froze everything) query/key/value's head_dim was
-    a prunable group: cut_linen returned variables that only a module with another
-    1/sqrt(head_dim) scale could run. Only the out projection's features are cut now."""
+    """Without biases (whose rank-2 shape would freeze everything) query/key/value's head_dim
+    must still stay whole: cutting it would need a module with another 1/sqrt(head_dim)
+    scale. Only the out projection's features are cut."""
     x = jax.random.normal(jax.random.key(0), (2, 5, 3))
     variables = LAttn().init(jax.random.key(1), x)
     graph = depgraph.dependency_graph(LAttn(), x, variables=variables)
@@ -343,7 +354,7 @@ def test_linen_attention_keeps_head_dim_whole():
         [("['params']['attn']['out']['kernel']", 2), ("['params']['head']['kernel']", 0)]
     ]
     keep = _keep_half(graph)
-    result = depgraph.cut_linen(variables, graph, keep, module=LAttn(out=3))  # checked
+    result = depgraph.cut(variables, graph, keep, module=LAttn(out=3))  # checked
     assert result.variables["params"]["attn"]["query"]["kernel"].shape == (6, 2, 4)
 
 
@@ -438,13 +449,17 @@ def test_cut_optimizer_slices_adam_moments():
     graph = depgraph.dependency_graph(model, x)
     keep = (np.array([1, 1, 0, 1, 0, 1], bool),)
     small = depgraph.cut(model, graph, keep)
-    new_opt = depgraph.cut_optimizer(opt, model, small, graph, keep)
+    new_opt = depgraph.cut_optimizer(opt, graph, keep, model=small)
     mu = opt.opt_state[0].mu["layers"][0]["kernel"][...]
     np.testing.assert_array_equal(
         new_opt.opt_state[0].mu["layers"][0]["kernel"][...], np.asarray(mu)[:, keep[0]]
     )
     assert int(new_opt.opt_state[0].count[...]) == 1
     new_opt.update(small, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(small))  # it steps
+    with pytest.raises(
+        ValueError, match=r"sliced optimizer state at .*bias.\] has shape \(4,\) but the"
+    ):
+        depgraph.cut_optimizer(opt, graph, keep, model=model)  # not the cut model
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,15 +662,30 @@ def test_bad_model_and_params():
     graph = depgraph.dependency_graph(model, jnp.ones((1, 4, 4, 2)))
     with pytest.raises(ValueError, match=r"params has a leaf at .* that the traced model lacks"):
         depgraph.group_scores(graph, {"other": jnp.ones(3)}, "magnitude")
-    with pytest.raises(ValueError, match="use cut_linen"):
+    with pytest.raises(TypeError, match="traced from a Linen module: pass the variables"):
         depgraph.cut(model, graph._replace(kind="linen"), (np.ones(4, bool),))
+    with pytest.raises(TypeError, match="traced from an NNX model: pass that model"):
+        depgraph.cut(nnx.state(model), graph, (np.ones(4, bool),))
+    with pytest.raises(ValueError, match="module= is the smaller Linen module"):
+        depgraph.cut(model, graph, (np.ones(4, bool),), module=model)
+    opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    with pytest.raises(TypeError, match="needs model=, the cut model it will update"):
+        depgraph.cut_optimizer(opt, graph, (np.ones(4, bool),))
 
 
 def test_resnet_surgery_example_quick():
-    """examples/resnet_surgery.py at smoke size: the cut equals the masked model, and shrinks."""
-    from examples import resnet_surgery
-
-    out = resnet_surgery.main(["--quick"])
+    """examples/resnet_surgery.py at smoke size, run as a user runs it (a script next to its
+    helper modules): the cut equals the masked model, and shrinks."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = (
+        "import json, resnet_surgery; print('RESULT', json.dumps(resnet_surgery.main(['--quick'])))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "examples"), str(root)])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["removed"] == out["total"] // 2
     assert out["max_diff"] < 1e-4
     assert out["acc_small"] == out["acc_masked"]
@@ -673,7 +703,7 @@ def test_cut_optimizer_slices_pruned_masks_and_moments():
     graph = depgraph.dependency_graph(model, x)
     keep = (np.array([1, 0, 1, 1, 0, 1], bool),)
     small = depgraph.cut(model, graph, keep)
-    new_opt = depgraph.cut_optimizer(opt, model, small, graph, keep)
+    new_opt = depgraph.cut_optimizer(opt, graph, keep, model=small)
     old_mask = np.asarray(opt.opt_state.mask["layers"][2]["kernel"][...])
     new_mask = np.asarray(new_opt.opt_state.mask["layers"][2]["kernel"][...])
     np.testing.assert_array_equal(new_mask, old_mask[keep[0], :])
@@ -731,7 +761,7 @@ class SharedHidden(nnx.Module):
 
 def test_group_scores_count_each_removed_entry_once():
     """Unit j removes row j and column j of s.kernel: the diagonal entry (j, j) lies in both
-    slices and was counted twice. Reference: the set of entries cut_index removes."""
+    slices and was counted twice. Reference: the set of entries the cut removes."""
     model = make(SharedHidden)
     x = jax.random.normal(jax.random.key(0), (2, 3))
     graph = depgraph.dependency_graph(model, x)
@@ -747,7 +777,7 @@ def test_group_scores_count_each_removed_entry_once():
         keep = np.ones(size, bool)
         keep[u] = False
         removed = 0.0
-        for path, ix in depgraph.cut_index(graph, (keep,)).items():
+        for path, ix in depgraph._cut_index(graph, (keep,)).items():
             w = flat[path]
             gone = np.ones(w.shape, bool)
             kept = [np.arange(n) if k is None else k for n, k in zip(w.shape, ix, strict=True)]
@@ -786,3 +816,428 @@ def test_refused_cut_names_the_groups_cut_and_how_to_keep_one_whole():
     keep[qk] = np.ones(graph.groups[qk].size, bool)  # the width the scale reads stays whole
     small = depgraph.cut(model, graph, tuple(keep))
     np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# The selection rule: topk_mask's count and ties
+
+
+def _wide(n=50):
+    """One hidden group of ``n`` units."""
+    return nnx.Sequential(
+        nnx.Linear(2, n, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(n, 1, rngs=nnx.Rngs(1))
+    )
+
+
+def test_group_mask_counts_as_topk_mask_the_float32_product_half_to_even():
+    graph = depgraph.dependency_graph(_wide(50), jnp.ones((1, 2)))
+    scores = [np.arange(50.0)]
+    # float32(0.05) * 50 = 2.50000004 exactly: 3 units go (float64 0.05 * 50 = 2.5 gives 2)
+    (keep,) = depgraph.group_mask(graph, scores, 0.05)
+    np.testing.assert_array_equal(np.flatnonzero(~keep), [0, 1, 2])
+    for s in (0.05, 0.1, 0.3, 0.7, 0.99):
+        (keep,) = depgraph.group_mask(graph, scores, s, scope="group")
+        want = ~np.asarray(fisher_optax.topk_mask((jnp.arange(50.0),), s, prunable=(True,))[0])
+        # the count of topk_mask, short of the min_units=1 the group keeps (0.99: 50 -> 49)
+        assert int((~keep).sum()) == min(int(want.sum()), 49), s
+
+
+def test_group_mask_ties_prune_the_lower_index_first_across_groups(resnet):
+    _, _, graph = resnet
+    scores = [np.ones(g.size) for g in graph.groups]
+    keep = depgraph.group_mask(graph, scores, 0.25)  # 6 of 24 tied units
+    # the first 6 in group order, then unit order, but each group keeps its min_units=1
+    # best, which among ties is its highest index
+    eligible = np.concatenate([np.arange(g.size) < g.size - 1 for g in graph.groups])
+    np.testing.assert_array_equal(np.concatenate(keep), ~(eligible & (np.cumsum(eligible) <= 6)))
+    keep = depgraph.group_mask(graph, scores, 0.5, scope="group")
+    for g, k in zip(graph.groups, keep, strict=True):
+        np.testing.assert_array_equal(np.flatnonzero(~k), np.arange(g.size // 2))
+
+
+# --------------------------------------------------------------------------------------------
+# A param-shaped mask from a selection, and the selection under jit
+
+
+def test_weight_mask_applied_gives_the_masked_models_params(resnet):
+    model, _, graph = resnet
+    params = nnx.state(model, nnx.Param)
+    keep = tuple(np.arange(g.size) % 3 != 1 for g in graph.groups)
+    mask = depgraph.weight_mask(graph, keep, params)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
+    want = nnx.state(depgraph.masked(model, graph, keep), nnx.Param)
+    for a, b in zip(
+        jax.tree.leaves(fisher_optax.apply_mask(params, mask)), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    # it counts what the cut keeps
+    small = depgraph.cut(model, graph, keep)
+    kept = sum(int(np.sum(m)) for m in jax.tree.leaves(mask))
+    assert kept == sum(x.size for x in jax.tree.leaves(nnx.state(small, nnx.Param)))
+    # keep_pruned holds the removed units at zero while training
+    tx = optax.chain(optax.sgd(0.1), fisher_optax.keep_pruned(mask))
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    stepped = optax.apply_updates(params, updates)
+    for s, m in zip(jax.tree.leaves(stepped), jax.tree.leaves(mask), strict=True):
+        assert not np.any(np.asarray(s)[~np.asarray(m)])
+    with pytest.raises(ValueError, match=r"params has a leaf at .* that the traced model lacks"):
+        depgraph.weight_mask(graph, keep, {"zz": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"keep is traced .* select the units with select_groups"):
+        jax.jit(lambda k: depgraph.weight_mask(graph, k, params))(keep)
+    with pytest.raises(ValueError, match="keep is traced"):
+        jax.jit(lambda k: depgraph.masked(model, graph, k))(keep)
+
+
+def test_select_groups_eager_jitted_and_three_step_agree_with_one_compile(resnet):
+    model, _, graph = resnet
+    params = nnx.state(model, nnx.Param)
+    scores = fisher_optax.scores(params, "magnitude")
+    select = jax.jit(lambda s, p: depgraph.select_groups(graph, s, p, scope="group", min_units=2))
+    for sparsity in (0.0, 0.3, 0.5, 0.9):
+        keep = depgraph.group_mask(
+            graph, depgraph.group_scores(graph, params, "magnitude"), sparsity, scope="group",
+            min_units=2,
+        )  # fmt: skip
+        want = jax.tree.leaves(depgraph.weight_mask(graph, keep, params))
+        eager = jax.tree.leaves(
+            depgraph.select_groups(graph, scores, sparsity, scope="group", min_units=2)
+        )
+        jitted = jax.tree.leaves(select(scores, jnp.float32(sparsity)))
+        for w, e, j in zip(want, eager, jitted, strict=True):
+            np.testing.assert_array_equal(w, e)
+            np.testing.assert_array_equal(w, j)
+    assert select._cache_size() == 1
+
+
+def test_select_groups_with_an_earlier_mask_only_grows_it():
+    model = _wide(10)
+    graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+    params = nnx.state(model, nnx.Param)
+    scores = jax.tree.map(lambda p: jnp.ones_like(p), params)
+    first = depgraph.select_groups(graph, scores, 0.2)  # units 0 and 1 (ties: low index first)
+    assert np.flatnonzero(~np.asarray(first["layers"][0]["bias"][...])).tolist() == [0, 1]
+    # units 0 and 1, fully pruned in the mask, count toward 0.3: one more goes (unit 2)
+    scores = jax.tree.map(lambda p: -jnp.ones_like(p), params)  # would pick 0..2 anyway
+    scores["layers"][0]["kernel"] = nnx.Param(jnp.ones((2, 10)).at[:, 9].set(-5.0))
+    second = jax.jit(lambda s, m: depgraph.select_groups(graph, s, 0.3, mask=m))(scores, first)
+    gone = np.flatnonzero(~np.asarray(second["layers"][0]["bias"][...]))
+    assert gone.tolist() == [0, 1, 9]
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        assert not np.any(np.asarray(b) & ~np.asarray(a))  # nothing pruned grows back
+    with pytest.raises(TypeError, match=r"mask at .* has dtype float32; a mask holds booleans"):
+        depgraph.select_groups(graph, scores, 0.3, mask=jax.tree.map(jnp.ones_like, params))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        depgraph.select_groups(graph, scores, 0.3, scope="layer")
+    with pytest.raises(ValueError, match="sparsity must be a finite number in"):
+        depgraph.select_groups(graph, scores, 1.3)
+
+
+# --------------------------------------------------------------------------------------------
+# Models the Sequential surgery covered: every one is cut exactly by the traced graph
+
+
+def _init(seed):
+    """NumPy initialisers (nothing to compile) with non-zero biases."""
+    rng = np.random.default_rng(seed)
+
+    def kernel(key, shape, dtype=jnp.float32):
+        del key
+        fan_in = int(np.prod(shape[:-1]))
+        return jax.device_put(np.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), dtype))
+
+    def bias(key, shape, dtype=jnp.float32):
+        del key
+        return jax.device_put(np.asarray(0.5 * rng.standard_normal(shape), dtype))
+
+    return {"kernel_init": kernel, "bias_init": bias, "rngs": nnx.Rngs(seed)}
+
+
+def _flatten(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def _mlp(act):
+    i = _init(0)
+    return nnx.Sequential(
+        nnx.Linear(6, 12, **i), act, nnx.Linear(12, 9, **i), act, nnx.Linear(9, 3, **i)
+    )
+
+
+def _cnn(padding):
+    i = _init(1)
+    side = 4 if padding == "VALID" else 8  # of an 8x8 input after two 3x3 convs
+    return nnx.Sequential(
+        nnx.Conv(2, 6, (3, 3), padding=padding, **i), nnx.relu,
+        nnx.Conv(6, 5, (3, 3), padding=padding, **i), jnp.tanh, _flatten,
+        nnx.Linear(5 * side * side, 7, **i), nnx.gelu,
+        nnx.Linear(7, 4, **i),
+    )  # fmt: skip
+
+
+class _Net(nnx.Module):
+    def __init__(self, seed=0):
+        i = _init(seed)
+        self.conv1 = nnx.Conv(1, 4, (3, 3), padding="VALID", **i)
+        self.conv2 = nnx.Conv(4, 6, (3, 3), padding="VALID", **i)
+        self.fc1 = nnx.Linear(6 * 4, 5, **i)
+        self.fc2 = nnx.Linear(5, 3, **i)
+
+    def __call__(self, x):
+        x = jax.nn.elu(self.conv1(x))
+        x = jax.nn.elu(self.conv2(x))
+        x = jax.nn.elu(self.fc1(x.reshape(x.shape[0], -1)))
+        return self.fc2(x)
+
+
+class _Residual(nnx.Module):
+    def __init__(self):
+        i = _init(11)
+        self.fc1 = nnx.Linear(6, 8, **i)
+        self.fc2 = nnx.Linear(8, 6, **i)
+        self.out = nnx.Linear(6, 3, **i)
+
+    def __call__(self, x):
+        return self.out(x + self.fc2(jax.nn.relu(self.fc1(x))))
+
+
+class _NormBetween(nnx.Module):
+    def __init__(self):
+        i = _init(13)
+        self.fc1 = nnx.Linear(6, 8, **i)
+        self.bn = nnx.BatchNorm(8, rngs=nnx.Rngs(0))
+        self.fc2 = nnx.Linear(8, 3, **i)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.bn(self.fc1(x))))
+
+
+def _pooled():
+    i = _init(14)
+    return nnx.Sequential(
+        nnx.Conv(1, 4, (3, 3), padding="SAME", **i), nnx.relu,
+        lambda x: nnx.avg_pool(x, (2, 2), strides=(2, 2)), _flatten,
+        nnx.Linear(4 * 16, 3, **i),
+    )  # fmt: skip
+
+
+def _random_keep(graph, seed=0, fraction=0.4):
+    rng = np.random.default_rng(seed)
+    keep = []
+    for g in graph.groups:
+        k = rng.random(g.size) >= fraction
+        k[rng.integers(g.size)] = True
+        keep.append(k)
+    return tuple(keep)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "sizes"),
+    [
+        (lambda: _mlp(jax.nn.sigmoid), (16, 6), [12, 9]),
+        (lambda: _mlp(nnx.relu), (16, 6), [12, 9]),
+        (lambda: _cnn("VALID"), (4, 8, 8, 2), [6, 5, 7]),
+        (lambda: _cnn("SAME"), (4, 8, 8, 2), [6, 5, 7]),  # a zero-padded conv consumer
+        (lambda: _Net(5), (4, 6, 6, 1), [4, 6, 5]),
+        (_Residual, (4, 6), [8]),  # fc2 writes into the input stream: kept whole
+        (_NormBetween, (4, 6), [8]),  # BatchNorm between two layers
+        (_pooled, (4, 8, 8, 1), [4]),  # average pooling, then flatten
+    ],
+)
+def test_models_of_the_sequential_surgery_are_cut_exactly(build, shape, sizes):
+    model = build()
+    x = jax.random.normal(jax.random.key(0), shape)
+    graph = depgraph.dependency_graph(model, x)
+    assert sorted(g.size for g in graph.groups) == sorted(sizes)
+    keep = _random_keep(graph)
+    small = depgraph.cut(model, graph, keep)  # checked against the masked model inside
+    np.testing.assert_allclose(
+        run(small, x), run(depgraph.masked(model, graph, keep), x), rtol=1e-5, atol=1e-5
+    )
+    params = nnx.state(model, nnx.Param)
+    kept = sum(int(np.sum(m)) for m in jax.tree.leaves(depgraph.weight_mask(graph, keep, params)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(small, nnx.Param))) == kept
+    assert kept < sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_mlp_cut_counts_drop_exactly_and_the_original_is_untouched():
+    model = _mlp(jax.nn.sigmoid)
+    graph = depgraph.dependency_graph(model, jnp.ones((2, 6)))
+    keep = _random_keep(graph, seed=3)
+    small = depgraph.cut(model, graph, keep)
+    k0, k1 = (int(k.sum()) for k in keep)
+    want = (6 * k0 + k0) + (k0 * k1 + k1) + (k1 * 3 + 3)
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(small, nnx.Param))) == want
+    assert small.layers[0].out_features == k0 and small.layers[2].in_features == k0
+    assert model.layers[0].kernel.shape == (6, 12)
+
+
+def test_a_reduction_over_hidden_units_keeps_them_whole():
+    class Shared(nnx.Module):
+        """fc2 reads fc1's units and their mean: removing one changes the mean."""
+
+        def __init__(self):
+            i = _init(12)
+            self.fc1 = nnx.Linear(6, 8, **i)
+            self.fc2 = nnx.Linear(8, 3, **i)
+
+        def __call__(self, x):
+            h = jax.nn.relu(self.fc1(x))
+            return self.fc2(h + h.mean(-1, keepdims=True))
+
+    graph = depgraph.dependency_graph(Shared(), jnp.ones((2, 6)))
+    assert graph.groups == ()
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['fc1']['kernel']", 1)].startswith("reduced by reduce_sum")
+
+
+def test_softmax_between_layers_keeps_them_whole():
+    i = _init(0)
+    model = nnx.Sequential(nnx.Linear(3, 4, **i), jax.nn.softmax, nnx.Linear(4, 2, **i))
+    graph = depgraph.dependency_graph(model, jnp.ones((2, 3)))
+    assert graph.groups == ()
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['layers'][0]['kernel']", 1)].startswith("reduced by reduce_max")
+
+
+class _LinenCNN(nn.Module):
+    features: tuple = (6, 5, 7)
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(self.features[0], (3, 3), padding="VALID", name="c1")(x))
+        x = nn.relu(nn.Conv(self.features[1], (3, 3), padding="VALID", name="c2")(x))
+        x = nn.relu(nn.Dense(self.features[2], name="d1")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(4, name="d2")(x)
+
+
+def test_linen_cnn_with_flatten_is_cut_exactly():
+    from fisher_optax.flax import param_count_and_flops
+
+    module = _LinenCNN()
+    x = jax.random.normal(jax.random.key(8), (4, 8, 8, 2))
+    variables = jax.jit(module.init)(jax.random.key(0), x)
+    variables = jax.tree.map(lambda p: p + 0.5 if p.ndim == 1 else p, variables)
+    graph = depgraph.dependency_graph(module, x, variables=variables)
+    keep = _random_keep(graph, seed=8)
+    result = depgraph.cut(variables, graph, keep)
+    small = _LinenCNN(features=tuple(result.features[(n,)] for n in ("c1", "c2", "d1")))
+    depgraph.cut(variables, graph, keep, module=small)  # the check passes
+    np.testing.assert_allclose(
+        jax.jit(small.apply)(result.variables, x),
+        jax.jit(module.apply)(depgraph.masked(variables, graph, keep), x),
+        atol=1e-5,
+    )
+    n_small, f_small = param_count_and_flops(small.apply, x[:1], params=result.variables)
+    n_dense, f_dense = param_count_and_flops(module.apply, x[:1], params=variables)
+    assert n_small == sum(p.size for p in jax.tree.leaves(result.variables)) < n_dense
+    assert f_small < f_dense
+
+
+def test_linen_mlp_with_batchnorm_slices_the_optax_state():
+    class MLP(nn.Module):
+        widths: tuple = (8, 5)
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(self.widths[0])(x)
+            x = jax.nn.sigmoid(nn.BatchNorm(use_running_average=True)(x))
+            x = jax.nn.sigmoid(nn.Dense(self.widths[1])(x))
+            return nn.Dense(2)(x)
+
+    x = jax.random.normal(jax.random.key(9), (5, 3))
+    variables = jax.jit(MLP().init)(jax.random.key(1), x)
+    graph = depgraph.dependency_graph(MLP(), x, variables=variables)
+    keep = tuple(np.arange(g.size) % 3 != 0 for g in graph.groups)
+    result = depgraph.cut(variables, graph, keep, module=MLP((5, 3)))  # checked
+    assert result.variables["batch_stats"]["BatchNorm_0"]["mean"].shape == (5,)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(variables["params"])
+    _, opt_state = tx.update(jax.tree.map(jnp.ones_like, variables["params"]), opt_state)
+    sliced = depgraph.cut_optimizer(opt_state, graph, keep)
+    adam = optax.tree_utils.tree_get(sliced, "ScaleByAdamState")
+    assert adam.mu["Dense_1"]["kernel"].shape == (5, 3) and int(adam.count) == 1
+    np.testing.assert_array_equal(
+        adam.nu["Dense_0"]["kernel"],
+        np.asarray(opt_state[0].nu["Dense_0"]["kernel"])[:, keep[0]],
+    )
+    tx.update(jax.tree.map(jnp.ones_like, result.variables["params"]), sliced)  # it steps
+
+
+def test_cut_optimizer_with_pruned_fine_tunes_under_jit():
+    model = _mlp(nnx.relu)
+    tx = fisher_optax.pruned(
+        optax.adam(1e-2), schedule=0.3, method="one_stage", criterion="magnitude", update_every=2
+    )
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(6), (16, 6))
+    y = jnp.arange(16) % 3
+    traces = []
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        traces.append(1)
+        loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    for _ in range(3):
+        step(model, opt, x, y)
+    graph = depgraph.dependency_graph(model, x)
+    keep = _random_keep(graph, seed=6)
+    small = depgraph.cut(model, graph, keep)
+    small_opt = depgraph.cut_optimizer(opt, graph, keep, model=small)
+    index = depgraph._cut_index(graph, keep)
+    old_adam = optax.tree_utils.tree_get(opt.opt_state, "ScaleByAdamState")
+    new_adam = optax.tree_utils.tree_get(small_opt.opt_state, "ScaleByAdamState")
+    old_pruned = optax.tree_utils.tree_get(opt.opt_state, "PrunedState")
+    new_pruned = optax.tree_utils.tree_get(small_opt.opt_state, "PrunedState")
+    pairs = [(old_adam.mu, new_adam.mu), (old_adam.nu, new_adam.nu)]
+    for old_tree, new_tree in [*pairs, (old_pruned.mask, new_pruned.mask)]:
+        for (path, leaf), new_leaf in zip(
+            jax.tree_util.tree_flatten_with_path(old_tree)[0],
+            jax.tree.leaves(new_tree),
+            strict=True,
+        ):
+            want = np.asarray(leaf)
+            for a, k in enumerate(index.get(depgraph._path_tuple(path), ())):
+                if k is not None:
+                    want = np.take(want, k, axis=a)
+            np.testing.assert_array_equal(np.asarray(new_leaf), want)
+    assert int(new_adam.count[...]) == int(old_adam.count[...]) == 3
+    assert int(small_opt.step[...]) == 3
+    losses = [float(step(small, small_opt, x, y)) for _ in range(4)]
+    assert len(traces) == 2  # once for the dense model, once for the cut one
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    mask = optax.tree_utils.tree_get(small_opt.opt_state, "PrunedState").mask
+    for p, m in zip(
+        jax.tree.leaves(nnx.state(small, nnx.Param)), jax.tree.leaves(mask), strict=True
+    ):
+        assert not np.any(np.asarray(p)[~np.asarray(m)])
+
+
+class Wrapped(nnx.Module):
+    """Layers called through jax.jit, jax.checkpoint and a custom_jvp activation: the walker
+    inlines each body, so the channels are followed through them."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 6, rngs=rngs)
+        self.b = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.jit(lambda k, b, x: x @ k + b)(self.a.kernel[...], self.a.bias[...], x)
+        h = jax.checkpoint(jax.nn.relu)(h)  # relu is a custom_jvp
+        return self.b(jax.jit(jnp.tanh)(h))
+
+
+def test_calls_jit_checkpoint_and_custom_jvp_are_followed():
+    model = Wrapped(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    graph = depgraph.dependency_graph(model, x)
+    assert _members(graph) == [
+        [("['a']['bias']", 0), ("['a']['kernel']", 1), ("['b']['kernel']", 0)]
+    ]
+    keep = _keep_half(graph)
+    small = depgraph.cut(model, graph, keep)
+    np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-6)
