@@ -14,7 +14,7 @@ The steps, each a function of the graph:
 
 * :func:`dependency_graph` traces the model; :func:`group_scores` sums per-weight scores
   over each unit; :func:`group_mask` selects the units to remove (``keep``, one bool array
-  per group) with the count and tie rule of :func:`fisher_optax.topk_mask`;
+  per group) with the count and tie rule of :func:`fisher_optax.select`;
   :func:`select_groups` does the three in one traceable call on a param-shaped score tree
   and returns a param-shaped mask.
 * :func:`weight_mask` turns ``keep`` into a param-shaped mask (for
@@ -62,11 +62,13 @@ import numpy as np
 
 from fisher_optax import _jaxpr, _validate
 from fisher_optax._tree import keystr
+from fisher_optax.patterns import Unstructured, select
 
 __all__ = [
     "DepGraph",
     "Frozen",
     "Group",
+    "Groups",
     "LinenCut",
     "cut",
     "cut_optimizer",
@@ -995,13 +997,11 @@ _GROUP_SCOPES: dict[str, str] = {
 def _keep_units(
     scores: Sequence[Any], sparsity: Any, scope: str, min_units: int, kept: Sequence[Any] | None
 ) -> tuple:
-    """The units kept: :func:`fisher_optax.topk_mask` over one score vector per group.
+    """The units kept: :func:`fisher_optax.select` over one score vector per group.
 
     Each group's ``min_units`` best units still kept (by score, then by index: the lower
     index goes first among ties) are lifted above every score and kept whatever the count.
     """
-    from fisher_optax.masks import topk_mask
-
     if not scores:
         return ()
     concrete = all(_validate.is_concrete(x) for x in (*scores, *(kept or ()), sparsity))
@@ -1023,10 +1023,10 @@ def _keep_units(
             best = best if was is None else best & was
             lifted.append(jnp.where(best, jnp.inf, s))
         protected.append(best)
-    keep = topk_mask(
+    keep = select(
         tuple(lifted),
         sparsity,
-        scope="global" if scope == "global" else "layer",
+        pattern=Unstructured("global" if scope == "global" else "layer"),
         prunable=(True,) * len(lifted),
         mask=None if kept is None else tuple(kept),
     )
@@ -1045,7 +1045,7 @@ def group_mask(
 ) -> tuple[np.ndarray, ...]:
     r"""Which units to keep: the lowest-scoring ``sparsity`` fraction of them is removed.
 
-    The selection is :func:`fisher_optax.topk_mask` over the unit scores, with its count
+    The selection is :func:`fisher_optax.select` over the unit scores, with its count
     and tie rule: of :math:`n` units in scope (all units for ``scope="global"``, each
     group's for ``scope="group"``)
 
@@ -1220,7 +1220,7 @@ def select_groups(
       scores: per-weight scores shaped like the traced variables or a part of them (e.g.
         ``fisher_optax.scores(nnx.state(model, nnx.Param), "saliency", fisher=...)``).
       sparsity: the fraction of units to remove, in ``[0, 1]``, a float32 scalar under
-        ``jit`` (the rule of :func:`fisher_optax.topk_mask`).
+        ``jit`` (the rule of :func:`fisher_optax.select`).
       scope: as for :func:`group_mask`.
       min_units: as for :func:`group_mask`.
       mask: an earlier mask shaped like ``scores``. A unit whose entries it prunes all is
@@ -1281,6 +1281,72 @@ def select_groups(
         m = jnp.ones(jnp.shape(leaf), bool) if m is None else m
         out.append(m if masks is None else m & jnp.asarray(masks[k], bool))
     return jax.tree.unflatten(jax.tree.structure(scores), out)
+
+
+class Groups(NamedTuple):
+    """A selection pattern of whole units from the traced graph, for :func:`fisher_optax.select`
+    and ``fisher_optax.pruned(pattern=...)``.
+
+    ``select(scores, sparsity, pattern=Groups(graph))`` is :func:`select_groups`: every unit
+    (a channel, a hidden unit, a head, with every entry coupled to it) is scored by the sum
+    of its entries' scores, and the ``sparsity`` fraction of the units with the lowest sums
+    is removed, with the count and tie rule of :func:`fisher_optax.select`. The mask it
+    gives is the one :func:`cut` turns into a smaller model. Under ``pruned`` the units go
+    gradually while training, and what a mask update removed stays removed.
+
+    Attributes:
+      graph: from :func:`dependency_graph`.
+      scope: ``"global"`` (one ranking over all units) or ``"group"`` (each group loses the
+        fraction on its own).
+      min_units: each group keeps at least this many units.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fisher_optax as fo
+      >>> from flax import nnx
+      >>> from fisher_optax import depgraph
+      >>> model = nnx.Sequential(nnx.Linear(2, 4, rngs=nnx.Rngs(0)), nnx.relu,
+      ...                        nnx.Linear(4, 1, rngs=nnx.Rngs(1)))
+      >>> graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+      >>> scores = jax.tree.map(jnp.abs, nnx.state(model, nnx.Param))
+      >>> m = fo.select(scores, 0.5, pattern=depgraph.Groups(graph))
+      >>> m["layers"][2]["kernel"][...].ravel().tolist()  # 2 of the 4 hidden units removed
+      [True, False, False, True]
+    """
+
+    graph: DepGraph
+    scope: Literal["global", "group"] = "global"
+    min_units: int = 1
+
+    def select(self, scores: Any, sparsity: Any, *, prunable: Any = None, mask: Any = None) -> Any:
+        """The mask of :func:`select_groups` (see the class)."""
+        if not isinstance(self.graph, DepGraph):
+            raise TypeError(
+                "Groups(graph) takes the DepGraph returned by depgraph.dependency_graph(model, "
+                f"example), got {type(self.graph).__name__}."
+            )
+        if prunable is not None:
+            raise ValueError(
+                "prunable does not apply to Groups: the traced graph decides which entries "
+                "a unit removes (its frozen axes are kept whole). Leave prunable=None; to "
+                "keep a group whole, select with depgraph.group_mask and set its keep to "
+                "all True."
+            )
+        if not (
+            isinstance(sparsity, float | int | np.number | jax.Array | np.ndarray)
+            and jnp.ndim(sparsity) == 0
+        ):
+            raise ValueError(
+                "Groups takes one scalar sparsity (the fraction of units to remove), got "
+                f"{type(sparsity).__name__}; per-leaf targets do not apply to whole units."
+            )
+        return select_groups(
+            self.graph,
+            scores,
+            sparsity,
+            scope=self.scope,
+            min_units=self.min_units,
+            mask=mask,
+        )
 
 
 # --------------------------------------------------------------------------------------------

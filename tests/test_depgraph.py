@@ -933,6 +933,46 @@ def test_select_groups_with_an_earlier_mask_only_grows_it():
         depgraph.select_groups(graph, scores, 1.3)
 
 
+def test_groups_pattern_in_select_and_pruned_removes_whole_units():
+    model = _wide(10)
+    graph = depgraph.dependency_graph(model, jnp.ones((1, 2)))
+    params = nnx.state(model, nnx.Param)
+    scores = fisher_optax.scores(params, "magnitude")
+    pattern = depgraph.Groups(graph, scope="group")
+    got = fisher_optax.select(scores, 0.3, pattern=pattern)
+    want = depgraph.select_groups(graph, scores, 0.3, scope="group")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # pruned grows the unit mask inside jit: 3 of 10 units at step 0, 6 at step 2
+    opt = fisher_optax.pruned(
+        optax.adam(1e-3),
+        lambda t: jnp.where(t < 2, 0.3, 0.6),
+        criterion="magnitude",
+        pattern=pattern,
+        update_every=2,
+    )
+    state = opt.init(params)
+    step = jax.jit(lambda g, s, p: opt.update(g, s, p))
+    grads = jax.tree.map(jnp.ones_like, params)
+    for t in range(3):
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        gone = ~np.asarray(state.mask["layers"][0]["bias"][...])
+        assert gone.sum() == (3 if t < 2 else 6)
+        kernel = np.asarray(params["layers"][0]["kernel"][...])
+        assert (
+            not kernel[:, gone].any()
+            and not np.asarray(params["layers"][2]["kernel"][...])[gone].any()
+        )
+    assert step._cache_size() == 1
+    with pytest.raises(ValueError, match="prunable does not apply to Groups"):
+        fisher_optax.select(scores, 0.3, pattern=pattern, prunable=lambda p, x: True)
+    with pytest.raises(ValueError, match="Groups takes one scalar sparsity"):
+        fisher_optax.select(scores, jax.tree.map(lambda x: 0.3, scores), pattern=pattern)
+    with pytest.raises(TypeError, match="Groups\\(graph\\) takes the DepGraph"):
+        fisher_optax.select(scores, 0.3, pattern=depgraph.Groups(model))
+
+
 # --------------------------------------------------------------------------------------------
 # Models the Sequential surgery covered: every one is cut exactly by the traced graph
 
