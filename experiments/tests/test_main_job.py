@@ -1,4 +1,4 @@
-"""CI smoke test of examples/main_job.py (the whole pipeline at a tiny size) and its seams."""
+"""CI smoke test of experiments/main_job.py (the whole pipeline at a tiny size) and its seams."""
 
 import json
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import fisher_optax
-from examples import main_job, main_report, models
+from experiments import main_job, main_report, models
 
-README = """# t
+PAGE = """# t
 <!-- results:main:digits:begin -->
 OLD-SECTION-TEXT
 <!-- results:main:digits:end -->
@@ -19,10 +19,10 @@ tail
 
 
 def test_quick_pipeline_end_to_end_and_cache(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(README)
+    page = tmp_path / "page.md"
+    page.write_text(PAGE)
     out = tmp_path / "results"
-    argv = ["--quick", "--out", str(out), "--no-plots", "--write-readme", "--readme", str(readme)]
+    argv = ["--quick", "--out", str(out), "--no-plots", "--write-docs", "--docs-page", str(page)]
     argv += ["--entry-bits", "40"]  # not the digits preset's 0: the workers must receive it
     # The first run computes in a worker process (--jobs), the report is assembled from the
     # cache it filled; the rerun below, in this process, must read the same numbers.
@@ -50,8 +50,8 @@ def test_quick_pipeline_end_to_end_and_cache(tmp_path):
             # The ratio is that of the file written; the accuracy that of the loaded file.
             assert p["ratio"] == pytest.approx(4 * n / p["bytes"])
             assert 0 <= p["accuracy"] <= 100
-    assert "OLD-SECTION-TEXT" not in readme.read_text() and "digits-cnn" in readme.read_text()
-    assert "tail" in readme.read_text()
+    assert "OLD-SECTION-TEXT" not in page.read_text() and "digits-cnn" in page.read_text()
+    assert "tail" in page.read_text()
     # A rerun reads every phase from the cache: same numbers.
     again = main_job.main(argv)
     strip = lambda r: [
