@@ -710,6 +710,7 @@ def main(argv=None) -> dict:
             "quick": args.quick,
             "models": {},
             "platform": f"{jax.default_backend()} jax {jax.__version__}",
+            "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
             "jobs": args.jobs,
         }
         for name in names:

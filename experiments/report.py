@@ -256,8 +256,10 @@ def quant_table(cfg: Config, s: dict) -> list[list[str]]:
 
 
 def markdown(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    """A Markdown table; a ``|`` inside a cell (``magnitude |w|``) is escaped."""
+    cells = [[c.replace("|", "\\|") for c in r] for r in rows]
+    out = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
     return "\n".join(out)
 
 

@@ -103,6 +103,11 @@ def test_write_section_needs_both_markers(tmp_path, capsys):
     assert "not found" in capsys.readouterr().out
 
 
+def test_markdown_escapes_a_bar_inside_a_cell():
+    table = report.markdown([["method", "ratio"], ["magnitude |w|", "1.0x"]])
+    assert table.splitlines() == ["| method | ratio |", "|---|---|", "| magnitude \\|w\\| | 1.0x |"]
+
+
 def test_select_mask_equals_the_named_mask_functions():
     """The one compiled selection used by the sweep gives the library's own masks."""
     # Two layers keep the compilations cheap (their cost grows with the number of leaves).
