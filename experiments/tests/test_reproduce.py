@@ -103,6 +103,24 @@ def test_write_section_needs_both_markers(tmp_path, capsys):
     assert "not found" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("page", "key"),
+    [
+        ("main-digits.md", "main:digits"),
+        ("main-fashion-mnist.md", "main:fashion-mnist"),
+        ("oneshot.md", "oneshot:digits"),
+        ("oneshot.md", "oneshot:fashion-mnist"),
+    ],
+)
+def test_the_docs_pages_the_commands_write_have_their_markers(page, key):
+    # --write-docs without --docs-page writes these pages: a lost marker would make the
+    # command skip the page (with a message only), so the figures would go stale silently.
+    text = (reproduce.REPO / "docs" / "results" / page).read_text()
+    begin, end = f"<!-- results:{key}:begin -->", f"<!-- results:{key}:end -->"
+    assert text.count(begin) == 1 and text.count(end) == 1
+    assert text.index(begin) < text.index(end)
+
+
 def test_markdown_escapes_a_bar_inside_a_cell():
     table = report.markdown([["method", "ratio"], ["magnitude |w|", "1.0x"]])
     assert table.splitlines() == ["| method | ratio |", "|---|---|", "| magnitude \\|w\\| | 1.0x |"]
