@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test quickstart nnx-example resnet-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion clean
+.PHONY: demo test test-experiments docs quickstart nnx-example resnet-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 # The main job at small scale on sklearn digits: prune while training, quantize, fine-tune
 # the codebooks, write the file; against Deep Compression's recipe (JSON and PNGs in results/).
 demo: $(STAMP)
-	$(PY) examples/main_job.py
+	$(PY) -m experiments.main_job
 
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
@@ -29,34 +29,42 @@ nnx-example: $(STAMP)
 resnet-example: $(STAMP)
 	$(PY) examples/resnet_surgery.py
 
+# The library suite: tests/ and the package's doctests (pyproject's testpaths), then the quickstart.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 	$(PY) examples/quickstart.py
+
+# Smoke runs of the experiments (tiny sizes) and the tests of their data loaders.
+test-experiments: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile experiments/tests
+
+# The docs site from docs/ and the docstrings; any warning fails the build.
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fisher_optax tests examples benchmarks
-	$(VENV)/bin/ruff format --check fisher_optax tests examples benchmarks
+	$(VENV)/bin/ruff check fisher_optax tests examples experiments benchmarks docs
+	$(VENV)/bin/ruff format --check fisher_optax tests examples experiments benchmarks docs
 
 # Fashion-MNIST from Debian's package (gzipped IDX files under /usr/share).
 fashion-mnist:
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update && apt-get install -y dataset-fashion-mnist)
 	dpkg -L dataset-fashion-mnist | grep -E 'idx.*\.gz$$' || true
 
-# The main job on Fashion-MNIST: Caffe's LeNet-5 and LeNet-300-100, 3 seeds (the README gives
-# its measured time); two worker processes (one per core) share the phase cache; rewrites
-# the README's section from the run.
+# The main job on Fashion-MNIST: Caffe's LeNet-5 and LeNet-300-100, 3 seeds; two worker
+# processes (one per core) share the phase cache; rewrites docs/results/main-fashion-mnist.md.
 reproduce-fashion: $(STAMP) fashion-mnist
-	$(PY) examples/main_job.py --dataset fashion-mnist --jobs 2 --write-readme
+	$(PY) -m experiments.main_job --dataset fashion-mnist --jobs 2 --write-docs
 
 # The paper's one-shot study (five criteria, pruning then a short fine-tune, four quantizers).
 oneshot: $(STAMP)
-	$(PY) examples/reproduce.py
+	$(PY) -m experiments.reproduce
 
 oneshot-fashion: $(STAMP) fashion-mnist
-	$(PY) examples/reproduce.py --dataset fashion-mnist --sparsities 50,80,90,95,98 --write-readme
+	$(PY) -m experiments.reproduce --dataset fashion-mnist --sparsities 50,80,90,95,98 --write-docs
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) results .pytest_cache docs/_build

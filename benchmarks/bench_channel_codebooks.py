@@ -1,6 +1,6 @@
 """Per-channel against per-leaf codebooks at equal file size (LeNet-300-100, 3 bits).
 
-LeNet-300-100 (784-300-100-10, 266,610 parameters; ``examples/models.py``) is trained with
+LeNet-300-100 (784-300-100-10, 266,610 parameters; ``experiments/models.py``) is trained with
 ``optax.adam(1e-3)`` on Fashion-MNIST (Debian's ``dataset-fashion-mnist``; sklearn's 8x8
 digits when it is not installed, said in the output), then every kernel is quantized with
 Fisher-weighted k-means (``fisher_from_state`` of the Adam state; biases stay raw) and
@@ -41,7 +41,7 @@ import fisher_optax as fo
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import datasets, models
+from experiments import datasets, models
 
 MODEL = models.MODELS["lenet-300-100"]
 BATCH = 128

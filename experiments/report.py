@@ -1,4 +1,4 @@
-"""The report of examples/reproduce.py: statistics, tables, the generated reading, plots, README.
+"""The report of experiments/reproduce.py: statistics, tables, the generated reading, plots, docs.
 
 Everything here reads the run's record (the JSON that ``reproduce.py`` writes) and its
 configuration; nothing trains or compresses, which is what ``reproduce.py --render-only``
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from examples.reproduce import Config
+    from experiments.reproduce import Config
 
 DEEP_COMPRESSION_LENET5 = 39.0  # Han, Mao, Dally 2016, Table 1: LeNet-5 on MNIST, 0.74% error
 
@@ -256,8 +256,10 @@ def quant_table(cfg: Config, s: dict) -> list[list[str]]:
 
 
 def markdown(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    """A Markdown table; a ``|`` inside a cell (``magnitude |w|``) is escaped."""
+    cells = [[c.replace("|", "\\|") for c in r] for r in rows]
+    out = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
     return "\n".join(out)
 
 
@@ -353,10 +355,10 @@ def plot_pareto(cfg: Config, s: dict, dense_bytes: int, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# README
+# Docs results page
 
 
-def readme_section(
+def docs_section(
     cfg: Config, s: dict, lines: list[str], command: str, record: dict, meta: dict
 ) -> str:
     wall, cached = record["wall_time_s"], record.get("cached_prune_time_s", 0.0)
@@ -424,18 +426,23 @@ def readme_section(
     return "\n".join(out)
 
 
-def write_readme(readme: Path, dataset: str, text: str) -> bool:
-    begin, end = f"<!-- results:{dataset}:begin -->", f"<!-- results:{dataset}:end -->"
-    if not readme.is_file():
-        print(f"README {readme} not found: results section not written.")
+def write_section(page: Path, key: str, text: str) -> bool:
+    """Replace the text between ``<!-- results:KEY:begin -->`` and its end marker in ``page``.
+
+    Returns False, and leaves the page as it is, when the page or one pair of markers is
+    missing.
+    """
+    begin, end = f"<!-- results:{key}:begin -->", f"<!-- results:{key}:end -->"
+    if not page.is_file():
+        print(f"Page {page} not found: results section not written.")
         return False
-    src = readme.read_text()
+    src = page.read_text()
     if src.count(begin) != 1 or src.count(end) != 1 or src.index(begin) > src.index(end):
-        print(f"README {readme} lacks one pair of {begin} / {end}: section not written.")
+        print(f"Page {page} lacks one pair of {begin} / {end}: section not written.")
         return False
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", src))
-    print(f"Wrote the results section between {begin} and {end} in {readme}.")
+    page.write_text(pattern.sub(lambda _: f"{begin}\n{text}\n{end}", src))
+    print(f"Wrote the results section between {begin} and {end} in {page}.")
     return True
 
 
@@ -449,18 +456,19 @@ def render(
     out_dir: Path,
     *,
     plots: bool = True,
-    readme: Path | None = None,
+    page: Path | None = None,
     command: str = "",
 ) -> dict:
-    """Print the tables and the reading, draw the plots, write the JSON and the README section.
+    """Print the tables and the reading, draw the plots, write the JSON and the docs section.
 
     Args:
       cfg: the run's configuration.
       record: what ``reproduce.compute`` returned (or the JSON it wrote, read back).
       out_dir: where ``<dataset>.json`` and the PNGs go.
       plots: draw ``<dataset>_sparsity.png`` and ``<dataset>_pareto.png``.
-      readme: a README whose section between this dataset's markers is replaced.
-      command: the command that reproduces the run, quoted in the README section.
+      page: a docs page whose section between the markers ``results:oneshot:<dataset>`` is
+        replaced.
+      command: the command that reproduces the run, quoted in the docs section.
 
     Returns:
       The record with its ``summary`` and ``reading``, as written to the JSON.
@@ -495,6 +503,7 @@ def render(
     record = {**record, "meta": meta, "summary": s, "reading": lines}
     json_path.write_text(json.dumps(record, indent=1))
     print(f"wrote {json_path}" + (f", {png1}, {png2}" if plots else ""))
-    if readme is not None:
-        write_readme(readme, cfg.dataset, readme_section(cfg, s, lines, command, record, meta))
+    if page is not None:
+        text = docs_section(cfg, s, lines, command, record, meta)
+        write_section(page, f"oneshot:{cfg.dataset}", text)
     return record

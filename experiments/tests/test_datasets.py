@@ -1,7 +1,8 @@
-"""Tests of examples/datasets.py (the IDX reader and the loaders), on small files written here.
+"""Tests of experiments/datasets.py (the IDX reader and the loaders), on small files written here.
 
-The module is example code, not part of the package: it imports as ``examples.datasets``
-from the repository root, which pytest puts on ``sys.path`` (the root conftest.py).
+The module is part of the experiments, not of the package: it imports as
+``experiments.datasets`` from the repository root, which pytest puts on ``sys.path`` (the
+root conftest.py).
 """
 
 import doctest
@@ -11,8 +12,8 @@ import struct
 import numpy as np
 import pytest
 
-from examples import datasets
-from examples.datasets import load_digits_dataset, load_mnist_format, read_idx, write_idx
+from experiments import datasets
+from experiments.datasets import load_digits_dataset, load_mnist_format, read_idx, write_idx
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:
@@ -219,7 +220,7 @@ def test_load_digits_dataset():
 
 
 def test_docstring_examples_run():
-    # examples/ is outside pytest's doctest paths: run the module's examples here.
+    # experiments/ is outside pytest's doctest paths: run the module's examples here.
     result = doctest.testmod(datasets, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 3 and result.failed == 0
 

@@ -1,4 +1,4 @@
-"""Datasets for the examples: a strict IDX reader, MNIST-format directories, sklearn digits.
+"""Datasets for the experiments: a strict IDX reader, MNIST-format directories, sklearn digits.
 
 NumPy only: nothing here imports JAX, and scikit-learn is imported only by
 :func:`load_digits_dataset`. No function downloads anything; a missing or malformed file is
@@ -108,7 +108,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Examples:
       >>> import tempfile, os, numpy as np
-      >>> from examples.datasets import read_idx, write_idx
+      >>> from experiments.datasets import read_idx, write_idx
       >>> path = os.path.join(tempfile.mkdtemp(), "x-idx2-ubyte.gz")
       >>> write_idx(path, np.arange(6, dtype=np.uint8).reshape(2, 3))
       >>> read_idx(path)

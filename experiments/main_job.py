@@ -2,7 +2,7 @@
 
 For each model and seed, in one run, with one budget of steps for every method:
 
-1. **Dense.** Train the network of ``examples/models.py`` with ``optax.adam`` (cosine decay).
+1. **Dense.** Train the network of ``experiments/models.py`` with ``optax.adam`` (cosine decay).
 2. **Prune while training** with :func:`fisher_optax.pruned`, continuing the dense run's
    Adam state (so the Fisher read from its ``nu`` is there from the first mask update). The
    target rises as a staircase through the sparsity levels: a ramp of ``ramp`` steps to the
@@ -23,16 +23,18 @@ For each model and seed, in one run, with one budget of steps for every method:
    :func:`fisher_optax.share_codebooks` (the same steps for every method) and **write the
    file** with :func:`fisher_optax.save_compressed` (entropy coded). The accuracy is that of
    the model loaded back from the file; the ratio is float32 dense bytes over file bytes.
-4. **Report** (``examples/main_report.py``): per method the largest ratio within 1.0 point
+4. **Report** (``experiments/main_report.py``): per method the largest ratio within 1.0 point
    of that seed's dense accuracy (mean ± std over seeds), accuracy against sparsity and
-   against file size (PNG), every number in JSON, and the README section.
+   against file size (PNG), every number in JSON, and the docs results page
+   (``docs/results/main-<dataset>.md``, with ``--write-docs``).
 
 Every phase is cached under ``--cache-dir`` by a hash of what it depends on, so a rerun
 recomputes only what changed.
 
-Run:  python examples/main_job.py                      # digits (`make demo`)
-      python examples/main_job.py --dataset fashion-mnist --models lenet5,lenet-300-100
-      python examples/main_job.py --quick                # tiny, for CI
+Run from the repository root:
+      python -m experiments.main_job                      # digits (`make demo`)
+      python -m experiments.main_job --dataset fashion-mnist --models lenet5,lenet-300-100
+      python -m experiments.main_job --quick              # tiny, for CI
 """
 
 from __future__ import annotations
@@ -59,10 +61,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import fisher_optax
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import datasets, main_report, models
+from experiments import datasets, main_report, models
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("magnitude", "two_stage", "saliency", "deep_compression")
@@ -75,7 +74,7 @@ HAN_RATES = {
 }
 HAN_BITS = {"cnn": {"conv": 8, "fc": 5}, "mlp": {"conv": 6, "fc": 6}}
 BIT_WIDTHS = (8, 7, 6, 5, 4, 3, 2)  # what allocate_bits picks each leaf's width from
-PRNG_IMPL = "rbg"  # as examples/reproduce.py: threefry compiles slowly on XLA:CPU
+PRNG_IMPL = "rbg"  # as experiments/reproduce.py: threefry compiles slowly on XLA:CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,15 +589,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         default=None,
-        help="comma list of examples/models.py names "
+        help="comma list of experiments/models.py names "
         "(default: digits-cnn on digits, lenet5,lenet-300-100 otherwise)",
     )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="a tiny run for CI")
     p.add_argument("--out", default="results")
     p.add_argument("--cache-dir", default=None, help="default: <out>/cache")
-    p.add_argument("--write-readme", action="store_true")
-    p.add_argument("--readme", default=str(REPO / "README.md"))
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="replace the generated section of the docs results page (--docs-page)",
+    )
+    p.add_argument(
+        "--docs-page",
+        default=None,
+        help="default: docs/results/main-<dataset>.md in the repository",
+    )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
         "--entry-bits",
@@ -628,22 +635,24 @@ def fill_cache_in_parallel(args, names: list[str], seeds: list[int], cache_dir: 
 
     The phases of different seeds or models never share a cache entry, so the workers do not
     write the same files; units are handed out in the order of ``names``. A worker that fails
-    fails the run (its output is on stderr).
+    fails the run (its output is on stderr). The workers run ``python -m experiments.main_job``
+    from the repository root, so every path they are given is absolute.
     """
     units = [(n, s) for n in names for s in seeds]  # in order: the first model is the slowest
     base = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "experiments.main_job",
         "--dataset",
         args.dataset,
         "--out",
-        args.out,
+        str(Path(args.out).resolve()),
         "--cache-dir",
-        cache_dir,
+        str(Path(cache_dir).resolve()),
         "--fill-cache",
     ]
     if args.data_dir:
-        base += ["--data-dir", args.data_dir]
+        base += ["--data-dir", str(Path(args.data_dir).resolve())]
     if args.quick:
         base += ["--quick"]
     if args.entry_bits is not None:
@@ -652,7 +661,7 @@ def fill_cache_in_parallel(args, names: list[str], seeds: list[int], cache_dir: 
     def work(unit: tuple[str, int]) -> None:
         name, seed = unit
         cmd = [*base, "--models", name, "--seeds", str(seed)]
-        done = subprocess.run(cmd, check=False)
+        done = subprocess.run(cmd, check=False, cwd=REPO)
         if done.returncode != 0:
             raise SystemExit(f"worker {name} seed {seed} failed (rc {done.returncode}): {cmd}")
 
@@ -701,6 +710,7 @@ def main(argv=None) -> dict:
             "quick": args.quick,
             "models": {},
             "platform": f"{jax.default_backend()} jax {jax.__version__}",
+            "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
             "jobs": args.jobs,
         }
         for name in names:
@@ -728,8 +738,9 @@ def main(argv=None) -> dict:
         json_path.write_text(json.dumps(record, indent=1))
     summary = main_report.render(record, out_dir, plots=not args.no_plots)
     print(summary["text"])
-    if args.write_readme:
-        main_report.write_readme(Path(args.readme), record, summary)
+    if args.write_docs:
+        page = args.docs_page or REPO / "docs" / "results" / f"main-{record['dataset']}.md"
+        main_report.write_docs(Path(page), record, summary)
     return record
 
 

@@ -1,7 +1,7 @@
-"""CI smoke test of examples/reproduce.py: the whole pipeline at a tiny size, so it cannot rot.
+"""CI smoke test of experiments/reproduce.py: the whole pipeline at a tiny size, so it cannot rot.
 
-Also the seams of the split: the models' parameter counts (examples/models.py) and the report
-(examples/report.py) re-rendering a run from its JSON alone.
+Also the seams of the split: the models' parameter counts (experiments/models.py) and the report
+(experiments/report.py) re-rendering a run from its JSON alone.
 """
 
 import dataclasses
@@ -13,27 +13,27 @@ import numpy as np
 import pytest
 
 import fisher_optax
-from examples import models, report, reproduce
+from experiments import models, report, reproduce
 
-README = """# title
+PAGE = """# title
 
 before
-<!-- results:digits:begin -->
+<!-- results:oneshot:digits:begin -->
 old text
-<!-- results:digits:end -->
+<!-- results:oneshot:digits:end -->
 after
-<!-- results:fashion-mnist:begin -->
+<!-- results:oneshot:fashion-mnist:begin -->
 keep me
-<!-- results:fashion-mnist:end -->
+<!-- results:oneshot:fashion-mnist:end -->
 """
 
 
 def test_quick_pipeline_end_to_end(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(README)
+    page = tmp_path / "oneshot.md"
+    page.write_text(PAGE)
     out = tmp_path / "results"
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    argv = ["--quick", "--out", str(out), "--write-readme", "--readme", str(readme), *cache]
+    argv = ["--quick", "--out", str(out), "--write-docs", "--docs-page", str(page), *cache]
     record = reproduce.main(argv)
     assert not record["runs"][0]["prune_phase_cached"]
 
@@ -67,22 +67,22 @@ def test_quick_pipeline_end_to_end(tmp_path):
     for png in ("digits_sparsity.png", "digits_pareto.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    text = readme.read_text()
+    text = page.read_text()
     assert "old text" not in text and "keep me" in text
-    assert text.startswith("# title\n\nbefore\n<!-- results:digits:begin -->\n")
-    assert text.endswith("<!-- results:digits:end -->\nafter\n" + README.split("after\n")[1])
-    section = text.split("<!-- results:digits:begin -->")[1].split("<!-- results:digits:end")[0]
-    assert "python examples/reproduce.py --quick" in section
+    assert text.startswith("# title\n\nbefore\n<!-- results:oneshot:digits:begin -->\n")
+    assert text.endswith("<!-- results:oneshot:digits:end -->\nafter\n" + PAGE.split("after\n")[1])
+    section = text.split("results:oneshot:digits:begin -->")[1].split("<!-- results:oneshot")[0]
+    assert "python -m experiments.reproduce --quick" in section
     assert "| sparsity | magnitude | fisher | saliency | two_stage | random |" in section
 
     # --render-only recomputes nothing (report.py alone, from the JSON): the same summary and
-    # the same README section.
-    readme2 = tmp_path / "README2.md"
-    readme2.write_text(README)
-    argv2 = ["--quick", "--out", str(out), "--render-only", "--no-plots", "--write-readme"]
-    again = reproduce.main([*argv2, "--readme", str(readme2)])
+    # the same docs section.
+    page2 = tmp_path / "oneshot2.md"
+    page2.write_text(PAGE)
+    argv2 = ["--quick", "--out", str(out), "--render-only", "--no-plots", "--write-docs"]
+    again = reproduce.main([*argv2, "--docs-page", str(page2)])
     assert again["summary"] == record["summary"]
-    assert readme2.read_text() == text
+    assert page2.read_text() == text
 
     # A rerun with --cache-dir loads the pruning phase (and recompiles nothing: same process).
     cached = reproduce.main(["--quick", "--out", str(tmp_path / "again"), "--no-plots", *cache])
@@ -91,15 +91,39 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert run2["quantization"] == run["quantization"]
 
 
-def test_write_readme_needs_both_markers(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers here\n")
-    assert not report.write_readme(readme, "digits", "new")
-    assert readme.read_text() == "# no markers here\n"
-    readme.write_text("<!-- results:digits:end -->\n<!-- results:digits:begin -->\n")
-    assert not report.write_readme(readme, "digits", "new")
+def test_write_section_needs_both_markers(tmp_path, capsys):
+    page = tmp_path / "page.md"
+    page.write_text("# no markers here\n")
+    assert not report.write_section(page, "oneshot:digits", "new")
+    assert page.read_text() == "# no markers here\n"
+    page.write_text("<!-- results:oneshot:digits:end -->\n<!-- results:oneshot:digits:begin -->\n")
+    assert not report.write_section(page, "oneshot:digits", "new")
     assert "lacks one pair" in capsys.readouterr().out
-    assert not report.write_readme(tmp_path / "absent.md", "digits", "new")
+    assert not report.write_section(tmp_path / "absent.md", "oneshot:digits", "new")
+    assert "not found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("page", "key"),
+    [
+        ("main-digits.md", "main:digits"),
+        ("main-fashion-mnist.md", "main:fashion-mnist"),
+        ("oneshot.md", "oneshot:digits"),
+        ("oneshot.md", "oneshot:fashion-mnist"),
+    ],
+)
+def test_the_docs_pages_the_commands_write_have_their_markers(page, key):
+    # --write-docs without --docs-page writes these pages: a lost marker would make the
+    # command skip the page (with a message only), so the figures would go stale silently.
+    text = (reproduce.REPO / "docs" / "results" / page).read_text()
+    begin, end = f"<!-- results:{key}:begin -->", f"<!-- results:{key}:end -->"
+    assert text.count(begin) == 1 and text.count(end) == 1
+    assert text.index(begin) < text.index(end)
+
+
+def test_markdown_escapes_a_bar_inside_a_cell():
+    table = report.markdown([["method", "ratio"], ["magnitude |w|", "1.0x"]])
+    assert table.splitlines() == ["| method | ratio |", "|---|---|", "| magnitude \\|w\\| | 1.0x |"]
 
 
 def test_select_mask_equals_the_named_mask_functions():

@@ -8,7 +8,7 @@ named ``conv1``, ``conv2``, ... and ``fc1``, ``fc2``, ...; each holds a ``kernel
 
 - ``digits-cnn``: the small CNN of ``make demo`` on 8x8 digits (13,706 parameters).
 - ``small-lenet``: LeNet-5's 6 and 16 filters (LeCun et al. 1998) with one FC layer of 256
-  (70,934 parameters on 28x28 images), the model of the README's Fashion-MNIST results.
+  (70,934 parameters on 28x28 images), the model of the one-shot study's Fashion-MNIST results.
 - ``lenet5``: Caffe's LeNet-5 as Deep Compression reports it (Han et al. 2016): conv 5x5x20
   VALID, max-pool 2, conv 5x5x50, max-pool 2, dense 500 relu, dense 10; 431,080 parameters
   on 28x28 images, 93% of them in ``fc1``.

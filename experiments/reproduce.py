@@ -1,6 +1,6 @@
 """Reproduce Tu, Berisha, Cao, Seo (ISVLSI 2016, arXiv:1605.04859) end to end, with seeds.
 
-1. Train a network of ``examples/models.py`` (a LeNet-5-style CNN by default) with
+1. Train a network of ``experiments/models.py`` (a LeNet-5-style CNN by default) with
    ``optax.adam``.
 2. Read the diagonal Fisher from Adam's state with ``fisher_optax.fisher_from_state``.
 3. Prune the fully connected kernels ("fc", as the paper) and, as a second setting, every
@@ -12,18 +12,19 @@
 4. Quantize one pruned model at equal average bits (2..8): uniform fixed point, k-means
    weight sharing, Fisher-weighted k-means, and the paper's Fisher bit allocation; the size
    is that of the real file written by ``save_compressed``.
-5. Report (``examples/report.py``) mean ± std over seeds: a terminal table,
+5. Report (``experiments/report.py``) mean ± std over seeds: a terminal table,
    ``<out>/<dataset>.json`` (every number and the whole configuration),
    ``<out>/<dataset>_sparsity.png`` (the paper's Figure 3), ``<out>/<dataset>_pareto.png``
-   (accuracy against compressed size) and, with ``--write-readme``, a generated results
-   section between the README's markers.
+   (accuracy against compressed size) and, with ``--write-docs``, a generated results
+   section between the markers of ``docs/results/oneshot.md``.
 
-Run:  python examples/reproduce.py                      # digits, 3 seeds (`make demo`)
-      python examples/reproduce.py --dataset fashion-mnist --sparsities 50,80,90,95,98
-      python examples/reproduce.py --dataset fashion-mnist --model lenet5
-      python examples/reproduce.py --dataset mnist --data-dir DIR   # any MNIST-format dir
-      python examples/reproduce.py --quick                  # tiny, for CI
-      python examples/reproduce.py --render-only --write-readme   # tables from the JSON
+Run from the repository root:
+      python -m experiments.reproduce                      # digits, 3 seeds (`make oneshot`)
+      python -m experiments.reproduce --dataset fashion-mnist --sparsities 50,80,90,95,98
+      python -m experiments.reproduce --dataset fashion-mnist --model lenet5
+      python -m experiments.reproduce --dataset mnist --data-dir DIR   # any MNIST-format dir
+      python -m experiments.reproduce --quick                  # tiny, for CI
+      python -m experiments.reproduce --render-only --write-docs   # tables from the JSON
 
 Everything that loops over criteria, sparsities and seeds reuses a handful of compiled
 functions (masks, learning rates and data are arguments, not closures): one training/
@@ -55,12 +56,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import fisher_optax
-
-if __package__ in (None, ""):
-    # Run as a script (python examples/reproduce.py): put the repository root on the path so
-    # that the sibling modules import as examples.* here too, as they do in the tests.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import datasets, models, report
+from experiments import datasets, models, report
 
 REPO = Path(__file__).resolve().parents[1]
 # The criteria of fisher_optax.scores, plus the paper's two stages (magnitude, then Fisher).
@@ -167,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         choices=tuple(models.MODELS),
-        help="the network (examples/models.py); default: digits-cnn on digits, small-lenet "
+        help="the network (experiments/models.py); default: digits-cnn on digits, small-lenet "
         "on 28x28 datasets",
     )
     p.add_argument("--seeds", type=parse_ints, default=(0, 1, 2), help="e.g. 0,1,2 or 0-4")
@@ -234,16 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="results", help="directory for JSON and PNGs")
     p.add_argument(
-        "--write-readme",
+        "--write-docs",
         action="store_true",
-        help="replace the text between this dataset's README markers",
+        help="replace the generated section of this dataset in the docs results page",
     )
-    p.add_argument("--readme", default=str(REPO / "README.md"))
+    p.add_argument(
+        "--docs-page", default=None, help="default: docs/results/oneshot.md in the repository"
+    )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument(
         "--render-only",
         action="store_true",
-        help="recompute nothing: re-render tables, plots and the README section from "
+        help="recompute nothing: re-render tables, plots and the docs section from "
         "<out>/<dataset>.json",
     )
     p.add_argument(
@@ -325,7 +323,7 @@ def config_from_dict(d: dict) -> Config:
 # ---------------------------------------------------------------------------------------------
 # Jitted building blocks. Masks, learning rates and data are arguments, never closures, so that
 # each function compiles once for the whole sweep. ``model`` (a hashable frozen dataclass of
-# examples/models.py) is static.
+# experiments/models.py) is static.
 
 
 def make_optimizer(lr, mask):
@@ -835,8 +833,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         record,
         out_dir,
         plots=not args.no_plots,
-        readme=Path(args.readme) if args.write_readme else None,
-        command=" ".join(["python examples/reproduce.py", *equivalent_argv(cfg, record)]),
+        page=Path(args.docs_page or REPO / "docs" / "results" / "oneshot.md")
+        if args.write_docs
+        else None,
+        command=" ".join(["python -m experiments.reproduce", *equivalent_argv(cfg, record)]),
     )
 
 
