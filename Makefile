@@ -20,7 +20,7 @@ demo: $(STAMP)
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
-# Flax NNX CNN: pruned(adam) under nnx.jit, unit pruning, surgery, speed of shrunk vs masked.
+# Flax NNX CNN: pruned(adam) under nnx.jit, whole units by group saliency, the cut, speed of cut vs masked.
 nnx-example: $(STAMP)
 	$(PY) examples/nnx_cnn.py
 

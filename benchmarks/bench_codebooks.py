@@ -2,8 +2,8 @@
 
 On scikit-learn's digits (1297 train / 500 held-out test images, split per seed), a ReLU
 MLP 64-128-64-10 is trained with optax.adam, 80% of each kernel is pruned by magnitude
-(``magnitude_mask(scope="layer")``) and the survivors retrained under ``keep_pruned``, then
-every kernel is quantized at 3 and at 2 bits (``quantize``: 8 or 4 shared values per
+(``magnitude_mask(pattern=Unstructured("layer"))``) and the survivors retrained under
+``keep_pruned``, then every kernel is quantized at 3 and at 2 bits (``quantize``: 8 or 4 shared values per
 layer, biases kept raw). The quantized model is fine-tuned for N steps with
 ``share_codebooks(optax.adam(lr), q)``: once training only the codebook entries
 (``raw="freeze"``) and once training the raw biases too (``raw="train"``, the default).
@@ -85,7 +85,9 @@ def run(seed, args):
     dense = train(init_params(k[0]), optax.adam(1e-3), xtr, ytr, args.steps, k[1])
     row["dense"] = stats(dense)
     kernels = lambda path, leaf: leaf.ndim >= 2
-    mask = fo.magnitude_mask(dense, args.sparsity, scope="layer", prunable=kernels)
+    mask = fo.magnitude_mask(
+        dense, args.sparsity, pattern=fo.Unstructured("layer"), prunable=kernels
+    )
     pruned = fo.apply_mask(dense, mask)
     row["pruned"] = stats(pruned)
     tx = optax.chain(optax.adam(1e-3), fo.keep_pruned(mask))

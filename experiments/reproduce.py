@@ -412,15 +412,15 @@ def criterion_scores(params, fisher, key):
 def select_mask(params, scores, sparsity, magnitude_sparsity, prunable, *, scope="global"):
     """Stage one by magnitude, stage two by ``scores``, exactly as ``two_stage_mask``.
 
-    With ``magnitude_sparsity = 0`` stage one prunes nothing and this is ``topk_mask`` over
-    ``scores``: the masks of ``magnitude_mask``, ``fisher_mask`` and ``random_mask``. One
+    With ``magnitude_sparsity = 0`` stage one prunes nothing and this is ``select`` over
+    ``scores``: the masks of ``magnitude_mask`` and of ``select`` over the other criteria. One
     compiled selection serves every criterion, sparsity and setting (``prunable`` is a traced
     bool pytree) instead of one compilation per criterion and setting;
     tests/test_reproduce.py checks that it equals the named functions.
     """
-    kw = dict(scope=scope, prunable=prunable)
+    kw = dict(pattern=fisher_optax.Unstructured(scope), prunable=prunable)
     stage1 = fisher_optax.magnitude_mask(params, magnitude_sparsity, **kw)
-    return fisher_optax.topk_mask(scores, sparsity, mask=stage1, **kw)
+    return fisher_optax.select(scores, sparsity, mask=stage1, **kw)
 
 
 def all_masks(params, fisher, sparsity, magnitude_fraction, key, setting, scope="global"):

@@ -1,8 +1,8 @@
 """Importance scores: the one vocabulary of pruning criteria, used by every mask and transform.
 
 A score tree is shaped like the parameters; larger means more important, and the smallest
-scores are pruned first. Masks (:mod:`fisher_optax.masks`), unit scores
-(:mod:`fisher_optax.structured`), :func:`fisher_optax.pruned` and the examples all name
+scores are pruned first. Masks (:func:`fisher_optax.select`), unit scores
+(:func:`fisher_optax.depgraph.group_scores`), :func:`fisher_optax.pruned` and the examples all name
 their criterion with a key of :data:`CRITERIA` or pass a callable
 ``criterion(params, fisher) -> scores``.
 """

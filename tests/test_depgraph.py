@@ -819,7 +819,7 @@ def test_refused_cut_names_the_groups_cut_and_how_to_keep_one_whole():
 
 
 # --------------------------------------------------------------------------------------------
-# The selection rule: topk_mask's count and ties
+# The selection rule: select's count and ties
 
 
 def _wide(n=50):
@@ -829,7 +829,7 @@ def _wide(n=50):
     )
 
 
-def test_group_mask_counts_as_topk_mask_the_float32_product_half_to_even():
+def test_group_mask_counts_as_select_the_float32_product_half_to_even():
     graph = depgraph.dependency_graph(_wide(50), jnp.ones((1, 2)))
     scores = [np.arange(50.0)]
     # float32(0.05) * 50 = 2.50000004 exactly: 3 units go (float64 0.05 * 50 = 2.5 gives 2)
@@ -837,8 +837,8 @@ def test_group_mask_counts_as_topk_mask_the_float32_product_half_to_even():
     np.testing.assert_array_equal(np.flatnonzero(~keep), [0, 1, 2])
     for s in (0.05, 0.1, 0.3, 0.7, 0.99):
         (keep,) = depgraph.group_mask(graph, scores, s, scope="group")
-        want = ~np.asarray(fisher_optax.topk_mask((jnp.arange(50.0),), s, prunable=(True,))[0])
-        # the count of topk_mask, short of the min_units=1 the group keeps (0.99: 50 -> 49)
+        want = ~np.asarray(fisher_optax.select((jnp.arange(50.0),), s, prunable=(True,))[0])
+        # the count of select, short of the min_units=1 the group keeps (0.99: 50 -> 49)
         assert int((~keep).sum()) == min(int(want.sum()), 49), s
 
 

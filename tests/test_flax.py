@@ -66,7 +66,7 @@ def test_fisher_from_nnx_optimizer_lines_up_with_params_and_masks_work():
     fisher = fisher_optax.fisher_from_state(opt, params=params)
     check_matching(params, fisher, ref_name="params", other_name="fisher")
     assert jax.tree.structure(fisher) == jax.tree.structure(params)
-    mask = jax.jit(fisher_optax.topk_mask)(fisher, 0.5)  # drop the lowest-Fisher half
+    mask = jax.jit(fisher_optax.select)(fisher, 0.5)  # drop the lowest-Fisher half
     ff.apply_mask_to_model(model, mask)
     kernel = np.asarray(model.layers[0].kernel[...])
     assert (kernel == 0).sum() > 0
@@ -210,7 +210,7 @@ def test_stacked_and_attention_biases_and_norms_are_not_kernels():
     assert any("['mean']" in k for k in not_kernels)  # stacked statistics, (3, 16)
     assert any("query" in k and "['bias']" in k for k in not_kernels)  # (heads, head_dim)
     d = fisher_optax.dequantize(fisher_optax.quantize(v, 2))
-    m = fisher_optax.magnitude_mask(v["params"], 0.5, scope="layer")
+    m = fisher_optax.magnitude_mask(v["params"], 0.5, pattern=fisher_optax.Unstructured("layer"))
     for (p, a), b in zip(flat, jax.tree.leaves(d), strict=True):
         if keystr(p) not in kernels:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=keystr(p))

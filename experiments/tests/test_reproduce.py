@@ -142,14 +142,18 @@ def test_select_mask_equals_the_named_mask_functions():
         kw = dict(prunable=prunable)
         want = {
             "magnitude": fisher_optax.magnitude_mask(params, 0.6, **kw),
-            "fisher": fisher_optax.fisher_mask(params, 0.6, fisher=fisher, **kw),
-            "saliency": fisher_optax.fisher_mask(
-                params, 0.6, fisher=fisher, criterion="saliency", **kw
+            "fisher": fisher_optax.select(
+                fisher_optax.scores(params, "fisher", fisher=fisher), 0.6, **kw
+            ),
+            "saliency": fisher_optax.select(
+                fisher_optax.scores(params, "saliency", fisher=fisher), 0.6, **kw
             ),
             "two_stage": fisher_optax.two_stage_mask(
                 params, 0.6, fisher=fisher, magnitude_fraction=0.5, **kw
             ),
-            "random": fisher_optax.random_mask(params, 0.6, key=key, **kw),
+            "random": fisher_optax.select(
+                fisher_optax.scores(params, "random", key=key), 0.6, **kw
+            ),
         }
         for method in reproduce.METHODS:
             for a, b in zip(
