@@ -3,8 +3,8 @@
 On scikit-learn's digits (1297 train / 500 held-out test images, split per seed), a ReLU
 MLP 64-128-64-10 is trained with optax.adam, 80% of each kernel is pruned by magnitude
 (``magnitude_mask(pattern=Unstructured("layer"))``) and the survivors retrained under
-``keep_pruned``, then every kernel is quantized at 3 and at 2 bits (``quantize``: 8 or 4 shared values per
-layer, biases kept raw). The quantized model is fine-tuned for N steps with
+``keep_pruned``, then every kernel is quantized at 3 and at 2 bits (``quantize``: 8 or 4
+shared values per layer, biases kept raw). The quantized model is fine-tuned for N steps with
 ``share_codebooks(optax.adam(lr), q)``: once training only the codebook entries
 (``raw="freeze"``) and once training the raw biases too (``raw="train"``, the default).
 Prints test accuracy and training loss at each stage (median and range over seeds; 500
