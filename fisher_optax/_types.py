@@ -9,6 +9,8 @@ from typing import Any, TypeAlias
 
 import jax
 
+__all__ = ["Fisher", "Mask", "Params", "Prunable", "Scores", "Sparsity", "SparsitySchedule"]
+
 Array: TypeAlias = jax.Array
 
 Params: TypeAlias = Any
