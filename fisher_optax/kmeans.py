@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from numpy.typing import ArrayLike
 
 from fisher_optax import _validate
 
@@ -669,11 +668,11 @@ _ROW_BLOCK = 1 << 15  # values per block of rows in kmeans_rows_host
 
 
 def kmeans_rows_host(
-    values: ArrayLike,
+    values: jax.typing.ArrayLike,
     num_clusters: int,
     *,
-    weights: ArrayLike | None = None,
-    valid: ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+    valid: jax.typing.ArrayLike | None = None,
     init: Init = "dp",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted 1-D k-means of every row of a 2-D array, on the host in NumPy (no compile).
