@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-experiments docs quickstart nnx-example resnet-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion clean
+.PHONY: demo test test-experiments test-examples docs quickstart nnx-example resnet-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP)
 # Smoke runs of the experiments (tiny sizes) and the tests of their data loaders.
 test-experiments: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile experiments/tests
+
+# Smoke runs of the examples (each as a script, at its --quick size).
+test-examples: $(STAMP)
+	$(PY) -m pytest -q -n 2 examples/tests
 
 # The docs site from docs/ and the docstrings; any warning fails the build.
 docs: $(STAMP)
