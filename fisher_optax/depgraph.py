@@ -461,7 +461,7 @@ def _gather(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
     batch = [o for o in range(len(out)) if o not in dn.offset_dims]
     if ix is not None:
         for a, b in zip(ix[:-1], batch, strict=True):
-            t.link(a, b, "gather")
+            t.link(a, out[b], "gather")
         t.freeze(ix[-1], why)
 
 

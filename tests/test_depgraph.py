@@ -1291,3 +1291,70 @@ def test_calls_jit_checkpoint_and_custom_jvp_are_followed():
     keep = _keep_half(graph)
     small = depgraph.cut(model, graph, keep)
     np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Language models and stacks: call arguments, embeddings, scans, exact and inexact cuts
+
+
+class NnxLM(nnx.Module):
+    """Embedding, one pre-norm block (attention, MLP), a tied output; Rngs kept inside."""
+
+    def __init__(self, rngs: nnx.Rngs, vocab: int = 11, d: int = 8, mlp: int = 12):
+        self.rngs = rngs
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.pos = nnx.Embed(6, d, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, d, qkv_features=8, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, mlp, rngs=rngs)
+        self.down = nnx.Linear(mlp, d, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    def __call__(self, tokens, positions, mask=None, *, scale=1.0):
+        x = self.embed(tokens) + self.pos(positions)
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask))
+        x = x + self.down(nnx.gelu(self.up(self.ln2(x)))) * scale
+        return self.embed.attend(x)
+
+
+def _lm_call():
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 11)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    return tokens, positions, nnx.make_causal_mask(tokens)
+
+
+def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
+    model = NnxLM(nnx.Rngs(0))
+    tokens, positions, mask = _lm_call()
+    graph = depgraph.dependency_graph(model, tokens, positions, mask, scale=0.5)
+    assert graph.exact
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    why = reasons[("['embed']['embedding']", 1)]
+    assert "LayerNorm" in why and "exact=False" in why, why
+    assert "gather indexes" in reasons[("['embed']['embedding']", 0)]
+    sizes = sorted(g.size for g in graph.groups)
+    assert sizes == [2, 12]  # heads and MLP units; the stream is kept whole
+    small = depgraph.cut(model, graph, _keep_half(graph))  # exact: checked against masked
+    removed = _n_params(model) - _n_params(small)
+    # one head of two: query/key/value kernels 3 x 8x4 and biases 3 x 4, out kernel 4x8;
+    # six MLP units of twelve: up 8x6 and its bias 6, down 6x8
+    assert removed == 3 * 32 + 3 * 4 + 32 + 48 + 6 + 48
+
+    inexact = depgraph.dependency_graph(model, tokens, positions, mask, exact=False, scale=0.5)
+    stream = [g for g in inexact.groups if "['embed']['embedding']" in dict(g.members)]
+    assert len(stream) == 1 and stream[0].size == 8 and not inexact.exact
+    members = dict(stream[0].members)
+    assert members["['ln1']['scale']"] == 0 and members["['down']['kernel']"] == 1
+    keep = tuple(np.arange(g.size) % 4 != 3 for g in inexact.groups)
+    cut_model = depgraph.cut(model, inexact, keep)  # checked for shapes and that it runs
+    assert cut_model.embed.embedding.shape == (11, 6) and cut_model.ln1.num_features == 6
+    assert _apply_lm(cut_model, tokens, positions, mask).shape == (2, 6, 11)
+
+
+def _n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _apply_lm(model, *args):
+    return depgraph._apply(model, (args, {}))
