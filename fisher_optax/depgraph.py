@@ -53,6 +53,7 @@ References:
 """
 
 import math
+import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -825,7 +826,8 @@ def _trace_error(e: Exception) -> ValueError | None:
     """A message for the errors a forward raises when traced outside its training setup."""
     text = str(e)
     if isinstance(e, NameError) and "unbound axis name" in text:
-        name = text.split("unbound axis name:")[-1].strip()
+        found = re.search(r"unbound axis name: (\S+?)(?:\.?\s|\.?$)", text)
+        name = found.group(1) if found else text
         return ValueError(
             f"the forward computes a collective over the axis name {name!r} (e.g. a "
             f"BatchNorm(axis_name={name!r}) computing batch statistics in training mode), "
@@ -959,10 +961,7 @@ def _fixed_axis_reason(kind: str, path: Path, axis: int, shape: tuple) -> str:
     where = _pstr(path[:-1])
     if kind == "nnx":
         return f"head_dim of the attention at {where} (attention scales by 1/sqrt(head_dim))"
-    return (
-        f"axis {axis} of {path[-1]!r} {shape}: an axis the Linen module at {where} cannot "
-        "resize"
-    )
+    return f"axis {axis} of {path[-1]!r} {shape}: an axis the Linen module at {where} cannot resize"
 
 
 def _freeze_consts(t: _Trace, flat: _jaxpr.Flat, env: dict) -> None:
@@ -1810,12 +1809,13 @@ def _resize_linen(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -
     """A ``flax.linen`` method interceptor: each module's widths read from its variables.
 
     Linen checks every variable against the shape its module would create, and the module
-    computes that shape from its attributes (``features``, ``qkv_features``), so before a
-    module runs its attributes are set from the (sliced) variables it holds. Inside
-    ``nn.scan`` a module sees one layer's slice, so the trailing axes are read.
+    computes that shape from its attributes (``features``, ``qkv_features``), so before any
+    of its methods runs (``setup`` included: ``nn.Embed`` creates its table there) its
+    attributes are set from the (sliced) variables it holds. Inside ``nn.scan`` a module
+    sees one layer's slice, so the trailing axes are read.
     """
     m = context.module
-    if context.method_name == "__call__" and m.scope is not None:
+    if m.scope is not None:
         params = m.scope.variables().get("params", {})
         kernel, embedding = params.get("kernel"), params.get("embedding")
         features = getattr(m, "features", None)

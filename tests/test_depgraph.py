@@ -1,5 +1,6 @@
 """Tests of fisher_optax.depgraph: coupled groups from the trace, scores, masks, cuts."""
 
+import functools
 import json
 import os
 import pathlib
@@ -1358,3 +1359,74 @@ def _n_params(model):
 
 def _apply_lm(model, *args):
     return depgraph._apply(model, (args, {}))
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(10, name="up")(x)
+        return x + nn.Dense(x.shape[-1], name="down")(nn.relu(h)), None
+
+
+class LinenScanLM(nn.Module):
+    """Stacked blocks by nn.scan; a ``cache`` collection written only when decoding."""
+
+    @nn.compact
+    def __call__(self, tokens, *, decode=False):
+        embed = nn.Embed(7, 6, name="embed")
+        x = embed(tokens)
+        if decode:
+            self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        stack = nn.scan(
+            LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        x, _ = stack(name="blocks")(x, None)
+        return embed.attend(x)
+
+
+def test_linen_scan_lm_couples_units_across_layers_and_runs_cut():
+    tokens = jax.random.randint(jax.random.key(0), (2, 4), 0, 7)
+    module = LinenScanLM()
+    variables = module.init(jax.random.key(1), tokens, decode=True)
+    assert "cache" in variables
+    graph = depgraph.dependency_graph(module, tokens, variables=variables, decode=False)
+    by_name = {g.name: g for g in graph.groups}
+    up = by_name["['params']['blocks']['up']['kernel'][2]"]
+    assert up.size == 10  # one unit is the same index in all 3 layers
+    one = tuple(np.arange(g.size) != 4 if g is up else np.ones(g.size, bool) for g in graph.groups)
+    gone = ~np.asarray(
+        depgraph.weight_mask(graph, one, variables["params"])["blocks"]["up"]["kernel"]
+    )
+    assert gone.shape == (3, 6, 10) and gone[:, :, 4].all() and gone.sum() == 3 * 6
+    stream = [g for g in graph.groups if "['params']['embed']['embedding']" in dict(g.members)]
+    assert len(stream) == 1 and stream[0].size == 6  # no norm: the stream is cut exactly
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['params']['blocks']['up']['kernel']", 0)].startswith("the scanned axis")
+    keep = tuple(np.arange(g.size) % 3 != 0 for g in graph.groups)
+    result = depgraph.cut(variables, graph, keep)  # checked against the masked model
+    p = result.variables["params"]
+    assert p["blocks"]["up"]["kernel"].shape == (3, 4, 6)
+    assert p["embed"]["embedding"].shape == (7, 4)
+    assert result.apply(tokens).shape == (2, 4, 7)
+
+
+class LinenResNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        norm = functools.partial(nn.BatchNorm, use_running_average=not train, axis_name="batch")
+        y = nn.relu(norm()(nn.Conv(4, (3, 3))(x)))
+        y = norm()(nn.Conv(4, (3, 3))(y))
+        return nn.Dense(3)(jnp.mean(nn.relu(y + x), axis=(1, 2)))
+
+
+def test_linen_resnet_takes_train_false_and_names_the_axis_name_otherwise():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+    module = LinenResNet()
+    variables = module.init(jax.random.key(1), x, train=False)
+    with pytest.raises(ValueError, match="collective over the axis name 'batch'.*train=False"):
+        depgraph.dependency_graph(module, x, variables=variables)
+    graph = depgraph.dependency_graph(module, x, variables=variables, train=False)
+    assert sorted(g.size for g in graph.groups) == [4]
+    result = depgraph.cut(variables, graph, (np.arange(4) < 2,))  # checked
+    assert result.variables["batch_stats"]["BatchNorm_0"]["mean"].shape == (2,)
+    assert result.apply(x, train=False).shape == (2, 3)
