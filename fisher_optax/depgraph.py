@@ -263,6 +263,26 @@ def _shape(v: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in v.aval.shape)
 
 
+def _site(eqn: Any) -> str:
+    """Where an equation comes from, for a reason: the Linen module path (JAX's name stack)
+    and the innermost function outside JAX, e.g. ``" in Model/ln (_compute_stats at
+    nn/normalization.py:102)"``; ``""`` when JAX recorded neither (the body of a ``jit``
+    inside JAX, such as ``jnp.cumsum``'s, is recorded only down to that ``jit``)."""
+    info = getattr(eqn, "source_info", None)
+    scopes = [s for s in str(getattr(info, "name_stack", "") or "").split("/") if s]
+    where = "/".join(s for s in scopes if not s.endswith(")"))  # drop "vmap()", "jit(f)"
+    frame = ""
+    for f in getattr(getattr(info, "traceback", None), "frames", ()):
+        parts = f.file_name.replace("\\", "/").split("/")
+        if "jax" not in parts and "jaxlib" not in parts:
+            function = f.function_name.split(".<locals>")[0]
+            frame = f"{function} at {'/'.join(parts[-2:])}:{f.line_num}"
+            break
+    if where and frame:
+        return f" in {where} ({frame})"
+    return f" in {where or frame}" if where or frame else ""
+
+
 # The rules, one per primitive: ``rule(t, eqn, ins, outs)`` ties or freezes the slots of the
 # equation's operands (``ins``, ``None`` for a literal) and results (``outs``). ``eqn`` is
 # the original equation, for its params and avals. A primitive without a rule freezes every
@@ -326,9 +346,9 @@ def _reduce(t: _Trace, eqn: Any, ins: list, outs: list) -> None:
         else:
             t.freeze(
                 s[i],
-                f"reduced by {name} (a mean, max or norm over it, e.g. a LayerNorm or "
-                "RMSNorm normalising over it, changes with a cut; pass exact=False to "
-                "dependency_graph to cut it inexactly)",
+                f"reduced by {name}{_site(eqn)} (a mean, max or norm over it, e.g. "
+                "a LayerNorm or RMSNorm normalising over it, changes with a cut; pass "
+                "exact=False to dependency_graph to cut it inexactly)",
             )
 
 
@@ -582,7 +602,7 @@ def _run(t: _Trace, flat: _jaxpr.Flat, env: dict[int, tuple[int, ...]]) -> None:
         name = e.eqn.primitive.name
         rule = _RULES.get(name)
         if rule is None:
-            t.freeze_all(ins + outs, f"primitive {name} is not understood")
+            t.freeze_all(ins + outs, f"primitive {name}{_site(e.eqn)} is not understood")
         else:
             rule(t, e.eqn, ins, outs)
 
@@ -970,7 +990,7 @@ def _freeze_consts(t: _Trace, flat: _jaxpr.Flat, env: dict) -> None:
     for e in flat.eqns:
         for r in e.ins:
             if not isinstance(r, _jaxpr.Lit) and r in flat.consts:
-                first_use.setdefault(r, e.eqn.primitive.name)
+                first_use.setdefault(r, f"{e.eqn.primitive.name}{_site(e.eqn)}")
     for ref, value in flat.consts.items():
         if ref in env:
             continue
@@ -1615,13 +1635,15 @@ def _eval_copy(graphdef: Any, state: Any) -> Any:
     return model
 
 
-def _apply(model: Any, example: tuple) -> Any:
+def _apply(model: Any, example: tuple, shapes_only: bool = False) -> Any:
     """``model(*args, **kwargs)`` in evaluation mode under one ``jit`` (eager NNX dispatch
-    compiles every op separately); ``model`` itself is not changed."""
+    compiles every op separately), or only its output shapes; ``model`` is not changed."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
     fn, arrays = _forward(graphdef, "nnx", example)
+    if shapes_only:
+        return jax.eval_shape(fn, state, arrays)
     return jax.jit(fn)(state, arrays)
 
 
@@ -1695,11 +1717,11 @@ def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float, graph: Any, ke
     ref = jax.tree_util.tree_flatten_with_path(ref_out)[0]
     new = jax.tree.leaves(new_out)
     for (path, r), n in zip(ref, new, strict=True):
-        r, n = np.asarray(r), np.asarray(n)
-        if r.shape != n.shape:
+        n = np.asarray(n)
+        if tuple(r.shape) != n.shape:
             raise ValueError(
                 f"the cut model's output {keystr(path)} has shape {n.shape}, the masked "
-                f"model's {r.shape}: the cut is wrong (please report the model)."
+                f"model's {tuple(r.shape)}: the cut is wrong (please report the model)."
             )
         if not graph.exact:  # a cut through a norm computes something else by design
             if not np.all(np.isfinite(n)):
@@ -1708,6 +1730,7 @@ def _verify(new_out: Any, ref_out: Any, rtol: float, atol: float, graph: Any, ke
                     "example input: cut fewer units of the normalised stream."
                 )
             continue
+        r = np.asarray(r)
         scale = max(1.0, float(np.max(np.abs(r))) if r.size else 1.0)
         err = np.abs(n - r)
         if not np.all(err <= atol * scale + rtol * np.abs(r)):
@@ -1938,14 +1961,20 @@ def cut(
         new = nnx.merge(graphdef, _map_state(graph, state, index, _take))
         _resize_nnx(new)
         if verify:
-            ref = _apply(nnx.merge(graphdef, _zeroed(graph, state, keep)), graph.example)
+            if graph.exact:
+                ref = _apply(nnx.merge(graphdef, _zeroed(graph, state, keep)), graph.example)
+            else:  # computes something else by design: only the output shapes are compared
+                ref = _apply(model, graph.example, shapes_only=True)
             _verify(_apply(new, graph.example), ref, rtol, atol, graph, keep)
         return new
     variables = _linen_variables(model, graph)
     result = LinenCut(_map_state(graph, variables, index, _take), graph.module)
     if verify:
         fn, arrays = _forward(graph.module, "linen", graph.example)
-        ref = jax.jit(fn)(_zeroed(graph, variables, keep), arrays)
+        if graph.exact:
+            ref = jax.jit(fn)(_zeroed(graph, variables, keep), arrays)
+        else:
+            ref = jax.eval_shape(fn, variables, arrays)
         args, kwargs = graph.example
         _verify(result.apply(*args, **kwargs), ref, rtol, atol, graph, keep)
     return result

@@ -572,6 +572,37 @@ def test_unknown_primitive_is_kept_whole():
     assert reasons[("['a']['kernel']", 1)] == "primitive cumsum is not understood"
 
 
+class Scaled(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.a(x) * jnp.asarray([1.0, 2.0, 3.0, 4.0])
+
+
+class LinenNormed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="b")(nn.LayerNorm(name="ln")(nn.Dense(4, name="a")(x)))
+
+
+def test_reasons_name_the_constant_and_the_module_that_froze_an_axis():
+    graph = depgraph.dependency_graph(Scaled(nnx.Rngs(0)), jnp.ones((1, 3)))
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['a']['kernel']", 1)].startswith(
+        "a constant array of shape (4,) and dtype float32 closed over by the model (read by "
+        "broadcast_in_dim in Scaled.__call__ at tests/test_depgraph.py:"
+    )
+    x = jnp.ones((1, 3))
+    variables = LinenNormed().init(jax.random.key(0), x)
+    graph = depgraph.dependency_graph(LinenNormed(), x, variables=variables)
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    # the norm's own scale and the Dense layers around it give the norm as the cause
+    for path in ("['params']['ln']['scale']", "['params']['a']['kernel']"):
+        why = reasons[(path, 0 if "ln" in path else 1)]
+        assert why.startswith("reduced by reduce_sum in LinenNormed/ln (_compute_stats at "), why
+
+
 class Twice(nnx.Module):
     """A layer applied twice: to the input, then to a hidden activation."""
 
@@ -1333,6 +1364,7 @@ def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
     reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
     why = reasons[("['embed']['embedding']", 1)]
     assert "LayerNorm" in why and "exact=False" in why, why
+    assert why.startswith("reduced by reduce_sum in _compute_stats at nn/normalization.py:"), why
     assert "gather indexes" in reasons[("['embed']['embedding']", 0)]
     sizes = sorted(g.size for g in graph.groups)
     assert sizes == [2, 12]  # heads and MLP units; the stream is kept whole
