@@ -1409,7 +1409,9 @@ def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
 
 
 def _n_params(model):
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """The parameter count of an NNX model or of a Linen ``params`` tree."""
+    tree = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+    return sum(x.size for x in jax.tree.leaves(tree))
 
 
 def _apply_lm(model, *args):
@@ -1462,6 +1464,10 @@ def test_linen_scan_lm_couples_units_across_layers_and_runs_cut():
     p = result.variables["params"]
     assert p["blocks"]["up"]["kernel"].shape == (3, 4, 6)
     assert p["embed"]["embedding"].shape == (7, 4)
+    assert result.variables["cache"]["index"].shape == ()  # other collections carried over
+    # 2 of the stream's 6 features (the tied embedding, every layer's down kernel and bias,
+    # up kernel rows) and 4 of 10 hidden units in each of the 3 layers: 248 of 450
+    assert _n_params(variables["params"]) - _n_params(result.variables["params"]) == 248
     assert result.apply(tokens).shape == (2, 4, 7)
 
 
@@ -1484,6 +1490,8 @@ def test_linen_resnet_takes_train_false_and_names_the_axis_name_otherwise():
     assert sorted(g.size for g in graph.groups) == [4]
     result = depgraph.cut(variables, graph, (np.arange(4) < 2,))  # checked
     assert result.variables["batch_stats"]["BatchNorm_0"]["mean"].shape == (2,)
+    # the block's inner channels (its input is the model input, kept whole): 150 of 327
+    assert _n_params(variables["params"]) - _n_params(result.variables["params"]) == 150
     assert result.apply(x, train=False).shape == (2, 3)
 
 
