@@ -1472,9 +1472,13 @@ def test_linen_scan_lm_couples_units_across_layers_and_runs_cut():
 
 
 class LinenResNet(nn.Module):
+    axis_name: str | None = "batch"
+
     @nn.compact
     def __call__(self, x, train: bool = True):
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train, axis_name="batch")
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, axis_name=self.axis_name
+        )
         y = nn.relu(norm()(nn.Conv(4, (3, 3))(x)))
         y = norm()(nn.Conv(4, (3, 3))(y))
         return nn.Dense(3)(jnp.mean(nn.relu(y + x), axis=(1, 2)))
@@ -1486,6 +1490,8 @@ def test_linen_resnet_takes_train_false_and_names_the_axis_name_otherwise():
     variables = module.init(jax.random.key(1), x, train=False)
     with pytest.raises(ValueError, match=r"collective over the axis name 'batch'.*train=False"):
         depgraph.dependency_graph(module, x, variables=variables)
+    with pytest.raises(ValueError, match=r"updates a variable collection .*train=False"):
+        depgraph.dependency_graph(LinenResNet(axis_name=None), x, variables=variables)
     graph = depgraph.dependency_graph(module, x, variables=variables, train=False)
     assert sorted(g.size for g in graph.groups) == [4]
     result = depgraph.cut(variables, graph, (np.arange(4) < 2,))  # checked
