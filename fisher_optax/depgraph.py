@@ -713,22 +713,27 @@ def _resolve_composites(t: _Trace) -> None:
 
 
 def _nnx_allowed(model: Any, paths: Sequence[Path], shapes: Sequence[tuple]) -> list[Any]:
-    """Per leaf: the set of axes the cut may change, or a reason string (all kept whole)."""
+    """Per leaf: ``(axes the cut may change, the module's name, why the others are kept)``,
+    or a reason string (all kept whole)."""
     from flax import nnx
 
     modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
     out: list[Any] = []
+    head_dim = "attention's head_dim (attention scales by 1/sqrt(head_dim))"
     for path, shape in zip(paths, shapes, strict=True):
         mod_path, leaf = path[:-1], path[-1]
         mod = modules.get(mod_path)
         parent = modules.get(mod_path[:-1]) if mod_path else None
         nd = len(shape)
+        name = type(mod).__name__
         if isinstance(parent, nnx.MultiHeadAttention) and isinstance(mod, nnx.LinearGeneral):
             role = mod_path[-1]
             if role in ("query", "key", "value"):  # (in, heads, head_dim), (heads, head_dim)
-                out.append({nd - 3, nd - 2} if leaf == "kernel" else {nd - 2})
+                axes = {nd - 3, nd - 2} if leaf == "kernel" else {nd - 2}
+                out.append((axes, name, head_dim))
             elif role == "out":  # (heads, head_dim, out), (out,)
-                out.append({nd - 3, nd - 1} if leaf == "kernel" else {nd - 1})
+                axes = {nd - 3, nd - 1} if leaf == "kernel" else {nd - 1}
+                out.append((axes, name, head_dim))
             else:
                 out.append(f"{type(mod).__name__} inside attention at {_pstr(mod_path)}")
             continue
@@ -738,7 +743,7 @@ def _nnx_allowed(model: Any, paths: Sequence[Path], shapes: Sequence[tuple]) -> 
         # trailing axes: a module stacked by nnx.vmap holds its variables with leading
         # layer axes
         if isinstance(mod, nnx.Linear):
-            out.append({nd - 2, nd - 1} if leaf == "kernel" else {nd - 1})
+            out.append(({nd - 2, nd - 1} if leaf == "kernel" else {nd - 1}, name, ""))
         elif isinstance(mod, nnx.Conv) and not isinstance(mod, nnx.ConvTranspose):
             if mod.feature_group_count != 1:
                 out.append(
@@ -746,13 +751,13 @@ def _nnx_allowed(model: Any, paths: Sequence[Path], shapes: Sequence[tuple]) -> 
                     "grouped and depthwise convs are kept whole"
                 )
             else:
-                out.append({nd - 2, nd - 1} if leaf == "kernel" else {nd - 1})
+                out.append(({nd - 2, nd - 1} if leaf == "kernel" else {nd - 1}, name, ""))
         elif isinstance(mod, nnx.BatchNorm | nnx.LayerNorm | nnx.RMSNorm) and nd >= 1:
-            out.append({nd - 1})
+            out.append(({nd - 1}, name, ""))
         elif isinstance(mod, nnx.LinearGeneral):
-            out.append(set(range(nd)))
+            out.append((set(range(nd)), name, ""))
         elif isinstance(mod, nnx.Embed):
-            out.append({nd - 1} if leaf == "embedding" else set())
+            out.append(({nd - 1} if leaf == "embedding" else set(), name, ""))
         else:
             kind = type(mod).__name__ if mod is not None else "no module"
             out.append(f"{kind} at {_pstr(mod_path)} is not a module the cut knows how to resize")
@@ -766,7 +771,12 @@ _LINEN_QKV = frozenset({"query", "key", "value"})  # MultiHeadDotProductAttentio
 
 
 def _linen_allowed(paths: Sequence[Path], shapes: Sequence[tuple]) -> list[Any]:
+    """As :func:`_nnx_allowed`, from the variable names (Linen modules are not kept)."""
     out: list[Any] = []
+    heads = (
+        "attention's heads and head_dim (attention scales by 1/sqrt(head_dim), and Linen's "
+        "attention takes its number of heads from num_heads, which the cut does not change)"
+    )
     for path, shape in zip(paths, shapes, strict=True):
         leaf, nd = path[-1], len(shape)
         parent = path[-2] if len(path) >= 2 else None
@@ -775,17 +785,19 @@ def _linen_allowed(paths: Sequence[Path], shapes: Sequence[tuple]) -> list[Any]:
             # (in, heads, head_dim): head_dim stays whole (attention scales by
             # 1/sqrt(head_dim)), and the heads follow the out projection, which Linen cannot
             # resize along them either.
-            out.append({nd - 3})
+            out.append(({nd - 3}, "Linen module", heads))
         elif leaf == "bias" and nd >= 2 and parent in _LINEN_QKV:
-            out.append(set())  # (heads, head_dim)
+            out.append((set(), "Linen module", heads))  # (heads, head_dim)
         elif leaf == "kernel" and nd >= 3 and parent == "out":
-            out.append({nd - 1})  # (heads, head_dim, features): only the output features
+            # (heads, head_dim, features): only the output features
+            out.append(({nd - 1}, "Linen module", heads))
         elif leaf == "kernel" and nd >= 2:
-            out.append({nd - 2, nd - 1})
+            out.append(({nd - 2, nd - 1}, "Linen module", ""))
         elif leaf in _LINEN_1D and nd >= 1:
-            out.append({nd - 1})
+            out.append(({nd - 1}, "Linen module", ""))
         elif leaf == "embedding" and nd >= 2:
-            out.append({nd - 1})  # (vocabulary, features): the features
+            # (vocabulary, features): the features
+            out.append(({nd - 1}, "Linen module", ""))
         else:
             out.append(f"a Linen variable {leaf!r} of rank {nd} that the cut cannot resize")
     return out
@@ -970,18 +982,24 @@ def dependency_graph(
             rule = allowed[i]
             if isinstance(rule, str):
                 t.freeze(slot, rule)
-            elif a not in rule:
-                t.freeze(slot, _fixed_axis_reason(kind, paths[i], a, shapes[i]))
+            elif a not in rule[0]:
+                t.freeze(slot, _fixed_axis_reason(paths[i], a, shapes[i], *rule))
     _resolve_composites(t)
     graph = _collect(t, leaf_slots, paths, shapes, example, kind)
     return graph._replace(module=None if kind == "nnx" else model)
 
 
-def _fixed_axis_reason(kind: str, path: Path, axis: int, shape: tuple) -> str:
-    where = _pstr(path[:-1])
-    if kind == "nnx":
-        return f"head_dim of the attention at {where} (attention scales by 1/sqrt(head_dim))"
-    return f"axis {axis} of {path[-1]!r} {shape}: an axis the Linen module at {where} cannot resize"
+def _fixed_axis_reason(
+    path: Path, axis: int, shape: tuple, axes: set, module: str, note: str
+) -> str:
+    """Why the module at ``path`` keeps ``axis`` of its variable whole."""
+    what = f"axis {axis} of {path[-1]!r} {shape}: an axis the {module} at {_pstr(path[:-1])}"
+    if axes and axis < min(axes):
+        return (
+            f"{what} cannot resize, a leading axis (the layer axis of a module stacked by "
+            "nnx.vmap, nnx.scan or nn.scan): the cut keeps every layer"
+        )
+    return f"{what} cannot resize" + (f": {note}" if note else "")
 
 
 def _freeze_consts(t: _Trace, flat: _jaxpr.Flat, env: dict) -> None:

@@ -354,6 +354,11 @@ def test_linen_attention_keeps_head_dim_whole():
     graph = depgraph.dependency_graph(LAttn(), x, variables=variables)
     # the attention's input features (LinenCut.apply keeps its qkv_features) and the out
     # projection's features are cut; head_dim and the heads are not
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['params']['attn']['query']['kernel']", 1)].startswith(
+        "axis 1 of 'kernel' (6, 2, 4): an axis the Linen module at ['params']['attn']['query'] "
+        "cannot resize: attention's heads and head_dim"
+    )
     assert _members(graph) == [
         [
             ("['params']['attn']['key']['kernel']", 0),
@@ -394,7 +399,10 @@ def test_transformer_heads_and_mlp_units():
     # the residual stream: one coupled axis through every block, frozen by LayerNorm's mean
     for path in ("['embed']['kernel']", "['blocks'][1]['fc2']['kernel']"):
         assert reasons[(path, 1)].startswith("reduced by reduce_sum")
-    assert "head_dim" in reasons[("['blocks'][0]['attn']['query']['kernel']", 2)]
+    assert reasons[("['blocks'][0]['attn']['query']['kernel']", 2)] == (
+        "axis 2 of 'kernel' (8, 4, 2): an axis the LinearGeneral at ['blocks'][0]['attn']"
+        "['query'] cannot resize: attention's head_dim (attention scales by 1/sqrt(head_dim))"
+    )
     keep = _keep_half(graph)
     small = depgraph.cut(model, graph, keep)
     assert small.blocks[0].attn.num_heads == 2
@@ -1549,3 +1557,34 @@ def test_nnx_vmap_stack_applied_by_scan_cuts_the_same_unit_in_every_layer():
     assert small.blocks.up.out_features == 4
     # 2 of 6 hidden units in each of the 3 layers: up kernel and bias, down kernel
     assert _n_params(model) - _n_params(small) == 3 * (2 * 4 + 2 + 2 * 4)
+
+
+class NnxEnsemble(nnx.Module):
+    """Three members created and applied by nnx.vmap: no scan, the layer axis is a batch."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def members(rngs):
+            return nnx.Linear(4, 6, rngs=rngs)
+
+        self.members = members(rngs)
+        self.head = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.vmap(in_axes=(0, None), out_axes=0)
+        def each(member, x):
+            return nnx.relu(member(x))
+
+        return self.head(each(self.members, x).mean(axis=0))
+
+
+def test_nnx_vmap_applied_members_keep_their_layer_axis_and_say_so():
+    graph = depgraph.dependency_graph(NnxEnsemble(nnx.Rngs(0)), jnp.ones((2, 4)))
+    assert [(g.name, g.size) for g in graph.groups] == [("['members']['kernel'][2]", 6)]
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['members']['kernel']", 0)] == (
+        "axis 0 of 'kernel' (3, 4, 6): an axis the Linear at ['members'] cannot resize, a "
+        "leading axis (the layer axis of a module stacked by nnx.vmap, nnx.scan or nn.scan): "
+        "the cut keeps every layer"
+    )
