@@ -31,18 +31,28 @@ rule per primitive in a table, calls inlined by one walker):
   ties the input feature axis to the kernel's input axis and the kernel's output axis to
   the output feature axis; ``concatenate`` ties each input to its offset in the output;
   a reshape that merges (flatten) or splits axes ties each element to its coordinate on
-  the one axis that may be cut; ``pjit``, ``custom_jvp``/``custom_vjp`` and ``jax.checkpoint``
-  bodies are followed.
+  the one axis that may be cut; ``gather`` (a token embedding) ties the rows it takes
+  whole to the output and keeps the indexed (vocabulary) axis whole; ``dynamic_slice`` and
+  ``dynamic_update_slice`` tie the axes they take whole; ``scan`` (``nn.scan``,
+  ``nnx.scan``) follows its body once, so a stacked parameter's unit is the same index in
+  every layer and the carry is one axis across steps; ``pjit``,
+  ``custom_jvp``/``custom_vjp`` and ``jax.checkpoint`` bodies are followed.
 * Everything else *freezes* the axes it touches (kept whole), and so do: the model's
-  input and output, reductions (a mean or a max over channels changes when channels go),
+  input and output, reductions (a mean or a max over channels changes when channels go;
+  ``dependency_graph(..., exact=False)`` cuts through sums, maxima and minima, e.g. the
+  LayerNorms over a language model's residual stream, and the cut is then inexact),
   conv windows, pooling windows, slices, pads, grouped or depthwise convs, iota and
-  closed-over constants, a reshape that mixes two cuttable axes, and parameter axes that
-  the cut cannot express in the module's attributes (e.g. attention's ``head_dim``, whose
-  ``1/sqrt(head_dim)`` scale would change). :attr:`DepGraph.frozen` lists each frozen
-  parameter axis with its reason.
+  closed-over constants, a reshape that mixes two cuttable axes, the scanned axis, and
+  parameter axes that the cut cannot express in the module's attributes (e.g. attention's
+  ``head_dim``, whose ``1/sqrt(head_dim)`` scale would change, or the layer axis of a
+  stacked module). :attr:`DepGraph.frozen` lists each frozen parameter axis with what
+  froze it first: the primitive and where it sits, the constant, the module, or the
+  frozen axis it is tied to.
 
 A removed unit loses every entry it touches, the consumers' input slices included, so the
-cut model computes exactly what the masked model computes, whatever the activations.
+cut model computes exactly what the masked model computes, whatever the activations
+(unless the graph was traced with ``exact=False`` and a unit goes through a reduction:
+:attr:`DepGraph.exact` says which).
 
 References:
   Fang, Ma, Song, Mi, Wang. DepGraph: Towards Any Structural Pruning. CVPR 2023,
@@ -1893,7 +1903,27 @@ class LinenCut(NamedTuple):
     module: Any
 
     def apply(self, *args: Any, **kwargs: Any) -> Any:
-        """``module.apply(variables, *args, **kwargs)`` with the cut widths."""
+        """``module.apply(variables, *args, **kwargs)`` with the cut widths.
+
+        Args:
+          *args: the module's call arguments.
+          **kwargs: its keyword arguments, and those of ``apply`` (``mutable=``,
+            ``rngs=``), as for ``module.apply``.
+
+        Returns:
+          What ``module.apply`` returns.
+
+        Examples:
+          >>> import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+          >>> from fisher_optax import depgraph
+          >>> module = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(2)])
+          >>> x = jnp.ones((1, 3))
+          >>> variables = module.init(jax.random.key(0), x)
+          >>> graph = depgraph.dependency_graph(module, x, variables=variables)
+          >>> result = depgraph.cut(variables, graph, (np.arange(6) < 4,))
+          >>> jax.jit(result.apply)(x).shape  # the module still says Dense(6)
+          (1, 2)
+        """
         import flax.linen as nn
 
         with nn.intercept_methods(_resize_linen):
