@@ -1351,7 +1351,9 @@ class NnxLM(nnx.Module):
         self.down = nnx.Linear(mlp, d, rngs=rngs)
         self.drop = nnx.Dropout(0.1, rngs=rngs)
 
-    def __call__(self, tokens, positions, mask=None, *, scale=1.0):
+    def __call__(self, tokens, positions, cache, mask, *, scale=1.0):
+        """Called as the NNX Gemma is; ``cache`` is ``None`` outside decoding."""
+        del cache
         x = self.embed(tokens) + self.pos(positions)
         x = x + self.drop(self.attn(self.ln1(x), mask=mask))
         x = x + self.down(nnx.gelu(self.up(self.ln2(x)))) * scale
@@ -1367,7 +1369,7 @@ def _lm_call():
 def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
     model = NnxLM(nnx.Rngs(0))
     tokens, positions, mask = _lm_call()
-    graph = depgraph.dependency_graph(model, tokens, positions, mask, scale=0.5)
+    graph = depgraph.dependency_graph(model, tokens, positions, None, mask, scale=0.5)
     assert graph.exact
     reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
     why = reasons[("['embed']['embedding']", 1)]
@@ -1382,7 +1384,9 @@ def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
     # six MLP units of twelve: up 8x6 and its bias 6, down 6x8
     assert removed == 3 * 32 + 3 * 4 + 32 + 48 + 6 + 48
 
-    inexact = depgraph.dependency_graph(model, tokens, positions, mask, exact=False, scale=0.5)
+    inexact = depgraph.dependency_graph(
+        model, tokens, positions, None, mask, exact=False, scale=0.5
+    )
     stream = [g for g in inexact.groups if "['embed']['embedding']" in dict(g.members)]
     assert len(stream) == 1 and stream[0].size == 8 and not inexact.exact
     members = dict(stream[0].members)
@@ -1397,11 +1401,11 @@ def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
 
     # the cut through the norms changes the function; a few steps of distillation towards
     # the dense model's next-token distribution recover part of it
-    target = jax.nn.log_softmax(_apply_lm(model, tokens, positions, mask))
+    target = jax.nn.log_softmax(_apply_lm(model, tokens, positions, None, mask))
     cut_model.eval()
 
     def kl(m):
-        logp = jax.nn.log_softmax(m(tokens, positions, mask))
+        logp = jax.nn.log_softmax(m(tokens, positions, None, mask))
         return jnp.mean(jnp.sum(jnp.exp(target) * (target - logp), axis=-1))
 
     opt = nnx.Optimizer(cut_model, optax.adam(1e-2), wrt=nnx.Param)
