@@ -916,7 +916,8 @@ def dependency_graph(
       A :class:`DepGraph`: the prunable groups, and the frozen parameter axes with reasons.
 
     Raises:
-      TypeError: if ``model`` is neither an NNX module nor a Linen module with ``variables``.
+      TypeError: if ``model`` is neither an NNX module nor a Linen module with ``variables``,
+        or is an NNX module given ``variables``.
       ValueError: if the forward cannot be traced (Python control flow on array values, a
         collective or a collection update of training mode).
 
@@ -934,6 +935,11 @@ def dependency_graph(
     if _is_nnx(model):
         from flax import nnx
 
+        if variables is not None:
+            raise TypeError(
+                "variables= is for a Linen module; an nnx.Module holds its own variables: "
+                "call dependency_graph(model, *args, **kwargs) without it."
+            )
         graphdef, tree = nnx.split(model)
         fn, arrays = _forward(graphdef, "nnx", example)
         kind = "nnx"

@@ -711,6 +711,8 @@ def test_bad_model_and_params():
         depgraph.dependency_graph(lambda x: x, jnp.ones(3))
     model = ConvFlat(nnx.Rngs(0))
     graph = depgraph.dependency_graph(model, jnp.ones((1, 4, 4, 2)))
+    with pytest.raises(TypeError, match=r"variables= is for a Linen module; an nnx\.Module"):
+        depgraph.dependency_graph(model, jnp.ones((1, 4, 4, 2)), variables=nnx.state(model))
     with pytest.raises(ValueError, match=r"params has a leaf at .* that the traced model lacks"):
         depgraph.group_scores(graph, {"other": jnp.ones(3)}, "magnitude")
     with pytest.raises(TypeError, match="traced from a Linen module: pass the variables"):
