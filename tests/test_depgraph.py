@@ -611,6 +611,31 @@ def test_reasons_name_the_constant_and_the_module_that_froze_an_axis():
         assert why.startswith("reduced by reduce_sum in LinenNormed/ln (_compute_stats at "), why
 
 
+def test_linen_inexact_cut_through_a_layernorm_runs_with_the_new_width():
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    variables = LinenNormed().init(jax.random.key(1), x)
+    graph = depgraph.dependency_graph(LinenNormed(), x, variables=variables, exact=False)
+    assert not graph.exact and [g.size for g in graph.groups] == [4]
+    result = depgraph.cut(variables, graph, (np.arange(4) != 1,))  # checked for shapes
+    assert result.variables["params"]["ln"]["scale"].shape == (3,)
+    out = result.apply(x)
+    assert out.shape == (2, 2) and np.all(np.isfinite(out))
+
+
+def _by_range(h):
+    return h / (h.max(-1, keepdims=True) - h.min(-1, keepdims=True))
+
+
+def test_inexact_cut_whose_output_is_not_finite_is_refused():
+    i = _init(0)
+    model = nnx.Sequential(nnx.Linear(3, 4, **i), _by_range, nnx.Linear(4, 2, **i))
+    graph = depgraph.dependency_graph(model, jnp.ones((1, 3)), exact=False)
+    assert not graph.exact
+    # one unit left: its range is zero
+    with pytest.raises(ValueError, match=r"inexact cut model's output <root> is not finite"):
+        depgraph.cut(model, graph, (np.arange(4) == 0,))
+
+
 class Twice(nnx.Module):
     """A layer applied twice: to the input, then to a hidden activation."""
 
