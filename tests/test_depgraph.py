@@ -1402,6 +1402,9 @@ def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
     why = reasons[("['embed']['embedding']", 1)]
     assert "LayerNorm" in why and "exact=False" in why, why
     assert why.startswith("reduced by reduce_sum in _compute_stats at nn/normalization.py:"), why
+    # the norm's scale and the down projection writing into the stream name the same cause
+    for path, axis in (("['ln1']['scale']", 0), ("['down']['kernel']", 1)):
+        assert why.startswith(reasons[(path, axis)]), reasons[(path, axis)]
     assert "gather indexes" in reasons[("['embed']['embedding']", 0)]
     sizes = sorted(g.size for g in graph.groups)
     assert sizes == [2, 12]  # heads and MLP units; the stream is kept whole
