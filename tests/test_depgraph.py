@@ -1,5 +1,7 @@
 """Tests of fisher_optax.depgraph: coupled groups from the trace, scores, masks, cuts."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,7 +100,8 @@ def _randomize_stats(model):
     return model
 
 
-run = depgraph._apply
+def run(model, x):
+    return depgraph._apply(model, ((x,), {}))
 
 
 def make(build, seed=0):
@@ -300,20 +303,20 @@ def test_linen_resnet_cut_matches_masked_model():
     assert sorted(g.size for g in graph.groups) == [4, 4, 8, 8]
     keep = _keep_half(graph)
     result = depgraph.cut(variables, graph, keep)
-    f = result.features
+    p = result.variables["params"]
     widths = (
-        f[("Conv_0",)],
-        f[("LBlock_0", "Conv_0")],
-        f[("LBlock_0", "Conv_1")],
-        f[("LBlock_1", "Conv_0")],
-        f[("LBlock_1", "Conv_1")],
+        p["Conv_0"]["kernel"].shape[-1],
+        p["LBlock_0"]["Conv_0"]["kernel"].shape[-1],
+        p["LBlock_0"]["Conv_1"]["kernel"].shape[-1],
+        p["LBlock_1"]["Conv_0"]["kernel"].shape[-1],
+        p["LBlock_1"]["Conv_1"]["kernel"].shape[-1],
     )
     assert widths == (2, 2, 2, 4, 4)
-    assert f[("Dense_0",)] == 3
-    # the check runs when the smaller module is given; a wrong width fails it by message
-    depgraph.cut(variables, graph, keep, module=LResNet(widths))
-    with pytest.raises(ValueError, match=r"module cannot be applied to the cut variables"):
-        depgraph.cut(variables, graph, keep, module=LResNet((2, 2, 2, 4, 3)))
+    # the smaller model runs from the module as written (the check ran inside cut), and
+    # agrees with the module rebuilt with the new widths
+    np.testing.assert_allclose(
+        result.apply(x), LResNet(widths).apply(result.variables, x), rtol=1e-5, atol=1e-5
+    )
     # Adam's moments of the params are sliced with them, and the small model steps
     tx = optax.adam(1e-2)
     state = tx.init(variables["params"])
@@ -344,12 +347,27 @@ def test_linen_attention_keeps_head_dim_whole():
     x = jax.random.normal(jax.random.key(0), (2, 5, 3))
     variables = LAttn().init(jax.random.key(1), x)
     graph = depgraph.dependency_graph(LAttn(), x, variables=variables)
+    # the attention's input features (LinenCut.apply keeps its qkv_features) and the out
+    # projection's features are cut; head_dim and the heads are not
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['params']['attn']['query']['kernel']", 1)].startswith(
+        "axis 1 of 'kernel' (6, 2, 4): an axis the Linen module at ['params']['attn']['query'] "
+        "cannot resize: attention's heads and head_dim"
+    )
     assert _members(graph) == [
-        [("['params']['attn']['out']['kernel']", 2), ("['params']['head']['kernel']", 0)]
+        [
+            ("['params']['attn']['key']['kernel']", 0),
+            ("['params']['attn']['query']['kernel']", 0),
+            ("['params']['attn']['value']['kernel']", 0),
+            ("['params']['inp']['bias']", 0),
+            ("['params']['inp']['kernel']", 1),
+        ],
+        [("['params']['attn']['out']['kernel']", 2), ("['params']['head']['kernel']", 0)],
     ]
     keep = _keep_half(graph)
-    result = depgraph.cut(variables, graph, keep, module=LAttn(out=3))  # checked
-    assert result.variables["params"]["attn"]["query"]["kernel"].shape == (6, 2, 4)
+    result = depgraph.cut(variables, graph, keep)  # checked
+    assert result.variables["params"]["attn"]["query"]["kernel"].shape == (3, 2, 4)
+    assert result.apply(x).shape == (2, 5, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +394,10 @@ def test_transformer_heads_and_mlp_units():
     # the residual stream: one coupled axis through every block, frozen by LayerNorm's mean
     for path in ("['embed']['kernel']", "['blocks'][1]['fc2']['kernel']"):
         assert reasons[(path, 1)].startswith("reduced by reduce_sum")
-    assert "head_dim" in reasons[("['blocks'][0]['attn']['query']['kernel']", 2)]
+    assert reasons[("['blocks'][0]['attn']['query']['kernel']", 2)] == (
+        "axis 2 of 'kernel' (8, 4, 2): an axis the LinearGeneral at ['blocks'][0]['attn']"
+        "['query'] cannot resize: attention's head_dim (attention scales by 1/sqrt(head_dim))"
+    )
     keep = _keep_half(graph)
     small = depgraph.cut(model, graph, keep)
     assert small.blocks[0].attn.num_heads == 2
@@ -493,7 +514,7 @@ def test_concatenation_with_a_part_kept_whole_keeps_the_other_part_whole_too():
     ]
     reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
     assert reasons[("['b']['kernel']", 3)] == (
-        "tied to ['c']['kernel'][2], which is kept whole (see there)"
+        "tied to ['c']['kernel'][2], which is kept whole: model input"
     )
     keep = _keep_half(graph)
     small = depgraph.cut(model, graph, keep)
@@ -552,6 +573,62 @@ def test_unknown_primitive_is_kept_whole():
     assert graph.groups == ()
     reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
     assert reasons[("['a']['kernel']", 1)] == "primitive cumsum is not understood"
+
+
+class Scaled(nnx.Module):
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.a(x) * jnp.asarray([1.0, 2.0, 3.0, 4.0])
+
+
+class LinenNormed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2, name="b")(nn.LayerNorm(name="ln")(nn.Dense(4, name="a")(x)))
+
+
+def test_reasons_name_the_constant_and_the_module_that_froze_an_axis():
+    graph = depgraph.dependency_graph(Scaled(nnx.Rngs(0)), jnp.ones((1, 3)))
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['a']['kernel']", 1)].startswith(
+        "a constant array of shape (4,) and dtype float32 closed over by the model (read by "
+        "broadcast_in_dim in Scaled.__call__ at tests/test_depgraph.py:"
+    )
+    x = jnp.ones((1, 3))
+    variables = LinenNormed().init(jax.random.key(0), x)
+    graph = depgraph.dependency_graph(LinenNormed(), x, variables=variables)
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    # the norm's own scale and the Dense layers around it give the norm as the cause
+    for path in ("['params']['ln']['scale']", "['params']['a']['kernel']"):
+        why = reasons[(path, 0 if "ln" in path else 1)]
+        assert why.startswith("reduced by reduce_sum in LinenNormed/ln (_compute_stats at "), why
+
+
+def test_linen_inexact_cut_through_a_layernorm_runs_with_the_new_width():
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    variables = LinenNormed().init(jax.random.key(1), x)
+    graph = depgraph.dependency_graph(LinenNormed(), x, variables=variables, exact=False)
+    assert not graph.exact and [g.size for g in graph.groups] == [4]
+    result = depgraph.cut(variables, graph, (np.arange(4) != 1,))  # checked for shapes
+    assert result.variables["params"]["ln"]["scale"].shape == (3,)
+    out = result.apply(x)
+    assert out.shape == (2, 2) and np.all(np.isfinite(out))
+
+
+def _by_range(h):
+    return h / (h.max(-1, keepdims=True) - h.min(-1, keepdims=True))
+
+
+def test_inexact_cut_whose_output_is_not_finite_is_refused():
+    i = _init(0)
+    model = nnx.Sequential(nnx.Linear(3, 4, **i), _by_range, nnx.Linear(4, 2, **i))
+    graph = depgraph.dependency_graph(model, jnp.ones((1, 3)), exact=False)
+    assert not graph.exact
+    # one unit left: its range is zero
+    with pytest.raises(ValueError, match=r"inexact cut model's output <root> is not finite"):
+        depgraph.cut(model, graph, (np.arange(4) == 0,))
 
 
 class Twice(nnx.Module):
@@ -654,14 +731,14 @@ def test_bad_model_and_params():
         depgraph.dependency_graph(lambda x: x, jnp.ones(3))
     model = ConvFlat(nnx.Rngs(0))
     graph = depgraph.dependency_graph(model, jnp.ones((1, 4, 4, 2)))
+    with pytest.raises(TypeError, match=r"variables= is for a Linen module; an nnx\.Module"):
+        depgraph.dependency_graph(model, jnp.ones((1, 4, 4, 2)), variables=nnx.state(model))
     with pytest.raises(ValueError, match=r"params has a leaf at .* that the traced model lacks"):
         depgraph.group_scores(graph, {"other": jnp.ones(3)}, "magnitude")
     with pytest.raises(TypeError, match="traced from a Linen module: pass the variables"):
         depgraph.cut(model, graph._replace(kind="linen"), (np.ones(4, bool),))
     with pytest.raises(TypeError, match="traced from an NNX model: pass that model"):
         depgraph.cut(nnx.state(model), graph, (np.ones(4, bool),))
-    with pytest.raises(ValueError, match="module= is the smaller Linen module"):
-        depgraph.cut(model, graph, (np.ones(4, bool),), module=model)
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     with pytest.raises(TypeError, match="needs model=, the cut model it will update"):
         depgraph.cut_optimizer(opt, graph, (np.ones(4, bool),))
@@ -1136,8 +1213,9 @@ def test_linen_cnn_with_flatten_is_cut_exactly():
     graph = depgraph.dependency_graph(module, x, variables=variables)
     keep = _random_keep(graph, seed=8)
     result = depgraph.cut(variables, graph, keep)
-    small = _LinenCNN(features=tuple(result.features[(n,)] for n in ("c1", "c2", "d1")))
-    depgraph.cut(variables, graph, keep, module=small)  # the check passes
+    p = result.variables["params"]
+    small = _LinenCNN(features=tuple(p[n]["kernel"].shape[-1] for n in ("c1", "c2", "d1")))
+    np.testing.assert_allclose(result.apply(x), small.apply(result.variables, x), atol=1e-5)
     np.testing.assert_allclose(
         jax.jit(small.apply)(result.variables, x),
         jax.jit(module.apply)(depgraph.masked(variables, graph, keep), x),
@@ -1164,7 +1242,7 @@ def test_linen_mlp_with_batchnorm_slices_the_optax_state():
     variables = jax.jit(MLP().init)(jax.random.key(1), x)
     graph = depgraph.dependency_graph(MLP(), x, variables=variables)
     keep = tuple(np.arange(g.size) % 3 != 0 for g in graph.groups)
-    result = depgraph.cut(variables, graph, keep, module=MLP((5, 3)))  # checked
+    result = depgraph.cut(variables, graph, keep)  # checked
     assert result.variables["batch_stats"]["BatchNorm_0"]["mean"].shape == (5,)
     tx = optax.adam(1e-2)
     opt_state = tx.init(variables["params"])
@@ -1256,3 +1334,267 @@ def test_calls_jit_checkpoint_and_custom_jvp_are_followed():
     keep = _keep_half(graph)
     small = depgraph.cut(model, graph, keep)
     np.testing.assert_allclose(small(x), depgraph.masked(model, graph, keep)(x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Language models and stacks: call arguments, embeddings, scans, exact and inexact cuts
+
+
+class NnxLM(nnx.Module):
+    """Embedding, one pre-norm block (attention, MLP), a tied output; Rngs kept inside."""
+
+    def __init__(self, rngs: nnx.Rngs, vocab: int = 11, d: int = 8, mlp: int = 12):
+        self.rngs = rngs
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.pos = nnx.Embed(6, d, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, d, qkv_features=8, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, mlp, rngs=rngs)
+        self.down = nnx.Linear(mlp, d, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+    def __call__(self, tokens, positions, cache, mask, *, scale=1.0):
+        """Called as the NNX Gemma is; ``cache`` is ``None`` outside decoding."""
+        del cache
+        x = self.embed(tokens) + self.pos(positions)
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask))
+        x = x + self.down(nnx.gelu(self.up(self.ln2(x)))) * scale
+        return self.embed.attend(x)
+
+
+def _lm_call():
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 11)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    return tokens, positions, nnx.make_causal_mask(tokens)
+
+
+def test_nnx_lm_with_call_arguments_exact_and_inexact_cuts():
+    model = NnxLM(nnx.Rngs(0))
+    tokens, positions, mask = _lm_call()
+    graph = depgraph.dependency_graph(model, tokens, positions, None, mask, scale=0.5)
+    assert graph.exact
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    why = reasons[("['embed']['embedding']", 1)]
+    assert "LayerNorm" in why and "exact=False" in why, why
+    assert why.startswith("reduced by reduce_sum in _compute_stats at nn/normalization.py:"), why
+    # the norm's scale and the down projection writing into the stream name the same cause
+    for path, axis in (("['ln1']['scale']", 0), ("['down']['kernel']", 1)):
+        assert why.startswith(reasons[(path, axis)]), reasons[(path, axis)]
+    assert "gather indexes" in reasons[("['embed']['embedding']", 0)]
+    sizes = sorted(g.size for g in graph.groups)
+    assert sizes == [2, 12]  # heads and MLP units; the stream is kept whole
+    small = depgraph.cut(model, graph, _keep_half(graph))  # exact: checked against masked
+    removed = _n_params(model) - _n_params(small)
+    # one head of two: query/key/value kernels 3 x 8x4 and biases 3 x 4, out kernel 4x8;
+    # six MLP units of twelve: up 8x6 and its bias 6, down 6x8
+    assert removed == 3 * 32 + 3 * 4 + 32 + 48 + 6 + 48
+
+    inexact = depgraph.dependency_graph(
+        model, tokens, positions, None, mask, exact=False, scale=0.5
+    )
+    stream = [g for g in inexact.groups if "['embed']['embedding']" in dict(g.members)]
+    assert len(stream) == 1 and stream[0].size == 8 and not inexact.exact
+    members = dict(stream[0].members)
+    assert members["['ln1']['scale']"] == 0 and members["['down']['kernel']"] == 1
+    keep = tuple(np.arange(g.size) % 4 != 3 for g in inexact.groups)
+    cut_model = depgraph.cut(model, inexact, keep)  # checked for shapes and that it runs
+    assert cut_model.embed.embedding.shape == (11, 6) and cut_model.ln1.num_features == 6
+    # 2 of the stream's 8 features (columns of both embeddings, both norms, the attention's
+    # input and output features, the MLP's input and output) and 3 of 12 MLP units; the two
+    # heads stay: 197 of 668 parameters
+    assert _n_params(model) - _n_params(cut_model) == 197
+
+    # the cut through the norms changes the function; a few steps of distillation towards
+    # the dense model's next-token distribution recover part of it
+    target = jax.nn.log_softmax(_apply_lm(model, tokens, positions, None, mask))
+    cut_model.eval()
+
+    def kl(m):
+        logp = jax.nn.log_softmax(m(tokens, positions, None, mask))
+        return jnp.mean(jnp.sum(jnp.exp(target) * (target - logp), axis=-1))
+
+    opt = nnx.Optimizer(cut_model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(m, opt):
+        loss, grads = nnx.value_and_grad(kl)(m)
+        opt.update(m, grads)
+        return loss
+
+    losses = [float(step(cut_model, opt)) for _ in range(10)]
+    assert losses[0] > 0.05 and losses[-1] < 0.5 * losses[0], losses
+
+
+def _n_params(model):
+    """The parameter count of an NNX model or of a Linen ``params`` tree."""
+    tree = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+    return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def _apply_lm(model, *args):
+    return depgraph._apply(model, (args, {}))
+
+
+class LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = nn.Dense(10, name="up")(x)
+        return x + nn.Dense(x.shape[-1], name="down")(nn.relu(h)), None
+
+
+class LinenScanLM(nn.Module):
+    """Stacked blocks by nn.scan; a ``cache`` collection written only when decoding."""
+
+    @nn.compact
+    def __call__(self, tokens, *, decode=False):
+        embed = nn.Embed(7, 6, name="embed")
+        x = embed(tokens)
+        if decode:
+            self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        stack = nn.scan(
+            LinenBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        x, _ = stack(name="blocks")(x, None)
+        return embed.attend(x)
+
+
+def test_linen_scan_lm_couples_units_across_layers_and_runs_cut():
+    tokens = jax.random.randint(jax.random.key(0), (2, 4), 0, 7)
+    module = LinenScanLM()
+    variables = module.init(jax.random.key(1), tokens, decode=True)
+    assert "cache" in variables
+    graph = depgraph.dependency_graph(module, tokens, variables=variables, decode=False)
+    by_name = {g.name: g for g in graph.groups}
+    up = by_name["['params']['blocks']['up']['kernel'][2]"]
+    assert up.size == 10  # one unit is the same index in all 3 layers
+    one = tuple(np.arange(g.size) != 4 if g is up else np.ones(g.size, bool) for g in graph.groups)
+    gone = ~np.asarray(
+        depgraph.weight_mask(graph, one, variables["params"])["blocks"]["up"]["kernel"]
+    )
+    assert gone.shape == (3, 6, 10) and gone[:, :, 4].all() and gone.sum() == 3 * 6
+    stream = [g for g in graph.groups if "['params']['embed']['embedding']" in dict(g.members)]
+    assert len(stream) == 1 and stream[0].size == 6  # no norm: the stream is cut exactly
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['params']['blocks']['up']['kernel']", 0)].startswith("the scanned axis")
+    keep = tuple(np.arange(g.size) % 3 != 0 for g in graph.groups)
+    result = depgraph.cut(variables, graph, keep)  # checked against the masked model
+    p = result.variables["params"]
+    assert p["blocks"]["up"]["kernel"].shape == (3, 4, 6)
+    assert p["embed"]["embedding"].shape == (7, 4)
+    assert result.variables["cache"]["index"].shape == ()  # other collections carried over
+    # 2 of the stream's 6 features (the tied embedding, every layer's down kernel and bias,
+    # up kernel rows) and 4 of 10 hidden units in each of the 3 layers: 248 of 450
+    assert _n_params(variables["params"]) - _n_params(result.variables["params"]) == 248
+    assert result.apply(tokens).shape == (2, 4, 7)
+
+
+class LinenResNet(nn.Module):
+    axis_name: str | None = "batch"
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, axis_name=self.axis_name
+        )
+        y = nn.relu(norm()(nn.Conv(4, (3, 3))(x)))
+        y = norm()(nn.Conv(4, (3, 3))(y))
+        return nn.Dense(3)(jnp.mean(nn.relu(y + x), axis=(1, 2)))
+
+
+def test_linen_resnet_takes_train_false_and_names_the_axis_name_otherwise():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+    module = LinenResNet()
+    variables = module.init(jax.random.key(1), x, train=False)
+    with pytest.raises(ValueError, match=r"collective over the axis name 'batch'.*train=False"):
+        depgraph.dependency_graph(module, x, variables=variables)
+    with pytest.raises(ValueError, match=r"updates a variable collection .*train=False"):
+        depgraph.dependency_graph(LinenResNet(axis_name=None), x, variables=variables)
+    graph = depgraph.dependency_graph(module, x, variables=variables, train=False)
+    assert sorted(g.size for g in graph.groups) == [4]
+    result = depgraph.cut(variables, graph, (np.arange(4) < 2,))  # checked
+    assert result.variables["batch_stats"]["BatchNorm_0"]["mean"].shape == (2,)
+    # the block's inner channels (its input is the model input, kept whole): 150 of 327
+    assert _n_params(variables["params"]) - _n_params(result.variables["params"]) == 150
+    assert result.apply(x, train=False).shape == (2, 3)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(4, 6, rngs=rngs)
+        self.down = nnx.Linear(6, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(nnx.relu(self.up(x)))
+
+
+class NnxStack(nnx.Module):
+    """Three blocks created by nnx.vmap (stacked variables) and applied by nnx.scan."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return NnxBlock(rngs)
+
+        self.blocks = blocks(rngs)
+        self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return self.head(body(x, self.blocks))
+
+
+def test_nnx_vmap_stack_applied_by_scan_cuts_the_same_unit_in_every_layer():
+    model = NnxStack(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    graph = depgraph.dependency_graph(model, x)
+    assert _members(graph) == [
+        [
+            ("['blocks']['down']['kernel']", 1),
+            ("['blocks']['up']['bias']", 1),
+            ("['blocks']['up']['kernel']", 2),
+        ]
+    ]
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['blocks']['up']['kernel']", 0)].startswith("the scanned axis")
+    keep = (np.arange(6) % 3 != 0,)
+    small = depgraph.cut(model, graph, keep)  # checked against the masked model
+    assert small.blocks.up.kernel.shape == (3, 4, 4) and small.blocks.down.kernel.shape == (3, 4, 4)
+    assert small.blocks.up.out_features == 4
+    # 2 of 6 hidden units in each of the 3 layers: up kernel and bias, down kernel
+    assert _n_params(model) - _n_params(small) == 3 * (2 * 4 + 2 + 2 * 4)
+
+
+class NnxEnsemble(nnx.Module):
+    """Three members created and applied by nnx.vmap: no scan, the layer axis is a batch."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def members(rngs):
+            return nnx.Linear(4, 6, rngs=rngs)
+
+        self.members = members(rngs)
+        self.head = nnx.Linear(6, 2, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.vmap(in_axes=(0, None), out_axes=0)
+        def each(member, x):
+            return nnx.relu(member(x))
+
+        return self.head(each(self.members, x).mean(axis=0))
+
+
+def test_nnx_vmap_applied_members_keep_their_layer_axis_and_say_so():
+    graph = depgraph.dependency_graph(NnxEnsemble(nnx.Rngs(0)), jnp.ones((2, 4)))
+    assert [(g.name, g.size) for g in graph.groups] == [("['members']['kernel'][2]", 6)]
+    reasons = {(f.path, f.axis): f.reason for f in graph.frozen}
+    assert reasons[("['members']['kernel']", 0)] == (
+        "axis 0 of 'kernel' (3, 4, 6): an axis the Linear at ['members'] cannot resize, a "
+        "leading axis (the layer axis of a module stacked by nnx.vmap, nnx.scan or nn.scan): "
+        "the cut keeps every layer"
+    )
