@@ -320,9 +320,10 @@ def fisher(reference: Any, tree: Any, name: str = "fisher", *, where: Any = None
             if w is not None:
                 neg &= np.asarray(w, bool)
         if neg.any():
+            low = float((leaf if spans_processes(leaf) else np.asarray(leaf)).min())
             raise ValueError(
                 f"{name} at {path} holds {int(neg.sum())} negative value(s) (min "
-                f"{float((leaf if spans_processes(leaf) else np.asarray(leaf)).min())}); a Fisher diagonal is a mean of squares, "
+                f"{low}); a Fisher diagonal is a mean of squares, "
                 "never negative. Pass the Fisher (e.g. fisher_from_state(opt_state)), not a "
                 "gradient or a difference."
             )

@@ -22,11 +22,19 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fisher_optax import _validate
 from fisher_optax._tree import check_matching, is_kernel, is_path_map, keystr, per_leaf
 from fisher_optax._types import Bits, Fisher, Mask, Params
-from fisher_optax.kmeans import HOST_INITS, Init, kmeans_rows_host
+from fisher_optax.kmeans import (
+    HOST_INITS,
+    Init,
+    _row_summaries,
+    _searchsorted_rows,
+    _solve_row_summaries,
+    kmeans_rows_host,
+)
 
 __all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
 
@@ -730,6 +738,10 @@ def quantize(
     _validate.choice(init, "init", HOST_INITS)
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     axes = _leaf_axes(axis, params, paths, leaves, flags)
+    if any(map(_validate.spans_processes, jax.tree.leaves((params, bits, fisher, mask)))):
+        return _quantize_across_processes(
+            params, bits, fisher, mask, method, init, treedef, paths, leaves, flags, axes
+        )
     if isinstance(bits, int | float | np.integer | np.floating):  # bool is an int
         b = _check_width(bits, "bits (one int for every weight)")
         bit_arrays = [np.full(np.shape(leaf), b, np.uint8) for leaf in leaves]
@@ -766,6 +778,176 @@ def quantize(
         dtypes=dtypes,
         axes=axes,
     )
+
+
+def _quantize_across_processes(
+    params, bits, fisher, mask, method, init, treedef, paths, leaves, flags, axes
+):
+    """:func:`quantize` of global arrays spread over processes (``jax.distributed``).
+
+    Every process summarises its own shards as a weighted histogram per row (distinct
+    values, summed weights, counts); the small summaries are exchanged with
+    ``process_allgather`` and merged, and every process solves the same k-means on them.
+    Codes and widths come back as global arrays with each leaf's sharding.
+    """
+    if method != "kmeans" or not isinstance(bits, int | np.integer) or isinstance(bits, bool):
+        raise ValueError(
+            "quantize on arrays spread over processes supports method='kmeans' with one "
+            f"int width, got method={method!r} and bits of type {type(bits).__name__}. "
+            "Per-weight widths (allocate_bits) and method='uniform' need whole arrays: "
+            "gather them with jax.experimental.multihost_utils.process_allgather first."
+        )
+    b = _check_width(bits, "bits (one int for every weight)")
+    kept = [None] * len(leaves)
+    if mask is not None:
+        kept = [
+            m if f else None
+            for m, f in zip(_validate.bool_leaves(params, mask), flags, strict=True)
+        ]
+    checked = [x if f else np.float32(0) for x, f in zip(leaves, flags, strict=True)]
+    _validate.finite(jax.tree.unflatten(treedef, checked), "params", where=kept)
+    weights = [None] * len(leaves)
+    if fisher is not None:
+        where = [k if f else None for k, f in zip(kept, flags, strict=True)]
+        found = _validate.fisher(params, fisher, where=where)
+        weights = [w if f else None for w, f in zip(found, flags, strict=True)]
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    out_bits, out_codes, out_books, out_raw = [], [], [], []
+    for i, leaf in enumerate(leaves):
+        if not flags[i]:
+            out_bits.append(None)
+            out_codes.append(None)
+            out_books.append({})
+            out_raw.append(_raw_copy(leaf, dtypes[i]))
+            continue
+        bmap, codes, book = _quantize_global_leaf(leaf, kept[i], weights[i], b, axes[i], init)
+        out_bits.append(bmap)
+        out_codes.append(codes)
+        out_books.append(book)
+        out_raw.append(None)
+    return QuantizedParams(
+        out_bits, out_codes, out_books, out_raw, treedef=treedef, dtypes=dtypes, axes=axes
+    )
+
+
+def _local_blocks(x, like):
+    """Per addressable shard of ``like``: ``(device, index, block of x)`` as NumPy."""
+    if x is None:
+        return [None] * len(like.addressable_shards)
+    if not isinstance(x, jax.Array) or x.sharding != like.sharding:
+        x = jax.device_put(x, like.sharding)
+    blocks = {s.device: np.asarray(s.data) for s in x.addressable_shards}
+    return [blocks[s.device] for s in like.addressable_shards]
+
+
+def _global_rows(index, shape, axis):
+    """The rows (as :func:`_as_rows` numbers them) that a shard at ``index`` holds."""
+    if axis is None:
+        return np.zeros(1, np.int64)
+    return np.arange(shape[axis])[index[axis]]
+
+
+def _allgather_rows(parts):
+    """The concatenation over processes of each process's 1-D arrays (same dtypes)."""
+    n = int(np.max(multihost_utils.process_allgather(np.int64(parts[0].size))))
+    padded = [np.concatenate([p, np.zeros(n - p.size, p.dtype)]) for p in parts]
+    sizes = multihost_utils.process_allgather(np.int64(parts[0].size))
+    gathered = multihost_utils.process_allgather(tuple(padded))
+    return [np.concatenate([g[j, : sizes[j]] for j in range(len(sizes))]) for g in gathered]
+
+
+def _quantize_global_leaf(x, kept, weights, width, axis, init):
+    """Widths, codes (global arrays shaped like ``x``) and ``{width: book}`` of one leaf."""
+    shards = x.addressable_shards
+    xs = [np.asarray(s.data, np.float64) for s in shards]
+    ks = [
+        np.ones(v.shape, bool) if k is None else k
+        for v, k in zip(xs, _local_blocks(kept, x), strict=True)
+    ]
+    ws = _local_blocks(weights, x)
+    rows = [_global_rows(s.index, x.shape, axis) for s in shards]
+    num_rows = 1 if axis is None else x.shape[axis]
+    # Each element once over all processes: only the shards of replica 0 are summarised.
+    own = [s.replica_id == 0 for s in shards]
+    if weights is not None:
+        # _lift_zero_weights over the whole row: its smallest positive weight, all processes.
+        low = np.full(num_rows, np.inf)
+        for r, v, k, o in zip(rows, ws, ks, own, strict=True):
+            if o:
+                pos = np.where(
+                    _as_rows(k, axis) & (_as_rows(v, axis) > 0), _as_rows(v, axis), np.inf
+                )
+                np.minimum.at(low, r, pos.min(1, initial=np.inf))
+        low = multihost_utils.process_allgather(low).min(0)
+        ws = [
+            np.where(
+                k & (v <= 0) & np.isfinite(low[r]).reshape(_row_shape(r, v.shape, axis)),
+                np.broadcast_to(low[r].reshape(_row_shape(r, v.shape, axis)), v.shape) * 1e-9,
+                v.astype(np.float64),
+            )
+            for r, v, k in zip(rows, ws, ks, strict=True)
+        ]
+    parts = [[], [], [], []]  # row, value, weight sum, count
+    for r, v, k, w, o in zip(rows, xs, ks, ws, own, strict=True):
+        if not o:
+            continue
+        wr = np.ones(_as_rows(v, axis).shape) if w is None else _as_rows(w, axis)
+        u, wu, nu, m, _ = _row_summaries(_as_rows(v, axis), wr, _as_rows(k, axis))
+        real = np.arange(u.shape[1]) < m[:, None]
+        parts[0].append(np.broadcast_to(r[:, None], u.shape)[real])
+        for j, a in enumerate((u, wu, nu), 1):
+            parts[j].append(a[real])
+    parts = [
+        np.concatenate(p) if p else np.zeros(0, t)
+        for p, t in zip(parts, (np.int64, float, float, float), strict=True)
+    ]
+    row, value, wsum, count = _allgather_rows(parts)
+    # Merge equal (row, value) pairs; a stable sort keeps the processes' order in the sums.
+    order = np.lexsort((value, row))
+    row, value, wsum, count = row[order], value[order], wsum[order], count[order]
+    new = np.ones(row.size, bool)
+    new[1:] = (row[1:] != row[:-1]) | (value[1:] != value[:-1])
+    gid = np.cumsum(new) - 1
+    m = np.bincount(row[new], minlength=num_rows)
+    widest = max(int(m.max(initial=0)), 1)
+    col = gid - np.concatenate([[0], np.cumsum(m)])[row]
+    u = np.full((num_rows, widest), np.inf)
+    u[row[new], col[new]] = value[new]
+    wu = np.zeros((num_rows, widest))
+    nu = np.zeros((num_rows, widest))
+    np.add.at(wu, (row, col), wsum)
+    np.add.at(nu, (row, col), count)
+    c, counts, a_u = _solve_row_summaries(u, wu, nu, m, 2**width, init)
+    code_dtype = np.uint8 if width <= 8 else np.uint16
+    code_blocks, bit_blocks = [], []
+    for s, r, v, k in zip(shards, rows, xs, ks, strict=True):
+        vr = _as_rows(v, axis)
+        uid = _searchsorted_rows(u[r], np.where(_as_rows(k, axis), vr, -np.inf), "left")
+        uid = np.minimum(uid, widest - 1)
+        a = np.where(_as_rows(k, axis), np.take_along_axis(a_u[r], uid, 1), 0)
+        code_blocks.append(
+            jax.device_put(_from_rows(a, v.shape, axis).astype(code_dtype), s.device)
+        )
+        bit_blocks.append(jax.device_put(np.where(k, width, 0).astype(np.uint8), s.device))
+    book_dtype = np.float64 if x.dtype == np.float64 else np.float32
+    books = {}
+    if counts.max(initial=0) > 0:
+        books[width] = (c[0, : counts[0]] if axis is None else c).astype(book_dtype)
+    make = jax.make_array_from_single_device_arrays
+    return (
+        make(x.shape, x.sharding, bit_blocks),
+        make(x.shape, x.sharding, code_blocks),
+        books,
+    )
+
+
+def _row_shape(rows, shape, axis):
+    """The shape that broadcasts one value per row of a block (see :func:`_as_rows`)."""
+    if axis is None:
+        return (1,) * len(shape)
+    out = [1] * len(shape)
+    out[axis] = rows.size
+    return tuple(out)
 
 
 def _raw_copy(leaf, dtype):
@@ -964,7 +1146,8 @@ def dequantize(q: QuantizedParams) -> Params:
     traced = any(
         not _validate.is_concrete(x) for x in jax.tree.leaves((q.bits, q.codes, q.codebooks))
     )
-    xp = jnp if traced else np
+    spread = any(map(_validate.spans_processes, jax.tree.leaves((q.bits, q.codes))))
+    xp = jnp if traced or spread else np
     leaves = []
     for bits, codes, books, raw, dtype, axis in zip(
         q.bits, q.codes, q.codebooks, q.raw, q.dtypes, q.axes, strict=True
@@ -972,6 +1155,7 @@ def dequantize(q: QuantizedParams) -> Params:
         if bits is None:  # a NumPy leaf is copied: editing the result leaves q as it was
             leaves.append(raw.copy() if isinstance(raw, np.ndarray) else raw)
             continue
+        codes_sharding = getattr(codes, "sharding", None)
         bits, codes = xp.asarray(bits), xp.asarray(codes).astype(xp.int32)
         out = xp.zeros(bits.shape, xp.float64 if dtype == "float64" else xp.float32)
         if axis is not None:  # row c of a book belongs to slice c along the axis
@@ -986,5 +1170,7 @@ def dequantize(q: QuantizedParams) -> Params:
             value = book[index] if axis is None else book[channel, index]
             out = xp.where(bits == b, value, out)
         out = out.astype(jnp.dtype(dtype))
-        leaves.append(out if traced else jax.device_put(out))
+        if spread:  # back onto the layout the codes have (that of the quantized leaf)
+            out = jax.device_put(out, codes_sharding)
+        leaves.append(out if traced or spread else jax.device_put(out))
     return jax.tree.unflatten(q.treedef, leaves)
