@@ -32,7 +32,9 @@ import constriction
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from fisher_optax import _validate
 from fisher_optax._tree import keystr, strip_value
 from fisher_optax.quantize import MAX_BITS, QuantizedParams
 
@@ -647,6 +649,10 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
     Returns:
       The number of bytes written; equal to ``compression_report(q).total_bytes``.
 
+    With ``jax.distributed`` and leaves that span processes, every process calls it: the
+    codes are gathered (the file holds them all), process 0 writes the file, and every
+    process returns once it is in place.
+
     Raises:
       TypeError: if ``q`` is not a :class:`~fisher_optax.QuantizedParams`.
       ValueError: on a dict key that is neither str nor int, or a raw leaf whose dtype
@@ -670,9 +676,27 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
       Statistician's Perspective (the ``constriction`` library). 2022.
       https://arxiv.org/abs/2201.01741
     """
-    data, _ = _encode(q)
-    _write_atomically(path, data)
+    if not any(map(_validate.spans_processes, jax.tree.leaves((q.bits, q.codes, q.raw)))):
+        data, _ = _encode(q)
+        _write_atomically(path, data)
+        return len(data)
+    # Multi-host: the codes are gathered to every process (the file holds them all), process
+    # 0 writes, and every process waits until the file is in place before it returns.
+    whole = jax.tree.map(_host_value, q)
+    data, _ = _encode(whole)
+    try:
+        if jax.process_index() == 0:
+            _write_atomically(path, data)
+    finally:  # a failed write still reaches the barrier: no process waits forever
+        multihost_utils.sync_global_devices("fisher_optax.save_compressed")
     return len(data)
+
+
+def _host_value(x):
+    """``x`` as a NumPy array on this process, gathered from every process if it spans them."""
+    if _validate.spans_processes(x):
+        return multihost_utils.process_allgather(x, tiled=True)
+    return x
 
 
 def _write_atomically(path: str | os.PathLike, data: bytes) -> None:
