@@ -341,8 +341,8 @@ def allocate_bits(
         non-finite weight where it is used, a budget below ``min(bit_widths)``,
         ``granularity="layer"`` or ``"channel"`` without a budget, ``"channel"`` without
         ``axis`` (or ``axis`` with another granularity), an ``axis`` out of range,
-        ``entry_bits`` with ``granularity="weight"``, or a budget that cannot pay for the
-        smallest width and its codebook everywhere.
+        ``entry_bits`` with ``granularity="weight"``, a budget that cannot pay for the
+        smallest width and its codebook everywhere, or arrays that span processes.
       TypeError: on a mask that is not boolean, a width that is not an int (a bool or a
         float), or traced inputs (this runs on the host).
 
@@ -365,6 +365,13 @@ def allocate_bits(
     widths_desc, average_bits, entry_bits = _check_allocation(
         fisher, bit_widths, average_bits, scope, granularity, axis, entry_bits
     )
+    if any(map(_validate.spans_processes, jax.tree.leaves((params, fisher, mask)))):
+        raise ValueError(
+            "allocate_bits needs whole arrays on one process, got arrays that span "
+            "processes (jax.distributed). Gather the Fisher and the mask first, e.g. "
+            "jax.experimental.multihost_utils.process_allgather(fisher, tiled=True), and "
+            "quantize with one int width on the global arrays."
+        )
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     kept = _kept_masks(params, mask, leaves, flags)
     fish = _check_values(params, fisher, treedef, leaves, flags, kept)
@@ -681,6 +688,14 @@ def quantize(
     This runs once, on the host, in NumPy: there is nothing to compile (the first call
     costs what later calls cost) and ``params`` and ``bits`` must be concrete.
 
+    On global arrays that span processes (``jax.distributed``), every process calls it
+    with one int ``bits`` and ``method="kmeans"``: each summarises its own shards as a
+    weighted histogram per group (distinct values, summed Fisher, counts), the summaries
+    are exchanged (never the weights) and every process solves the same k-means. Codes and
+    widths are global arrays with each leaf's sharding; the codebooks equal the
+    single-process ones (Fisher sums of a value repeated on several processes may differ
+    in the last bit, being added in another order).
+
     Args:
       params: a pytree of arrays (a dict, an ``nnx.State``, Linen's variables with
         ``batch_stats``...).
@@ -708,7 +723,8 @@ def quantize(
       ValueError: on bits outside ``1..16`` (0 only inside a bits tree), an unknown
         ``method`` or ``init``, a tree that does not match ``params``, a non-finite kept
         weight, a negative or non-finite Fisher on a kept weight, or an ``axis`` out of
-        range for a leaf (or naming a path that is missing or stored raw).
+        range for a leaf (or naming a path that is missing or stored raw); on arrays that
+        span processes, a ``bits`` tree or ``method="uniform"``.
       TypeError: on traced or non-integer bits (a bool or a float), traced params, a
         non-bool mask, or a non-float leaf selected by ``quantizable``.
 
