@@ -846,8 +846,74 @@ def _quantize_across_processes(
     )
 
 
+def _quantize_global_leaf(x, kept, weights, width, axis, init):
+    """Widths, codes (global arrays shaped like ``x``) and ``{width: book}`` of one leaf.
+
+    Equal to the single-process result: the merged histogram holds the same distinct
+    values, counts and summed weights. A value's weights are summed where its entries lie
+    in one shard (a shard keeps the leaf's order); a value found in several shards has its
+    few entries exchanged and summed in the leaf's order, as one process sums them.
+    """
+    shards = x.addressable_shards
+    num_rows = 1 if axis is None else x.shape[axis]
+    blocks = []  # per shard: its global rows, values, valid entries, weights (as rows)
+    for s, k, w in zip(shards, _local_blocks(kept, x), _local_blocks(weights, x), strict=True):
+        v = _as_rows(np.asarray(s.data, np.float64), axis)
+        ok = np.ones(v.shape, bool) if k is None else _as_rows(k, axis)
+        wr = np.ones(v.shape) if w is None else _as_rows(np.asarray(w, np.float64), axis)
+        blocks.append((_global_rows(s.index, x.shape, axis), v, ok, wr))
+    # Each element once over all processes: only the shards of replica 0 are summarised.
+    own = [s.replica_id == 0 for s in shards]
+    if weights is not None:
+        blocks = _lift_zero_weights_global(blocks, own, num_rows)
+    parts = [[], [], [], []]  # per shard and distinct value: row, value, weight sum, count
+    for (r, v, ok, w), o in zip(blocks, own, strict=True):
+        if o:
+            u, wu, nu, m, _ = _row_summaries(v, w, ok)
+            real = np.arange(u.shape[1]) < m[:, None]
+            for j, a in enumerate((np.broadcast_to(r[:, None], u.shape), u, wu, nu)):
+                parts[j].append(a[real])
+    row, value, wsum, count = _allgather_parts(parts, (np.int64, float, float, float))
+    order = np.lexsort((value, row))  # stable: entries of one value keep the shards' order
+    row, value, wsum, count = row[order], value[order], wsum[order], count[order]
+    new = np.ones(row.size, bool)
+    new[1:] = (row[1:] != row[:-1]) | (value[1:] != value[:-1])
+    gid = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    m = np.bincount(row[first], minlength=num_rows)
+    widest = max(int(m.max(initial=0)), 1)
+    offsets = np.concatenate([[0], np.cumsum(m)[:-1]])
+    u = np.full((num_rows, widest), np.inf)
+    u[row[first], np.arange(first.size) - offsets[row[first]]] = value[first]
+    group_sum = wsum[first]
+    split = np.bincount(gid, minlength=first.size) > 1
+    if split.any():  # the same decision on every process: all gathered the same entries
+        group_sum = np.where(split, _split_sums(x, blocks, own, u, offsets, split, axis), group_sum)
+    wu = np.zeros((num_rows, widest))
+    nu = np.zeros((num_rows, widest))
+    cols = np.arange(first.size) - offsets[row[first]]
+    wu[row[first], cols] = group_sum
+    nu[row[first], cols] = np.bincount(gid, count, minlength=first.size)
+    c, counts, a_u = _solve_row_summaries(u, wu, nu, m, 2**width, init)
+    code_dtype = np.uint8 if width <= 8 else np.uint16
+    code_blocks, bit_blocks = [], []
+    for s, (r, v, ok, _) in zip(shards, blocks, strict=True):
+        col = np.minimum(_searchsorted_rows(u[r], np.where(ok, v, -np.inf), "left"), widest - 1)
+        a = np.where(ok, np.take_along_axis(a_u[r], col, 1), 0)
+        shape = s.data.shape
+        code_blocks.append(jax.device_put(_from_rows(a, shape, axis).astype(code_dtype), s.device))
+        bits = np.where(_from_rows(ok, shape, axis), width, 0).astype(np.uint8)
+        bit_blocks.append(jax.device_put(bits, s.device))
+    book_dtype = np.float64 if x.dtype == np.float64 else np.float32
+    books = {}
+    if counts.max(initial=0) > 0:
+        books[width] = (c[0, : counts[0]] if axis is None else c).astype(book_dtype)
+    make = jax.make_array_from_single_device_arrays
+    return make(x.shape, x.sharding, bit_blocks), make(x.shape, x.sharding, code_blocks), books
+
+
 def _local_blocks(x, like):
-    """Per addressable shard of ``like``: ``(device, index, block of x)`` as NumPy."""
+    """Per addressable shard of ``like``: the block of ``x`` it holds, as NumPy."""
     if x is None:
         return [None] * len(like.addressable_shards)
     if not isinstance(x, jax.Array) or x.sharding != like.sharding:
@@ -863,107 +929,76 @@ def _global_rows(index, shape, axis):
     return np.arange(shape[axis])[index[axis]]
 
 
-def _allgather_rows(parts):
-    """The concatenation over processes of each process's 1-D arrays (same dtypes)."""
-    n = int(np.max(multihost_utils.process_allgather(np.int64(parts[0].size))))
-    padded = [np.concatenate([p, np.zeros(n - p.size, p.dtype)]) for p in parts]
-    sizes = multihost_utils.process_allgather(np.int64(parts[0].size))
-    gathered = multihost_utils.process_allgather(tuple(padded))
+def _positions(index, shape, axis):
+    """Each entry's position in its row of the whole leaf (:func:`_as_rows`), shaped like
+    the shard at ``index``."""
+    ranges = [np.arange(n)[i] for n, i in zip(shape, index, strict=True)]
+    block_shape = tuple(r.size for r in ranges)
+    if axis is not None:
+        ranges = ranges[:axis] + ranges[axis + 1 :]
+        shape = shape[:axis] + shape[axis + 1 :]
+    if not ranges:
+        return np.zeros(block_shape, np.int64)
+    coords = np.meshgrid(*ranges, indexing="ij")
+    flat = np.ravel_multi_index(coords, shape)
+    if axis is not None:  # the axis's own coordinate does not move the position
+        flat = np.broadcast_to(np.expand_dims(flat, axis), block_shape)
+    return flat
+
+
+def _allgather_parts(parts, dtypes):
+    """Per list of 1-D arrays in ``parts``: their concatenation over shards and processes."""
+    local = [
+        np.concatenate(p).astype(t) if p else np.zeros(0, t)
+        for p, t in zip(parts, dtypes, strict=True)
+    ]
+    sizes = multihost_utils.process_allgather(np.int64(local[0].size))
+    n = int(sizes.max())
+    padded = [np.concatenate([a, np.zeros(n - a.size, a.dtype)]) for a in local]
+    gathered = [_allgather_bits(a) for a in padded]
     return [np.concatenate([g[j, : sizes[j]] for j in range(len(sizes))]) for g in gathered]
 
 
-def _quantize_global_leaf(x, kept, weights, width, axis, init):
-    """Widths, codes (global arrays shaped like ``x``) and ``{width: book}`` of one leaf."""
-    shards = x.addressable_shards
-    xs = [np.asarray(s.data, np.float64) for s in shards]
-    ks = [
-        np.ones(v.shape, bool) if k is None else k
-        for v, k in zip(xs, _local_blocks(kept, x), strict=True)
-    ]
-    ws = _local_blocks(weights, x)
-    rows = [_global_rows(s.index, x.shape, axis) for s in shards]
-    num_rows = 1 if axis is None else x.shape[axis]
-    # Each element once over all processes: only the shards of replica 0 are summarised.
-    own = [s.replica_id == 0 for s in shards]
-    if weights is not None:
-        # _lift_zero_weights over the whole row: its smallest positive weight, all processes.
-        low = np.full(num_rows, np.inf)
-        for r, v, k, o in zip(rows, ws, ks, own, strict=True):
-            if o:
-                pos = np.where(
-                    _as_rows(k, axis) & (_as_rows(v, axis) > 0), _as_rows(v, axis), np.inf
-                )
-                np.minimum.at(low, r, pos.min(1, initial=np.inf))
-        low = multihost_utils.process_allgather(low).min(0)
-        ws = [
-            np.where(
-                k & (v <= 0) & np.isfinite(low[r]).reshape(_row_shape(r, v.shape, axis)),
-                np.broadcast_to(low[r].reshape(_row_shape(r, v.shape, axis)), v.shape) * 1e-9,
-                v.astype(np.float64),
-            )
-            for r, v, k in zip(rows, ws, ks, strict=True)
-        ]
-    parts = [[], [], [], []]  # row, value, weight sum, count
-    for r, v, k, w, o in zip(rows, xs, ks, ws, own, strict=True):
+def _allgather_bits(a):
+    """Every process's NumPy array ``a`` (same shape and dtype), stacked, bit for bit.
+
+    ``process_allgather`` moves values through jax arrays, which narrow 64-bit values to
+    32 bits unless x64 is on; the bits travel as ``uint32`` words instead.
+    """
+    words = np.ascontiguousarray(a).reshape(-1).view(np.uint32)
+    out = np.asarray(multihost_utils.process_allgather(words))
+    return out.view(a.dtype).reshape(out.shape[0], *a.shape)
+
+
+def _split_sums(x, blocks, own, u, offsets, split, axis):
+    """Summed weights of the values found in several shards, in the leaf's order."""
+    parts = [[], [], []]  # group, position in the row, weight
+    for s, (r, v, ok, w), o in zip(x.addressable_shards, blocks, own, strict=True):
         if not o:
             continue
-        wr = np.ones(_as_rows(v, axis).shape) if w is None else _as_rows(w, axis)
-        u, wu, nu, m, _ = _row_summaries(_as_rows(v, axis), wr, _as_rows(k, axis))
-        real = np.arange(u.shape[1]) < m[:, None]
-        parts[0].append(np.broadcast_to(r[:, None], u.shape)[real])
-        for j, a in enumerate((u, wu, nu), 1):
-            parts[j].append(a[real])
-    parts = [
-        np.concatenate(p) if p else np.zeros(0, t)
-        for p, t in zip(parts, (np.int64, float, float, float), strict=True)
+        col = np.minimum(_searchsorted_rows(u[r], np.where(ok, v, -np.inf), "left"), u.shape[1] - 1)
+        group = offsets[r][:, None] + col
+        take = ok & split[np.where(ok, group, 0)]
+        pos = _as_rows(_positions(s.index, x.shape, axis), axis)
+        for j, a in enumerate((group, pos, w)):
+            parts[j].append(a[take])
+    group, pos, w = _allgather_parts(parts, (np.int64, np.int64, float))
+    order = np.lexsort((pos, group))
+    # bincount adds in input order, from 0: the order one process's bincount uses.
+    return np.bincount(group[order], w[order], minlength=split.size)
+
+
+def _lift_zero_weights_global(blocks, own, num_rows):
+    """:func:`_lift_zero_weights` on rows spread over shards and processes."""
+    low = np.full(num_rows, np.inf)
+    for (r, _, ok, w), o in zip(blocks, own, strict=True):
+        if o:
+            np.minimum.at(low, r, np.where(ok & (w > 0), w, np.inf).min(1, initial=np.inf))
+    low = _allgather_bits(low).min(0)[:, None]
+    return [
+        (r, v, ok, np.where(ok & ~(w > 0) & np.isfinite(low[r]), low[r] * 1e-9, w))
+        for r, v, ok, w in blocks
     ]
-    row, value, wsum, count = _allgather_rows(parts)
-    # Merge equal (row, value) pairs; a stable sort keeps the processes' order in the sums.
-    order = np.lexsort((value, row))
-    row, value, wsum, count = row[order], value[order], wsum[order], count[order]
-    new = np.ones(row.size, bool)
-    new[1:] = (row[1:] != row[:-1]) | (value[1:] != value[:-1])
-    gid = np.cumsum(new) - 1
-    m = np.bincount(row[new], minlength=num_rows)
-    widest = max(int(m.max(initial=0)), 1)
-    col = gid - np.concatenate([[0], np.cumsum(m)])[row]
-    u = np.full((num_rows, widest), np.inf)
-    u[row[new], col[new]] = value[new]
-    wu = np.zeros((num_rows, widest))
-    nu = np.zeros((num_rows, widest))
-    np.add.at(wu, (row, col), wsum)
-    np.add.at(nu, (row, col), count)
-    c, counts, a_u = _solve_row_summaries(u, wu, nu, m, 2**width, init)
-    code_dtype = np.uint8 if width <= 8 else np.uint16
-    code_blocks, bit_blocks = [], []
-    for s, r, v, k in zip(shards, rows, xs, ks, strict=True):
-        vr = _as_rows(v, axis)
-        uid = _searchsorted_rows(u[r], np.where(_as_rows(k, axis), vr, -np.inf), "left")
-        uid = np.minimum(uid, widest - 1)
-        a = np.where(_as_rows(k, axis), np.take_along_axis(a_u[r], uid, 1), 0)
-        code_blocks.append(
-            jax.device_put(_from_rows(a, v.shape, axis).astype(code_dtype), s.device)
-        )
-        bit_blocks.append(jax.device_put(np.where(k, width, 0).astype(np.uint8), s.device))
-    book_dtype = np.float64 if x.dtype == np.float64 else np.float32
-    books = {}
-    if counts.max(initial=0) > 0:
-        books[width] = (c[0, : counts[0]] if axis is None else c).astype(book_dtype)
-    make = jax.make_array_from_single_device_arrays
-    return (
-        make(x.shape, x.sharding, bit_blocks),
-        make(x.shape, x.sharding, code_blocks),
-        books,
-    )
-
-
-def _row_shape(rows, shape, axis):
-    """The shape that broadcasts one value per row of a block (see :func:`_as_rows`)."""
-    if axis is None:
-        return (1,) * len(shape)
-    out = [1] * len(shape)
-    out[axis] = rows.size
-    return tuple(out)
 
 
 def _raw_copy(leaf, dtype):

@@ -1,0 +1,147 @@
+"""Two JAX processes on localhost (``jax.distributed``, gloo, 2 CPU devices each, one 2x2
+mesh): every public function on global arrays that span both processes equals the
+single-process result on the same values.
+
+One subprocess pair runs everything (``tests/multihost_worker.py``); this session computes
+the single-process results.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import fisher_optax as fo
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+TIMEOUT_S = 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _values() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shapes = {"dense": (8, 12), "conv": (4, 4, 2, 6)}
+    out = {}
+    for name, shape in shapes.items():
+        w = rng.normal(size=shape).astype(np.float32)
+        if name == "dense":  # repeated values, in shards of both processes, and ties
+            w = np.round(w, 1)
+        f = (rng.random(shape) ** 4 * (rng.random(shape) > 0.2)).astype(np.float32)
+        out[f"params/{name}"] = w
+        out[f"fisher/{name}"] = f
+        out[f"mask/{name}"] = rng.random(shape) > 0.3
+    return out
+
+
+def _gloo_available() -> bool:
+    try:
+        from jax._src.lib import _jax  # noqa: F401
+
+        return hasattr(_jax, "make_gloo_tcp_collectives")
+    except ImportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    if not _gloo_available():
+        pytest.skip("this jaxlib has no gloo CPU collectives (needed for two processes)")
+    folder = tmp_path_factory.mktemp("multihost")
+    values = _values()
+    np.savez(folder / "values.npz", **values)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]),
+    )
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(i), port, str(folder)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i} failed:\n{logs[i][-3000:] if i < len(logs) else ''}"
+    out = []
+    for i in range(2):
+        with np.load(folder / f"process{i}.npz") as f:
+            arrays = dict(f)
+        with open(folder / f"process{i}.json") as f:
+            out.append((arrays, json.load(f)))
+    return values, out
+
+
+def _tree(values, prefix):
+    return {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+
+
+def _single_process(values):
+    """The results of the worker's calls, on one process, on the same values."""
+    params, fisher, mask = (_tree(values, p) for p in ("params/", "fisher/", "mask/"))
+    want = {}
+
+    def record(name, tree):
+        for k, v in tree.items():
+            want[f"{name}/{k}"] = np.asarray(v)
+
+    opt = optax.adam(1e-2)
+    _, state = opt.update(params, opt.init(params), params)
+    record("fisher_from_state", fo.fisher_from_state(state))
+    record("saliency", fo.scores(params, "saliency", fisher=fisher))
+    record("select", fo.select(fo.scores(params, "magnitude"), 0.6))
+    record("magnitude_mask", fo.magnitude_mask(params, 0.5))
+    record("two_stage_mask", fo.two_stage_mask(params, 0.7, fisher=fisher))
+    for axis in (None, -1):
+        q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=axis)
+        record(f"dequantize_{axis}", fo.dequantize(q))
+        for k, book in zip(q.paths, q.codebooks, strict=True):
+            for width, b in book.items():
+                want[f"codebook_{axis}/{k}/{width}"] = b
+    record("loaded", fo.dequantize(q))
+    return want, fo.save_compressed(os.devnull, q)
+
+
+def test_two_processes_equal_one(run):
+    values, out = run
+    want, size = _single_process(values)
+    for arrays, info in out:
+        assert sorted(arrays) == sorted(want)
+        for name, w in want.items():
+            np.testing.assert_array_equal(arrays[name], w, err_msg=name)
+            assert arrays[name].dtype == w.dtype, name
+        assert all(info["spans"]), "the worker's results must be global arrays"
+        assert all(info["sharding_kept"])
+        assert info["bytes"] == info["file_bytes"] == size
+
+
+def test_two_processes_refusals_name_the_workaround(run):
+    for _, info in run[1]:
+        assert "allocate_bits needs whole arrays" in info["errors"]["allocate_bits"]
+        assert "process_allgather" in info["errors"]["allocate_bits"]
+        assert "method='kmeans' with one int width" in info["errors"]["uniform"]
