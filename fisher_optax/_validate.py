@@ -34,7 +34,7 @@ def spans_processes(x: Any) -> bool:
     NumPy cannot read such an array: checks on it run as jax reductions, whose scalar
     results every process holds.
     """
-    return isinstance(x, jax.Array) and not x.is_fully_addressable
+    return is_concrete(x) and isinstance(x, jax.Array) and not x.is_fully_addressable
 
 
 def _is_bool(x: Any) -> bool:

@@ -676,7 +676,10 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
       Statistician's Perspective (the ``constriction`` library). 2022.
       https://arxiv.org/abs/2201.01741
     """
-    if not any(map(_validate.spans_processes, jax.tree.leaves((q.bits, q.codes, q.raw)))):
+    spread = isinstance(q, QuantizedParams) and any(
+        map(_validate.spans_processes, jax.tree.leaves(q))
+    )
+    if not spread:
         data, _ = _encode(q)
         _write_atomically(path, data)
         return len(data)
