@@ -38,21 +38,34 @@ def main(process_id: int, port: int, folder: str) -> None:
     def spread(prefix, sharding=rows_cols):
         out = {}
         for name, v in values.items():
-            if name.startswith(prefix):
+            if name.startswith(prefix) and not name.endswith("/small"):
                 out[name[len(prefix) :]] = jax.make_array_from_callback(
                     v.shape, sharding, lambda i, v=v: v[i]
                 )
         return out
 
     params, fisher, mask = spread("params/"), spread("fisher/"), spread("mask/")
+    # A leaf every process holds whole (NumPy) among the global ones.
+    for tree, prefix in ((params, "params/"), (fisher, "fisher/"), (mask, "mask/")):
+        tree["small"] = values[prefix + "small"]
     # The mask laid out differently from params: quantize must align the shards.
-    mask = {k: jax.device_put(v, NamedSharding(mesh, P("y", None))) for k, v in mask.items()}
+    mask = {
+        k: jax.device_put(v, NamedSharding(mesh, P("y", None))) if k != "small" else v
+        for k, v in mask.items()
+    }
     got, info = {}, {"spans": [], "sharding_kept": [], "errors": {}}
 
     def record(name, tree):
         for k, v in tree.items():
-            info["spans"].append(not v.is_fully_addressable)
-            got[f"{name}/{k}"] = multihost_utils.process_allgather(v, tiled=True)
+            if k != "small":
+                info["spans"].append(not v.is_fully_addressable)
+                v = multihost_utils.process_allgather(v, tiled=True)
+            got[f"{name}/{k}"] = np.asarray(v)
+
+    def record_books(name, q):
+        for k, book in zip(q.paths, q.codebooks, strict=True):
+            for width, b in book.items():
+                got[f"{name}/{k}/{width}"] = b
 
     opt = optax.adam(1e-2)
     state = opt.init(params)
@@ -63,23 +76,35 @@ def main(process_id: int, port: int, folder: str) -> None:
     record("select", fo.select(fo.scores(params, "magnitude"), 0.6))
     record("magnitude_mask", fo.magnitude_mask(params, 0.5))
     record("two_stage_mask", fo.two_stage_mask(params, 0.7, fisher=fisher))
-    for axis in (None, -1):
-        q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=axis)
+    bits = fo.allocate_bits(params, fisher=fisher, mask=mask, average_bits=3, scope="layer")
+    record("allocate_bits", bits)
+    runs = {
+        "kmeans_None": dict(bits=2, fisher=fisher, mask=mask),
+        "kmeans_-1": dict(bits=2, fisher=fisher, mask=mask, axis=-1),
+        "bits_tree": dict(bits=bits, fisher=fisher),
+        "uniform": dict(bits=3, mask=mask, axis=-1, method="uniform"),
+    }
+    for name, kwargs in runs.items():
+        q = fo.quantize(params, **kwargs)
         deq = fo.dequantize(q)
-        info["sharding_kept"] += [deq[k].sharding == params[k].sharding for k in params]
-        record(f"dequantize_{axis}", deq)
-        for k, book in zip(q.paths, q.codebooks, strict=True):
-            for width, b in book.items():
-                got[f"codebook_{axis}/{k}/{width}"] = b
+        info["sharding_kept"] += [
+            deq[k].sharding == params[k].sharding for k in params if k != "small"
+        ]
+        record(f"dequantize_{name}", deq)
+        record_books(f"codebook_{name}", q)
+    q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
     path = os.path.join(folder, "model.fq")
     info["bytes"] = fo.save_compressed(path, q)
     info["file_bytes"] = os.path.getsize(path)
-    loaded = jax.device_put(fo.dequantize(fo.load_compressed(path)), rows_cols)
-    info["sharding_kept"] += [v.sharding == rows_cols for v in loaded.values()]
+    layout = {k: v.sharding for k, v in params.items() if k != "small"}
+    loaded = fo.dequantize(fo.load_compressed(path))
+    loaded = {k: jax.device_put(v, layout.get(k)) for k, v in loaded.items()}
+    info["sharding_kept"] += [loaded[k].sharding == s for k, s in layout.items()]
     record("loaded", loaded)
     for name, call in {
-        "allocate_bits": lambda: fo.allocate_bits(params, fisher=fisher, average_bits=2),
-        "uniform": lambda: fo.quantize(params, 2, method="uniform"),
+        "allocate_layer": lambda: fo.allocate_bits(
+            params, fisher=fisher, average_bits=2, granularity="layer"
+        ),
     }.items():
         try:
             call()

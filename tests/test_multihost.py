@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import optax
 import pytest
@@ -31,7 +30,7 @@ def _free_port() -> int:
 
 def _values() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    shapes = {"dense": (8, 12), "conv": (4, 4, 2, 6)}
+    shapes = {"dense": (8, 12), "conv": (4, 4, 2, 6), "small": (3, 4)}
     out = {}
     for name, shape in shapes.items():
         w = rng.normal(size=shape).astype(np.float32)
@@ -46,7 +45,7 @@ def _values() -> dict[str, np.ndarray]:
 
 def _gloo_available() -> bool:
     try:
-        from jax._src.lib import _jax  # noqa: F401
+        from jax._src.lib import _jax
 
         return hasattr(_jax, "make_gloo_tcp_collectives")
     except ImportError:
@@ -117,12 +116,21 @@ def _single_process(values):
     record("select", fo.select(fo.scores(params, "magnitude"), 0.6))
     record("magnitude_mask", fo.magnitude_mask(params, 0.5))
     record("two_stage_mask", fo.two_stage_mask(params, 0.7, fisher=fisher))
-    for axis in (None, -1):
-        q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=axis)
-        record(f"dequantize_{axis}", fo.dequantize(q))
+    bits = fo.allocate_bits(params, fisher=fisher, mask=mask, average_bits=3, scope="layer")
+    record("allocate_bits", bits)
+    runs = {
+        "kmeans_None": dict(bits=2, fisher=fisher, mask=mask),
+        "kmeans_-1": dict(bits=2, fisher=fisher, mask=mask, axis=-1),
+        "bits_tree": dict(bits=bits, fisher=fisher),
+        "uniform": dict(bits=3, mask=mask, axis=-1, method="uniform"),
+    }
+    for name, kwargs in runs.items():
+        q = fo.quantize(params, **kwargs)
+        record(f"dequantize_{name}", fo.dequantize(q))
         for k, book in zip(q.paths, q.codebooks, strict=True):
             for width, b in book.items():
-                want[f"codebook_{axis}/{k}/{width}"] = b
+                want[f"codebook_{name}/{k}/{width}"] = b
+    q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
     record("loaded", fo.dequantize(q))
     return want, fo.save_compressed(os.devnull, q)
 
@@ -140,8 +148,8 @@ def test_two_processes_equal_one(run):
         assert info["bytes"] == info["file_bytes"] == size
 
 
-def test_two_processes_refusals_name_the_workaround(run):
+def test_two_processes_refuse_saliency_sums_naming_the_workaround(run):
     for _, info in run[1]:
-        assert "allocate_bits needs whole arrays" in info["errors"]["allocate_bits"]
-        assert "process_allgather" in info["errors"]["allocate_bits"]
-        assert "method='kmeans' with one int width" in info["errors"]["uniform"]
+        message = info["errors"]["allocate_layer"]
+        assert "granularity='layer' on arrays that span processes" in message
+        assert "granularity='weight'" in message and "process_allgather" in message
