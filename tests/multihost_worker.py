@@ -3,8 +3,8 @@
 ``python tests/multihost_worker.py PROCESS_ID PORT FOLDER``: joins a ``jax.distributed``
 run of two processes on localhost (2 CPU devices each, gloo collectives, one 2x2 mesh),
 reads the values from ``FOLDER/values.npz``, runs the public functions on global arrays
-built from them, and writes what it got to ``FOLDER/process<i>.npz`` (whole arrays,
-gathered) and ``FOLDER/process<i>.json`` (shardings kept, error messages).
+built from them, and writes what it got to ``FOLDER/process<i>.npz`` (what it holds
+of each result) and ``FOLDER/process<i>.json`` (shardings kept, error messages).
 """
 
 import json
@@ -24,7 +24,6 @@ def main(process_id: int, port: int, folder: str) -> None:
     )
     import numpy as np
     import optax
-    from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -53,14 +52,21 @@ def main(process_id: int, port: int, folder: str) -> None:
         k: jax.device_put(v, NamedSharding(mesh, P("y", None))) if k != "small" else v
         for k, v in mask.items()
     }
-    got, info = {}, {"spans": [], "sharding_kept": [], "errors": {}}
+    got, info = {}, {"spans": [], "sharding_kept": [], "errors": {}, "blocks": {}}
 
     def record(name, tree):
+        """Arrays every process holds whole as they are; global ones as the blocks this
+        process holds (``name@j``, with their place in ``info["blocks"]``): no collective."""
         for k, v in tree.items():
-            if k != "small":
-                info["spans"].append(not v.is_fully_addressable)
-                v = multihost_utils.process_allgather(v, tiled=True)
-            got[f"{name}/{k}"] = np.asarray(v)
+            if k == "small":
+                got[f"{name}/{k}"] = np.asarray(v)
+                continue
+            info["spans"].append(not v.is_fully_addressable)
+            for j, shard in enumerate(v.addressable_shards):
+                got[f"{name}/{k}@{j}"] = np.asarray(shard.data)
+                info["blocks"][f"{name}/{k}@{j}"] = [
+                    list(range(n))[i] for i, n in zip(shard.index, v.shape, strict=True)
+                ]
 
     def record_books(name, q):
         for k, book in zip(q.paths, q.codebooks, strict=True):

@@ -138,14 +138,20 @@ def _single_process(values):
 def test_two_processes_equal_one(run):
     values, out = run
     want, size = _single_process(values)
+    covered = {name: np.zeros(w.shape, int) for name, w in want.items()}
     for arrays, info in out:
-        assert sorted(arrays) == sorted(want)
-        for name, w in want.items():
-            np.testing.assert_array_equal(arrays[name], w, err_msg=name)
-            assert arrays[name].dtype == w.dtype, name
+        assert {key.partition("@")[0] for key in arrays} == set(want)
+        for key, got in arrays.items():
+            name = key.partition("@")[0]
+            place = np.ix_(*info["blocks"][key]) if key in info["blocks"] else ...
+            np.testing.assert_array_equal(got, want[name][place], err_msg=key)
+            assert got.dtype == want[name].dtype, key
+            covered[name][place] += 1
         assert all(info["spans"]), "the worker's results must be global arrays"
         assert all(info["sharding_kept"])
         assert info["bytes"] == info["file_bytes"] == size
+    for name, count in covered.items():  # the blocks of both processes make up the whole
+        assert count.min() >= 1, f"{name}: elements that no process holds"
 
 
 def test_two_processes_refuse_saliency_sums_naming_the_workaround(run):
