@@ -1389,7 +1389,9 @@ def dequantize(q: QuantizedParams) -> Params:
     """Params from :class:`QuantizedParams`: codebook values, exact 0 where pruned, raw leaves.
 
     On concrete input (e.g. a loaded file) this is NumPy: no compile. Under ``jit`` it is
-    traced like any function of arrays.
+    traced like any function of arrays. On global arrays that span processes
+    (``jax.distributed``) it runs as jax operations on the shards, and each leaf keeps the
+    sharding of its codes (that of the quantized leaf).
 
     Args:
       q: the output of :func:`quantize` (or :func:`~fisher_optax.load_compressed`).

@@ -102,6 +102,7 @@ def main(process_id: int, port: int, folder: str) -> None:
     path = os.path.join(folder, "model.fq")
     info["bytes"] = fo.save_compressed(path, q)
     info["file_bytes"] = os.path.getsize(path)
+    info["report_bytes"] = fo.compression_report(q).total_bytes
     layout = {k: v.sharding for k, v in params.items() if k != "small"}
     loaded = fo.dequantize(fo.load_compressed(path))
     loaded = {k: jax.device_put(v, layout.get(k)) for k, v in loaded.items()}

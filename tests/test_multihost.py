@@ -149,7 +149,7 @@ def test_two_processes_equal_one(run):
             covered[name][place] += 1
         assert all(info["spans"]), "the worker's results must be global arrays"
         assert all(info["sharding_kept"])
-        assert info["bytes"] == info["file_bytes"] == size
+        assert info["bytes"] == info["file_bytes"] == info["report_bytes"] == size
     for name, count in covered.items():  # the blocks of both processes make up the whole
         assert count.min() >= 1, f"{name}: elements that no process holds"
 
