@@ -942,7 +942,10 @@ def _blocks_like(t, like):
         return [t if t is None or _is_int(t) else np.asarray(_whole(t))]
     if t is None or _is_int(t):
         return [t] * len(like.addressable_shards)
-    if not isinstance(t, jax.Array) or t.sharding != like.sharding:
+    if not _validate.spans_processes(t):  # every process holds it whole
+        whole = np.asarray(t)
+        return [whole[s.index] for s in like.addressable_shards]
+    if t.sharding != like.sharding:
         t = jax.device_put(t, like.sharding)
     blocks = {s.device: np.asarray(s.data) for s in t.addressable_shards}
     return [blocks[s.device] for s in like.addressable_shards]

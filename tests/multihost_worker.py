@@ -34,12 +34,13 @@ def main(process_id: int, port: int, folder: str) -> None:
     with np.load(os.path.join(folder, "values.npz")) as f:
         values = dict(f)
 
-    def spread(prefix, sharding=rows_cols):
+    def spread(prefix):
         out = {}
         for name, v in values.items():
             if name.startswith(prefix) and not name.endswith("/small"):
+                layout = rows_cols if v.ndim > 1 else NamedSharding(mesh, P(("x", "y")))
                 out[name[len(prefix) :]] = jax.make_array_from_callback(
-                    v.shape, sharding, lambda i, v=v: v[i]
+                    v.shape, layout, lambda i, v=v: v[i]
                 )
         return out
 
@@ -47,11 +48,10 @@ def main(process_id: int, port: int, folder: str) -> None:
     # A leaf every process holds whole (NumPy) among the global ones.
     for tree, prefix in ((params, "params/"), (fisher, "fisher/"), (mask, "mask/")):
         tree["small"] = values[prefix + "small"]
-    # The mask laid out differently from params: quantize must align the shards.
-    mask = {
-        k: jax.device_put(v, NamedSharding(mesh, P("y", None))) if k != "small" else v
-        for k, v in mask.items()
-    }
+    # Masks laid out otherwise than params (another sharding, NumPy held whole by every
+    # process): quantize must align them with the shards.
+    mask["dense"] = jax.device_put(mask["dense"], NamedSharding(mesh, P("y", None)))
+    mask["conv"] = values["mask/conv"]
     got, info = {}, {"spans": [], "sharding_kept": [], "errors": {}, "blocks": {}}
 
     def record(name, tree):

@@ -6,6 +6,7 @@ One subprocess pair runs everything (``tests/multihost_worker.py``); this sessio
 the single-process results.
 """
 
+import importlib
 import json
 import os
 import socket
@@ -30,7 +31,7 @@ def _free_port() -> int:
 
 def _values() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    shapes = {"dense": (8, 12), "conv": (4, 4, 2, 6), "small": (3, 4)}
+    shapes = {"dense": (8, 12), "conv": (4, 4, 2, 6), "small": (3, 4), "bias": (8,)}
     out = {}
     for name, shape in shapes.items():
         w = rng.normal(size=shape).astype(np.float32)
@@ -159,3 +160,30 @@ def test_two_processes_refuse_saliency_sums_naming_the_workaround(run):
         message = info["errors"]["allocate_layer"]
         assert "granularity='layer' on arrays that span processes" in message
         assert "granularity='weight'" in message and "process_allgather" in message
+
+
+def test_row_split_into_blocks_clusters_as_the_whole_row_bit_for_bit():
+    """The merge that quantize runs on shards, in one process: a row cut into blocks (values
+    repeated across the cuts, weights over 16 decades, so that the order of a sum shows)
+    gives the float64 centroids of the whole row, each value's weight summed in row order."""
+    quantize_module = importlib.import_module("fisher_optax.quantize")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 40, size=(3, 300)) / 8
+    w = rng.random((3, 300)) * 10.0 ** rng.integers(-8, 8, size=(3, 300))
+    valid = rng.random((3, 300)) > 0.1
+    want = fo.kmeans_rows_host(x, 4, weights=w, valid=valid)
+    cuts = [slice(0, 70), slice(70, 71), slice(71, 180), slice(180, 300)]
+    got = quantize_module._kmeans_across(
+        [np.arange(3)] * len(cuts),
+        [x[:, c] for c in cuts],
+        [valid[:, c] for c in cuts],
+        [w[:, c] for c in cuts],
+        [True] * len(cuts),
+        3,
+        4,
+        "dp",
+        lambda j: np.broadcast_to(np.arange(300)[cuts[j]], (3, cuts[j].stop - cuts[j].start)),
+    )
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(np.concatenate(got[2], 1), want[2])
