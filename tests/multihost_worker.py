@@ -112,6 +112,11 @@ def main(process_id: int, port: int, folder: str) -> None:
         "allocate_layer": lambda: fo.allocate_bits(
             params, fisher=fisher, average_bits=2, granularity="layer"
         ),
+        "nan": lambda: fo.quantize(dict(params, dense=params["dense"].at[5, 2].set(np.nan)), 2),
+        "negative": lambda: fo.quantize(
+            params, 2, fisher=dict(fisher, conv=fisher["conv"].at[3, 1, 0, 3].set(-1.0))
+        ),
+        "bits": lambda: fo.quantize(params, dict(bits, dense=bits["dense"].at[6, 0].set(17))),
     }.items():
         try:
             call()

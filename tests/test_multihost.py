@@ -162,6 +162,19 @@ def test_two_processes_refuse_saliency_sums_naming_the_workaround(run):
         assert "granularity='weight'" in message and "process_allgather" in message
 
 
+def test_two_processes_check_values_spread_over_processes(run):
+    """The checks read the shards of both processes: each bad entry lies in the second half
+    of axis 0, which the mesh axis ``x`` gives to process 1."""
+    for _, info in run[1]:
+        errors = info["errors"]
+        assert (
+            "params at ['dense'] holds 1 non-finite value(s) (first at index (5, 2): nan)"
+            in (errors["nan"])
+        )
+        assert "fisher at ['conv'] holds 1 negative value(s) (min -1.0)" in errors["negative"]
+        assert "bits at ['dense'] must be 0 (pruned) or in 1..16, got 17" in errors["bits"]
+
+
 def test_row_split_into_blocks_clusters_as_the_whole_row_bit_for_bit():
     """The merge that quantize runs on shards, in one process: a row cut into blocks (values
     repeated across the cuts, weights over 16 decades, so that the order of a sum shows)
