@@ -1009,7 +1009,7 @@ def _kmeans_across(rows, values, sel, weights, own, num_rows, k, init, positions
     Returns ``(centroids, counts, assignments per block)``, laid out as
     :func:`~fisher_optax.kmeans_rows_host` returns them.
     """
-    weighted = weights[0] is not None
+    weighted = any(w is not None for w in weights)
     if weighted:
         weights = _lift_zero_weights_across(rows, sel, weights, own, num_rows)
     else:
