@@ -20,6 +20,7 @@ import pytest
 import fisher_optax as fo
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package's checkout
 TIMEOUT_S = 150
 
 
@@ -64,7 +65,7 @@ def run(tmp_path_factory):
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]),
     )
     port = str(_free_port())
     procs = [
