@@ -1,9 +1,9 @@
 """Two JAX processes on localhost (``jax.distributed``, gloo, 2 CPU devices each, one 2x2
-mesh): every public function on global arrays that span both processes equals the
-single-process result on the same values.
+mesh): the masks, Fisher, scores, bit allocation, quantization, the file and its report on
+global arrays that span both processes equal the single-process results on the same values.
 
-One subprocess pair runs everything (``tests/multihost_worker.py``); this session computes
-the single-process results.
+One subprocess pair runs everything (``tests/multihost_worker.py``); the test process
+computes the single-process results.
 """
 
 import importlib
