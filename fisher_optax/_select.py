@@ -508,7 +508,8 @@ def _select_kept_host(
 
 
 def on_host(arrays: list[Any]) -> bool:
-    """Whether every array is a concrete value held by the host or by one CPU device."""
+    """Whether every array is a concrete value held by the host or by one CPU device of this
+    process (NumPy cannot read a device of another process: those take the jitted path)."""
     for x in arrays:
         if x is None or isinstance(x, bool | np.bool_):
             continue
@@ -516,7 +517,11 @@ def on_host(arrays: list[Any]) -> bool:
             return False
         if isinstance(x, jax.Array):
             devices = x.devices()
-            if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+            if (
+                not x.is_fully_addressable
+                or len(devices) != 1
+                or next(iter(devices)).platform != "cpu"
+            ):
                 return False
         elif not isinstance(x, np.ndarray | np.generic):
             return False

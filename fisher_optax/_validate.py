@@ -28,6 +28,15 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def spans_processes(x: Any) -> bool:
+    """Whether ``x`` is a global array with shards on other processes (multi-host).
+
+    NumPy cannot read such an array: checks on it run as jax reductions, whose scalar
+    results every process holds.
+    """
+    return is_concrete(x) and isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
 def _is_bool(x: Any) -> bool:
     return isinstance(x, bool | np.bool_)
 
@@ -272,12 +281,16 @@ def finite(tree: Any, name: str = "params", *, where: Any = None) -> None:
     for i, (path, leaf) in enumerate(items):
         if not is_concrete(leaf):
             continue
-        bad = ~np.isfinite(np.asarray(leaf, np.float64))
-        if where is not None and where[i] is not None:
-            bad &= np.asarray(where[i], bool)
+        w = None if where is None else where[i]
+        if spans_processes(leaf) or spans_processes(w):
+            bad = ~jnp.isfinite(leaf) if w is None else ~jnp.isfinite(leaf) & w
+        else:
+            bad = ~np.isfinite(np.asarray(leaf, np.float64))
+            if w is not None:
+                bad &= np.asarray(w, bool)
         if bad.any():
-            flat = int(np.flatnonzero(bad.reshape(-1))[0])
-            value = np.asarray(leaf).reshape(-1)[flat]
+            flat = int(bad.reshape(-1).argmax())
+            value = (leaf if spans_processes(leaf) else np.asarray(leaf)).reshape(-1)[flat]
             index = tuple(int(j) for j in np.unravel_index(flat, bad.shape))
             raise ValueError(
                 f"{name} at {path} holds {int(bad.sum())} non-finite value(s) (first at index "
@@ -299,13 +312,18 @@ def fisher(reference: Any, tree: Any, name: str = "fisher", *, where: Any = None
     for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
         if not is_concrete(leaf):
             continue
-        neg = np.asarray(leaf) < 0
-        if where is not None and where[i] is not None:
-            neg &= np.asarray(where[i], bool)
+        w = None if where is None else where[i]
+        if spans_processes(leaf) or spans_processes(w):
+            neg = leaf < 0 if w is None else (leaf < 0) & w
+        else:
+            neg = np.asarray(leaf) < 0
+            if w is not None:
+                neg &= np.asarray(w, bool)
         if neg.any():
+            low = float((leaf if spans_processes(leaf) else np.asarray(leaf)).min())
             raise ValueError(
                 f"{name} at {path} holds {int(neg.sum())} negative value(s) (min "
-                f"{float(np.min(np.asarray(leaf)))}); a Fisher diagonal is a mean of squares, "
+                f"{low}); a Fisher diagonal is a mean of squares, "
                 "never negative. Pass the Fisher (e.g. fisher_from_state(opt_state)), not a "
                 "gradient or a difference."
             )

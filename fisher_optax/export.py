@@ -32,7 +32,9 @@ import constriction
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from fisher_optax import _validate
 from fisher_optax._tree import keystr, strip_value
 from fisher_optax.quantize import MAX_BITS, QuantizedParams
 
@@ -639,6 +641,10 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
     included) and Linen's dicts of collections work as they are; the loaded tree is made
     of dicts, lists and tuples (see :func:`load_compressed`).
 
+    With ``jax.distributed`` and leaves that span processes, every process calls it: the
+    codes are gathered (the file holds them all), process 0 writes the file, and every
+    process returns once it is in place.
+
     Args:
       path: the file to write. An existing file is replaced whole, in one rename at the
         end: a save that fails (disk full, interrupted) leaves it as it was.
@@ -670,9 +676,38 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
       Statistician's Perspective (the ``constriction`` library). 2022.
       https://arxiv.org/abs/2201.01741
     """
-    data, _ = _encode(q)
-    _write_atomically(path, data)
+    if not _spans_processes(q):
+        data, _ = _encode(q)
+        _write_atomically(path, data)
+        return len(data)
+    # Multi-host: the codes are gathered to every process (the file holds them all), process
+    # 0 writes, and every process waits until the file is in place before it returns.
+    data, _ = _encode(_gathered(q))
+    try:
+        if jax.process_index() == 0:
+            _write_atomically(path, data)
+    finally:  # a failed write still reaches the barrier: no process waits forever
+        multihost_utils.sync_global_devices("fisher_optax.save_compressed")
     return len(data)
+
+
+def _spans_processes(q) -> bool:
+    """Whether ``q`` holds global arrays with shards on other processes (multi-host)."""
+    return isinstance(q, QuantizedParams) and any(
+        map(_validate.spans_processes, jax.tree.leaves(q))
+    )
+
+
+def _gathered(q: QuantizedParams) -> QuantizedParams:
+    """``q`` with every leaf that spans processes gathered whole onto this one (a
+    collective: every process calls it)."""
+
+    def whole(x):
+        if _validate.spans_processes(x):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(whole, q)
 
 
 def _write_atomically(path: str | os.PathLike, data: bytes) -> None:
@@ -1038,7 +1073,9 @@ def compression_report(q: QuantizedParams) -> CompressionReport:
 
     The byte counts come from the same encoder as :func:`save_compressed`, so
     ``total_bytes`` equals the size of the file it writes; ``entropy_bytes`` is what the
-    file would be if every stream cost exactly its order-0 entropy (tables included).
+    file would be if every stream cost exactly its order-0 entropy (tables included). On
+    leaves that span processes (``jax.distributed``) every process calls it: the codes are
+    gathered, as :func:`save_compressed` gathers them.
 
     Args:
       q: from :func:`~fisher_optax.quantize`.
@@ -1060,4 +1097,4 @@ def compression_report(q: QuantizedParams) -> CompressionReport:
       >>> r.leaves[0].positions.symbols  # one relative index per kept weight
       100
     """
-    return _encode(q)[1]
+    return _encode(_gathered(q) if _spans_processes(q) else q)[1]

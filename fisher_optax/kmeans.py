@@ -732,12 +732,24 @@ def kmeans_rows_host(
             "values pass x[None] (one row), for a leaf's channels move them to the rows."
         )
     x = np.asarray(values, np.float64)
-    rows, n = x.shape
     valid = np.ones(x.shape, bool) if valid is None else np.asarray(valid, bool)
     w = np.ones_like(x) if weights is None else np.asarray(weights, np.float64)
+    u, wu, nu, m, inv = _row_summaries(x, w, valid)
+    cent, counts, a_u = _solve_row_summaries(u, wu, nu, m, k, init)
+    assign = np.where(valid, np.take_along_axis(a_u, inv, 1), 0)
+    return cent, counts, assign
+
+
+def _row_summaries(x, w, valid):
+    """Per row, the weighted histogram of its ``valid`` values: ``(u, wu, nu, m, inv)``.
+
+    ``u`` ``(R, L)``: the distinct values ascending, ``+inf`` after the first ``m[r]``;
+    ``wu``, ``nu``: their summed weights and counts (0 in the padding); ``inv`` ``(R, n)``:
+    each entry's index into its row of ``u`` (0 where not valid). This summary is all
+    the k-means reads (:func:`_solve_row_summaries`).
+    """
+    rows, n = x.shape
     w = np.where(valid, w, 0.0)
-    dead = ~(w.sum(1) > 0)  # no weight: unweighted
-    w = np.where(dead[:, None] & valid, 1.0, w)
     ri = np.arange(rows)[:, None]
     # Distinct sorted values per row (np.unique row by row): invalid entries sort last.
     key = np.where(valid, x, np.inf)
@@ -757,6 +769,21 @@ def kmeans_rows_host(
     flat = (ri * width + inv)[valid]
     wu = np.bincount(flat, w[valid], minlength=rows * width).reshape(rows, width)
     nu = np.bincount(flat, minlength=rows * width).reshape(rows, width).astype(np.float64)
+    return u, wu, nu, m, inv
+
+
+def _solve_row_summaries(u, wu, nu, m, k, init):
+    """Weighted 1-D k-means of every row's histogram (see :func:`_row_summaries`).
+
+    Returns ``(centroids, counts, assignment per distinct value)``, laid out as
+    :func:`kmeans_rows_host` returns them. A row of zero total weight is clustered
+    unweighted (its weights become its counts, as all-ones weights would sum to). The
+    summaries of disjoint parts of a row add up (values merged, weights and counts summed),
+    which is how :func:`~fisher_optax.quantize` clusters a row spread over processes.
+    """
+    rows, width = u.shape
+    dead = ~(wu.sum(1) > 0)  # no weight: unweighted
+    wu = np.where(dead[:, None], nu, wu)
     k_out = min(k, width)
     cent = u[:, :k_out].copy()  # a row with m <= k distinct values: each its own centroid
     a_u = np.broadcast_to(np.arange(width), (rows, width)).copy()
@@ -772,8 +799,7 @@ def kmeans_rows_host(
     counts = np.isfinite(cent).sum(1)
     last = np.where(counts > 0, cent[np.arange(rows), np.maximum(counts - 1, 0)], 0.0)
     cent = np.where(np.arange(k_out) < counts[:, None], cent, last[:, None])
-    assign = np.where(valid, np.take_along_axis(a_u, inv, 1), 0)
-    return cent, counts, assign
+    return cent, counts, a_u
 
 
 def _kmeans_rows_big(u, wu, nu, m, k, init):

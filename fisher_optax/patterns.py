@@ -72,6 +72,12 @@ class Pattern(Protocol):
 # Shared checks
 
 
+def _has_nan(leaf) -> bool:
+    if _validate.spans_processes(leaf):  # a jax reduction: NumPy cannot read other processes
+        return bool(jnp.isnan(leaf).any())
+    return bool(np.isnan(np.asarray(leaf, np.float32)).any())
+
+
 def _score_leaves(scores: Scores, prunable: Prunable, mask: Mask | None):
     """Paths, leaves, treedef, per-leaf prunable flags and prior-mask leaves, checked."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
@@ -90,7 +96,7 @@ def _score_leaves(scores: Scores, prunable: Prunable, mask: Mask | None):
             )
         # NumPy, not jnp: inside a trace (lax.cond of pruned, called eagerly) a jnp op on a
         # concrete array returns a tracer, which has no bool.
-        if _validate.is_concrete(leaf) and np.isnan(np.asarray(leaf, np.float32)).any():
+        if _validate.is_concrete(leaf) and _has_nan(leaf):
             raise ValueError(
                 f"scores at {keystr(path)} hold NaN, which cannot be ranked. Check the params "
                 "and the Fisher for NaN (diverged training?) before pruning."

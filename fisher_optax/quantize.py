@@ -22,11 +22,19 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fisher_optax import _validate
 from fisher_optax._tree import check_matching, is_kernel, is_path_map, keystr, per_leaf
 from fisher_optax._types import Bits, Fisher, Mask, Params
-from fisher_optax.kmeans import HOST_INITS, Init, kmeans_rows_host
+from fisher_optax.kmeans import (
+    HOST_INITS,
+    Init,
+    _row_summaries,
+    _searchsorted_rows,
+    _solve_row_summaries,
+    kmeans_rows_host,
+)
 
 __all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
 
@@ -323,6 +331,11 @@ def allocate_bits(
         entry costs the budget (default 0: the budget counts the codes only; about 40
         matches the file).
 
+    On global arrays that span processes (``jax.distributed``), every process calls it
+    with ``granularity="weight"``: the log-Fisher histograms of the shards (values and
+    counts) are exchanged, never the Fisher, and the widths equal the single-process ones
+    and come back with each leaf's sharding.
+
     Returns:
       An int32 pytree shaped like ``params``: 0 for pruned or uncoded weights, else a
       width from ``bit_widths``.
@@ -333,8 +346,9 @@ def allocate_bits(
         non-finite weight where it is used, a budget below ``min(bit_widths)``,
         ``granularity="layer"`` or ``"channel"`` without a budget, ``"channel"`` without
         ``axis`` (or ``axis`` with another granularity), an ``axis`` out of range,
-        ``entry_bits`` with ``granularity="weight"``, or a budget that cannot pay for the
-        smallest width and its codebook everywhere.
+        ``entry_bits`` with ``granularity="weight"``, a budget that cannot pay for the
+        smallest width and its codebook everywhere, or ``granularity="layer"`` or
+        ``"channel"`` on arrays that span processes.
       TypeError: on a mask that is not boolean, a width that is not an int (a bool or a
         float), or traced inputs (this runs on the host).
 
@@ -358,6 +372,19 @@ def allocate_bits(
         fisher, bit_widths, average_bits, scope, granularity, axis, entry_bits
     )
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
+    if any(map(_validate.spans_processes, jax.tree.leaves((params, fisher, mask)))):
+        return _allocate_across_processes(
+            params,
+            fisher,
+            mask,
+            widths_desc,
+            scope,
+            average_bits,
+            granularity,
+            treedef,
+            leaves,
+            flags,
+        )
     kept = _kept_masks(params, mask, leaves, flags)
     fish = _check_values(params, fisher, treedef, leaves, flags, kept)
     idx = [i for i, f in enumerate(flags) if f]
@@ -601,18 +628,20 @@ def _budget_widths(saliency, counts, widths_desc, budget, entry_bits=0.0) -> np.
     return choice
 
 
-def _concrete_bits(leaf, path: str) -> np.ndarray:
-    arr = _concrete(leaf, "bits", path)
-    if not np.issubdtype(arr.dtype, np.integer):
+def _concrete_bits(leaf, path: str):
+    """A bits leaf, checked: NumPy, or a global array as it is when it spans processes."""
+    arr = leaf if _validate.spans_processes(leaf) else _concrete(leaf, "bits", path)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
         raise TypeError(
             f"bits at {path} must be an integer array, got dtype {arr.dtype}; use the tree "
             "returned by allocate_bits or cast with .astype(int)."
         )
     bad = (arr != 0) & ((arr < 1) | (arr > MAX_BITS))
-    if np.any(bad):
+    if bad.any():  # a jax reduction on a global array: NumPy cannot read other processes
+        first = arr.reshape(-1)[int(bad.reshape(-1).argmax())]
         raise ValueError(
             f"bits at {path} must be 0 (pruned) or in 1..{MAX_BITS}, got "
-            f"{arr[bad].ravel()[0]}. Widths above {MAX_BITS} are not quantization."
+            f"{first}. Widths above {MAX_BITS} are not quantization."
         )
     return arr
 
@@ -673,6 +702,15 @@ def quantize(
     This runs once, on the host, in NumPy: there is nothing to compile (the first call
     costs what later calls cost) and ``params`` and ``bits`` must be concrete.
 
+    On global arrays that span processes (``jax.distributed``), every process calls it:
+    each summarises its own shards per group, as a weighted histogram for ``"kmeans"``
+    (distinct values, summed Fisher, counts) or as the range and the grid points used for
+    ``"uniform"``; the summaries are exchanged (never the weights) and every process
+    solves the same problem. A value found in the shards of several processes has its few
+    entries exchanged, so that its Fisher is summed in the order one process sums it: the
+    result equals the single-process one bit for bit. Codes and widths are global arrays
+    with each leaf's sharding.
+
     Args:
       params: a pytree of arrays (a dict, an ``nnx.State``, Linen's variables with
         ``batch_stats``...).
@@ -730,6 +768,10 @@ def quantize(
     _validate.choice(init, "init", HOST_INITS)
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     axes = _leaf_axes(axis, params, paths, leaves, flags)
+    if any(map(_validate.spans_processes, jax.tree.leaves((params, bits, fisher, mask)))):
+        return _quantize_across_processes(
+            params, bits, fisher, mask, method, init, treedef, paths, leaves, flags, axes
+        )
     if isinstance(bits, int | float | np.integer | np.floating):  # bool is an int
         b = _check_width(bits, "bits (one int for every weight)")
         bit_arrays = [np.full(np.shape(leaf), b, np.uint8) for leaf in leaves]
@@ -766,6 +808,398 @@ def quantize(
         dtypes=dtypes,
         axes=axes,
     )
+
+
+def _quantize_across_processes(
+    params, bits, fisher, mask, method, init, treedef, paths, leaves, flags, axes
+):
+    """:func:`quantize` of global arrays spread over processes (``jax.distributed``).
+
+    Every process summarises the blocks it holds, per row and width (distinct values,
+    summed weights and counts; for ``"uniform"`` the range and the grid points used); the
+    small summaries are exchanged and merged, and every process solves the same problem
+    on them. Codes and widths of a leaf that spans processes come back as global arrays
+    with its sharding.
+    """
+    if isinstance(bits, int | float | np.integer | np.floating):  # bool is an int
+        bit_leaves = [_check_width(bits, "bits (one int for every weight)")] * len(leaves)
+    else:
+        bit_leaves = check_matching(params, bits, ref_name="params", other_name="bits")
+        bit_leaves = [_concrete_bits(b, p) for b, p in zip(bit_leaves, paths, strict=True)]
+    masks = [None] * len(leaves) if mask is None else _validate.bool_leaves(params, mask)
+    kept = []
+    for m, b, f in zip(masks, bit_leaves, flags, strict=True):
+        if f and not _is_int(b):  # a bits tree: 0 is pruned
+            m = b > 0 if m is None else m & (b > 0)
+        kept.append(m if f else np.False_)
+    weights = _check_values_across(params, fisher, treedef, leaves, flags, kept)
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    out_bits, out_codes, out_books, out_raw = [], [], [], []
+    for i, leaf in enumerate(leaves):
+        if not flags[i]:
+            out_bits.append(None)
+            out_codes.append(None)
+            out_books.append({})
+            out_raw.append(_raw_copy(leaf, dtypes[i]))
+            continue
+        bmap, codes, books = _quantize_leaf_across(
+            leaf, kept[i], weights[i], bit_leaves[i], axes[i], method, init
+        )
+        out_bits.append(bmap)
+        out_codes.append(codes)
+        out_books.append(books)
+        out_raw.append(None)
+    return QuantizedParams(
+        out_bits, out_codes, out_books, out_raw, treedef=treedef, dtypes=dtypes, axes=axes
+    )
+
+
+def _check_values_across(params, fisher, treedef, leaves, flags, kept):
+    """:func:`_check_values` on arrays that may span processes (jax reductions there).
+
+    ``kept``: per leaf a bool array, ``None`` (all kept) or ``False`` (not quantized).
+    Returns the Fisher leaves as given (``None`` where not quantized or without Fisher).
+    """
+    checked = [x if f else np.float32(0) for x, f in zip(leaves, flags, strict=True)]
+    _validate.finite(jax.tree.unflatten(treedef, checked), "params", where=kept)
+    if fisher is None:
+        return [None] * len(leaves)
+    found = _validate.fisher(params, fisher, where=kept)
+    return [w if f else None for w, f in zip(found, flags, strict=True)]
+
+
+def _quantize_leaf_across(x, kept, weights, bits, axis, method, init):
+    """Widths, codes (laid out like ``x``) and ``{width: book}`` of one leaf held in
+    blocks across processes: what :func:`_quantize_leaf` gives on the whole leaf."""
+    pieces = _pieces(x)
+    num_rows = 1 if axis is None else x.shape[axis]
+    rows, values, widths, wts = [], [], [], []
+    for (index, data, _), k, b, w in zip(
+        pieces,
+        _blocks_like(kept, x),
+        _blocks_like(bits, x),
+        _blocks_like(weights, x),
+        strict=True,
+    ):
+        ok = np.ones(data.shape, bool) if k is None else k
+        rows.append(_global_rows(index, x.shape, axis))
+        values.append(_as_rows(data.astype(np.float64), axis))
+        widths.append(_as_rows(np.where(ok, b, 0).astype(np.uint8), axis))
+        wts.append(None if w is None else _as_rows(w.astype(np.float64), axis))
+    own = [o for _, _, o in pieces]
+    present = np.zeros(MAX_BITS + 1, np.int32)
+    for wd, o in zip(widths, own, strict=True):
+        if o:
+            present[np.unique(wd)] = 1
+    present = _allgather_bits(present).max(0)
+    used_widths = [int(b) for b in np.flatnonzero(present[1:]) + 1]
+    code_dtype = np.uint8 if max(used_widths, default=0) <= 8 else np.uint16
+    book_dtype = np.float64 if x.dtype == np.float64 else np.float32
+    codes = [np.zeros(v.shape, code_dtype) for v in values]
+    books = {}
+    for width in used_widths:
+        sel = [wd == width for wd in widths]
+        if method == "kmeans":
+            c, counts, assign = _kmeans_across(
+                rows,
+                values,
+                sel,
+                wts,
+                own,
+                num_rows,
+                2**width,
+                init,
+                lambda j: _as_rows(_positions(pieces[j][0], x.shape, axis), axis),
+            )
+        else:
+            c, counts, assign = _uniform_across(rows, values, sel, own, num_rows, 2**width)
+        for code, s, a in zip(codes, sel, assign, strict=True):
+            code[s] = a[s]
+        books[width] = (c[0, : counts[0]] if axis is None else c).astype(book_dtype)
+    shapes = [data.shape for _, data, _ in pieces]
+    bmap = _assemble([_from_rows(b, s, axis) for b, s in zip(widths, shapes, strict=True)], x)
+    codes = _assemble([_from_rows(c, s, axis) for c, s in zip(codes, shapes, strict=True)], x)
+    return bmap, codes, books
+
+
+def _pieces(x):
+    """``(index, block, own)`` per block of ``x`` that this process holds, as NumPy.
+
+    A global array that spans processes: its addressable shards, ``own`` for the first
+    replica of each block, so that every element is owned once over all processes. Any
+    other array every process holds whole: one block, owned by process 0.
+    """
+    if _validate.spans_processes(x):
+        return [(s.index, np.asarray(s.data), s.replica_id == 0) for s in x.addressable_shards]
+    whole = tuple(slice(None) for _ in np.shape(x))
+    return [(whole, np.asarray(x), jax.process_index() == 0)]
+
+
+def _blocks_like(t, like):
+    """Per block of ``like`` (:func:`_pieces`), the block of ``t`` at the same place, as
+    NumPy (``None`` and ints as they are)."""
+    if not _validate.spans_processes(like):
+        return [t if t is None or _is_int(t) else np.asarray(_whole(t))]
+    if t is None or _is_int(t):
+        return [t] * len(like.addressable_shards)
+    if not _validate.spans_processes(t):  # every process holds it whole
+        whole = np.asarray(t)
+        return [whole[s.index] for s in like.addressable_shards]
+    if t.sharding != like.sharding:
+        t = jax.device_put(t, like.sharding)
+    blocks = {s.device: np.asarray(s.data) for s in t.addressable_shards}
+    return [blocks[s.device] for s in like.addressable_shards]
+
+
+def _whole(t):
+    """``t`` as NumPy on this process, gathered from every process if it spans them."""
+    if _validate.spans_processes(t):
+        return multihost_utils.process_allgather(t, tiled=True)
+    return t
+
+
+def _assemble(blocks, like):
+    """NumPy blocks (one per block of :func:`_pieces`) as one array laid out like ``like``:
+    a global array with its sharding, or the one block."""
+    if not _validate.spans_processes(like):
+        return blocks[0]
+    arrays = [
+        jax.device_put(b, s.device) for b, s in zip(blocks, like.addressable_shards, strict=True)
+    ]
+    return jax.make_array_from_single_device_arrays(like.shape, like.sharding, arrays)
+
+
+def _global_rows(index, shape, axis):
+    """The rows (as :func:`_as_rows` numbers them) that a block at ``index`` holds."""
+    if axis is None:
+        return np.zeros(1, np.int64)
+    return np.arange(shape[axis])[index[axis]]
+
+
+def _positions(index, shape, axis):
+    """Each entry's position in its row of the whole array (:func:`_as_rows`), shaped like
+    the block at ``index``."""
+    ranges = [np.arange(n)[i] for n, i in zip(shape, index, strict=True)]
+    block_shape = tuple(r.size for r in ranges)
+    if axis is not None:
+        ranges = ranges[:axis] + ranges[axis + 1 :]
+        shape = shape[:axis] + shape[axis + 1 :]
+    if not ranges:
+        return np.zeros(block_shape, np.int64)
+    coords = np.meshgrid(*ranges, indexing="ij")
+    flat = np.ravel_multi_index(coords, shape)
+    if axis is not None:  # the axis's own coordinate does not move the position
+        flat = np.broadcast_to(np.expand_dims(flat, axis), block_shape)
+    return flat
+
+
+def _kmeans_across(rows, values, sel, weights, own, num_rows, k, init, positions):
+    """:func:`~fisher_optax.kmeans_rows_host` of rows held in blocks across processes.
+
+    Per block: its global row numbers, its values and ``sel`` entries as rows
+    (:func:`_as_rows`), its weights (``None``: unweighted) and whether this process owns it
+    (:func:`_pieces`); ``positions(j)``: block ``j``'s entries' positions in their rows.
+    Each process summarises the blocks it owns as weighted histograms
+    (:func:`~fisher_optax.kmeans._row_summaries`) and the summaries are gathered and
+    merged: the same distinct values and counts one process finds. A value's weight is
+    summed where its entries lie in one block (a block keeps the rows' order); a value
+    found in several blocks has its entries exchanged and summed in the rows' order, as
+    one process sums them. Unweighted, the sums are counts, exact in any order.
+
+    Returns ``(centroids, counts, assignments per block)``, laid out as
+    :func:`~fisher_optax.kmeans_rows_host` returns them.
+    """
+    weighted = any(w is not None for w in weights)
+    if weighted:
+        weights = _lift_zero_weights_across(rows, sel, weights, own, num_rows)
+    else:
+        weights = [np.ones(v.shape) for v in values]
+    parts = [[], [], [], []]  # per block and distinct value: row, value, weight sum, count
+    for r, v, s, w, o in zip(rows, values, sel, weights, own, strict=True):
+        if o:
+            u, wu, nu, m, _ = _row_summaries(v, w, s)
+            real = np.arange(u.shape[1]) < m[:, None]
+            for j, a in enumerate((np.broadcast_to(r[:, None], u.shape), u, wu, nu)):
+                parts[j].append(a[real])
+    row, value, wsum, count = _allgather_parts(parts, (np.int64, float, float, float))
+    order = np.lexsort((value, row))  # stable: entries of one value keep the blocks' order
+    row, value, wsum, count = row[order], value[order], wsum[order], count[order]
+    new = np.ones(row.size, bool)
+    new[1:] = (row[1:] != row[:-1]) | (value[1:] != value[:-1])
+    gid = np.cumsum(new) - 1
+    first = np.flatnonzero(new)
+    m = np.bincount(row[first], minlength=num_rows)
+    widest = max(int(m.max(initial=0)), 1)
+    offsets = np.concatenate([[0], np.cumsum(m)[:-1]]).astype(np.int64)
+    cols = np.arange(first.size) - offsets[row[first]]
+    u = np.full((num_rows, widest), np.inf)
+    u[row[first], cols] = value[first]
+    counts_u = np.bincount(gid, count, minlength=first.size)
+    sums = wsum[first] if weighted else counts_u
+    split = np.bincount(gid, minlength=first.size) > 1
+    if weighted and split.any():  # the same decision on every process: all hold the same
+        found = [
+            np.minimum(_searchsorted_rows(u[r], np.where(s, v, -np.inf), "left"), widest - 1)
+            for r, v, s in zip(rows, values, sel, strict=True)
+        ]
+        parts = [[], [], []]  # per entry of a split value: its value's number, position, weight
+        for j, (r, s, w, o, col) in enumerate(zip(rows, sel, weights, own, found, strict=True)):
+            if o:
+                group = offsets[r][:, None] + col
+                take = s & split[np.where(s, group, 0)]
+                for p, a in zip(parts, (group, positions(j), w), strict=True):
+                    p.append(a[take])
+        group, pos, w = _allgather_parts(parts, (np.int64, np.int64, float))
+        order = np.lexsort((pos, group))
+        # bincount adds in input order, from 0: the order one process's bincount uses.
+        sums = np.where(split, np.bincount(group[order], w[order], minlength=split.size), sums)
+    wu = np.zeros((num_rows, widest))
+    nu = np.zeros((num_rows, widest))
+    wu[row[first], cols] = sums
+    nu[row[first], cols] = counts_u
+    c, counts, a_u = _solve_row_summaries(u, wu, nu, m, k, init)
+    assign = []
+    for r, v, s in zip(rows, values, sel, strict=True):
+        col = np.minimum(_searchsorted_rows(u[r], np.where(s, v, -np.inf), "left"), widest - 1)
+        assign.append(np.where(s, np.take_along_axis(a_u[r], col, 1), 0))
+    return c, counts, assign
+
+
+def _uniform_across(rows, values, sel, own, num_rows, k):
+    """:func:`_uniform_rows` of rows held in blocks across processes (as
+    :func:`_kmeans_across` takes them): the rows' ranges and the grid points used are
+    gathered, both exact (a minimum, a maximum, a union)."""
+    lo = np.full(num_rows, np.inf)
+    hi = np.full(num_rows, -np.inf)
+    for r, v, s, o in zip(rows, values, sel, own, strict=True):
+        if o:
+            np.minimum.at(lo, r, np.where(s, v, np.inf).min(1, initial=np.inf))
+            np.maximum.at(hi, r, np.where(s, v, -np.inf).max(1, initial=-np.inf))
+    lo, hi = _allgather_bits(lo).min(0), _allgather_bits(hi).max(0)
+    any_valid = np.isfinite(lo)
+    lo, hi = np.where(any_valid, lo, 0.0), np.where(any_valid, hi, 0.0)
+    step = _uniform_step(lo, hi, k)
+    steps = [
+        _uniform_steps(v, s, lo[r], step[r], k) for r, v, s in zip(rows, values, sel, strict=True)
+    ]
+    used = np.zeros((num_rows, k), np.int32)
+    for r, s, a, o in zip(rows, sel, steps, own, strict=True):
+        if o:
+            used[np.broadcast_to(r[:, None], a.shape)[s], a[s]] = 1
+    used = _allgather_bits(used).max(0) > 0
+    levels, counts, index = _uniform_levels(lo, step, used)
+    assign = [
+        np.where(s, np.take_along_axis(index[r], a, 1), 0)
+        for r, s, a in zip(rows, sel, steps, strict=True)
+    ]
+    return levels, counts, assign
+
+
+def _allgather_parts(parts, dtypes):
+    """Per list of 1-D arrays in ``parts``: their concatenation over blocks and processes."""
+    local = [
+        np.concatenate(p).astype(t) if p else np.zeros(0, t)
+        for p, t in zip(parts, dtypes, strict=True)
+    ]
+    sizes = multihost_utils.process_allgather(np.int64(local[0].size))
+    n = int(sizes.max())
+    padded = [np.concatenate([a, np.zeros(n - a.size, a.dtype)]) for a in local]
+    gathered = [_allgather_bits(a) for a in padded]
+    return [np.concatenate([g[j, : sizes[j]] for j in range(len(sizes))]) for g in gathered]
+
+
+def _allgather_bits(a):
+    """Every process's NumPy array ``a`` (same shape and dtype), stacked, bit for bit.
+
+    ``process_allgather`` moves values through jax arrays, which narrow 64-bit values to
+    32 bits unless x64 is on; the bits travel as ``uint32`` words instead.
+    """
+    words = np.ascontiguousarray(a).reshape(-1).view(np.uint32)
+    out = np.asarray(multihost_utils.process_allgather(words))
+    return out.view(a.dtype).reshape(out.shape[0], *a.shape)
+
+
+def _lift_zero_weights_across(rows, sel, weights, own, num_rows):
+    """:func:`_lift_zero_weights` on rows held in blocks across processes."""
+    low = np.full(num_rows, np.inf)
+    for r, s, w, o in zip(rows, sel, weights, own, strict=True):
+        if o:
+            np.minimum.at(low, r, np.where(s & (w > 0), w, np.inf).min(1, initial=np.inf))
+    low = _allgather_bits(low).min(0)[:, None]
+    return [
+        np.where(s & ~(w > 0) & np.isfinite(low[r]), low[r] * 1e-9, w)
+        for r, s, w in zip(rows, sel, weights, strict=True)
+    ]
+
+
+def _allocate_across_processes(
+    params, fisher, mask, widths_desc, scope, average_bits, granularity, treedef, leaves, flags
+):
+    """:func:`allocate_bits` with ``granularity="weight"`` on global arrays spread over
+    processes: the log-Fisher histograms of the blocks (values and counts, exact in any
+    order) are merged as in :func:`_kmeans_across`, and each block's widths are read off
+    the shared groups."""
+    if granularity != "weight":
+        raise ValueError(
+            f"allocate_bits with granularity={granularity!r} on arrays that span processes "
+            "(jax.distributed) is not supported: a leaf's or a slice's saliency is a sum "
+            "whose rounding depends on the order of its terms, which processes cannot share "
+            "without the weights. Use granularity='weight' (the default), or gather params, "
+            "fisher and mask first with "
+            "jax.experimental.multihost_utils.process_allgather(tree, tiled=True)."
+        )
+    masks = [None] * len(leaves) if mask is None else _validate.bool_leaves(params, mask)
+    kept = [m if f else np.False_ for m, f in zip(masks, flags, strict=True)]
+    fish = _check_values_across(params, fisher, treedef, leaves, flags, kept)
+    idx = [i for i, f in enumerate(flags) if f]
+    tiny = np.finfo(np.float32).tiny
+    rows, values, sel, own, where = [], [], [], [], []  # per block of every coded leaf
+    for j, i in enumerate(idx):
+        for (_, data, o), k, f in zip(
+            _pieces(leaves[i]),
+            _blocks_like(kept[i], leaves[i]),
+            _blocks_like(fish[i], leaves[i]),
+            strict=True,
+        ):
+            rows.append(np.array([0 if scope == "global" else j]))
+            values.append(np.log(np.maximum(f.astype(np.float64), tiny)).reshape(1, -1))
+            sel.append((np.ones(data.shape, bool) if k is None else k).reshape(1, -1))
+            own.append(o)
+            where.append(i)
+    num_groups = len(widths_desc)
+    num_rows = 1 if scope == "global" else len(idx)
+    _, counts, assign = _kmeans_across(
+        rows, values, sel, [None] * len(rows), own, num_rows, num_groups, "dp", None
+    )
+    ranks = [counts[r][:, None] - 1 - a for r, a in zip(rows, assign, strict=True)]
+    if average_bits is None:
+        table = np.asarray(widths_desc)
+    else:
+        n = np.zeros(num_groups, np.int64)
+        for rank, s, o in zip(ranks, sel, own, strict=True):
+            if o:
+                n += np.bincount(rank[s], minlength=num_groups)
+        table = _choose_allocation(_allgather_bits(n).sum(0), widths_desc, average_bits)
+    blocks = {i: [] for i in idx}
+    for i, rank, s in zip(where, ranks, sel, strict=True):
+        blocks[i].append(np.where(s, table[rank], 0).astype(np.int32))
+    out = []
+    for i, leaf in enumerate(leaves):
+        shapes = _block_shapes(leaf)
+        if i in blocks:
+            parts = [b.reshape(s) for b, s in zip(blocks[i], shapes, strict=True)]
+        else:
+            parts = [np.zeros(s, np.int32) for s in shapes]
+        x = _assemble(parts, leaf)
+        out.append(jax.device_put(x) if isinstance(x, np.ndarray) else x)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _block_shapes(x):
+    """The shapes of the blocks of ``x`` that :func:`_pieces` gives."""
+    if _validate.spans_processes(x):
+        return [s.data.shape for s in x.addressable_shards]
+    return [np.shape(x)]
 
 
 def _raw_copy(leaf, dtype):
@@ -894,12 +1328,31 @@ def _uniform_rows(x, valid, k):
     any_valid = valid.any(1)
     lo = np.where(any_valid, np.min(np.where(valid, x, np.inf), 1), 0.0)
     hi = np.where(any_valid, np.max(np.where(valid, x, -np.inf), 1), 0.0)
-    step = (hi - lo) / (k - 1) if k > 1 else np.zeros(rows)
-    safe = np.where(step > 0, step, 1.0)
-    a = np.clip(np.round((x - lo[:, None]) / safe[:, None]), 0, k - 1).astype(np.int64)
-    a = np.where(valid & (step > 0)[:, None], a, 0)
+    step = _uniform_step(lo, hi, k)
+    a = _uniform_steps(x, valid, lo, step, k)
     used = np.zeros((rows, k), bool)
     used[np.broadcast_to(np.arange(rows)[:, None], a.shape)[valid], a[valid]] = True
+    levels, counts, index = _uniform_levels(lo, step, used)
+    return levels, counts, np.where(valid, np.take_along_axis(index, a, 1), 0)
+
+
+def _uniform_step(lo, hi, k):
+    """Per row the spacing of ``k`` points from ``lo`` to ``hi``."""
+    return (hi - lo) / (k - 1) if k > 1 else np.zeros(lo.shape)
+
+
+def _uniform_steps(x, valid, lo, step, k):
+    """Per entry the number of its nearest grid point (0 where not valid, or where the
+    row's points coincide)."""
+    safe = np.where(step > 0, step, 1.0)
+    a = np.clip(np.round((x - lo[:, None]) / safe[:, None]), 0, k - 1).astype(np.int64)
+    return np.where(valid & (step > 0)[:, None], a, 0)
+
+
+def _uniform_levels(lo, step, used):
+    """The grid points some entry uses, per row: ``(levels, counts, index)``; ``index``
+    maps a point's number to its place among them."""
+    rows = lo.shape[0]
     index = np.cumsum(used, 1) - 1
     counts = used.sum(1)
     width = max(int(counts.max(initial=0)), 1)
@@ -908,7 +1361,7 @@ def _uniform_rows(x, valid, k):
     levels[r, index[r, j]] = lo[r] + step[r] * j
     last = levels[np.arange(rows), np.maximum(counts - 1, 0)]
     levels = np.where(np.arange(width) < counts[:, None], levels, last[:, None])
-    return levels, counts, np.where(valid, np.take_along_axis(index, a, 1), 0)
+    return levels, counts, index
 
 
 def _quantizable_flags(params, quantizable) -> list[bool]:
@@ -939,7 +1392,9 @@ def dequantize(q: QuantizedParams) -> Params:
     """Params from :class:`QuantizedParams`: codebook values, exact 0 where pruned, raw leaves.
 
     On concrete input (e.g. a loaded file) this is NumPy: no compile. Under ``jit`` it is
-    traced like any function of arrays.
+    traced like any function of arrays. On global arrays that span processes
+    (``jax.distributed``) it runs as jax operations on the shards, and each leaf keeps the
+    sharding of its codes (that of the quantized leaf).
 
     Args:
       q: the output of :func:`quantize` (or :func:`~fisher_optax.load_compressed`).
@@ -964,7 +1419,8 @@ def dequantize(q: QuantizedParams) -> Params:
     traced = any(
         not _validate.is_concrete(x) for x in jax.tree.leaves((q.bits, q.codes, q.codebooks))
     )
-    xp = jnp if traced else np
+    spread = any(map(_validate.spans_processes, jax.tree.leaves((q.bits, q.codes))))
+    xp = jnp if traced or spread else np
     leaves = []
     for bits, codes, books, raw, dtype, axis in zip(
         q.bits, q.codes, q.codebooks, q.raw, q.dtypes, q.axes, strict=True
@@ -972,6 +1428,7 @@ def dequantize(q: QuantizedParams) -> Params:
         if bits is None:  # a NumPy leaf is copied: editing the result leaves q as it was
             leaves.append(raw.copy() if isinstance(raw, np.ndarray) else raw)
             continue
+        codes_sharding = getattr(codes, "sharding", None)
         bits, codes = xp.asarray(bits), xp.asarray(codes).astype(xp.int32)
         out = xp.zeros(bits.shape, xp.float64 if dtype == "float64" else xp.float32)
         if axis is not None:  # row c of a book belongs to slice c along the axis
@@ -986,5 +1443,7 @@ def dequantize(q: QuantizedParams) -> Params:
             value = book[index] if axis is None else book[channel, index]
             out = xp.where(bits == b, value, out)
         out = out.astype(jnp.dtype(dtype))
-        leaves.append(out if traced else jax.device_put(out))
+        if spread:  # back onto the layout the codes have (that of the quantized leaf)
+            out = jax.device_put(out, codes_sharding)
+        leaves.append(out if traced or spread else jax.device_put(out))
     return jax.tree.unflatten(q.treedef, leaves)
