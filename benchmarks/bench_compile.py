@@ -76,7 +76,7 @@ def main() -> None:
             update_fn(wrapped), (grads, wrapped.init(params), params), args.repeats
         )
         one = {"k": jax.random.normal(jax.random.key(1), (n * 32, 32))}
-        mask_fn = lambda: lambda p: fo.magnitude_mask(p, 0.5)  # noqa: E731
+        mask_fn = lambda: lambda p: fo.magnitude_mask(p, 0.5)
         t_one = compile_time(mask_fn, (one,), args.repeats)
         t_many = compile_time(mask_fn, (params,), args.repeats)
         print(

@@ -540,8 +540,8 @@ def _select_kept(
         prune = ((v < t) | tied_pruned) & (_at(targets, g, v) > 0)
         keep = (~prune).reshape(k.shape)
         keep = keep & p if a is not None and p is not None else keep  # see the host path
-        for j, i in enumerate(b):
-            out[i] = keep[j] if n else keep
+        for i, m in zip(b, _unstack(keep) if n else [keep], strict=True):
+            out[i] = m
     return out
 
 
@@ -567,6 +567,49 @@ def _row_index(shape: tuple[int, ...], offset: Any, lead: int) -> jax.Array:
 def _in_row_index(shape: tuple[int, ...], lead: int) -> jax.Array:
     """The row-major index of every entry inside its row (inside its leaf in a batch)."""
     return jnp.broadcast_to(flat_index(shape[lead:], jnp.uint32(0)), shape)
+
+
+_FANOUT = 16
+
+
+def _unstack(x: jax.Array) -> list[jax.Array]:
+    """``list(x)``: the ``n`` entries of ``x`` along its leading axis, by kernels whose
+    number grows as ``log(n)``.
+
+    XLA:CPU compiles every distinct kernel on its own (tens of milliseconds each) and
+    identical ones once. ``n`` slices, each at its own offset, would be ``n`` distinct
+    kernels. One variadic reduction instead splits an array into at most ``_FANOUT`` parts
+    (part ``j`` reduces the blocks with all but block ``j`` masked to zero), and the entries
+    are split in a tree of such reductions, whose splits on one level are identical kernels.
+    Each level reads the array ``fanout`` times: a few passes over a mask.
+    """
+    n = x.shape[0]
+    if n == 1:
+        return [x[0]]
+    depth = 1
+    while _FANOUT**depth < n:
+        depth += 1
+    fanout = math.ceil(n ** (1 / depth))  # at most _FANOUT, padding as little as it may
+    while fanout**depth < n:  # the root above may round down
+        fanout += 1
+    rest = x.shape[1:]
+    parts = [jnp.pad(x, [(0, fanout**depth - n)] + [(0, 0)] * len(rest))]
+    zero = np.zeros((), x.dtype)
+    for _ in range(depth):
+        split = []
+        for y in parts:
+            y = y.reshape(fanout, y.shape[0] // fanout, *rest)
+            block = lax.broadcasted_iota(jnp.int32, y.shape, 0)
+            split.extend(
+                lax.reduce(
+                    tuple(jnp.where(block == j, y, zero) for j in range(fanout)),
+                    (zero,) * fanout,
+                    lambda a, b: tuple(p | q for p, q in zip(a, b, strict=True)),
+                    (0,),
+                )
+            )
+        parts = split
+    return [y.reshape(rest) for y in parts[:n]]
 
 
 def _index_bits(n: int) -> int:

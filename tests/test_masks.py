@@ -263,6 +263,33 @@ def test_traced_selection_does_not_grow_with_the_leaf_count(scope):
     assert loops(16) == loops(2) > 0
 
 
+def _primitives(jaxpr) -> list[str]:
+    """The primitive of every equation, at any depth."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names += _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 17, 40])
+def test_unstack_returns_the_entries_without_a_slice_per_entry(n):
+    """A batch of masks goes back to its leaves by a tree of variadic reductions (identical
+    kernels on each level), not by one slice per leaf: the entries come back exactly."""
+    rng = np.random.default_rng(n)
+    masks = jnp.asarray(rng.uniform(size=(n, 3, 5)) > 0.5)
+    keys = jnp.asarray(rng.integers(0, 2**32, (n, 2), dtype=np.uint32))
+    for x in (masks, keys):
+        got = jax.jit(select_mod._unstack)(x)
+        assert len(got) == n
+        for g, want in zip(got, np.asarray(x), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), want)
+    prims = _primitives(jax.make_jaxpr(select_mod._unstack)(masks).jaxpr)
+    if n > 1:
+        assert "slice" not in prims and "reduce" in prims
+
+
 def test_negative_zero_ties_with_zero_and_infinities_rank():
     scores = {"w": jnp.array([[0.0, -0.0, jnp.inf, -jnp.inf, 1.0, -1.0]])}
     mask = fo.select(scores, 3 / 6)
