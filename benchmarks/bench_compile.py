@@ -10,6 +10,10 @@ time, so nothing is cached). Printed as ratios taken in one run:
 
     python benchmarks/bench_compile.py                      # 16, 64 and 256 leaves
     python benchmarks/bench_compile.py --leaves 16 --repeats 1   # quick
+    python benchmarks/bench_compile.py --leaves 64 --one-leaf    # one kernel of 64 * 32 rows
+
+With ``--one-leaf`` the model is one kernel of the same total size: what compiling costs
+whatever the number of leaves.
 """
 
 import argparse
@@ -50,9 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leaves", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one-leaf", action="store_true", help="one kernel of n * 32 rows")
     args = parser.parse_args()
     print(
-        f"# jax {jax.__version__}, {jax.devices()[0].platform}, kernels of 32x32, "
+        f"# jax {jax.__version__}, {jax.devices()[0].platform}, "
+        f"{'one kernel of (32 n, 32)' if args.one_leaf else 'n kernels of 32x32'}, "
         f"median of {args.repeats} fresh compiles, seconds"
     )
     print(
@@ -61,7 +67,7 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.leaves:
-        params = kernels(n)
+        params = kernels(1, (n * 32, 32)) if args.one_leaf else kernels(n)
         grads = jax.tree.map(jnp.ones_like, params)
         adam = optax.adam(1e-3)
         wrapped = fo.pruned(
