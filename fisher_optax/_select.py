@@ -398,9 +398,10 @@ def _select_kept(
     runs over the group's leaves in order, row-major inside each leaf.
 
     Leaves of one shape that are not sharded are stacked into one batch (:func:`_batches`)
-    and counted by vmapped reductions, so the traced program grows with the number of
-    distinct shapes, not of leaves. Each leaf keeps its own group and its own row offset, so
-    counts, ties and scopes are those of the leaves taken one by one.
+    and counted by vmapped reductions, and their masks go back to the leaves through
+    :func:`_unstack`: the traced program grows with the number of distinct shapes, and the
+    compiled one adds only identical kernels per leaf. Each leaf keeps its own group and its
+    own row offset, so counts, ties and scopes are those of the leaves taken one by one.
     """
     batches = _batches(scores, allowed, kept)
     unit_groups = tuple(
