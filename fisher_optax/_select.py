@@ -121,7 +121,7 @@ def flat_index(shape: tuple[int, ...], offset: jax.Array) -> jax.Array:
 def radix_select(
     keys_of: Callable[[Any], list[jax.Array]],
     operands: Any,
-    groups: tuple[int, ...],
+    groups: tuple[int | tuple[int, ...], ...],
     n_groups: int,
     targets: jax.Array,
     bits: int = 32,
@@ -139,6 +139,11 @@ def radix_select(
     With ``weights`` (int32 arrays shaped like the keys) a key counts with its weight
     instead of 1: the tie-break counts tied entries per row that way.
 
+    ``groups`` holds one entry per key array: an int, the group of the whole array, or a
+    tuple, for a batch of leaves stacked along the leading axis, the group of each leaf.
+    A batch is counted by one vmapped reduction, so the traced program grows with the
+    number of arrays, not of leaves.
+
     It bisects ``bits`` bits in phases of eight, one byte of the key per phase (a loop, so
     that one digit buffer serves every phase). A phase first maps each key to one uint8
     digit: its byte when its higher bytes equal those of the threshold found so far, else 255
@@ -151,10 +156,15 @@ def radix_select(
     the smallest count not taken, so no pass is spent on it.
     """
     keys = keys_of(operands)
-    sizes = [jnp.int32(0)] * n_groups
+    sizes = []
     for i, (k, g) in enumerate(zip(keys, groups, strict=True)):
-        size = jnp.sum(weights[i], dtype=jnp.int32) if weights else jnp.int32(k.size)
-        sizes[g] = sizes[g] + size
+        axes = _leaf_axes(k, g)
+        if weights:
+            sizes.append(jnp.sum(weights[i], axis=axes, dtype=jnp.int32))
+        elif isinstance(g, tuple):
+            sizes.append(jnp.full(len(g), math.prod(k.shape[1:]), jnp.int32))
+        else:
+            sizes.append(jnp.int32(k.size))
     low_bits = np.uint32(2**bits - 1) if bits < 32 else np.uint32(0xFFFFFFFF)
     m = 2**step_bits - 1
 
@@ -168,7 +178,7 @@ def radix_select(
         ops, _ = lax.optimization_barrier((operands, thresh))
         for k, g in zip(keys_of(ops), groups, strict=True):
             d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
-            digits.append(jnp.where(((k ^ thresh[g]) & prefix) == 0, d, np.uint8(0xFF)))
+            digits.append(jnp.where(((k ^ _at(thresh, g, k)) & prefix) == 0, d, np.uint8(0xFF)))
 
         def one_pass(i, carry, below0=below):
             # Candidates t + j * 2**low for j = 1 .. 2**step_bits - 1, counted in one pass.
@@ -177,11 +187,24 @@ def radix_select(
             cands = [t + (jnp.uint32(j) << low) for j in range(1, m + 1)]  # <= 255
             sums = []
             for d, g, w in zip(digits, groups, weights or [None] * len(digits), strict=True):
-                preds = [d < c[g].astype(jnp.uint8) for c in cands]
+                preds = [d < _at(c, g, d).astype(jnp.uint8) for c in cands]
+                batched = isinstance(g, tuple)
                 if w is not None:
+                    axes = _leaf_axes(d, g)
                     sums.append(
-                        jnp.stack([jnp.sum(jnp.where(q, w, 0), dtype=jnp.int32) for q in preds])
+                        jnp.stack(
+                            [
+                                jnp.sum(jnp.where(q, w, 0), axis=axes, dtype=jnp.int32)
+                                for q in preds
+                            ],
+                            axis=-1,
+                        )
                     )
+                elif batched:
+                    many = (
+                        jax.vmap(count_many) if m > 1 else lambda p: jax.vmap(count)(p[0])[:, None]
+                    )
+                    sums.append(many(preds))
                 else:
                     layout = explicit_layout(d) if m > 1 else None
                     if layout is not None:
@@ -202,7 +225,11 @@ def radix_select(
         )
         return thresh | (digit << shift), below, hi
 
-    start = (jnp.zeros(n_groups, jnp.uint32), jnp.zeros(n_groups, jnp.int32), jnp.stack(sizes))
+    start = (
+        jnp.zeros(n_groups, jnp.uint32),
+        jnp.zeros(n_groups, jnp.int32),
+        _group_sum(sizes, groups, n_groups),
+    )
     return lax.fori_loop(0, bits // 8, phase, start)
 
 
@@ -310,11 +337,48 @@ def may_be_sharded(x: Any) -> bool:
     return not mesh.empty and mesh.size > 1
 
 
-def _group_sum(values: list[jax.Array], groups: tuple[int, ...], n_groups: int) -> jax.Array:
-    sums = [jnp.int32(0)] * n_groups
+def _group_sum(values: list[jax.Array], groups: tuple, n_groups: int) -> jax.Array:
+    """Per group, the sum of ``values``: ``(n_groups, ...)``; a batch's values ``(L, ...)``
+    are added to its leaves' groups in one scatter."""
+    tail = jnp.shape(values[0])[1:] if isinstance(groups[0], tuple) else jnp.shape(values[0])
+    sums = jnp.zeros((n_groups, *tail), jnp.int32)
     for v, g in zip(values, groups, strict=True):
-        sums[g] = sums[g] + v
-    return jnp.stack(sums)
+        if isinstance(g, tuple) and len(set(g)) == 1:
+            sums = sums.at[g[0]].add(jnp.sum(v, axis=0, dtype=jnp.int32))
+        else:
+            sums = sums.at[np.asarray(g) if isinstance(g, tuple) else g].add(v)
+    return sums
+
+
+def _leaf_axes(x: jax.Array, group: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The axes of one leaf in ``x``: all of them, or all but a batch's leading axis."""
+    return tuple(range(1 if isinstance(group, tuple) else 0, x.ndim))
+
+
+def _at(values: jax.Array, group: int | tuple[int, ...], like: jax.Array) -> jax.Array:
+    """``values[group]``, for a batch one value per leaf, shaped to broadcast against ``like``."""
+    if not isinstance(group, tuple):
+        return values[group]
+    return values[np.asarray(group)].reshape(len(group), *[1] * (like.ndim - 1))
+
+
+def _batches(scores: list, allowed: list, kept: list) -> list[tuple[int, ...]]:
+    """Leaf indices in batches of one shape, dtype and operands, to be stacked and counted
+    together. A leaf that may be sharded stays alone: stacking it would gather it."""
+    batches: dict[Any, list[int]] = {}
+    alone = []
+    for i, (s, a, k) in enumerate(zip(scores, allowed, kept, strict=True)):
+        if may_be_sharded(s) or any(x is not None and may_be_sharded(x) for x in (a, k)):
+            alone.append((i,))
+        else:
+            key = (jnp.shape(s), jnp.result_type(s), a is None, k is None)
+            batches.setdefault(key, []).append(i)
+    return [tuple(b) for b in batches.values()] + alone
+
+
+def _each(fn: Callable, x: jax.Array, group: int | tuple[int, ...]) -> Any:
+    """``fn`` of one leaf, on every leaf of a batch (vmapped: traced once) or on one leaf."""
+    return jax.vmap(fn)(x) if isinstance(group, tuple) else fn(x)
 
 
 def _select_kept(
@@ -332,7 +396,25 @@ def _select_kept(
     pruned whatever their score (and count toward the target, which is raised to their number
     if it is lower). Ties at the threshold go to the lower flat index, where the flat index
     runs over the group's leaves in order, row-major inside each leaf.
+
+    Leaves of one shape that are not sharded are stacked into one batch (:func:`_batches`)
+    and counted by vmapped reductions, and their masks go back to the leaves through
+    :func:`_unstack`: the traced program grows with the number of distinct shapes, and the
+    compiled one adds only identical kernels per leaf. Each leaf keeps its own group and its
+    own row offset, so counts, ties and scopes are those of the leaves taken one by one.
     """
+    batches = _batches(scores, allowed, kept)
+    unit_groups = tuple(
+        groups[b[0]] if len(b) == 1 else tuple(groups[i] for i in b) for b in batches
+    )
+
+    def stack(xs):
+        return [
+            None if xs[b[0]] is None else xs[b[0]] if len(b) == 1 else jnp.stack([xs[i] for i in b])
+            for b in batches
+        ]
+
+    scores, allowed, kept = stack(scores), stack(allowed), stack(kept)
 
     def keys_of(scores, allowed, kept):
         keys = []
@@ -353,10 +435,12 @@ def _select_kept(
     else:
         source, get_keys = (scores, allowed, kept), lambda ops: keys_of(*ops)
     prior = [
-        count(~k if a is None else ~k & a) if k is not None else jnp.int32(0)
-        for a, k in zip(allowed, kept, strict=True)
+        _each(count, ~k if a is None else ~k & a, g)
+        if k is not None
+        else jnp.zeros(len(g) if isinstance(g, tuple) else (), jnp.int32)
+        for a, k, g in zip(allowed, kept, unit_groups, strict=True)
     ]
-    targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, groups, n_groups))
+    targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, unit_groups, n_groups))
 
     # Three candidates per pass where every leaf is local or sharded along explicit axes
     # (counted per shard, see _count_many_sharded); one otherwise (plain bisection, whose
@@ -367,7 +451,7 @@ def _select_kept(
     thresh, below, upto = radix_select(
         get_keys,
         source,
-        groups,
+        unit_groups,
         n_groups,
         targets,
         step_bits=step_bits,
@@ -378,56 +462,87 @@ def _select_kept(
     # The tie-break orders tied entries by flat index, as (row, index inside the row): the
     # rows of a group run over its leaves in order (1-D leaves are viewed as rows too), so a
     # row-major flat index is the pair (global row, in-row index) compared lexicographically.
-    views = [_rows_view(k) for k in keys]
-    row_offsets, rows_in = [], [0] * n_groups
-    for v, g in zip(views, groups, strict=True):
-        row_offsets.append(rows_in[g])
-        rows_in[g] += v.shape[0]
+    views = [_each(_rows_view, k, g) for k, g in zip(keys, unit_groups, strict=True)]
+    lead = [int(isinstance(g, tuple)) for g in unit_groups]  # 1 for a batch's leading axis
+    leaf_rows = [0] * len(groups)
+    for b, v, n in zip(batches, views, lead, strict=True):
+        for i in b:
+            leaf_rows[i] = v.shape[n]
+    leaf_offsets, rows_in = [], [0] * n_groups
+    for g, rows in zip(groups, leaf_rows, strict=True):
+        leaf_offsets.append(rows_in[g])
+        rows_in[g] += rows
+    row_offsets = [
+        leaf_offsets[b[0]] if not n else np.asarray([leaf_offsets[i] for i in b], np.uint32)
+        for b, n in zip(batches, lead, strict=True)
+    ]
     row_bits = _index_bits(max(rows_in))
-    col_bits = _index_bits(max(math.prod(v.shape[1:]) for v in views))
+    col_bits = _index_bits(
+        max(math.prod(v.shape[1 + n :]) for v, n in zip(views, lead, strict=True))
+    )
 
     def tie_cut(operands):
         # Two small selections instead of one over every entry's flat index: first the row
         # holding the ties[g]-th tied entry (tied entries counted per row, one pass), then
         # its position inside that row (one pass to extract the row's tied entries).
-        views = [_rows_view(k) for k in get_keys(operands)]
-        tied = [v == thresh[g] for v, g in zip(views, groups, strict=True)]
-        per_row = [row_counts(t) for t in tied]
+        views = [
+            _each(_rows_view, k, g) for k, g in zip(get_keys(operands), unit_groups, strict=True)
+        ]
+        tied = [v == _at(thresh, g, v) for v, g in zip(views, unit_groups, strict=True)]
+        per_row = [_each(row_counts, t, g) for t, g in zip(tied, unit_groups, strict=True)]
         row_keys = [
-            lax.iota(jnp.uint32, r.shape[0]) + np.uint32(o)
-            for r, o in zip(per_row, row_offsets, strict=True)
+            _row_index(r.shape, o, n) for r, o, n in zip(per_row, row_offsets, lead, strict=True)
         ]
         cut_row, before, _ = radix_select(
-            list, row_keys, groups, n_groups, ties, bits=row_bits, weights=per_row
+            list, row_keys, unit_groups, n_groups, ties, bits=row_bits, weights=per_row
         )
         in_row = [
-            jnp.any(t & (_row_index(t.shape, o) == cut_row[g]), axis=0)
-            for t, g, o in zip(tied, groups, row_offsets, strict=True)
+            jnp.any(t & (_row_index(t.shape, o, n) == _at(cut_row, g, t)), axis=n)
+            for t, g, o, n in zip(tied, unit_groups, row_offsets, lead, strict=True)
         ]
         sentinel = np.uint32(2**col_bits - 1)  # above every in-row index
-        col_keys = [jnp.where(r, flat_index(r.shape, jnp.uint32(0)), sentinel) for r in in_row]
-        cut_col, _, _ = radix_select(list, col_keys, groups, n_groups, ties - before, bits=col_bits)
+        cols = [_in_row_index(r.shape, n) for r, n in zip(in_row, lead, strict=True)]
+        col_keys = [jnp.where(r, c, sentinel) for r, c in zip(in_row, cols, strict=True)]
+        cut_col, _, _ = radix_select(
+            list, col_keys, unit_groups, n_groups, ties - before, bits=col_bits
+        )
         cut_in_row = [
-            r & (flat_index(r.shape, jnp.uint32(0)) <= cut_col[g])
-            for r, g in zip(in_row, groups, strict=True)
+            r & (c <= _at(cut_col, g, r)) for r, c, g in zip(in_row, cols, unit_groups, strict=True)
         ]
         return cut_row, cut_in_row
 
     def all_tied(operands):
-        return jnp.full(n_groups, _NEVER), [jnp.zeros(v.shape[1:], bool) for v in views]
+        return jnp.full(n_groups, _NEVER), [
+            jnp.zeros(v.shape[:n] + v.shape[1 + n :], bool)
+            for v, n in zip(views, lead, strict=True)
+        ]
 
     # Only when some group has more entries at the threshold than it may prune does the
     # tie-break run (continuous scores rarely need it); otherwise every tied entry goes.
     cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, source)
-    out = []
-    for k, v, g, o, c, a, p in zip(
-        keys, views, groups, row_offsets, cut_in_row, allowed, kept, strict=True
+    out: list[jax.Array] = [jnp.zeros(())] * len(groups)
+    for b, k, v, g, o, n, c, a, p in zip(
+        batches,
+        keys,
+        views,
+        unit_groups,
+        row_offsets,
+        lead,
+        cut_in_row,
+        allowed,
+        kept,
+        strict=True,
     ):
-        row = _row_index(v.shape, o)
-        tied_pruned = (v == thresh[g]) & ((row < cut_row[g]) | ((row == cut_row[g]) & c))
-        prune = ((v < thresh[g]) | tied_pruned) & (targets[g] > 0)
+        row = _row_index(v.shape, o, n)
+        in_row = c[:, None] if n else c
+        cut = _at(cut_row, g, v)
+        t = _at(thresh, g, v)
+        tied_pruned = (v == t) & ((row < cut) | ((row == cut) & in_row))
+        prune = ((v < t) | tied_pruned) & (_at(targets, g, v) > 0)
         keep = (~prune).reshape(k.shape)
-        out.append(keep & p if a is not None and p is not None else keep)  # see the host path
+        keep = keep & p if a is not None and p is not None else keep  # see the host path
+        for i, m in zip(b, _unstack(keep) if n else [keep], strict=True):
+            out[i] = m
     return out
 
 
@@ -441,9 +556,61 @@ def _rows_view(x: jax.Array) -> jax.Array:
     return x.reshape(c, x.shape[0] // c) if c is not None else x.reshape(x.shape[0], 1)
 
 
-def _row_index(shape: tuple[int, ...], offset: int) -> jax.Array:
-    """The row (leading-axis) index of every entry, plus ``offset``, as uint32."""
-    return lax.broadcasted_iota(jnp.uint32, shape, 0) + np.uint32(offset)
+def _row_index(shape: tuple[int, ...], offset: Any, lead: int) -> jax.Array:
+    """The row index of every entry, plus ``offset``, as uint32: rows run along axis
+    ``lead`` (1 in a batch, whose leaves each have their own offset)."""
+    offset = np.asarray(offset, np.uint32)
+    if lead:
+        offset = offset.reshape(-1, *[1] * (len(shape) - 1))
+    return lax.broadcasted_iota(jnp.uint32, shape, lead) + offset
+
+
+def _in_row_index(shape: tuple[int, ...], lead: int) -> jax.Array:
+    """The row-major index of every entry inside its row (inside its leaf in a batch)."""
+    return jnp.broadcast_to(flat_index(shape[lead:], jnp.uint32(0)), shape)
+
+
+_FANOUT = 16
+
+
+def _unstack(x: jax.Array) -> list[jax.Array]:
+    """``list(x)``: the ``n`` entries of ``x`` along its leading axis, by kernels whose
+    number grows as ``log(n)``.
+
+    XLA:CPU compiles every distinct kernel on its own (tens of milliseconds each) and
+    identical ones once. ``n`` slices, each at its own offset, would be ``n`` distinct
+    kernels. One variadic reduction instead splits an array into at most ``_FANOUT`` parts
+    (part ``j`` reduces the blocks with all but block ``j`` masked to zero), and the entries
+    are split in a tree of such reductions, whose splits on one level are identical kernels.
+    Each level reads the array ``fanout`` times: a few passes over a mask.
+    """
+    n = x.shape[0]
+    if n == 1:
+        return [x[0]]
+    depth = 1
+    while _FANOUT**depth < n:
+        depth += 1
+    fanout = math.ceil(n ** (1 / depth))  # at most _FANOUT, padding as little as it may
+    while fanout**depth < n:  # the root above may round down
+        fanout += 1
+    rest = x.shape[1:]
+    parts = [jnp.pad(x, [(0, fanout**depth - n)] + [(0, 0)] * len(rest))]
+    zero = np.zeros((), x.dtype)
+    for _ in range(depth):
+        split = []
+        for y in parts:
+            y = y.reshape(fanout, y.shape[0] // fanout, *rest)
+            block = lax.broadcasted_iota(jnp.int32, y.shape, 0)
+            split.extend(
+                lax.reduce(
+                    tuple(jnp.where(block == j, y, zero) for j in range(fanout)),
+                    (zero,) * fanout,
+                    lambda a, b: tuple(p | q for p, q in zip(a, b, strict=True)),
+                    (0,),
+                )
+            )
+        parts = split
+    return [y.reshape(rest) for y in parts[:n]]
 
 
 def _index_bits(n: int) -> int:

@@ -6,6 +6,7 @@ import math
 from fractions import Fraction
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -192,6 +193,101 @@ def test_tie_break_over_rows_of_every_leaf_shape(scope):
             for k in names:
                 want = ref_prune([tree[k]], sparsity, [prior[k]])
                 np.testing.assert_array_equal(~np.asarray(got[k]).ravel(), want)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_leaves_of_one_shape_batched_keep_flat_index_ties_and_groups(scope):
+    """Leaves of one shape are stacked and counted together: with heavy ties, a prior mask
+    and element-wise prunable flags on some of them (another batch), the masks equal the
+    flat-index reference over the leaves in flattening order, per leaf in "layer" scope."""
+    rng = np.random.default_rng(7)
+    shapes = {"a0": (7, 30), "a1": (7, 30), "a2": (7, 30), "b0": (600,), "b1": (600,)}
+    shapes |= {"c0": (), "c1": (), "d": (3, 5, 40)}
+    tree = {k: rng.integers(0, 3, s).astype(np.float32) for k, s in shapes.items()}
+    prior = {k: rng.uniform(size=s) > 0.2 for k, s in shapes.items()}
+    allowed = {
+        k: rng.uniform(size=s) > 0.3 if k == "a1" else np.ones(s, bool) for k, s in shapes.items()
+    }
+    names = sorted(tree)
+
+    @jax.jit
+    def select(scores, prior, sparsity):
+        return fo.select(
+            scores,
+            sparsity,
+            pattern=fo.Unstructured(scope),
+            prunable=lambda p, x: jnp.asarray(allowed[p[0].key]) if p[0].key == "a1" else True,
+            mask=prior,
+        )
+
+    for sparsity in [0.1, 0.45, 0.9]:
+        got = select(as_jnp(tree), as_jnp(prior), jnp.float32(sparsity))
+        if scope == "global":
+            want = ref_prune(
+                [tree[k] for k in names],
+                sparsity,
+                [prior[k] for k in names],
+                [allowed[k] for k in names],
+            )
+            # What the prior mask pruned stays pruned, prunable or not.
+            prior_pruned = np.concatenate([~prior[k].ravel() for k in names])
+            np.testing.assert_array_equal(flat_pruned(got, names), want | prior_pruned)
+        else:
+            for k in names:
+                want = ref_prune([tree[k]], sparsity, [prior[k]], [allowed[k]])
+                want |= ~prior[k].ravel()
+                np.testing.assert_array_equal(~np.asarray(got[k]).ravel(), want, err_msg=k)
+
+
+def _loop_equations(jaxpr) -> int:
+    """The number of equations inside loop bodies (the counting passes), at any depth."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        inside = eqn.primitive.name in ("while", "scan")  # fori_loop with static bounds: scan
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n = _loop_equations(sub)
+            total += n + (len(sub.eqns) if inside else 0)
+    return total
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_traced_selection_does_not_grow_with_the_leaf_count(scope):
+    """The counting passes are traced once per shape, not once per leaf: the loop bodies of
+    a selection over 16 leaves of one shape are as large as over 2."""
+
+    def loops(n):
+        tree = {f"w{i:02d}": jnp.ones((8, 8)) for i in range(n)}
+        jaxpr = jax.make_jaxpr(lambda t: fo.select(t, 0.5, pattern=fo.Unstructured(scope)))(tree)
+        return _loop_equations(jaxpr.jaxpr)
+
+    assert loops(16) == loops(2) > 0
+
+
+def _primitives(jaxpr) -> list[str]:
+    """The primitive of every equation, at any depth."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names += _primitives(sub)
+    return names
+
+
+@pytest.mark.parametrize("n", [1, 3, 16, 17, 40])
+def test_unstack_returns_the_entries_without_a_slice_per_entry(n):
+    """A batch of masks goes back to its leaves by a tree of variadic reductions (identical
+    kernels on each level), not by one slice per leaf: the entries come back exactly."""
+    rng = np.random.default_rng(n)
+    masks = jnp.asarray(rng.uniform(size=(n, 3, 5)) > 0.5)
+    keys = jnp.asarray(rng.integers(0, 2**32, (n, 2), dtype=np.uint32))
+    for x in (masks, keys):
+        got = jax.jit(select_mod._unstack)(x)
+        assert len(got) == n
+        for g, want in zip(got, np.asarray(x), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), want)
+    prims = _primitives(jax.make_jaxpr(select_mod._unstack)(masks).jaxpr)
+    if n > 1:
+        assert "slice" not in prims and "reduce" in prims
 
 
 def test_negative_zero_ties_with_zero_and_infinities_rank():

@@ -1,0 +1,96 @@
+"""Compile time against the number of leaves: ``pruned(adam)`` and ``jit(magnitude_mask)``.
+
+A model of ``n`` kernels of 32x32. Compile time is the wall time of
+``jax.jit(f).lower(*args).compile()``, the median over fresh functions (a new closure each
+time, so nothing is cached). Printed as ratios taken in one run:
+
+- the update of ``pruned(adam)`` (two-stage, Fisher, global scope) over plain
+  ``optax.adam``'s update on the same leaves;
+- ``jax.jit(magnitude_mask)`` over the ``n`` leaves over one leaf of the same total size.
+
+    python benchmarks/bench_compile.py                      # 16, 64 and 256 leaves
+    python benchmarks/bench_compile.py --leaves 16 --repeats 1   # quick
+    python benchmarks/bench_compile.py --leaves 64 --one-leaf    # one kernel of 64 * 32 rows
+
+With ``--one-leaf`` the model is one kernel of the same total size: what compiling costs
+whatever the number of leaves.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fisher_optax as fo
+
+
+def compile_time(make, args, repeats):
+    """Median wall time of ``jax.jit(make()).lower(*args).compile()`` over fresh functions."""
+    times = []
+    for _ in range(repeats):
+        fn = make()
+        t = time.perf_counter()
+        jax.jit(fn).lower(*args).compile()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def kernels(n, shape=(32, 32)):
+    keys = jax.random.split(jax.random.key(0), n)
+    return {f"k{i:03d}": jax.random.normal(keys[i], shape) for i in range(n)}
+
+
+def update_fn(opt):
+    def make():
+        return lambda g, s, p: opt.update(g, s, p)
+
+    return make
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--leaves", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--one-leaf", action="store_true", help="one kernel of n * 32 rows")
+    args = parser.parse_args()
+    print(
+        f"# jax {jax.__version__}, {jax.devices()[0].platform}, "
+        f"{'one kernel of (32 n, 32)' if args.one_leaf else 'n kernels of 32x32'}, "
+        f"median of {args.repeats} fresh compiles, seconds"
+    )
+    print(
+        "| leaves | adam update | pruned(adam) update | ratio | magnitude_mask, one leaf "
+        "| magnitude_mask, n leaves | ratio |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n in args.leaves:
+        params = kernels(1, (n * 32, 32)) if args.one_leaf else kernels(n)
+        grads = jax.tree.map(jnp.ones_like, params)
+        adam = optax.adam(1e-3)
+        wrapped = fo.pruned(
+            optax.adam(1e-3),
+            schedule=fo.constant_sparsity(0.5),
+            criterion="fisher",
+            method="two_stage",
+            update_every=10,
+        )
+        t_adam = compile_time(update_fn(adam), (grads, adam.init(params), params), args.repeats)
+        t_pruned = compile_time(
+            update_fn(wrapped), (grads, wrapped.init(params), params), args.repeats
+        )
+        one = {"k": jax.random.normal(jax.random.key(1), (n * 32, 32))}
+        mask_fn = lambda: lambda p: fo.magnitude_mask(p, 0.5)
+        t_one = compile_time(mask_fn, (one,), args.repeats)
+        t_many = compile_time(mask_fn, (params,), args.repeats)
+        print(
+            f"| {n} | {t_adam:.2f} | {t_pruned:.2f} | {t_pruned / t_adam:.1f} | {t_one:.2f} "
+            f"| {t_many:.2f} | {t_many / t_one:.1f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
