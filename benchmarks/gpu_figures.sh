@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures issue #14 asks for, in one run that fits a short lease: selection at 1e8
-# and 1e9 scores, the pruned step, the fast Fisher. Nothing in `make test` or CI runs this.
+# The GPU figures in one run that fits a short lease: selection at 1e8 and 1e9 scores,
+# the pruned step, the fast Fisher, compile time against the leaf count. Nothing in
+# `make test` or CI runs this.
 #
 # The package imports constriction, which a GPU image may lack; carry its wheel (Python 3.12
 # there), from the repository's root, once:
@@ -26,8 +27,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 
 if [ "${GPU_FIGURES_QUICK:-0}" = 1 ]; then
     select_args=(--sizes 1e5,1e6 --repeats 3 --argsort-1e8); step_args=(--quick); fisher_args=(--quick)
+    compile_args=(--leaves 16 --repeats 1)
 else
     select_args=(--sizes 1e6,1e7,1e8,1e9 --repeats 5 --argsort-1e8); step_args=(--steps 100); fisher_args=()
+    compile_args=(--leaves 16 64 256 --repeats 3)
 fi
 status=0
 run() {  # name, time limit in seconds, command...
@@ -39,4 +42,5 @@ run() {  # name, time limit in seconds, command...
 run bench_select 240 "$PY" benchmarks/bench_select.py "${select_args[@]}"
 run bench_step 120 "$PY" benchmarks/bench_step.py "${step_args[@]}"
 run bench_fisher_fast 120 "$PY" benchmarks/bench_fisher_fast.py "${fisher_args[@]}"
+run bench_compile 240 "$PY" benchmarks/bench_compile.py "${compile_args[@]}"
 exit $status
