@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisher_optax._tree import check_matching, is_kernel, keystr, per_leaf
+from fisher_optax._tree import check_matching, is_array, is_kernel, key_paths, keystr, per_leaf
 
 __all__: list[str] = []  # private module; nothing re-exported
 
@@ -248,10 +248,37 @@ def bool_leaves(reference: Any, tree: Any, name: str = "mask", ref_name: str = "
     return leaves
 
 
+def is_prng_key(leaf: Any) -> bool:
+    """Whether ``leaf`` is an array of typed PRNG keys (an ``nnx.Rngs`` stream's key)."""
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def arrays_only(tree: Any, name: str = "params") -> None:
+    """Refuse a tree with a non-array leaf (a function, a string, an axis name).
+
+    A whole Equinox module holds its activation functions and flags as leaves; the arrays
+    are what a Fisher, a mask or a codebook is about, so the message shows how to take them.
+    """
+    for path, leaf in zip(key_paths(tree), jax.tree.leaves(tree), strict=True):
+        if not is_array(leaf):
+            raise TypeError(
+                f"{name} at {keystr(path)} is {type(leaf).__name__} {str(leaf)[:40]!r}, not an "
+                "array; pass the model's arrays only, e.g. eqx.filter(model, "
+                "eqx.is_inexact_array), and eqx.combine the result with the model."
+            )
+
+
 def real_leaves(tree: Any, name: str) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` of a tree of real arrays; a non-real dtype is a ``TypeError``."""
+    """``(path, leaf)`` of a tree of real arrays; a non-real dtype is a ``TypeError``.
+
+    PRNG keys (an ``nnx.Rngs`` kept in a model) pass: they are never pruned or coded.
+    """
+    arrays_only(tree, name)
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if is_prng_key(leaf):
+            out.append((keystr(path), leaf))
+            continue
         dtype = jnp.result_type(leaf)
         if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
@@ -271,6 +298,8 @@ def finite(tree: Any, name: str = "params", *, where: Any = None) -> None:
     items = real_leaves(tree, name)
     for i, (path, leaf) in enumerate(items):
         if not is_concrete(leaf):
+            continue
+        if is_prng_key(leaf):
             continue
         bad = ~np.isfinite(np.asarray(leaf, np.float64))
         if where is not None and where[i] is not None:

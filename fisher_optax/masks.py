@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisher_optax import _select, _validate
-from fisher_optax._tree import keystr, strip_value
+from fisher_optax._tree import key_paths, keystr
 from fisher_optax._types import Fisher, Mask, Params, Prunable, Scores, Sparsity
 from fisher_optax.patterns import Pattern, Unstructured, select
 from fisher_optax.scores import CRITERIA
@@ -44,13 +44,21 @@ def _magnitude_scores(params: Params) -> Scores:
 
     ``|w|`` is exact in float32 either way; on the host no per-leaf ``abs`` is compiled.
     """
-    leaves = jax.tree.leaves(params)
+    _validate.arrays_only(params, "params")
+    leaves = [x for x in jax.tree.leaves(params) if not _validate.is_prng_key(x)]
     if sum(math.prod(np.shape(x)) for x in leaves) > _select.HOST_MAX or not _select.on_host(
         leaves
     ):
         return _scores(params, "magnitude")
     _validate.finite(params, "params")  # the checks and messages of scores()
-    return jax.tree.map(lambda w: np.abs(np.asarray(w).astype(np.float32)), params)
+    return jax.tree.map(
+        lambda w: (
+            np.zeros(w.shape, np.float32)
+            if _validate.is_prng_key(w)
+            else np.abs(np.asarray(w).astype(np.float32))
+        ),
+        params,
+    )
 
 
 def _scale(sparsity: Any, factor: Any) -> Any:
@@ -402,8 +410,7 @@ def sparsity_report(mask: Mask, *, prunable: Prunable = None) -> SparsityReport:
       0.75
     """
     _validate.bool_leaves(mask, mask)
-    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
-    paths, leaves = [strip_value(p) for p, _ in flat], [x for _, x in flat]
+    paths, leaves = key_paths(mask), jax.tree.leaves(mask)
     flags = _validate.prunable(prunable, mask)
     total_pruned, total = 0, 0
     per_leaf = {}

@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from fisher_optax import _select, _validate
-from fisher_optax._tree import keystr, strip_value
+from fisher_optax._tree import key_paths, keystr
 from fisher_optax._types import Mask, Prunable, Scores, Sparsity
 
 __all__ = ["BLOCK_REDUCTIONS", "NM", "Blocks", "Pattern", "Unstructured", "select"]
@@ -74,9 +74,8 @@ class Pattern(Protocol):
 
 def _score_leaves(scores: Scores, prunable: Prunable, mask: Mask | None):
     """Paths, leaves, treedef, per-leaf prunable flags and prior-mask leaves, checked."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
-    paths = [strip_value(p) for p, _ in flat]
-    leaves = [x for _, x in flat]
+    leaves, treedef = jax.tree.flatten(scores)
+    paths = key_paths(scores)
     flags = _validate.prunable(prunable, scores)
     prior = None if mask is None else _validate.bool_leaves(scores, mask, ref_name="scores")
     for path, leaf, flag in zip(paths, leaves, flags, strict=True):

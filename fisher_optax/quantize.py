@@ -196,6 +196,7 @@ def _concrete(leaf, name: str, path: str) -> np.ndarray:
 
 
 def _leaves_and_flags(params, quantizable):
+    _validate.arrays_only(params, "params")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [keystr(p) for p, _ in flat]
     leaves = [x for _, x in flat]
