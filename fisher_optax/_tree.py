@@ -109,6 +109,54 @@ def is_kernel(path: Sequence[Any], leaf: Any) -> bool:
     return not (names & NOT_KERNEL_NAMES or names & NOT_PARAM_COLLECTIONS)
 
 
+def _is_equinox_layer(node: Any) -> str | None:
+    """``"linear"`` or ``"conv"`` for an Equinox ``Linear`` or ``Conv*`` module (told by its
+    type, without importing Equinox), else ``None``."""
+    for c in type(node).__mro__:
+        if c.__module__.startswith("equinox"):
+            if c.__name__ == "Linear":
+                return "linear"
+            if c.__name__ == "Conv":
+                return "conv"
+    return None
+
+
+def layouts(tree: Any) -> list[tuple[int, int] | None]:
+    """Per leaf of ``tree``, ``(input axis, output axis)`` (non-negative) where the layout
+    is known, else ``None``.
+
+    Known layouts: a Flax Dense kernel ``(in, out)`` and Conv kernel ``(*window, in, out)``
+    (a leaf whose last key is ``kernel``; a 3-D one only when a key of its path names a
+    conv, since Linen's ``DenseGeneral`` attention kernels ``(D, heads, head_dim)`` are 3-D
+    too), and the ``weight`` of an Equinox ``Linear`` ``(out, in)`` or ``Conv``
+    ``(out, in, *window)``, told by the module's class. Any other leaf (an embedding, a
+    penzai or hand-written layer) has no default axis.
+    """
+    eqx_kind: dict[tuple, str] = {}
+
+    def stop(node: Any) -> bool:
+        return _is_equinox_layer(node) is not None
+
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)[0]:
+        kind = _is_equinox_layer(node)
+        if kind is not None:
+            eqx_kind[(*path, jax.tree_util.GetAttrKey("weight"))] = kind
+    out: list[tuple[int, int] | None] = []
+    for path, (raw, leaf) in zip(
+        key_paths(tree), jax.tree_util.tree_flatten_with_path(tree)[0], strict=True
+    ):
+        ndim = np.ndim(leaf) if is_array(leaf) else 0
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        if tuple(raw) in eqx_kind and ndim >= 2:
+            out.append((1, 0))
+        elif names and names[-1] == "kernel" and ndim >= 2 and not eqx_kind:
+            conv = any("conv" in n.lower() for n in names[:-1])
+            out.append((ndim - 2, ndim - 1) if ndim in (2, 4, 5) or conv else None)
+        else:
+            out.append(None)
+    return out
+
+
 def keystr(path: Sequence[Any]) -> str:
     """A readable path such as ``['dense']['kernel']`` (Flax's ``.value`` hop left out)."""
     return jax.tree_util.keystr(strip_value(path)) or "<root>"

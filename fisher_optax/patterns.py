@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from fisher_optax import _select, _validate
-from fisher_optax._tree import key_paths, keystr
+from fisher_optax._tree import key_paths, keystr, layouts
 from fisher_optax._types import Mask, Prunable, Scores, Sparsity
 
 __all__ = ["BLOCK_REDUCTIONS", "NM", "Blocks", "Pattern", "Unstructured", "select"]
@@ -204,30 +204,35 @@ class NM:
     Attributes:
       n: the weights kept per group, an int in ``1..m``.
       m: the group size, an int ``>= 1``.
-      axis: the axis along which groups run (negative counts from the end). The default
-        ``-2`` is the input axis of a Dense kernel ``(in, out)`` and of a Conv kernel
-        ``(*window, in, out)``: the reduction axis of ``x @ W``, along which hardware N:M
-        groups run.
+      axis: the axis along which groups run (negative counts from the end), or ``None``
+        (default): each leaf's input axis, the reduction axis of ``x @ W`` along which
+        hardware N:M groups run, where the layout is known (``-2`` of a Flax Dense kernel
+        ``(in, out)`` or Conv kernel ``(*window, in, out)``, ``1`` of an Equinox
+        ``Linear`` or ``Conv`` weight ``(out, in, ...)``; see
+        :func:`fisher_optax._tree.layouts`). A prunable leaf of unknown layout (an
+        embedding, a ``DenseGeneral`` attention kernel, a hand-written layer) is an error
+        asking for ``axis=``: a guessed axis would group heads or outputs silently.
       scope: how the weights below the cap are ranked: ``"layer"`` (default; every leaf
         moves toward N:M at the pace of the target, as jaxpruner's per-layer N:M) or
         ``"global"`` (one ranking across leaves, whose scores must then share a scale).
 
     Raises:
       ValueError: at construction, if ``n`` is not in ``1..m`` or ``scope`` is unknown; when
-        selecting, if ``axis`` is out of range for a prunable leaf or ``m`` does not divide
-        its length there (naming the leaf).
-      TypeError: at construction, if ``n``, ``m`` or ``axis`` is not an int.
+        selecting, if ``axis`` is out of range for a prunable leaf, ``m`` does not divide
+        its length there, or ``axis=None`` meets a leaf of unknown layout (naming the leaf).
+      TypeError: at construction, if ``n`` or ``m`` is not an int, or ``axis`` is neither
+        an int nor ``None``.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax as fo
-      >>> scores = {"w": jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 1.0], [2.0, 1.0]])}
-      >>> fo.select(scores, 1.0, pattern=fo.NM(2, 4))["w"]  # 2 of every 4 down each column
+      >>> scores = {"kernel": jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 1.0], [2.0, 1.0]])}
+      >>> fo.select(scores, 1.0, pattern=fo.NM(2, 4))["kernel"]  # (in, out): 2 of 4 per column
       Array([[ True, False],
              [ True,  True],
              [False, False],
              [False,  True]], dtype=bool)
       >>> scores = {"w": jnp.array([[4.0], [3.0], [1.0], [2.0], [0.1], [0.2], [0.3], [9.0]])}
-      >>> fo.select(scores, 0.375, pattern=fo.NM(2, 4))["w"].ravel()  # 0.3 is a winner
+      >>> fo.select(scores, 0.375, pattern=fo.NM(2, 4, axis=0))["w"].ravel()  # 0.3 is a winner
       Array([ True,  True, False,  True, False, False,  True,  True], dtype=bool)
 
     References:
@@ -243,7 +248,7 @@ class NM:
 
     n: int
     m: int
-    axis: int = -2
+    axis: int | None = None
     scope: Literal["global", "layer"] = "layer"
 
     def __post_init__(self) -> None:
@@ -251,14 +256,17 @@ class NM:
         n = _validate.integer(
             self.n, f"n (the weights kept in each group of m={m})", minimum=1, maximum=m
         )
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int | np.integer):
+        if self.axis is not None and (
+            isinstance(self.axis, bool) or not isinstance(self.axis, int | np.integer)
+        ):
             raise TypeError(
-                f"axis must be an int (e.g. -2, a kernel's input axis), got {self.axis!r}."
+                "axis must be an int (e.g. -2, a Flax kernel's input axis) or None (each "
+                f"leaf's input axis where its layout is known), got {self.axis!r}."
             )
         _validate.scope(self.scope)
         object.__setattr__(self, "n", n)
         object.__setattr__(self, "m", m)
-        object.__setattr__(self, "axis", int(self.axis))
+        object.__setattr__(self, "axis", None if self.axis is None else int(self.axis))
 
     @property
     def cap(self) -> float:
@@ -286,8 +294,18 @@ class NM:
         return jax.tree.unflatten(static["treedef"], out)
 
 
-def _nm_axis(path: tuple, leaf: Any, axis: int, m: int) -> int:
-    """``axis`` of this leaf, made non-negative, after checking that ``m`` divides it."""
+def _nm_axis(path: tuple, leaf: Any, axis: int | None, layout: Any, m: int) -> int:
+    """``axis`` of this leaf, made non-negative, after checking that ``m`` divides it;
+    ``axis=None``: the input axis of its known ``layout``."""
+    if axis is None:
+        if layout is None:
+            raise ValueError(
+                f"NM has no default axis for the leaf at {keystr(path)} of shape "
+                f"{tuple(jnp.shape(leaf))}: its layout is not known (known: a Flax Dense or "
+                "Conv 'kernel', an Equinox Linear or Conv 'weight'). Pass NM(n, m, axis=...) "
+                "with the layer's input (reduction) axis, or leave the leaf out with prunable=."
+            )
+        axis = layout[0]
     shape = jnp.shape(leaf)
     if not -len(shape) <= axis < len(shape):
         raise ValueError(
@@ -344,8 +362,8 @@ def _prep_nm(scores, n, m, axis, prunable, mask):
     """Checked leaves, flags and prior mask, and each prunable leaf's axis (host side)."""
     paths, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
     axes = tuple(
-        None if f is False else _nm_axis(p, x, axis, m)
-        for p, x, f in zip(paths, leaves, flags, strict=True)
+        None if f is False else _nm_axis(p, x, axis, lay, m)
+        for p, x, f, lay in zip(paths, leaves, flags, layouts(scores), strict=True)
     )
     kinds, dyn = _split_flags(flags)
     shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
@@ -698,7 +716,7 @@ def select(
       >>> fo.select(scores, 0.25)["w"]  # tie: the lower flat index goes first
       Array([[ True, False],
              [ True,  True]], dtype=bool)
-      >>> fo.select(scores, 1.0, pattern=fo.NM(1, 2))["w"]  # the best 1 of each 2 down a column
+      >>> fo.select(scores, 1.0, pattern=fo.NM(1, 2, axis=0))["w"]  # best 1 of 2 down a column
       Array([[ True, False],
              [False,  True]], dtype=bool)
     """
