@@ -55,7 +55,7 @@ PATTERNS = {
     "NM 2:4 @25%": jax.jit(
         lambda s: fo.select(s, 0.25, pattern=fo.NM(2, 4, scope="global", axis=-2))
     ),
-    "Blocks 4x4": jax.jit(lambda s: fo.select(s, 0.5, pattern=fo.Blocks((4, 4)))),
+    "Blocks 4x4": jax.jit(lambda s: fo.select(s, 0.5, pattern=fo.Blocks((4, 4), axes=(-2, -1)))),
     "lax.top_k 2:4": jax.jit(top_k_nm),
 }
 

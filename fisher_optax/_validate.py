@@ -236,6 +236,8 @@ def bool_leaves(reference: Any, tree: Any, name: str = "mask", ref_name: str = "
     Only ``bool`` arrays are accepted: a float or 0/1 int mask is a ``TypeError`` (the same
     message everywhere), since ``0.5`` or ``2`` has no meaning as keep/prune.
     """
+    arrays_only(reference, ref_name)
+    arrays_only(tree, name)
     leaves = check_matching(reference, tree, ref_name=ref_name, other_name=name)
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
     for path, leaf in zip(paths, leaves, strict=True):

@@ -155,6 +155,7 @@ def _members(leaf: _Leaf) -> tuple[np.ndarray | None, np.ndarray | None]:
 
 def _leaves_like_q(q: QuantizedParams, tree: Any, name: str) -> list[Any]:
     """Leaves of ``tree`` in order, checked path by path and shape by shape against ``q``."""
+    _validate.arrays_only(tree, name)
     shapes = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in q.shapes]
     reference = jax.tree.unflatten(q.treedef, shapes)
     return check_matching(reference, tree, ref_name="q", other_name=name)

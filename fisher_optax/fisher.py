@@ -17,7 +17,7 @@ import optax
 from optax import tree_utils as otu
 
 from fisher_optax import _validate
-from fisher_optax._tree import is_array, key_paths, keystr
+from fisher_optax._tree import key_paths, keystr
 from fisher_optax._types import Fisher, Params
 
 __all__ = ["FisherTrackerState", "fisher_from_state", "fisher_tracker"]
@@ -449,6 +449,7 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
     A ``MaskedNode`` in ``merged`` stands for a whole uncovered subtree of ``params``; its
     leaves are filled with ``missing``.
     """
+    _validate.arrays_only(params, "params")
     entries = dict(
         zip(
             key_paths(merged, is_leaf=_is_masked),
@@ -470,9 +471,6 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
         entries = {hop + k: v for k, v in entries.items()}
     leaves, used = [], set()
     for ppath, p in zip(ppaths, pleaves, strict=True):
-        if not is_array(p):  # an activation function, an axis name: not a parameter
-            leaves.append(p)
-            continue
         key = entry(ppath)
         if key is None or (key != ppath and not _is_masked(entries[key])):
             if missing is not None:  # a leaf the optimizer never held, e.g. batch statistics

@@ -74,6 +74,7 @@ class Pattern(Protocol):
 
 def _score_leaves(scores: Scores, prunable: Prunable, mask: Mask | None):
     """Paths, leaves, treedef, per-leaf prunable flags and prior-mask leaves, checked."""
+    _validate.arrays_only(scores, "scores")
     leaves, treedef = jax.tree.flatten(scores)
     paths = key_paths(scores)
     flags = _validate.prunable(prunable, scores)
@@ -445,9 +446,11 @@ def _nm_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, axes, n, m,
 class Blocks:
     r"""Whole ``(r, c)`` blocks: exactly ``round(sparsity * n)`` of the ``n`` blocks in scope.
 
-    Each prunable leaf of shape ``(..., H, W)`` is cut into blocks of ``r`` rows and ``c``
-    columns of its last two axes (one grid per index of the leading axes, e.g. per tap of a
-    Conv kernel ``(*window, in, out)``). A block scores
+    Each prunable leaf is cut into blocks of ``r`` entries along its row axis and ``c``
+    along its column axis (one grid per index of the other axes, e.g. per tap of a Conv
+    kernel). By default the rows are the layer's input axis and the columns its output axis,
+    so ``(r, c)`` means the same tile on a Flax Dense kernel ``(in, out)`` and on an Equinox
+    Linear weight ``(out, in)``. A block scores
 
     .. math::
       S_b = \operatorname{reduction}\{\, s_i : i \in b,\ \text{mask}_i \,\}
@@ -474,20 +477,28 @@ class Blocks:
         removing the block), ``"mean"`` or ``"max"``.
       scope: ``"global"`` (default; one ranking of all blocks, whose scores must share a
         scale) or ``"layer"`` (each leaf on its own).
+      axes: ``(row axis, column axis)`` of every prunable leaf (negative counts from the
+        end), or ``None`` (default): each leaf's ``(input, output)`` axes where its layout
+        is known (``(-2, -1)`` of a Flax Dense or Conv kernel, ``(1, 0)`` of an Equinox
+        Linear or Conv weight; see :func:`fisher_optax._tree.layouts`). A prunable leaf of
+        unknown layout is an error asking for ``axes=``.
 
     Raises:
-      ValueError: at construction, if ``shape`` holds a size below 1, or ``reduction`` or
-        ``scope`` is unknown; when selecting, if a prunable leaf has ``ndim < 2``.
-      TypeError: at construction, if ``shape`` is not a pair of ints.
+      ValueError: at construction, if ``shape`` holds a size below 1, ``axes`` names one
+        axis twice, or ``reduction`` or ``scope`` is unknown; when selecting, if a prunable
+        leaf has ``ndim < 2``, ``axes`` is out of range for it, or ``axes=None`` meets a
+        leaf of unknown layout (naming the leaf).
+      TypeError: at construction, if ``shape`` or ``axes`` is not a pair of ints.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax as fo
-      >>> scores = {"w": jnp.array([[1.0, 1.0, 5.0, 5.0],
-      ...                           [1.0, 9.0, 5.0, 5.0]])}
-      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)))["w"]  # sums 12 < 20
+      >>> scores = {"kernel": jnp.array([[1.0, 1.0, 5.0, 5.0],
+      ...                                [1.0, 9.0, 5.0, 5.0]])}
+      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)))["kernel"]  # sums 12 < 20
       Array([[False, False,  True,  True],
              [False, False,  True,  True]], dtype=bool)
-      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="max"))["w"]  # 9 > 5
+      >>> blocks = fo.Blocks((2, 2), reduction="max", axes=(0, 1))  # "w": layout not known
+      >>> fo.select({"w": scores["kernel"]}, 0.5, pattern=blocks)["w"]  # 9 > 5
       Array([[ True,  True, False, False],
              [ True,  True, False, False]], dtype=bool)
 
@@ -502,8 +513,25 @@ class Blocks:
     shape: tuple[int, int]
     reduction: Literal["sum", "mean", "max"] = "sum"
     scope: Literal["global", "layer"] = "global"
+    axes: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        axes = self.axes
+        if axes is not None:
+            if (
+                not isinstance(axes, tuple | list)
+                or len(axes) != 2
+                or any(isinstance(a, bool) or not isinstance(a, int | np.integer) for a in axes)
+            ):
+                raise TypeError(
+                    "axes must be a pair of ints (row axis, column axis), e.g. (-2, -1) for "
+                    f"a kernel (in, out), or None (each leaf's known layout), got {axes!r}."
+                )
+            if axes[0] == axes[1]:
+                raise ValueError(
+                    f"axes must name two different axes (rows, columns), got {tuple(axes)}."
+                )
+            object.__setattr__(self, "axes", (int(axes[0]), int(axes[1])))
         shape = self.shape
         if (
             not isinstance(shape, tuple | list)
@@ -531,13 +559,18 @@ class Blocks:
         """The keep-mask of ``scores`` at ``sparsity``; see the class and :func:`select`."""
         targets = _validate.sparsity(sparsity, scores)
         paths, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
-        for path, leaf, flag in zip(paths, leaves, flags, strict=True):
-            if flag is not False and jnp.ndim(leaf) < 2:
+        axes = []
+        for path, leaf, flag, lay in zip(paths, leaves, flags, layouts(scores), strict=True):
+            if flag is False:
+                axes.append(None)
+                continue
+            if jnp.ndim(leaf) < 2:
                 raise ValueError(
-                    f"blocks tile the last two axes of a leaf, but the leaf at {keystr(path)} "
-                    f"has shape {jnp.shape(leaf)}. Leave it out with prunable= (the default "
+                    f"blocks tile two axes of a leaf, but the leaf at {keystr(path)} has "
+                    f"shape {jnp.shape(leaf)}. Leave it out with prunable= (the default "
                     "prunes only kernels)."
                 )
+            axes.append(_block_axes(path, leaf, self.axes, lay))
         kinds, dyn = _split_flags(flags)
         out = _block_core(
             [None if k == "skip" else x for x, k in zip(leaves, kinds, strict=True)],
@@ -551,8 +584,30 @@ class Blocks:
             c=self.shape[1],
             reduction=self.reduction,
             scope=self.scope,
+            axes=tuple(axes),
         )
         return jax.tree.unflatten(treedef, out)
+
+
+def _block_axes(path: tuple, leaf: Any, axes: Any, layout: Any) -> tuple[int, int]:
+    """``(row, column)`` axes of this leaf, non-negative: ``axes``, or its layout's
+    ``(input, output)`` with ``axes=None``."""
+    shape = tuple(jnp.shape(leaf))
+    if axes is None:
+        if layout is None:
+            raise ValueError(
+                f"Blocks has no default axes for the leaf at {keystr(path)} of shape {shape}: "
+                "its layout is not known (known: a Flax Dense or Conv 'kernel', an Equinox "
+                "Linear or Conv 'weight'). Pass Blocks(shape, axes=(row axis, column axis)), "
+                "e.g. the layer's (input, output) axes, or leave the leaf out with prunable=."
+            )
+        return layout
+    if not all(-len(shape) <= a < len(shape) for a in axes):
+        raise ValueError(
+            f"axes={axes} is out of range for the leaf at {keystr(path)} of shape {shape}; "
+            f"use axes in {-len(shape)}..{len(shape) - 1}, or leave the leaf out with prunable=."
+        )
+    return (axes[0] % len(shape), axes[1] % len(shape))
 
 
 def _blocked(x: jax.Array, r: int, c: int, fill: Any) -> jax.Array:
@@ -594,9 +649,27 @@ def _expand(block_keep: jax.Array, shape: tuple, r: int, c: int) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("treedef", "kinds", "shapes", "r", "c", "reduction", "scope")
+    jax.jit,
+    static_argnames=("treedef", "kinds", "shapes", "r", "c", "reduction", "scope", "axes"),
 )
-def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, reduction, scope):
+def _block_core(
+    leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, reduction, scope, axes
+):
+    # Each prunable leaf is worked on with its (row, column) axes moved last, and its
+    # keep-mask moved back at the end.
+    leaves, dyn, shapes = list(leaves), list(dyn), list(shapes)
+    prior = None if prior is None else list(prior)
+    for i, kind in enumerate(kinds):
+        if kind == "skip":
+            continue
+        row, col = axes[i]
+        leaves[i] = jnp.moveaxis(leaves[i], (row, col), (-2, -1))
+        if prior is not None:
+            prior[i] = jnp.moveaxis(prior[i], (row, col), (-2, -1))
+        if kind == "dyn" and jnp.ndim(dyn[i]) > 0:
+            dyn[i] = jnp.moveaxis(jnp.broadcast_to(dyn[i], shapes[i]), (row, col), (-2, -1))
+        rest = [n for a, n in enumerate(shapes[i]) if a not in (row, col)]
+        shapes[i] = (*rest, shapes[i][row], shapes[i][col])
     bscores, alive, bflags = [], [], []
     for i, (leaf, kind) in enumerate(zip(leaves, kinds, strict=True)):
         if kind == "skip":
@@ -629,7 +702,8 @@ def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, re
             out.append(keep_blocks[i] if prior is None else keep_blocks[i] & prior[i])
             continue
         keep = _expand(keep_blocks[i], shapes[i], r, c)
-        out.append(keep if prior is None else keep & prior[i])
+        keep = keep if prior is None else keep & prior[i]
+        out.append(jnp.moveaxis(keep, (-2, -1), axes[i]))
     return out
 
 

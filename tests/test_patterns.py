@@ -315,7 +315,7 @@ def test_blocks_match_loop_reference(layout, block, reduce, sparsities, scope, w
         got = fo.select(
             as_jnp(scores),
             sparsity,
-            pattern=fo.Blocks(block, reduction=reduce, scope=scope),
+            pattern=fo.Blocks(block, reduction=reduce, scope=scope, axes=(-2, -1)),
             mask=None if prior is None else as_jnp(prior),
         )
         assert_tree_equal(got, ref_block_mask(scores, sparsity, *block, reduce, scope, prior))
@@ -324,11 +324,13 @@ def test_blocks_match_loop_reference(layout, block, reduce, sparsities, scope, w
 def test_block_exact_count_ties_and_partial_edge_blocks():
     # 3 x 5 with (2, 2) blocks: a 2 x 3 grid whose last row and column are partial.
     scores = {"w": jnp.ones((3, 5))}
-    got = np.asarray(fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="mean"))["w"])
+    got = np.asarray(
+        fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="mean", axes=(-2, -1)))["w"]
+    )
     # All block means tie at 1: the 3 blocks of lower flat index (the top row) go.
     np.testing.assert_array_equal(got, np.array([[0] * 5, [0] * 5, [1] * 5], bool))
     # With "sum" the smaller edge blocks score less and go first: (1, 2) holds 1 weight.
-    got = np.asarray(fo.select(scores, 1 / 6, pattern=fo.Blocks((2, 2)))["w"])
+    got = np.asarray(fo.select(scores, 1 / 6, pattern=fo.Blocks((2, 2), axes=(-2, -1)))["w"])
     assert (~got).sum() == 1 and not got[2, 4]
 
 
@@ -338,11 +340,15 @@ def test_block_prior_mask_counts_and_nests():
     prior[2:, 2:] = False  # the best block is already empty: it counts as pruned
     prior[0, 0] = False
     got = np.asarray(
-        fo.select(scores, 0.25, pattern=fo.Blocks((2, 2)), mask={"w": jnp.asarray(prior)})["w"]
+        fo.select(
+            scores, 0.25, pattern=fo.Blocks((2, 2), axes=(-2, -1)), mask={"w": jnp.asarray(prior)}
+        )["w"]
     )
     np.testing.assert_array_equal(got, prior)  # target 1 block: already met
     got = np.asarray(
-        fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)), mask={"w": jnp.asarray(prior)})["w"]
+        fo.select(
+            scores, 0.5, pattern=fo.Blocks((2, 2), axes=(-2, -1)), mask={"w": jnp.asarray(prior)}
+        )["w"]
     )
     want = prior.copy()
     want[:2, :2] = False  # then the block of smallest sum among the kept weights
@@ -353,11 +359,13 @@ def test_block_elementwise_prunable_and_per_leaf_targets():
     scores = {"a": jnp.arange(16.0).reshape(4, 4), "b": jnp.ones((2, 2))}
     allowed = {"a": np.ones((4, 4), bool), "b": True}
     allowed["a"][0, 1] = False  # the worst block holds a protected weight: the next goes
-    got = fo.select(scores, 0.25, pattern=fo.Blocks((2, 2), scope="layer"), prunable=allowed)
+    got = fo.select(
+        scores, 0.25, pattern=fo.Blocks((2, 2), scope="layer", axes=(-2, -1)), prunable=allowed
+    )
     want = np.ones((4, 4), bool)
     want[:2, 2:] = False
     np.testing.assert_array_equal(np.asarray(got["a"]), want)
-    got = fo.select(scores, {"a": 0.5, "b": 0.0}, pattern=fo.Blocks((2, 2)))
+    got = fo.select(scores, {"a": 0.5, "b": 0.0}, pattern=fo.Blocks((2, 2), axes=(-2, -1)))
     assert int((~got["a"]).sum()) == 8 and bool(got["b"].all())
 
 
@@ -369,7 +377,7 @@ def test_selections_under_jit_match_eager_and_compile_once():
     rng = np.random.default_rng(6)
     scores = {"a": jnp.asarray(rng.integers(0, 4, (8, 6)), jnp.float32), "b": jnp.ones((4, 4))}
     prior = jax.tree.map(lambda x: jnp.asarray(rng.uniform(size=x.shape) > 0.1), scores)
-    for pattern in [fo.NM(2, 4, axis=-2), fo.Blocks((2, 3), reduction="max")]:
+    for pattern in [fo.NM(2, 4, axis=-2), fo.Blocks((2, 3), reduction="max", axes=(-2, -1))]:
         traces = []
 
         @jax.jit
@@ -406,7 +414,7 @@ def test_pruned_grows_nm_and_blocks_on_a_schedule():
     schedule = fo.polynomial_sparsity(0.5, begin_step=0, end_step=6, power=1)
     for pattern, method in [
         (fo.NM(2, 4, axis=-2), "one_stage"),
-        (fo.Blocks((4, 2)), "two_stage"),
+        (fo.Blocks((4, 2), axes=(-2, -1)), "two_stage"),
     ]:
         opt = fo.pruned(
             optax.adam(1e-2),
@@ -461,7 +469,7 @@ def test_sharded_selections_match_reference_without_gathers():
     host = jax.tree.map(np.asarray, (scores, prior))
     # N:M groups down the rows of "a" (32 rows a shard), 4 x 4 blocks of "c" (16 rows a shard).
     nm = (fo.NM(2, 4, axis=-2), {"a": True, "c": False})
-    blocks = (fo.Blocks((4, 4), reduction="mean"), {"a": False, "c": True})
+    blocks = (fo.Blocks((4, 4), reduction="mean", axes=(-2, -1)), {"a": False, "c": True})
     cases = [
         (nm, "a", lambda s, p: ref_nm_gradual(s, 2, 4, -2, 0.3, "layer", p)),
         (blocks, "c", lambda s, p: ref_block_mask(s, 0.3, 4, 4, "mean", "global", p)),
@@ -532,7 +540,7 @@ def test_block_errors_by_message():
         fo.select(scores, 0.5, pattern=fo.Blocks((0, 2)))
     with pytest.raises(ValueError, match="reduction must be one of: 'sum'"):
         fo.Blocks((2, 2), reduction="median")
-    with pytest.raises(ValueError, match=r"last two axes .*\['b'\] has shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"tile two axes .*\['b'\] has shape \(4,\)"):
         fo.select({"b": jnp.ones(4)}, 0.5, pattern=fo.Blocks((2, 2)), prunable=lambda p, x: True)
     with pytest.raises(ValueError, match=r"scores at \['w'\] hold NaN"):
         fo.select({"w": jnp.full((4, 4), jnp.nan)}, 0.5, pattern=fo.Blocks((2, 2)))
@@ -555,7 +563,7 @@ def test_non_prunable_weights_keep_what_mask_pruned_in_every_pattern():
         (fo.Unstructured(), 0.5),
         (fo.NM(2, 4, axis=-2), 1.0),
         (fo.NM(2, 4, axis=-2), 0.25),
-        (fo.Blocks((2, 2)), 0.5),
+        (fo.Blocks((2, 2), axes=(-2, -1)), 0.5),
     ]:
         got = fo.select(scores, sparsity, pattern=pattern, mask=prior)
         np.testing.assert_array_equal(np.asarray(got["b"]), np.asarray(prior["b"]), str(pattern))
@@ -596,7 +604,7 @@ def test_select_refuses_what_is_not_a_pattern():
         fo.select(scores, 0.5, pattern="layer")
 
 
-@pytest.mark.parametrize("pattern", [fo.NM(2, 4, axis=-2), fo.Blocks((2, 2))])
+@pytest.mark.parametrize("pattern", [fo.NM(2, 4, axis=-2), fo.Blocks((2, 2), axes=(-2, -1))])
 def test_mask_entry_points_take_a_pattern(pattern):
     """magnitude_mask and both stages of two_stage_mask select in the pattern's units."""
     rng = np.random.default_rng(11)
