@@ -2,7 +2,6 @@
 leaves are kernels, which axis a pattern takes, how files load back into a model's type."""
 
 import equinox as eqx
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +48,7 @@ def end_to_end(params, loss, tmp_path, steps=3):
     # Codebook fine-tuning: the weights of one entry stay tied, requantize reads them back.
     tune = fo.share_codebooks(optax.adam(1e-3), q)
     dense = fo.dequantize(q)
-    updates, _ = tune.update(jax.grad(loss)(dense), tune.init(dense), dense)
+    updates, _ = jax.jit(lambda d: tune.update(jax.grad(loss)(d), tune.init(d), d))(dense)
     tuned = fo.requantize(optax.apply_updates(dense, updates), q)
     assert np.isfinite(float(loss(fo.dequantize(tuned))))
     return params, back
@@ -69,7 +68,7 @@ def test_equinox_mlp_end_to_end(tmp_path):
     pruned, back = end_to_end(params, loss, tmp_path)
     model = eqx.combine(back, static)
     assert isinstance(model, eqx.nn.MLP)
-    kernels = [x for p, x in zip(key_paths(pruned), jax.tree.leaves(pruned)) if x.ndim == 2]
+    kernels = [x for x in jax.tree.leaves(pruned) if x.ndim == 2]
     assert sum(int((x == 0).sum()) for x in kernels) >= sum(x.size for x in kernels) // 2
     assert jnp.all(jnp.isfinite(jax.vmap(model)(x)))
 
@@ -88,7 +87,9 @@ def test_equinox_cnn_with_batchnorm_state_end_to_end(tmp_path):
     _, back = end_to_end(params, loss, tmp_path)
     assert isinstance(eqx.combine(back, static), zoo.EqxCNN)
     # The Conv weight (O, I, kh, kw) has its layout from its class, not from a name.
-    conv = [lay for p, lay in zip(key_paths(params), layouts(params)) if "conv" in str(p)]
+    conv = [
+        lay for p, lay in zip(key_paths(params), layouts(params), strict=True) if "conv" in str(p)
+    ]
     assert conv[0] == (1, 0)
 
 
@@ -147,9 +148,216 @@ def test_linen_resnet_taking_train_end_to_end(tmp_path):
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, 1))
 
     def loss(p):
-        out, _ = module.apply(
-            {**variables, "params": p}, x, train=True, mutable=["batch_stats"]
-        )
+        out, _ = module.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])
         return jnp.mean(out**2)
 
     end_to_end(variables["params"], loss, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------
+# Which leaves are kernels
+
+
+def test_linen_cache_is_never_pruned_or_quantized():
+    _, variables = zoo.linen_lm()
+    variables = jax.tree.map(lambda x: x + 1.0, variables)  # a cache that holds something
+    mask = fo.magnitude_mask(variables, 0.5)
+    assert bool(mask["cache"]["cached_key"].all())
+    assert fo.sparsity_report(mask).sparsity == pytest.approx(0.5, abs=0.01)
+    q = fo.quantize(variables, 2)
+    coded = dict(zip(q.paths, q.quantized, strict=True))
+    assert not coded["['cache']['cached_key']"]
+    assert not fo.is_kernel((jax.tree_util.DictKey("intermediates"),), jnp.ones((2, 2)))
+
+
+def test_stacked_norm_scales_are_not_kernels():
+    """penzai keeps a layer's label above the array: ``scale.value.data_array``."""
+    stack = {
+        "scale": {"value": {"data_array": jnp.arange(1.0, 17.0).reshape(2, 8)}},
+        "proj": {"value": {"data_array": jnp.arange(1.0, 17.0).reshape(2, 8)}},
+    }
+    mask = fo.select(stack, 0.5)
+    assert bool(mask["scale"]["value"]["data_array"].all())
+    assert int((~mask["proj"]["value"]["data_array"]).sum()) == 8
+    q = fo.quantize(stack, 2)
+    assert dict(zip(q.paths, q.quantized, strict=True)) == {
+        "['proj']['value']['data_array']": True,
+        "['scale']['value']['data_array']": False,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Axes from known layouts only
+
+
+def test_patterns_take_the_input_axis_of_equinox_and_flax_layouts():
+    w = jax.random.normal(jax.random.key(0), (8, 12))  # a Flax kernel (in=8, out=12)
+    flax_tree = {"dense": {"kernel": w}}
+    eqx_tree = eqx.nn.Linear(8, 12, key=jax.random.key(0))  # its weight is (out, in)
+    eqx_tree = eqx.tree_at(lambda m: m.weight, eqx_tree, w.T)
+    for pattern, sparsity in [(fo.NM(2, 4), 1.0), (fo.Blocks((4, 2)), 0.5)]:
+        on_flax = fo.select(flax_tree, sparsity, pattern=pattern)["dense"]["kernel"]
+        on_eqx = fo.select(eqx_tree, sparsity, pattern=pattern).weight
+        np.testing.assert_array_equal(on_eqx, on_flax.T)
+    # Groups of 4 along the input axis: every column of the (in, out) kernel keeps 2 of 4.
+    nm = fo.select(flax_tree, 1.0, pattern=fo.NM(2, 4))["dense"]["kernel"]
+    assert (np.asarray(nm).reshape(2, 4, 12).sum(1) == 2).all()
+    # An Equinox Conv2d weight (O, I, kh, kw): groups run along I, blocks tile (I, O).
+    conv = eqx.nn.Conv2d(4, 8, 3, key=jax.random.key(1))
+    mask = fo.select(conv, 1.0, pattern=fo.NM(2, 4)).weight
+    assert (np.asarray(mask).sum(1) == 2).all()
+    tiles = np.asarray(fo.select(conv, 0.5, pattern=fo.Blocks((4, 4))).weight)
+    assert (
+        tiles.reshape(2, 4, 1, 4, 3, 3).all((1, 3)) | ~tiles.reshape(2, 4, 1, 4, 3, 3).any((1, 3))
+    ).all()
+
+
+def test_unknown_layouts_ask_for_the_axis_by_message():
+    # Linen DenseGeneral's attention kernel (D, heads, head_dim): groups of heads otherwise.
+    attn = {"query": {"kernel": jnp.ones((8, 4, 2))}}
+    with pytest.raises(
+        ValueError, match=r"no default axis for the leaf at \['query'\]\['kernel'\] .*axis="
+    ):
+        fo.select(attn, 1.0, pattern=fo.NM(2, 4))
+    embed = {"embedding": jnp.ones((8, 8))}
+    with pytest.raises(ValueError, match=r"no default axes for the leaf at \['embedding'\].*axes="):
+        fo.select(embed, 0.5, pattern=fo.Blocks((2, 2)))
+    assert fo.select(attn, 1.0, pattern=fo.NM(2, 4, axis=0))["query"]["kernel"].sum() == 32
+    with pytest.raises(
+        ValueError, match=r"axes=\(0, 5\) is out of range for the leaf at \['embedding'\]"
+    ):
+        fo.select(embed, 0.5, pattern=fo.Blocks((2, 2), axes=(0, 5)))
+    with pytest.raises(TypeError, match="axes must be a pair of ints"):
+        fo.Blocks((2, 2), axes=-1)
+    with pytest.raises(ValueError, match=r"axes must name two different axes .*\(1, 1\)"):
+        fo.Blocks((2, 2), axes=(1, 1))
+
+
+# ------------------------------------------------------------------------------------------
+# Trees, predicates and leaves that are not arrays
+
+
+def test_an_equinox_module_is_a_tree_not_a_predicate():
+    params, _ = arrays(zoo.eqx_mlp())
+    as_tree = jax.tree.map(lambda x: x.ndim == 2, params)  # an MLP: callable, still a tree
+    as_function = lambda path, x: x.ndim == 2
+    by_tree = fo.magnitude_mask(params, 0.5, prunable=as_tree)
+    jax.tree.map(
+        np.testing.assert_array_equal, by_tree, fo.magnitude_mask(params, 0.5, prunable=as_function)
+    )
+    assert bool(by_tree.layers[0].bias.all())
+
+
+def test_non_array_leaves_are_refused_by_path_with_the_filter_idiom(tmp_path):
+    model = zoo.eqx_mlp()
+    params, _ = arrays(model)
+    q = fo.quantize(params, 2)
+    ones = jax.tree.map(lambda x: jnp.ones(x.shape, bool), params)
+    adam = optax.adam(1e-3)
+    _, adam_state = adam.update(params, adam.init(params), params)
+    calls = {
+        "magnitude_mask": lambda: fo.magnitude_mask(model, 0.5),
+        "two_stage_mask": lambda: fo.two_stage_mask(model, 0.5, fisher=params),
+        "select": lambda: fo.select(model, 0.5),
+        "scores": lambda: fo.scores(model, "magnitude"),
+        "apply_mask": lambda: fo.apply_mask(model, ones),
+        "sparsity_report": lambda: fo.sparsity_report(eqx.combine(ones, model)),
+        "quantize": lambda: fo.quantize(model, 2),
+        "requantize": lambda: fo.requantize(model, q),
+        "share_codebooks": lambda: fo.share_codebooks(optax.sgd(1.0), q).init(model),
+        "fisher_from_state": lambda: fo.fisher_from_state(adam_state, params=model, missing=0.0),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            TypeError, match=r"at .*activation is .*eqx.filter\(model, eqx.is_inexact_array\)"
+        ):
+            call()
+
+
+def test_prng_keys_in_the_tree_never_crash_a_mask():
+    state = nnx.state(zoo.NnxLM())
+    no_keys = lambda path, x: fo.is_kernel(path, x)
+    for prunable in (None, no_keys):
+        mask = fo.magnitude_mask(state, 0.5, prunable=prunable)
+        assert bool(mask["rngs"]["default"]["key"].all())
+        back = fo.apply_mask(state, mask)
+        assert back["rngs"]["default"]["key"].dtype == state["rngs"]["default"]["key"].dtype
+
+
+# ------------------------------------------------------------------------------------------
+# Files: a user's field named value, load_compressed(like=)
+
+
+class Scaled(eqx.Module):
+    value: jax.Array
+    scale: jax.Array
+
+
+def test_a_field_named_value_is_a_path_of_its_own(tmp_path):
+    tree = {"layer": Scaled(jnp.arange(8.0).reshape(2, 4), jnp.ones((2, 4)))}
+    assert [jax.tree_util.keystr(p) for p in key_paths(tree)] == [
+        "['layer'].value",
+        "['layer'].scale",
+    ]
+    q = fo.quantize(tree, 2, quantizable=lambda p, x: False)
+    fo.save_compressed(tmp_path / "s.fo", q)
+    back = fo.dequantize(fo.load_compressed(tmp_path / "s.fo", like=tree))
+    assert isinstance(back["layer"], Scaled)
+    np.testing.assert_array_equal(back["layer"].value, tree["layer"].value)
+
+
+def test_load_compressed_like_places_leaves_by_path_and_names_mismatches(tmp_path):
+    attn = eqx.nn.MultiheadAttention(2, 8, key=jax.random.key(0))
+    params, static = arrays(attn)
+    file = tmp_path / "attn.fo"
+    fo.save_compressed(file, fo.quantize(params, 4))
+    back = fo.dequantize(fo.load_compressed(file, like=params))
+    model = eqx.combine(back, static)
+    x = jax.random.normal(jax.random.key(1), (3, 8))
+    np.testing.assert_allclose(
+        model(x, x, x), eqx.combine(fo.dequantize(fo.quantize(params, 4)), static)(x, x, x)
+    )
+    # The plain tree has sorted keys: pouring its leaves into the module's treedef misplaces
+    # them, which like= never does.
+    plain = fo.dequantize(fo.load_compressed(file))
+    assert not all(
+        a.shape == b.shape and bool((a == b).all())
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(back), strict=True)
+    )
+    smaller = arrays(eqx.nn.MultiheadAttention(2, 8, use_output_bias=True, key=jax.random.key(0)))[
+        0
+    ]
+    with pytest.raises(ValueError, match=r"like has a leaf at .*output_proj.*bias that .* lacks"):
+        fo.load_compressed(file, like=smaller)
+    with pytest.raises(
+        ValueError, match=r"has a leaf at \['query_proj'\]\['weight'\] that like lacks"
+    ):
+        fo.load_compressed(file, like=eqx.tree_at(lambda m: m.query_proj, params, None))
+    wider = arrays(eqx.nn.MultiheadAttention(2, 8, qk_size=8, key=jax.random.key(0)))[0]
+    with pytest.raises(
+        ValueError, match=r"holds shape \(8, 8\) at .*query_proj.*but like has \(16, 8\)"
+    ):
+        fo.load_compressed(file, like=wider)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    with pytest.raises(ValueError, match=r"holds dtype float32 at .* but like has bfloat16"):
+        fo.load_compressed(file, like=half)
+
+
+# ------------------------------------------------------------------------------------------
+# The Fisher of Linen variables
+
+
+def test_fisher_from_state_lines_up_linen_variables_with_the_params_collection():
+    _, variables = zoo.linen_resnet()
+    opt = optax.adam(1e-3)
+    state = opt.init(variables["params"])
+    grads = jax.tree.map(jnp.ones_like, variables["params"])
+    _, state = opt.update(grads, state, variables["params"])
+    fisher = fo.fisher_from_state(state, params=variables, missing=0.0)
+    assert jax.tree.structure(fisher) == jax.tree.structure(variables)
+    assert all(bool((x == 0).all()) for x in jax.tree.leaves(fisher["batch_stats"]))
+    np.testing.assert_allclose(
+        fisher["params"]["Dense_0"]["kernel"],
+        jnp.ones_like(variables["params"]["Dense_0"]["kernel"]),
+        rtol=1e-4,
+    )
