@@ -29,10 +29,11 @@ nnx-example: $(STAMP)
 resnet-example: $(STAMP)
 	$(PY) examples/resnet_surgery.py
 
-# The library suite: tests/ and the package's doctests (pyproject's testpaths), then the quickstart.
+# The library suite: tests/ and the package's doctests (pyproject's testpaths), then the quickstarts.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 	$(PY) examples/quickstart.py
+	$(PY) examples/equinox_quickstart.py
 
 # Smoke runs of the experiments (tiny sizes) and the tests of their data loaders.
 test-experiments: $(STAMP)
