@@ -125,11 +125,13 @@ def layouts(tree: Any) -> list[tuple[int, int] | None]:
     """Per leaf of ``tree``, ``(input axis, output axis)`` (non-negative) where the layout
     is known, else ``None``.
 
-    Known layouts: a Flax Dense kernel ``(in, out)`` and Conv kernel ``(*window, in, out)``
-    (a leaf whose last key is ``kernel``; a 3-D one only when a key of its path names a
-    conv, since Linen's ``DenseGeneral`` attention kernels ``(D, heads, head_dim)`` are 3-D
-    too), and the ``weight`` of an Equinox ``Linear`` ``(out, in)`` or ``Conv``
-    ``(out, in, *window)``, told by the module's class. Any other leaf (an embedding, a
+    Known layouts: a Flax Dense kernel ``(in, out)`` (a 2-D leaf whose last key is
+    ``kernel``) and Conv kernel ``(*window, in, out)`` (a ``kernel`` whose module's key
+    holds ``conv``, as Linen's ``Conv_0``; ranks 3 and up are taken for a conv only then,
+    since an ``nn.scan``-stacked Dense kernel ``(L, in, out)`` and a ``DenseGeneral``
+    attention kernel ``(D, heads, head_dim)`` have them too), and the ``weight`` of an
+    Equinox ``Linear`` ``(out, in)`` or ``Conv`` ``(out, in, *window)``, told by the
+    module's class. Any other leaf (an embedding, a
     penzai or hand-written layer) has no default axis.
     """
     eqx_kind: dict[tuple, str] = {}
@@ -150,8 +152,10 @@ def layouts(tree: Any) -> list[tuple[int, int] | None]:
         if tuple(raw) in eqx_kind and ndim >= 2:
             out.append((1, 0))
         elif names and names[-1] == "kernel" and ndim >= 2 and not eqx_kind:
-            conv = any("conv" in n.lower() for n in names[:-1])
-            out.append((ndim - 2, ndim - 1) if ndim in (2, 4, 5) or conv else None)
+            # A kernel of rank 3 or more is a Conv's only when its module says so: a stacked
+            # Dense (L, in, out) or a DenseGeneral (D, heads, head_dim) has that rank too.
+            conv = len(names) >= 2 and "conv" in names[-2].lower()
+            out.append((ndim - 2, ndim - 1) if ndim == 2 or conv else None)
         else:
             out.append(None)
     return out

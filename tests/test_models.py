@@ -219,6 +219,19 @@ def test_unknown_layouts_ask_for_the_axis_by_message():
         ValueError, match=r"no default axis for the leaf at \['query'\]\['kernel'\] .*axis="
     ):
         fo.select(attn, 1.0, pattern=fo.NM(2, 4))
+    # nn.scan stacks a Dense kernel to (L, in, out): no default there either.
+    params = zoo.linen_lm()[1]["params"]
+    with pytest.raises(
+        ValueError, match=r"leaf at \['Embed_0'\]\['embedding'\] of shape \(16, 8\)"
+    ):
+        fo.select(params, 1.0, pattern=fo.NM(2, 4))
+    stacked = lambda path, x: x.ndim == 3
+    with pytest.raises(ValueError, match=r"\['kernel'\] of shape \(2, 8, 16\): its layout"):
+        fo.select(params, 1.0, pattern=fo.NM(2, 4), prunable=stacked)
+    # A Linen Conv kernel (kh, kw, in, out) is known by its module's name.
+    resnet = zoo.linen_resnet()[1]["params"]
+    named = dict(zip(map(jax.tree_util.keystr, key_paths(resnet)), layouts(resnet), strict=True))
+    assert named["['Conv_1']['kernel']"] == (2, 3) and named["['Dense_0']['kernel']"] == (0, 1)
     embed = {"embedding": jnp.ones((8, 8))}
     with pytest.raises(ValueError, match=r"no default axes for the leaf at \['embedding'\].*axes="):
         fo.select(embed, 0.5, pattern=fo.Blocks((2, 2)))
