@@ -183,7 +183,9 @@ def prunable(value: Any, tree: Any) -> list[Any]:
     ``value`` is ``None`` (the kernels, :func:`fisher_optax.is_kernel`), a predicate
     ``(path, leaf)`` returning a bool or a bool array shaped like the leaf, a pytree like
     ``tree`` of those, or a mapping ``{path or predicate: flag}`` (unmatched leaves: ``False``).
+    A ``tree`` with a non-array leaf is refused (:func:`arrays_only`).
     """
+    arrays_only(tree)
     return per_leaf(
         value,
         tree,

@@ -211,7 +211,8 @@ class NM:
         ``(in, out)`` or Conv kernel ``(*window, in, out)``, ``1`` of an Equinox
         ``Linear`` or ``Conv`` weight ``(out, in, ...)``; see
         :func:`fisher_optax._tree.layouts`). A prunable leaf of unknown layout (an
-        embedding, a ``DenseGeneral`` attention kernel, a hand-written layer) is an error
+        embedding, a ``DenseGeneral`` attention kernel, an ``nn.scan``-stacked kernel, a
+        hand-written layer) is an error
         asking for ``axis=``: a guessed axis would group heads or outputs silently.
       scope: how the weights below the cap are ranked: ``"layer"`` (default; every leaf
         moves toward N:M at the pace of the target, as jaxpruner's per-layer N:M) or
@@ -302,8 +303,9 @@ def _nm_axis(path: tuple, leaf: Any, axis: int | None, layout: Any, m: int) -> i
         if layout is None:
             raise ValueError(
                 f"NM has no default axis for the leaf at {keystr(path)} of shape "
-                f"{tuple(jnp.shape(leaf))}: its layout is not known (known: a Flax Dense or "
-                "Conv 'kernel', an Equinox Linear or Conv 'weight'). Pass NM(n, m, axis=...) "
+                f"{tuple(jnp.shape(leaf))}: its layout is not known (known: a 2-D Flax "
+                "'kernel', a Flax Conv 'kernel' under a module named for a conv, an Equinox "
+                "Linear or Conv 'weight'). Pass NM(n, m, axis=...) "
                 "with the layer's input (reduction) axis, or leave the leaf out with prunable=."
             )
         axis = layout[0]
@@ -597,9 +599,10 @@ def _block_axes(path: tuple, leaf: Any, axes: Any, layout: Any) -> tuple[int, in
         if layout is None:
             raise ValueError(
                 f"Blocks has no default axes for the leaf at {keystr(path)} of shape {shape}: "
-                "its layout is not known (known: a Flax Dense or Conv 'kernel', an Equinox "
-                "Linear or Conv 'weight'). Pass Blocks(shape, axes=(row axis, column axis)), "
-                "e.g. the layer's (input, output) axes, or leave the leaf out with prunable=."
+                "its layout is not known (known: a 2-D Flax 'kernel', a Flax Conv 'kernel' "
+                "under a module named for a conv, an Equinox Linear or Conv 'weight'). Pass "
+                "Blocks(shape, axes=(row axis, column axis)), e.g. the layer's (input, output) "
+                "axes, or leave the leaf out with prunable=."
             )
         return layout
     if not all(-len(shape) <= a < len(shape) for a in axes):

@@ -272,6 +272,8 @@ def test_non_array_leaves_are_refused_by_path_with_the_filter_idiom(tmp_path):
         "magnitude_mask": lambda: fo.magnitude_mask(model, 0.5),
         "two_stage_mask": lambda: fo.two_stage_mask(model, 0.5, fisher=params),
         "select": lambda: fo.select(model, 0.5),
+        "uniform_sparsity": lambda: fo.uniform_sparsity(model, 0.5),
+        "erk_sparsity": lambda: fo.erk_sparsity(model, 0.5),
         "scores": lambda: fo.scores(model, "magnitude"),
         "apply_mask": lambda: fo.apply_mask(model, ones),
         "sparsity_report": lambda: fo.sparsity_report(eqx.combine(ones, model)),
