@@ -138,14 +138,14 @@ def test_nnx_lm_with_rngs_end_to_end(tmp_path):
     # The whole state, its PRNG key and counter included: masks keep them, files hold them.
     whole = nnx.state(model)
     mask = fo.magnitude_mask(whole, 0.5)
-    assert bool(mask["rngs"]["default"]["key"].value.all())
+    assert bool(mask["rngs"]["default"]["key"].get_value().all())
     q = fo.quantize(fo.apply_mask(whole, mask), 4)
     fo.save_compressed(tmp_path / "whole.fo", q)
     loaded = fo.dequantize(fo.load_compressed(tmp_path / "whole.fo", like=whole))
     assert isinstance(loaded, nnx.State)
     np.testing.assert_array_equal(
-        jax.random.key_data(loaded["rngs"]["default"]["key"].value),
-        jax.random.key_data(whole["rngs"]["default"]["key"].value),
+        jax.random.key_data(loaded["rngs"]["default"]["key"].get_value()),
+        jax.random.key_data(whole["rngs"]["default"]["key"].get_value()),
     )
 
 

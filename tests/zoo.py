@@ -28,7 +28,7 @@ class EqxCNN(eqx.Module):
     def __init__(self, key):
         k1, k2 = jax.random.split(key)
         self.conv = eqx.nn.Conv2d(1, 4, 3, padding=1, key=k1)
-        self.norm = eqx.nn.BatchNorm(4, axis_name="batch")
+        self.norm = eqx.nn.BatchNorm(4, axis_name="batch", mode="batch")
         self.head = eqx.nn.Linear(4 * 6 * 6, 3, key=k2)
 
     def __call__(self, x, state):
