@@ -267,6 +267,16 @@ def test_an_equinox_module_is_a_tree_not_a_predicate():
     assert bool(by_tree.layers[0].bias.all())
 
 
+def test_pruned_with_nm_on_an_equinox_tree_groups_along_each_input_axis():
+    """pruned builds trees shaped like the params internally: a module, never a predicate."""
+    params, _ = arrays(zoo.eqx_mlp())
+    opt = fo.pruned(optax.sgd(0.0), 1.0, pattern=fo.NM(2, 4), criterion="magnitude")
+    state = opt.init(params)
+    _, state = jax.jit(opt.update)(params, state, params)
+    hidden = np.asarray(state.mask.layers[1].weight)  # (out, in)
+    assert (hidden.reshape(zoo.WIDTH, -1, 4).sum(-1) == 2).all()
+
+
 def test_non_array_leaves_are_refused_by_path_with_the_filter_idiom(tmp_path):
     model = zoo.eqx_mlp()
     params, _ = arrays(model)
