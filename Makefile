@@ -38,7 +38,7 @@ test: $(STAMP)
 test-experiments: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile experiments/tests
 
-# Smoke runs of the examples (each as a script, at its --quick size).
+# Smoke runs of the examples (each as a script, the long ones at their --quick size).
 test-examples: $(STAMP)
 	$(PY) -m pytest -q -n 2 examples/tests
 

@@ -51,9 +51,11 @@ def top_k_nm(scores):
 
 PATTERNS = {
     "Unstructured": jax.jit(lambda s: fo.select(s, 0.5)),
-    "NM 2:4": jax.jit(lambda s: fo.select(s, 1.0, pattern=fo.NM(2, 4))),
-    "NM 2:4 @25%": jax.jit(lambda s: fo.select(s, 0.25, pattern=fo.NM(2, 4, scope="global"))),
-    "Blocks 4x4": jax.jit(lambda s: fo.select(s, 0.5, pattern=fo.Blocks((4, 4)))),
+    "NM 2:4": jax.jit(lambda s: fo.select(s, 1.0, pattern=fo.NM(2, 4, axis=-2))),
+    "NM 2:4 @25%": jax.jit(
+        lambda s: fo.select(s, 0.25, pattern=fo.NM(2, 4, scope="global", axis=-2))
+    ),
+    "Blocks 4x4": jax.jit(lambda s: fo.select(s, 0.5, pattern=fo.Blocks((4, 4), axes=(-2, -1)))),
     "lax.top_k 2:4": jax.jit(top_k_nm),
 }
 

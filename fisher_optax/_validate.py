@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fisher_optax._tree import check_matching, is_kernel, keystr, per_leaf
+from fisher_optax._tree import check_matching, is_array, is_kernel, key_paths, keystr, per_leaf
 
 __all__: list[str] = []  # private module; nothing re-exported
 
@@ -192,7 +192,9 @@ def prunable(value: Any, tree: Any) -> list[Any]:
     ``value`` is ``None`` (the kernels, :func:`fisher_optax.is_kernel`), a predicate
     ``(path, leaf)`` returning a bool or a bool array shaped like the leaf, a pytree like
     ``tree`` of those, or a mapping ``{path or predicate: flag}`` (unmatched leaves: ``False``).
+    A ``tree`` with a non-array leaf is refused (:func:`arrays_only`).
     """
+    arrays_only(tree)
     return per_leaf(
         value,
         tree,
@@ -245,6 +247,8 @@ def bool_leaves(reference: Any, tree: Any, name: str = "mask", ref_name: str = "
     Only ``bool`` arrays are accepted: a float or 0/1 int mask is a ``TypeError`` (the same
     message everywhere), since ``0.5`` or ``2`` has no meaning as keep/prune.
     """
+    arrays_only(reference, ref_name)
+    arrays_only(tree, name)
     leaves = check_matching(reference, tree, ref_name=ref_name, other_name=name)
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
     for path, leaf in zip(paths, leaves, strict=True):
@@ -257,10 +261,37 @@ def bool_leaves(reference: Any, tree: Any, name: str = "mask", ref_name: str = "
     return leaves
 
 
+def is_prng_key(leaf: Any) -> bool:
+    """Whether ``leaf`` is an array of typed PRNG keys (an ``nnx.Rngs`` stream's key)."""
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def arrays_only(tree: Any, name: str = "params") -> None:
+    """Refuse a tree with a non-array leaf (a function, a string, an axis name).
+
+    A whole Equinox module holds its activation functions and flags as leaves; the arrays
+    are what a Fisher, a mask or a codebook is about, so the message shows how to take them.
+    """
+    for path, leaf in zip(key_paths(tree), jax.tree.leaves(tree), strict=True):
+        if not is_array(leaf):
+            raise TypeError(
+                f"{name} at {keystr(path)} is {type(leaf).__name__} {str(leaf)[:40]!r}, not an "
+                "array; pass the model's arrays only, e.g. eqx.filter(model, "
+                "eqx.is_inexact_array), and eqx.combine the result with the model."
+            )
+
+
 def real_leaves(tree: Any, name: str) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` of a tree of real arrays; a non-real dtype is a ``TypeError``."""
+    """``(path, leaf)`` of a tree of real arrays; a non-real dtype is a ``TypeError``.
+
+    PRNG keys (an ``nnx.Rngs`` kept in a model) pass: they are never pruned or coded.
+    """
+    arrays_only(tree, name)
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if is_prng_key(leaf):
+            out.append((keystr(path), leaf))
+            continue
         dtype = jnp.result_type(leaf)
         if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
             raise TypeError(
@@ -280,6 +311,8 @@ def finite(tree: Any, name: str = "params", *, where: Any = None) -> None:
     items = real_leaves(tree, name)
     for i, (path, leaf) in enumerate(items):
         if not is_concrete(leaf):
+            continue
+        if is_prng_key(leaf):
             continue
         w = None if where is None else where[i]
         if spans_processes(leaf) or spans_processes(w):

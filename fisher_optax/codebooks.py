@@ -21,7 +21,7 @@ import optax
 from fisher_optax import _validate
 from fisher_optax._tree import check_matching
 from fisher_optax._types import Params
-from fisher_optax.quantize import QuantizedParams
+from fisher_optax.quantize import QuantizedParams, _whole
 
 __all__ = ["ShareCodebooksState", "requantize", "share_codebooks"]
 
@@ -93,8 +93,10 @@ def _layout(q: Any, name: str = "q") -> list[_Leaf]:
             out.append(_Leaf(path, tuple(shape), True, floating, (), (), None, None))
             continue
         try:
-            bits = np.asarray(q.bits[i]).astype(np.int64)
-            codes = np.asarray(q.codes[i]).astype(np.int64)
+            # Codes spread over processes are gathered: which weights share an entry is
+            # read whole on every process.
+            bits = np.asarray(_whole(q.bits[i])).astype(np.int64)
+            codes = np.asarray(_whole(q.codes[i])).astype(np.int64)
             books = tuple(np.asarray(b) for b in _books(q, i))
         except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
             raise TypeError(
@@ -155,6 +157,7 @@ def _members(leaf: _Leaf) -> tuple[np.ndarray | None, np.ndarray | None]:
 
 def _leaves_like_q(q: QuantizedParams, tree: Any, name: str) -> list[Any]:
     """Leaves of ``tree`` in order, checked path by path and shape by shape against ``q``."""
+    _validate.arrays_only(tree, name)
     shapes = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in q.shapes]
     reference = jax.tree.unflatten(q.treedef, shapes)
     return check_matching(reference, tree, ref_name="q", other_name=name)
@@ -165,7 +168,7 @@ def _read_entries(leaf: _Leaf, x: Any, name: str) -> tuple[np.ndarray, ...]:
 
     An entry with no weights (an empty cluster) keeps its value in ``q``.
     """
-    x = np.asarray(x)
+    x = np.asarray(_whole(x))
     books = []
     for b, book in zip(leaf.widths, leaf.books, strict=True):
         sel = leaf.bits == b
@@ -392,7 +395,7 @@ def requantize(params: Params, q: QuantizedParams) -> QuantizedParams:
 def _pad_slices(book: np.ndarray, q: Any, i: int, width: int, axis: int) -> np.ndarray:
     """Per-slice ``book`` (C, K) with the entries after each slice's largest code repeating
     its last used entry (0 for a slice with none), as the file stores and reads them."""
-    bits, codes = np.asarray(q.bits[i]), np.asarray(q.codes[i]).astype(np.int64)
+    bits, codes = np.asarray(_whole(q.bits[i])), np.asarray(_whole(q.codes[i])).astype(np.int64)
     view = [1] * bits.ndim
     view[axis] = bits.shape[axis]
     channel = np.broadcast_to(np.arange(bits.shape[axis]).reshape(view), bits.shape)

@@ -35,7 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fisher_optax import _validate
-from fisher_optax._tree import keystr, strip_value
+from fisher_optax._tree import is_flax_variable, key_paths, keystr, strip_value
 from fisher_optax.quantize import MAX_BITS, QuantizedParams
 
 __all__ = [
@@ -91,7 +91,8 @@ _MODEL = constriction.stream.model
 def _tree_paths(treedef) -> list[tuple[tuple[int, Any], ...]]:
     """Per leaf, its path as ``((kind, key), ...)``, read from jax key paths.
 
-    Flax's ``.value`` hop is dropped (:func:`fisher_optax._tree.strip_value`), so an
+    The ``.value`` hop into a Flax Variable is dropped (a user's field named ``value`` is
+    kept, told apart by the node's type as :func:`fisher_optax._tree.key_paths` does), so an
     ``nnx.State`` of Variables is recorded as the nested dict of its ``to_pure_dict()``.
     A sequence index is a tuple index when its parent node is a plain tuple, else a list
     index.
@@ -104,8 +105,8 @@ def _tree_paths(treedef) -> list[tuple[tuple[int, Any], ...]]:
         for depth, k in enumerate(kpath):
             parent = node
             node = _follow(node, k)
-            if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
-                continue  # the Flax Variable hop: see strip_value
+            if is_flax_variable(parent) and isinstance(k, jax.tree_util.GetAttrKey):
+                continue  # the Flax Variable hop: see key_paths
             path.append(_kind_key(k, parent, kpath[:depth]))
         out[leaf] = tuple(path)
     return out
@@ -981,7 +982,7 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int], version: int):
     return path, _DTYPES[code], bits.reshape(shape), codes.reshape(shape), books, None, axis
 
 
-def load_compressed(path: str | os.PathLike) -> QuantizedParams:
+def load_compressed(path: str | os.PathLike, *, like: Any = None) -> QuantizedParams:
     """Read a file written by :func:`save_compressed` back into :class:`QuantizedParams`.
 
     ``dequantize(load_compressed(f))`` equals ``dequantize(q)`` exactly, raw leaves
@@ -992,19 +993,30 @@ def load_compressed(path: str | os.PathLike) -> QuantizedParams:
     ``nnx.Sequential``), ready for ``nnx.replace_by_pure_dict`` / ``nnx.update``, and a
     Linen ``{'params': ..., 'batch_stats': ...}`` dict as that dict.
 
+    With ``like=tree`` the result has ``tree``'s structure and node types instead (an
+    Equinox module, an ``nnx.State``, a Linen dict), each leaf placed by its path, so
+    ``dequantize`` gives a tree of ``tree``'s type: never rebuild a model by pouring the
+    plain tree's leaves into another treedef, whose order may differ (dict keys sort).
+    For an Equinox module pass its arrays, ``eqx.filter(model, eqx.is_array)``, as saved.
+
     The header's payload size must match the file size and the CRC-32 must match before
     anything is parsed; every count is checked against the bytes left before an array is
     made, and all leaves together may declare at most 1024 elements per payload byte.
 
     Args:
       path: the file.
+      like: optional, a tree with the saved tree's paths, shapes and dtypes (e.g. the
+        model's params before compression, or a freshly initialised model's).
 
     Returns:
-      The :class:`~fisher_optax.QuantizedParams`, leaves in the loaded tree's order.
+      The :class:`~fisher_optax.QuantizedParams`, leaves in the loaded tree's order, or in
+      ``like``'s with ``like`` given.
 
     Raises:
       ValueError: if the file is not a fisher-optax file, has another version, is
-        truncated or corrupted (size, checksum or a structure check fails).
+        truncated or corrupted (size, checksum or a structure check fails); with ``like``,
+        naming the first path the file lacks or ``like`` lacks, or whose shape or dtype
+        differs.
 
     Examples:
       See :func:`save_compressed`.
@@ -1048,6 +1060,8 @@ def load_compressed(path: str | os.PathLike) -> QuantizedParams:
     paths = [r[0] for r in recs]
     if len(set(paths)) != len(paths):
         raise ValueError("load_compressed: two leaves share a path: corrupted.")
+    if like is not None:
+        return _placed_like(recs, like, path)
     tree = _build_tree(paths)
     try:
         treedef = jax.tree.structure(tree)
@@ -1065,6 +1079,51 @@ def load_compressed(path: str | os.PathLike) -> QuantizedParams:
         treedef=treedef,
         dtypes=[r[1] if r[1] != "key" else str(r[5].dtype) for r in recs],
         axes=[r[6] for r in recs],
+    )  # fmt: skip
+
+
+def _placed_like(recs: list, like: Any, file: Any) -> QuantizedParams:
+    """The decoded records placed by path into ``like``'s structure, checked leaf by leaf."""
+    treedef = jax.tree.structure(like)
+    names = [keystr(p) for p in key_paths(like)]
+    by_path = {r[0]: r for r in recs}
+    wanted = _tree_paths(treedef)
+    for where, p in zip(names, wanted, strict=True):
+        if p not in by_path:
+            raise ValueError(
+                f"load_compressed: like has a leaf at {where} that {file} lacks; pass the "
+                "tree that was saved (for an Equinox module, eqx.filter(model, eqx.is_array))."
+            )
+    extra = set(by_path) - set(wanted)
+    if extra:
+        first = next(r[0] for r in recs if r[0] in extra)
+        shown = "".join(f"[{k!r}]" for _, k in first)
+        raise ValueError(
+            f"load_compressed: {file} has a leaf at {shown} that like lacks; pass the tree "
+            "that was saved as like."
+        )
+    placed = [by_path[p] for p in wanted]
+    for where, r, x in zip(names, placed, jax.tree.leaves(like), strict=True):
+        shape = np.shape(r[5]) if r[5] is not None else np.shape(r[2])
+        if tuple(shape) != tuple(np.shape(x)):
+            raise ValueError(
+                f"load_compressed: {file} holds shape {tuple(shape)} at {where} but like has "
+                f"{tuple(np.shape(x))} there; build like with the saved model's sizes."
+            )
+        dtype = r[1] if r[1] != "key" else str(r[5].dtype)
+        if dtype != str(jnp.result_type(x)):
+            raise ValueError(
+                f"load_compressed: {file} holds dtype {dtype} at {where} but like has "
+                f"{jnp.result_type(x)} there; build like with the saved model's dtypes."
+            )
+    return QuantizedParams(
+        [r[2] if r[2] is None else jnp.asarray(r[2]) for r in placed],
+        [r[3] if r[3] is None else jnp.asarray(r[3]) for r in placed],
+        [r[4] for r in placed],
+        [r[5] for r in placed],
+        treedef=treedef,
+        dtypes=[r[1] if r[1] != "key" else str(r[5].dtype) for r in placed],
+        axes=[r[6] for r in placed],
     )  # fmt: skip
 
 

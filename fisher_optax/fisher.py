@@ -7,7 +7,7 @@ module finds every such average in a nested optax state, whatever wraps it, corr
 returns it as a pytree shaped like the parameters.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,7 +17,7 @@ import optax
 from optax import tree_utils as otu
 
 from fisher_optax import _validate
-from fisher_optax._tree import keystr, strip_value
+from fisher_optax._tree import key_paths, keystr
 from fisher_optax._types import Fisher, Params
 
 __all__ = ["FisherTrackerState", "fisher_from_state", "fisher_tracker"]
@@ -449,16 +449,29 @@ def _align_to_params(merged: Any, params: Params, missing: float | None) -> Fish
     A ``MaskedNode`` in ``merged`` stands for a whole uncovered subtree of ``params``; its
     leaves are filled with ``missing``.
     """
-    entries = {
-        strip_value(path): x
-        for path, x in jax.tree_util.tree_flatten_with_path(merged, is_leaf=_is_masked)[0]
-    }
-    pflat, ptreedef = jax.tree_util.tree_flatten_with_path(params)
+    _validate.arrays_only(params, "params")
+    entries = dict(
+        zip(
+            key_paths(merged, is_leaf=_is_masked),
+            jax.tree.leaves(merged, is_leaf=_is_masked),
+            strict=True,
+        )
+    )
+    pleaves, ptreedef = jax.tree.flatten(params)
+    ppaths = key_paths(params)
+
+    def entry(ppath: tuple) -> tuple | None:
+        """The entry at this path, or a MaskedNode standing for a whole subtree above it."""
+        return next((ppath[:k] for k in range(len(ppath), -1, -1) if ppath[:k] in entries), None)
+
+    if isinstance(params, Mapping) and "params" in params and all(entry(p) is None for p in ppaths):
+        # Linen variables {"params": ..., "batch_stats": ...}: the optimizer holds the
+        # params collection, the other collections are what missing= fills.
+        hop = (jax.tree_util.DictKey("params"),)
+        entries = {hop + k: v for k, v in entries.items()}
     leaves, used = [], set()
-    for ppath, p in pflat:
-        ppath = strip_value(ppath)
-        # The entry at this path, or a MaskedNode standing for a whole subtree above it.
-        key = next((ppath[:k] for k in range(len(ppath), -1, -1) if ppath[:k] in entries), None)
+    for ppath, p in zip(ppaths, pleaves, strict=True):
+        key = entry(ppath)
         if key is None or (key != ppath and not _is_masked(entries[key])):
             if missing is not None:  # a leaf the optimizer never held, e.g. batch statistics
                 leaves.append(_filled(p, missing))

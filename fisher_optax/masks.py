@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fisher_optax import _select, _validate
-from fisher_optax._tree import keystr, strip_value
+from fisher_optax._tree import key_paths, keystr
 from fisher_optax._types import Fisher, Mask, Params, Prunable, Scores, Sparsity
 from fisher_optax.patterns import Pattern, Unstructured, select
 from fisher_optax.scores import CRITERIA
@@ -44,13 +44,21 @@ def _magnitude_scores(params: Params) -> Scores:
 
     ``|w|`` is exact in float32 either way; on the host no per-leaf ``abs`` is compiled.
     """
-    leaves = jax.tree.leaves(params)
+    _validate.arrays_only(params, "params")
+    leaves = [x for x in jax.tree.leaves(params) if not _validate.is_prng_key(x)]
     if sum(math.prod(np.shape(x)) for x in leaves) > _select.HOST_MAX or not _select.on_host(
         leaves
     ):
         return _scores(params, "magnitude")
     _validate.finite(params, "params")  # the checks and messages of scores()
-    return jax.tree.map(lambda w: np.abs(np.asarray(w).astype(np.float32)), params)
+    return jax.tree.map(
+        lambda w: (
+            np.zeros(w.shape, np.float32)
+            if _validate.is_prng_key(w)
+            else np.abs(np.asarray(w).astype(np.float32))
+        ),
+        params,
+    )
 
 
 def _scale(sparsity: Any, factor: Any) -> Any:
@@ -377,6 +385,21 @@ class SparsityReport(NamedTuple):
     leaves: dict[str, LeafSparsity]
 
 
+def _mask_counts(leaf: Any, flag: Any) -> tuple[int, int, int]:
+    """``(pruned, prunable, pruned among prunable)`` of one mask leaf: counted in NumPy,
+    or by a jax reduction where the leaf spans processes (NumPy cannot read their shards)."""
+    if _validate.spans_processes(leaf):
+        counts = jax.jit(
+            lambda m, a: jnp.stack(
+                [jnp.sum(~m), jnp.sum(jnp.broadcast_to(a, m.shape)), jnp.sum(~m & a)]
+            )
+        )(leaf, jnp.asarray(flag, bool))
+        return tuple(int(c) for c in np.asarray(counts))
+    leaf = np.asarray(leaf)
+    allowed = np.broadcast_to(np.asarray(flag, bool), leaf.shape)
+    return int((~leaf).sum()), int(allowed.sum()), int((~leaf & allowed).sum())
+
+
 def sparsity_report(mask: Mask, *, prunable: Prunable = None) -> SparsityReport:
     """How much a mask prunes, overall and leaf by leaf (host-side, not for ``jit``).
 
@@ -402,22 +425,18 @@ def sparsity_report(mask: Mask, *, prunable: Prunable = None) -> SparsityReport:
       0.75
     """
     _validate.bool_leaves(mask, mask)
-    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
-    paths, leaves = [strip_value(p) for p, _ in flat], [x for _, x in flat]
+    paths, leaves = key_paths(mask), jax.tree.leaves(mask)
     flags = _validate.prunable(prunable, mask)
     total_pruned, total = 0, 0
     per_leaf = {}
     for path, leaf, flag in zip(paths, leaves, flags, strict=True):
-        leaf = np.asarray(leaf)
-        allowed = np.broadcast_to(np.asarray(flag, bool), leaf.shape)
-        pruned = int((~leaf).sum())
-        n_prunable = int(allowed.sum())
-        total_pruned += int((~leaf & allowed).sum())
+        pruned, n_prunable, pruned_prunable = _mask_counts(leaf, flag)
+        total_pruned += pruned_prunable
         total += n_prunable
         per_leaf[keystr(path)] = LeafSparsity(
-            sparsity=pruned / leaf.size if leaf.size else 0.0,
+            sparsity=pruned / math.prod(leaf.shape) if math.prod(leaf.shape) else 0.0,
             pruned=pruned,
-            size=int(leaf.size),
+            size=math.prod(leaf.shape),
             prunable=n_prunable,
         )
     return SparsityReport(

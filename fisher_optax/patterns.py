@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from fisher_optax import _select, _validate
-from fisher_optax._tree import keystr, strip_value
+from fisher_optax._tree import key_paths, keystr, layouts
 from fisher_optax._types import Mask, Prunable, Scores, Sparsity
 
 __all__ = ["BLOCK_REDUCTIONS", "NM", "Blocks", "Pattern", "Unstructured", "select"]
@@ -80,9 +80,9 @@ def _has_nan(leaf) -> bool:
 
 def _score_leaves(scores: Scores, prunable: Prunable, mask: Mask | None):
     """Paths, leaves, treedef, per-leaf prunable flags and prior-mask leaves, checked."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
-    paths = [strip_value(p) for p, _ in flat]
-    leaves = [x for _, x in flat]
+    _validate.arrays_only(scores, "scores")
+    leaves, treedef = jax.tree.flatten(scores)
+    paths = key_paths(scores)
     flags = _validate.prunable(prunable, scores)
     prior = None if mask is None else _validate.bool_leaves(scores, mask, ref_name="scores")
     for path, leaf, flag in zip(paths, leaves, flags, strict=True):
@@ -211,30 +211,36 @@ class NM:
     Attributes:
       n: the weights kept per group, an int in ``1..m``.
       m: the group size, an int ``>= 1``.
-      axis: the axis along which groups run (negative counts from the end). The default
-        ``-2`` is the input axis of a Dense kernel ``(in, out)`` and of a Conv kernel
-        ``(*window, in, out)``: the reduction axis of ``x @ W``, along which hardware N:M
-        groups run.
+      axis: the axis along which groups run (negative counts from the end), or ``None``
+        (default): each leaf's input axis, the reduction axis of ``x @ W`` along which
+        hardware N:M groups run, where the layout is known (``-2`` of a Flax Dense kernel
+        ``(in, out)`` or Conv kernel ``(*window, in, out)``, ``1`` of an Equinox
+        ``Linear`` or ``Conv`` weight ``(out, in, ...)``; see
+        :func:`fisher_optax._tree.layouts`). A prunable leaf of unknown layout (an
+        embedding, a ``DenseGeneral`` attention kernel, an ``nn.scan``-stacked kernel, a
+        hand-written layer) is an error
+        asking for ``axis=``: a guessed axis would group heads or outputs silently.
       scope: how the weights below the cap are ranked: ``"layer"`` (default; every leaf
         moves toward N:M at the pace of the target, as jaxpruner's per-layer N:M) or
         ``"global"`` (one ranking across leaves, whose scores must then share a scale).
 
     Raises:
       ValueError: at construction, if ``n`` is not in ``1..m`` or ``scope`` is unknown; when
-        selecting, if ``axis`` is out of range for a prunable leaf or ``m`` does not divide
-        its length there (naming the leaf).
-      TypeError: at construction, if ``n``, ``m`` or ``axis`` is not an int.
+        selecting, if ``axis`` is out of range for a prunable leaf, ``m`` does not divide
+        its length there, or ``axis=None`` meets a leaf of unknown layout (naming the leaf).
+      TypeError: at construction, if ``n`` or ``m`` is not an int, or ``axis`` is neither
+        an int nor ``None``.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax as fo
-      >>> scores = {"w": jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 1.0], [2.0, 1.0]])}
-      >>> fo.select(scores, 1.0, pattern=fo.NM(2, 4))["w"]  # 2 of every 4 down each column
+      >>> scores = {"kernel": jnp.array([[4.0, 1.0], [3.0, 2.0], [1.0, 1.0], [2.0, 1.0]])}
+      >>> fo.select(scores, 1.0, pattern=fo.NM(2, 4))["kernel"]  # (in, out): 2 of 4 per column
       Array([[ True, False],
              [ True,  True],
              [False, False],
              [False,  True]], dtype=bool)
       >>> scores = {"w": jnp.array([[4.0], [3.0], [1.0], [2.0], [0.1], [0.2], [0.3], [9.0]])}
-      >>> fo.select(scores, 0.375, pattern=fo.NM(2, 4))["w"].ravel()  # 0.3 is a winner
+      >>> fo.select(scores, 0.375, pattern=fo.NM(2, 4, axis=0))["w"].ravel()  # 0.3 is a winner
       Array([ True,  True, False,  True, False, False,  True,  True], dtype=bool)
 
     References:
@@ -250,7 +256,7 @@ class NM:
 
     n: int
     m: int
-    axis: int = -2
+    axis: int | None = None
     scope: Literal["global", "layer"] = "layer"
 
     def __post_init__(self) -> None:
@@ -258,14 +264,17 @@ class NM:
         n = _validate.integer(
             self.n, f"n (the weights kept in each group of m={m})", minimum=1, maximum=m
         )
-        if isinstance(self.axis, bool) or not isinstance(self.axis, int | np.integer):
+        if self.axis is not None and (
+            isinstance(self.axis, bool) or not isinstance(self.axis, int | np.integer)
+        ):
             raise TypeError(
-                f"axis must be an int (e.g. -2, a kernel's input axis), got {self.axis!r}."
+                "axis must be an int (e.g. -2, a Flax kernel's input axis) or None (each "
+                f"leaf's input axis where its layout is known), got {self.axis!r}."
             )
         _validate.scope(self.scope)
         object.__setattr__(self, "n", n)
         object.__setattr__(self, "m", m)
-        object.__setattr__(self, "axis", int(self.axis))
+        object.__setattr__(self, "axis", None if self.axis is None else int(self.axis))
 
     @property
     def cap(self) -> float:
@@ -293,8 +302,19 @@ class NM:
         return jax.tree.unflatten(static["treedef"], out)
 
 
-def _nm_axis(path: tuple, leaf: Any, axis: int, m: int) -> int:
-    """``axis`` of this leaf, made non-negative, after checking that ``m`` divides it."""
+def _nm_axis(path: tuple, leaf: Any, axis: int | None, layout: Any, m: int) -> int:
+    """``axis`` of this leaf, made non-negative, after checking that ``m`` divides it;
+    ``axis=None``: the input axis of its known ``layout``."""
+    if axis is None:
+        if layout is None:
+            raise ValueError(
+                f"NM has no default axis for the leaf at {keystr(path)} of shape "
+                f"{tuple(jnp.shape(leaf))}: its layout is not known (known: a 2-D Flax "
+                "'kernel', a Flax Conv 'kernel' under a module named for a conv, an Equinox "
+                "Linear or Conv 'weight'). Pass NM(n, m, axis=...) "
+                "with the layer's input (reduction) axis, or leave the leaf out with prunable=."
+            )
+        axis = layout[0]
     shape = jnp.shape(leaf)
     if not -len(shape) <= axis < len(shape):
         raise ValueError(
@@ -351,8 +371,8 @@ def _prep_nm(scores, n, m, axis, prunable, mask):
     """Checked leaves, flags and prior mask, and each prunable leaf's axis (host side)."""
     paths, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
     axes = tuple(
-        None if f is False else _nm_axis(p, x, axis, m)
-        for p, x, f in zip(paths, leaves, flags, strict=True)
+        None if f is False else _nm_axis(p, x, axis, lay, m)
+        for p, x, f, lay in zip(paths, leaves, flags, layouts(scores), strict=True)
     )
     kinds, dyn = _split_flags(flags)
     shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
@@ -434,9 +454,11 @@ def _nm_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, axes, n, m,
 class Blocks:
     r"""Whole ``(r, c)`` blocks: exactly ``round(sparsity * n)`` of the ``n`` blocks in scope.
 
-    Each prunable leaf of shape ``(..., H, W)`` is cut into blocks of ``r`` rows and ``c``
-    columns of its last two axes (one grid per index of the leading axes, e.g. per tap of a
-    Conv kernel ``(*window, in, out)``). A block scores
+    Each prunable leaf is cut into blocks of ``r`` entries along its row axis and ``c``
+    along its column axis (one grid per index of the other axes, e.g. per tap of a Conv
+    kernel). By default the rows are the layer's input axis and the columns its output axis,
+    so ``(r, c)`` means the same tile on a Flax Dense kernel ``(in, out)`` and on an Equinox
+    Linear weight ``(out, in)``. A block scores
 
     .. math::
       S_b = \operatorname{reduction}\{\, s_i : i \in b,\ \text{mask}_i \,\}
@@ -463,20 +485,28 @@ class Blocks:
         removing the block), ``"mean"`` or ``"max"``.
       scope: ``"global"`` (default; one ranking of all blocks, whose scores must share a
         scale) or ``"layer"`` (each leaf on its own).
+      axes: ``(row axis, column axis)`` of every prunable leaf (negative counts from the
+        end), or ``None`` (default): each leaf's ``(input, output)`` axes where its layout
+        is known (``(-2, -1)`` of a Flax Dense or Conv kernel, ``(1, 0)`` of an Equinox
+        Linear or Conv weight; see :func:`fisher_optax._tree.layouts`). A prunable leaf of
+        unknown layout is an error asking for ``axes=``.
 
     Raises:
-      ValueError: at construction, if ``shape`` holds a size below 1, or ``reduction`` or
-        ``scope`` is unknown; when selecting, if a prunable leaf has ``ndim < 2``.
-      TypeError: at construction, if ``shape`` is not a pair of ints.
+      ValueError: at construction, if ``shape`` holds a size below 1, ``axes`` names one
+        axis twice, or ``reduction`` or ``scope`` is unknown; when selecting, if a prunable
+        leaf has ``ndim < 2``, ``axes`` is out of range for it, or ``axes=None`` meets a
+        leaf of unknown layout (naming the leaf).
+      TypeError: at construction, if ``shape`` or ``axes`` is not a pair of ints.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax as fo
-      >>> scores = {"w": jnp.array([[1.0, 1.0, 5.0, 5.0],
-      ...                           [1.0, 9.0, 5.0, 5.0]])}
-      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)))["w"]  # sums 12 < 20
+      >>> scores = {"kernel": jnp.array([[1.0, 1.0, 5.0, 5.0],
+      ...                                [1.0, 9.0, 5.0, 5.0]])}
+      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)))["kernel"]  # sums 12 < 20
       Array([[False, False,  True,  True],
              [False, False,  True,  True]], dtype=bool)
-      >>> fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="max"))["w"]  # 9 > 5
+      >>> blocks = fo.Blocks((2, 2), reduction="max", axes=(0, 1))  # "w": layout not known
+      >>> fo.select({"w": scores["kernel"]}, 0.5, pattern=blocks)["w"]  # 9 > 5
       Array([[ True,  True, False, False],
              [ True,  True, False, False]], dtype=bool)
 
@@ -491,8 +521,25 @@ class Blocks:
     shape: tuple[int, int]
     reduction: Literal["sum", "mean", "max"] = "sum"
     scope: Literal["global", "layer"] = "global"
+    axes: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        axes = self.axes
+        if axes is not None:
+            if (
+                not isinstance(axes, tuple | list)
+                or len(axes) != 2
+                or any(isinstance(a, bool) or not isinstance(a, int | np.integer) for a in axes)
+            ):
+                raise TypeError(
+                    "axes must be a pair of ints (row axis, column axis), e.g. (-2, -1) for "
+                    f"a kernel (in, out), or None (each leaf's known layout), got {axes!r}."
+                )
+            if axes[0] == axes[1]:
+                raise ValueError(
+                    f"axes must name two different axes (rows, columns), got {tuple(axes)}."
+                )
+            object.__setattr__(self, "axes", (int(axes[0]), int(axes[1])))
         shape = self.shape
         if (
             not isinstance(shape, tuple | list)
@@ -520,13 +567,18 @@ class Blocks:
         """The keep-mask of ``scores`` at ``sparsity``; see the class and :func:`select`."""
         targets = _validate.sparsity(sparsity, scores)
         paths, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
-        for path, leaf, flag in zip(paths, leaves, flags, strict=True):
-            if flag is not False and jnp.ndim(leaf) < 2:
+        axes = []
+        for path, leaf, flag, lay in zip(paths, leaves, flags, layouts(scores), strict=True):
+            if flag is False:
+                axes.append(None)
+                continue
+            if jnp.ndim(leaf) < 2:
                 raise ValueError(
-                    f"blocks tile the last two axes of a leaf, but the leaf at {keystr(path)} "
-                    f"has shape {jnp.shape(leaf)}. Leave it out with prunable= (the default "
+                    f"blocks tile two axes of a leaf, but the leaf at {keystr(path)} has "
+                    f"shape {jnp.shape(leaf)}. Leave it out with prunable= (the default "
                     "prunes only kernels)."
                 )
+            axes.append(_block_axes(path, leaf, self.axes, lay))
         kinds, dyn = _split_flags(flags)
         out = _block_core(
             [None if k == "skip" else x for x, k in zip(leaves, kinds, strict=True)],
@@ -540,8 +592,31 @@ class Blocks:
             c=self.shape[1],
             reduction=self.reduction,
             scope=self.scope,
+            axes=tuple(axes),
         )
         return jax.tree.unflatten(treedef, out)
+
+
+def _block_axes(path: tuple, leaf: Any, axes: Any, layout: Any) -> tuple[int, int]:
+    """``(row, column)`` axes of this leaf, non-negative: ``axes``, or its layout's
+    ``(input, output)`` with ``axes=None``."""
+    shape = tuple(jnp.shape(leaf))
+    if axes is None:
+        if layout is None:
+            raise ValueError(
+                f"Blocks has no default axes for the leaf at {keystr(path)} of shape {shape}: "
+                "its layout is not known (known: a 2-D Flax 'kernel', a Flax Conv 'kernel' "
+                "under a module named for a conv, an Equinox Linear or Conv 'weight'). Pass "
+                "Blocks(shape, axes=(row axis, column axis)), e.g. the layer's (input, output) "
+                "axes, or leave the leaf out with prunable=."
+            )
+        return layout
+    if not all(-len(shape) <= a < len(shape) for a in axes):
+        raise ValueError(
+            f"axes={axes} is out of range for the leaf at {keystr(path)} of shape {shape}; "
+            f"use axes in {-len(shape)}..{len(shape) - 1}, or leave the leaf out with prunable=."
+        )
+    return (axes[0] % len(shape), axes[1] % len(shape))
 
 
 def _blocked(x: jax.Array, r: int, c: int, fill: Any) -> jax.Array:
@@ -583,9 +658,27 @@ def _expand(block_keep: jax.Array, shape: tuple, r: int, c: int) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("treedef", "kinds", "shapes", "r", "c", "reduction", "scope")
+    jax.jit,
+    static_argnames=("treedef", "kinds", "shapes", "r", "c", "reduction", "scope", "axes"),
 )
-def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, reduction, scope):
+def _block_core(
+    leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, reduction, scope, axes
+):
+    # Each prunable leaf is worked on with its (row, column) axes moved last, and its
+    # keep-mask moved back at the end.
+    leaves, dyn, shapes = list(leaves), list(dyn), list(shapes)
+    prior = None if prior is None else list(prior)
+    for i, kind in enumerate(kinds):
+        if kind == "skip":
+            continue
+        row, col = axes[i]
+        leaves[i] = jnp.moveaxis(leaves[i], (row, col), (-2, -1))
+        if prior is not None:
+            prior[i] = jnp.moveaxis(prior[i], (row, col), (-2, -1))
+        if kind == "dyn" and jnp.ndim(dyn[i]) > 0:
+            dyn[i] = jnp.moveaxis(jnp.broadcast_to(dyn[i], shapes[i]), (row, col), (-2, -1))
+        rest = [n for a, n in enumerate(shapes[i]) if a not in (row, col)]
+        shapes[i] = (*rest, shapes[i][row], shapes[i][col])
     bscores, alive, bflags = [], [], []
     for i, (leaf, kind) in enumerate(zip(leaves, kinds, strict=True)):
         if kind == "skip":
@@ -618,7 +711,8 @@ def _block_core(leaves, dyn, targets, prior, *, treedef, kinds, shapes, r, c, re
             out.append(keep_blocks[i] if prior is None else keep_blocks[i] & prior[i])
             continue
         keep = _expand(keep_blocks[i], shapes[i], r, c)
-        out.append(keep if prior is None else keep & prior[i])
+        keep = keep if prior is None else keep & prior[i]
+        out.append(jnp.moveaxis(keep, (-2, -1), axes[i]))
     return out
 
 
@@ -705,7 +799,7 @@ def select(
       >>> fo.select(scores, 0.25)["w"]  # tie: the lower flat index goes first
       Array([[ True, False],
              [ True,  True]], dtype=bool)
-      >>> fo.select(scores, 1.0, pattern=fo.NM(1, 2))["w"]  # the best 1 of each 2 down a column
+      >>> fo.select(scores, 1.0, pattern=fo.NM(1, 2, axis=0))["w"]  # best 1 of 2 down a column
       Array([[ True, False],
              [False,  True]], dtype=bool)
     """

@@ -204,6 +204,7 @@ def _concrete(leaf, name: str, path: str) -> np.ndarray:
 
 
 def _leaves_and_flags(params, quantizable):
+    _validate.arrays_only(params, "params")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [keystr(p) for p, _ in flat]
     leaves = [x for _, x in flat]
@@ -693,8 +694,10 @@ def quantize(
     ``axis=a`` gives every slice of a leaf along axis ``a`` codebooks of its own (one per
     width present in the slice): a group is then the kept weights of one slice with the
     same width, clustered exactly as above. ``axis=-1`` is one codebook per output channel
-    of a Dense kernel ``(in, out)`` or a Conv kernel ``(h, w, in, out)``, as in SqueezeLLM
-    (Kim et al. 2023). All slices are clustered together, vectorised (no loop over
+    of a Flax Dense kernel ``(in, out)`` or Conv kernel ``(h, w, in, out)``, as in
+    SqueezeLLM (Kim et al. 2023); ``axis=0`` is the output channel of an Equinox ``Linear``
+    or ``Conv`` weight ``(out, in, ...)``. There is no default axis: the layout is the
+    caller's to state. All slices are clustered together, vectorised (no loop over
     slices), and each slice's result equals what the per-leaf path gives on that slice
     alone. Each slice's codebook costs its entries in the file
     (:func:`~fisher_optax.save_compressed`): ``C * 2^b`` values for ``C`` slices.
@@ -723,8 +726,9 @@ def quantize(
       method: ``"kmeans"`` or ``"uniform"``.
       init: the k-means start: ``"dp"``, ``"linear"``, ``"quantile"`` or ``"density"``
         (as in :func:`kmeans_1d`).
-      quantizable: which leaves are quantized. ``None``: floating leaves with ``ndim >=
-        2``. A predicate ``quantizable(path, leaf) -> bool`` (``path`` a key-path tuple)
+      quantizable: which leaves are quantized. ``None``: the floating kernels
+        (:func:`~fisher_optax.is_kernel`; never a Linen ``cache`` or a norm scale). A
+        predicate ``quantizable(path, leaf) -> bool`` (``path`` a key-path tuple)
         or a pytree of Python bools like ``params``. Leaves not selected are stored raw.
       axis: ``None`` (default): one codebook per width and leaf. An int: one codebook per
         width and slice along that axis, for every quantized leaf (negative counts from

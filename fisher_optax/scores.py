@@ -48,7 +48,10 @@ def _unflatten_like(params: Params, leaves: list[Any]) -> Scores:
 
 
 def _float(x: Any) -> jax.Array:
-    """``x`` as an array of at least float32 precision (bf16/f16/int scores lose ties)."""
+    """``x`` as an array of at least float32 precision (bf16/f16/int scores lose ties); a
+    PRNG key scores 0 (it is never pruned)."""
+    if _validate.is_prng_key(x):
+        return jnp.zeros(x.shape, jnp.float32)
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 

@@ -382,6 +382,7 @@ def pruned(
         return None if sparsity is None else _validate.sparsity(sparsity, params)
 
     def init_fn(params: Params) -> PrunedState:
+        _validate.arrays_only(params)  # before the inner init meets a non-array leaf
         inner_state = inner.init(params)
         _has_fisher(inner_state, params, criterion)
         _check_schedule(schedule, sorted(checked_steps))

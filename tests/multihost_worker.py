@@ -99,6 +99,10 @@ def main(process_id: int, port: int, folder: str) -> None:
         record(f"dequantize_{name}", deq)
         record_books(f"codebook_{name}", q)
     q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
+    trained = jax.tree.map(lambda x: x * 2, fo.dequantize(q))  # every entry doubled
+    record_books("requantize", fo.requantize(trained, q))
+    report = fo.sparsity_report(mask)
+    info["sparsity_report"] = [report.sparsity, report.pruned, report.prunable]
     path = os.path.join(folder, "model.fq")
     info["bytes"] = fo.save_compressed(path, q)
     info["file_bytes"] = os.path.getsize(path)

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -134,12 +135,18 @@ def _single_process(values):
                 want[f"codebook_{name}/{k}/{width}"] = b
     q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
     record("loaded", fo.dequantize(q))
-    return want, fo.save_compressed(os.devnull, q)
+    trained = jax.tree.map(lambda x: x * 2, fo.dequantize(q))
+    for k, book in zip(q.paths, fo.requantize(trained, q).codebooks, strict=True):
+        for width, b in book.items():
+            want[f"requantize/{k}/{width}"] = b
+    report = fo.sparsity_report(mask)
+    want_report = [report.sparsity, report.pruned, report.prunable]
+    return want, fo.save_compressed(os.devnull, q), want_report
 
 
 def test_two_processes_equal_one(run):
     values, out = run
-    want, size = _single_process(values)
+    want, size, report = _single_process(values)
     covered = {name: np.zeros(w.shape, int) for name, w in want.items()}
     for arrays, info in out:
         assert {key.partition("@")[0] for key in arrays} == set(want)
@@ -152,6 +159,7 @@ def test_two_processes_equal_one(run):
         assert all(info["spans"]), "the worker's results must be global arrays"
         assert all(info["sharding_kept"])
         assert info["bytes"] == info["file_bytes"] == info["report_bytes"] == size
+        assert info["sparsity_report"] == report
     for name, count in covered.items():  # the blocks of both processes make up the whole
         assert count.min() >= 1, f"{name}: elements that no process holds"
 

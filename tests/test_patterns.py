@@ -190,14 +190,14 @@ def test_nm_full_pattern_matches_loop_reference_exact_per_group(
 def test_nm_ties_go_to_the_lower_flat_index_first():
     scores = {"w": jnp.zeros((4, 2))}
     got = np.asarray(
-        fo.select(scores, 1.0, pattern=fo.NM(2, 4))["w"]
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=-2))["w"]
     )  # all tied: the last two of each column stay
     np.testing.assert_array_equal(got, [[False, False], [False, False], [True, True], [True, True]])
     got = np.asarray(fo.select(scores, 1.0, pattern=fo.NM(1, 2, axis=-1))["w"])
     np.testing.assert_array_equal(got, [[False, True]] * 4)
     # -0.0 ties with 0.0; inf ranks above every number.
     got = fo.select(
-        {"w": jnp.array([[0.0], [-0.0], [jnp.inf], [-jnp.inf]])}, 1.0, pattern=fo.NM(2, 4)
+        {"w": jnp.array([[0.0], [-0.0], [jnp.inf], [-jnp.inf]])}, 1.0, pattern=fo.NM(2, 4, axis=-2)
     )["w"]
     np.testing.assert_array_equal(np.asarray(got).ravel(), [False, True, True, False])
 
@@ -219,7 +219,7 @@ three_sparsities = st.lists(st.floats(0, 1), min_size=3, max_size=3)
 def test_nm_gradual_matches_loop_reference(layout, nm, sparsities, scope, with_prior, seed):
     n, m = nm
     rng = np.random.default_rng(seed)
-    pattern = fo.NM(n, m, scope=scope)
+    pattern = fo.NM(n, m, scope=scope, axis=-2)
     for sparsity in [*sparsities, (m - n) / m]:
         scores = int_scores(rng, layout)
         prior = random_prior(rng, scores, 0.15) if with_prior else None
@@ -237,7 +237,7 @@ def test_nm_gradual_matches_loop_reference(layout, nm, sparsities, scope, with_p
 def test_nm_counts_follow_the_target_and_end_at_the_pattern():
     rng = np.random.default_rng(3)
     scores = {"a": jnp.asarray(rng.standard_normal((64, 6)), jnp.float32)}
-    nm = fo.NM(2, 4)
+    nm = fo.NM(2, 4, axis=-2)
     final = fo.select(scores, 1.0, pattern=nm)
     traced = jax.jit(lambda scores, s: fo.select(scores, s, pattern=nm))
     for s in [0.0, 0.1, 0.3, 0.49]:
@@ -248,19 +248,20 @@ def test_nm_counts_follow_the_target_and_end_at_the_pattern():
     # 1:3 has a cap (2/3) that float32 cannot hold: the end is still the exact pattern.
     scores3 = {"a": jnp.asarray(rng.standard_normal((3 * 50, 2)), jnp.float32)}
     assert_tree_equal(
-        fo.select(scores3, 2 / 3, pattern=fo.NM(1, 3)), fo.select(scores3, 1.0, pattern=fo.NM(1, 3))
+        fo.select(scores3, 2 / 3, pattern=fo.NM(1, 3, axis=-2)),
+        fo.select(scores3, 1.0, pattern=fo.NM(1, 3, axis=-2)),
     )
 
 
 def test_nm_per_leaf_targets_and_elementwise_prunable():
     rng = np.random.default_rng(4)
     scores = {"a": jnp.asarray(rng.standard_normal((8, 4))), "b": jnp.asarray(rng.random((4, 4)))}
-    got = fo.select(scores, {"['a']": 0.25}, pattern=fo.NM(2, 4))
+    got = fo.select(scores, {"['a']": 0.25}, pattern=fo.NM(2, 4, axis=-2))
     assert int((~got["a"]).sum()) == 8 and bool(got["b"].all())
     # A group holding a protected weight is left as it is; the others get 2:4.
     allowed = {"a": np.ones((8, 4), bool), "b": np.ones((4, 4), bool)}
     allowed["a"][1, 2] = False
-    got = fo.select(scores, 1.0, pattern=fo.NM(2, 4), prunable=allowed)
+    got = fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=-2), prunable=allowed)
     assert bool(got["a"][:4, 2].all())
     np.testing.assert_array_equal(
         np.asarray(got["a"][4:, 2]), ref_nm(scores["a"][4:, 2:3], 2, 4, 0).ravel()
@@ -268,14 +269,18 @@ def test_nm_per_leaf_targets_and_elementwise_prunable():
     assert int((~got["a"]).sum()) == 2 * 7 and int((~got["b"]).sum()) == 2 * 4
     # Non-prunable leaves (the default: ndim < 2) stay dense.
     assert bool(
-        fo.select({"w": jnp.ones((4, 4)), "b": jnp.ones(3)}, 1.0, pattern=fo.NM(1, 4))["b"].all()
+        fo.select({"w": jnp.ones((4, 4)), "b": jnp.ones(3)}, 1.0, pattern=fo.NM(1, 4, axis=-2))[
+            "b"
+        ].all()
     )
 
 
 def test_nm_from_fisher_scores_and_keep_pruned():
     params = {"w": jnp.asarray(np.random.default_rng(5).standard_normal((8, 4)), jnp.float32)}
     fisher = jax.tree.map(lambda w: w**2 + 0.5, params)
-    mask = fo.select(fo.scores(params, "saliency", fisher=fisher), 1.0, pattern=fo.NM(2, 4))
+    mask = fo.select(
+        fo.scores(params, "saliency", fisher=fisher), 1.0, pattern=fo.NM(2, 4, axis=-2)
+    )
     opt = optax.chain(optax.adamw(0.1, weight_decay=0.1), fo.keep_pruned(mask))
     state = opt.init(params)
     for _ in range(3):
@@ -310,7 +315,7 @@ def test_blocks_match_loop_reference(layout, block, reduce, sparsities, scope, w
         got = fo.select(
             as_jnp(scores),
             sparsity,
-            pattern=fo.Blocks(block, reduction=reduce, scope=scope),
+            pattern=fo.Blocks(block, reduction=reduce, scope=scope, axes=(-2, -1)),
             mask=None if prior is None else as_jnp(prior),
         )
         assert_tree_equal(got, ref_block_mask(scores, sparsity, *block, reduce, scope, prior))
@@ -319,11 +324,13 @@ def test_blocks_match_loop_reference(layout, block, reduce, sparsities, scope, w
 def test_block_exact_count_ties_and_partial_edge_blocks():
     # 3 x 5 with (2, 2) blocks: a 2 x 3 grid whose last row and column are partial.
     scores = {"w": jnp.ones((3, 5))}
-    got = np.asarray(fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="mean"))["w"])
+    got = np.asarray(
+        fo.select(scores, 0.5, pattern=fo.Blocks((2, 2), reduction="mean", axes=(-2, -1)))["w"]
+    )
     # All block means tie at 1: the 3 blocks of lower flat index (the top row) go.
     np.testing.assert_array_equal(got, np.array([[0] * 5, [0] * 5, [1] * 5], bool))
     # With "sum" the smaller edge blocks score less and go first: (1, 2) holds 1 weight.
-    got = np.asarray(fo.select(scores, 1 / 6, pattern=fo.Blocks((2, 2)))["w"])
+    got = np.asarray(fo.select(scores, 1 / 6, pattern=fo.Blocks((2, 2), axes=(-2, -1)))["w"])
     assert (~got).sum() == 1 and not got[2, 4]
 
 
@@ -333,11 +340,15 @@ def test_block_prior_mask_counts_and_nests():
     prior[2:, 2:] = False  # the best block is already empty: it counts as pruned
     prior[0, 0] = False
     got = np.asarray(
-        fo.select(scores, 0.25, pattern=fo.Blocks((2, 2)), mask={"w": jnp.asarray(prior)})["w"]
+        fo.select(
+            scores, 0.25, pattern=fo.Blocks((2, 2), axes=(-2, -1)), mask={"w": jnp.asarray(prior)}
+        )["w"]
     )
     np.testing.assert_array_equal(got, prior)  # target 1 block: already met
     got = np.asarray(
-        fo.select(scores, 0.5, pattern=fo.Blocks((2, 2)), mask={"w": jnp.asarray(prior)})["w"]
+        fo.select(
+            scores, 0.5, pattern=fo.Blocks((2, 2), axes=(-2, -1)), mask={"w": jnp.asarray(prior)}
+        )["w"]
     )
     want = prior.copy()
     want[:2, :2] = False  # then the block of smallest sum among the kept weights
@@ -348,11 +359,13 @@ def test_block_elementwise_prunable_and_per_leaf_targets():
     scores = {"a": jnp.arange(16.0).reshape(4, 4), "b": jnp.ones((2, 2))}
     allowed = {"a": np.ones((4, 4), bool), "b": True}
     allowed["a"][0, 1] = False  # the worst block holds a protected weight: the next goes
-    got = fo.select(scores, 0.25, pattern=fo.Blocks((2, 2), scope="layer"), prunable=allowed)
+    got = fo.select(
+        scores, 0.25, pattern=fo.Blocks((2, 2), scope="layer", axes=(-2, -1)), prunable=allowed
+    )
     want = np.ones((4, 4), bool)
     want[:2, 2:] = False
     np.testing.assert_array_equal(np.asarray(got["a"]), want)
-    got = fo.select(scores, {"a": 0.5, "b": 0.0}, pattern=fo.Blocks((2, 2)))
+    got = fo.select(scores, {"a": 0.5, "b": 0.0}, pattern=fo.Blocks((2, 2), axes=(-2, -1)))
     assert int((~got["a"]).sum()) == 8 and bool(got["b"].all())
 
 
@@ -364,7 +377,7 @@ def test_selections_under_jit_match_eager_and_compile_once():
     rng = np.random.default_rng(6)
     scores = {"a": jnp.asarray(rng.integers(0, 4, (8, 6)), jnp.float32), "b": jnp.ones((4, 4))}
     prior = jax.tree.map(lambda x: jnp.asarray(rng.uniform(size=x.shape) > 0.1), scores)
-    for pattern in [fo.NM(2, 4), fo.Blocks((2, 3), reduction="max")]:
+    for pattern in [fo.NM(2, 4, axis=-2), fo.Blocks((2, 3), reduction="max", axes=(-2, -1))]:
         traces = []
 
         @jax.jit
@@ -376,15 +389,19 @@ def test_selections_under_jit_match_eager_and_compile_once():
             want = fo.select(scores, s, pattern=pattern, mask=prior)
             assert_tree_equal(f(scores, jnp.float32(s), prior), want)
         assert len(traces) == 1
-    jitted = jax.jit(lambda s: fo.select(s, 1.0, pattern=fo.NM(2, 4)))(scores)
-    assert_tree_equal(jitted, fo.select(scores, 1.0, pattern=fo.NM(2, 4)))
+    jitted = jax.jit(lambda s: fo.select(s, 1.0, pattern=fo.NM(2, 4, axis=-2)))(scores)
+    assert_tree_equal(jitted, fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=-2)))
 
 
 def test_traced_nan_scores_never_prune_a_group_winner():
     scores = {"w": jnp.array([[jnp.nan], [1.0], [2.0], [3.0]])}
-    got = jax.jit(lambda s, t: fo.select(s, t, pattern=fo.NM(2, 4)))(scores, jnp.float32(0.5))["w"]
+    got = jax.jit(lambda s, t: fo.select(s, t, pattern=fo.NM(2, 4, axis=-2)))(
+        scores, jnp.float32(0.5)
+    )["w"]
     np.testing.assert_array_equal(np.asarray(got).ravel(), [True, False, False, True])
-    got = jax.jit(lambda s, t: fo.select(s, t, pattern=fo.NM(1, 4)))(scores, jnp.float32(0.74))["w"]
+    got = jax.jit(lambda s, t: fo.select(s, t, pattern=fo.NM(1, 4, axis=-2)))(
+        scores, jnp.float32(0.74)
+    )["w"]
     assert bool(got[0, 0])  # NaN ranks above every number: its group's winner
 
 
@@ -396,8 +413,8 @@ def test_pruned_grows_nm_and_blocks_on_a_schedule():
     }
     schedule = fo.polynomial_sparsity(0.5, begin_step=0, end_step=6, power=1)
     for pattern, method in [
-        (fo.NM(2, 4), "one_stage"),
-        (fo.Blocks((4, 2)), "two_stage"),
+        (fo.NM(2, 4, axis=-2), "one_stage"),
+        (fo.Blocks((4, 2), axes=(-2, -1)), "two_stage"),
     ]:
         opt = fo.pruned(
             optax.adam(1e-2),
@@ -451,8 +468,8 @@ def test_sharded_selections_match_reference_without_gathers():
         prior[k] = jax.device_put(jnp.asarray(rng.uniform(size=shape) > 0.1), sharding)
     host = jax.tree.map(np.asarray, (scores, prior))
     # N:M groups down the rows of "a" (32 rows a shard), 4 x 4 blocks of "c" (16 rows a shard).
-    nm = (fo.NM(2, 4), {"a": True, "c": False})
-    blocks = (fo.Blocks((4, 4), reduction="mean"), {"a": False, "c": True})
+    nm = (fo.NM(2, 4, axis=-2), {"a": True, "c": False})
+    blocks = (fo.Blocks((4, 4), reduction="mean", axes=(-2, -1)), {"a": False, "c": True})
     cases = [
         (nm, "a", lambda s, p: ref_nm_gradual(s, 2, 4, -2, 0.3, "layer", p)),
         (blocks, "c", lambda s, p: ref_block_mask(s, 0.3, 4, 4, "mean", "global", p)),
@@ -484,21 +501,23 @@ def test_sharded_selections_match_reference_without_gathers():
 def test_nm_errors_by_message():
     scores = {"w": jnp.ones((6, 4))}
     with pytest.raises(ValueError, match=r"groups of m=4 do not tile axis -2 .*\['w'\].*length 6"):
-        fo.select(scores, 1.0, pattern=fo.NM(2, 4))
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=-2))
     with pytest.raises(ValueError, match=r"axis=2 is out of range .*\['w'\] of shape \(6, 4\)"):
         fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=2))
     with pytest.raises(ValueError, match=r"n \(the weights kept in each group of m=4\) .*1\.\.4"):
         fo.select(scores, 1.0, pattern=fo.NM(5, 4, axis=-1))
     with pytest.raises(ValueError, match=r"n \(.*\) must be an int in 1\.\.4, got 0"):
-        fo.NM(0, 4)
+        fo.NM(0, 4, axis=-2)
     with pytest.raises(TypeError, match="m must be an int >= 1"):
-        fo.select(scores, 1.0, pattern=fo.NM(2, 4.0))
-    with pytest.raises(TypeError, match="axis must be an int"):
-        fo.NM(2, 4, axis=None)
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4.0, axis=-2))
+    with pytest.raises(TypeError, match=r"axis must be an int .* or None"):
+        fo.NM(2, 4, axis="in")
+    with pytest.raises(ValueError, match=r"NM has no default axis for the leaf at \['w'\].*axis="):
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4))
     with pytest.raises(ValueError, match="scope must be one of"):
-        fo.NM(2, 4, scope="row")
+        fo.NM(2, 4, scope="row", axis=-2)
     with pytest.raises(ValueError, match=r"scores at \['w'\] hold NaN"):
-        fo.select({"w": jnp.full((4, 4), jnp.nan)}, 1.0, pattern=fo.NM(2, 4))
+        fo.select({"w": jnp.full((4, 4), jnp.nan)}, 1.0, pattern=fo.NM(2, 4, axis=-2))
     with pytest.raises(TypeError, match=r"mask at \['w'\] has dtype float32"):
         fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=-1), mask={"w": jnp.ones((6, 4))})
     with pytest.raises(ValueError, match=r"mask at \['w'\] has shape \(4, 4\)"):
@@ -506,7 +525,9 @@ def test_nm_errors_by_message():
     with pytest.raises(ValueError, match=r"sparsity must be a finite number in \[0\.0, 1\.0\]"):
         fo.select(scores, 1.5, pattern=fo.NM(2, 4, axis=-1))
     # A leaf left out by prunable is not checked.
-    assert bool(fo.select(scores, 1.0, pattern=fo.NM(2, 4), prunable=lambda p, x: False)["w"].all())
+    assert bool(
+        fo.select(scores, 1.0, pattern=fo.NM(2, 4, axis=-2), prunable=lambda p, x: False)["w"].all()
+    )
 
 
 def test_block_errors_by_message():
@@ -519,7 +540,7 @@ def test_block_errors_by_message():
         fo.select(scores, 0.5, pattern=fo.Blocks((0, 2)))
     with pytest.raises(ValueError, match="reduction must be one of: 'sum'"):
         fo.Blocks((2, 2), reduction="median")
-    with pytest.raises(ValueError, match=r"last two axes .*\['b'\] has shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"tile two axes .*\['b'\] has shape \(4,\)"):
         fo.select({"b": jnp.ones(4)}, 0.5, pattern=fo.Blocks((2, 2)), prunable=lambda p, x: True)
     with pytest.raises(ValueError, match=r"scores at \['w'\] hold NaN"):
         fo.select({"w": jnp.full((4, 4), jnp.nan)}, 0.5, pattern=fo.Blocks((2, 2)))
@@ -540,9 +561,9 @@ def test_non_prunable_weights_keep_what_mask_pruned_in_every_pattern():
     prior = {"b": jnp.array([True, False, True, True]), "w": jnp.ones((4, 4), bool)}
     for pattern, sparsity in [
         (fo.Unstructured(), 0.5),
-        (fo.NM(2, 4), 1.0),
-        (fo.NM(2, 4), 0.25),
-        (fo.Blocks((2, 2)), 0.5),
+        (fo.NM(2, 4, axis=-2), 1.0),
+        (fo.NM(2, 4, axis=-2), 0.25),
+        (fo.Blocks((2, 2), axes=(-2, -1)), 0.5),
     ]:
         got = fo.select(scores, sparsity, pattern=pattern, mask=prior)
         np.testing.assert_array_equal(np.asarray(got["b"]), np.asarray(prior["b"]), str(pattern))
@@ -550,12 +571,14 @@ def test_non_prunable_weights_keep_what_mask_pruned_in_every_pattern():
 
 
 def test_patterns_are_immutable_hashable_values_checked_at_construction():
-    assert fo.NM(2, 4) == fo.NM(2, 4, axis=-2, scope="layer")
-    assert len({fo.NM(2, 4), fo.NM(2, 4), fo.Blocks([2, 3]), fo.Blocks((2, 3))}) == 2
+    assert fo.NM(2, 4, axis=-2) == fo.NM(2, 4, axis=-2, scope="layer")
+    assert (
+        len({fo.NM(2, 4, axis=-2), fo.NM(2, 4, axis=-2), fo.Blocks([2, 3]), fo.Blocks((2, 3))}) == 2
+    )
     assert fo.Blocks([2, 3]).shape == (2, 3) and fo.NM(np.int64(2), 4).n == 2
-    assert fo.NM(1, 3).cap == float(np.float32(2 / 3))
+    assert fo.NM(1, 3, axis=-2).cap == float(np.float32(2 / 3))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        fo.NM(2, 4).n = 3
+        fo.NM(2, 4, axis=-2).n = 3
     with pytest.raises(ValueError, match=r"scope must be one of: 'global'.*Got 'model'"):
         fo.Unstructured("model")
     # A pattern is a static argument of jit: one trace per pattern value, not per call.
@@ -568,9 +591,9 @@ def test_patterns_are_immutable_hashable_values_checked_at_construction():
 
     scores = {"w": jnp.arange(16.0).reshape(4, 4)}
     for s in (0.25, 0.5):
-        f(scores, jnp.float32(s), pattern=fo.NM(2, 4))
-        f(scores, jnp.float32(s), pattern=fo.NM(2, 4))
-    assert traces == [fo.NM(2, 4)]
+        f(scores, jnp.float32(s), pattern=fo.NM(2, 4, axis=-2))
+        f(scores, jnp.float32(s), pattern=fo.NM(2, 4, axis=-2))
+    assert traces == [fo.NM(2, 4, axis=-2)]
 
 
 def test_select_refuses_what_is_not_a_pattern():
@@ -581,7 +604,7 @@ def test_select_refuses_what_is_not_a_pattern():
         fo.select(scores, 0.5, pattern="layer")
 
 
-@pytest.mark.parametrize("pattern", [fo.NM(2, 4), fo.Blocks((2, 2))])
+@pytest.mark.parametrize("pattern", [fo.NM(2, 4, axis=-2), fo.Blocks((2, 2), axes=(-2, -1))])
 def test_mask_entry_points_take_a_pattern(pattern):
     """magnitude_mask and both stages of two_stage_mask select in the pattern's units."""
     rng = np.random.default_rng(11)

@@ -610,7 +610,7 @@ def test_pruned_grows_a_2_4_pattern_with_two_stages():
     kernel = jnp.asarray(np.random.default_rng(9).standard_normal((8, 4)), jnp.float32)
     params = {"w": kernel, "b": jnp.zeros(4)}
     schedule = fo.polynomial_sparsity(0.5, begin_step=0, end_step=4, power=1)
-    opt = fo.pruned(optax.adam(1e-2), schedule, criterion="magnitude", pattern=fo.NM(2, 4),
+    opt = fo.pruned(optax.adam(1e-2), schedule, criterion="magnitude", pattern=fo.NM(2, 4, axis=-2),
                     update_every=2, end_step=4)  # fmt: skip
     state = opt.init(params)
     for _ in range(5):

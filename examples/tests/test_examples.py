@@ -39,3 +39,10 @@ def test_nnx_cnn_quick():
     assert diff < 1e-4
     ratio = re.search(r"\| ratio dense/shrunk \| \| ([\d.]+)x \| \| ([\d.]+)x", out)
     assert float(ratio.group(1)) > 1 and float(ratio.group(2)) > 1
+
+
+def test_equinox_quickstart():
+    """An Equinox model from training to a file and back; the script exits 1 when the
+    model loaded back falls to 80% accuracy or below."""
+    out = run("import runpy; runpy.run_path('examples/equinox_quickstart.py', run_name='__main__')")
+    assert "the MLP loaded back: accuracy" in out
