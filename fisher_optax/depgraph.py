@@ -878,11 +878,15 @@ def _trace_error(e: Exception) -> ValueError | None:
             "train=False)."
         )
     if type(e).__name__ == "ModifyScopeVariableError":
+        found = re.search(r'collection "([^"]+)"', text)
+        name = found.group(1) if found else "cache"
         return ValueError(
             f"the forward updates a variable collection ({text.splitlines()[0]}), e.g. "
             "BatchNorm statistics in training mode. Trace it in evaluation mode: pass the "
             "model's own argument, e.g. dependency_graph(module, x, variables=variables, "
-            "train=False)."
+            "train=False); a collection the forward writes by design (a decoder's cache) "
+            f"is passed on as apply takes it: dependency_graph(module, x, "
+            f"variables=variables, mutable=[{name!r}])."
         )
     return None
 

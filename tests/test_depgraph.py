@@ -1519,6 +1519,31 @@ def test_linen_resnet_takes_train_false_and_names_the_axis_name_otherwise():
     assert result.apply(x, train=False).shape == (2, 3)
 
 
+class LinenDecoder(nn.Module):
+    """An MLP that writes its input to a ``cache`` collection, as a decoder does."""
+
+    @nn.compact
+    def __call__(self, x):
+        cached = self.variable("cache", "cached_x", jnp.zeros, x.shape)
+        cached.value = x
+        return nn.Dense(3)(nn.relu(nn.Dense(6)(x)))
+
+
+def test_linen_cache_written_by_the_forward_is_passed_as_mutable():
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    module = LinenDecoder()
+    variables = module.init(jax.random.key(1), x)
+    with pytest.raises(ValueError, match=r"by design .*mutable=\['cache'\]"):
+        depgraph.dependency_graph(module, x, variables=variables)
+    graph = depgraph.dependency_graph(module, x, variables=variables, mutable=["cache"])
+    assert [g.size for g in graph.groups] == [6]
+    result = depgraph.cut(variables, graph, (np.arange(6) < 3,))  # checked
+    # Dense(3) is built before the Dense(6) in its argument: Dense_0 is the output layer.
+    assert result.variables["params"]["Dense_1"]["kernel"].shape == (4, 3)
+    assert result.variables["params"]["Dense_0"]["kernel"].shape == (3, 3)
+    assert result.variables["cache"]["cached_x"].shape == (2, 4)
+
+
 class NnxBlock(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.up = nnx.Linear(4, 6, rngs=rngs)
