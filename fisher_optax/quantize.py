@@ -787,31 +787,25 @@ def quantize(
         for k, b in zip(_kept_masks(params, mask, leaves, flags), bit_arrays, strict=True)
     ]
     weights = _check_values(params, fisher, treedef, leaves, flags, kept)
-    dtypes = [jnp.result_type(leaf) for leaf in leaves]
-    out_bits, out_codes, out_books, out_raw = [], [], [], []
-    for i, leaf in enumerate(leaves):
-        if not flags[i]:
-            out_bits.append(None)
-            out_codes.append(None)
-            out_books.append({})
-            out_raw.append(_raw_copy(leaf, dtypes[i]))
-            continue
-        x = _concrete(leaf, "params", paths[i])
+
+    def code_leaf(i):
+        x = _concrete(leaves[i], "params", paths[i])
         bmap = np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)
-        codes, books = _quantize_leaf(x, bmap, weights[i], axes[i], method, init)
-        out_bits.append(bmap)
-        out_codes.append(codes)
-        out_books.append(books)
-        out_raw.append(None)
-    return QuantizedParams(
-        out_bits,
-        out_codes,
-        out_books,
-        out_raw,
-        treedef=treedef,
-        dtypes=dtypes,
-        axes=axes,
-    )
+        return bmap, *_quantize_leaf(x, bmap, weights[i], axes[i], method, init)
+
+    return _collect(leaves, flags, treedef, axes, code_leaf)
+
+
+def _collect(leaves, flags, treedef, axes, code_leaf) -> QuantizedParams:
+    """The :class:`QuantizedParams` of ``code_leaf(i) -> (bits, codes, codebooks)`` for
+    each quantizable leaf; the other leaves are stored raw."""
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    bits, codes, books, raw = [], [], [], []
+    for i, leaf in enumerate(leaves):
+        row = (*code_leaf(i), None) if flags[i] else (None, None, {}, _raw_copy(leaf, dtypes[i]))
+        for out, value in zip((bits, codes, books, raw), row, strict=True):
+            out.append(value)
+    return QuantizedParams(bits, codes, books, raw, treedef=treedef, dtypes=dtypes, axes=axes)
 
 
 def _quantize_across_processes(
@@ -837,25 +831,13 @@ def _quantize_across_processes(
             m = b > 0 if m is None else m & (b > 0)
         kept.append(m if f else np.False_)
     weights = _check_values_across(params, fisher, treedef, leaves, flags, kept)
-    dtypes = [jnp.result_type(leaf) for leaf in leaves]
-    out_bits, out_codes, out_books, out_raw = [], [], [], []
-    for i, leaf in enumerate(leaves):
-        if not flags[i]:
-            out_bits.append(None)
-            out_codes.append(None)
-            out_books.append({})
-            out_raw.append(_raw_copy(leaf, dtypes[i]))
-            continue
-        bmap, codes, books = _quantize_leaf_across(
-            leaf, kept[i], weights[i], bit_leaves[i], axes[i], method, init
+
+    def code_leaf(i):
+        return _quantize_leaf_across(
+            leaves[i], kept[i], weights[i], bit_leaves[i], axes[i], method, init
         )
-        out_bits.append(bmap)
-        out_codes.append(codes)
-        out_books.append(books)
-        out_raw.append(None)
-    return QuantizedParams(
-        out_bits, out_codes, out_books, out_raw, treedef=treedef, dtypes=dtypes, axes=axes
-    )
+
+    return _collect(leaves, flags, treedef, axes, code_leaf)
 
 
 def _check_values_across(params, fisher, treedef, leaves, flags, kept):
