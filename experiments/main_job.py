@@ -28,8 +28,9 @@ For each model and seed, in one run, with one budget of steps for every method:
    against file size (PNG), every number in JSON, and the docs results page
    (``docs/results/main-<dataset>.md``, with ``--write-docs``).
 
-Every phase is cached under ``--cache-dir`` by a hash of what it depends on, so a rerun
-recomputes only what changed.
+Every phase is cached under ``--cache-dir`` by a hash of what it depends on, the code
+included (``experiments.versions.code_version``), so a rerun recomputes only what changed
+and a report never mixes phases of two versions of the code.
 
 Run from the repository root:
       python -m experiments.main_job                      # digits (`make demo`)
@@ -62,6 +63,7 @@ from tqdm.auto import tqdm
 
 import fisher_optax
 from experiments import datasets, main_report, models
+from experiments.versions import code_version
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("magnitude", "two_stage", "saliency", "deep_compression")
@@ -178,8 +180,11 @@ QUICK = dict(
 # Cache: every phase's arrays in one .npz (flattened dict paths) and its numbers in JSON.
 
 
+CODE_VERSION = code_version()
+
+
 def _key(*parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
+    text = json.dumps([CODE_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 import fisher_optax
 from experiments import datasets, models, report
+from experiments.versions import code_version
 
 REPO = Path(__file__).resolve().parents[1]
 # The criteria of fisher_optax.scores, plus the paper's two stages (magnitude, then Fisher).
@@ -648,8 +649,8 @@ def quant_phase(cfg: Config, quant_base: tuple, dev, tmpdir: Path) -> dict:
     return {"quantization": out, "quantization_time_s": time.perf_counter() - t0}
 
 
-# Bump when a change alters what the pruning phase computes, to invalidate --cache-dir.
-_CACHE_VERSION = 4
+# Every change to the code invalidates --cache-dir.
+_CACHE_VERSION = code_version()
 
 
 def _cache_key(cfg: Config, data: datasets.Dataset, seed: int) -> str:

@@ -1,6 +1,8 @@
 """CI smoke test of experiments/main_job.py (the whole pipeline at a tiny size) and its seams."""
 
 import json
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 import fisher_optax
-from experiments import main_job, main_report, models
+from experiments import main_job, main_report, models, versions
 
 PAGE = """# t
 <!-- results:main:digits:begin -->
@@ -148,3 +150,41 @@ def test_reading_compares_with_deep_compression_seed_by_seed():
     (dc,) = [x for x in lines if x.startswith("Against the Deep Compression")]
     assert dc.endswith("ahead on 2 of 3 (+10.0x, +40.0x, -5.0x).")
     assert "+15.0x, within seed noise" in dc
+
+
+def _without_times(record):
+    if isinstance(record, dict):
+        return {
+            k: _without_times(v)
+            for k, v in record.items()
+            if k not in ("seconds", "wall_seconds", "date_utc")
+        }
+    if isinstance(record, list):
+        return [_without_times(v) for v in record]
+    return record
+
+
+def test_the_same_command_twice_from_empty_caches_gives_the_same_json(tmp_path):
+    records = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        main_job.main(["--quick", "--out", str(out), "--no-plots"])
+        records.append(json.loads((out / "digits-main.json").read_text()))
+    assert _without_times(records[0]) == _without_times(records[1])
+
+
+def test_cache_keys_change_with_the_code_not_with_its_tests(tmp_path, monkeypatch):
+    root = pathlib.Path(main_job.__file__).resolve().parents[1]
+    skip = shutil.ignore_patterns("__pycache__")
+    for folder in ("fisher_optax", "experiments"):
+        shutil.copytree(root / folder, tmp_path / folder, ignore=skip)
+    before = versions.code_version(tmp_path)
+    assert before == versions.code_version(root)
+    (tmp_path / "experiments" / "tests" / "test_main_job.py").write_text("# changed\n")
+    assert versions.code_version(tmp_path) == before
+    with open(tmp_path / "fisher_optax" / "masks.py", "a") as f:
+        f.write("# changed\n")
+    assert versions.code_version(tmp_path) != before
+    key = main_job._key("dense", {"lr": 1e-3})
+    monkeypatch.setattr(main_job, "CODE_VERSION", "another version")
+    assert main_job._key("dense", {"lr": 1e-3}) != key
