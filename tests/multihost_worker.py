@@ -101,6 +101,17 @@ def main(process_id: int, port: int, folder: str) -> None:
     q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
     trained = jax.tree.map(lambda x: x * 2, fo.dequantize(q))  # every entry doubled
     record_books("requantize", fo.requantize(trained, q))
+    # Codebook fine-tuning: one jitted step of share_codebooks on the global arrays. The
+    # gradient sums per entry run in the order of the shards: equal up to float rounding.
+    tx = fo.share_codebooks(optax.sgd(0.1), q)
+    deq = fo.dequantize(q)
+    updates, _ = jax.jit(tx.update)(deq, tx.init(deq), deq)
+    tuned = fo.requantize(optax.apply_updates(deq, updates), q)
+    info["share_codebooks"] = {
+        f"{k}/{width}": np.asarray(b).tolist()
+        for k, book in zip(tuned.paths, tuned.codebooks, strict=True)
+        for width, b in book.items()
+    }
     report = fo.sparsity_report(mask)
     info["sparsity_report"] = [report.sparsity, report.pruned, report.prunable]
     path = os.path.join(folder, "model.fq")

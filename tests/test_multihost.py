@@ -139,6 +139,15 @@ def _single_process(values):
     for k, book in zip(q.paths, fo.requantize(trained, q).codebooks, strict=True):
         for width, b in book.items():
             want[f"requantize/{k}/{width}"] = b
+    tx = fo.share_codebooks(optax.sgd(0.1), q)
+    deq = fo.dequantize(q)
+    updates, _ = jax.jit(tx.update)(deq, tx.init(deq), deq)
+    tuned = fo.requantize(optax.apply_updates(deq, updates), q)
+    want["share_codebooks"] = {
+        f"{k}/{width}": np.asarray(b)
+        for k, book in zip(tuned.paths, tuned.codebooks, strict=True)
+        for width, b in book.items()
+    }
     report = fo.sparsity_report(mask)
     want_report = [report.sparsity, report.pruned, report.prunable]
     return want, fo.save_compressed(os.devnull, q), want_report
@@ -147,6 +156,7 @@ def _single_process(values):
 def test_two_processes_equal_one(run):
     values, out = run
     want, size, report = _single_process(values)
+    tuned = want.pop("share_codebooks")
     covered = {name: np.zeros(w.shape, int) for name, w in want.items()}
     for arrays, info in out:
         assert {key.partition("@")[0] for key in arrays} == set(want)
@@ -160,6 +170,9 @@ def test_two_processes_equal_one(run):
         assert all(info["sharding_kept"])
         assert info["bytes"] == info["file_bytes"] == info["report_bytes"] == size
         assert info["sparsity_report"] == report
+        assert set(info["share_codebooks"]) == set(tuned)
+        for key, book in info["share_codebooks"].items():
+            np.testing.assert_allclose(book, tuned[key], rtol=1e-6, atol=1e-7, err_msg=key)
     for name, count in covered.items():  # the blocks of both processes make up the whole
         assert count.min() >= 1, f"{name}: elements that no process holds"
 
