@@ -265,10 +265,11 @@ def summarize(record: dict) -> list[list[str]]:
     rows = [["sparsity", *head, "damping per seed (1 step; steps)"]]
     for i, s in enumerate(cfg["sparsities"]):
         stats = {m: mean_std([r["rows"][i][m] * 100 for r in runs]) for m in METHODS}
-        top = max(v[0] for v in stats.values())
+        text = [f"{v[0]:.1f} ± {v[1]:.1f}" for v in stats.values()]
+        top = max(round(v[0], 1) for v in stats.values())
         cells = [
-            (f"**{v[0]:.1f} ± {v[1]:.1f}**" if v[0] == top else f"{v[0]:.1f} ± {v[1]:.1f}")
-            for v in stats.values()
+            f"**{t}**" if round(v[0], 1) == top else t
+            for t, v in zip(text, stats.values(), strict=True)
         ]
         damp = "; ".join(
             ", ".join(f"{r['rows'][i][key]:g}" for r in runs)
