@@ -300,6 +300,7 @@ def obs_scores(params: Params, finv: Params) -> Scores:
     return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
+@jax.jit  # eager calls compile once per shape instead of dispatching the loop op by op
 def _surgery(w: jax.Array, f: jax.Array, keep: jax.Array) -> jax.Array:
     """``w`` after removing the weights ``keep`` drops, with the block OBS update of the rest."""
     nb, b = f.shape[0], f.shape[1]
