@@ -290,11 +290,12 @@ def page(record: dict) -> str:
 
 One-shot pruning with no retraining, WoodFisher's experiment (Singh & Alistarh 2020,
 [arXiv:2004.14340](https://arxiv.org/abs/2004.14340)) on {record["dataset"]}: the MLP
-{record["input_size"]}-{hidden}-10 is trained dense with Adam, then its kernels are pruned once,
-globally, at each sparsity, by magnitude, by optimal brain damage with the Fisher diagonal read
-from Adam's `nu` (`fisher_from_state`, `scores(..., "saliency")`), and by optimal brain surgeon
-with the block empirical Fisher of `fisher_optax.obs` (rank by the single-weight OBS saliency,
-remove each block's chosen weights at once with the exact update of the others).
+{record["input_size"]}-{hidden}-10 is trained dense with Adam, then its kernels are pruned with no
+retraining, globally, at each sparsity, by magnitude, by optimal brain damage with the
+Fisher diagonal read from Adam's `nu` (`fisher_from_state`, `scores(..., "saliency")`),
+and by optimal brain surgeon with the block empirical Fisher of `fisher_optax.obs` (rank by
+the single-weight OBS saliency, remove each block's chosen weights at once with the exact
+update of the others).
 
 Command: `{record["command"]}` — wall time {meta["wall_minutes"]:.1f} min ({meta["started_utc"]},
 {meta["machine"]}, shared with other jobs; jax {meta["jax"]} on {meta["backend"]}), {len(runs)}
