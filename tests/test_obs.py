@@ -38,6 +38,9 @@ def test_inverse_matches_numpy(m):
     want = np.linalg.inv(_np_fisher(grads["w"], 4))
     assert finv["w"].shape == (4, 4, 4) and finv["w"].dtype == jnp.float32
     np.testing.assert_allclose(finv["w"], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    half = obs.block_fisher_inverse(grads, block_size=4, damping=DAMPING, dtype=jnp.float16)
+    assert half["w"].dtype == jnp.float16
+    np.testing.assert_allclose(half["w"], want, rtol=0.05, atol=0.05 * np.abs(want).max())
 
 
 def test_scores_and_update_match_numpy():
