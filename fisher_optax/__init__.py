@@ -6,6 +6,7 @@ Using Information Theory" (ISVLSI 2016, https://arxiv.org/abs/1605.04859) on top
 
 __version__ = "0.1.0"
 
+from fisher_optax import obs as obs  # its names stay in fisher_optax.obs
 from fisher_optax._tree import is_kernel
 from fisher_optax._types import (
     Fisher,

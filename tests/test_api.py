@@ -7,8 +7,8 @@ import fisher_optax
 import fisher_optax._types
 
 # Modules that take Flax models: imported on their own (``import fisher_optax.flax``), their
-# names stay in the module and are not re-exported at the top.
-_MODEL_MODULES = ("flax", "depgraph")
+# names stay in the module and are not re-exported at the top; so do obs's (fisher_optax.obs).
+_MODEL_MODULES = ("flax", "depgraph", "obs")
 
 
 def _public_modules():
