@@ -73,6 +73,9 @@ def key_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[t
 NOT_KERNEL_NAMES = frozenset({"bias", "scale", "mean", "var"})
 """Path keys of leaves that are never kernels: biases, norm scales, batch statistics."""
 
+WEIGHT_NAMES = frozenset({"kernel", "weight"})
+"""Last path keys of weights: Flax's ``kernel`` and Equinox's and PyTorch-style ``weight``."""
+
 NOT_PARAM_COLLECTIONS = frozenset({"batch_stats", "cache", "intermediates"})
 """Linen collections that hold state, not weights: batch statistics, a decoder's KV cache
 and sown intermediates. Their leaves are never pruned or quantized by default."""
@@ -83,12 +86,13 @@ def is_kernel(path: Sequence[Any], leaf: Any) -> bool:
 
     A kernel is an array (not a PRNG key) with ``ndim >= 2``, is not named like a bias or a
     norm's parameter or statistic (no key of its path is ``bias``, ``scale``, ``mean`` or
-    ``var``: penzai's stacked ``scale.value.data_array`` keeps its label above the array)
-    and is not held in a Linen ``batch_stats``, ``cache`` or ``intermediates`` collection
-    (a KV cache is state, not a weight). The rank alone is not enough: a layer stacked with
-    ``nn.scan`` or ``nnx.vmap`` gives its biases, norm scales and statistics a leading
-    axis (``(L, C)``), and attention's ``DenseGeneral`` has a bias of shape
-    ``(heads, head_dim)``. Compose it to choose otherwise, e.g.
+    ``var``, unless its last key is ``kernel`` or ``weight``: penzai's stacked
+    ``scale.value.data_array`` keeps its label above the array, a VAE's ``mean`` head holds
+    a ``kernel``) and is not held in a Linen ``batch_stats``, ``cache`` or
+    ``intermediates`` collection (a KV cache is state, not a weight). The rank alone is not
+    enough: a layer stacked with ``nn.scan`` or ``nnx.vmap`` gives its biases, norm scales
+    and statistics a leading axis (``(L, C)``), and attention's ``DenseGeneral`` has a bias
+    of shape ``(heads, head_dim)``. Compose it to choose otherwise, e.g.
     ``prunable=lambda p, x: is_kernel(p, x) and "embed" not in jax.tree_util.keystr(p)``.
 
     Args:
@@ -105,8 +109,13 @@ def is_kernel(path: Sequence[Any], leaf: Any) -> bool:
         return False
     if jnp.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
         return False
-    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    return not (names & NOT_KERNEL_NAMES or names & NOT_PARAM_COLLECTIONS)
+    keys = [getattr(k, "key", getattr(k, "name", None)) for k in strip_value(path)]
+    names = set(keys)
+    if names & NOT_PARAM_COLLECTIONS:
+        return False
+    # A leaf named like a weight is one, whatever its module is called (a VAE's `mean` head:
+    # `mean/kernel`); otherwise a label anywhere on the path rules it out.
+    return bool(keys and keys[-1] in WEIGHT_NAMES) or not names & NOT_KERNEL_NAMES
 
 
 def _is_equinox_layer(node: Any) -> str | None:

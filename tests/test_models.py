@@ -192,6 +192,17 @@ def test_stacked_norm_scales_are_not_kernels():
     }
 
 
+def test_a_module_named_like_a_statistic_keeps_its_kernel():
+    """A VAE's ``mean`` and ``var`` heads are layers: their ``kernel`` is a weight."""
+    heads = {
+        "mean": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)},
+        "var": {"w": jnp.ones((4, 2))},
+    }
+    flat = jax.tree_util.tree_flatten_with_path(heads)[0]
+    kernels = {jax.tree_util.keystr(p) for p, x in flat if fo.is_kernel(p, x)}
+    assert kernels == {"['mean']['kernel']"}
+
+
 # ------------------------------------------------------------------------------------------
 # Axes from known layouts only
 
