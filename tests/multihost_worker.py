@@ -12,6 +12,58 @@ import os
 import sys
 
 
+def books(q) -> dict:
+    """The codebooks of a QuantizedParams by ``path/width``."""
+    return {
+        f"{k}/{width}": b
+        for k, book in zip(q.paths, q.codebooks, strict=True)
+        for width, b in book.items()
+    }
+
+
+def pipeline(params, fisher, mask, record, record_books, check=lambda deq: None):
+    """The calls compared across processes, in order, on the worker's global arrays and on
+    the test's single-process ones: ``record(name, tree)`` and ``record_books(name, q)``
+    take the results, ``check`` each dequantized tree. Returns ``(bits, q, tuned)``: the
+    allocated widths, the quantized params that are saved, and their codebooks after one
+    jitted step of ``share_codebooks`` (whose gradient sums per entry run in the order of
+    the shards: equal across processes up to float rounding)."""
+    import jax
+    import optax
+
+    import fisher_optax as fo
+
+    opt = optax.adam(1e-2)
+    _, state = opt.update(params, opt.init(params), params)
+    record("fisher_from_state", fo.fisher_from_state(state))
+    record("saliency", fo.scores(params, "saliency", fisher=fisher))
+    record("select", fo.select(fo.scores(params, "magnitude"), 0.6))
+    record("magnitude_mask", fo.magnitude_mask(params, 0.5))
+    record("two_stage_mask", fo.two_stage_mask(params, 0.7, fisher=fisher))
+    bits = fo.allocate_bits(params, fisher=fisher, mask=mask, average_bits=3, scope="layer")
+    record("allocate_bits", bits)
+    runs = {
+        "kmeans_None": dict(bits=2, fisher=fisher, mask=mask),
+        "kmeans_-1": dict(bits=2, fisher=fisher, mask=mask, axis=-1),
+        "bits_tree": dict(bits=bits, fisher=fisher),
+        "uniform": dict(bits=3, mask=mask, axis=-1, method="uniform"),
+    }
+    for name, kwargs in runs.items():
+        q = fo.quantize(params, **kwargs)
+        deq = fo.dequantize(q)
+        check(deq)
+        record(f"dequantize_{name}", deq)
+        record_books(f"codebook_{name}", q)
+    q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
+    trained = jax.tree.map(lambda x: x * 2, fo.dequantize(q))  # every entry doubled
+    record_books("requantize", fo.requantize(trained, q))
+    tx = fo.share_codebooks(optax.sgd(0.1), q)
+    deq = fo.dequantize(q)
+    updates, _ = jax.jit(tx.update)(deq, tx.init(deq), deq)
+    tuned = fo.requantize(optax.apply_updates(deq, updates), q)
+    return bits, q, tuned
+
+
 def main(process_id: int, port: int, folder: str) -> None:
     import jax
 
@@ -23,7 +75,6 @@ def main(process_id: int, port: int, folder: str) -> None:
         initialization_timeout=60,
     )
     import numpy as np
-    import optax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -69,49 +120,15 @@ def main(process_id: int, port: int, folder: str) -> None:
                 ]
 
     def record_books(name, q):
-        for k, book in zip(q.paths, q.codebooks, strict=True):
-            for width, b in book.items():
-                got[f"{name}/{k}/{width}"] = b
+        got.update({f"{name}/{k}": b for k, b in books(q).items()})
 
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-    _, state = opt.update(params, state, params)
-    f_state = fo.fisher_from_state(state)
-    record("fisher_from_state", f_state)
-    record("saliency", fo.scores(params, "saliency", fisher=fisher))
-    record("select", fo.select(fo.scores(params, "magnitude"), 0.6))
-    record("magnitude_mask", fo.magnitude_mask(params, 0.5))
-    record("two_stage_mask", fo.two_stage_mask(params, 0.7, fisher=fisher))
-    bits = fo.allocate_bits(params, fisher=fisher, mask=mask, average_bits=3, scope="layer")
-    record("allocate_bits", bits)
-    runs = {
-        "kmeans_None": dict(bits=2, fisher=fisher, mask=mask),
-        "kmeans_-1": dict(bits=2, fisher=fisher, mask=mask, axis=-1),
-        "bits_tree": dict(bits=bits, fisher=fisher),
-        "uniform": dict(bits=3, mask=mask, axis=-1, method="uniform"),
-    }
-    for name, kwargs in runs.items():
-        q = fo.quantize(params, **kwargs)
-        deq = fo.dequantize(q)
+    def kept_sharding(deq):
         info["sharding_kept"] += [
-            deq[k].sharding == params[k].sharding for k in params if k != "small"
+            deq[k].sharding == params[k].sharding for k in deq if k != "small"
         ]
-        record(f"dequantize_{name}", deq)
-        record_books(f"codebook_{name}", q)
-    q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
-    trained = jax.tree.map(lambda x: x * 2, fo.dequantize(q))  # every entry doubled
-    record_books("requantize", fo.requantize(trained, q))
-    # Codebook fine-tuning: one jitted step of share_codebooks on the global arrays. The
-    # gradient sums per entry run in the order of the shards: equal up to float rounding.
-    tx = fo.share_codebooks(optax.sgd(0.1), q)
-    deq = fo.dequantize(q)
-    updates, _ = jax.jit(tx.update)(deq, tx.init(deq), deq)
-    tuned = fo.requantize(optax.apply_updates(deq, updates), q)
-    info["share_codebooks"] = {
-        f"{k}/{width}": np.asarray(b).tolist()
-        for k, book in zip(tuned.paths, tuned.codebooks, strict=True)
-        for width, b in book.items()
-    }
+
+    bits, q, tuned = pipeline(params, fisher, mask, record, record_books, kept_sharding)
+    info["share_codebooks"] = {k: np.asarray(b).tolist() for k, b in books(tuned).items()}
     report = fo.sparsity_report(mask)
     info["sparsity_report"] = [report.sparsity, report.pruned, report.prunable]
     path = os.path.join(folder, "model.fq")

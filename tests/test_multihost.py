@@ -7,20 +7,22 @@ computes the single-process results.
 """
 
 import importlib
+import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import optax
 import pytest
 
 import fisher_optax as fo
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+_spec = importlib.util.spec_from_file_location("multihost_worker", WORKER)
+worker = importlib.util.module_from_spec(_spec)  # its calls, run here on one process
+_spec.loader.exec_module(worker)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package's checkout
 TIMEOUT_S = 150
 
@@ -112,42 +114,12 @@ def _single_process(values):
         for k, v in tree.items():
             want[f"{name}/{k}"] = np.asarray(v)
 
-    opt = optax.adam(1e-2)
-    _, state = opt.update(params, opt.init(params), params)
-    record("fisher_from_state", fo.fisher_from_state(state))
-    record("saliency", fo.scores(params, "saliency", fisher=fisher))
-    record("select", fo.select(fo.scores(params, "magnitude"), 0.6))
-    record("magnitude_mask", fo.magnitude_mask(params, 0.5))
-    record("two_stage_mask", fo.two_stage_mask(params, 0.7, fisher=fisher))
-    bits = fo.allocate_bits(params, fisher=fisher, mask=mask, average_bits=3, scope="layer")
-    record("allocate_bits", bits)
-    runs = {
-        "kmeans_None": dict(bits=2, fisher=fisher, mask=mask),
-        "kmeans_-1": dict(bits=2, fisher=fisher, mask=mask, axis=-1),
-        "bits_tree": dict(bits=bits, fisher=fisher),
-        "uniform": dict(bits=3, mask=mask, axis=-1, method="uniform"),
-    }
-    for name, kwargs in runs.items():
-        q = fo.quantize(params, **kwargs)
-        record(f"dequantize_{name}", fo.dequantize(q))
-        for k, book in zip(q.paths, q.codebooks, strict=True):
-            for width, b in book.items():
-                want[f"codebook_{name}/{k}/{width}"] = b
-    q = fo.quantize(params, 2, fisher=fisher, mask=mask, axis=-1)
+    def record_books(name, q):
+        want.update({f"{name}/{k}": b for k, b in worker.books(q).items()})
+
+    _, q, tuned = worker.pipeline(params, fisher, mask, record, record_books)
     record("loaded", fo.dequantize(q))
-    trained = jax.tree.map(lambda x: x * 2, fo.dequantize(q))
-    for k, book in zip(q.paths, fo.requantize(trained, q).codebooks, strict=True):
-        for width, b in book.items():
-            want[f"requantize/{k}/{width}"] = b
-    tx = fo.share_codebooks(optax.sgd(0.1), q)
-    deq = fo.dequantize(q)
-    updates, _ = jax.jit(tx.update)(deq, tx.init(deq), deq)
-    tuned = fo.requantize(optax.apply_updates(deq, updates), q)
-    want["share_codebooks"] = {
-        f"{k}/{width}": np.asarray(b)
-        for k, book in zip(tuned.paths, tuned.codebooks, strict=True)
-        for width, b in book.items()
-    }
+    want["share_codebooks"] = {k: np.asarray(b) for k, b in worker.books(tuned).items()}
     report = fo.sparsity_report(mask)
     want_report = [report.sparsity, report.pruned, report.prunable]
     return want, fo.save_compressed(os.devnull, q), want_report
