@@ -31,7 +31,7 @@ resnet-example: $(STAMP)
 
 # The library suite: tests/ and the package's doctests (pyproject's testpaths), then the quickstart.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist worksteal
 	$(PY) examples/quickstart.py
 
 # Smoke runs of the experiments (tiny sizes) and the tests of their data loaders.

@@ -57,11 +57,9 @@ def _gloo_available() -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def _run(folder):
     if not _gloo_available():
         pytest.skip("this jaxlib has no gloo CPU collectives (needed for two processes)")
-    folder = tmp_path_factory.mktemp("multihost")
     values = _values()
     np.savez(folder / "values.npz", **values)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -125,8 +123,15 @@ def _single_process(values):
     return want, fo.save_compressed(os.devnull, q), want_report
 
 
-def test_two_processes_equal_one(run):
-    values, out = run
+def test_two_processes_equal_one_and_refuse_by_message(tmp_path):
+    """One pair of processes (each costs a JAX start and its compiles) for every check."""
+    values, out = _run(tmp_path)
+    _check_equal_to_one_process(values, out)
+    _check_refusal_names_the_workaround(out)
+    _check_values_spread_over_processes(out)
+
+
+def _check_equal_to_one_process(values, out):
     want, size, report = _single_process(values)
     tuned = want.pop("share_codebooks")
     covered = {name: np.zeros(w.shape, int) for name, w in want.items()}
@@ -149,17 +154,17 @@ def test_two_processes_equal_one(run):
         assert count.min() >= 1, f"{name}: elements that no process holds"
 
 
-def test_two_processes_refuse_saliency_sums_naming_the_workaround(run):
-    for _, info in run[1]:
+def _check_refusal_names_the_workaround(out):
+    for _, info in out:
         message = info["errors"]["allocate_layer"]
         assert "granularity='layer' on arrays that span processes" in message
         assert "granularity='weight'" in message and "process_allgather" in message
 
 
-def test_two_processes_check_values_spread_over_processes(run):
+def _check_values_spread_over_processes(out):
     """The checks read the shards of both processes: each bad entry lies in the second half
     of axis 0, which the mesh axis ``x`` gives to process 1."""
-    for _, info in run[1]:
+    for _, info in out:
         errors = info["errors"]
         assert (
             "params at ['dense'] holds 1 non-finite value(s) (first at index (5, 2): nan)"
