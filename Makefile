@@ -29,9 +29,10 @@ nnx-example: $(STAMP)
 resnet-example: $(STAMP)
 	$(PY) examples/resnet_surgery.py
 
-# The library suite: tests/ and the package's doctests (pyproject's testpaths), then the quickstart.
+# The library suite: tests/ and the package's doctests (pyproject's testpaths) and the
+# README's snippets, then the quickstart.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not docs_pages"
 	$(PY) examples/quickstart.py
 
 # Smoke runs of the experiments (tiny sizes) and the tests of their data loaders.
@@ -42,8 +43,10 @@ test-experiments: $(STAMP)
 test-examples: $(STAMP)
 	$(PY) -m pytest -q -n 2 examples/tests
 
-# The docs site from docs/ and the docstrings; any warning fails the build.
+# The docs pages' snippets, run, then the site from docs/ and the docstrings; any warning
+# fails the build.
 docs: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m docs_pages tests/test_docs.py
 	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 bench: $(STAMP)
