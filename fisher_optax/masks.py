@@ -385,15 +385,17 @@ class SparsityReport(NamedTuple):
     leaves: dict[str, LeafSparsity]
 
 
+@jax.jit
+def _global_counts(mask: jax.Array, allowed: jax.Array) -> jax.Array:
+    allowed = jnp.broadcast_to(allowed, mask.shape)
+    return jnp.stack([jnp.sum(~mask), jnp.sum(allowed), jnp.sum(~mask & allowed)])
+
+
 def _mask_counts(leaf: Any, flag: Any) -> tuple[int, int, int]:
     """``(pruned, prunable, pruned among prunable)`` of one mask leaf: counted in NumPy,
     or by a jax reduction where the leaf spans processes (NumPy cannot read their shards)."""
     if _validate.spans_processes(leaf):
-        counts = jax.jit(
-            lambda m, a: jnp.stack(
-                [jnp.sum(~m), jnp.sum(jnp.broadcast_to(a, m.shape)), jnp.sum(~m & a)]
-            )
-        )(leaf, jnp.asarray(flag, bool))
+        counts = _global_counts(leaf, jnp.asarray(flag, bool))
         return tuple(int(c) for c in np.asarray(counts))
     leaf = np.asarray(leaf)
     allowed = np.broadcast_to(np.asarray(flag, bool), leaf.shape)
