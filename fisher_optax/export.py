@@ -48,10 +48,10 @@ __all__ = [
 ]
 
 MAGIC = b"FOQZ"
-# The newest version. Version 3 has a per-leaf axis byte (per-slice codebooks); a file
-# without per-slice codebooks is written as version 2, which has none.
-VERSION = 3
-_VERSIONS = (2, 3)  # what the reader reads
+# The version the writer writes. Version 3 added a per-leaf axis byte (per-slice
+# codebooks), version 4 the mask position coding (mode 2); the reader reads all three.
+VERSION = 4
+_VERSIONS = (2, 3, 4)
 # Header, little-endian: magic, version u16, flags u16 (0), num_leaves u32, payload_size
 # u64, crc32(payload) u32.
 _HEADER = struct.Struct("<4sHHIQI")
@@ -333,6 +333,109 @@ def _positions_bits(gaps: np.ndarray, tail: int) -> int:
     return max(r for r, c in costs.items() if c <= 1.005 * best + 4)
 
 
+# Position modes (u8): relative index coding, every weight kept, the mask coded by slices.
+_RELATIVE, _ALL_KEPT, _MASK = 0, 1, 2
+# The longest slice whose kept weights the mask coding counts: its decoder takes one step
+# per position within a slice (all slices at once), so this bounds its Python loop.
+_MAX_SLICE = 1 << 14
+_BERNOULLI = _MODEL.Bernoulli(perfect=False)
+_UNIFORM = _MODEL.Uniform()
+
+
+def _relative_record(kept: np.ndarray, n: int) -> tuple[bytes, _Stream]:
+    """The relative-index position record (mode 0) of the kept flat indices ``kept``."""
+    prev = np.concatenate([[-1], kept[:-1]])
+    gaps = kept - prev - 1
+    tail = (n - 1) - (int(kept[-1]) if kept.size else -1)
+    r = _positions_bits(gaps, tail)
+    entries = _relative_entries(kept, n, r)
+    s = _encode_stream(entries, 1 << r)
+    return struct.pack("<BBQ", _RELATIVE, r, entries.size) + s.data, s
+
+
+def _flag_bits(dead: int, length: int) -> float:
+    """Bits of ``length`` flags of which ``dead`` are set, coded with p = dead / length."""
+    return _entropy_bits(np.array([dead, length - dead]))
+
+
+def _log2_binomial(m: int, k: np.ndarray) -> float:
+    """``sum(log2 C(m, k))``: the exact cost of each slice's bits under the count model."""
+    lg = np.vectorize(math.lgamma, otypes=[np.float64])
+    k = np.asarray(k, np.float64)
+    return float(np.sum(lg(m + 1.0) - lg(k + 1.0) - lg(m - k + 1.0)) / math.log(2))
+
+
+def _slice_length(live_shape: tuple[int, ...], axis: int) -> int:
+    return math.prod(live_shape) // live_shape[axis]
+
+
+def _mask_cost(live: np.ndarray, axis: int | None) -> float:
+    """Bits of the live sub-mask's counts and elements: one probability when ``axis`` is
+    None, else a count per slice along ``axis`` and each slice's bits given its count."""
+    kept = int(np.count_nonzero(live))
+    if axis is None:
+        return _flag_bits(kept, live.size)
+    m = _slice_length(live.shape, axis)
+    others = tuple(b for b in range(live.ndim) if b != axis)
+    counts = np.count_nonzero(live, axis=others)
+    return live.shape[axis] * math.log2(m) + _log2_binomial(m, counts)
+
+
+def _slice_bits(live: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The live sub-mask's elements in decoding order (position within a slice, then
+    slice) and the probability of each: the slice's kept weights not yet coded over its
+    positions not yet coded, so a slice of length m with k kept costs log2 C(m, k)."""
+    slices = np.moveaxis(live, axis, 0).reshape(live.shape[axis], -1)
+    m = slices.shape[1]
+    bits = slices.T.astype(np.int64)  # (m, slices): step t decodes every slice's t-th bit
+    before = np.cumsum(bits, axis=0) - bits
+    p = (bits.sum(axis=0)[None, :] - before) / (m - np.arange(m, dtype=np.int64))[:, None]
+    return bits.reshape(-1).astype(np.int32), p.reshape(-1)
+
+
+def _mask_record(mask: np.ndarray) -> tuple[bytes, float, int | None, int]:
+    """The mask position record (mode 2): the slices without a kept weight along each
+    axis (dead units, unused features) flagged once, then the rest of the mask, with a
+    count per slice along the axis where that is shortest. Returns the record, its
+    information content in bits, the count axis and the number of coded symbols."""
+    kept = int(np.count_nonzero(mask))
+    dead = [
+        ~np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a)) for a in range(mask.ndim)
+    ]
+    live = mask[np.ix_(*(~d for d in dead))] if mask.ndim else mask
+    axes = [a for a in range(live.ndim) if live.size and _slice_length(live.shape, a) <= _MAX_SLICE]
+    costs = {a: _mask_cost(live, a) for a in (None, *axes)}
+    axis = min(costs, key=costs.get)
+    info = costs[axis] + sum(_flag_bits(int(d.sum()), d.size) for d in dead)
+    coder = _ANS.AnsCoder()
+    symbols = 0
+    # The stack codes last what is decoded first: the elements, the counts, the flags.
+    if axis is None:
+        if 0 < kept < live.size:
+            flat = live.reshape(-1).astype(np.int32)
+            coder.encode_reverse(flat, _BERNOULLI, np.full(flat.size, kept / live.size))
+            symbols += flat.size
+    else:
+        bits, p = _slice_bits(live, axis)
+        coder.encode_reverse(bits, _BERNOULLI, p)
+        m = _slice_length(live.shape, axis)
+        if m > 1:
+            others = tuple(b for b in range(live.ndim) if b != axis)
+            counts = np.count_nonzero(live, axis=others).astype(np.int32) - 1
+            coder.encode_reverse(counts, _UNIFORM, np.full(counts.size, m, np.int32))
+            symbols += counts.size
+        symbols += bits.size
+    for d in reversed(dead):
+        if 0 < d.sum() < d.size:
+            p = np.full(d.size, int(d.sum()) / d.size)
+            coder.encode_reverse(d.astype(np.int32), _BERNOULLI, p)
+            symbols += d.size
+    words = coder.get_compressed()
+    head = _varints([kept, 0 if axis is None else axis + 1, *(int(d.sum()) for d in dead)])
+    data = struct.pack("<B", _MASK) + head + _varints([words.size]) + words.astype("<u4").tobytes()
+    return data, info, axis, symbols
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -381,13 +484,19 @@ class LeafReport(NamedTuple):
       header_bytes: path, kind, dtype, shape (and, quantized, book dtype and widths).
       codebook_bytes: the codebook values (0 when raw).
       raw_bytes: the stored elements of a raw leaf (0 when quantized).
-      positions: the position stream (mode byte, index bits and entry count included);
-        ``StreamReport(0, 1, 0, 0.0)`` when every weight is kept.
+      positions: the position record (its mode byte and fields included);
+        ``StreamReport(0, 1, 0, 0.0)`` when every weight is kept. With the mask coding,
+        ``entropy_bytes`` is the information content of the symbols under its model.
       width_map: the width-map stream (empty with one width).
       codes: the code streams of all its width groups together.
       axis: ``None``, or the axis whose slices have codebooks of their own; their
         entries (and each width's stream of per-slice entry counts) are in
         ``codebook_bytes``.
+      position_coding: how the positions are coded: ``"all"`` (every weight kept, or a
+        raw leaf), ``"relative"`` (relative indices) or ``"mask"`` (dead slices flagged,
+        then the rest of the mask bit by bit); see ``docs/file_format.md``.
+      position_axis: with ``"mask"``, the axis along which each slice's kept weights are
+        counted, or ``None`` for one probability for the whole mask.
     """
 
     path: str
@@ -405,6 +514,8 @@ class LeafReport(NamedTuple):
     width_map: StreamReport
     codes: StreamReport
     axis: int | None = None
+    position_coding: str = "all"
+    position_axis: int | None = None
 
 
 class CompressionReport(NamedTuple):
@@ -537,22 +648,24 @@ def _encode_leaf(q: QuantizedParams, i: int, path, version: int) -> tuple[bytes,
             rec += _raw_bytes(books[b][np.arange(width)[None, :] < entries[:, None]])
     codebook_bytes = len(rec) - header
     count = int(np.count_nonzero(bits))
+    coding, position_axis = "all", None
     if count == n:  # a dense leaf: no positions, and no gather below
-        rec += struct.pack("<B", 1)
+        rec += struct.pack("<B", _ALL_KEPT)
         positions = StreamReport(0, 1, 0, 0.0)
         kb, kc = bits, codes
     else:
         kept = np.flatnonzero(bits)
         kb, kc = bits[kept], codes[kept]
-        prev = np.concatenate([[-1], kept[:-1]])
-        gaps = kept - prev - 1
-        tail = (n - 1) - (int(kept[-1]) if kept.size else -1)
-        r = _positions_bits(gaps, tail)
-        entries = _relative_entries(kept, n, r)
-        rec += struct.pack("<BBQ", 0, r, entries.size)
-        s = _encode_stream(entries, 1 << r)
-        rec += s.data
-        positions = _from(s, extra=10)
+        relative, s = _relative_record(kept, n)
+        mask, info, mask_axis, symbols = _mask_record(bits.reshape(shape) != 0)
+        if len(mask) < len(relative):
+            rec += mask
+            coding, position_axis = "mask", mask_axis
+            positions = StreamReport(symbols, len(mask), 0, info / 8)
+        else:
+            rec += relative
+            coding = "relative"
+            positions = _from(s, extra=len(relative) - len(s.data))
     width_map = _EMPTY
     if len(widths) > 1:
         gi = np.searchsorted(np.asarray(widths), kb)
@@ -575,7 +688,7 @@ def _encode_leaf(q: QuantizedParams, i: int, path, version: int) -> tuple[bytes,
         codes_report = _add(codes_report, _from(s))
     report = LeafReport(
         where, shape, q.dtypes[i], True, n, count, widths, len(rec), header,
-        codebook_bytes, 0, positions, width_map, codes_report, axis,
+        codebook_bytes, 0, positions, width_map, codes_report, axis, coding, position_axis,
     )  # fmt: skip
     return bytes(rec), report
 
@@ -597,7 +710,7 @@ def _encode(q: QuantizedParams) -> tuple[bytes, CompressionReport]:
             _dtype_code(leaf.dtype, q.paths[i])
     payload = bytearray()
     leaves = []
-    version = 3 if any(a is not None for a in q.axes) else 2
+    version = VERSION
     for i, path in enumerate(paths):
         rec, report = _encode_leaf(q, i, path, version)
         payload += rec
@@ -844,6 +957,108 @@ def _read_path(rd: _Reader, index: int):
     return tuple(path)
 
 
+def _decode_positions(rd: _Reader, shape: tuple[int, ...], index: int, version: int):
+    """The kept flat indices of a position record, or ``None`` when every weight is kept."""
+    n = math.prod(shape)
+    (mode,) = rd.unpack("B", "position mode")
+    if mode == _ALL_KEPT:
+        return None
+    if mode == _MASK and version >= 4:
+        return _decode_mask(rd, shape, index)
+    if mode != _RELATIVE:
+        raise ValueError(
+            f"load_compressed: unknown position mode {mode} in leaf {index} of a version "
+            f"{version} file: corrupted."
+        )
+    r, entries = rd.unpack("BQ", "index bits")
+    if not 1 <= r <= _MAX_INDEX_BITS or entries > n:
+        raise ValueError(f"load_compressed: bad position stream in leaf {index}.")
+    fill = (1 << r) - 1
+    e = rd.stream(entries, fill + 1, f"the positions of leaf {index}")
+    step = np.where(e == fill, fill, e + 1)
+    cursor = np.cumsum(step, dtype=np.int64) - 1
+    end = int(cursor[-1]) if entries else -1
+    if not (end <= n - 1 < end + fill):
+        raise ValueError(
+            f"load_compressed: leaf {index}: the position stream does not match the "
+            f"shape {shape}: corrupted."
+        )
+    return cursor[e != fill]
+
+
+def _decode_mask(rd: _Reader, shape: tuple[int, ...], index: int) -> np.ndarray:
+    """The kept flat indices from a mask position record (mode 2), every field checked."""
+    what = f"the position mask of leaf {index}"
+    n = math.prod(shape)
+    kept, code, *dead = (int(v) for v in rd.varints(2 + len(shape), what))
+    (words,) = rd.varints(1, f"the word count of {what}")
+    raw = rd.take(4 * int(words), what)
+    if n == 0 or code > len(shape) or any(d > s for d, s in zip(dead, shape, strict=True)):
+        raise ValueError(
+            f"load_compressed: leaf {index} of shape {shape}: its position mask declares "
+            f"count axis {code - 1} and dead slices {dead}: corrupted."
+        )
+    live_shape = tuple(s - d for s, d in zip(shape, dead, strict=True))
+    size = math.prod(live_shape)
+    axis = code - 1 if code else None
+    m = _slice_length(live_shape, axis) if axis is not None and size else 0
+    if kept > size or m > _MAX_SLICE:
+        raise ValueError(
+            f"load_compressed: leaf {index}: its position mask declares {kept} kept weights "
+            f"in a live block of shape {live_shape}: corrupted."
+        )
+    coder = _ANS.AnsCoder(np.frombuffer(raw, "<u4").astype(np.uint32))
+    try:
+        alive = []
+        for d, s in zip(dead, shape, strict=True):
+            flags = np.zeros(s, bool) if d == 0 else np.ones(s, bool)
+            if 0 < d < s:
+                flags = coder.decode(_BERNOULLI, np.full(s, d / s)).astype(bool)
+            if int(flags.sum()) != d:
+                raise ValueError(f"load_compressed: {what} has a wrong dead count: corrupted.")
+            alive.append(~flags)
+        live = np.zeros(live_shape, bool)
+        if axis is None:
+            if 0 < kept < size:
+                live[...] = coder.decode(_BERNOULLI, np.full(size, kept / size)).reshape(live_shape)
+            elif kept:
+                live[...] = True
+        elif size:
+            slices = live_shape[axis]
+            left = np.ones(slices, np.int64)
+            if m > 1:
+                left += coder.decode(_UNIFORM, np.full(slices, m, np.int32))
+            if int(left.sum()) != kept:
+                raise ValueError(f"load_compressed: {what} has wrong slice counts: corrupted.")
+            rows = np.zeros((m, slices), bool)
+            for t in range(m):
+                # Clipped: a corrupted stream may drive a count below zero.
+                p = np.clip(left / (m - t), 0.0, 1.0)
+                rows[t] = coder.decode(_BERNOULLI, p)
+                left -= rows[t]
+            if np.any(left != 0):
+                raise ValueError(f"load_compressed: {what} has wrong slice counts: corrupted.")
+            others = tuple(s for b, s in enumerate(live_shape) if b != axis)
+            live = np.moveaxis(rows.T.reshape(slices, *others), 0, axis)
+    except (ValueError, RuntimeError) as e:
+        if str(e).startswith("load_compressed"):
+            raise
+        raise ValueError(f"load_compressed: {what} does not decode ({e}): corrupted.") from None
+    if not coder.is_empty():
+        raise ValueError(f"load_compressed: {what} has words left over: corrupted.")
+    for a in range(live.ndim):
+        if live.size and not np.all(
+            np.any(live, axis=tuple(b for b in range(live.ndim) if b != a))
+        ):
+            raise ValueError(
+                f"load_compressed: {what} has an empty slice not flagged dead along axis {a}: "
+                "corrupted."
+            )
+    mask = np.zeros(shape, bool)
+    mask[np.ix_(*alive)] = live
+    return np.flatnonzero(mask)
+
+
 def _decode_raw(rd: _Reader, code: int, shape, index: int):
     n = math.prod(shape)
     if code == _KEY:
@@ -916,25 +1131,7 @@ def _decode_leaf(rd: _Reader, index: int, budget: list[int], version: int):
         last = book[np.arange(channels), np.maximum(lengths - 1, 0)]
         books[b] = np.where(live, book, np.where(lengths > 0, last, 0)[:, None])
         slice_entries[b] = lengths
-    (mode,) = rd.unpack("B", "position mode")
-    positions = None  # every weight kept
-    if mode == 0:
-        r, entries = rd.unpack("BQ", "index bits")
-        if not 1 <= r <= _MAX_INDEX_BITS or entries > n:
-            raise ValueError(f"load_compressed: bad position stream in leaf {index}.")
-        fill = (1 << r) - 1
-        e = rd.stream(entries, fill + 1, f"the positions of leaf {index}")
-        step = np.where(e == fill, fill, e + 1)
-        cursor = np.cumsum(step, dtype=np.int64) - 1
-        positions = cursor[e != fill]
-        end = int(cursor[-1]) if entries else -1
-        if not (end <= n - 1 < end + fill):
-            raise ValueError(
-                f"load_compressed: leaf {index}: the position stream does not match the "
-                f"shape {shape}: corrupted."
-            )
-    elif mode != 1:
-        raise ValueError(f"load_compressed: unknown position mode {mode} in leaf {index}.")
+    positions = _decode_positions(rd, shape, index, version)
     kept = n if positions is None else positions.size
     if kept and not widths:
         raise ValueError(f"load_compressed: leaf {index} keeps weights but has no widths.")
