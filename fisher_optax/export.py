@@ -1002,7 +1002,12 @@ def _decode_mask(rd: _Reader, shape: tuple[int, ...], index: int) -> np.ndarray:
     size = math.prod(live_shape)
     axis = code - 1 if code else None
     m = _slice_length(live_shape, axis) if axis is not None and size else 0
-    if kept > size or m > _MAX_SLICE:
+    if m > _MAX_SLICE:
+        raise ValueError(
+            f"load_compressed: leaf {index}: its position mask counts slices of {m} weights "
+            f"along axis {axis}; the format allows at most {_MAX_SLICE}: corrupted."
+        )
+    if kept > size:
         raise ValueError(
             f"load_compressed: leaf {index}: its position mask declares {kept} kept weights "
             f"in a live block of shape {live_shape}: corrupted."

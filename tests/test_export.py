@@ -2,12 +2,14 @@
 sizes against the order-0 entropy, raw leaves of every dtype, NNX and Linen trees, and
 refusal of truncated, corrupted or hostile files with bounded memory."""
 
+import math
 import os
 import struct
 import tracemalloc
 import warnings
 import zlib
 
+import constriction
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -27,11 +29,15 @@ from fisher_optax import (
 )
 from fisher_optax.export import (
     _HEADER,
+    _MAX_SLICE,
     VERSION,
+    _decode_positions,
     _encode_stream,
+    _mask_record,
     _positions_bits,
     _Reader,
     _relative_entries,
+    _relative_record,
     _table,
     _varints,
 )
@@ -464,7 +470,7 @@ def test_wrong_magic_and_version(saved):
     with pytest.raises(ValueError, match="not a file written by save_compressed"):
         load_compressed(f)
     f.write_bytes(data[:4] + struct.pack("<H", 1) + data[6:])
-    with pytest.raises(ValueError, match=r"format version 1 .* knows versions 2, 3"):
+    with pytest.raises(ValueError, match=r"format version 1 .* knows versions 2, 3, 4"):
         load_compressed(f)
 
 
@@ -474,14 +480,16 @@ def _file_with_payload(payload: bytes, num_leaves=1, version=2) -> bytes:
     return _HEADER.pack(b"FOQZ", version, 0, num_leaves, len(payload), crc) + payload
 
 
-def _leaf_head(shape, book=2):
-    # path ['w'], quantized float32 leaf, shape, float32 books, one 1-bit width, its book
+def _leaf_head(shape, book=2, axis_byte=b""):
+    # path ['w'], quantized float32 leaf, shape, float32 books, one 1-bit width, (from
+    # version 3: the codebook axis byte), its book
     return (
         struct.pack("<HBH", 1, 0, 1)
         + b"w"
         + struct.pack("<BB", 0, 0)
         + struct.pack(f"<B{len(shape)}Q", len(shape), *shape)
         + struct.pack("<BBB", 0, 1, 1)
+        + axis_byte
         + struct.pack("<H", book - 1)
         + np.zeros(book, np.float32).tobytes()
     )
@@ -584,7 +592,7 @@ def _header_version(data: bytes) -> int:
     return _HEADER.unpack(data[: _HEADER.size])[1]
 
 
-def test_version_2_files_still_load_and_per_leaf_files_are_still_version_2(tmp_path):
+def test_version_2_files_still_load_and_the_writer_writes_version_4(tmp_path):
     f = tmp_path / "v2.fq"
     f.write_bytes(_V2_FILE)
     q = load_compressed(f)
@@ -593,14 +601,15 @@ def test_version_2_files_still_load_and_per_leaf_files_are_still_version_2(tmp_p
     np.testing.assert_array_equal(np.asarray(d["b"]), [1.0, -1.0])
     want = dequantize(quantize({"w": _V2_W}, 2, mask={"w": _V2_W != 0}))["w"]
     np.testing.assert_array_equal(np.asarray(d["w"]), np.asarray(want))
-    # The writer still emits exactly these bytes for per-leaf codebooks.
     q2 = quantize(
         {"w": jnp.asarray(_V2_W), "b": jnp.array([1.0, -1.0], jnp.float32)},
         2,
         mask={"w": _V2_W != 0, "b": np.ones(2, bool)},
     )
-    assert save_compressed(tmp_path / "again.fq", q2) == len(_V2_FILE)
-    assert (tmp_path / "again.fq").read_bytes() == _V2_FILE
+    save_compressed(tmp_path / "again.fq", q2)
+    again = (tmp_path / "again.fq").read_bytes()
+    assert _header_version(again) == VERSION == 4
+    _assert_same_q(q2, load_compressed(tmp_path / "again.fq"))
 
 
 @settings(
@@ -617,7 +626,7 @@ def test_property_per_slice_roundtrip_is_exact(tmp_path, seed, keep, axis):
     n = save_compressed(f, q)
     data = f.read_bytes()
     assert n == len(data) == compression_report(q).total_bytes
-    assert _header_version(data) == VERSION == 3
+    assert _header_version(data) == VERSION == 4
     q2 = load_compressed(f)
     _assert_same_q(q, q2)
     assert q2.axes == q.axes
@@ -716,3 +725,193 @@ def test_python_scalar_leaves_are_stored_as_0d_arrays(tmp_path):
     out = dequantize(load_compressed(tmp_path / "s.fq"))
     assert out["temperature"].dtype == np.float32 and float(out["temperature"]) == 0.5
     assert out["steps"].dtype == np.int32 and int(out["steps"]) == 3
+
+
+# ------------------------------------------- positions: the mask coding, format version 4
+
+
+def _structured_mask(rng, shape, density, dead):
+    """A mask with dead slices along every axis and a kept density varying along the last."""
+    alive = [rng.random(s) >= dead for s in shape]
+    keep = rng.random(shape) < density * np.linspace(0.0, 2.0, shape[-1]) ** 2 if shape else True
+    live = np.ones(shape, bool)
+    for a, flags in enumerate(alive):
+        live &= flags.reshape([-1 if b == a else 1 for b in range(len(shape))])
+    return np.asarray(keep & live, bool)
+
+
+def _decoded(record: bytes, shape, version=4):
+    rd = _Reader(record)
+    positions = _decode_positions(rd, shape, 0, version)
+    assert rd.remaining() == 0
+    return positions
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=4).map(tuple),
+    density=st.floats(0.0, 0.6),
+    dead=st.sampled_from([0.0, 0.2, 0.5]),
+    seed=st.integers(0, 2**16),
+    structured=st.booleans(),
+)
+def test_property_mask_coding_decodes_to_the_relative_decoders_positions(
+    shape, density, dead, seed, structured
+):
+    rng = np.random.default_rng(seed)
+    if structured:
+        mask = _structured_mask(rng, shape, density, dead)
+    else:
+        mask = rng.random(shape) < density
+    kept = np.flatnonzero(mask)
+    n = mask.size
+    relative, _ = _relative_record(kept, n)
+    record, info, axis, _ = _mask_record(mask)
+    from_relative = _decoded(relative, shape)
+    np.testing.assert_array_equal(from_relative, kept)
+    np.testing.assert_array_equal(_decoded(record, shape), from_relative)
+    assert axis is None or 0 <= axis < len(shape)
+    assert len(record) <= info / 8 + 4 * (len(shape) + 6)
+
+
+def _reference_mask_bits(mask: np.ndarray, axis) -> float:
+    """The information content of the mask coding, from exact binomials in Python ints."""
+
+    def flags(d, length):  # length flags, d of them set, each coded with p = d / length
+        if d in (0, length):
+            return 0.0
+        return -d * math.log2(d / length) - (length - d) * math.log2(1 - d / length)
+
+    total = 0.0
+    alive = []
+    for a in range(mask.ndim):
+        others = tuple(b for b in range(mask.ndim) if b != a)
+        dead = ~mask.any(axis=others)
+        total += flags(int(dead.sum()), dead.size)
+        alive.append(np.flatnonzero(~dead))
+    live = mask[np.ix_(*alive)]
+    if axis is None:
+        return total + flags(int(live.sum()), live.size)
+    slices = np.moveaxis(live, axis, 0).reshape(live.shape[axis], -1)
+    m = slices.shape[1]
+    for row in slices:
+        total += math.log2(m) + math.log2(math.comb(m, int(row.sum())))
+    return total
+
+
+def test_mask_coding_costs_its_exact_binomials_and_flags():
+    rng = np.random.default_rng(3)
+    mask = _structured_mask(rng, (120, 80), 0.08, 0.3)  # dead rows and columns
+    record, info, axis, symbols = _mask_record(mask)
+    assert axis is not None  # the density varies along the last axis: counts pay
+    assert info == pytest.approx(_reference_mask_bits(mask, axis), rel=1e-9)
+    # Every other count axis and the single probability cost at least as much.
+    for other in (None, 0, 1):
+        assert info <= _reference_mask_bits(mask, other) + 1e-6
+    assert len(record) <= info / 8 + 24
+    relative, _ = _relative_record(np.flatnonzero(mask), mask.size)
+    assert len(record) < 0.9 * len(relative)
+    np.testing.assert_array_equal(_decoded(record, mask.shape), np.flatnonzero(mask))
+
+
+@pytest.mark.parametrize(
+    "shape", [(400,), (6, 5, 8, 30), (300, 100)], ids=["1-D", "4-D", "dead-units"]
+)
+def test_the_file_picks_the_shorter_position_record_and_roundtrips(tmp_path, shape):
+    rng = np.random.default_rng(len(shape))
+    mask = _structured_mask(rng, shape, 0.1, 0.3 if len(shape) > 1 else 0.0)
+    w = np.where(mask, rng.normal(size=shape) + 2.0, 0.0).astype(np.float32)
+    q = quantize({"w": w}, 2, mask={"w": mask}, method="uniform", quantizable=lambda p, x: True)
+    leaf = compression_report(q).leaves[0]
+    relative, _ = _relative_record(np.flatnonzero(mask), mask.size)
+    record, _, axis, _ = _mask_record(mask)
+    assert leaf.positions.bytes == min(len(relative), len(record))
+    assert leaf.position_coding == ("mask" if len(record) < len(relative) else "relative")
+    if len(shape) > 1:  # dead units and a density that varies by unit: the mask coding wins
+        assert leaf.position_coding == "mask" and leaf.position_axis == axis
+    f = tmp_path / "m.fq"
+    assert save_compressed(f, q) == compression_report(q).total_bytes
+    _assert_same_q(q, load_compressed(f))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_all_pruned_and_none_pruned_leaves(tmp_path, keep):
+    w = np.random.default_rng(0).normal(size=(5, 5, 3, 8)).astype(np.float32)
+    mask = np.full(w.shape, keep)
+    q = quantize({"w": w}, 3, mask={"w": mask})
+    leaf = compression_report(q).leaves[0]
+    if keep:
+        assert (leaf.position_coding, leaf.positions.bytes) == ("all", 1)
+    else:  # every slice along every axis dead: the counts and nothing else
+        assert leaf.position_coding == "mask" and leaf.positions.bytes == 1 + 7
+    f = tmp_path / "e.fq"
+    assert save_compressed(f, q) == compression_report(q).total_bytes
+    _assert_same_q(q, load_compressed(f))
+
+
+def _mask_file(tmp_path, shape, fields, words=(), version=4, pad=0, word_count=None):
+    """A one-leaf file whose position record is mode 2 with these varint fields and words."""
+    count = len(words) if word_count is None else word_count
+    record = b"\2" + _varints([*fields, count]) + np.asarray(words, "<u4").tobytes()
+    head = _leaf_head(shape, axis_byte=b"\0" if version >= 3 else b"")
+    payload = head + record + struct.pack("<I", pad) + bytes(pad)
+    f = tmp_path / "mask.fq"
+    f.write_bytes(_file_with_payload(payload, version=version))
+    return f
+
+
+def _words(*parts):
+    """ANS words of (symbols, model, parameters) parts, decoded in the order given."""
+    coder = constriction.stream.stack.AnsCoder()
+    for symbols, model, params in reversed(parts):
+        coder.encode_reverse(np.asarray(symbols, np.int32), model, np.asarray(params))
+    return coder.get_compressed()
+
+
+def test_corrupted_mask_records_are_refused_by_name(tmp_path):
+    bern = constriction.stream.model.Bernoulli(perfect=False)
+    uni = constriction.stream.model.Uniform()
+    cases = [
+        # fields: kept, count axis + 1, dead slices per axis
+        ((4, 3), [1, 5, 0, 0], (), r"declares count axis 4 and dead slices \[0, 0\]"),
+        ((4, 3), [1, 0, 9, 0], (), r"dead slices \[9, 0\]"),
+        ((4, 3), [20, 0, 0, 0], (), r"20 kept weights in a live block of shape \(4, 3\)"),
+        # two of four rows flagged dead, but the flags decode to one
+        ((4, 3), [3, 0, 2, 0], _words(([1, 0, 0, 0], bern, [0.5] * 4)), "wrong dead count"),
+        # count per row (axis 0, slices of 3): the counts sum to 2, the record says 3
+        (
+            (2, 3),
+            [3, 1, 0, 0],
+            _words(([0, 0], uni, np.array([3, 3], np.int32))),
+            "wrong slice counts",
+        ),
+        # row 1 keeps nothing but is not flagged dead
+        (
+            (2, 3),
+            [3, 0, 0, 0],
+            _words(([1, 1, 1, 0, 0, 0], bern, [0.5] * 6)),
+            "empty slice not flagged dead along axis 0",
+        ),
+        ((2, 3), [0, 0, 2, 3], [12345], "words left over"),
+    ]
+    for shape, fields, words, match in cases:
+        with pytest.raises(ValueError, match=match):
+            load_compressed(_mask_file(tmp_path, shape, fields, words))
+    # Slices longer than the format allows: the decoder would loop over each position.
+    long = _mask_file(tmp_path, (2, _MAX_SLICE + 1), [2, 1, 0, 0], pad=64)
+    with pytest.raises(ValueError, match=f"slices of {_MAX_SLICE + 1} weights along axis 0"):
+        load_compressed(long)
+    cut_short = _mask_file(tmp_path, (4, 3), [1, 0, 0, 0], word_count=10)
+    with pytest.raises(ValueError, match="needs 40 bytes but only 4 remain"):
+        load_compressed(cut_short)
+    # Mode 2 does not exist before version 4.
+    with pytest.raises(ValueError, match="unknown position mode 2 in leaf 0 of a version 3"):
+        load_compressed(_mask_file(tmp_path, (4, 3), [1, 0, 0, 0], version=3))
+
+
+def test_random_mask_words_decode_to_an_error_not_a_crash(tmp_path):
+    for seed in range(8):
+        words = np.random.default_rng(seed).integers(1, 2**32, 3, dtype=np.uint64)
+        f = _mask_file(tmp_path, (8, 8), [10, 2, 1, 0], words.astype(np.uint32))
+        with pytest.raises(ValueError, match="corrupted"):
+            load_compressed(f)
