@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -97,6 +96,26 @@ def trained_levels(name: str, quick: bool, data, cache_dir: Path) -> list[dict]:
     return levels
 
 
+def position_bytes(q, report) -> tuple[int, int, list[str]]:
+    """Bytes of the position records with relative index coding alone and as written, and
+    per quantized leaf the coding chosen."""
+    relative = written = 0
+    modes = []
+    for i, leaf in enumerate(report.leaves):
+        if not leaf.quantized:
+            continue
+        written += leaf.positions.bytes
+        if leaf.kept == leaf.weights:
+            relative += leaf.positions.bytes  # every weight kept: the same byte in both
+            modes.append("all")
+            continue
+        kept = np.flatnonzero(np.asarray(q.bits[i]).reshape(-1))
+        relative += len(export._relative_record(kept, leaf.weights)[0])
+        axis = "" if leaf.position_axis is None else f" (counts on axis {leaf.position_axis})"
+        modes.append(f"{leaf.path}: {leaf.position_coding}{axis}")
+    return relative, written, modes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -104,14 +123,36 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(REPO / "results" / "positions"))
     args = parser.parse_args()
     data = datasets.load_fashion_mnist()
+    setting = {"average_bits": AVERAGE_BITS, "granularity": "layer", "entry_bits": 40.0}
+    rows, modes = [], {}
     for name in args.models.split(","):
         t0 = time.perf_counter()
         levels = trained_levels(name, args.quick, data, Path(args.cache_dir))
-        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"{name}: levels ready in {time.perf_counter() - t0:.0f} s", flush=True)
         for lvl in levels:
-            print(lvl["level"], lvl["sparsity"], lvl["accuracy"])
+            q = main_job.quantized(METHOD, setting, lvl)
+            report = fisher_optax.compression_report(q)
+            relative, written, modes[(name, lvl["level"])] = position_bytes(q, report)
+            old_file = report.total_bytes - written + relative
+            rows.append(
+                f"| {name} | {lvl['sparsity']:.1%} | {lvl['accuracy']:.2f}% | {relative:,} "
+                f"| {written:,} | {1 - written / relative:.1%} | {old_file:,} "
+                f"| {report.total_bytes:,} | {1 - report.total_bytes / old_file:.1%} |"
+            )
+    print(
+        f"\nPositions and whole file (saliency, {AVERAGE_BITS:g} bits on average), relative "
+        "index coding alone against the coding written:\n"
+    )
+    print(
+        "| model | sparsity | test accuracy | positions, relative B | positions, written B "
+        "| saved | file, relative B | file, written B | saved |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nCoding per leaf:")
+    for (name, level), leaves in modes.items():
+        print(f"- {name} at {level:.0%}: " + "; ".join(leaves))
 
 
 if __name__ == "__main__":
-    os.chdir(REPO)
     main()

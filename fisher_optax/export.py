@@ -4,8 +4,10 @@ The streams that carry information (the positions of the kept weights, the width
 the codes of each ``b``-bit group) are entropy-coded with an order-0 model each: the
 symbol frequencies are stored in the file and the symbols are coded with asymmetric
 numeral systems (ANS, the ``constriction`` library), so a stream costs its order-0
-entropy plus a few bytes. Positions use relative index coding (Han et al. 2016). Leaves
-that :func:`~fisher_optax.quantize` keeps raw (biases, norm statistics, step counters, PRNG
+entropy plus a few bytes. The positions of the kept weights are coded per leaf in whichever
+of two ways is shorter: relative indices (Han et al. 2016), or the mask itself, with the
+slices that keep nothing (dead units) flagged once per axis and a count of kept weights per
+slice along one axis. Leaves that :func:`~fisher_optax.quantize` keeps raw (biases, norm statistics, step counters, PRNG
 keys) are stored exactly, with their dtype.
 
 A file is a 24-byte header (magic, version, flags, leaf count, payload size, CRC-32 of the
@@ -747,8 +749,10 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
     The layout is in this module's docstring: a header with magic, version, leaf count,
     payload size and CRC-32, then per leaf its tree path, dtype and shape, and either its
     raw elements or its codebooks and three entropy-coded streams (positions of the kept
-    weights by relative index coding, the width of each, and the codes of each width
-    group). Each stream costs its order-0 entropy, its frequency table and a few bytes.
+    weights, the width of each, and the codes of each width group). Each stream costs
+    its order-0 entropy, its frequency table and a few bytes. The positions are coded by
+    relative indices or, where shorter, as the mask: the slices that keep nothing along
+    each axis flagged once, then each remaining slice's kept weights given their count.
 
     Any pytree whose key paths are dict keys (str or int), sequence indices, attributes
     or flattened indices can be saved, so an ``nnx.State`` (``nnx.Sequential``'s int keys
@@ -777,7 +781,7 @@ def save_compressed(path: str | os.PathLike, q: QuantizedParams) -> int:
       >>> q = fisher_optax.quantize({"w": jnp.arange(64.0).reshape(8, 8) % 4}, 2)
       >>> f = os.path.join(tempfile.mkdtemp(), "model.fq")
       >>> fisher_optax.save_compressed(f, q)
-      101
+      102
       >>> fisher_optax.dequantize(fisher_optax.load_compressed(f))["w"][0]
       Array([0., 1., 2., 3., 0., 1., 2., 3.], dtype=float32)
 
@@ -1354,8 +1358,9 @@ def compression_report(q: QuantizedParams) -> CompressionReport:
       >>> q = fisher_optax.quantize({"w": w}, 1, mask={"w": w != 0}, method="uniform")
       >>> r = fisher_optax.compression_report(q)
       >>> r.total_bytes, r.dense_float32_bytes
-      (88, 4000)
-      >>> r.leaves[0].positions.symbols  # one relative index per kept weight
-      100
+      (83, 4000)
+      >>> leaf = r.leaves[0]  # 90 dead rows: 100 flags, the 10 live rows are full
+      >>> leaf.position_coding, leaf.positions.symbols, leaf.positions.bytes
+      ('mask', 100, 18)
     """
     return _encode(_gathered(q) if _spans_processes(q) else q)[1]

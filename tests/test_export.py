@@ -802,7 +802,7 @@ def _reference_mask_bits(mask: np.ndarray, axis) -> float:
 def test_mask_coding_costs_its_exact_binomials_and_flags():
     rng = np.random.default_rng(3)
     mask = _structured_mask(rng, (120, 80), 0.08, 0.3)  # dead rows and columns
-    record, info, axis, symbols = _mask_record(mask)
+    record, info, axis, _ = _mask_record(mask)
     assert axis is not None  # the density varies along the last axis: counts pay
     assert info == pytest.approx(_reference_mask_bits(mask, axis), rel=1e-9)
     # Every other count axis and the single probability cost at least as much.
