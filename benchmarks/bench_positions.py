@@ -10,8 +10,9 @@ per leaf. The two files differ only in their position records, so both sizes com
 encoding. Per leaf it also prints the mode chosen.
 
 The trained levels are cached in ``results/positions/`` (keyed by the settings and by the
-code that trains them: the library except ``export.py``, the experiments, and the versions
-of jax, jaxlib, optax and numpy), so a rerun only re-encodes.
+code that trains them: the library except ``export.py``, the main job's training, models
+and data loaders, and the versions of jax, jaxlib, optax and numpy), so a rerun only
+re-encodes.
 
     python benchmarks/bench_positions.py            # both models, about 10 minutes on 2 cores
     python benchmarks/bench_positions.py --quick    # tiny training, for a smoke run
@@ -45,13 +46,14 @@ AVERAGE_BITS = 3.5
 
 
 def training_version() -> str:
-    """A hash of the code that trains the levels: everything but the file's encoder."""
+    """A hash of the code that trains the levels: the library but its file encoder, and
+    the main job's training, models and data loaders."""
     h = hashlib.sha256()
-    for folder in ("fisher_optax", "experiments"):
-        for path in sorted((REPO / folder).rglob("*.py")):
-            rel = path.relative_to(REPO)
-            if "tests" in rel.parts or rel == Path("fisher_optax/export.py"):
-                continue
+    library = sorted((REPO / "fisher_optax").rglob("*.py"))
+    trainer = [REPO / "experiments" / f for f in ("main_job.py", "models.py", "datasets.py")]
+    for path in [*library, *trainer]:
+        rel = path.relative_to(REPO)
+        if rel != Path("fisher_optax/export.py"):
             h.update(str(rel).encode() + b"\0" + path.read_bytes())
     h.update(json.dumps([jax.__version__, jaxlib.__version__, optax.__version__]).encode())
     h.update(np.__version__.encode())
@@ -93,6 +95,7 @@ def trained_levels(name: str, quick: bool, data, cache_dir: Path) -> list[dict]:
         meta.append({k: lvl[k] for k in ("level", "sparsity", "accuracy")})
     meta[0]["dense_accuracy"] = dense[3]["accuracy"]
     cache.put(f"{name}-{METHOD}", key, trees, {"levels": meta})
+    levels[0]["dense_accuracy"] = dense[3]["accuracy"]
     return levels
 
 
@@ -109,10 +112,17 @@ def position_bytes(q, report) -> tuple[int, int, list[str]]:
             relative += leaf.positions.bytes  # every weight kept: the same byte in both
             modes.append("all")
             continue
-        kept = np.flatnonzero(np.asarray(q.bits[i]).reshape(-1))
-        relative += len(export._relative_record(kept, leaf.weights)[0])
-        axis = "" if leaf.position_axis is None else f" (counts on axis {leaf.position_axis})"
-        modes.append(f"{leaf.path}: {leaf.position_coding}{axis}")
+        mask = np.asarray(q.bits[i]) != 0
+        relative += len(export._relative_record(np.flatnonzero(mask), leaf.weights)[0])
+        axis = "" if leaf.position_axis is None else f", counts along axis {leaf.position_axis}"
+        dead = [
+            int(np.sum(~mask.any(axis=tuple(b for b in range(mask.ndim) if b != a))))
+            for a in range(mask.ndim)
+        ]
+        shape = "x".join(map(str, leaf.shape))
+        modes.append(
+            f"{leaf.path} {shape}: {leaf.position_coding}{axis}; dead slices per axis {dead}"
+        )
     return relative, written, modes
 
 
@@ -128,7 +138,8 @@ def main() -> None:
     for name in args.models.split(","):
         t0 = time.perf_counter()
         levels = trained_levels(name, args.quick, data, Path(args.cache_dir))
-        print(f"{name}: levels ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        dense = levels[0]["dense_accuracy"]
+        print(f"{name}: dense {dense:.2f}%, levels in {time.perf_counter() - t0:.0f} s", flush=True)
         for lvl in levels:
             q = main_job.quantized(METHOD, setting, lvl)
             report = fisher_optax.compression_report(q)
@@ -151,7 +162,7 @@ def main() -> None:
     print("\n".join(rows))
     print("\nCoding per leaf:")
     for (name, level), leaves in modes.items():
-        print(f"- {name} at {level:.0%}: " + "; ".join(leaves))
+        print(f"- {name} at {level:.0%}: " + " | ".join(leaves))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ numeral systems (ANS, the ``constriction`` library), so a stream costs its order
 entropy plus a few bytes. The positions of the kept weights are coded per leaf in whichever
 of two ways is shorter: relative indices (Han et al. 2016), or the mask itself, with the
 slices that keep nothing (dead units) flagged once per axis and a count of kept weights per
-slice along one axis. Leaves that :func:`~fisher_optax.quantize` keeps raw (biases, norm statistics, step counters, PRNG
-keys) are stored exactly, with their dtype.
+slice along one axis. Leaves that :func:`~fisher_optax.quantize` keeps raw (biases, norm
+statistics, step counters, PRNG keys) are stored exactly, with their dtype.
 
 A file is a 24-byte header (magic, version, flags, leaf count, payload size, CRC-32 of the
 payload) and a payload of one record per leaf: its path, kind, dtype and shape, then
@@ -340,6 +340,9 @@ _RELATIVE, _ALL_KEPT, _MASK = 0, 1, 2
 # The longest slice whose kept weights the mask coding counts: its decoder takes one step
 # per position within a slice (all slices at once), so this bounds its Python loop.
 _MAX_SLICE = 1 << 14
+# The mask coding is written only where it is at least 1% shorter than relative indices:
+# its decoder is the slower of the two (a Python step per position within a slice).
+_MASK_GAIN = 0.99
 _BERNOULLI = _MODEL.Bernoulli(perfect=False)
 _UNIFORM = _MODEL.Uniform()
 
@@ -395,11 +398,14 @@ def _slice_bits(live: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return bits.reshape(-1).astype(np.int32), p.reshape(-1)
 
 
-def _mask_record(mask: np.ndarray) -> tuple[bytes, float, int | None, int]:
+def _mask_record(
+    mask: np.ndarray, limit: float = math.inf
+) -> tuple[bytes, float, int | None, int] | None:
     """The mask position record (mode 2): the slices without a kept weight along each
     axis (dead units, unused features) flagged once, then the rest of the mask, with a
     count per slice along the axis where that is shortest. Returns the record, its
-    information content in bits, the count axis and the number of coded symbols."""
+    information content in bits, the count axis and the number of coded symbols; or
+    ``None``, before any coding, when the information content exceeds ``limit`` bytes."""
     kept = int(np.count_nonzero(mask))
     dead = [
         ~np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a)) for a in range(mask.ndim)
@@ -409,6 +415,8 @@ def _mask_record(mask: np.ndarray) -> tuple[bytes, float, int | None, int]:
     costs = {a: _mask_cost(live, a) for a in (None, *axes)}
     axis = min(costs, key=costs.get)
     info = costs[axis] + sum(_flag_bits(int(d.sum()), d.size) for d in dead)
+    if info / 8 > limit:
+        return None
     coder = _ANS.AnsCoder()
     symbols = 0
     # The stack codes last what is decoded first: the elements, the counts, the flags.
@@ -659,8 +667,10 @@ def _encode_leaf(q: QuantizedParams, i: int, path, version: int) -> tuple[bytes,
         kept = np.flatnonzero(bits)
         kb, kc = bits[kept], codes[kept]
         relative, s = _relative_record(kept, n)
-        mask, info, mask_axis, symbols = _mask_record(bits.reshape(shape) != 0)
-        if len(mask) < len(relative):
+        limit = _MASK_GAIN * len(relative)
+        coded = _mask_record(bits.reshape(shape) != 0, limit)
+        if coded is not None and len(coded[0]) < limit:
+            mask, info, mask_axis, symbols = coded
             rec += mask
             coding, position_axis = "mask", mask_axis
             positions = StreamReport(symbols, len(mask), 0, info / 8)

@@ -825,8 +825,10 @@ def test_the_file_picks_the_shorter_position_record_and_roundtrips(tmp_path, sha
     leaf = compression_report(q).leaves[0]
     relative, _ = _relative_record(np.flatnonzero(mask), mask.size)
     record, _, axis, _ = _mask_record(mask)
-    assert leaf.positions.bytes == min(len(relative), len(record))
-    assert leaf.position_coding == ("mask" if len(record) < len(relative) else "relative")
+    # The mask coding where it is at least 1% shorter (its decoder is the slower one).
+    use_mask = len(record) < 0.99 * len(relative)
+    assert leaf.positions.bytes == (len(record) if use_mask else len(relative))
+    assert leaf.position_coding == ("mask" if use_mask else "relative")
     if len(shape) > 1:  # dead units and a density that varies by unit: the mask coding wins
         assert leaf.position_coding == "mask" and leaf.position_axis == axis
     f = tmp_path / "m.fq"
