@@ -6,6 +6,7 @@ the docs section is a function of numbers that a rerun reproduces.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,75 @@ def best_within(seed_run: dict, method: str) -> dict | None:
     floor = seed_run["dense"]["accuracy"] - WITHIN
     ok = [p for p in seed_run["methods"][method]["quantized"] if p["accuracy"] >= floor]
     return max(ok, key=lambda p: p["ratio"]) if ok else None
+
+
+def frontier(points: list[dict]) -> list[tuple]:
+    """The accuracy-vs-file-size frontier of one seed and method: the measured ``(bytes,
+    accuracy)`` files that no smaller (or equal) file matches in accuracy; ascending in
+    both."""
+    out: list[tuple] = []
+    for size, acc in sorted((p["bytes"], p["accuracy"]) for p in points):
+        if out and acc <= out[-1][1]:
+            continue
+        if out and size == out[-1][0]:
+            out.pop()
+        out.append((size, acc))
+    return out
+
+
+def size_at(front: list[tuple], accuracy: float) -> tuple[float | None, str]:
+    """The file size where the frontier reaches ``accuracy``, linear in log file size
+    between the two measured points around it: ``(bytes, "crossed")``; or ``(None,
+    "below")`` when no file is that accurate, ``(None, "above")`` when even the smallest
+    file measured is (the crossing lies beyond the grid: never extrapolated)."""
+    if front and front[0][1] >= accuracy:
+        return None, "above"
+    for (b1, a1), (b2, a2) in itertools.pairwise(front):
+        if a1 < accuracy <= a2:
+            t = (accuracy - a1) / (a2 - a1)
+            return float(np.exp(np.log(b1) + t * (np.log(b2) - np.log(b1)))), "crossed"
+    return None, "below"
+
+
+def accuracy_at(front: list[tuple], size: float) -> float | None:
+    """The frontier's accuracy at ``size`` bytes (linear in log size between measured
+    points), ``None`` outside the sizes measured."""
+    for (b1, a1), (b2, a2) in itertools.pairwise(front):
+        if b1 <= size <= b2:
+            t = (np.log(size) - np.log(b1)) / (np.log(b2) - np.log(b1))
+            return float(a1 + t * (a2 - a1))
+    return None
+
+
+def robust(seed_run: dict, method: str) -> dict:
+    """The ratio at exactly ``WITHIN`` points below the seed's dense accuracy, read off the
+    seed's frontier; ``ratio`` is ``None`` when the frontier does not cross there."""
+    dense = seed_run["dense"]
+    n = dense["n_params"]
+    front = frontier(seed_run["methods"][method]["quantized"])
+    size, status = size_at(front, dense["accuracy"] - WITHIN)
+    return {
+        "ratio": None if size is None else 4.0 * n / size,
+        "bytes": size,
+        "status": status,
+        "front": front,
+    }
+
+
+def paired(seeds: list[dict], method: str, other: str) -> dict:
+    """``method`` against ``other`` at equal file size, seed by seed: at the size where
+    ``method``'s frontier is ``WITHIN`` below dense, the accuracy of ``other``'s frontier
+    there (``method`` minus ``other``, points; ``None`` where either is not measured), and
+    the ratio of their ratios at that accuracy."""
+    diffs, ratios = [], []
+    for run in seeds:
+        a, b = robust(run, method), robust(run, other)
+        acc = accuracy_at(b["front"], a["bytes"]) if a["bytes"] is not None else None
+        target = run["dense"]["accuracy"] - WITHIN
+        diffs.append(None if acc is None else target - acc)
+        both = a["ratio"] is not None and b["ratio"] is not None
+        ratios.append(a["ratio"] / b["ratio"] if both else None)
+    return {"accuracy_diffs": diffs, "ratio_ratios": ratios}
 
 
 def _ms(values, fmt="{:.1f}") -> str:
@@ -52,13 +122,71 @@ def summarize(model_rec: dict) -> dict:
             for i, lvl in enumerate(levels)
         }
         out["methods"][m] = {
+            "robust": [{k: v for k, v in robust(r, m).items() if k != "front"} for r in seeds],
             "ratios": [b["ratio"] if b else None for b in best],
             "best": best,
             "n_found": len(found),
             "pruned_accuracy": acc,
             "sparsity": sparsity,
         }
+    if "deep_compression" in methods:
+        out["paired"] = {
+            m: paired(seeds, m, "deep_compression") for m in methods if m != "deep_compression"
+        }
     return out
+
+
+def _seed_value(entry: dict) -> str:
+    if entry["ratio"] is not None:
+        return f"{entry['ratio']:.1f}"
+    return "not reached" if entry["status"] == "below" else "beyond the grid"
+
+
+def robust_table(s: dict) -> list[list[str]]:
+    """Per method: the ratio at exactly ``WITHIN`` points below dense, per seed."""
+    rows = [["method", f"ratio at dense − {WITHIN:g} pt (interpolated)", "per seed"]]
+    for m, v in s["methods"].items():
+        found = [e["ratio"] for e in v["robust"] if e["ratio"] is not None]
+        rows.append(
+            [
+                LABELS.get(m, m),
+                (_ms(found) + "x" if found else "—") + f" ({len(found)}/{len(v['robust'])})",
+                ", ".join(_seed_value(e) for e in v["robust"]),
+            ]
+        )
+    return rows
+
+
+def paired_lines(s: dict) -> list[str]:
+    """Sentences for each method against the recipe at equal file size, seed by seed."""
+    lines = []
+    for m, p in s.get("paired", {}).items():
+        diffs = [d for d in p["accuracy_diffs"] if d is not None]
+        if not diffs:
+            lines.append(
+                f"{LABELS.get(m, m)} against the recipe at equal file size: no seed where "
+                "both frontiers cover the size where it is 1 point below dense."
+            )
+            continue
+        mean = float(np.mean(diffs))
+        spread = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
+        ahead = sum(d > 0 for d in diffs)
+        verdict = (
+            "beyond the seed spread"
+            if len(diffs) > 1 and abs(mean) > spread
+            else "within the seed spread"
+            if len(diffs) > 1
+            else "one seed: no spread"
+        )
+        per_seed = ", ".join("—" if d is None else f"{d:+.2f}" for d in p["accuracy_diffs"])
+        ratio = ", ".join("—" if r is None else f"{r:.2f}" for r in p["ratio_ratios"])
+        lines.append(
+            f"{LABELS.get(m, m)} against the recipe at equal file size (where the first is "
+            f"{WITHIN:g} point below dense): {mean:+.2f} points on average, ahead on {ahead} "
+            f"of {len(diffs)} seed(s) ({per_seed}), {verdict}; ratio of the interpolated "
+            f"ratios per seed: {ratio}."
+        )
+    return lines
 
 
 def ratio_table(s: dict) -> list[list[str]]:
@@ -241,6 +369,9 @@ def render(record: dict, out: Path, *, plots: bool = True) -> dict:
             f"{model_rec['seconds']:.0f} s",
             plain(ratio_table(s)),
             "",
+            plain(robust_table(s)),
+            *["- " + line for line in paired_lines(s)],
+            "",
             plain(level_table(s)),
             *["- " + line for line in lines],
         ]
@@ -249,6 +380,8 @@ def render(record: dict, out: Path, *, plots: bool = True) -> dict:
             "lines": lines,
             "pngs": [str(p) for p in pngs],
             "ratio_table": markdown(ratio_table(s)),
+            "robust_table": markdown(robust_table(s)),
+            "paired_lines": paired_lines(s),
             "level_table": markdown(level_table(s)),
         }
     return {"text": "\n".join(text), "sections": sections}
@@ -284,6 +417,16 @@ def write_docs(page: Path, record: dict, summary: dict) -> None:
             "saved file; accuracy of the model loaded from the file.",
             "",
             sec["ratio_table"],
+            "",
+            f"The same, read off each seed's accuracy-vs-file-size frontier (the measured "
+            "files that no smaller file matches in accuracy) where it is exactly "
+            f"{WITHIN:g} point below dense, linear in log file size between the two "
+            'measured files around it, never extrapolated ("not reached": no file within '
+            'the point; "beyond the grid": even the smallest file is):',
+            "",
+            sec["robust_table"],
+            "",
+            *[f"- {line}" for line in sec["paired_lines"]],
             "",
             "Accuracy after pruning while training (before quantization), mean ± std over seeds:",
             "",
