@@ -340,6 +340,7 @@ _RELATIVE, _ALL_KEPT, _MASK = 0, 1, 2
 # The longest slice whose kept weights the mask coding counts: its decoder takes one step
 # per position within a slice (all slices at once), so this bounds its Python loop.
 _MAX_SLICE = 1 << 14
+_COUNT_LENGTHS = 15  # the bit lengths of slice counts, 1..15 (a count is at most 2^14)
 # The mask coding is written only where it is at least 1% shorter than relative indices:
 # its decoder is the slower of the two (a Python step per position within a slice).
 _MASK_GAIN = 0.99
@@ -374,16 +375,33 @@ def _slice_length(live_shape: tuple[int, ...], axis: int) -> int:
     return math.prod(live_shape) // live_shape[axis]
 
 
-def _mask_cost(live: np.ndarray, axis: int | None) -> float:
+def _bit_lengths(counts: np.ndarray) -> np.ndarray:
+    """``int.bit_length`` of each count (all >= 1), in integers."""
+    return np.searchsorted(1 << np.arange(_COUNT_LENGTHS + 1), counts, side="right")
+
+
+def _count_table(lengths: np.ndarray) -> np.ndarray:
+    return _table(np.bincount(lengths - 1, minlength=_COUNT_LENGTHS))
+
+
+def _mask_cost(live: np.ndarray, axis: int | None) -> tuple[float, bool]:
     """Bits of the live sub-mask's counts and elements: one probability when ``axis`` is
-    None, else a count per slice along ``axis`` and each slice's bits given its count."""
+    None, else a count per slice along ``axis`` and each slice's bits given its count;
+    and whether the counts are cheaper by bit length than uniform in ``1..m``."""
     kept = int(np.count_nonzero(live))
     if axis is None:
-        return _flag_bits(kept, live.size)
+        return _flag_bits(kept, live.size), False
     m = _slice_length(live.shape, axis)
     others = tuple(b for b in range(live.ndim) if b != axis)
     counts = np.count_nonzero(live, axis=others)
-    return live.shape[axis] * math.log2(m) + _log2_binomial(m, counts)
+    uniform = counts.size * math.log2(m)
+    lengths = _bit_lengths(counts)
+    by_length = (
+        8 * len(_table_bytes(_count_table(lengths)))
+        + _entropy_bits(np.bincount(lengths))
+        + float(np.sum(lengths - 1))
+    )
+    return min(uniform, by_length) + _log2_binomial(m, counts), by_length < uniform
 
 
 def _slice_bits(live: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -413,12 +431,14 @@ def _mask_record(
     live = mask[np.ix_(*(~d for d in dead))] if mask.ndim else mask
     axes = [a for a in range(live.ndim) if live.size and _slice_length(live.shape, a) <= _MAX_SLICE]
     costs = {a: _mask_cost(live, a) for a in (None, *axes)}
-    axis = min(costs, key=costs.get)
-    info = costs[axis] + sum(_flag_bits(int(d.sum()), d.size) for d in dead)
+    axis = min(costs, key=lambda a: costs[a][0])
+    bits_cost, by_length = costs[axis]
+    info = bits_cost + sum(_flag_bits(int(d.sum()), d.size) for d in dead)
     if info / 8 > limit:
         return None
     coder = _ANS.AnsCoder()
     symbols = 0
+    table = b""
     # The stack codes last what is decoded first: the elements, the counts, the flags.
     if axis is None:
         if 0 < kept < live.size:
@@ -429,10 +449,22 @@ def _mask_record(
         bits, p = _slice_bits(live, axis)
         coder.encode_reverse(bits, _BERNOULLI, p)
         m = _slice_length(live.shape, axis)
-        if m > 1:
-            others = tuple(b for b in range(live.ndim) if b != axis)
-            counts = np.count_nonzero(live, axis=others).astype(np.int32) - 1
-            coder.encode_reverse(counts, _UNIFORM, np.full(counts.size, m, np.int32))
+        others = tuple(b for b in range(live.ndim) if b != axis)
+        counts = np.count_nonzero(live, axis=others).astype(np.int64)
+        if by_length:  # each count's bit length (order-0), then its bits below the top one
+            lengths = _bit_lengths(counts)
+            freq = _count_table(lengths)
+            table = _table_bytes(freq)
+            low = lengths > 1
+            sizes = (1 << (lengths[low] - 1)).astype(np.int32)
+            coder.encode_reverse((counts[low] - sizes).astype(np.int32), _UNIFORM, sizes)
+            if np.count_nonzero(freq) > 1:
+                coder.encode_reverse((lengths - 1).astype(np.int32), _model(freq))
+            symbols += counts.size + int(low.sum())
+        elif m > 1:
+            coder.encode_reverse(
+                (counts - 1).astype(np.int32), _UNIFORM, np.full(counts.size, m, np.int32)
+            )
             symbols += counts.size
         symbols += bits.size
     for d in reversed(dead):
@@ -441,7 +473,8 @@ def _mask_record(
             coder.encode_reverse(d.astype(np.int32), _BERNOULLI, p)
             symbols += d.size
     words = coder.get_compressed()
-    head = _varints([kept, 0 if axis is None else axis + 1, *(int(d.sum()) for d in dead)])
+    code = 0 if axis is None else 2 * axis + 1 + by_length
+    head = _varints([kept, code, *(int(d.sum()) for d in dead)]) + table
     data = struct.pack("<B", _MASK) + head + _varints([words.size]) + words.astype("<u4").tobytes()
     return data, info, axis, symbols
 
@@ -1005,16 +1038,22 @@ def _decode_mask(rd: _Reader, shape: tuple[int, ...], index: int) -> np.ndarray:
     what = f"the position mask of leaf {index}"
     n = math.prod(shape)
     kept, code, *dead = (int(v) for v in rd.varints(2 + len(shape), what))
-    (words,) = rd.varints(1, f"the word count of {what}")
-    raw = rd.take(4 * int(words), what)
-    if n == 0 or code > len(shape) or any(d > s for d, s in zip(dead, shape, strict=True)):
+    if n == 0 or code > 2 * len(shape) or any(d > s for d, s in zip(dead, shape, strict=True)):
         raise ValueError(
             f"load_compressed: leaf {index} of shape {shape}: its position mask declares "
-            f"count axis {code - 1} and dead slices {dead}: corrupted."
+            f"count code {code} (at most {2 * len(shape)}) and dead slices {dead}: corrupted."
         )
+    axis = (code - 1) // 2 if code else None
+    by_length = code > 0 and code % 2 == 0
+    freq = None
+    if by_length:
+        freq = rd.table(_COUNT_LENGTHS, f"the count table of {what}")
+        if not np.any(freq) or freq.sum() > _TABLE_TOTAL:
+            raise ValueError(f"load_compressed: the count table of {what} is invalid: corrupted.")
+    (words,) = rd.varints(1, f"the word count of {what}")
+    raw = rd.take(4 * int(words), what)
     live_shape = tuple(s - d for s, d in zip(shape, dead, strict=True))
     size = math.prod(live_shape)
-    axis = code - 1 if code else None
     m = _slice_length(live_shape, axis) if axis is not None and size else 0
     if m > _MAX_SLICE:
         raise ValueError(
@@ -1045,7 +1084,22 @@ def _decode_mask(rd: _Reader, shape: tuple[int, ...], index: int) -> np.ndarray:
         elif size:
             slices = live_shape[axis]
             left = np.ones(slices, np.int64)
-            if m > 1:
+            if freq is not None:
+                used = np.flatnonzero(freq)
+                lengths = np.full(slices, used[0] + 1, np.int64)
+                if used.size > 1:
+                    lengths = coder.decode(_model(freq), slices).astype(np.int64) + 1
+                left = 1 << (lengths - 1)
+                low = lengths > 1
+                if np.any(low):
+                    sizes = (1 << (lengths[low] - 1)).astype(np.int32)
+                    left[low] += coder.decode(_UNIFORM, sizes)
+                if np.any(left > m):
+                    raise ValueError(
+                        f"load_compressed: {what} has a slice count above the slice length "
+                        f"{m}: corrupted."
+                    )
+            elif m > 1:
                 left += coder.decode(_UNIFORM, np.full(slices, m, np.int32))
             if int(left.sum()) != kept:
                 raise ValueError(f"load_compressed: {what} has wrong slice counts: corrupted.")

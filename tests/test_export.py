@@ -2,6 +2,7 @@
 sizes against the order-0 entropy, raw leaves of every dtype, NNX and Linen trees, and
 refusal of truncated, corrupted or hostile files with bounded memory."""
 
+import collections
 import math
 import os
 import struct
@@ -39,6 +40,7 @@ from fisher_optax.export import (
     _relative_entries,
     _relative_record,
     _table,
+    _table_bytes,
     _varints,
 )
 
@@ -794,16 +796,31 @@ def _reference_mask_bits(mask: np.ndarray, axis) -> float:
         return total + flags(int(live.sum()), live.size)
     slices = np.moveaxis(live, axis, 0).reshape(live.shape[axis], -1)
     m = slices.shape[1]
-    for row in slices:
-        total += math.log2(m) + math.log2(math.comb(m, int(row.sum())))
-    return total
+    counts = [int(row.sum()) for row in slices]
+    total += sum(math.log2(math.comb(m, k)) for k in counts)
+    # The counts: uniform in 1..m, or by bit length (the file's table of bit lengths,
+    # their order-0 entropy, then the bits below each leading one): the cheaper.
+    lengths = collections.Counter(k.bit_length() for k in counts)
+    table = np.zeros(15, np.int64)
+    for b, c in lengths.items():
+        table[b - 1] = c
+    by_length = 8 * len(_table_bytes(table)) + sum((b - 1) * c for b, c in lengths.items())
+    by_length -= sum(c * math.log2(c / len(counts)) for c in lengths.values())
+    return total + min(len(counts) * math.log2(m), by_length)
 
 
-def test_mask_coding_costs_its_exact_binomials_and_flags():
+@pytest.mark.parametrize(
+    ("shape", "density", "code"),
+    [((120, 80), 0.08, 3), ((400, 200), 0.03, 4)],
+    ids=["uniform-counts", "counts-by-bit-length"],
+)
+def test_mask_coding_costs_its_exact_binomials_and_flags(shape, density, code):
     rng = np.random.default_rng(3)
-    mask = _structured_mask(rng, (120, 80), 0.08, 0.3)  # dead rows and columns
+    mask = _structured_mask(rng, shape, density, 0.3)  # dead rows and columns
     record, info, axis, _ = _mask_record(mask)
-    assert axis is not None  # the density varies along the last axis: counts pay
+    # The density varies along the last axis: counts along it pay; code 2a+1 counts
+    # uniformly, 2a+2 by bit length.
+    assert axis == 1 and _Reader(record[1:]).varints(2, "head")[1] == code
     assert info == pytest.approx(_reference_mask_bits(mask, axis), rel=1e-9)
     # Every other count axis and the single probability cost at least as much.
     for other in (None, 0, 1):
@@ -851,10 +868,12 @@ def test_all_pruned_and_none_pruned_leaves(tmp_path, keep):
     _assert_same_q(q, load_compressed(f))
 
 
-def _mask_file(tmp_path, shape, fields, words=(), version=4, pad=0, word_count=None):
-    """A one-leaf file whose position record is mode 2 with these varint fields and words."""
+def _mask_file(tmp_path, shape, fields, words=(), version=4, pad=0, word_count=None, table=b""):
+    """A one-leaf file whose position record is mode 2 with these varint fields, count
+    table and words."""
     count = len(words) if word_count is None else word_count
-    record = b"\2" + _varints([*fields, count]) + np.asarray(words, "<u4").tobytes()
+    record = b"\2" + _varints(fields) + table + _varints([count])
+    record += np.asarray(words, "<u4").tobytes()
     head = _leaf_head(shape, axis_byte=b"\0" if version >= 3 else b"")
     payload = head + record + struct.pack("<I", pad) + bytes(pad)
     f = tmp_path / "mask.fq"
@@ -875,7 +894,7 @@ def test_corrupted_mask_records_are_refused_by_name(tmp_path):
     uni = constriction.stream.model.Uniform()
     cases = [
         # fields: kept, count axis + 1, dead slices per axis
-        ((4, 3), [1, 5, 0, 0], (), r"declares count axis 4 and dead slices \[0, 0\]"),
+        ((4, 3), [1, 5, 0, 0], (), r"declares count code 5 \(at most 4\) and dead slices \[0, 0\]"),
         ((4, 3), [1, 0, 9, 0], (), r"dead slices \[9, 0\]"),
         ((4, 3), [20, 0, 0, 0], (), r"20 kept weights in a live block of shape \(4, 3\)"),
         # two of four rows flagged dead, but the flags decode to one
@@ -899,6 +918,16 @@ def test_corrupted_mask_records_are_refused_by_name(tmp_path):
     for shape, fields, words, match in cases:
         with pytest.raises(ValueError, match=match):
             load_compressed(_mask_file(tmp_path, shape, fields, words))
+    # Counts by bit length (code 2: along axis 0): an empty table; a count of 4 or more
+    # (bit length 3) in slices of 3.
+    empty = _table_bytes(np.zeros(15, np.int64))
+    with pytest.raises(ValueError, match="count table of the position mask of leaf 0 is inval"):
+        load_compressed(_mask_file(tmp_path, (2, 3), [4, 2, 0, 0], table=empty))
+    lengths_3 = _table_bytes(np.eye(15, dtype=np.int64)[2] * 2)
+    words = _words(([0, 0], uni, np.array([4, 4], np.int32)))
+    f = _mask_file(tmp_path, (2, 3), [4, 2, 0, 0], words, table=lengths_3)
+    with pytest.raises(ValueError, match="slice count above the slice length 3"):
+        load_compressed(f)
     # Slices longer than the format allows: the decoder would loop over each position.
     long = _mask_file(tmp_path, (2, _MAX_SLICE + 1), [2, 1, 0, 0], pad=64)
     with pytest.raises(ValueError, match=f"slices of {_MAX_SLICE + 1} weights along axis 0"):
@@ -912,8 +941,11 @@ def test_corrupted_mask_records_are_refused_by_name(tmp_path):
 
 
 def test_random_mask_words_decode_to_an_error_not_a_crash(tmp_path):
+    lengths = _table_bytes(np.array([3, 3, 1] + [0] * 12))
     for seed in range(8):
         words = np.random.default_rng(seed).integers(1, 2**32, 3, dtype=np.uint64)
-        f = _mask_file(tmp_path, (8, 8), [10, 2, 1, 0], words.astype(np.uint32))
-        with pytest.raises(ValueError, match="corrupted"):
-            load_compressed(f)
+        # counts along axis 1, uniform (code 3) and by bit length (code 4)
+        for code, table in ((3, b""), (4, lengths)):
+            f = _mask_file(tmp_path, (8, 8), [10, code, 1, 0], words.astype(np.uint32), table=table)
+            with pytest.raises(ValueError, match="corrupted"):
+                load_compressed(f)
