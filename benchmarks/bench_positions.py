@@ -110,7 +110,7 @@ def position_bytes(q, report) -> tuple[int, int, list[str]]:
         written += leaf.positions.bytes
         if leaf.kept == leaf.weights:
             relative += leaf.positions.bytes  # every weight kept: the same byte in both
-            modes.append("all")
+            modes.append(f"{leaf.path}: every weight kept")
             continue
         mask = np.asarray(q.bits[i]) != 0
         relative += len(export._relative_record(np.flatnonzero(mask), leaf.weights)[0])
