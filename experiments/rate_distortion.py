@@ -61,7 +61,7 @@ class Config:
     batch_size: int = 128
     lr: float = 1e-3
     prune_lr: float = 5e-4
-    average_bits: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0)
+    average_bits: tuple[float, ...] = (2.5, 3.0, 4.0, 5.0)
     uniform_bits: tuple[int, ...] = (3, 4, 5, 6)
     smaller: tuple[float, ...] = (0.6, 0.8)  # ECSQ also at these fractions of the smallest
 
@@ -281,9 +281,8 @@ def split_rows(record: dict) -> list[list[str]]:
         p = min((p for p in run["points"] if p["method"] == method), key=lambda p: p["bytes"])
         s = p["split"]
         entries = ", ".join(str(v["entries"]) for v in p["layers"].values())
-        rows.append(
-            [method, f"{p['bytes']:,}", *(f"{s[k]:,}" for k in ("positions", "codes", "codebooks", "raw")), entries]
-        )  # fmt: skip
+        parts = (f"{s[k]:,}" for k in ("positions", "codes", "codebooks", "raw"))
+        rows.append([method, f"{p['bytes']:,}", *parts, entries])
     return rows
 
 

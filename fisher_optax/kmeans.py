@@ -15,7 +15,9 @@ reaches the optimum on pruned, bimodal weights.
 
 :func:`kmeans_rows_host`, at the end, is the same clustering on the host (NumPy, no
 compile), on every row of a 2-D array at once: what ``quantize`` runs, one row per group
-of weights or per output channel.
+of weights or per output channel. After it, the entropy-constrained variant that
+``quantize(method="ecsq")`` runs: the number of clusters is free and each one's code
+length is priced (a dynamic program over the sorted values, then ECSQ Lloyd steps).
 """
 
 from typing import Literal, NamedTuple

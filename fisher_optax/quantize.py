@@ -5,7 +5,9 @@ few bits, and weights with more Fisher information get more bits. :func:`allocat
 clusters the survivors' log-Fisher into groups and hands out bit widths by group;
 :func:`quantize` replaces the weights of each ``b``-bit group of a leaf by the ``2^b``
 entries of a codebook (k-means weight sharing, Fisher-weighted as in Choi et al. 2017,
-or an evenly spaced grid); :func:`dequantize` turns the codes back into float params.
+an evenly spaced grid, or entropy-constrained: least distortion for the bits the file's
+coder spends, :func:`quantize_to_target` at a file size); :func:`dequantize` turns the
+codes back into float params.
 
 Pruned weights (mask ``False`` or 0 bits) are not part of any group: they hold no code
 and no codebook entry and come back as exact zeros.
@@ -68,7 +70,8 @@ class QuantizedParams:
       index into the codebook of the weight's width; 0 where pruned. ``codebooks[i]`` is
       a dict ``{b: book}`` keyed by width (ascending), one 1-D float ``book`` per width
       present among the kept weights, ascending, with ``min(2^b, m)`` entries for ``m``
-      distinct kept values of that width; every code of width ``b`` is ``< len(book)``.
+      distinct kept values of that width (at most that many with ``method="ecsq"``, which
+      chooses how many); every code of width ``b`` is ``< len(book)``.
       ``raw[i]`` is ``None``.
     * **raw** (not quantized: by default biases, norm scales and every non-float leaf
       such as step counters): ``raw[i]`` is the leaf exactly as given (any dtype);
