@@ -1009,8 +1009,8 @@ def _coarse_groups(u, mass, m, groups):
 def _xlogn(n, total):
     """``n log2(total / n)``, 0 where ``n`` is 0."""
     n = np.asarray(n, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(n > 0, n * np.log2(np.where(n > 0, total / n, 1.0)), 0.0)
+    tiny = np.finfo(np.float64).tiny  # n = 0 gives 0 * finite, with no warning to silence
+    return n * (np.log2(np.maximum(total, tiny)) - np.log2(np.maximum(n, tiny)))
 
 
 def _ecsq_dp_rows(u, wu, nu, m, lam, total, pruned, zero, entry_bits, max_codes):

@@ -887,12 +887,14 @@ def quantize_to_target(
     :func:`~fisher_optax.compression_report`, the file's exact size). With
     ``distortion=D``: the smallest file whose distortion
     :math:`\sum_i F_i (w_i - \hat w_i)^2` over the quantizable weights that ``mask``
-    keeps (``F = 1`` without ``fisher``) is at most ``D``. ``lam`` is bisected on a log
+    keeps (``F = 1`` without ``fisher``) is at most ``D``. ``lam`` is searched on a log
     scale over 48 octaves around the mean :math:`F w^2` of the coded weights, and the
     search stops once the size is within ``rtol`` below the target (or the distortion
-    within ``rtol`` below it), or when ``lam`` is known to 0.001 octave (about 16
-    quantizations). Size and distortion move with ``lam`` in opposite directions in
-    steps (an entry more or less): the target is met, not always hit.
+    within ``rtol`` below it), or when ``lam`` is known to 0.001 octave: bisection,
+    then regula falsi on ``log2(lam)``, one quantization per step. Size and distortion
+    move with
+    ``lam`` in opposite directions in steps (an entry more or less): the target is met,
+    not always hit.
 
     Args:
       params: a pytree of arrays, as in :func:`quantize`.
@@ -951,7 +953,7 @@ def quantize_to_target(
             axis=axis, lam=lam, prune_zero=prune_zero,
         )  # fmt: skip
 
-    q = run(1.0)  # checks every argument before the search
+    _check_ecsq("ecsq", bits, 1.0, prune_zero)
     treedef, _, leaves, flags = _leaves_and_flags(params, quantizable)
     kept = _kept_masks(params, mask, leaves, flags)
     fish = _check_values(params, fisher, treedef, leaves, flags, kept)
@@ -972,25 +974,46 @@ def quantize_to_target(
         xs = [np.asarray(o, np.float64)[kept[i]] for i, o in enumerate(out) if flags[i]]
         return float(np.sum(f * np.square(x - np.concatenate([np.zeros(0), *xs]))))
 
-    # Size falls and distortion rises with lam: find the lam at the target by bisection
-    # of log2(lam), keeping the best result on the right side of the target.
-    lo, hi = np.log2(scale) - 40.0, np.log2(scale) + 8.0
+    # Size falls and distortion rises with lam. In mu = log2(lam), g(mu) = log(value /
+    # target) for a size and its negative for a distortion falls through 0 at the target:
+    # bisection down to a bracket of 4 octaves (g is flat far from the target), then regula
+    # falsi with the Illinois rule, every fourth step a bisection (size and distortion
+    # move in steps, and a plateau must not stall the bracket).
+    sign = 1.0 if distortion is None else -1.0
     best = None
-    while hi - lo > _LAM_OCTAVES:
-        mid = (lo + hi) / 2
-        lam = float(2.0**mid)
+
+    def evaluate(mu):
+        nonlocal best
+        lam = float(2.0**mu)
         q = run(lam)
         value = measure(q)
-        if value <= target:
-            # Within the target: the size may grow (lam down), the distortion may too (up).
+        if value <= target:  # met: keep the largest file (size) or the largest lam
             key = value if distortion is None else lam
             if best is None or key > best[0]:
-                best = (key, q, lam)
-            if value >= (1 - rtol) * target:
+                best = (key, q, lam, value)
+        return lam, value, sign * float(np.log(max(value, 1e-300) / target))
+
+    def done():
+        return best is not None and best[3] >= (1 - rtol) * target
+
+    lo, hi = np.log2(scale) - 40.0, np.log2(scale) + 8.0
+    lam, value, g_lo = evaluate(lo)
+    if g_lo > 0 and not done():
+        lam, value, g_hi = evaluate(hi)
+        side, step = 0, 0
+        while g_hi < 0 and hi - lo > _LAM_OCTAVES and not done():
+            step += 1
+            secant = hi - lo < 4 and step % 4 != 0
+            mu = hi - g_hi * (hi - lo) / (g_hi - g_lo) if secant else (lo + hi) / 2
+            lam, value, g = evaluate(mu)
+            if g > 0:
+                lo, g_lo = mu, g
+                g_hi, side = (g_hi / 2 if side > 0 else g_hi), 1
+            elif g < 0:
+                hi, g_hi = mu, g
+                g_lo, side = (g_lo / 2 if side < 0 else g_lo), -1
+            else:
                 break
-            lo, hi = (lo, mid) if distortion is None else (mid, hi)
-        else:
-            lo, hi = (mid, hi) if distortion is None else (lo, mid)
     if best is None:
         raise ValueError(
             f"no lam gives {name} <= {target:g}: at lam={lam:g} it is {value:g}. "
