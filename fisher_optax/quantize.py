@@ -892,9 +892,8 @@ def quantize_to_target(
     search stops once the size is within ``rtol`` below the target (or the distortion
     within ``rtol`` below it), or when ``lam`` is known to 0.001 octave: bisection,
     then regula falsi on ``log2(lam)``, one quantization per step. Size and distortion
-    move with
-    ``lam`` in opposite directions in steps (an entry more or less): the target is met,
-    not always hit.
+    move with ``lam`` in opposite directions in steps (an entry more or less): the
+    target is met, not always hit.
 
     Args:
       params: a pytree of arrays, as in :func:`quantize`.
