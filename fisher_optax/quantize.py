@@ -712,14 +712,14 @@ def quantize(
     With equal Fisher (or none) the optimum is contiguous and, on at most 512 distinct
     values, the result is the exact optimum; with unequal Fisher the optimum may
     interleave cells, and the result lies between it and the best contiguous partition
-    (measured within 1% on small random inputs against a brute-force search, see
-    ``tests/test_kmeans.py``). With ``axis``, the slices' codes share one stream in the
-    file, so the Lloyd iterations price an entry's rank in its slice by its count over
-    all slices. With ``prune_zero=True`` one cell may sit at exactly 0 with no entry:
-    its weights are pruned (bits 0), and they and the weights already pruned cost the
-    code of the zero symbol, ``n_0 \log_2 (N / n_0)`` with ``N`` counting every weight
-    of the leaf (the file codes which weights are zero in its position stream): pruning
-    and quantization become one rate-distortion choice.
+    (within 2% of it on small random inputs, which ``tests/test_kmeans.py`` checks
+    against a brute-force search over every assignment). With ``axis``, the slices' codes
+    share one stream in the file, so the Lloyd iterations price an entry's rank in its
+    slice by its count over all slices. With ``prune_zero=True`` one cell may sit at
+    exactly 0 with no entry: its weights are pruned (bits 0), and they and the weights
+    already pruned cost the code of the zero symbol, ``n_0 \log_2 (N / n_0)`` with ``N``
+    counting every weight of the leaf (the file codes which weights are zero in its
+    position stream): pruning and quantization become one rate-distortion choice.
     :func:`quantize_to_target` finds ``lam`` for a file size or a distortion.
 
     Pruned weights (``mask`` False, or 0 in a ``bits`` tree) belong to no group: bits 0,

@@ -492,7 +492,7 @@ def test_ecsq_fisher_weights_lie_between_optimum_and_best_intervals(seed):
     *_, cost = _run_ecsq(x, w, lam, zero, pruned, entry_bits)
     best, best_contiguous = _brute_ecsq(x, w, lam, zero, pruned, entry_bits)
     assert best * (1 - 1e-9) <= cost <= best_contiguous * (1 + 1e-9)
-    assert cost <= best * 1.02  # measured: within 1% on these cases
+    assert cost <= best * 1.02
 
 
 def test_ecsq_keeps_to_max_codes_and_zero_cell():
