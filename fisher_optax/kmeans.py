@@ -989,8 +989,8 @@ def _coarse_groups(u, mass, m, groups):
     rows, width = u.shape
     col = np.arange(width)[None, :]
     real = col < m[:, None]
-    lo_u = u[:, 0]
-    hi_u = u[np.arange(rows), np.maximum(m - 1, 0)]
+    lo_u = np.where(m > 0, u[:, 0], 0.0)  # a row with no value: 0, not inf - inf
+    hi_u = np.where(m > 0, u[np.arange(rows), np.maximum(m - 1, 0)], 0.0)
     total = np.array([mass[r, : m[r]].sum() for r in range(rows)])
     total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
     before = np.cumsum(mass, 1) - mass
@@ -1056,7 +1056,7 @@ def _ecsq_dp_rows(u, wu, nu, m, lam, total, pruned, zero, entry_bits, max_codes)
         for j, r in enumerate(todo):
             s = [int(t) for t in starts[j] if t >= 0][::-1]
             k = [bool(z) for z in kinds[j][: len(s)]][::-1]
-            stops = [*s[1:], int(mg[r])]
+            stops = [*s[1:], int(mg[r])] if s else []
             nonzero = [(t, e) for t, e, z in zip(s, stops, k, strict=True) if not z]
             if len(nonzero) > max_codes:
                 too_many.append(j)
@@ -1175,7 +1175,7 @@ def _ecsq_lloyd(x, w, valid, cent, a, model, max_iters=50):
         counts = np.bincount(rv * k + np.maximum(av, 0), weights=av >= 0, minlength=rows * k)
         counts = counts.reshape(rows, k)
         nz = np.bincount(rv, weights=av < 0, minlength=rows) + pruned
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"):  # unused cells: inf or nan
             if shared:
                 length = np.broadcast_to(np.log2(total.sum() / counts.sum(0)), (rows, k))
                 length_z = np.full(rows, np.log2(total.sum() / max(nz.sum(), 0.0)))

@@ -1034,3 +1034,18 @@ def test_ecsq_errors(monkeypatch):
         ValueError, match=r"quantize\(method='ecsq'\) on arrays that span processes"
     ):
         quantize(params, 8, method="ecsq", lam=1.0)
+
+
+def test_ecsq_fully_pruned_leaf_and_zero_fisher(recwarn):
+    params = {"a": np.ones((6, 5), np.float32), "b": np.arange(9.0, dtype=np.float32).reshape(3, 3)}
+    mask = {"a": np.zeros((6, 5), bool), "b": np.ones((3, 3), bool)}
+    zero = jax.tree.map(np.zeros_like, params)
+    for axis in (None, -1):
+        q = quantize(params, 3, mask=mask, fisher=zero, method="ecsq", lam=0.1, axis=axis)
+        assert q.widths[0] == () and not np.asarray(q.bits[0]).any()
+        # Zero Fisher: no distortion to pay, so all of a slice shares its cheapest entry.
+        out = np.asarray(dequantize(q)["b"])
+        assert np.asarray(q.bits[1]).all() and len(np.unique(out)) <= (1 if axis is None else 3)
+        q = quantize(params, 3, mask=mask, fisher=zero, method="ecsq", lam=0.1, prune_zero=True)
+        assert not np.asarray(q.bits[1]).any()  # pruned: free, and no entry to pay
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
