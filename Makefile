@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-experiments test-examples docs quickstart nnx-example resnet-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion oneshot-obs clean
+.PHONY: demo test test-experiments test-examples docs quickstart nnx-example resnet-example bench lint fashion-mnist reproduce-fashion oneshot oneshot-fashion oneshot-obs rate-distortion clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,12 @@ oneshot-fashion: $(STAMP) fashion-mnist
 # (fisher_optax.obs) against OBD from Adam's nu and magnitude; rewrites docs/results/oneshot-obs.md.
 oneshot-obs: $(STAMP) fashion-mnist
 	$(PY) -m experiments.oneshot_obs --write-docs
+
+# Accuracy against file size, LeNet-300-100 on Fashion-MNIST pruned to 94%: ECSQ (with and
+# without Fisher) against k-means with allocate_bits and uniform quantization with entropy
+# coding; rewrites docs/results/rate-distortion.md.
+rate-distortion: $(STAMP) fashion-mnist
+	$(PY) -m experiments.rate_distortion --write-docs
 
 clean:
 	rm -rf $(VENV) results .pytest_cache docs/_build

@@ -72,6 +72,7 @@ from fisher_optax.quantize import (
     allocate_bits,
     dequantize,
     quantize,
+    quantize_to_target,
 )
 from fisher_optax.references import (
     empirical_fisher,
@@ -144,6 +145,7 @@ __all__ = [
     "polynomial_sparsity",
     "pruned",
     "quantize",
+    "quantize_to_target",
     "requantize",
     "saliency",
     "save_compressed",

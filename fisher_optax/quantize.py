@@ -5,7 +5,9 @@ few bits, and weights with more Fisher information get more bits. :func:`allocat
 clusters the survivors' log-Fisher into groups and hands out bit widths by group;
 :func:`quantize` replaces the weights of each ``b``-bit group of a leaf by the ``2^b``
 entries of a codebook (k-means weight sharing, Fisher-weighted as in Choi et al. 2017,
-or an evenly spaced grid); :func:`dequantize` turns the codes back into float params.
+an evenly spaced grid, or entropy-constrained: least distortion for the bits the file's
+coder spends, :func:`quantize_to_target` at a file size); :func:`dequantize` turns the
+codes back into float params.
 
 Pruned weights (mask ``False`` or 0 bits) are not part of any group: they hold no code
 and no codebook entry and come back as exact zeros.
@@ -30,19 +32,21 @@ from fisher_optax._types import Bits, Fisher, Mask, Params
 from fisher_optax.kmeans import (
     HOST_INITS,
     Init,
+    _ecsq_rows,
     _row_summaries,
     _searchsorted_rows,
     _solve_row_summaries,
     kmeans_rows_host,
 )
 
-__all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize"]
+__all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize", "quantize_to_target"]
 
 MAX_BITS = 16
-CodebookMethod = Literal["kmeans", "uniform"]
+CodebookMethod = Literal["kmeans", "uniform", "ecsq"]
 CODEBOOK_METHODS: dict[str, str] = {
     "kmeans": "weighted k-means codebook per group (Choi et al. 2017; Deep Compression)",
     "uniform": "evenly spaced grid from the group's min to its max (fixed point)",
+    "ecsq": "entropy-constrained: least distortion + lam * code length (Chou et al. 1989)",
 }
 Quantizable = None | Callable[[tuple, Any], bool] | Any
 _SCOPES = ("global", "layer")
@@ -66,7 +70,8 @@ class QuantizedParams:
       index into the codebook of the weight's width; 0 where pruned. ``codebooks[i]`` is
       a dict ``{b: book}`` keyed by width (ascending), one 1-D float ``book`` per width
       present among the kept weights, ascending, with ``min(2^b, m)`` entries for ``m``
-      distinct kept values of that width; every code of width ``b`` is ``< len(book)``.
+      distinct kept values of that width (at most that many with ``method="ecsq"``, which
+      chooses how many); every code of width ``b`` is ``< len(book)``.
       ``raw[i]`` is ``None``.
     * **raw** (not quantized: by default biases, norm scales and every non-float leaf
       such as step counters): ``raw[i]`` is the leaf exactly as given (any dtype);
@@ -657,6 +662,8 @@ def quantize(
     init: Init = "dp",
     quantizable: Quantizable = None,
     axis: Axis = None,
+    lam: float | None = None,
+    prune_zero: bool = False,
 ) -> QuantizedParams:
     r"""Share weights: each ``b``-bit group of a leaf takes at most ``2^b`` codebook values.
 
@@ -683,6 +690,37 @@ def quantize(
     With ``method="uniform"`` the grid is ``2^b`` evenly spaced points from the group's
     minimum to its maximum, each weight rounded to the nearest (affine fixed point); the
     codebook keeps the points some weight uses.
+
+    With ``method="ecsq"`` (entropy-constrained scalar quantization, Chou, Lookabaugh and
+    Gray 1989) the number of entries is not fixed: the codebook and the assignment
+    minimise distortion plus ``lam`` times the bits the codes cost once entropy coded,
+
+    .. math::
+      \sum_i F_i (w_i - c_{a_i})^2
+      + \lambda \Big( \sum_k n_k \log_2 \frac{N}{n_k} + e\,K \Big),
+
+    where ``n_k`` weights hold entry ``k`` of ``K``, ``N`` is the number of coded weights,
+    and ``e`` is what an entry costs in a :func:`~fisher_optax.save_compressed` file (its
+    float, ``8 * itemsize`` bits, and its frequency in the coder's table, taken as 16 bits).
+    ``n_k log2(N / n_k)`` is the order-0 code length the file's coder spends on the
+    codes. ``bits`` must be one int: the cap ``2^b`` on the entries. The one ``lam``
+    is shared by all leaves, which is the rate-distortion optimal allocation of bits
+    between them: a leaf (or a slice) with more Fisher gets more, finer entries. Solved
+    by an exact dynamic program over the sorted values of a leaf (or slice) into
+    contiguous cells (on at most 512 contiguous groups of its distinct values when it has
+    more), then ECSQ Lloyd iterations per weight, which never increase the objective.
+    With equal Fisher (or none) the optimum is contiguous and, on at most 512 distinct
+    values, the result is the exact optimum; with unequal Fisher the optimum may
+    interleave cells, and the result lies between it and the best contiguous partition
+    (within 2% of it on small random inputs, which ``tests/test_kmeans.py`` checks
+    against a brute-force search over every assignment). With ``axis``, the slices' codes
+    share one stream in the file, so the Lloyd iterations price an entry's rank in its
+    slice by its count over all slices. With ``prune_zero=True`` one cell may sit at
+    exactly 0 with no entry: its weights are pruned (bits 0), and they and the weights
+    already pruned cost the code of the zero symbol, ``n_0 \log_2 (N / n_0)`` with ``N``
+    counting every weight of the leaf (the file codes which weights are zero in its
+    position stream): pruning and quantization become one rate-distortion choice.
+    :func:`quantize_to_target` finds ``lam`` for a file size or a distortion.
 
     Pruned weights (``mask`` False, or 0 in a ``bits`` tree) belong to no group: bits 0,
     code 0, no codebook entry, dequantized to exact 0. Leaves that are not quantizable
@@ -734,6 +772,10 @@ def quantize(
         width and slice along that axis, for every quantized leaf (negative counts from
         the end). A mapping ``{path string or predicate(path, leaf): int or None}``: per
         leaf; quantized leaves that no key matches get ``None``.
+      lam: ``method="ecsq"`` only, and required there: ``lam > 0``, the distortion (in
+        units of ``F w^2``) one bit of file is worth.
+      prune_zero: ``method="ecsq"`` only: whether a weight may be quantized to exactly 0,
+        that is pruned.
 
     Returns:
       A :class:`QuantizedParams`.
@@ -742,9 +784,12 @@ def quantize(
       ValueError: on bits outside ``1..16`` (0 only inside a bits tree), an unknown
         ``method`` or ``init``, a tree that does not match ``params``, a non-finite kept
         weight, a negative or non-finite Fisher on a kept weight, or an ``axis`` out of
-        range for a leaf (or naming a path that is missing or stored raw).
+        range for a leaf (or naming a path that is missing or stored raw); with
+        ``method="ecsq"``: ``lam`` missing or not positive, a bits tree, or arrays that
+        span processes; ``lam`` or ``prune_zero`` with another method.
       TypeError: on traced or non-integer bits (a bool or a float), traced params, a
-        non-bool mask, or a non-float leaf selected by ``quantizable``.
+        non-bool mask, a non-float leaf selected by ``quantizable``, or a ``lam`` that is
+        not a real number.
 
     Examples:
       >>> import jax.numpy as jnp, fisher_optax
@@ -759,6 +804,14 @@ def quantize(
       >>> q.raw[0]  # leaf ['b'] (a bias) is stored as it is
       Array([1., 1.], dtype=float32)
 
+      Entropy-constrained, with zero as a code: the two weights near 0 are pruned, and
+      the price of a bit decides how many entries the others share.
+
+      >>> w = jnp.array([[-1.0, -0.9, 0.01, -0.02, 1.0, 1.1, 1.0, 0.9]])
+      >>> q = fisher_optax.quantize({"w": w}, 4, method="ecsq", lam=0.01, prune_zero=True)
+      >>> fisher_optax.dequantize(q)["w"]
+      Array([[-0.95, -0.95,  0.  ,  0.  ,  1.  ,  1.  ,  1.  ,  1.  ]], dtype=float32)
+
     References:
       Han, Mao, Dally. Deep Compression. ICLR 2016. https://arxiv.org/abs/1510.00149
 
@@ -767,12 +820,24 @@ def quantize(
 
       Kim, Hooper, Gholami, et al. SqueezeLLM: Dense-and-Sparse Quantization. 2023.
       https://arxiv.org/abs/2306.07629
+
+      Chou, Lookabaugh, Gray. Entropy-Constrained Vector Quantization. IEEE Trans.
+      Acoustics, Speech and Signal Processing 37(1), 1989.
     """
     _validate.choice(method, "method", CODEBOOK_METHODS)
     _validate.choice(init, "init", HOST_INITS)
+    lam = _check_ecsq(method, bits, lam, prune_zero)
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     axes = _leaf_axes(axis, params, paths, leaves, flags)
     if any(map(_validate.spans_processes, jax.tree.leaves((params, bits, fisher, mask)))):
+        if method == "ecsq":
+            raise ValueError(
+                "quantize(method='ecsq') on arrays that span processes (jax.distributed) is "
+                "not supported: its code lengths count every weight of a leaf, which the "
+                "processes would have to share. Gather params, fisher and mask first with "
+                "jax.experimental.multihost_utils.process_allgather(tree, tiled=True), or "
+                "use method='kmeans' or 'uniform'."
+            )
         return _quantize_across_processes(
             params, bits, fisher, mask, method, init, treedef, paths, leaves, flags, axes
         )
@@ -791,9 +856,225 @@ def quantize(
     def code_leaf(i):
         x = _concrete(leaves[i], "params", paths[i])
         bmap = np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)
+        if method == "ecsq":
+            return _ecsq_leaf(x, kept[i], weights[i], axes[i], int(bits), lam, prune_zero)
         return bmap, *_quantize_leaf(x, bmap, weights[i], axes[i], method, init)
 
     return _collect(leaves, flags, treedef, axes, code_leaf)
+
+
+_LAM_OCTAVES = 1e-3  # quantize_to_target stops when lam is known to within 0.07%
+
+
+def quantize_to_target(
+    params: Params,
+    bits: int = 8,
+    *,
+    size_bytes: float | None = None,
+    distortion: float | None = None,
+    fisher: Fisher | None = None,
+    mask: Mask | None = None,
+    quantizable: Quantizable = None,
+    axis: Axis = None,
+    prune_zero: bool = False,
+    rtol: float = 0.005,
+) -> tuple[QuantizedParams, float]:
+    r"""Entropy-constrained quantization (``quantize(method="ecsq")``) at a target file size
+    or distortion: finds the price of a bit ``lam`` shared by all leaves.
+
+    With ``size_bytes=S``: the largest :func:`~fisher_optax.save_compressed` file of at
+    most ``S`` bytes that the search meets (measured with
+    :func:`~fisher_optax.compression_report`, the file's exact size). With
+    ``distortion=D``: the smallest file whose distortion
+    :math:`\sum_i F_i (w_i - \hat w_i)^2` over the quantizable weights that ``mask``
+    keeps (``F = 1`` without ``fisher``) is at most ``D``. ``lam`` is searched on a log
+    scale over 48 octaves around the mean :math:`F w^2` of the coded weights, and the
+    search stops once the size is within ``rtol`` below the target (or the distortion
+    within ``rtol`` below it), or when ``lam`` is known to 0.001 octave: bisection,
+    then regula falsi on ``log2(lam)``, one quantization per step. Size and distortion
+    move with ``lam`` in opposite directions in steps (an entry more or less): the
+    target is met, not always hit.
+
+    Args:
+      params: a pytree of arrays, as in :func:`quantize`.
+      bits: the cap ``2^bits`` on a codebook's entries (``1..16``).
+      size_bytes: the target file size in bytes; give it or ``distortion``.
+      distortion: the target Fisher-weighted squared error; give it or ``size_bytes``.
+      fisher: optional Fisher pytree (the weights of the distortion).
+      mask: optional bool pytree; ``False`` = pruned.
+      quantizable: which leaves are quantized, as in :func:`quantize`.
+      axis: per-slice codebooks, as in :func:`quantize`.
+      prune_zero: whether a weight may be quantized to exactly 0 (pruned).
+      rtol: how close below the target the search may stop, ``0 < rtol < 1``.
+
+    Returns:
+      ``(q, lam)``: the :class:`QuantizedParams` and the ``lam`` that gave it.
+
+    Raises:
+      ValueError: unless exactly one of ``size_bytes`` and ``distortion`` is given and
+        positive; if no ``lam`` meets the target (e.g. a size below what the raw leaves
+        and the positions cost); on what :func:`quantize` refuses.
+      TypeError: on what :func:`quantize` refuses.
+
+    Examples:
+      >>> import jax, fisher_optax
+      >>> w = jax.random.normal(jax.random.key(0), (64, 64))
+      >>> q, lam = fisher_optax.quantize_to_target({"w": w}, size_bytes=1500)
+      >>> size = fisher_optax.compression_report(q).total_bytes
+      >>> bool(1400 < size <= 1500)
+      True
+
+    References:
+      Chou, Lookabaugh, Gray. Entropy-Constrained Vector Quantization. IEEE Trans.
+      Acoustics, Speech and Signal Processing 37(1), 1989.
+
+      Choi, El-Khamy, Lee. Towards the Limit of Network Quantization. ICLR 2017.
+      https://arxiv.org/abs/1612.01543
+    """
+    # export reads QuantizedParams from this module: import it when called.
+    from fisher_optax.export import compression_report
+
+    if (size_bytes is None) == (distortion is None):
+        raise ValueError(
+            "quantize_to_target needs exactly one target: size_bytes= (the file size) or "
+            f"distortion= (the Fisher-weighted squared error), got size_bytes={size_bytes!r} "
+            f"and distortion={distortion!r}."
+        )
+    name = "size_bytes" if distortion is None else "distortion"
+    target = _validate.real(
+        size_bytes if distortion is None else distortion, name, low=0.0, low_open=True
+    )
+    rtol = _validate.real(rtol, "rtol", low=0.0, high=1.0, low_open=True, high_open=True)
+
+    def run(lam):
+        return quantize(
+            params, bits, fisher=fisher, mask=mask, method="ecsq", quantizable=quantizable,
+            axis=axis, lam=lam, prune_zero=prune_zero,
+        )  # fmt: skip
+
+    _check_ecsq("ecsq", bits, 1.0, prune_zero)
+    treedef, _, leaves, flags = _leaves_and_flags(params, quantizable)
+    kept = _kept_masks(params, mask, leaves, flags)
+    fish = _check_values(params, fisher, treedef, leaves, flags, kept)
+    coded = [i for i, fl in enumerate(flags) if fl]
+    x = [np.asarray(leaves[i], np.float64)[kept[i]] for i in coded]
+    f = [
+        np.ones(xi.shape) if fish[i] is None else np.asarray(fish[i], np.float64)[kept[i]]
+        for i, xi in zip(coded, x, strict=True)
+    ]
+    x, f = np.concatenate([np.zeros(0), *x]), np.concatenate([np.zeros(0), *f])
+    scale = float(np.mean(f * x * x)) if x.size else 1.0
+    scale = scale if scale > 0 else 1.0
+
+    def measure(q):
+        if distortion is None:
+            return float(compression_report(q).total_bytes)
+        out = jax.tree.leaves(dequantize(q))
+        xs = [np.asarray(o, np.float64)[kept[i]] for i, o in enumerate(out) if flags[i]]
+        return float(np.sum(f * np.square(x - np.concatenate([np.zeros(0), *xs]))))
+
+    # Size falls and distortion rises with lam. In mu = log2(lam), g(mu) = log(value /
+    # target) for a size and its negative for a distortion falls through 0 at the target:
+    # bisection down to a bracket of 4 octaves (g is flat far from the target), then regula
+    # falsi with the Illinois rule, every fourth step a bisection (size and distortion
+    # move in steps, and a plateau must not stall the bracket).
+    sign = 1.0 if distortion is None else -1.0
+    best = None
+
+    def evaluate(mu):
+        nonlocal best
+        lam = float(2.0**mu)
+        q = run(lam)
+        value = measure(q)
+        if value <= target:  # met: keep the largest file (size) or the largest lam
+            key = value if distortion is None else lam
+            if best is None or key > best[0]:
+                best = (key, q, lam, value)
+        return lam, value, sign * float(np.log(max(value, 1e-300) / target))
+
+    def done():
+        return best is not None and best[3] >= (1 - rtol) * target
+
+    lo, hi = np.log2(scale) - 40.0, np.log2(scale) + 8.0
+    lam, value, g_lo = evaluate(lo)
+    if g_lo > 0 and not done():
+        lam, value, g_hi = evaluate(hi)
+        side, step = 0, 0
+        while g_hi < 0 and hi - lo > _LAM_OCTAVES and not done():
+            step += 1
+            secant = hi - lo < 4 and step % 4 != 0
+            mu = hi - g_hi * (hi - lo) / (g_hi - g_lo) if secant else (lo + hi) / 2
+            lam, value, g = evaluate(mu)
+            if g > 0:
+                lo, g_lo = mu, g
+                g_hi, side = (g_hi / 2 if side > 0 else g_hi), 1
+            elif g < 0:
+                hi, g_hi = mu, g
+                g_lo, side = (g_lo / 2 if side < 0 else g_lo), -1
+            else:
+                break
+    if best is None:
+        raise ValueError(
+            f"no lam gives {name} <= {target:g}: at lam={lam:g} it is {value:g}. "
+            + (
+                "The file also holds the raw leaves, the positions and the headers; raise "
+                "size_bytes, or prune more (mask=, prune_zero=True)."
+                if distortion is None
+                else "Raise distortion, or raise bits."
+            )
+        )
+    return best[1], best[2]
+
+
+def _check_ecsq(method, bits, lam, prune_zero) -> float | None:
+    """``lam`` checked against ``method`` (a float for ``"ecsq"``, else ``None``)."""
+    if not isinstance(prune_zero, bool | np.bool_):
+        raise TypeError(f"prune_zero must be a bool, got {type(prune_zero).__name__}.")
+    if method != "ecsq":
+        if lam is not None or prune_zero:
+            raise ValueError(
+                f"lam and prune_zero are read by method='ecsq' only, got method={method!r}; "
+                "drop them or pass method='ecsq'."
+            )
+        return None
+    if lam is None:
+        raise ValueError(
+            "method='ecsq' trades distortion against code length: pass lam > 0 (the "
+            "distortion one bit is worth), or call quantize_to_target for a file size."
+        )
+    lam = _validate.real(lam, "lam", low=0.0, low_open=True, meaning="distortion per bit")
+    if not isinstance(bits, int | np.integer) or isinstance(bits, bool):
+        raise ValueError(
+            f"method='ecsq' chooses each weight's code length itself: bits must be one int "
+            f"(the cap 2^bits on a codebook's entries, e.g. 8), got {type(bits).__name__}. "
+            "Prune with mask= (or prune_zero=True), not with a bits tree."
+        )
+    return lam
+
+
+def _ecsq_leaf(x, kept, weights, axis, width, lam, prune_zero):
+    """Widths, codes and ``{width: book}`` of one leaf by :func:`_ecsq_rows`: a weight whose
+    cell is the zero cell gets width 0 (pruned)."""
+    book_dtype = np.float64 if x.dtype == np.float64 else np.float32
+    valid = _as_rows(kept, axis)
+    c, counts, a, _ = _ecsq_rows(
+        _as_rows(x.astype(np.float64), axis),
+        lam,
+        weights=None if weights is None else _as_rows(weights.astype(np.float64), axis),
+        valid=valid,
+        max_codes=2**width,
+        zero=prune_zero,
+        pruned=(~valid).sum(1),
+        entry_bits=8 * np.dtype(book_dtype).itemsize + 16,
+        shared=axis is not None,
+    )
+    coded = valid & (a >= 0)
+    bmap = _from_rows(np.where(coded, width, 0), x.shape, axis).astype(np.uint8)
+    dtype = np.uint8 if width <= 8 else np.uint16
+    codes = _from_rows(np.where(coded, a, 0), x.shape, axis).astype(dtype)
+    if not coded.any():
+        return bmap, codes, {}
+    return bmap, codes, {width: (c[0, : counts[0]] if axis is None else c).astype(book_dtype)}
 
 
 def _collect(leaves, flags, treedef, axes, code_leaf) -> QuantizedParams:

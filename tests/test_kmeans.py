@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sklearn.cluster import KMeans
 
 from fisher_optax import KMeansResult, kmeans_1d
-from fisher_optax.kmeans import _kmeans_1d, kmeans_rows_host
+from fisher_optax.kmeans import _ecsq_rows, _kmeans_1d, kmeans_rows_host
 
 N = 600  # one length for most tests: each new shape or static argument compiles again
 
@@ -399,3 +399,107 @@ def test_rows_dp_reaches_the_exact_optimum_per_row():
         for r in range(x.shape[0]):
             got = float(np.sum((x[r] - c[r, a[r]]) ** 2))
             assert got <= _exact_optimum(x[r], k) * (1 + 1e-3)
+
+
+# ----------------------------------------------------------------- ECSQ (_ecsq_rows)
+
+
+def _set_partitions(n):
+    """Every partition of ``range(n)``, as a label per element (restricted growth)."""
+
+    def grow(labels, k):
+        if len(labels) == n:
+            yield np.array(labels)
+            return
+        for j in range(k + 1):
+            yield from grow([*labels, j], max(k, j + 1))
+
+    yield from grow([], 0)
+
+
+def _xlog(n, total):
+    return n * np.log2(total / n) if n > 0 else 0.0
+
+
+def _ecsq_cost(x, w, labels, zero_block, lam, zero, pruned, entry_bits, contiguous_only=False):
+    """The ECSQ objective of one partition (``zero_block``: the block at 0, or -1)."""
+    total = len(x) + (pruned if zero else 0)
+    dist, rate, entries = 0.0, 0.0, 0
+    n_zero = pruned if zero else 0
+    for b in range(labels.max() + 1):
+        s = labels == b
+        if b == zero_block:
+            dist += np.sum(w[s] * x[s] ** 2)
+            n_zero += s.sum()
+            continue
+        c = (w[s] @ x[s]) / w[s].sum() if w[s].sum() > 0 else x[s].mean()
+        dist += np.sum(w[s] * (x[s] - c) ** 2)
+        rate += _xlog(s.sum(), total)
+        entries += 1
+    return dist + lam * (rate + _xlog(n_zero, total) + entry_bits * entries)
+
+
+def _brute_ecsq(x, w, lam, zero, pruned, entry_bits):
+    """``(optimum over all partitions, optimum over partitions into intervals of x)``."""
+    order = np.argsort(x, kind="stable")
+    best, best_contiguous = np.inf, np.inf
+    for labels in _set_partitions(len(x)):
+        for zb in range(-1, labels.max() + 1) if zero else [-1]:
+            cost = _ecsq_cost(x, w, labels, zb, lam, zero, pruned, entry_bits)
+            best = min(best, cost)
+            if np.all(np.diff(labels[order]) >= 0):  # blocks are intervals of sorted x
+                best_contiguous = min(best_contiguous, cost)
+    return best, best_contiguous
+
+
+def _ecsq_case(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 7))
+    x = rng.normal(size=n) * rng.choice([0.1, 1.0, 10.0])
+    lam = float(10 ** rng.uniform(-3, 1))
+    zero, pruned = bool(rng.integers(2)), int(rng.integers(0, 4))
+    entry_bits = float(rng.choice([0.0, 3.0, 40.0]))
+    return rng, x, lam, zero, pruned, entry_bits
+
+
+def _run_ecsq(x, w, lam, zero, pruned, entry_bits, max_codes=256):
+    return _ecsq_rows(
+        x[None], lam, weights=w[None], valid=np.ones((1, x.size), bool), max_codes=max_codes,
+        zero=zero, pruned=np.array([pruned]), entry_bits=entry_bits, shared=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_ecsq_equal_weights_is_the_brute_force_optimum(seed):
+    _, x, lam, zero, pruned, entry_bits = _ecsq_case(seed)
+    w = np.ones_like(x)
+    cent, counts, a, cost = _run_ecsq(x, w, lam, zero, pruned, entry_bits)
+    best, _ = _brute_ecsq(x, w, lam, zero, pruned, entry_bits)
+    assert cost == pytest.approx(best, rel=1e-9, abs=1e-12)
+    # The cost it reports is the cost of what it returns.
+    labels = np.where(a[0] >= 0, a[0], counts[0])
+    zb = counts[0] if (a[0] < 0).any() else -1
+    assert _ecsq_cost(x, w, labels, zb, lam, zero, pruned, entry_bits) == pytest.approx(cost)
+    assert np.all(np.diff(cent[0, : counts[0]]) > 0)
+
+
+@pytest.mark.parametrize("seed", range(24, 40))
+def test_ecsq_fisher_weights_lie_between_optimum_and_best_intervals(seed):
+    # With unequal weights the optimum may interleave cells: the DP's intervals then bound
+    # it from above, and the Lloyd steps only go down from there.
+    rng, x, lam, zero, pruned, entry_bits = _ecsq_case(seed)
+    w = rng.exponential(size=x.size) * (rng.random(x.size) > 0.2)
+    *_, cost = _run_ecsq(x, w, lam, zero, pruned, entry_bits)
+    best, best_contiguous = _brute_ecsq(x, w, lam, zero, pruned, entry_bits)
+    assert best * (1 - 1e-9) <= cost <= best_contiguous * (1 + 1e-9)
+    assert cost <= best * 1.02
+
+
+def test_ecsq_keeps_to_max_codes_and_zero_cell():
+    x = np.linspace(-1, 1, 40)
+    w = np.ones_like(x)
+    _, counts, a, _ = _run_ecsq(x, w, 1e-6, False, 0, 0.0, max_codes=4)
+    assert counts[0] <= 4 and a.min() >= 0 and a.max() < counts[0]
+    # A price of bits that dwarfs the distortion sends every weight to the zero cell.
+    _, counts, a, _ = _run_ecsq(x, w, 1e6, True, 3, 48.0)
+    assert counts[0] == 0 and np.all(a == -1)

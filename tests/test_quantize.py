@@ -908,3 +908,144 @@ def test_allocate_bits_argument_errors_say_what_to_pass():
         allocate_bits(params, fisher=None, average_bits=4)
     with pytest.raises(TypeError, match=r"bit_widths must be a sequence .* pass \(4,\)"):
         allocate_bits(params, fisher=params, bit_widths=4)
+
+
+# ----------------------------------------------------------------- method="ecsq"
+
+
+def _ecsq_tree(seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.laplace(size=(40, 12)) * 0.1
+    return {"a": {"kernel": w.astype(np.float32)}, "b": {"kernel": w.astype(np.float32)}}
+
+
+def _order0_bits(symbols):
+    _, counts = np.unique(symbols, return_counts=True)
+    return float(np.sum(counts * np.log2(symbols.size / counts)))
+
+
+def test_ecsq_codes_cost_what_the_file_spends_on_them():
+    from fisher_optax import compression_report
+
+    w = {"k": _ecsq_tree()["a"]["kernel"]}
+    q = quantize(w, 8, method="ecsq", lam=1e-3)
+    codes = np.asarray(q.codes[0]).ravel()
+    book = q.codebooks[0][8]
+    assert 1 < book.size < 256 and np.all(np.diff(book) > 0)
+    np.testing.assert_array_equal(np.asarray(dequantize(q)["k"]).ravel(), book[codes])
+    # The code length ECSQ prices is the order-0 length the file's coder spends.
+    report = compression_report(q).leaves[0].codes
+    assert report.entropy_bytes == pytest.approx(_order0_bits(codes) / 8)
+    # A higher price of bits: fewer entries, fewer code bits, more distortion.
+    q2 = quantize(w, 8, method="ecsq", lam=1e-1)
+    assert q2.codebooks[0][8].size < book.size
+    assert compression_report(q2).leaves[0].codes.entropy_bytes < report.entropy_bytes
+    err = lambda q: float(np.sum((np.asarray(dequantize(q)["k"]) - w["k"]) ** 2))
+    assert err(q2) > err(q)
+
+
+def test_ecsq_more_fisher_more_bits():
+    # Two leaves with the same weights; one lam for both: the leaf with 100x the Fisher
+    # gets more entries and a smaller error (the rate-distortion allocation).
+    params = _ecsq_tree()
+    fisher = {"a": {"kernel": np.ones((40, 12))}, "b": {"kernel": np.full((40, 12), 100.0)}}
+    q = quantize(params, 8, fisher=fisher, method="ecsq", lam=1e-3)
+    books = [q.codebooks[i][8].size for i in range(2)]
+    out = dequantize(q)
+    err = [float(np.sum((out[k]["kernel"] - params[k]["kernel"]) ** 2)) for k in "ab"]
+    assert books[1] > books[0] and err[1] < err[0]
+
+
+def test_ecsq_prune_zero_prunes_and_roundtrips(tmp_path):
+    from fisher_optax import load_compressed, save_compressed
+
+    params = _ecsq_tree()
+    mask = jax.tree.map(lambda x: np.abs(x) > 0.02, params)
+    for axis in (None, -1):
+        q = quantize(params, 6, mask=mask, method="ecsq", lam=3e-3, prune_zero=True, axis=axis)
+        out = dequantize(q)
+        for i, k in enumerate("ab"):
+            bits, m = np.asarray(q.bits[i]), mask[k]["kernel"]
+            assert not bits[~m].any()  # pruned stays pruned
+            zeroed = m & (bits == 0)
+            assert zeroed.any() and not np.asarray(out[k]["kernel"])[zeroed].any()
+            assert np.all(np.asarray(out[k]["kernel"])[bits > 0] != 0)
+        path = tmp_path / f"q{axis}.foqz"
+        save_compressed(path, q)
+        back = dequantize(load_compressed(path))
+        for k in "ab":
+            np.testing.assert_array_equal(back[k]["kernel"], out[k]["kernel"])
+    # Without prune_zero every kept weight keeps a code.
+    q = quantize(params, 6, mask=mask, method="ecsq", lam=3e-3)
+    assert np.array_equal(np.asarray(q.bits[0]) > 0, mask["a"]["kernel"])
+
+
+def test_ecsq_per_slice_codebooks():
+    params = {"k": _ecsq_tree()["a"]["kernel"]}
+    q = quantize(params, 4, method="ecsq", lam=1e-3, axis=-1)
+    book = q.codebooks[0][4]
+    assert book.shape[0] == 12 and book.shape[1] <= 16
+    codes = np.asarray(q.codes[0])
+    np.testing.assert_array_equal(dequantize(q)["k"], book[np.arange(12)[None, :], codes])
+
+
+def test_quantize_to_target_size_and_distortion():
+    from fisher_optax import compression_report, quantize_to_target
+
+    params = jax.tree.map(lambda x: x[:16], _ecsq_tree())
+    fisher = jax.tree.map(lambda x: np.abs(x) + 0.1, params)
+    q, lam = quantize_to_target(params, size_bytes=400, fisher=fisher, prune_zero=True)
+    size = compression_report(q).total_bytes
+    assert 360 < size <= 400  # the size moves in steps of an entry and its table
+    again = quantize(params, 8, fisher=fisher, method="ecsq", lam=lam, prune_zero=True)
+    assert compression_report(again).total_bytes == size
+    q, lam = quantize_to_target(params, distortion=0.05, fisher=fisher)
+    out = dequantize(q)
+    d = sum(
+        float(np.sum(fisher[k]["kernel"] * (out[k]["kernel"] - params[k]["kernel"]) ** 2))
+        for k in "ab"
+    )
+    assert 0.045 < d <= 0.05
+    assert compression_report(q).total_bytes < compression_report(again).total_bytes
+
+
+def test_ecsq_errors(monkeypatch):
+    from fisher_optax import quantize_to_target
+
+    params = {"k": np.ones((4, 4), np.float32)}
+    with pytest.raises(ValueError, match="pass lam > 0"):
+        quantize(params, 8, method="ecsq")
+    with pytest.raises(ValueError, match="lam must be a finite number > 0"):
+        quantize(params, 8, method="ecsq", lam=0.0)
+    with pytest.raises(ValueError, match="read by method='ecsq' only"):
+        quantize(params, 8, lam=1.0)
+    with pytest.raises(ValueError, match="read by method='ecsq' only"):
+        quantize(params, 8, method="uniform", prune_zero=True)
+    with pytest.raises(ValueError, match="bits must be one int"):
+        quantize(params, {"k": np.full((4, 4), 4)}, method="ecsq", lam=1.0)
+    with pytest.raises(ValueError, match="exactly one target"):
+        quantize_to_target(params)
+    with pytest.raises(ValueError, match="exactly one target"):
+        quantize_to_target(params, size_bytes=100, distortion=1.0)
+    with pytest.raises(ValueError, match="no lam gives size_bytes <= 10"):
+        quantize_to_target(params, size_bytes=10)
+    monkeypatch.setattr("fisher_optax._validate.spans_processes", lambda x: True)
+    with pytest.raises(
+        ValueError, match=r"quantize\(method='ecsq'\) on arrays that span processes"
+    ):
+        quantize(params, 8, method="ecsq", lam=1.0)
+
+
+def test_ecsq_fully_pruned_leaf_and_zero_fisher(recwarn):
+    params = {"a": np.ones((6, 5), np.float32), "b": np.arange(9.0, dtype=np.float32).reshape(3, 3)}
+    mask = {"a": np.zeros((6, 5), bool), "b": np.ones((3, 3), bool)}
+    zero = jax.tree.map(np.zeros_like, params)
+    for axis in (None, -1):
+        q = quantize(params, 3, mask=mask, fisher=zero, method="ecsq", lam=0.1, axis=axis)
+        assert q.widths[0] == () and not np.asarray(q.bits[0]).any()
+        # Zero Fisher: no distortion to pay, so all of a slice shares its cheapest entry.
+        out = np.asarray(dequantize(q)["b"])
+        assert np.asarray(q.bits[1]).all() and len(np.unique(out)) <= (1 if axis is None else 3)
+        q = quantize(params, 3, mask=mask, fisher=zero, method="ecsq", lam=0.1, prune_zero=True)
+        assert not np.asarray(q.bits[1]).any()  # pruned: free, and no entry to pay
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

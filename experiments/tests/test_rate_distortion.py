@@ -1,0 +1,38 @@
+"""CI smoke test of experiments/rate_distortion.py: the whole experiment at its tiny size."""
+
+import json
+
+from experiments import rate_distortion
+
+
+def test_smoke_writes_json_and_page(tmp_path):
+    page = tmp_path / "rate-distortion.md"
+    argv = ["--smoke", "--out", str(tmp_path), "--write-docs", "--docs-page", str(page)]
+    record = rate_distortion.main(argv)
+
+    saved = json.loads((tmp_path / "rate-distortion-digits.json").read_text())
+    assert saved["config"]["uniform_bits"] == list(rate_distortion.SMOKE.uniform_bits)
+    (run,) = saved["runs"]
+    points = {m: [p for p in run["points"] if p["method"] == m] for m in rate_distortion.METHODS}
+    assert [len(points[m]) for m in ("kmeans", "uniform")] == [1, 1]
+    sizes = sorted({points["kmeans"][0]["bytes"], points["uniform"][0]["bytes"]})
+    for method in ("ecsq-fisher", "ecsq"):
+        # One ECSQ file per target: the baselines' sizes and a fraction of the smallest,
+        # each met from below.
+        targets = [p["setting"] for p in points[method]]
+        assert targets == sorted({*sizes, round(0.8 * sizes[0])})
+        assert all(p["bytes"] <= p["setting"] for p in points[method])
+    for p in run["points"]:
+        assert sum(p["split"].values()) < p["bytes"]  # the rest: header and leaf headers
+        assert 0.0 <= p["accuracy"] <= 100.0
+    # The trained model was cached under the code version: read back, it is the same.
+    cache = rate_distortion.Cache(str(tmp_path / "cache"))
+    data = rate_distortion.load(rate_distortion.SMOKE)
+    again = rate_distortion.train(rate_distortion.SMOKE, data, 0, cache)
+    assert again["train_seconds"] == run["train_seconds"]
+    model = rate_distortion.models.MLP(hidden=rate_distortion.SMOKE.hidden)
+    point = rate_distortion.measure("uniform", 4, again, data, model)
+    assert point["accuracy"] == points["uniform"][0]["accuracy"]
+    text = page.read_text()
+    assert "python -m experiments.rate_distortion --smoke" in text
+    assert "| ecsq-fisher |" in text and record["runs"][0]["dense_accuracy"] > 50
