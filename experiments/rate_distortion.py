@@ -373,11 +373,7 @@ def page(record: dict) -> str:
     pruned = mean_std([r["pruned_accuracy"] for r in runs])
     sparsity = np.mean([r["sparsity"] for r in runs])
     hidden = "-".join(str(h) for h in cfg["hidden"])
-    return f"""---
-orphan: true
----
-
-# Results: accuracy against file size, entropy-constrained quantization
+    return f"""# Results: accuracy against file size, entropy-constrained quantization
 
 The MLP {record["input_size"]}-{hidden}-10 on {record["dataset"]} is trained with Adam, then
 pruned while training with `pruned(adam)` (OBD saliency from Adam's `nu`) to
