@@ -199,7 +199,9 @@ def block_fisher_inverse(
 
     Memory: the result holds :math:`\lceil n/B \rceil B^2 \approx n B` floats per leaf
     (``B`` times the parameters; 4 MB for 31,360 weights at ``B = 32`` in float32), plus the
-    ``m`` gradients given (:math:`m n` floats).
+    ``m`` gradients given (:math:`m n` floats). No sharding is imposed on the result: its
+    blocks follow a leaf's flat row-major order, which a leaf sharded along a later axis does
+    not, so a block may span shards; XLA places it as it propagates the gradients' sharding.
 
     Args:
       grads: a pytree like the params whose leaves carry a leading axis of ``m`` gradients

@@ -287,7 +287,9 @@ def pruned(
       criterion: a key of :data:`fisher_optax.CRITERIA` or a callable
         ``(params, fisher) -> scores`` (it gets the Fisher read from ``inner`` when there is
         one, else ``None``; when there is one it skips the updates the Fisher criteria
-        skip).
+        skip), or a :class:`fisher_optax.obs.BlockOBS`: block Optimal Brain Surgeon from
+        the last gradients, which also moves the surviving weights at each mask update
+        (needs no Fisher in ``inner``; its buffer is :attr:`PrunedState.gradients`).
       method: a key of :data:`PRUNING_METHODS`: ``"one_stage"`` or ``"two_stage"``.
       magnitude_fraction: for ``"two_stage"``, the share of the target removed by
         magnitude first, in ``[0, 1]``. ``0`` is pure criterion pruning, ``1`` pure
