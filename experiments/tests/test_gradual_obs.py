@@ -30,3 +30,11 @@ def test_smoke_prunes_each_criterion_to_each_level_and_writes_the_section(tmp_pa
     text = page.read_text()
     assert "OLD-SECTION-TEXT" not in text and text.endswith("tail\n")
     assert "python -m experiments.gradual_obs --smoke" in text and "| 80% |" in text
+    assert "block OBS minus OBD (points, paired over seeds): 50%: " in text
+
+    # --render writes the same section from the JSON alone
+    again = tmp_path / "again.md"
+    again.write_text(PAGE)
+    json_path = str(tmp_path / "gradual-obs-digits.json")
+    gradual_obs.main(["--render", json_path, "--write-docs", "--docs-page", str(again)])
+    assert again.read_text() == text
