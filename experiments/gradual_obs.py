@@ -292,8 +292,10 @@ Dense: {dense[0]:.1f} ± {dense[1]:.1f}.
 {differences(record)}
 
 **Cost** (mean seconds of one level's {steps} steps, compiled, this machine): magnitude
-{sec["magnitude"]:.2f} s, OBD {sec["obd"]:.2f} s, block OBS {sec["obs"]:.2f} s (its buffer holds
-{cfg["num_grads"]} × the {record["n_params"]:,} parameters)."""
+{sec["magnitude"]:.2f} s, OBD {sec["obd"]:.2f} s, block OBS {sec["obs"]:.2f} s. Each of the
+{steps // cfg["update_every"]} mask updates of a level inverts the block Fisher of the buffer and
+solves the update; between them a step only writes its gradients into the
+buffer, which holds {cfg["num_grads"]} × the {record["n_params"]:,} parameters."""
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
