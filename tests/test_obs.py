@@ -259,6 +259,7 @@ def test_pruned_block_obs_with_block_size_one_is_obd_without_update():
 
 def test_pruned_block_obs_jit_matches_eager_and_compiles_once():
     params, grads = _stream(12, 5, (2, 8))
+    params, grads = {"kernel": params["kernel"]}, [{"kernel": g["kernel"]} for g in grads]
     surgeon = obs.BlockOBS(block_size=8, num_grads=3, damping=DAMPING)
     opt = fo.pruned(optax.adam(1e-2), fo.polynomial_sparsity(0.75, begin_step=0, end_step=4),
                     criterion=surgeon, update_every=2)  # fmt: skip
