@@ -1,8 +1,9 @@
 """One-shot pruning without retraining: block-Fisher OBS against diagonal OBD and magnitude.
 
-WoodFisher's experiment (Singh & Alistarh 2020, arXiv:2004.14340) on Fashion-MNIST: train the
-MLP 784-40-20-10 dense with Adam, then prune its kernels once, globally, at each sparsity, and
-measure the test accuracy with no retraining, by three methods:
+WoodFisher's experiment (Singh & Alistarh 2020, arXiv:2004.14340) on Fashion-MNIST: train an
+MLP dense with Adam (``--model``: WoodFisher's 784-40-20-10, ``mlp-40-20``, or LeCun's
+LeNet-300-100, ``lenet-300-100``), then prune its kernels once, globally, at each sparsity,
+and measure the test accuracy with no retraining, by three methods:
 
 - ``magnitude``: the smallest ``|w|`` go, the rest stay as they are;
 - ``obd``: optimal brain damage, ``0.5 F w^2`` with the Fisher diagonal read from Adam's ``nu``
@@ -12,9 +13,13 @@ measure the test accuracy with no retraining, by three methods:
   weights of each block taken out at once with the exact update of the others. Its damping
   is chosen per seed and sparsity on a held-out split of the training set, never the test set.
 
-``python -m experiments.oneshot_obs`` writes ``results/oneshot-obs-<dataset>.json``;
-``--write-docs`` also writes ``docs/results/oneshot-obs.md``. ``--smoke`` runs a tiny
-configuration on sklearn digits in seconds (the CI test).
+It also times the pieces against the diagonal empirical Fisher of the same examples
+(``fisher_optax.empirical_fisher``, by ``vmap(grad)`` and by its per-layer closed forms) and
+one training epoch, and counts their floats.
+
+``python -m experiments.oneshot_obs --model M`` writes ``results/oneshot-obs-<dataset>-M.json``;
+``--write-docs`` also writes the model's section of ``docs/results/oneshot-obs.md``.
+``--smoke`` runs a tiny configuration on sklearn digits in seconds (the CI test).
 """
 
 from __future__ import annotations
@@ -37,16 +42,17 @@ import optax
 
 import fisher_optax as fo
 from experiments import datasets, models
-from experiments.report import markdown, mean_std
+from experiments.report import markdown, mean_std, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("magnitude", "obd", "obs", "obs_steps")
+MODELS = {"mlp-40-20": models.MLP(hidden=(40, 20)), "lenet-300-100": models.MODELS["lenet-300-100"]}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     dataset: str = "fashion-mnist"
-    hidden: tuple[int, ...] = (40, 20)
+    model: str = "mlp-40-20"
     seeds: int = 3
     epochs: int = 5
     batch_size: int = 128
@@ -58,6 +64,10 @@ class Config:
     val_size: int = 5000
     steps: int = 8
 
+
+# LeNet-300-100 has 8x the weights: blocks of 32 and 500 gradients keep its run near the small
+# MLP's cost per weight (the inverse costs n B^2, the block Fisher n m B).
+PRESETS = {"mlp-40-20": {}, "lenet-300-100": {"block_size": 32, "n_grads": 500}}
 
 SMOKE = Config(
     dataset="digits",
@@ -81,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.oneshot_obs", description=__doc__)
     d = Config()
     p.add_argument("--dataset", choices=("fashion-mnist", "digits"), default=d.dataset)
+    p.add_argument("--model", choices=tuple(MODELS), default=d.model)
     p.add_argument("--seeds", type=int, default=d.seeds)
     p.add_argument("--epochs", type=int, default=d.epochs, help="dense Adam epochs")
     p.add_argument("--sparsities", type=_floats, default=d.sparsities, help="e.g. 0.5,0.9")
-    p.add_argument("--block-size", type=int, default=d.block_size, help="OBS block size B")
-    p.add_argument("--n-grads", type=int, default=d.n_grads, help="m per-example gradients")
+    p.add_argument("--block-size", type=int, default=None, help="OBS block size B (preset)")
+    p.add_argument("--n-grads", type=int, default=None, help="m per-example gradients (preset)")
     p.add_argument("--dampings", type=_floats, default=d.dampings, help="tuned on held-out")
     p.add_argument("--steps", type=int, default=d.steps, help="steps of the multi-step OBS")
     p.add_argument("--smoke", action="store_true", help="tiny run on sklearn digits (seconds)")
@@ -98,13 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 def make_config(args: argparse.Namespace) -> Config:
     if args.smoke:
         return SMOKE
+    preset = {**dataclasses.asdict(Config()), **PRESETS[args.model]}
     return Config(
         dataset=args.dataset,
+        model=args.model,
         seeds=args.seeds,
         epochs=args.epochs,
         sparsities=tuple(args.sparsities),
-        block_size=args.block_size,
-        n_grads=args.n_grads,
+        block_size=preset["block_size"] if args.block_size is None else args.block_size,
+        n_grads=preset["n_grads"] if args.n_grads is None else args.n_grads,
         dampings=tuple(args.dampings),
         steps=args.steps,
         val_size=200 if args.dataset == "digits" else Config.val_size,
@@ -149,6 +162,20 @@ def example_grads(params, x, y, *, model):
     return fo.obs.per_example_grads(lambda p, b: models.loss_fn(model, p, *b), params, (x, y))
 
 
+@partial(jax.jit, static_argnames=("model", "method"))
+def diagonal_fisher(params, x, y, *, model, method):
+    loss = lambda p, b: models.loss_fn(model, p, *b)
+    return fo.empirical_fisher(loss, params, (x, y), method=method)
+
+
+def _timed(fn, *args, **kwargs) -> float:
+    """Seconds of a compiled call: one call to compile, the second timed."""
+    jax.block_until_ready(fn(*args, **kwargs))
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args, **kwargs))
+    return time.perf_counter() - t
+
+
 def _n_floats(tree) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
 
@@ -162,7 +189,7 @@ def levels(cfg: Config) -> list[float]:
 
 
 def run_seed(cfg: Config, data: datasets.Dataset, seed: int) -> dict:
-    model = models.MLP(hidden=cfg.hidden)
+    model = MODELS[cfg.model]
     x_all, y_all = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_tr, y_tr = x_all[: -cfg.val_size], y_all[: -cfg.val_size]
     x_val, y_val = x_all[-cfg.val_size :], y_all[-cfg.val_size :]
@@ -183,9 +210,11 @@ def run_seed(cfg: Config, data: datasets.Dataset, seed: int) -> dict:
     idx = jax.random.choice(k_grads, x_tr.shape[0], (cfg.n_grads,), replace=False)
     x_g, y_g = x_tr[idx], y_tr[idx]
     grads = jax.block_until_ready(example_grads(params, x_g, y_g, model=model))
-    t = time.perf_counter()
-    grads = jax.block_until_ready(example_grads(params, x_g, y_g, model=model))
-    grads_s = time.perf_counter() - t
+    grads_s = _timed(example_grads, params, x_g, y_g, model=model)
+    diag_s = {
+        m: _timed(diagonal_fisher, params, x_g, y_g, model=model, method=m)
+        for m in ("vmap", "layers")
+    }
     finvs = {}
     for d in cfg.dampings:
         t = time.perf_counter()
@@ -212,7 +241,13 @@ def run_seed(cfg: Config, data: datasets.Dataset, seed: int) -> dict:
     out = {
         "seed": seed,
         "dense": float(acc(params, x_te, y_te)),
-        "seconds": {"epoch": epoch_s, "per_example_grads": grads_s, "inverse": inverse_s},
+        "seconds": {
+            "epoch": epoch_s,
+            "per_example_grads": grads_s,
+            "inverse": inverse_s,
+            "fisher_vmap": diag_s["vmap"],
+            "fisher_layers": diag_s["layers"],
+        },
         "floats": {"params": _n_floats(params), "grads": _n_floats(grads)},
         "rows": [],
     }
@@ -279,23 +314,15 @@ def summarize(record: dict) -> list[list[str]]:
     return rows
 
 
-def page(record: dict) -> str:
+def section(record: dict) -> str:
+    """The model's section of the results page: command, setup, table, cost."""
     cfg, runs, meta = record["config"], record["runs"], record["meta"]
     sec = {k: float(np.mean([r["seconds"][k] for r in runs])) for k in runs[0]["seconds"]}
     prune_s = float(np.mean([row["obs_prune_seconds"] for r in runs for row in r["rows"]]))
     fl = runs[0]["floats"]
     dense = mean_std([r["dense"] * 100 for r in runs])
-    hidden = "-".join(str(h) for h in cfg["hidden"])
-    return f"""# Results: one-shot Optimal Brain Surgeon with a block Fisher
-
-One-shot pruning with no retraining, WoodFisher's experiment (Singh & Alistarh 2020,
-[arXiv:2004.14340](https://arxiv.org/abs/2004.14340)) on {record["dataset"]}: the MLP
-{record["input_size"]}-{hidden}-10 is trained dense with Adam, then its kernels are pruned with no
-retraining, globally, at each sparsity, by magnitude, by optimal brain damage with the
-Fisher diagonal read from Adam's `nu` (`fisher_from_state`, `scores(..., "saliency")`),
-and by optimal brain surgeon with the block empirical Fisher of `fisher_optax.obs` (rank by
-the single-weight OBS saliency, remove each block's chosen weights at once with the exact
-update of the others).
+    sizes = "-".join(str(h) for h in (record["input_size"], *MODELS[cfg["model"]].hidden, 10))
+    return f"""### MLP {sizes} ({cfg["model"]}) on {record["dataset"]}
 
 Command: `{record["command"]}` — wall time {meta["wall_minutes"]:.1f} min ({meta["started_utc"]},
 {meta["machine"]}, shared with other jobs; jax {meta["jax"]} on {meta["backend"]}), {len(runs)}
@@ -305,24 +332,23 @@ Setup: Adam lr {cfg["lr"]}, batch {cfg["batch_size"]}, {cfg["epochs"]} epochs on
 less its last {cfg["val_size"]} images (the held-out split). OBS: blocks of B =
 {cfg["block_size"]} consecutive weights, m = {cfg["n_grads"]} per-example gradients of training
 images, damping chosen among {", ".join(f"{d:g}" for d in cfg["dampings"])} by the accuracy on the
-held-out split, per seed and sparsity. "OBS, 1 step" prunes the dense network at once;
-"OBS, {cfg["steps"]} steps" reaches the same sparsities without retraining either, through
-{cfg["steps"]} steps of a cubic schedule (and the targets), recomputing the gradients and the
-inverse at the pruned and updated weights before each step. Sparsity is the fraction of the
-kernels' weights removed (the biases are kept).
+held-out split, per seed and sparsity. "OBS, {cfg["steps"]} steps" passes through {cfg["steps"]}
+steps of a cubic schedule (and the targets).
 
 **Test accuracy (%) after one-shot pruning, no retraining** (mean ± std over seeds; best in
 bold). Dense: {dense[0]:.1f} ± {dense[1]:.1f}.
 
 {markdown(summarize(record))}
 
-**Cost** (mean over seeds, this machine): one training epoch {sec["epoch"]:.2f} s; the
-{cfg["n_grads"]} per-example gradients {sec["per_example_grads"]:.2f} s; the block Fisher
-inverse {sec["inverse"]:.2f} s; one `obs_prune` {prune_s:.3f} s. Memory: the inverse holds
-{fl["finv"]:,} floats ({fl["finv"] * 4 / 2**20:.1f} MiB in float32, ≈ B × the
-{fl["params"]:,} parameters), the gradients {fl["grads"]:,} floats
-({fl["grads"] * 4 / 2**20:.1f} MiB, m × the parameters).
-"""
+**Cost** (mean over seeds, this machine, compiled calls): one training epoch
+{sec["epoch"]:.2f} s. For the m = {cfg["n_grads"]} examples: the diagonal empirical Fisher
+(`empirical_fisher`) {sec["fisher_vmap"]:.2f} s by `vmap(grad)` and {sec["fisher_layers"]:.2f} s
+by its per-layer closed forms; the per-example gradients (`per_example_grads`, `vmap(grad)`)
+{sec["per_example_grads"]:.2f} s, then the block Fisher inverse (`block_fisher_inverse`)
+{sec["inverse"]:.2f} s and one `obs_prune` {prune_s:.3f} s. Memory in float32: the diagonal
+Fisher {fl["params"]:,} floats ({fl["params"] * 4 / 2**20:.2f} MiB, the parameters once); the
+gradients {fl["grads"]:,} ({fl["grads"] * 4 / 2**20:.1f} MiB, m × the parameters); the inverse
+{fl["finv"]:,} ({fl["finv"] * 4 / 2**20:.1f} MiB, ≈ B × the parameters)."""
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -348,14 +374,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"oneshot-obs-{data.name}.json"
+    path = out / f"oneshot-obs-{data.name}-{cfg.model}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"Wrote {path}.")
     print(markdown(summarize(record)))
     if args.write_docs:
         doc = Path(args.docs_page or REPO / "docs" / "results" / "oneshot-obs.md")
-        doc.write_text(page(record))
-        print(f"Wrote {doc}.")
+        write_section(doc, f"oneshot-obs:{cfg.model}", section(record))
     return record
 
 

@@ -20,10 +20,13 @@ and :math:`\delta w` is the update of the whole block that minimises that cost w
 With ``B = 1`` this is OBD with the damped Fisher diagonal, :math:`\tfrac12 (F + \lambda)
 w^2`, and no other weight moves.
 
-Three steps: :func:`per_example_grads` (or any ``m`` mini-batch gradients stacked on a
-leading axis), :func:`block_fisher_inverse`, then :func:`obs_prune` (which ranks by
-:func:`obs_scores`). The Fisher is exact for the gradients given; it is the empirical
-Fisher (training labels), an approximation of the Hessian near a minimum.
+One shot, three steps: :func:`per_example_grads` (or any ``m`` mini-batch gradients stacked
+on a leading axis), :func:`block_fisher_inverse`, then :func:`obs_prune` (which ranks by
+:func:`obs_scores`). While training, :class:`BlockOBS` as the ``criterion`` of
+:func:`fisher_optax.pruned` keeps the last ``m`` mini-batch gradients and applies the same
+selection and update at every mask update; :func:`gradient_buffer` is that collector on its
+own, for a chain. The Fisher is exact for the gradients given; it is the empirical Fisher
+(training labels), an approximation of the Hessian near a minimum.
 
 References:
   Singh, Alistarh. WoodFisher: Efficient Second-Order Approximation for Neural Network
@@ -34,20 +37,31 @@ References:
   https://arxiv.org/abs/2203.07259
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fisher_optax import _validate, patterns
 from fisher_optax._tree import keystr
 from fisher_optax._types import Mask, Params, Prunable, Scores, Sparsity
 
-__all__ = ["block_fisher_inverse", "obs_prune", "obs_scores", "per_example_grads"]
+__all__ = [
+    "BlockOBS",
+    "GradientBufferState",
+    "block_fisher_inverse",
+    "buffer_fisher_inverse",
+    "gradient_buffer",
+    "obs_prune",
+    "obs_scores",
+    "per_example_grads",
+]
 
 
 def per_example_grads(
@@ -153,6 +167,19 @@ def _inverse_leaf(g: jax.Array, damping: jax.Array, *, block_size: int, dtype: A
     return _spd_inverse(fisher)
 
 
+def _check_damping(damping: Any) -> None:
+    if not (
+        isinstance(damping, int | float | np.floating | np.integer)
+        and not isinstance(damping, bool)
+        and math.isfinite(damping)
+        and damping > 0
+    ):
+        raise ValueError(
+            f"damping must be a finite number > 0 (a Python or NumPy scalar), got {damping!r}; "
+            "try 1e-4 to 1e-2 of the mean squared gradient."
+        )
+
+
 def block_fisher_inverse(
     grads: Params, *, block_size: int, damping: float, dtype: Any = jnp.float32
 ) -> Params:
@@ -172,7 +199,9 @@ def block_fisher_inverse(
 
     Memory: the result holds :math:`\lceil n/B \rceil B^2 \approx n B` floats per leaf
     (``B`` times the parameters; 4 MB for 31,360 weights at ``B = 32`` in float32), plus the
-    ``m`` gradients given (:math:`m n` floats).
+    ``m`` gradients given (:math:`m n` floats). No sharding is imposed on the result: its
+    blocks follow a leaf's flat row-major order, which a leaf sharded along a later axis does
+    not, so a block may span shards; XLA places it as it propagates the gradients' sharding.
 
     Args:
       grads: a pytree like the params whose leaves carry a leading axis of ``m`` gradients
@@ -201,16 +230,7 @@ def block_fisher_inverse(
              [0.   , 0.25 ]], dtype=float32)
     """
     block_size = _validate.integer(block_size, "block_size")
-    if not (
-        isinstance(damping, int | float | np.floating | np.integer)
-        and not isinstance(damping, bool)
-        and math.isfinite(damping)
-        and damping > 0
-    ):
-        raise ValueError(
-            f"damping must be a finite number > 0 (a Python or NumPy scalar), got {damping!r}; "
-            "try 1e-4 to 1e-2 of the mean squared gradient."
-        )
+    _check_damping(damping)
     flat = jax.tree_util.tree_leaves_with_path(grads)
     ms = {}
     for path, g in flat:
@@ -301,8 +321,9 @@ def obs_scores(params: Params, finv: Params) -> Scores:
 
 
 @jax.jit  # eager calls compile once per shape instead of dispatching the loop op by op
-def _surgery(w: jax.Array, f: jax.Array, keep: jax.Array) -> jax.Array:
-    """``w`` after removing the weights ``keep`` drops, with the block OBS update of the rest."""
+def _surgery_shift(w: jax.Array, f: jax.Array, keep: jax.Array) -> jax.Array:
+    """The float32 block OBS update of ``w`` that removes what ``keep`` drops: ``-w`` on the
+    removed weights, :math:`-F^{-1}_{:,Q} ((F^{-1})_{QQ})^{-1} w_Q` on the others."""
     nb, b = f.shape[0], f.shape[1]
     wb = _padded_blocks(w, nb, b)
     q = ~_padded_blocks(keep, nb, b).astype(bool)
@@ -314,9 +335,14 @@ def _surgery(w: jax.Array, f: jax.Array, keep: jax.Array) -> jax.Array:
     eye = jnp.eye(b, dtype=bool)
     a = jnp.where(both, f, jnp.where(eye, 1.0, 0.0))
     z = jnp.einsum("kij,kj->ki", _spd_inverse(a), jnp.where(q, wb, 0.0))
-    new = wb - jnp.einsum("kij,kj->ki", f, z)
-    new = jnp.where(q, 0.0, new)  # exact zeros, not rounding residues
-    return _unblock(new, w).astype(jnp.result_type(w))
+    shift = jnp.where(q, -wb, -jnp.einsum("kij,kj->ki", f, z))
+    return _unblock(shift, w)
+
+
+def _surgery(w: jax.Array, f: jax.Array, keep: jax.Array) -> jax.Array:
+    """``w`` after removing the weights ``keep`` drops, with the block OBS update of the rest."""
+    new = jnp.asarray(w, jnp.float32) + _surgery_shift(w, f, keep)
+    return jnp.where(keep, new, 0.0).astype(jnp.result_type(w))  # exact zeros, no residues
 
 
 def obs_prune(
@@ -373,3 +399,205 @@ def obs_prune(
     keep = patterns.select(scores, sparsity, prunable=prunable, mask=mask)
     new = [_surgery(w, f, k) for (_, w, f), k in zip(checked, jax.tree.leaves(keep), strict=True)]
     return jax.tree.unflatten(jax.tree.structure(params), new), keep
+
+
+def _check_count(value: Any, name: str, meaning: str) -> int:
+    try:
+        return _validate.integer(value, name)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err} It is {meaning}.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOBS:
+    r"""Block Optimal Brain Surgeon as the ``criterion`` of :func:`fisher_optax.pruned`.
+
+    With ``criterion=BlockOBS(...)``, :func:`fisher_optax.pruned` keeps the last
+    ``num_grads`` gradients it is given (the mini-batch gradients of the last ``m`` steps, a
+    ring buffer in :class:`fisher_optax.PrunedState`), and at each mask update it
+
+    1. inverts their damped block empirical Fisher (:func:`buffer_fisher_inverse`);
+    2. selects the weights to remove by :func:`obs_scores`, with the wrapper's ``pattern``,
+       ``method``, targets and ``prunable``, through :func:`fisher_optax.select` (its exact
+       counts and ties);
+    3. adds to that step's update the multi-weight update of :func:`obs_prune` for every
+       block that loses weights, so that after ``optax.apply_updates`` the surviving weights
+       are those of :func:`obs_prune` (plus the inner optimizer's own step) and the removed
+       ones are exactly zero.
+
+    This is oBERT's gradual setting (Kurtic et al. 2022) with mini-batch gradients for the
+    Fisher: :math:`\tfrac1m \sum_i g_i g_i^\top` of mini-batch gradients is the per-example
+    empirical Fisher divided by the batch size, plus the outer product of the mean gradient,
+    so tune ``damping`` to its scale. Until ``num_grads`` steps are done, the gradients held so
+    far are used.
+
+    Memory: the buffer holds ``num_grads`` times the parameters (every leaf, in its dtype);
+    at a mask update the inverse adds about ``block_size`` times the parameters. Between
+    mask updates a step costs one extra write of its gradients into the buffer. The buffer
+    is allocated whole, not sharded like the params.
+
+    Attributes:
+      block_size: ``B``, consecutive weights per block (in flat row-major order of a leaf);
+        ``1`` is OBD with the damped Fisher diagonal of the buffer, and no weight moves.
+      num_grads: ``m``, the gradients kept.
+      damping: :math:`\lambda > 0` added to the Fisher's diagonal.
+
+    Raises:
+      TypeError: if ``block_size`` or ``num_grads`` is not an int.
+      ValueError: if ``block_size`` or ``num_grads`` is below 1, or ``damping`` is not a
+        finite number > 0.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, fisher_optax as fo
+      >>> params = {"kernel": jnp.array([[1.0, 0.1, 0.2, 2.0]])}
+      >>> opt = fo.pruned(
+      ...     optax.sgd(0.0),
+      ...     lambda t: jnp.where(t >= 2, 0.5, 0.0),
+      ...     criterion=fo.obs.BlockOBS(block_size=4, num_grads=2, damping=0.01),
+      ...     method="one_stage",
+      ...     update_every=2,
+      ... )
+      >>> state = opt.init(params)
+      >>> grads = [jnp.array([[1.0, 1.0, 0.0, 0.0]]), jnp.array([[-1.0, -1.0, 0.0, 0.0]])]
+      >>> for g in grads * 2:
+      ...     updates, state = opt.update({"kernel": g}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> params["kernel"]  # 0.1 and 0.2 removed; the weight coupled to 0.1 takes its share
+      Array([[1.0990108, 0.       , 0.       , 2.       ]], dtype=float32)
+
+    References:
+      Kurtic, Campos, Nguyen, Frantar, Kurtz, Fineran, Goin, Alistarh. The Optimal BERT
+      Surgeon: Scalable and Accurate Second-Order Pruning for Large Language Models. EMNLP
+      2022. https://arxiv.org/abs/2203.07259
+    """
+
+    block_size: int
+    num_grads: int
+    damping: float
+
+    def __post_init__(self) -> None:
+        _check_count(self.block_size, "block_size", "the weights per block, B")
+        _check_count(self.num_grads, "num_grads", "the number of gradients kept, m")
+        _check_damping(self.damping)
+
+
+class GradientBufferState(NamedTuple):
+    """State of :func:`gradient_buffer`.
+
+    Attributes:
+      count: int32 scalar, the gradients written so far (the next goes to slot
+        ``count % m``).
+      grads: a pytree like the params whose leaves have a leading axis of ``m`` slots; slots
+        not yet written are zero.
+    """
+
+    count: jax.Array
+    grads: Params
+
+
+def _buffer_init(params: Params, num_grads: int) -> GradientBufferState:
+    grads = jax.tree.map(
+        lambda p: jnp.zeros((num_grads, *jnp.shape(p)), jnp.result_type(p)), params
+    )
+    return GradientBufferState(count=jnp.zeros([], jnp.int32), grads=grads)
+
+
+def _buffer_write(state: GradientBufferState, grads: Params) -> GradientBufferState:
+    slot = state.count % jax.tree.leaves(state.grads)[0].shape[0]
+    new = jax.tree.map(
+        lambda buf, g: jax.lax.dynamic_update_index_in_dim(buf, g.astype(buf.dtype), slot, 0),
+        state.grads,
+        grads,
+    )
+    return GradientBufferState(count=optax.safe_increment(state.count), grads=new)
+
+
+def gradient_buffer(num_grads: int) -> optax.GradientTransformation:
+    """Keep the last ``num_grads`` gradients in the state; pass them on unchanged.
+
+    A ring buffer for :func:`buffer_fisher_inverse`: put it first in a chain,
+    ``optax.chain(gradient_buffer(m), optax.adam(...))``, and the state holds the mini-batch
+    gradients of the last ``m`` steps. :class:`BlockOBS` in :func:`fisher_optax.pruned` keeps
+    one of its own. Memory: ``num_grads`` times the parameters.
+
+    Args:
+      num_grads: ``m``, the gradients kept.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`GradientBufferState`.
+
+    Raises:
+      TypeError: if ``num_grads`` is not an int.
+      ValueError: if ``num_grads`` is below 1.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, fisher_optax as fo
+      >>> opt = optax.chain(fo.obs.gradient_buffer(2), optax.sgd(0.1))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> for g in (1.0, 2.0, 3.0):
+      ...     _, state = opt.update({"w": jnp.full(2, g)}, state, params)
+      >>> state[0].grads["w"]  # slot 0 was overwritten by the third gradient
+      Array([[3., 3.],
+             [2., 2.]], dtype=float32)
+    """
+    num_grads = _check_count(num_grads, "num_grads", "the number of gradients kept, m")
+
+    def init_fn(params: Params) -> GradientBufferState:
+        return _buffer_init(params, num_grads)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return updates, _buffer_write(state, updates)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def buffer_fisher_inverse(state: GradientBufferState, *, block_size: int, damping: float) -> Params:
+    r""":func:`block_fisher_inverse` of the gradients a :func:`gradient_buffer` holds.
+
+    While fewer than ``m`` gradients have been written, the Fisher is the mean over those
+    written (:math:`k = \min(\text{count}, m)`), not over the ``m`` slots: the held
+    gradients are scaled by :math:`\sqrt{m / k}`, and the empty slots add nothing. With
+    nothing written the Fisher is :math:`\lambda I`. Traceable (``count`` may be traced).
+
+    Args:
+      state: a :class:`GradientBufferState`.
+      block_size: ``B``, as in :func:`block_fisher_inverse`.
+      damping: :math:`\lambda > 0`, as in :func:`block_fisher_inverse`.
+
+    Returns:
+      The block inverses, a pytree like the params with leaves ``(ceil(n / B), B, B)``.
+
+    Raises:
+      TypeError: if ``state`` is not a :class:`GradientBufferState`, and as
+        :func:`block_fisher_inverse`.
+      ValueError: as :func:`block_fisher_inverse`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax, fisher_optax as fo
+      >>> buf = fo.obs.gradient_buffer(4)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> _, state = buf.update({"w": jnp.array([2.0, 0.0])}, buf.init(params))
+      >>> fo.obs.buffer_fisher_inverse(state, block_size=2, damping=1.0)["w"]  # 1 / (1 + 4)
+      Array([[[0.2, 0. ],
+              [0. , 1. ]]], dtype=float32)
+    """
+    if not isinstance(state, GradientBufferState):
+        raise TypeError(
+            f"state must be the GradientBufferState of fisher_optax.obs.gradient_buffer, got "
+            f"{type(state).__name__}; in a chain it is e.g. opt_state[0]."
+        )
+    m = jax.tree.leaves(state.grads)[0].shape[0]
+    held = jnp.clip(state.count, 1, m).astype(jnp.float32)
+    scale = jnp.sqrt(m / held)
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), state.grads)
+    return block_fisher_inverse(grads, block_size=block_size, damping=damping)
+
+
+def _surgeon_shift(params: Params, finv: Params, keep: Mask) -> list[jax.Array]:
+    """Per leaf of ``params``, the float32 OBS update that removes what ``keep`` drops."""
+    return [
+        _surgery_shift(w, f, k)
+        for (_, w, f), k in zip(_finv_leaves(params, finv), jax.tree.leaves(keep), strict=True)
+    ]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
 
-from fisher_optax import _validate
+from fisher_optax import _validate, obs
 from fisher_optax._tree import check_matching
 from fisher_optax._types import Fisher, Mask, Params, Prunable, Sparsity, SparsitySchedule
 from fisher_optax.fisher import _fisher_from_state, _has_seen_a_gradient
@@ -53,11 +53,15 @@ class PrunedState(NamedTuple):
         It only grows: a weight once pruned stays pruned.
       inner_state: the state of the wrapped optimizer. Its moments are zero wherever the
         mask prunes.
+      gradients: with ``criterion=``:class:`fisher_optax.obs.BlockOBS`, the
+        :class:`fisher_optax.obs.GradientBufferState` of the last ``num_grads`` gradients;
+        else ``None``.
     """
 
     count: jax.Array
     mask: Mask
     inner_state: optax.OptState
+    gradients: obs.GradientBufferState | None = None
 
 
 def _need_params(params: Any) -> None:
@@ -219,7 +223,7 @@ def pruned(
     inner: optax.GradientTransformation,
     schedule: SparsitySchedule | float,
     *,
-    criterion: Criterion = "fisher",
+    criterion: Criterion | obs.BlockOBS = "fisher",
     method: Literal["one_stage", "two_stage"] = "two_stage",
     magnitude_fraction: float = 0.5,
     pattern: Pattern = Unstructured(),  # noqa: B008 (a frozen, immutable value)
@@ -283,7 +287,9 @@ def pruned(
       criterion: a key of :data:`fisher_optax.CRITERIA` or a callable
         ``(params, fisher) -> scores`` (it gets the Fisher read from ``inner`` when there is
         one, else ``None``; when there is one it skips the updates the Fisher criteria
-        skip).
+        skip), or a :class:`fisher_optax.obs.BlockOBS`: block Optimal Brain Surgeon from
+        the last gradients, which also moves the surviving weights at each mask update
+        (needs no Fisher in ``inner``; its buffer is :attr:`PrunedState.gradients`).
       method: a key of :data:`PRUNING_METHODS`: ``"one_stage"`` or ``"two_stage"``.
       magnitude_fraction: for ``"two_stage"``, the share of the target removed by
         magnitude first, in ``[0, 1]``. ``0`` is pure criterion pruning, ``1`` pure
@@ -349,9 +355,10 @@ def pruned(
       compression. 2017. https://arxiv.org/abs/1710.01878
     """
     method = _validate.choice(method, "method", PRUNING_METHODS)
+    surgeon = criterion if isinstance(criterion, obs.BlockOBS) else None
     if callable(criterion):
         _validate.callable_arity(criterion, "criterion", "criterion(params, fisher)", 2)
-    else:
+    elif surgeon is None:
         criterion = _validate.choice(criterion, "criterion", CRITERIA)
     pattern = _validate.pattern(pattern)
     share = _validate.fraction(
@@ -391,14 +398,18 @@ def pruned(
             count=jnp.zeros([], jnp.int32),
             mask=jax.tree.map(lambda p: jnp.ones_like(p, dtype=bool), params),  # p's layout
             inner_state=inner_state,
+            gradients=None if surgeon is None else obs._buffer_init(params, surgeon.num_grads),
         )
 
-    def new_mask(params, inner_state, old, count, with_fisher):
+    def new_mask(params, inner_state, old, count, with_fisher, finv=None):
         progress = jnp.asarray(schedule(count), jnp.float32)
         target, stage1 = _targets(progress, per_leaf_targets(params), share, params)
         fisher = _read_fisher(inner_state, params, criterion) if with_fisher else None
         sub = jax.random.fold_in(key, count) if criterion == "random" else None
-        score_tree = _scores(params, criterion, fisher=fisher, key=sub)
+        if finv is None:
+            score_tree = _scores(params, criterion, fisher=fisher, key=sub)
+        else:
+            score_tree = obs.obs_scores(params, finv)
         if method == "two_stage":
             old = _grown(pattern, _scores(params, "magnitude"), stage1, old, prunable)
         return _grown(pattern, score_tree, target, old, prunable)
@@ -417,26 +428,53 @@ def pruned(
         if with_fisher:  # no Fisher before the inner optimizer has seen a gradient
             due = due & (count > 0) & _has_seen_a_gradient(state.inner_state)
 
+        # BlockOBS: this step's gradients join the buffer; at a mask update the selection
+        # ranks by the OBS saliency and the block update of the survivors joins the updates.
+        gradients = state.gradients
+        if surgeon is not None:
+            gradients = obs._buffer_write(gradients, updates)
+
         def recompute(_):
             old = jax.tree.unflatten(treedef, old_leaves)
-            return jax.tree.leaves(new_mask(params, state.inner_state, old, count, with_fisher))
+            if surgeon is None:
+                mask = new_mask(params, state.inner_state, old, count, with_fisher)
+                return jax.tree.leaves(mask), None
+            finv = obs.buffer_fisher_inverse(
+                gradients, block_size=surgeon.block_size, damping=surgeon.damping
+            )
+            mask = new_mask(params, state.inner_state, old, count, with_fisher, finv)
+            return jax.tree.leaves(mask), obs._surgeon_shift(params, finv, mask)
+
+        def hold(_):
+            still = None if surgeon is None else [jnp.zeros(jnp.shape(p)) for p in p_leaves]
+            return list(old_leaves), still
 
         # The selection runs only on update steps. It reads only params and the stored state,
         # so the masking below fuses into the inner update: between updates the overhead is
         # one boolean read per weight, not extra passes over the moments. Called eagerly
         # (concrete count), a Python branch replaces lax.cond, whose branches would be traced
         # and compiled anew at every step; the masks are the same (float32 targets both ways).
+        p_leaves = jax.tree.leaves(params)
         if _validate.is_concrete(due):
-            mask_leaves = recompute(None) if bool(due) else list(old_leaves)
+            mask_leaves, shift = recompute(None) if bool(due) else hold(None)
         else:
-            mask_leaves = jax.lax.cond(due, recompute, lambda _: list(old_leaves), None)
+            mask_leaves, shift = jax.lax.cond(due, recompute, hold, None)
         mask = jax.tree.unflatten(treedef, mask_leaves)
         grads, inner_state = _zero_pruned(inner, updates, state.inner_state, mask)
         inner_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+        if shift is not None:
+            inner_updates = jax.tree.unflatten(
+                treedef,
+                [
+                    u + d.astype(u.dtype)
+                    for u, d in zip(jax.tree.leaves(inner_updates), shift, strict=True)
+                ],
+            )
         return _masked_updates(inner_updates, params, mask_leaves), PrunedState(
             count=optax.safe_increment(count),
             mask=jax.tree.unflatten(mask_treedef, mask_leaves),
             inner_state=inner_state,
+            gradients=gradients,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

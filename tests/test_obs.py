@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fisher_optax as fo
@@ -192,3 +193,114 @@ def test_errors():
         obs.obs_prune({"v": params["w"]}, finv, 0.5)
     with pytest.raises(ValueError, match="chunk=4 does not divide the batch of 6"):
         obs.per_example_grads(lambda p, b: jnp.sum(p * b), jnp.ones(()), jnp.ones(6), chunk=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# BlockOBS as the criterion of pruned: the buffer, the selection and the update while training
+
+
+def _stream(seed, steps, shape):
+    rng = np.random.default_rng(seed)
+    params = {"kernel": rng.normal(size=shape).astype(np.float32), "bias": np.zeros(3, np.float32)}
+    grads = [
+        {"kernel": rng.normal(size=shape).astype(np.float32), "bias": np.ones(3, np.float32)}
+        for _ in range(steps)
+    ]
+    return params, grads
+
+
+def _run(opt, params, grads, step=None):
+    step = step or opt.update
+    state = opt.init(params)
+    for g in grads:
+        updates, state = step(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_pruned_block_obs_equals_obs_prune_at_each_mask_update():
+    # sgd(0): the inner optimizer moves nothing, so params change only by the OBS updates.
+    # m = 4 gradients, updates at steps 2 (3 gradients held: the partly filled buffer) and
+    # 4 (gradients 1..4: the ring has wrapped).
+    params, grads = _stream(10, 5, (3, 6))
+    targets = lambda t: jnp.where(t >= 4, 0.5, jnp.where(t >= 2, 0.25, 0.0))
+    surgeon = obs.BlockOBS(block_size=4, num_grads=4, damping=DAMPING)
+    opt = fo.pruned(optax.sgd(0.0), targets, criterion=surgeon, method="one_stage", update_every=2)
+    want, mask = dict(params), None
+    for held, t in ((grads[:3], 2), (grads[1:5], 4)):
+        stacked = jax.tree.map(lambda *g: jnp.stack(g), *held)
+        finv = obs.block_fisher_inverse(stacked, block_size=4, damping=DAMPING)
+        want, mask = obs.obs_prune(want, finv, float(targets(t)), mask=mask)
+    got, state = _run(opt, params, grads)
+    np.testing.assert_array_equal(state.mask["kernel"], mask["kernel"])
+    assert int((~state.mask["kernel"]).sum()) == 9  # round(0.5 * 18): select's count
+    np.testing.assert_allclose(got["kernel"], want["kernel"], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(got["kernel"])[~np.asarray(mask["kernel"])] == 0.0)
+    assert not np.allclose(
+        np.asarray(got["kernel"])[np.asarray(mask["kernel"])],
+        params["kernel"][np.asarray(mask["kernel"])],
+    )  # survivors moved
+    np.testing.assert_array_equal(got["bias"], params["bias"])  # not prunable: not moved
+    assert int(state.gradients.count) == 5
+    np.testing.assert_array_equal(state.gradients.grads["kernel"][0], grads[4]["kernel"])
+
+
+def test_pruned_block_obs_with_block_size_one_is_obd_without_update():
+    params, grads = _stream(11, 3, (4, 5))
+    surgeon = obs.BlockOBS(block_size=1, num_grads=3, damping=DAMPING)
+    opt = fo.pruned(optax.sgd(0.0), lambda t: jnp.where(t >= 2, 0.6, 0.0), criterion=surgeon,
+                    method="one_stage", update_every=2)  # fmt: skip
+    got, state = _run(opt, params, grads)
+    diag = {k: np.mean(np.stack([g[k] for g in grads]) ** 2, axis=0) + DAMPING for k in params}
+    want = fo.select(fo.saliency(params, diag), 0.6)
+    np.testing.assert_array_equal(state.mask["kernel"], want["kernel"])
+    np.testing.assert_array_equal(got["kernel"], np.where(want["kernel"], params["kernel"], 0.0))
+
+
+def test_pruned_block_obs_jit_matches_eager_and_compiles_once():
+    params, grads = _stream(12, 5, (2, 8))
+    params, grads = {"kernel": params["kernel"]}, [{"kernel": g["kernel"]} for g in grads]
+    surgeon = obs.BlockOBS(block_size=8, num_grads=3, damping=DAMPING)
+    opt = fo.pruned(optax.adam(1e-2), fo.polynomial_sparsity(0.75, begin_step=0, end_step=4),
+                    criterion=surgeon, update_every=2)  # fmt: skip
+    traces = []
+
+    @jax.jit
+    def step(g, s, p):
+        traces.append(None)
+        return opt.update(g, s, p)
+
+    jitted, s_jit = _run(opt, params, grads, step)
+    eager, s_eager = _run(opt, params, grads)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(s_jit.mask["kernel"], s_eager.mask["kernel"])
+    assert int((~s_jit.mask["kernel"]).sum()) == 12  # two-stage, 0.75 of 16 at step 4
+    np.testing.assert_allclose(jitted["kernel"], eager["kernel"], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_buffer_keeps_the_last_m_and_its_inverse_averages_what_it_holds():
+    params, grads = _stream(13, 3, (2, 3))
+    opt = optax.chain(obs.gradient_buffer(5), optax.sgd(0.1))
+    state = opt.init(params)
+    updates, state = opt.update(grads[0], state, params)
+    np.testing.assert_allclose(updates["kernel"], -0.1 * grads[0]["kernel"])  # passed on
+    for g in grads[1:]:
+        _, state = opt.update(g, state, params)
+    finv = obs.buffer_fisher_inverse(state[0], block_size=4, damping=DAMPING)
+    want = np.linalg.inv(_np_fisher(np.stack([g["kernel"] for g in grads]), 4))
+    np.testing.assert_allclose(finv["kernel"], want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_block_obs_errors():
+    with pytest.raises(ValueError, match=r"block_size must be an int >= 1, got 0\. It is the"):
+        obs.BlockOBS(block_size=0, num_grads=4, damping=0.1)
+    with pytest.raises(TypeError, match=r"num_grads must be an int >= 1, got 2\.5"):
+        obs.BlockOBS(block_size=4, num_grads=2.5, damping=0.1)
+    with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+        obs.BlockOBS(block_size=4, num_grads=4, damping=float("nan"))
+    with pytest.raises(ValueError, match=r"num_grads must be an int >= 1, got 0\. It is the"):
+        obs.gradient_buffer(0)
+    with pytest.raises(TypeError, match="state must be the GradientBufferState"):
+        obs.buffer_fisher_inverse(optax.EmptyState(), block_size=2, damping=0.1)
+    with pytest.raises(ValueError, match="key is only used by criterion='random'"):
+        fo.pruned(optax.sgd(0.1), 0.5, criterion=obs.BlockOBS(4, 4, 0.1), key=jax.random.key(0))
