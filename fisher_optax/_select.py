@@ -187,12 +187,13 @@ def radix_select(
             (operands, [jnp.asarray(o, jnp.uint32) for o in offsets], t_key)
         )
         for k, g, o in zip(keys_of(ops), groups, offs, strict=True):
-            index = _flat_index(k.shape, o)
-            same = (((k ^ _at(t_key, g, k)) & key_prefix) == 0) & (
-                ((index ^ _at(t_index, g, k)) & index_prefix) == 0
+            v = _flat_view(k, o.ndim > 0)
+            index = _flat_index(v.shape, o)
+            same = (((v ^ _at(t_key, g, v)) & key_prefix) == 0) & (
+                ((index ^ _at(t_index, g, v)) & index_prefix) == 0
             )
-            d = ((jnp.where(on_key, k, index) >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
-            digits.append(jnp.where(same, d, np.uint8(0xFF)))
+            d = ((jnp.where(on_key, v, index) >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
+            digits.append(jnp.where(same, d, np.uint8(0xFF)).reshape(k.shape))
 
         def one_pass(i, carry, below0=below):
             # Candidates t + j * 2**low for j = 1 .. 2**step_bits - 1, counted in one pass.
@@ -373,20 +374,28 @@ def _each(fn: Callable, x: jax.Array, group: int | tuple[int, ...]) -> Any:
     return jax.vmap(fn)(x) if isinstance(group, tuple) else fn(x)
 
 
-def _flat_index(shape: tuple[int, ...], offset: Any) -> jax.Array:
-    """:func:`flat_index` of an array, or of a batch of leaves (``offset`` one per leaf,
-    each leaf indexed from its own offset), built from one iota along one axis.
+def _flat_view(x: jax.Array, batched: bool) -> jax.Array:
+    """``x`` flattened, per leaf for a batch ``(L, n)``, unless it may be sharded (a reshape
+    could move its data between devices)."""
+    if may_be_sharded(x):
+        return x
+    return x.reshape(x.shape[0], -1) if batched else x.reshape(-1)
 
-    XLA:CPU takes 0.2-0.3 s to compile a kernel that combines iotas along two axes of some
-    shapes (a row index times the row length plus a column index, on 32 columns), against
-    0.03 s for one iota over a flattened view: the index is taken on that view and reshaped.
+
+def _flat_index(shape: tuple[int, ...], offset: Any) -> jax.Array:
+    """:func:`flat_index` over a view of :func:`_flat_view`: a batch ``(L, n)`` (``offset``
+    one per leaf), a flat array, or a sharded one of any rank.
+
+    XLA:CPU takes 0.2-0.3 s to compile a kernel that combines iotas along several axes of
+    some shapes (a row index times the row length plus a column index, on 32 columns),
+    against 0.03 s for one iota along one axis: local arrays are indexed in their flat view.
     """
     offset = jnp.asarray(offset, jnp.uint32)
-    if offset.ndim == 0:
-        return (lax.iota(jnp.uint32, math.prod(shape)) + offset).reshape(shape)
-    n = math.prod(shape[1:])
-    iota = lax.broadcasted_iota(jnp.uint32, (offset.shape[0], n), 1)
-    return (iota + offset[:, None]).reshape(shape)
+    if offset.ndim:
+        return lax.broadcasted_iota(jnp.uint32, shape, 1) + offset[:, None]
+    if len(shape) <= 1:
+        return lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) + offset
+    return flat_index(shape, offset)
 
 
 def _select_kept(
@@ -427,8 +436,17 @@ def _select_kept(
     )
 
     def stack(xs):
+        # Concatenated flat, then viewed as (leaves, ...): XLA:CPU compiles a concatenation
+        # of flat arrays in tens of milliseconds, one along the leading axis of leaves of
+        # rank 3 or more in up to a second.
         return [
-            None if xs[b[0]] is None else xs[b[0]] if len(b) == 1 else jnp.stack([xs[i] for i in b])
+            None
+            if xs[b[0]] is None
+            else xs[b[0]]
+            if len(b) == 1
+            else jnp.concatenate([jnp.ravel(xs[i]) for i in b]).reshape(
+                len(b), *jnp.shape(xs[b[0]])
+            )
             for b in batches
         ]
 
@@ -475,25 +493,22 @@ def _select_kept(
         index_bytes=max(1, math.ceil((max(seen) - 1).bit_length() / 8)),
         step_bits=2 if fast else 1,
     )
-    # Per leaf, the key cut and how many of its entries at the cut go (the first ones in
-    # flat order), both 0 where its group prunes nothing; computed for all leaves at once,
-    # then split into one buffer per leaf. Each leaf's mask is then one element-wise kernel
-    # of its scores and its own buffer: leaves of one shape share one compiled kernel
-    # (XLA:CPU compiles every distinct kernel on its own, tens of milliseconds each, and
-    # per-leaf values folded into the kernels as constants would make them distinct).
-    g = np.asarray(groups)
-    o = np.asarray(offsets, np.uint32)
-    last = np.asarray([max(n, 1) - 1 for n in sizes], np.uint32)
-    first = jnp.where(t_index[g] >= o, jnp.minimum(t_index[g] - o, last) + 1, np.uint32(0))
-    prunes = targets[g] > 0
-    leaf_cuts = _unstack(
-        jnp.stack([jnp.where(prunes, t_key[g], _ALREADY), jnp.where(prunes, first, 0)], axis=1)
-    )
-    out = []
-    for s, a, k, cut in zip(scores, allowed, kept, leaf_cuts, strict=True):
-        key = keys_of([s], [a], [k])[0]
-        pruned = (key < cut[0]) | ((key == cut[0]) & (_flat_index(key.shape, 0) < cut[1]))
-        out.append(~pruned & k if a is not None and k is not None else ~pruned)  # see the host path
+    # A batch's masks come from one element-wise kernel over its stacked keys, split into
+    # leaves by _unstack.
+    prunes = targets > 0
+    cut = jnp.where(prunes, t_key, _ALREADY)
+    last = jnp.where(prunes, t_index, np.uint32(0))
+    out: list[jax.Array] = [jnp.zeros(())] * len(groups)
+    for b, key, g, o, a, k in zip(
+        batches, get_keys(source), unit_groups, unit_offsets, *stacked[1:], strict=True
+    ):
+        v = _flat_view(key, np.ndim(o) > 0)
+        at = (v == _at(cut, g, v)) & (_flat_index(v.shape, o) <= _at(last, g, v))
+        pruned = ((v < _at(cut, g, v)) | at) & _at(prunes, g, v)
+        keep = ~pruned.reshape(key.shape)
+        keep = keep & k if a is not None and k is not None else keep  # see the host path
+        for i, m in zip(b, _unstack(keep) if len(b) > 1 else [keep], strict=True):
+            out[i] = m
     return out
 
 
