@@ -11,8 +11,9 @@ at once (one variadic reduction, two bits per pass, 16 passes) and sums, per gro
 fall below each. On parameters sharded along explicit mesh axes each device counts its block
 in ``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one candidate (32
 passes), whose sums XLA's partitioner splits across shards: either way only scalar counts
-cross devices. Ties at the cut are broken by flat index with two small selections (tied
-entries counted per row, then inside the one row that holds the cut). XLA's CPU sort of 1e7
+cross devices. Ties at the cut are broken by flat index in the same loop: where a group has
+more entries at its threshold than it may prune, the loop goes on over the bytes of the
+flat index of the tied entries, so that one compiled loop serves both. XLA's CPU sort of 1e7
 floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition`` from 1e6 to
 1e8 scores on two CPU cores; above :data:`STORED_KEYS_MAX` scores they store one byte per
 score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``). Eager calls
@@ -418,8 +419,9 @@ def _select_kept(
     Leaves of one shape that are not sharded are stacked into one batch (:func:`_batches`)
     and counted by one reduction per pass: the traced selection grows with the number of
     distinct shapes. Each leaf keeps its own group and its own index offset, so counts,
-    ties and scopes are those of the leaves taken one by one. Each leaf's mask is then one
-    element-wise comparison of its own keys and flat indices with its group's cut.
+    ties and scopes are those of the leaves taken one by one. A batch's masks are one
+    element-wise comparison of its keys and flat indices with the cut, handed back to its
+    leaves by :func:`_unstack`.
     """
     sizes = [math.prod(jnp.shape(s)) for s in scores]
     offsets, seen = [], [0] * n_groups
