@@ -256,9 +256,10 @@ def count_many(preds: list[jax.Array]) -> jax.Array:
     reads the data once (counted one by one, each is its own pass, and a long single
     reduction is rewritten into a tree whose first level is stored). Partial sums run along
     the last axis in uint16 (a row shorter than 2**16 cannot overflow it), then over the rows
-    in int32. Not for leaves that may be sharded: XLA's partitioner gathers the operands of
-    a variadic reduction over a sharded axis (see :func:`may_be_sharded`); on explicit
-    mesh axes :func:`_count_many_sharded` runs it on each shard.
+    in int32, all candidates in one reduction. Not for leaves that may be sharded: XLA's
+    partitioner gathers the operands of a variadic reduction over a sharded axis (see
+    :func:`may_be_sharded`); on explicit mesh axes :func:`_count_many_sharded` runs it on
+    each shard.
     """
     if preds[0].ndim == 0:
         return jnp.stack([p.astype(jnp.int32) for p in preds])
@@ -269,7 +270,8 @@ def count_many(preds: list[jax.Array]) -> jax.Array:
         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
         (preds[0].ndim - 1,),
     )
-    return jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in partial])
+    # The partial sums of every candidate in one reduction: one kernel, not one each.
+    return jnp.sum(jnp.stack(partial).reshape(len(preds), -1), axis=1, dtype=jnp.int32)
 
 
 def _aval_sharding(x: Any) -> Any:
