@@ -346,11 +346,6 @@ def _group_sum(values: list[jax.Array], groups: tuple, n_groups: int) -> jax.Arr
     return sums
 
 
-def _leaf_axes(x: jax.Array, group: int | tuple[int, ...]) -> tuple[int, ...]:
-    """The axes of one leaf in ``x``: all of them, or all but a batch's leading axis."""
-    return tuple(range(1 if isinstance(group, tuple) else 0, x.ndim))
-
-
 def _at(values: jax.Array, group: int | tuple[int, ...], like: jax.Array) -> jax.Array:
     """``values[group]``, for a batch one value per leaf, shaped to broadcast against ``like``."""
     if not isinstance(group, tuple):
