@@ -179,22 +179,30 @@ def radix_select(
         on_key = p < 4
         shift = jnp.where(on_key, 24 - 8 * p, 8 * (n_phases - 1 - p)).astype(jnp.uint32)
         resolved = np.uint32(0xFFFFFF00) << shift  # the bytes above this phase's byte
-        key_prefix = jnp.where(on_key, resolved, full)
-        index_prefix = jnp.where(on_key, np.uint32(0), resolved)
-        digits = []
+
+        def key_digits(ops, offs):
+            del offs
+            return [
+                jnp.where(((k ^ _at(t_key, g, k)) & resolved) == 0, _byte(k, shift), np.uint8(0xFF))
+                for k, g in zip(keys_of(ops), groups, strict=True)
+            ]
+
+        def index_digits(ops, offs):
+            digits = []
+            for k, g, o in zip(keys_of(ops), groups, offs, strict=True):
+                v = _flat_view(k, o.ndim > 0)
+                index = _flat_index(v.shape, o)
+                same = (v == _at(t_key, g, v)) & (((index ^ _at(t_index, g, v)) & resolved) == 0)
+                digits.append(jnp.where(same, _byte(index, shift), np.uint8(0xFF)).reshape(k.shape))
+            return digits
+
         # Tied to the loop state, so that XLA can neither hoist the keys and flat indices
-        # out of the loop (and store them) nor merge the phases' recomputations.
+        # out of the loop (and store them) nor merge the phases' recomputations. The key
+        # phases read no index (a branch each: forming the index in every phase cost 20%).
         ops, offs, _ = lax.optimization_barrier(
             (operands, [jnp.asarray(o, jnp.uint32) for o in offsets], t_key)
         )
-        for k, g, o in zip(keys_of(ops), groups, offs, strict=True):
-            v = _flat_view(k, o.ndim > 0)
-            index = _flat_index(v.shape, o)
-            same = (((v ^ _at(t_key, g, v)) & key_prefix) == 0) & (
-                ((index ^ _at(t_index, g, v)) & index_prefix) == 0
-            )
-            d = ((jnp.where(on_key, v, index) >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
-            digits.append(jnp.where(same, d, np.uint8(0xFF)).reshape(k.shape))
+        digits = lax.cond(on_key, key_digits, index_digits, ops, offs)
 
         def one_pass(i, carry, below0=below):
             # Candidates t + j * 2**low for j = 1 .. 2**step_bits - 1, counted in one pass.
@@ -247,6 +255,11 @@ def radix_select(
     )
     p, t_key, t_index, below, hi = lax.while_loop(more, phase, start)
     return t_key, jnp.where(p > 4, t_index, full), below, hi
+
+
+def _byte(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """The byte of ``x`` at bit ``shift``, as uint8."""
+    return ((x >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
 
 
 def count_many(preds: list[jax.Array]) -> jax.Array:
