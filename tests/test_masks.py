@@ -168,9 +168,10 @@ def test_tie_break_lower_flat_index_first_across_leaves():
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_tie_break_over_rows_of_every_leaf_shape(scope):
-    """The tie-break by (row, in-row index) equals the flat-index order for 0-D, 1-D (split
-    into rows or not), 2-D and 3-D leaves, with heavy ties, a prior mask, under jit."""
+def test_tie_break_by_flat_index_for_every_leaf_shape(scope):
+    """The tie-break over the bytes of each leaf's flat index (plus its offset) equals the
+    flat-index order for 0-D, 1-D, 2-D and 3-D leaves, with heavy ties, a prior mask,
+    under jit."""
     rng = np.random.default_rng(3)
     shapes = {"s": (), "v600": (600,), "v257": (257,), "m": (7, 30), "t": (3, 5, 40)}
     tree = {k: rng.integers(0, 4, s).astype(np.float32) for k, s in shapes.items()}
