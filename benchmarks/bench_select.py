@@ -5,7 +5,8 @@ Every method produces the same thing, a global keep-mask over all leaves pruning
 
 - ``fisher_optax``: ``jax.jit(select)``: 16 counting passes over order-preserving keys,
   one byte-wide digit per phase, three candidates counted per pass (plus the tie-break by
-  flat index, two small selections that run only when ties straddle the cut);
+  flat index: the same loop goes on over the bytes of the index of the tied entries, and
+  only when ties straddle the cut);
 - ``argsort``: what existing JAX pruners do: concatenate, ``jnp.argsort``, take the k-th
   value as threshold, compare (jitted; ties not resolved exactly);
 - ``np.partition``: NumPy introselect for the k-th value, in place on a concatenated copy
@@ -24,6 +25,7 @@ commit c80da99 stored about 8 and faulted 810 MB at 1e8).
     python benchmarks/bench_select.py --quick    # 1e5, 1e6
     python benchmarks/bench_select.py --argsort-1e8   # also time argsort at 1e8, once
     python benchmarks/bench_select.py --keys     # stored vs recomputed keys, 1e6 to 3.2e7
+    python benchmarks/bench_select.py --ties     # continuous scores vs 8 distinct values
     python benchmarks/bench_select.py --sizes 1e8,1e9 --argsort-1e8   # on a GPU
 
 ``--keys`` times the two ways the kernel can give its phases the keys, forced by setting
@@ -144,18 +146,43 @@ def keys_table(repeats: int) -> None:
         del dev
 
 
+def ties_table(repeats: int) -> None:
+    """Continuous scores against scores of 8 distinct values (ties straddle the cut, so the
+    loop goes on over the index bytes), interleaved."""
+    print("| n | continuous | 8 distinct values | ties / continuous |")
+    print("|---|---:|---:|---:|")
+    for n in [10**6, 10**7]:
+        smooth = jax.device_put(make_scores(n))
+        tied = jax.tree.map(lambda x: jnp.floor(jnp.abs(x) * 4).clip(0, 7), smooth)
+        jax.block_until_ready((ours(smooth), ours(tied)))
+        times = {"smooth": [], "tied": []}
+        for _ in range(repeats):
+            times["smooth"].append(timed(ours, smooth, block=True)[0])
+            times["tied"].append(timed(ours, tied, block=True)[0])
+        med = {k: float(np.median(t)) for k, t in times.items()}
+        print(
+            f"| {n:.0e} | {med['smooth'] * 1e3:.2f} ms | {med['tied'] * 1e3:.2f} ms | "
+            f"{med['tied'] / med['smooth']:.2f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--argsort-1e8", action="store_true", help="time argsort at 1e8 once")
     parser.add_argument("--keys", action="store_true", help="stored vs recomputed keys only")
+    parser.add_argument("--ties", action="store_true", help="continuous vs tied scores only")
     parser.add_argument(
         "--sizes", help="comma-separated sizes instead of the defaults, e.g. 1e8,1e9 (on a GPU)"
     )
     args = parser.parse_args()
     if args.keys:
         keys_table(max(args.repeats, 15))
+        return
+    if args.ties:
+        ties_table(max(args.repeats, 15))
         return
     sizes = [10**5, 10**6] if args.quick else [10**6, 10**7, 10**8]
     if args.sizes:

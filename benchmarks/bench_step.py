@@ -5,7 +5,8 @@ load from other processes hits both alike. Between mask updates ``pruned`` adds 
 gradient, masked moments and a masked update (all fused into Adam's elementwise update) and
 a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead. A
 mask-update step (two-stage selection over all kernels, Fisher read from ``nu``) is timed on
-its own.
+its own, and so is the selection alone (``jit(two_stage_mask)`` on the same inputs): the
+step costs one update plus the selection.
 
     python benchmarks/bench_step.py            # 784-1024-1024-10 MLP (1.9M params), batch 128
     python benchmarks/bench_step.py --quick    # 784-256-10, fewer steps
@@ -137,6 +138,17 @@ def main() -> None:
         _, s_new = jax.block_until_ready(upd_every(grads, s_every, params))
         t_mask.append(time.perf_counter() - t)
     selected = sum(int((~m).sum()) for m in jax.tree.leaves(s_new.mask))
+    # The selection alone, as the mask-update step runs it (two-stage, global, from the same
+    # params, Fisher and mask, float32 sparsity): what a mask update adds to an update.
+    fisher = fo.fisher_from_state(s_every.inner_state, params=params)
+    alone = jax.jit(lambda p, f, m, s: fo.two_stage_mask(p, s, fisher=f, mask=m))
+    sel_args = (params, fisher, s_every.mask, jnp.float32(0.8))
+    jax.block_until_ready(alone(*sel_args))
+    t_sel = []
+    for _ in range(max(3, steps // 20)):
+        t = time.perf_counter()
+        jax.block_until_ready(alone(*sel_args))
+        t_sel.append(time.perf_counter() - t)
 
     med = lambda v: float(np.median(v)) * 1e3
     print(
@@ -159,6 +171,14 @@ def main() -> None:
     print(
         f"| optimizer update at a mask update (two-stage, global) | {base:.2f} ms | "
         f"{med(t_mask):.2f} ms | {med(t_mask) / base:.1f} |"
+    )
+    print(
+        f"| the two-stage selection alone (jit(two_stage_mask)) | {base:.2f} ms | "
+        f"{med(t_sel):.2f} ms | {med(t_sel) / base:.1f} |"
+    )
+    print(
+        f"# mask-update step - selection alone = {med(t_mask) - med(t_sel):.2f} ms "
+        f"({(med(t_mask) - med(t_sel)) / base:.2f} updates)"
     )
     # With the state donated, XLA copies the moments that the conditional holding the
     # selection reads (it cannot prove the in-place update comes after it): count the copies.

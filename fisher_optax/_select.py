@@ -11,8 +11,9 @@ at once (one variadic reduction, two bits per pass, 16 passes) and sums, per gro
 fall below each. On parameters sharded along explicit mesh axes each device counts its block
 in ``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one candidate (32
 passes), whose sums XLA's partitioner splits across shards: either way only scalar counts
-cross devices. Ties at the cut are broken by flat index with two small selections (tied
-entries counted per row, then inside the one row that holds the cut). XLA's CPU sort of 1e7
+cross devices. Ties at the cut are broken by flat index in the same loop: where a group has
+more entries at its threshold than it may prune, the loop goes on over the bytes of the
+flat index of the tied entries, so that one compiled loop serves both. XLA's CPU sort of 1e7
 floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition`` from 1e6 to
 1e8 scores on two CPU cores; above :data:`STORED_KEYS_MAX` scores they store one byte per
 score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``). Eager calls
@@ -124,61 +125,84 @@ def radix_select(
     groups: tuple[int | tuple[int, ...], ...],
     n_groups: int,
     targets: jax.Array,
-    bits: int = 32,
     *,
-    weights: list[jax.Array] | None = None,
+    offsets: tuple[Any, ...],
+    index_bytes: int,
     step_bits: int = 1,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per group, the largest ``t < 2**bits`` with ``#{key < t} < target``, and that count.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per group, the ``target``-th smallest entry in the order (key, flat index).
 
-    Returns ``(t, #{key < t}, #{key <= t})``. The one selection routine: the score threshold
-    (``bits=32``) and the cut among ties (over row and in-row indices) are all found by it.
+    Returns ``(t, i, below, upto)``: the entry's key ``t`` and flat index ``i``, and the
+    number of entries before it and up to it in that order. The index is resolved only when
+    some group has more entries at ``t`` than it may prune; otherwise ``i`` is ``2**32 - 1``
+    (every entry at ``t`` goes) and the counts are ``#{key < t}`` and ``#{key <= t}``.
     The keys are ``keys_of(operands)``, evaluated in every phase: ``list`` of stored keys,
     or a function recomputing them from the scores (then nothing score-sized is stored; see
-    ``STORED_KEYS_MAX``). Keys must lie below ``2**bits``, and ``bits`` be a multiple of 8.
-    With ``weights`` (int32 arrays shaped like the keys) a key counts with its weight
-    instead of 1: the tie-break counts tied entries per row that way.
+    ``STORED_KEYS_MAX``). The flat index of an entry is its row-major index inside its array
+    plus the array's offset (``offsets``, an array of one offset per leaf for a batch), and
+    lies below ``2**(8 * index_bytes)``.
 
     ``groups`` holds one entry per key array: an int, the group of the whole array, or a
     tuple, for a batch of leaves stacked along the leading axis, the group of each leaf.
-    A batch is counted by one vmapped reduction, so the traced program grows with the
-    number of arrays, not of leaves.
+    A batch is counted by one reduction, so the traced program grows with the number of
+    arrays, not of leaves.
 
-    It bisects ``bits`` bits in phases of eight, one byte of the key per phase (a loop, so
-    that one digit buffer serves every phase). A phase first maps each key to one uint8
-    digit: its byte when its higher bytes equal those of the threshold found so far, else 255
-    (keys below the threshold's prefix are already counted in ``below``; those above never
-    count, and a real digit 255 is never below a candidate digit, which is at most 255). Its
-    counting passes then read one byte per weight instead of four. Each pass counts the
-    ``2**step_bits - 1`` candidates that split the remaining interval evenly and so resolves
-    ``step_bits`` bits: with ``step_bits=2`` three counts share one variadic reduction
-    (:func:`count_many`), 16 passes instead of 32. The count at the threshold plus one is
-    the smallest count not taken, so no pass is spent on it.
+    It bisects the 32 key bits and then the index bits in phases of eight, one byte per
+    phase, in one loop whose body is traced and compiled once: each phase only picks its
+    byte, of the key or of the index, by the loop counter. The index phases run only where
+    ties need them, so on continuous scores the loop stops after the four key phases. A
+    phase first maps each entry to one uint8 digit: its byte when the bytes resolved so far
+    equal those of the entry sought, else 255 (entries before it are already counted in
+    ``below``; those after never count, and a real digit 255 is never below a candidate
+    digit, which is at most 255). Its counting passes then read one byte per weight instead
+    of four. Each pass counts the ``2**step_bits - 1`` candidates that split the remaining
+    interval evenly and so resolves ``step_bits`` bits: with ``step_bits=2`` three counts
+    share one variadic reduction (:func:`count_many`), 4 passes a phase instead of 8. The
+    count at the threshold plus one is the smallest count not taken, so no pass is spent
+    on it.
     """
     keys = keys_of(operands)
-    sizes = []
-    for i, (k, g) in enumerate(zip(keys, groups, strict=True)):
-        axes = _leaf_axes(k, g)
-        if weights:
-            sizes.append(jnp.sum(weights[i], axis=axes, dtype=jnp.int32))
-        elif isinstance(g, tuple):
-            sizes.append(jnp.full(len(g), math.prod(k.shape[1:]), jnp.int32))
-        else:
-            sizes.append(jnp.int32(k.size))
-    low_bits = np.uint32(2**bits - 1) if bits < 32 else np.uint32(0xFFFFFFFF)
+    # A batch whose leaves all share one group is counted as one array of that group.
+    groups = tuple(g[0] if isinstance(g, tuple) and len(set(g)) == 1 else g for g in groups)
+    sizes = [
+        jnp.full(len(g), math.prod(k.shape[1:]), jnp.int32)
+        if isinstance(g, tuple)
+        else jnp.int32(k.size)
+        for k, g in zip(keys, groups, strict=True)
+    ]
     m = 2**step_bits - 1
+    n_phases = 4 + index_bytes
+    full = np.uint32(0xFFFFFFFF)
 
-    def phase(p, carry):
-        thresh, below, hi = carry
-        shift = jnp.uint32(bits - 8) - p.astype(jnp.uint32) * jnp.uint32(8)
-        prefix = (np.uint32(0xFFFFFF00) << shift) & low_bits  # the bytes already resolved
-        digits = []
-        # Tied to the loop state, so that XLA can neither hoist the keys out of the loop
-        # (and store them) nor merge the phases' recomputations.
-        ops, _ = lax.optimization_barrier((operands, thresh))
-        for k, g in zip(keys_of(ops), groups, strict=True):
-            d = ((k >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
-            digits.append(jnp.where(((k ^ _at(thresh, g, k)) & prefix) == 0, d, np.uint8(0xFF)))
+    def phase(carry):
+        p, t_key, t_index, below, hi = carry
+        on_key = p < 4
+        shift = jnp.where(on_key, 24 - 8 * p, 8 * (n_phases - 1 - p)).astype(jnp.uint32)
+        resolved = np.uint32(0xFFFFFF00) << shift  # the bytes above this phase's byte
+
+        def key_digits(ops, offs):
+            del offs
+            return [
+                jnp.where(((k ^ _at(t_key, g, k)) & resolved) == 0, _byte(k, shift), np.uint8(0xFF))
+                for k, g in zip(keys_of(ops), groups, strict=True)
+            ]
+
+        def index_digits(ops, offs):
+            digits = []
+            for k, g, o in zip(keys_of(ops), groups, offs, strict=True):
+                v = _flat_view(k, o.ndim > 0)
+                index = _flat_index(v.shape, o)
+                same = (v == _at(t_key, g, v)) & (((index ^ _at(t_index, g, v)) & resolved) == 0)
+                digits.append(jnp.where(same, _byte(index, shift), np.uint8(0xFF)).reshape(k.shape))
+            return digits
+
+        # Tied to the loop state, so that XLA can neither hoist the keys and flat indices
+        # out of the loop (and store them) nor merge the phases' recomputations. The key
+        # phases read no index (a branch each: forming the index in every phase cost 20%).
+        ops, offs, _ = lax.optimization_barrier(
+            (operands, [jnp.asarray(o, jnp.uint32) for o in offsets], t_key)
+        )
+        digits = lax.cond(on_key, key_digits, index_digits, ops, offs)
 
         def one_pass(i, carry, below0=below):
             # Candidates t + j * 2**low for j = 1 .. 2**step_bits - 1, counted in one pass.
@@ -186,31 +210,19 @@ def radix_select(
             low = jnp.uint32(8 - step_bits) - i.astype(jnp.uint32) * jnp.uint32(step_bits)
             cands = [t + (jnp.uint32(j) << low) for j in range(1, m + 1)]  # <= 255
             sums = []
-            for d, g, w in zip(digits, groups, weights or [None] * len(digits), strict=True):
+            for d, g in zip(digits, groups, strict=True):
                 preds = [d < _at(c, g, d).astype(jnp.uint8) for c in cands]
-                batched = isinstance(g, tuple)
-                if w is not None:
-                    axes = _leaf_axes(d, g)
-                    sums.append(
-                        jnp.stack(
-                            [
-                                jnp.sum(jnp.where(q, w, 0), axis=axes, dtype=jnp.int32)
-                                for q in preds
-                            ],
-                            axis=-1,
-                        )
-                    )
-                elif batched:
+                if isinstance(g, tuple):
                     many = (
                         jax.vmap(count_many) if m > 1 else lambda p: jax.vmap(count)(p[0])[:, None]
                     )
                     sums.append(many(preds))
+                    continue
+                layout = explicit_layout(d) if m > 1 else None
+                if layout is not None:
+                    sums.append(_count_many_sharded(d, [c[g] for c in cands], *layout))
                 else:
-                    layout = explicit_layout(d) if m > 1 else None
-                    if layout is not None:
-                        sums.append(_count_many_sharded(d, [c[g] for c in cands], *layout))
-                    else:
-                        sums.append(count_many(preds) if m > 1 else count(preds[0])[None])
+                    sums.append(count_many(preds) if m > 1 else count(preds[0])[None])
             counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
             take = counts < targets[:, None]  # true for a prefix of the candidates
             steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
@@ -223,14 +235,31 @@ def radix_select(
         digit, below, hi = lax.fori_loop(
             0, 8 // step_bits, one_pass, (jnp.zeros(n_groups, jnp.uint32), below, hi)
         )
-        return thresh | (digit << shift), below, hi
+        found = digit << shift
+        t_key = jnp.where(on_key, t_key | found, t_key)
+        t_index = jnp.where(on_key, t_index, t_index | found)
+        return p + 1, t_key, t_index, below, hi
+
+    def more(carry):
+        # Past the key phases only while some group has more entries at its threshold than
+        # it may prune; once started, the index phases all run.
+        p, _, _, _, hi = carry
+        return (p < 4) | ((p < n_phases) & ((p > 4) | jnp.any(hi > targets)))
 
     start = (
+        jnp.int32(0),
+        jnp.zeros(n_groups, jnp.uint32),
         jnp.zeros(n_groups, jnp.uint32),
         jnp.zeros(n_groups, jnp.int32),
         _group_sum(sizes, groups, n_groups),
     )
-    return lax.fori_loop(0, bits // 8, phase, start)
+    p, t_key, t_index, below, hi = lax.while_loop(more, phase, start)
+    return t_key, jnp.where(p > 4, t_index, full), below, hi
+
+
+def _byte(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """The byte of ``x`` at bit ``shift``, as uint8."""
+    return ((x >> shift) & np.uint32(0xFF)).astype(jnp.uint8)
 
 
 def count_many(preds: list[jax.Array]) -> jax.Array:
@@ -240,9 +269,10 @@ def count_many(preds: list[jax.Array]) -> jax.Array:
     reads the data once (counted one by one, each is its own pass, and a long single
     reduction is rewritten into a tree whose first level is stored). Partial sums run along
     the last axis in uint16 (a row shorter than 2**16 cannot overflow it), then over the rows
-    in int32. Not for leaves that may be sharded: XLA's partitioner gathers the operands of
-    a variadic reduction over a sharded axis (see :func:`may_be_sharded`); on explicit
-    mesh axes :func:`_count_many_sharded` runs it on each shard.
+    in int32, all candidates in one reduction. Not for leaves that may be sharded: XLA's
+    partitioner gathers the operands of a variadic reduction over a sharded axis (see
+    :func:`may_be_sharded`); on explicit mesh axes :func:`_count_many_sharded` runs it on
+    each shard.
     """
     if preds[0].ndim == 0:
         return jnp.stack([p.astype(jnp.int32) for p in preds])
@@ -253,29 +283,8 @@ def count_many(preds: list[jax.Array]) -> jax.Array:
         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
         (preds[0].ndim - 1,),
     )
-    return jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in partial])
-
-
-def row_counts(pred: jax.Array) -> jax.Array:
-    """``jnp.sum(pred, axis=(1, ..))`` as int32, without storing ``pred`` as integers.
-
-    XLA's CPU backend rewrites a reduction over more than 32 entries into a tree whose first
-    level is a stored integer copy of its operand (faulted in afresh at every call: 4 bytes
-    an entry for 1e8 entries). Each row is therefore padded to a multiple of 32 and summed in
-    two levels, 32 entries at a time first (fused with the comparison), then the partial sums.
-    """
-    if pred.size == 0:
-        return jnp.zeros(pred.shape[0], jnp.int32)
-    if may_be_sharded(pred):
-        # Blocks of 32 could split a sharded axis unevenly: data would move between devices
-        # (Auto axes) or jax would refuse the reshape (explicit axes).
-        return jnp.sum(pred, axis=tuple(range(1, pred.ndim)), dtype=jnp.int32)
-    pred = pred.reshape(pred.shape[0], math.prod(pred.shape[1:]))
-    pad = -pred.shape[1] % 32
-    if pad:
-        pred = jnp.pad(pred, ((0, 0), (0, pad)))
-    part = jnp.sum(pred.reshape(pred.shape[0], -1, 32), axis=2, dtype=jnp.uint8)
-    return jnp.sum(part, axis=1, dtype=jnp.int32)
+    # The partial sums of every candidate in one reduction: one kernel, not one each.
+    return jnp.sum(jnp.stack(partial).reshape(len(preds), -1), axis=1, dtype=jnp.int32)
 
 
 def _aval_sharding(x: Any) -> Any:
@@ -350,11 +359,6 @@ def _group_sum(values: list[jax.Array], groups: tuple, n_groups: int) -> jax.Arr
     return sums
 
 
-def _leaf_axes(x: jax.Array, group: int | tuple[int, ...]) -> tuple[int, ...]:
-    """The axes of one leaf in ``x``: all of them, or all but a batch's leading axis."""
-    return tuple(range(1 if isinstance(group, tuple) else 0, x.ndim))
-
-
 def _at(values: jax.Array, group: int | tuple[int, ...], like: jax.Array) -> jax.Array:
     """``values[group]``, for a batch one value per leaf, shaped to broadcast against ``like``."""
     if not isinstance(group, tuple):
@@ -381,6 +385,30 @@ def _each(fn: Callable, x: jax.Array, group: int | tuple[int, ...]) -> Any:
     return jax.vmap(fn)(x) if isinstance(group, tuple) else fn(x)
 
 
+def _flat_view(x: jax.Array, batched: bool) -> jax.Array:
+    """``x`` flattened, per leaf for a batch ``(L, n)``, unless it may be sharded (a reshape
+    could move its data between devices)."""
+    if may_be_sharded(x):
+        return x
+    return x.reshape(x.shape[0], -1) if batched else x.reshape(-1)
+
+
+def _flat_index(shape: tuple[int, ...], offset: Any) -> jax.Array:
+    """:func:`flat_index` over a view of :func:`_flat_view`: a batch ``(L, n)`` (``offset``
+    one per leaf), a flat array, or a sharded one of any rank.
+
+    XLA:CPU takes 0.2-0.3 s to compile a kernel that combines iotas along several axes of
+    some shapes (a row index times the row length plus a column index, on 32 columns),
+    against 0.03 s for one iota along one axis: local arrays are indexed in their flat view.
+    """
+    offset = jnp.asarray(offset, jnp.uint32)
+    if offset.ndim:
+        return lax.broadcasted_iota(jnp.uint32, shape, 1) + offset[:, None]
+    if len(shape) <= 1:
+        return lax.iota(jnp.uint32, math.prod(shape)).reshape(shape) + offset
+    return flat_index(shape, offset)
+
+
 def _select_kept(
     scores: list[jax.Array],
     allowed: list[jax.Array | None],
@@ -395,26 +423,44 @@ def _select_kept(
     Entries where ``allowed`` is False are never pruned; entries where ``kept`` is False are
     pruned whatever their score (and count toward the target, which is raised to their number
     if it is lower). Ties at the threshold go to the lower flat index, where the flat index
-    runs over the group's leaves in order, row-major inside each leaf.
+    runs over the group's leaves in order, row-major inside each leaf: one selection over
+    the order (score, flat index) finds the last entry pruned (:func:`radix_select`).
 
     Leaves of one shape that are not sharded are stacked into one batch (:func:`_batches`)
-    and counted by vmapped reductions, and their masks go back to the leaves through
-    :func:`_unstack`: the traced program grows with the number of distinct shapes, and the
-    compiled one adds only identical kernels per leaf. Each leaf keeps its own group and its
-    own row offset, so counts, ties and scopes are those of the leaves taken one by one.
+    and counted by one reduction per pass: the traced selection grows with the number of
+    distinct shapes. Each leaf keeps its own group and its own index offset, so counts,
+    ties and scopes are those of the leaves taken one by one. A batch's masks are one
+    element-wise comparison of its keys and flat indices with the cut, handed back to its
+    leaves by :func:`_unstack`.
     """
+    sizes = [math.prod(jnp.shape(s)) for s in scores]
+    offsets, seen = [], [0] * n_groups
+    for g, n in zip(groups, sizes, strict=True):
+        offsets.append(seen[g])
+        seen[g] += n
     batches = _batches(scores, allowed, kept)
     unit_groups = tuple(
         groups[b[0]] if len(b) == 1 else tuple(groups[i] for i in b) for b in batches
     )
+    unit_offsets = tuple(
+        offsets[b[0]] if len(b) == 1 else np.asarray([offsets[i] for i in b], np.uint32)
+        for b in batches
+    )
 
     def stack(xs):
+        # Concatenated flat, then viewed as (leaves, ...): XLA:CPU compiles a concatenation
+        # of flat arrays in tens of milliseconds, one along the leading axis of leaves of
+        # rank 3 or more in up to a second.
         return [
-            None if xs[b[0]] is None else xs[b[0]] if len(b) == 1 else jnp.stack([xs[i] for i in b])
+            None
+            if xs[b[0]] is None
+            else xs[b[0]]
+            if len(b) == 1
+            else jnp.concatenate([jnp.ravel(xs[i]) for i in b]).reshape(
+                len(b), *jnp.shape(xs[b[0]])
+            )
             for b in batches
         ]
-
-    scores, allowed, kept = stack(scores), stack(allowed), stack(kept)
 
     def keys_of(scores, allowed, kept):
         keys = []
@@ -427,18 +473,19 @@ def _select_kept(
             keys.append(key)
         return keys
 
-    keys = keys_of(scores, allowed, kept)
+    stacked = (stack(scores), stack(allowed), stack(kept))
+    keys = keys_of(*stacked)
     # Where the keys go: stored once and read by every phase, or recomputed from the scores
     # by each (see STORED_KEYS_MAX).
-    if sum(k.size for k in keys) <= STORED_KEYS_MAX:
+    if sum(sizes) <= STORED_KEYS_MAX:
         source, get_keys = keys, list
     else:
-        source, get_keys = (scores, allowed, kept), lambda ops: keys_of(*ops)
+        source, get_keys = stacked, lambda ops: keys_of(*ops)
     prior = [
         _each(count, ~k if a is None else ~k & a, g)
         if k is not None
         else jnp.zeros(len(g) if isinstance(g, tuple) else (), jnp.int32)
-        for a, k, g in zip(allowed, kept, unit_groups, strict=True)
+        for a, k, g in zip(stacked[1], stacked[2], unit_groups, strict=True)
     ]
     targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, unit_groups, n_groups))
 
@@ -447,127 +494,34 @@ def _select_kept(
     # single-operand sums the partitioner splits across shards: it would gather a variadic
     # reduction over a sharded axis).
     fast = all(not may_be_sharded(k) or explicit_layout(k) is not None for k in keys)
-    step_bits = 2 if fast else 1
-    thresh, below, upto = radix_select(
+
+    t_key, t_index, _, _ = radix_select(
         get_keys,
         source,
         unit_groups,
         n_groups,
         targets,
-        step_bits=step_bits,
+        offsets=unit_offsets,
+        index_bytes=max(1, math.ceil((max(seen) - 1).bit_length() / 8)),
+        step_bits=2 if fast else 1,
     )
-    at = upto - below  # entries at the threshold
-    ties = targets - below  # how many entries at the threshold to prune (>= 1 if target > 0)
-
-    # The tie-break orders tied entries by flat index, as (row, index inside the row): the
-    # rows of a group run over its leaves in order (1-D leaves are viewed as rows too), so a
-    # row-major flat index is the pair (global row, in-row index) compared lexicographically.
-    views = [_each(_rows_view, k, g) for k, g in zip(keys, unit_groups, strict=True)]
-    lead = [int(isinstance(g, tuple)) for g in unit_groups]  # 1 for a batch's leading axis
-    leaf_rows = [0] * len(groups)
-    for b, v, n in zip(batches, views, lead, strict=True):
-        for i in b:
-            leaf_rows[i] = v.shape[n]
-    leaf_offsets, rows_in = [], [0] * n_groups
-    for g, rows in zip(groups, leaf_rows, strict=True):
-        leaf_offsets.append(rows_in[g])
-        rows_in[g] += rows
-    row_offsets = [
-        leaf_offsets[b[0]] if not n else np.asarray([leaf_offsets[i] for i in b], np.uint32)
-        for b, n in zip(batches, lead, strict=True)
-    ]
-    row_bits = _index_bits(max(rows_in))
-    col_bits = _index_bits(
-        max(math.prod(v.shape[1 + n :]) for v, n in zip(views, lead, strict=True))
-    )
-
-    def tie_cut(operands):
-        # Two small selections instead of one over every entry's flat index: first the row
-        # holding the ties[g]-th tied entry (tied entries counted per row, one pass), then
-        # its position inside that row (one pass to extract the row's tied entries).
-        views = [
-            _each(_rows_view, k, g) for k, g in zip(get_keys(operands), unit_groups, strict=True)
-        ]
-        tied = [v == _at(thresh, g, v) for v, g in zip(views, unit_groups, strict=True)]
-        per_row = [_each(row_counts, t, g) for t, g in zip(tied, unit_groups, strict=True)]
-        row_keys = [
-            _row_index(r.shape, o, n) for r, o, n in zip(per_row, row_offsets, lead, strict=True)
-        ]
-        cut_row, before, _ = radix_select(
-            list, row_keys, unit_groups, n_groups, ties, bits=row_bits, weights=per_row
-        )
-        in_row = [
-            jnp.any(t & (_row_index(t.shape, o, n) == _at(cut_row, g, t)), axis=n)
-            for t, g, o, n in zip(tied, unit_groups, row_offsets, lead, strict=True)
-        ]
-        sentinel = np.uint32(2**col_bits - 1)  # above every in-row index
-        cols = [_in_row_index(r.shape, n) for r, n in zip(in_row, lead, strict=True)]
-        col_keys = [jnp.where(r, c, sentinel) for r, c in zip(in_row, cols, strict=True)]
-        cut_col, _, _ = radix_select(
-            list, col_keys, unit_groups, n_groups, ties - before, bits=col_bits
-        )
-        cut_in_row = [
-            r & (c <= _at(cut_col, g, r)) for r, c, g in zip(in_row, cols, unit_groups, strict=True)
-        ]
-        return cut_row, cut_in_row
-
-    def all_tied(operands):
-        return jnp.full(n_groups, _NEVER), [
-            jnp.zeros(v.shape[:n] + v.shape[1 + n :], bool)
-            for v, n in zip(views, lead, strict=True)
-        ]
-
-    # Only when some group has more entries at the threshold than it may prune does the
-    # tie-break run (continuous scores rarely need it); otherwise every tied entry goes.
-    cut_row, cut_in_row = lax.cond(jnp.any(at > ties), tie_cut, all_tied, source)
+    # A batch's masks come from one element-wise kernel over its stacked keys, split into
+    # leaves by _unstack.
+    prunes = targets > 0
+    cut = jnp.where(prunes, t_key, _ALREADY)
+    last = jnp.where(prunes, t_index, np.uint32(0))
     out: list[jax.Array] = [jnp.zeros(())] * len(groups)
-    for b, k, v, g, o, n, c, a, p in zip(
-        batches,
-        keys,
-        views,
-        unit_groups,
-        row_offsets,
-        lead,
-        cut_in_row,
-        allowed,
-        kept,
-        strict=True,
+    for b, key, g, o, a, k in zip(
+        batches, get_keys(source), unit_groups, unit_offsets, *stacked[1:], strict=True
     ):
-        row = _row_index(v.shape, o, n)
-        in_row = c[:, None] if n else c
-        cut = _at(cut_row, g, v)
-        t = _at(thresh, g, v)
-        tied_pruned = (v == t) & ((row < cut) | ((row == cut) & in_row))
-        prune = ((v < t) | tied_pruned) & (_at(targets, g, v) > 0)
-        keep = (~prune).reshape(k.shape)
-        keep = keep & p if a is not None and p is not None else keep  # see the host path
-        for i, m in zip(b, _unstack(keep) if n else [keep], strict=True):
+        v = _flat_view(key, np.ndim(o) > 0)
+        at = (v == _at(cut, g, v)) & (_flat_index(v.shape, o) <= _at(last, g, v))
+        pruned = ((v < _at(cut, g, v)) | at) & _at(prunes, g, v)
+        keep = ~pruned.reshape(key.shape)
+        keep = keep & k if a is not None and k is not None else keep  # see the host path
+        for i, m in zip(b, _unstack(keep) if len(b) > 1 else [keep], strict=True):
             out[i] = m
     return out
-
-
-def _rows_view(x: jax.Array) -> jax.Array:
-    """``x`` as rows ``(rows, ...)`` in row-major order: a 1-D leaf as ``(chunk, d // chunk)``."""
-    if x.ndim >= 2:
-        return x
-    if x.ndim == 0:
-        return x.reshape(1, 1)
-    c = None if may_be_sharded(x) else _chunk(x.shape[0])  # (d, 1) splits no sharded axis
-    return x.reshape(c, x.shape[0] // c) if c is not None else x.reshape(x.shape[0], 1)
-
-
-def _row_index(shape: tuple[int, ...], offset: Any, lead: int) -> jax.Array:
-    """The row index of every entry, plus ``offset``, as uint32: rows run along axis
-    ``lead`` (1 in a batch, whose leaves each have their own offset)."""
-    offset = np.asarray(offset, np.uint32)
-    if lead:
-        offset = offset.reshape(-1, *[1] * (len(shape) - 1))
-    return lax.broadcasted_iota(jnp.uint32, shape, lead) + offset
-
-
-def _in_row_index(shape: tuple[int, ...], lead: int) -> jax.Array:
-    """The row-major index of every entry inside its row (inside its leaf in a batch)."""
-    return jnp.broadcast_to(flat_index(shape[lead:], jnp.uint32(0)), shape)
 
 
 _FANOUT = 16
@@ -611,11 +565,6 @@ def _unstack(x: jax.Array) -> list[jax.Array]:
             )
         parts = split
     return [y.reshape(rest) for y in parts[:n]]
-
-
-def _index_bits(n: int) -> int:
-    """Bits (a multiple of 8, at most 32) for indices below ``n`` plus a sentinel above them."""
-    return min(32, 8 * math.ceil((int(n).bit_length() + 1) / 8))
 
 
 _select_kept_jit = jax.jit(_select_kept, static_argnames=("groups", "n_groups"))

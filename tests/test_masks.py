@@ -168,9 +168,10 @@ def test_tie_break_lower_flat_index_first_across_leaves():
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_tie_break_over_rows_of_every_leaf_shape(scope):
-    """The tie-break by (row, in-row index) equals the flat-index order for 0-D, 1-D (split
-    into rows or not), 2-D and 3-D leaves, with heavy ties, a prior mask, under jit."""
+def test_tie_break_by_flat_index_for_every_leaf_shape(scope):
+    """The tie-break over the bytes of each leaf's flat index (plus its offset) equals the
+    flat-index order for 0-D, 1-D, 2-D and 3-D leaves, with heavy ties, a prior mask,
+    under jit."""
     rng = np.random.default_rng(3)
     shapes = {"s": (), "v600": (600,), "v257": (257,), "m": (7, 30), "t": (3, 5, 40)}
     tree = {k: rng.integers(0, 4, s).astype(np.float32) for k, s in shapes.items()}
@@ -288,6 +289,15 @@ def test_unstack_returns_the_entries_without_a_slice_per_entry(n):
     prims = _primitives(jax.make_jaxpr(select_mod._unstack)(masks).jaxpr)
     if n > 1:
         assert "slice" not in prims and "reduce" in prims
+
+
+def test_selection_is_one_loop_with_ties_inside_it():
+    """The threshold and the tie-break are one loop of phases (a scan of passes inside it),
+    traced once: one branch inside picks the key's or the index's digits; no second
+    selection."""
+    scores = {"a": jnp.ones((4, 8)), "b": jnp.ones((4, 8)), "c": jnp.ones(5)}
+    prims = _primitives(jax.make_jaxpr(lambda s: fo.select(s, 0.5))(scores).jaxpr)
+    assert (prims.count("while"), prims.count("scan"), prims.count("cond")) == (1, 1, 1)
 
 
 def test_negative_zero_ties_with_zero_and_infinities_rank():
@@ -883,77 +893,77 @@ def test_error_complex_scores_and_key():
 
 
 _RADIX = jax.jit(
-    select_mod.radix_select, static_argnames=("keys_of", "groups", "n_groups", "step_bits")
+    select_mod.radix_select,
+    static_argnames=("keys_of", "groups", "n_groups", "offsets", "index_bytes", "step_bits"),
 )
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(st.integers(0, 2**31 - 1), st.booleans())
-def test_radix_select_one_and_three_candidates_per_pass_match_numpy(seed, ties):
-    """The threshold of every group is its target-th smallest key, with the counts below it
-    and up to it, whether a pass counts one candidate (the sharded path) or three
-    (variadic), and with weights (the tie-break's per-row counts)."""
+def test_radix_select_finds_the_target_th_entry_by_key_then_flat_index(seed, ties):
+    """Per group, the target-th smallest entry in the order (key, flat index), against a
+    NumPy lexicographic sort, whether a pass counts one candidate (the sharded path) or
+    three (variadic), for single arrays and a batch of leaves with their own groups and
+    offsets. The index is resolved only where a group has more entries at its threshold
+    than it may prune; otherwise it is 2**32 - 1 and the counts are those of the keys."""
     rng = np.random.default_rng(seed)
-    shapes = [(37, 5), (300,), (), (4, 3, 70000)]  # a row longer than 2**16: int32 sums
+    shapes = [(37, 5), (300,), (), (4, 3, 700), (3, 6, 2)]  # the last one: a batch of 3
     keys = [
         rng.integers(0, 8, s).astype(np.uint32) * np.uint32(2**29)
         if ties
         else rng.integers(0, 2**32, s, dtype=np.uint32)
         for s in shapes
     ]
-    groups = (0, 1, 0, 1)
+    groups = (0, 1, 0, 1, (0, 1, 0))
+    sizes = [int(np.prod(s)) for s in shapes[:4]] + [12, 12, 12]
+    leaf_groups = [0, 1, 0, 1, 0, 1, 0]
+    leaf_keys = [np.ravel(k) for k in keys[:4]] + [np.ravel(k) for k in keys[4]]
+    offsets, seen = [], [0, 0]
+    for g, n in zip(leaf_groups, sizes, strict=True):
+        offsets.append(seen[g])
+        seen[g] += n
+    # One ordered list of (key, flat index) per group.
     flat = [
-        np.concatenate([np.ravel(k) for k, h in zip(keys, groups, strict=True) if h == g])
+        sorted(
+            (int(k), o + j)
+            for k, o, h in zip(leaf_keys, offsets, leaf_groups, strict=True)
+            if h == g
+            for j, k in enumerate(k)
+        )
         for g in (0, 1)
     ]
-    targets = np.array([rng.integers(0, f.size + 1) for f in flat], np.int32)
+    targets = np.array([rng.integers(0, len(f) + 1) for f in flat], np.int32)
+    unit_offsets = (*offsets[:4], tuple(offsets[4:]))
     for step_bits in (1, 2):
-        thresh, below, upto = _RADIX(
+        t_key, t_index, below, upto = _RADIX(
             list,
             [jnp.asarray(k) for k in keys],
             groups=groups,
             n_groups=2,
             targets=jnp.asarray(targets),
+            offsets=unit_offsets,
+            index_bytes=2,
             step_bits=step_bits,
         )
-        for g in (0, 1):
-            t = int(targets[g])
-            want = 0 if t == 0 else int(np.partition(flat[g], t - 1)[t - 1])
-            assert int(thresh[g]) == want, (step_bits, g)
-            assert int(below[g]) == int(np.count_nonzero(flat[g] < want)), (step_bits, g)
-            assert int(upto[g]) == int(np.count_nonzero(flat[g] <= want)), (step_bits, g)
-
-    # Weighted counts: key i counts w[i] times; the target-th smallest of the repeated keys.
-    small = [rng.integers(0, 2**16, s, dtype=np.uint32) for s in [(40,), (9,)]]
-    weights = [rng.integers(0, 5, k.shape).astype(np.int32) for k in small]
-    for g, (k, w) in enumerate(zip(small, weights, strict=True)):
-        rep = np.repeat(k, w)
-        t = int(rng.integers(0, rep.size + 1))
-        thresh, below, upto = jax.jit(
-            select_mod.radix_select, static_argnames=("keys_of", "groups", "n_groups", "bits")
-        )(
-            list,
-            [jnp.asarray(k)],
-            groups=(0,),
-            n_groups=1,
-            targets=jnp.asarray([t]),
-            bits=16,
-            weights=[jnp.asarray(w)],
+        resolved = any(
+            sum(k == f[t - 1][0] for k, _ in f) > t - sum(k < f[t - 1][0] for k, _ in f)
+            for f, t in zip(flat, targets, strict=True)
+            if t
         )
-        want = 0 if t == 0 else int(np.partition(rep, t - 1)[t - 1])
-        assert int(thresh[0]) == want, g
-        assert (int(below[0]), int(upto[0])) == (
-            int(np.count_nonzero(rep < want)),
-            int(np.count_nonzero(rep <= want)),
-        ), g
-
-
-def test_row_counts_match_numpy_for_every_shape():
-    rng = np.random.default_rng(5)
-    for shape in [(1, 1), (3, 32), (4, 33), (2, 1000), (3, 3, 64, 7), (2, 70001), (0, 5), (3, 0)]:
-        pred = rng.random(shape) < 0.6
-        got = np.asarray(jax.jit(select_mod.row_counts)(jnp.asarray(pred)))
-        np.testing.assert_array_equal(got, pred.sum(axis=tuple(range(1, pred.ndim))))
+        for g in (0, 1):
+            t, f = int(targets[g]), flat[g]
+            if t == 0:
+                assert (int(t_key[g]), int(below[g])) == (0, 0), (step_bits, g)
+                continue
+            want_key, want_index = f[t - 1]
+            assert int(t_key[g]) == want_key, (step_bits, g)
+            if resolved:
+                assert int(t_index[g]) == want_index, (step_bits, g)
+                assert (int(below[g]), int(upto[g])) == (t - 1, t), (step_bits, g)
+            else:
+                assert int(t_index[g]) == 2**32 - 1, (step_bits, g)
+                assert int(below[g]) == sum(k < want_key for k, _ in f), (step_bits, g)
+                assert int(upto[g]) == sum(k <= want_key for k, _ in f) == t, (step_bits, g)
 
 
 def test_count_many_matches_numpy_for_every_rank_and_long_rows():
