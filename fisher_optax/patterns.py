@@ -749,8 +749,9 @@ def select(
 
     The exact threshold is found without sorting, one byte of order-preserving integer keys
     at a time: 16 counting passes that each read one byte per weight and count three
-    candidates (32 passes of one candidate on scores that may be sharded), plus, only when
-    ties straddle the threshold, two small selections for the flat-index cut. Under ``jit``
+    candidates (32 passes of one candidate on scores that may be sharded), then, only when
+    ties straddle the threshold, the same loop over the bytes of the tied entries' flat
+    index. Under ``jit``
     on sharded scores only counts cross devices (all-reduces, no all-gather). Called eagerly
     on concrete arrays held by the CPU (NumPy, or one CPU device), with at most ``2**24``
     weights in scope, the same selection runs in NumPy (``np.partition``), with identical
