@@ -840,11 +840,9 @@ def _kmeans_rows_big(u, wu, nu, m, k, init):
 def _dp_init_rows(u, wu, nu, m, k):
     """``init="dp"``: per row, the exact k-means centroids of at most ``2 * max(512, 8k)``
     contiguous groups of its distinct values (each value its own group when there are no
-    more), ``+inf`` where a row has fewer groups than ``k``.
-
-    A group ends where the cumulative weight crosses a multiple of ``total / groups`` or
-    the value crosses a multiple of ``(max - min) / groups``: fine where the weight is
-    dense and in the sparse tails, which is where the optimum puts centroids on few values.
+    more; :func:`_coarse_groups`, weighted by ``wu``), ``+inf`` where a row has fewer groups
+    than ``k``. The groups are fine where the weight is dense and in the sparse tails, which
+    is where the optimum puts centroids on few values.
     """
     rows, width = u.shape
     ri = np.arange(rows)[:, None]
@@ -852,20 +850,7 @@ def _dp_init_rows(u, wu, nu, m, k):
     real = col < m[:, None]
     lo_u = u[:, 0]
     hi_u = u[np.arange(rows), m - 1]
-    groups = max(512, 8 * k)
-    # Row sums as NumPy sums each row alone (pairwise summation depends on length).
-    total = np.array([wu[r, : m[r]].sum() for r in range(rows)])
-    total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
-    before = np.cumsum(wu, 1) - wu
-    by_weight = np.floor(before / total * groups).astype(np.int64)
-    span = np.maximum(hi_u - lo_u, np.finfo(np.float64).tiny)[:, None]
-    su = np.where(real, u, lo_u[:, None])
-    by_width = np.clip(np.floor((su - lo_u[:, None]) / span * groups), 0, groups - 1)
-    key = by_weight * (groups + 1) + by_width.astype(np.int64)
-    step = np.concatenate([np.zeros((rows, 1), bool), key[:, 1:] != key[:, :-1]], 1)
-    coarse = np.cumsum(step & real, 1)
-    gid = np.where((m <= 2 * groups)[:, None], col, coarse)
-    mg = gid[np.arange(rows), m - 1] + 1
+    gid, mg = _coarse_groups(u, wu, m, max(512, 8 * k))
     # A row of zero weight would leave the DP indifferent: it splits by the counts there.
     ww = np.where(wu > 0, wu, 0.0)
     ww = np.where((~(ww.sum(1) > 0))[:, None], nu, ww)
@@ -991,6 +976,7 @@ def _coarse_groups(u, mass, m, groups):
     real = col < m[:, None]
     lo_u = np.where(m > 0, u[:, 0], 0.0)  # a row with no value: 0, not inf - inf
     hi_u = np.where(m > 0, u[np.arange(rows), np.maximum(m - 1, 0)], 0.0)
+    # Row sums as NumPy sums each row alone (pairwise summation depends on length).
     total = np.array([mass[r, : m[r]].sum() for r in range(rows)])
     total = np.maximum(total, np.finfo(np.float64).tiny)[:, None]
     before = np.cumsum(mass, 1) - mass
