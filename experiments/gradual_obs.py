@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -41,8 +40,8 @@ import optax
 import fisher_optax as fo
 from experiments import datasets, models
 from experiments.main_job import staircase
-from experiments.oneshot_obs import _cores, accuracy, load
-from experiments.report import markdown, mean_std, write_section
+from experiments.oneshot_obs import accuracy, load
+from experiments.report import machine_words, markdown, mean_std, run_meta, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("magnitude", "obd", "obs")
@@ -281,7 +280,7 @@ with the damping chosen among {", ".join(f"{d:g}" for d in cfg["dampings"])} on 
 of the last {cfg["val_size"]} training images, per seed and level.
 
 Command: `{record["command"]}` — wall time {meta["wall_minutes"]:.1f} min ({meta["started_utc"]},
-{meta["machine"]}, shared with other jobs; jax {meta["jax"]} on {meta["backend"]}), {len(runs)}
+{machine_words(meta)}; jax {meta["jax"]} on {meta["backend"]}), {len(runs)}
 seeds. Written by `experiments/gradual_obs.py`.
 
 **Test accuracy (%) after pruning while training** (mean ± std over seeds; best in bold).
@@ -318,13 +317,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ),
         "command": " ".join(["python -m experiments.gradual_obs", *argv]),
         "config": dataclasses.asdict(cfg),
-        "meta": {
-            "wall_minutes": (time.perf_counter() - start) / 60,
-            "started_utc": started,
-            "machine": f"{platform.machine()}, {_cores()} CPU cores",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "meta": run_meta(start, started),
         "runs": runs,
     }
     out = Path(args.out)

@@ -45,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ from jax import lax
 from tqdm.auto import tqdm
 
 import fisher_optax
-from experiments import datasets, main_report, models
+from experiments import datasets, main_report, models, report
 from experiments.versions import code_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -715,6 +716,7 @@ def main(argv=None) -> dict:
             "quick": args.quick,
             "models": {},
             "platform": f"{jax.default_backend()} jax {jax.__version__}",
+            "machine": f"{platform.machine()}, {report.cpu_cores()} CPU cores",
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
             "jobs": args.jobs,
         }
@@ -737,6 +739,7 @@ def main(argv=None) -> dict:
             }
         record["seconds"] = sum(m["seconds"] for m in record["models"].values())
         record["wall_seconds"] = time.perf_counter() - t_all
+        record["load_average"] = os.getloadavg()[2] if hasattr(os, "getloadavg") else None
         if args.fill_cache:
             return record
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -42,7 +40,7 @@ import optax
 
 import fisher_optax as fo
 from experiments import datasets, models
-from experiments.report import markdown, mean_std, write_section
+from experiments.report import machine_words, markdown, mean_std, run_meta, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("magnitude", "obd", "obs", "obs_steps")
@@ -290,10 +288,6 @@ def load(cfg: Config) -> datasets.Dataset:
     return datasets.load_fashion_mnist()
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def summarize(record: dict) -> list[list[str]]:
     cfg, runs = record["config"], record["runs"]
     head = ["magnitude", "OBD (Adam nu)", "OBS, 1 step", f"OBS, {cfg['steps']} steps"]
@@ -325,7 +319,7 @@ def section(record: dict) -> str:
     return f"""### MLP {sizes} ({cfg["model"]}) on {record["dataset"]}
 
 Command: `{record["command"]}` — wall time {meta["wall_minutes"]:.1f} min ({meta["started_utc"]},
-{meta["machine"]}, shared with other jobs; jax {meta["jax"]} on {meta["backend"]}), {len(runs)}
+{machine_words(meta)}; jax {meta["jax"]} on {meta["backend"]}), {len(runs)}
 seeds, jit compilation included. Written by `experiments/oneshot_obs.py`.
 
 Setup: Adam lr {cfg["lr"]}, batch {cfg["batch_size"]}, {cfg["epochs"]} epochs on the training set
@@ -363,13 +357,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "input_size": int(np.prod(data.x_train.shape[1:])),
         "command": " ".join(["python -m experiments.oneshot_obs", *argv]),
         "config": dataclasses.asdict(cfg),
-        "meta": {
-            "wall_minutes": (time.perf_counter() - start) / 60,
-            "started_utc": started,
-            "machine": f"{platform.machine()}, {_cores()} CPU cores",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "meta": run_meta(start, started),
         "runs": runs,
     }
     out = Path(args.out)

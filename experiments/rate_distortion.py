@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,7 +39,7 @@ import optax
 import fisher_optax as fo
 from experiments import datasets, models
 from experiments.main_job import Cache, _key, accuracy, make_trainer, staircase
-from experiments.report import markdown, mean_std
+from experiments.report import machine_words, markdown, mean_std, run_meta
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("kmeans", "uniform", "ecsq-fisher", "ecsq")
@@ -391,7 +389,7 @@ measured, with no fine-tuning of the codebooks:
   {", ".join(f"{f:g}" for f in cfg["smaller"])} of the smallest of them.
 
 Command: `{record["command"]}` — wall time {meta["wall_minutes"]:.1f} min ({meta["started_utc"]},
-{meta["machine"]}, shared with other jobs; jax {meta["jax"]} on {meta["backend"]}),
+{machine_words(meta)}; jax {meta["jax"]} on {meta["backend"]}),
 {len(runs)} seed(s), training included unless read from the cache. Written by
 `experiments/rate_distortion.py`.
 
@@ -445,13 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "input_size": int(np.prod(data.x_train.shape[1:])),
         "command": " ".join(["python -m experiments.rate_distortion", *argv]),
         "config": dataclasses.asdict(cfg),
-        "meta": {
-            "wall_minutes": (time.perf_counter() - start) / 60,
-            "started_utc": started,
-            "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores",
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "meta": run_meta(start, started),
         "runs": runs,
     }
     out.mkdir(parents=True, exist_ok=True)

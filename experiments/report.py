@@ -9,11 +9,15 @@ relies on. ``cfg`` is the experiment's ``Config`` (its fields ``methods``, ``set
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 if TYPE_CHECKING:
@@ -29,6 +33,38 @@ DEEP_COMPRESSION_LENET5 = 39.0  # Han, Mao, Dally 2016, Table 1: LeNet-5 on MNIS
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     a = np.asarray(values, float)
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def cpu_cores() -> int:
+    """The cores this process may use (taskset, containers), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def run_meta(start: float, started: str) -> dict[str, Any]:
+    """What a results page says of the run that measured it, taken at the run's end.
+
+    ``start`` is the run's ``time.perf_counter()`` at its start, ``started`` its UTC start
+    time. The load average tells a reader whether the timings shared the cores.
+    """
+    return {
+        "wall_minutes": (time.perf_counter() - start) / 60,
+        "started_utc": started,
+        "machine": f"{platform.machine()}, {cpu_cores()} CPU cores",
+        "load_average": os.getloadavg()[2] if hasattr(os, "getloadavg") else None,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+    }
+
+
+def machine_words(meta: dict[str, Any]) -> str:
+    """``meta["machine"]`` and, when recorded, the load average of the run's last 15 minutes."""
+    load = meta.get("load_average")
+    machine = meta.get("machine", "the machine")
+    if load is None:
+        return machine
+    return f"{machine}, load average {load:.1f} over the run's last 15 minutes"
 
 
 def summarize(cfg: Config, runs: list[dict]) -> dict:
@@ -375,7 +411,7 @@ def docs_section(
     if "cpu_time_s" in record:
         timing += f" (CPU time of the process {record['cpu_time_s'] / 60:.1f} min)"
     out = [
-        f"Command: `{command}` — {timing} ({when}{meta['machine']}, shared with other jobs; "
+        f"Command: `{command}` — {timing} ({when}{machine_words(meta)}; "
         f"jax {meta['jax']} on {meta['backend']}), {len(cfg.seeds)} seeds, jit compilation "
         "included.",
         "",

@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -743,7 +742,7 @@ def compute(args: argparse.Namespace, argv: list[str]) -> dict:
         "optax": optax.__version__,
         "fisher_optax": fisher_optax.__version__,
         "backend": jax.default_backend(),
-        "machine": f"{platform.machine()}, {_cpu_cores()} CPU cores"
+        "machine": f"{platform.machine()}, {report.cpu_cores()} CPU cores"
         if jax.default_backend() == "cpu"
         else str(jax.devices()[0].device_kind),
         "python": platform.python_version(),
@@ -807,13 +806,6 @@ def equivalent_argv(cfg: Config, record: dict) -> list[str]:
     if "--kmeans-init" not in argv and init != defaults.kmeans_init:
         argv += ["--kmeans-init", init]
     return argv
-
-
-def _cpu_cores() -> int:
-    # The cores this process may use (taskset, containers), not the machine's.
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

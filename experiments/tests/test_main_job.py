@@ -172,7 +172,7 @@ def _without_times(record):
         return {
             k: _without_times(v)
             for k, v in record.items()
-            if k not in ("seconds", "wall_seconds", "date_utc")
+            if k not in ("seconds", "wall_seconds", "date_utc", "load_average")
         }
     if isinstance(record, list):
         return [_without_times(v) for v in record]
