@@ -96,25 +96,25 @@ ARCH = {
     # ResNet-8 in He et al.'s CIFAR layout (one basic block per stage), stem stride 2: the
     # stages run at 14x14, 7x7 and 4x4, a quarter of the FLOPs of the stride-1 stem.
     "resnet": (("width", 16), ("blocks", 1), ("stem_stride", 2)),
-    # 16 patches of 7x7 pixels, a 64-wide stream, 4 heads of 16, MLPs of 128.
-    "vit": (("dim", 64), ("depth", 3), ("heads", 4), ("mlp", 128), ("patch", 7)),
+    # 16 patches of 7x7 pixels, a 64-wide stream, 2 blocks of 4 heads of 16 and MLPs of 128.
+    "vit": (("dim", 64), ("depth", 2), ("heads", 4), ("mlp", 128), ("patch", 7)),
 }
 COMMON = dict(
     n_train=30000,
     batch_size=128,
-    levels=(0.3, 0.5, 0.65, 0.8),
+    levels=(0.3, 0.5, 0.7),
     ramp=40,
     hold=40,
     update_every=10,
-    ft_steps=150,
+    ft_steps=100,
     time_rounds=21,
 )
 PRESETS = {
-    "resnet": dict(COMMON, arch=ARCH["resnet"], exact=True, dense_steps=1200, lr=3e-3,
+    "resnet": dict(COMMON, arch=ARCH["resnet"], exact=True, dense_steps=1000, lr=3e-3,
                    prune_lr=1e-3, ft_lr=1e-3),
-    "vit": dict(COMMON, arch=ARCH["vit"], exact=True, dense_steps=1200, lr=2e-3,
+    "vit": dict(COMMON, arch=ARCH["vit"], exact=True, dense_steps=1000, lr=2e-3,
                 prune_lr=7e-4, ft_lr=7e-4),
-    "vit-stream": dict(COMMON, arch=ARCH["vit"], exact=False, dense_steps=1200, lr=2e-3,
+    "vit-stream": dict(COMMON, arch=ARCH["vit"], exact=False, dense_steps=1000, lr=2e-3,
                        prune_lr=7e-4, ft_lr=7e-4),
 }  # fmt: skip
 QUICK = dict(
@@ -360,7 +360,11 @@ def prune_phase(criterion: str, cfg: Config, data, cache: Cache, dense, graph) -
         # Fine-tuning: Adam's sliced moments and count go on; its own schedule from 0.
         small_opt = (small_opt[0], optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)))
         s_train, s_eval, s_params, s_rest = split(small)
-        cut_acc = evaluate(s_eval, s_params, s_rest, data, cfg.eval_batch)
+        # An exact cut computes what the masked model computes (cut checks it): its accuracy
+        # is the masked one's, not evaluated again. An inexact cut's is measured.
+        cut_acc = (
+            pruned_acc if graph.exact else evaluate(s_eval, s_params, s_rest, data, cfg.eval_batch)
+        )
         n_params, flops = param_count_and_flops(small, x_example[:1])
         s_params, s_rest, _, ft_loss = train(
             s_params, s_rest, small_opt, None, data, cfg.ft_steps, cfg, rng,
@@ -388,6 +392,7 @@ def prune_phase(criterion: str, cfg: Config, data, cache: Cache, dense, graph) -
 
 
 def _forward(model: nnx.Module):
+    model.eval()
     gd, state = nnx.split(model)
     return jax.jit(lambda s, x: nnx.merge(gd, s)(x)), state
 
@@ -424,12 +429,13 @@ def timing_phase(cfg: Config, data, cache: Cache, dense, graph) -> dict:
     model = dense[0]
     params = nnx.state(model, nnx.Param)
     n_dense, f_dense = param_count_and_flops(model, jnp.asarray(data.x_test[:1]))
-    smalls = []
+    smalls, kept = [], []
     for level in cfg.levels:
         scores = depgraph.group_scores(graph, params, "magnitude")
-        smalls.append(depgraph.cut(model, graph, depgraph.group_mask(graph, scores, level,
-                                                                    scope="group")))  # fmt: skip
-    info = {"n_params": n_dense, "flops": f_dense, "batch": {}}
+        keep = depgraph.group_mask(graph, scores, level, scope="group")
+        smalls.append(depgraph.cut(model, graph, keep))
+        kept.append([int(k.sum()) for k in keep])
+    info = {"n_params": n_dense, "flops": f_dense, "units_kept": kept, "batch": {}}
     t0 = time.perf_counter()
     for batch, calls in ((1, 20), (256, 1)):
         x = jnp.asarray(data.x_test[:batch])
@@ -440,18 +446,20 @@ def timing_phase(cfg: Config, data, cache: Cache, dense, graph) -> dict:
     return info
 
 
-def run_seed(cfg: Config, data, cache: Cache, graph: depgraph.DepGraph) -> dict:
+def run_seed(
+    cfg: Config, data, cache: Cache, graph: depgraph.DepGraph, criteria: tuple[str, ...]
+) -> dict:
     t0 = time.perf_counter()
     dense = dense_phase(cfg, data, cache)
     timing = timing_phase(cfg, data, cache, dense, graph)
-    criteria = {c: prune_phase(c, cfg, data, cache, dense, graph) for c in CRITERIA}
+    levels = {c: prune_phase(c, cfg, data, cache, dense, graph) for c in criteria}
     seconds = dense[2]["seconds"] + timing["seconds"]
-    seconds += sum(lv["seconds"] for levels in criteria.values() for lv in levels)
+    seconds += sum(lv["seconds"] for lvs in levels.values() for lv in lvs)
     return {
         "seed": cfg.seed,
         "dense": dense[2],
         "timing": timing,
-        "criteria": criteria,
+        "criteria": levels,
         "groups": [{"name": g.name, "size": g.size} for g in graph.groups],
         "exact": graph.exact,
         "seconds": seconds,
@@ -470,7 +478,7 @@ def _pm(values, fmt="{:.2f}") -> str:
     return f"{fmt.format(m)} ± {fmt.format(s)}" if len(values) > 1 else fmt.format(m)
 
 
-def summarize(model_rec: dict) -> dict:
+def summarize(model_rec: dict, criteria: list[str]) -> dict:
     """Per level and criterion the accuracies and speedups over seeds; the reading's numbers."""
     cfg, runs = model_rec["config"], model_rec["seeds"]
     n = len(cfg["levels"])
@@ -481,12 +489,12 @@ def summarize(model_rec: dict) -> dict:
         for b in ("1", "256")
     }  # fmt: skip
     s: dict[str, Any] = {"dense": dense, "speed": speed, "criteria": {}}
-    for c in CRITERIA:
+    for c in criteria:
         acc = [[r["criteria"][c][i]["accuracy"] for r in runs] for i in range(n)]
         best = []
         for k in range(len(runs)):
             near = [speed["256"][i][k] for i in range(n) if acc[i][k] >= dense[k] - MARGIN]
-            best.append(max(near, default=1.0))  # 1.0: no level within the margin (dense)
+            best.append(max([1.0, *near]))  # the dense model itself is within the margin
         s["criteria"][c] = {
             "accuracy": acc,
             "pruned": [[r["criteria"][c][i]["pruned_accuracy"] for r in runs] for i in range(n)],
@@ -494,6 +502,8 @@ def summarize(model_rec: dict) -> dict:
             "best": best,
         }
     # Fisher saliency against L1 at equal speed (the same level): paired over seeds.
+    if not {"saliency", "l1"} <= set(criteria):
+        return s
     diffs = [
         [a - b for a, b in zip(s["criteria"]["saliency"]["accuracy"][i],
                                s["criteria"]["l1"]["accuracy"][i], strict=True)]
@@ -512,10 +522,11 @@ def _beyond_noise(d: list[float]) -> bool:
 
 
 def reading(name: str, model_rec: dict, s: dict) -> list[str]:
+    criteria = list(s["criteria"])
     cfg = model_rec["config"]
     target = 3.0 if name == "resnet" else 2.0
     out = []
-    for c in CRITERIA:
+    for c in criteria:
         best = s["criteria"][c]["best"]
         m, _ = mean_std(best)
         out.append(
@@ -523,7 +534,7 @@ def reading(name: str, model_rec: dict, s: dict) -> list[str]:
             f"{_pm(best)}x (per seed {', '.join(f'{b:.2f}' for b in best)}); "
             f"{'meets' if m >= target else 'misses'} the {target:.0f}x target."
         )
-    for i, level in enumerate(cfg["levels"]):
+    for i, level in enumerate(cfg["levels"] if "saliency_minus_l1" in s else ()):
         d = s["saliency_minus_l1"][i]
         m, _ = mean_std(d)
         verdict = (
@@ -540,30 +551,31 @@ def reading(name: str, model_rec: dict, s: dict) -> list[str]:
 
 
 def level_table(model_rec: dict, s: dict) -> list[list[str]]:
-    cfg, runs = model_rec["config"], model_rec["seeds"]
-    head = ["removed", "params", "MFLOPs/image", "speedup b256", "speedup b1", *CRITERIA]
+    cfg, runs, criteria = model_rec["config"], model_rec["seeds"], list(s["criteria"])
+    head = ["removed", "params", "MFLOPs/image", "speedup b256", "speedup b1", *criteria]
     first = runs[0]
     rows = [head, ["0 (dense)", f"{first['timing']['n_params']:,}",
                    f"{first['timing']['flops'] / 1e6:.2f}", "1", "1",
-                   *[_pm(s["dense"])] * len(CRITERIA)]]  # fmt: skip
+                   *[_pm(s["dense"])] * len(criteria)]]  # fmt: skip
     for i, level in enumerate(cfg["levels"]):
-        lv = first["criteria"][CRITERIA[0]][i]
+        lv = first["criteria"][criteria[0]][i]
         rows.append(
             [f"{level:.0%}", f"{lv['n_params']:,}", f"{lv['flops'] / 1e6:.2f}",
              _pm(s["speed"]["256"][i]), _pm(s["speed"]["1"][i]),
-             *[_pm(s["criteria"][c]["accuracy"][i]) for c in CRITERIA]]
+             *[_pm(s["criteria"][c]["accuracy"][i]) for c in criteria]]
         )  # fmt: skip
     return rows
 
 
 def before_table(model_rec: dict, s: dict) -> list[list[str]]:
     """Accuracy at the checkpoint before the cut, and of the cut model before fine-tuning."""
-    rows = [["removed", *[f"{c} (masked / cut)" for c in CRITERIA]]]
+    criteria = list(s["criteria"])
+    rows = [["removed", *[f"{c} (masked / cut)" for c in criteria]]]
     for i, level in enumerate(model_rec["config"]["levels"]):
         rows.append(
             [f"{level:.0%}", *[f"{mean_std(s['criteria'][c]['pruned'][i])[0]:.2f} / "
                                f"{mean_std(s['criteria'][c]['cut'][i])[0]:.2f}"
-                               for c in CRITERIA]]
+                               for c in criteria]]
         )  # fmt: skip
     return rows
 
@@ -583,7 +595,7 @@ def plot(record: dict, summaries: dict, path: Path) -> None:
         cut_ms = [1e3 * mean_std([r["timing"]["batch"]["256"]["cut"][i] for r in runs])[0]
                   for i in range(n)]  # fmt: skip
         ax.axhline(mean_std(s["dense"])[0] - MARGIN, color="grey", ls=":", lw=1)
-        for c in CRITERIA:
+        for c in s["criteria"]:
             acc = [mean_std(a) for a in s["criteria"][c]["accuracy"]]
             ax.errorbar([dense_ms, *cut_ms], [mean_std(s["dense"])[0], *[a[0] for a in acc]],
                         yerr=[mean_std(s["dense"])[1], *[a[1] for a in acc]], marker="o",
@@ -616,7 +628,7 @@ def _describe(name: str, cfg: dict) -> str:
 
 
 def render(record: dict, out: Path, *, plots: bool = True) -> dict:
-    summaries = {name: summarize(rec) for name, rec in record["models"].items()}
+    summaries = {name: summarize(rec, record["criteria"]) for name, rec in record["models"].items()}
     sections, text = {}, []
     for name, rec in record["models"].items():
         s = summaries[name]
@@ -679,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(PRESETS), help=f"comma list of {list(PRESETS)}")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--criteria", default=",".join(CRITERIA), help=f"comma list of {CRITERIA}")
     p.add_argument("--quick", action="store_true", help="a tiny run for CI")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's)")
     p.add_argument("--out", default="results")
@@ -704,37 +717,50 @@ def main(argv=None) -> dict:
             if n not in PRESETS:
                 raise SystemExit(f"--models: unknown model {n!r}; choose from {sorted(PRESETS)}")
         seeds = [int(s) for s in args.seeds.split(",")]
+        criteria = tuple(args.criteria.split(","))
+        for c in criteria:
+            if c not in CRITERIA:
+                raise SystemExit(f"--criteria: unknown criterion {c!r}; choose from {CRITERIA}")
         data = datasets.load_fashion_mnist(args.data_dir)
         # A fixed shuffle, so that the subset of the first n_train images is one of all classes.
         order = np.random.default_rng(0).permutation(len(data.y_train))
         data = data._replace(x_train=data.x_train[order], y_train=data.y_train[order])
         if args.quick:
             data = data._replace(x_test=data.x_test[:500], y_test=data.y_test[:500])
-        cache = Cache(args.cache_dir or str(out_dir / "cache"))
+        cache_dir = Path(args.cache_dir or out_dir / "cache")
+        cache = Cache(str(cache_dir))
+        # XLA's compiled programs too, so that a rerun after a crash does not compile again.
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir / "xla"))
         record = {
             "dataset": data.name,
             "quick": args.quick,
             "platform": f"{jax.default_backend()} jax {jax.__version__}",
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
-            "criteria": list(CRITERIA),
+            "criteria": list(criteria),
             "models": {},
         }
         t_all = time.perf_counter()
+        cfgs, graphs, runs = {}, {}, {}
         for name in names:
             model = "resnet" if name == "resnet" else "vit"
             preset = dict(PRESETS[name], **(dict(QUICK, arch=QUICK_ARCH[model]) if args.quick
                                             else {}))  # fmt: skip
-            cfgs = [Config(model=model, seed=s, **preset) for s in seeds]
+            cfgs[name] = [Config(model=model, seed=s, **preset) for s in seeds]
             # The graph depends on the architecture only: one trace serves every seed.
-            traced = build(cfgs[0])
+            traced = build(cfgs[name][0])
             traced.eval()
-            graph = depgraph.dependency_graph(
-                traced, jnp.asarray(data.x_test[:8]), exact=cfgs[0].exact
+            graphs[name] = depgraph.dependency_graph(
+                traced, jnp.asarray(data.x_test[:8]), exact=cfgs[name][0].exact
             )
-            runs = [run_seed(cfg, data, cache, graph) for cfg in tqdm(cfgs, desc=name, leave=False)]
-            cfg = dataclasses.asdict(Config(model=model, seed=0, **preset))
+            runs[name] = []
+        # Seeds outermost: an interrupted run has whole seeds of every model in the cache.
+        for k in tqdm(range(len(seeds)), desc="seeds", leave=False):
+            for name in names:
+                runs[name].append(run_seed(cfgs[name][k], data, cache, graphs[name], criteria))
+        for name in names:
+            cfg = dataclasses.asdict(cfgs[name][0])
             del cfg["seed"]
-            record["models"][name] = {"config": cfg, "seeds": runs}
+            record["models"][name] = {"config": cfg, "seeds": runs[name]}
         record["wall_seconds"] = time.perf_counter() - t_all
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(record, indent=1))
