@@ -55,12 +55,13 @@ def test_quick_run_end_to_end_cache_and_page(tmp_path):
             # every criterion cuts every group by the same count: the timed architecture
             assert lv["units_kept"] == run["timing"]["units_kept"][i]
             sizes = [g["size"] for g in run["groups"]]
-            assert all(k == round(n * (1 - lv["level"])) for k, n in zip(lv["units_kept"], sizes, strict=False))
-            assert lv["n_params"] == _resnet_params(dict(zip(names, lv["units_kept"], strict=False)), widths)
+            kept = lv["units_kept"]
+            assert kept == [round(n * (1 - lv["level"])) for n in sizes]
+            assert lv["n_params"] == _resnet_params(dict(zip(names, kept, strict=True)), widths)
             assert lv["cut_accuracy"] == lv["pruned_accuracy"]  # an exact cut
             assert 0 <= lv["accuracy"] <= 100
     assert run["timing"]["n_params"] == _resnet_params(
-        dict(zip(names, [g["size"] for g in run["groups"]], strict=False)), widths
+        dict(zip(names, [g["size"] for g in run["groups"]], strict=True)), widths
     )
     assert all(t > 0 for b in ("1", "256") for t in run["timing"]["batch"][b]["cut"])
     text = page.read_text()
