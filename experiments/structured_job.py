@@ -123,7 +123,7 @@ QUICK = dict(
     n_train=512,
     dense_steps=20,
     batch_size=32,
-    levels=(0.5,),
+    levels=(0.5, 0.75),
     ramp=4,
     hold=4,
     update_every=2,
@@ -362,6 +362,9 @@ def prune_phase(criterion: str, cfg: Config, data, cache: Cache, dense, graph) -
         # Fine-tuning: Adam's sliced moments and count go on; its own schedule from 0.
         small_opt = (small_opt[0], optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32)))
         s_train, s_eval, s_params, s_rest = split(small)
+        # Copies: a cut leaves an array it does not slice as it was, shared with the pruning
+        # run's params and Adam state, and the fine-tuning steps donate their inputs.
+        s_params, s_rest, small_opt = jax.tree.map(jnp.array, (s_params, s_rest, small_opt))
         # An exact cut computes what the masked model computes (cut checks it): its accuracy
         # is the masked one's, not evaluated again. An inexact cut's is measured.
         cut_acc = (
