@@ -12,9 +12,9 @@ import optax
 
 def code_version(root: Path | None = None) -> str:
     """A hash of the code that computes the experiments' phases: the sources of the library,
-    of the experiments and of the examples they import (not their tests) and the versions of jax, jaxlib, optax and
-    numpy. Part of every cache key, so that a results page never mixes phases computed by
-    two versions of the code. ``root``: the checkout (default: this one)."""
+    of the experiments and of the examples they import (not their tests) and the versions of
+    jax, jaxlib, optax and numpy. Part of every cache key, so that a results page never mixes
+    phases computed by two versions of the code. ``root``: the checkout (default: this one)."""
     h = hashlib.sha256()
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
     for folder in ("fisher_optax", "experiments", "examples"):
