@@ -191,7 +191,7 @@ def test_the_same_command_twice_from_empty_caches_gives_the_same_json(tmp_path):
 def test_cache_keys_change_with_the_code_not_with_its_tests(tmp_path, monkeypatch):
     root = pathlib.Path(main_job.__file__).resolve().parents[1]
     skip = shutil.ignore_patterns("__pycache__")
-    for folder in ("fisher_optax", "experiments"):
+    for folder in ("fisher_optax", "experiments", "examples"):
         shutil.copytree(root / folder, tmp_path / folder, ignore=skip)
     before = versions.code_version(tmp_path)
     assert before == versions.code_version(root)
