@@ -72,16 +72,7 @@ def trained_levels(name: str, quick: bool, data, cache_dir: Path) -> list[dict]:
     cache = main_job.Cache(str(cache_dir))
     hit = cache.get(f"{name}-{METHOD}", key)
     if hit is not None:
-        trees, info = hit
-        return [
-            {
-                "params": trees[f"params{i}"],
-                "mask": jax.tree.map(lambda m: m.astype(bool), trees[f"mask{i}"]),
-                "fisher": trees[f"fisher{i}"],
-                **lvl,
-            }
-            for i, lvl in enumerate(info["levels"])
-        ]
+        return main_job.cached_levels(*hit)
     model = models.MODELS[name]
     k_dense, k_prune = jax.random.split(jax.random.key(0, impl=main_job.PRNG_IMPL))
     nocache = main_job.Cache(None)

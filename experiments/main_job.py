@@ -402,22 +402,27 @@ def dense_phase(cfg, data, model, cache, key):
     return params, adam_state.nu, adam_state.mu, info
 
 
+def cached_levels(trees: dict, info: dict) -> list[dict]:
+    """The levels of a staircase as :func:`prune_phase` stores them: per level its params,
+    bool mask, Fisher and the level's record."""
+    return [
+        {
+            "params": trees[f"params{i}"],
+            "mask": jax.tree.map(lambda m: m.astype(bool), trees[f"mask{i}"]),
+            "fisher": trees[f"fisher{i}"],
+            **lvl,
+        }
+        for i, lvl in enumerate(info["levels"])
+    ]
+
+
 def prune_phase(method, cfg, data, model, cache, key, dense):
     """The staircase run of ``method``: per level its params, mask, Fisher and accuracy."""
     params, nu, mu, dense_info = dense
     ck = _key("prune", _fields(cfg, PRUNE_FIELDS), method, dense_info["accuracy"])
     hit = cache.get(f"prune-{method}", ck)
     if hit is not None:
-        trees, info = hit
-        return [
-            {
-                "params": trees[f"params{i}"],
-                "mask": jax.tree.map(lambda m: m.astype(bool), trees[f"mask{i}"]),
-                "fisher": trees[f"fisher{i}"],
-                **lvl,
-            }
-            for i, lvl in enumerate(info["levels"])
-        ]
+        return cached_levels(*hit)
     opt = pruning_optimizer(method, cfg, params)
     state = opt.init(params)
     # Continue the dense run's Adam (its moments and count: the schedule and the Fisher go on).
