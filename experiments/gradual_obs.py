@@ -40,7 +40,7 @@ import optax
 import fisher_optax as fo
 from experiments import datasets, models
 from experiments.main_job import staircase
-from experiments.oneshot_obs import accuracy, load
+from experiments.oneshot_obs import _floats, accuracy, load
 from experiments.report import machine_words, markdown, mean_std, run_meta, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,10 +79,6 @@ SMOKE = Config(
     dampings=(1e-4,),
     val_size=200,
 )
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
 
 
 def build_parser() -> argparse.ArgumentParser:
