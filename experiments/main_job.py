@@ -11,18 +11,33 @@ For each model and seed, in one run, with one budget of steps for every method:
    - ``magnitude``: :math:`|w|`, global;
    - ``two_stage``: the paper's two stages (half the target by :math:`|w|`, the rest by
      the Fisher), global;
-   - ``saliency``: OBD's :math:`\\tfrac12 F w^2`, global;
+   - ``saliency``: OBD's :math:`\tfrac12 F w^2`, global;
+   - ``obs``: block Optimal Brain Surgeon (:class:`fisher_optax.obs.BlockOBS`): the block
+     empirical Fisher of the last mini-batch gradients selects the weights and moves the
+     survivors to compensate, global;
    - ``deep_compression``: Deep Compression's recipe (Han et al. 2016) as the baseline:
      magnitude pruning with retraining at per-layer rates proportional to their Table 3
      (each level scales them together), then k-means with linear init, unweighted, at
      their bit widths (8 conv / 5 fc on LeNet-5, 6 on LeNet-300-100) and narrower ones.
 
-3. **Quantize** the highest levels whose pruned accuracy stays near dense: the Fisher
-   methods with :func:`fisher_optax.allocate_bits` at several average widths and
-   Fisher-weighted k-means; then **fine-tune the codebooks** with
-   :func:`fisher_optax.share_codebooks` (the same steps for every method) and **write the
-   file** with :func:`fisher_optax.save_compressed` (entropy coded). The accuracy is that of
-   the model loaded back from the file; the ratio is float32 dense bytes over file bytes.
+3. **Quantize** the highest levels whose pruned accuracy stays near dense. Each reported
+   method (``METHODS``) is a pruning run and a quantizer:
+
+   - ``kmeans`` (the Fisher runs): :func:`fisher_optax.allocate_bits` at several average
+     widths, then Fisher-weighted k-means;
+   - ``ecsq`` (``saliency_ecsq``): :func:`fisher_optax.quantize_to_target`,
+     entropy-constrained and Fisher-weighted, at the sizes of the same level's k-means files
+     and below, a weight quantized to 0 where that pays; ``ecsq_plain``
+     (``saliency_ecsq_plain``, ``obs_ecsq_plain``): the same with every weight weighed 1;
+   - ``deep_compression``: the recipe's k-means;
+   - ``uniform`` (``choi_uniform``, the second baseline): Choi et al. 2017's uniform
+     quantization with entropy coding, on the recipe's pruned models.
+
+   Then **fine-tune the codebooks** with :func:`fisher_optax.share_codebooks` (the same
+   steps for every method) and **write the file** with :func:`fisher_optax.save_compressed`
+   (entropy coded). The accuracy is that of the model loaded back from the file; the ratio
+   is float32 dense bytes over file bytes; the split of the file (positions, codes,
+   codebooks, raw leaves) is recorded.
 4. **Report** (``experiments/main_report.py``): per method the largest ratio within 1.0 point
    of that seed's dense accuracy (mean ± std over seeds), accuracy against sparsity and
    against file size (PNG), every number in JSON, and the docs results page
@@ -67,8 +82,20 @@ from experiments import datasets, main_report, models, report
 from experiments.versions import code_version
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("magnitude", "two_stage", "saliency", "deep_compression")
-FISHER_METHODS = METHODS[:3]
+# The pruning runs, and each reported method: its pruning run and its quantizer.
+PRUNING = ("magnitude", "two_stage", "saliency", "obs", "deep_compression")
+METHODS = {
+    "magnitude": ("magnitude", "kmeans"),
+    "two_stage": ("two_stage", "kmeans"),
+    "saliency": ("saliency", "kmeans"),
+    "saliency_ecsq": ("saliency", "ecsq"),
+    "saliency_ecsq_plain": ("saliency", "ecsq_plain"),
+    "obs": ("obs", "kmeans"),
+    "obs_ecsq_plain": ("obs", "ecsq_plain"),
+    "deep_compression": ("deep_compression", "deep_compression"),
+    "choi_uniform": ("deep_compression", "uniform"),
+}
+BASELINES = ("deep_compression", "choi_uniform")
 # Deep Compression's Table 3 (LeNet-5) and Table 2 (LeNet-300-100): the share of each
 # layer's weights pruned, and the bits of each layer's codebook.
 HAN_RATES = {
@@ -106,6 +133,20 @@ class Config:
     # files 7-9% smaller at the same settings, accuracy within 0.2 points (entry_bits 0 gave
     # small leaves 8 bits for free).
     entry_bits: float = 40.0
+    # Block OBS while training (fisher_optax.obs.BlockOBS): blocks of 64 weights, the last 64
+    # mini-batch gradients, damping 1e-5 (chosen on a held-out split by
+    # experiments/gradual_obs.py). A mask update costs about as much as 30 steps on LeNet-5
+    # (3.3 s against 0.11 s, this machine), so it updates its mask every 100 steps, not 25.
+    obs_block_size: int = 64
+    obs_num_grads: int = 64
+    obs_damping: float = 1e-5
+    obs_update_every: int = 100
+    # ECSQ targets per quantized level: the sizes of that level's ``ecsq_paired`` smallest
+    # k-means files (paired comparisons), and these fractions of the smallest.
+    ecsq_paired: int = 2
+    ecsq_fractions: tuple[float, ...] = (0.7,)
+    # Choi et al.'s uniform quantization with entropy coding: one width for every kernel.
+    uniform_bits: tuple[int, ...] = (6, 5, 4)
 
 
 PRESETS = {
@@ -174,6 +215,10 @@ QUICK = dict(
     ft_steps=5,
     quant_levels=1,
     quant_margin=100.0,
+    obs_num_grads=8,
+    obs_update_every=5,
+    ecsq_fractions=(0.7,),
+    uniform_bits=(4,),
 )
 
 
@@ -351,6 +396,17 @@ def pruning_optimizer(method: str, cfg: Config, params: dict):
             update_every=cfg.update_every,
         )
         return opt
+    if method == "obs":
+        surgeon = fisher_optax.obs.BlockOBS(
+            block_size=cfg.obs_block_size, num_grads=cfg.obs_num_grads, damping=cfg.obs_damping
+        )
+        return fisher_optax.pruned(
+            adam,
+            staircase(cfg.levels, cfg.ramp, cfg.hold),
+            criterion=surgeon,
+            method="one_stage",
+            update_every=cfg.obs_update_every,
+        )
     criterion = {"magnitude": "magnitude", "two_stage": "fisher", "saliency": "saliency"}[method]
     return fisher_optax.pruned(
         adam,
@@ -367,7 +423,13 @@ def pruning_optimizer(method: str, cfg: Config, params: dict):
 
 DENSE_FIELDS = ("dataset", "model", "seed", "dense_steps", "batch_size", "lr")
 PRUNE_FIELDS = (*DENSE_FIELDS, "levels", "ramp", "hold", "update_every", "prune_lr")
+OBS_FIELDS = ("obs_block_size", "obs_num_grads", "obs_damping", "obs_update_every")
 QUANT_FIELDS = (*PRUNE_FIELDS, "ft_steps", "ft_lr")
+
+
+def prune_fields(cfg: Config, method: str) -> dict:
+    """What a pruning run of ``method`` depends on (its cache key)."""
+    return _fields(cfg, (*PRUNE_FIELDS, *(OBS_FIELDS if method == "obs" else ())))
 
 
 def _fields(cfg: Config, names: tuple[str, ...]) -> dict:
@@ -419,7 +481,7 @@ def cached_levels(trees: dict, info: dict) -> list[dict]:
 def prune_phase(method, cfg, data, model, cache, key, dense):
     """The staircase run of ``method``: per level its params, mask, Fisher and accuracy."""
     params, nu, mu, dense_info = dense
-    ck = _key("prune", _fields(cfg, PRUNE_FIELDS), method, dense_info["accuracy"])
+    ck = _key("prune", prune_fields(cfg, method), method, dense_info["accuracy"])
     hit = cache.get(f"prune-{method}", ck)
     if hit is not None:
         return cached_levels(*hit)
@@ -470,9 +532,10 @@ def prune_phase(method, cfg, data, model, cache, key, dense):
     return out
 
 
-def bit_settings(method, cfg, params):
-    """Per setting: (label, kwargs of the quantizer)."""
-    if method != "deep_compression":
+def quant_settings(quantizer, cfg, params, sizes=()):
+    """Per setting of ``quantizer``: (label, kwargs of :func:`quantized`). ``sizes``: the
+    file sizes of the level's k-means files, which place ECSQ's targets."""
+    if quantizer == "kmeans":
         return [
             (
                 f"{b:g} bits avg",
@@ -480,6 +543,11 @@ def bit_settings(method, cfg, params):
             )
             for b in cfg.bits
         ]
+    if quantizer in ("ecsq", "ecsq_plain"):
+        targets = sorted(sizes)[: cfg.ecsq_paired] + [f * min(sizes) for f in cfg.ecsq_fractions]
+        return [(f"ECSQ {t / 1024:.1f} KiB", {"size_bytes": round(t)}) for t in targets]
+    if quantizer == "uniform":
+        return [(f"{b} bits uniform", {"bits": b}) for b in cfg.uniform_bits]
     conv_extra = 3 if model_kind(params) == "cnn" else 0
     return [
         (
@@ -490,9 +558,9 @@ def bit_settings(method, cfg, params):
     ]
 
 
-def quantized(method, setting, level):
+def quantized(quantizer, setting, level):
     params, mask, fisher = level["params"], level["mask"], level["fisher"]
-    if method == "deep_compression":
+    if quantizer == "deep_compression":
         bits = {
             layer: {
                 name: np.where(
@@ -505,6 +573,22 @@ def quantized(method, setting, level):
             for layer, leaves in params.items()
         }
         return fisher_optax.quantize(params, bits, mask=mask, init="linear")
+    if quantizer == "uniform":
+        # Choi et al.: evenly spaced levels, one width for every kernel, entropy coded.
+        return fisher_optax.quantize(params, setting["bits"], mask=mask, method="uniform")
+    if quantizer in ("ecsq", "ecsq_plain"):
+        # One price of a bit for every leaf (the rate-distortion allocation), weights
+        # quantized to 0 where that pays (pruned by the quantizer). "ecsq_plain" weighs
+        # every weight the same: on the rate-distortion page, Fisher weights lost 13-35
+        # points below the k-means sizes (no fine-tuning there).
+        q, _ = fisher_optax.quantize_to_target(
+            params,
+            size_bytes=setting["size_bytes"],
+            fisher=fisher if quantizer == "ecsq" else None,
+            mask=mask,
+            prune_zero=True,
+        )
+        return q
     # One width per leaf (no per-weight width map in the file), chosen from its summed
     # saliency by allocate_bits' exact allocation under the average.
     bits = fisher_optax.allocate_bits(
@@ -519,16 +603,27 @@ def quantized(method, setting, level):
     return fisher_optax.quantize(params, bits, fisher=fisher, mask=mask)
 
 
-def quant_phase(method, cfg, data, model, cache, key, level, label, setting):
-    ck = _key(
-        "quant", _fields(cfg, QUANT_FIELDS), method, level["level"], level["accuracy"], setting
-    )
-    hit = cache.get(f"quant-{method}", ck)
+def file_split(q) -> dict:
+    """Bytes of the file by what they code: positions, codes, codebooks, raw leaves."""
+    report = fisher_optax.compression_report(q)
+    coded = [leaf for leaf in report.leaves if leaf.quantized]
+    return {
+        "positions": sum(leaf.positions.bytes for leaf in coded),
+        "codes": sum(leaf.codes.bytes + leaf.width_map.bytes for leaf in coded),
+        "codebooks": sum(leaf.codebook_bytes for leaf in coded),
+        "raw": sum(leaf.bytes for leaf in report.leaves if not leaf.quantized),
+        "kept": sum(leaf.kept for leaf in coded),
+    }
+
+
+def quant_phase(pruning, quantizer, cfg, data, model, cache, key, level, label, setting):
+    fields = {**prune_fields(cfg, pruning), **_fields(cfg, ("ft_steps", "ft_lr"))}
+    ck = _key("quant", fields, pruning, quantizer, level["level"], level["accuracy"], setting)
+    hit = cache.get(f"quant-{pruning}-{quantizer}", ck)
     if hit is not None:
         return hit[1]
     t0 = time.perf_counter()
-    q = quantized(method, setting, level)
-    before = evaluate(fisher_optax.dequantize(q), data, cfg, model)
+    q = quantized(quantizer, setting, level)
     opt = fisher_optax.share_codebooks(optax.adam(cfg.ft_lr), q)
     params = fisher_optax.dequantize(q)
     state = opt.init(params)
@@ -548,12 +643,13 @@ def quant_phase(method, cfg, data, model, cache, key, level, label, setting):
         "bits": label,
         "bytes": int(size),
         "ratio": 4.0 * n_params / size,
-        "accuracy_before_ft": before,
+        "bits_per_param": 8.0 * size / n_params,
+        "split": file_split(q),
         "accuracy": evaluate(loaded, data, cfg, model),
         "pruned_accuracy": level["accuracy"],
         "seconds": time.perf_counter() - t0,
     }
-    cache.put(f"quant-{method}", ck, {}, info)
+    cache.put(f"quant-{pruning}-{quantizer}", ck, {}, info)
     return info
 
 
@@ -566,24 +662,39 @@ def run_seed(cfg: Config, data, cache: Cache) -> dict:
     # Compute time: the sum of the phases' times, measured when each was computed (a rerun
     # that reads them from the cache reports the same figure).
     seconds = dense[3]["seconds"]
-    for method in METHODS:
-        levels = prune_phase(method, cfg, data, model, cache, k_prune, dense)
+    for pruning in PRUNING:
+        levels = prune_phase(pruning, cfg, data, model, cache, k_prune, dense)
+        seconds += sum(lv["seconds"] for lv in levels)
         near = [lv for lv in levels if lv["accuracy"] >= dense[3]["accuracy"] - cfg.quant_margin]
         chosen = (near or levels[:1])[-cfg.quant_levels :]
-        points = []
-        jobs = [(lv, label, s) for lv in chosen for label, s in bit_settings(method, cfg, dense[0])]
-        for lv, label, s in tqdm(
-            jobs, desc=f"{cfg.model} seed {cfg.seed}: quantize {method}", leave=False
-        ):
-            points.append(quant_phase(method, cfg, data, model, cache, k_quant, lv, label, s))
-        seconds += sum(lv["seconds"] for lv in levels) + sum(p["seconds"] for p in points)
-        out["methods"][method] = {
-            "levels": [
-                {k: v for k, v in lv.items() if k not in ("params", "mask", "fisher")}
-                for lv in levels
-            ],
-            "quantized": points,
-        }
+        sizes: dict[float, list[int]] = {}  # per level, its k-means files (ECSQ's targets)
+        for method, (run, quantizer) in METHODS.items():
+            if run != pruning:
+                continue
+            points = []
+            for lv in chosen:
+                settings = quant_settings(quantizer, cfg, dense[0], sizes.get(lv["level"], ()))
+                for label, s in tqdm(
+                    settings,
+                    desc=f"{cfg.model} seed {cfg.seed}: {method} at {lv['level']:g}",
+                    leave=False,
+                ):
+                    p = quant_phase(
+                        pruning, quantizer, cfg, data, model, cache, k_quant, lv, label, s
+                    )
+                    points.append(p)
+                    if quantizer == "kmeans":
+                        sizes.setdefault(lv["level"], []).append(p["bytes"])
+            seconds += sum(p["seconds"] for p in points)
+            out["methods"][method] = {
+                "pruning": pruning,
+                "quantizer": quantizer,
+                "levels": [
+                    {k: v for k, v in lv.items() if k not in ("params", "mask", "fisher")}
+                    for lv in levels
+                ],
+                "quantized": points,
+            }
     out["seconds"] = seconds
     return out
 
@@ -724,6 +835,7 @@ def main(argv=None) -> dict:
             "machine": f"{platform.machine()}, {report.cpu_cores()} CPU cores",
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
             "jobs": args.jobs,
+            "code_version": CODE_VERSION,
         }
         for name in names:
             preset = dict(PRESETS[name], **(QUICK if args.quick else {}))

@@ -18,8 +18,14 @@ LABELS = {
     "magnitude": "magnitude |w|",
     "two_stage": "two stages (|w|, then F)",
     "saliency": "OBD saliency F w²/2",
+    "saliency_ecsq": "OBD saliency, ECSQ-Fisher",
+    "saliency_ecsq_plain": "OBD saliency, ECSQ",
+    "obs": "block OBS",
+    "obs_ecsq_plain": "block OBS, ECSQ",
     "deep_compression": "Deep Compression recipe",
+    "choi_uniform": "Choi et al. uniform + entropy coding",
 }
+BASELINES = ("deep_compression", "choi_uniform")
 
 
 def best_within(seed_run: dict, method: str) -> dict | None:
@@ -122,6 +128,7 @@ def summarize(model_rec: dict) -> dict:
             for i, lvl in enumerate(levels)
         }
         out["methods"][m] = {
+            "pruning": seeds[0]["methods"][m].get("pruning", m),
             "robust": [{k: v for k, v in robust(r, m).items() if k != "front"} for r in seeds],
             "ratios": [b["ratio"] if b else None for b in best],
             "best": best,
@@ -129,10 +136,11 @@ def summarize(model_rec: dict) -> dict:
             "pruned_accuracy": acc,
             "sparsity": sparsity,
         }
-    if "deep_compression" in methods:
-        out["paired"] = {
-            m: paired(seeds, m, "deep_compression") for m in methods if m != "deep_compression"
-        }
+    out["paired"] = {
+        b: {m: paired(seeds, m, b) for m in methods if m not in BASELINES}
+        for b in BASELINES
+        if b in methods
+    }
     return out
 
 
@@ -157,36 +165,34 @@ def robust_table(s: dict) -> list[list[str]]:
     return rows
 
 
-def paired_lines(s: dict) -> list[str]:
-    """Sentences for each method against the recipe at equal file size, seed by seed."""
-    lines = []
-    for m, p in s.get("paired", {}).items():
-        diffs = [d for d in p["accuracy_diffs"] if d is not None]
-        if not diffs:
-            lines.append(
-                f"{LABELS.get(m, m)} against the recipe at equal file size: no seed where "
-                "both frontiers cover the size where it is 1 point below dense."
-            )
+def paired_cell(p: dict) -> str:
+    """One method against one baseline at equal file size: the mean accuracy difference,
+    how many seeds are ahead, whether the mean is beyond the seed spread, per seed."""
+    diffs = [d for d in p["accuracy_diffs"] if d is not None]
+    if not diffs:
+        return "—"
+    mean = float(np.mean(diffs))
+    if len(diffs) > 1:
+        spread = float(np.std(diffs, ddof=1))
+        verdict = "beyond" if abs(mean) > spread else "within"
+        verdict += f" the seed spread ({spread:.2f})"
+    else:
+        verdict = "one seed"
+    per_seed = ", ".join("—" if d is None else f"{d:+.2f}" for d in p["accuracy_diffs"])
+    return f"{mean:+.2f}; ahead {sum(d > 0 for d in diffs)}/{len(diffs)}; {verdict}; {per_seed}"
+
+
+def paired_table(s: dict) -> list[list[str]]:
+    """Each method against each baseline at equal file size (points of accuracy), at the
+    size where the method's frontier is ``WITHIN`` below dense; "—" where either frontier
+    does not cover that size."""
+    bases = list(s.get("paired", {}))
+    rows = [["method", *[f"against {LABELS.get(b, b)}" for b in bases]]]
+    for m in s["methods"]:
+        if m in bases:
             continue
-        mean = float(np.mean(diffs))
-        spread = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else float("nan")
-        ahead = sum(d > 0 for d in diffs)
-        verdict = (
-            "beyond the seed spread"
-            if len(diffs) > 1 and abs(mean) > spread
-            else "within the seed spread"
-            if len(diffs) > 1
-            else "one seed: no spread"
-        )
-        per_seed = ", ".join("—" if d is None else f"{d:+.2f}" for d in p["accuracy_diffs"])
-        ratio = ", ".join("—" if r is None else f"{r:.2f}" for r in p["ratio_ratios"])
-        lines.append(
-            f"{LABELS.get(m, m)} against the recipe at equal file size (where the first is "
-            f"{WITHIN:g} point below dense): {mean:+.2f} points on average, ahead on {ahead} "
-            f"of {len(diffs)} seed(s) ({per_seed}), {verdict}; ratio of the interpolated "
-            f"ratios per seed: {ratio}."
-        )
-    return lines
+        rows.append([LABELS.get(m, m), *[paired_cell(s["paired"][b][m]) for b in bases]])
+    return rows
 
 
 def ratio_table(s: dict) -> list[list[str]]:
@@ -217,8 +223,30 @@ def ratio_table(s: dict) -> list[list[str]]:
     return rows
 
 
+def split_table(s: dict) -> list[list[str]]:
+    """Per method, what the bytes of its file within ``WITHIN`` point pay for (mean over
+    the seeds that have one), and the bits per parameter of the whole model."""
+    parts = ("positions", "codes", "codebooks", "raw")
+    rows = [["method", "file (B)", "bits/param", *parts, "kept weights"]]
+    for m, v in s["methods"].items():
+        found = [b for b in v["best"] if b and "split" in b]
+        if not found:
+            continue
+        rows.append(
+            [
+                LABELS.get(m, m),
+                f"{np.mean([b['bytes'] for b in found]):,.0f}",
+                f"{np.mean([b['bits_per_param'] for b in found]):.3f}",
+                *[f"{np.mean([b['split'][k] for b in found]):,.0f}" for k in parts],
+                f"{np.mean([b['split']['kept'] for b in found]):,.0f}",
+            ]
+        )
+    return rows
+
+
 def level_table(s: dict) -> list[list[str]]:
-    methods = list(s["methods"])
+    """Pruned accuracy per level, one column per pruning run (not per quantizer)."""
+    methods = [m for m, v in s["methods"].items() if v["pruning"] == m]
     levels = list(s["methods"][methods[0]]["pruned_accuracy"])
     rows = [["target sparsity", *[LABELS.get(m, m) for m in methods]]]
     for lvl in levels:
@@ -241,30 +269,33 @@ def reading(name: str, s: dict) -> list[str]:
         r = [x for x in v["ratios"] if x is not None]
         if len(r) == len(v["ratios"]):
             means[m] = mean_std(r)
+    ours = [m for m in means if m not in BASELINES]
     if means:
-        best = max(means, key=lambda m: means[m][0])
+        top = max(means, key=lambda m: means[m][0])
         lines.append(
-            f"Largest ratio within {WITHIN:g} point: {LABELS[best]}, "
-            f"{means[best][0]:.1f} ± {means[best][1]:.1f}x."
+            f"Largest ratio within {WITHIN:g} point: {LABELS.get(top, top)}, "
+            f"{means[top][0]:.1f} ± {means[top][1]:.1f}x."
         )
-        if "deep_compression" in means and best != "deep_compression":
-            dc = means["deep_compression"]
-            gap = means[best][0] - dc[0]
-            noise = means[best][1] + dc[1]
+    if ours:
+        best = max(ours, key=lambda m: means[m][0])
+        for b in BASELINES:
+            if b not in means:
+                continue
+            base = means[b]
+            gap = means[best][0] - base[0]
+            noise = means[best][1] + base[1]
             # Paired by seed: both methods start from the same dense model and data order.
             diffs = [
-                a - b
-                for a, b in zip(
-                    s["methods"][best]["ratios"],
-                    s["methods"]["deep_compression"]["ratios"],
-                    strict=True,
+                x - y
+                for x, y in zip(
+                    s["methods"][best]["ratios"], s["methods"][b]["ratios"], strict=True
                 )
             ]
             ahead = sum(d > 0 for d in diffs)
             lines.append(
-                f"Against the Deep Compression recipe in the same run ({dc[0]:.1f} ± "
-                f"{dc[1]:.1f}x): {gap:+.1f}x, "
-                + ("beyond" if gap > noise else "within")
+                f"{LABELS.get(best, best)} (the largest of the library's methods) against "
+                f"{LABELS[b]} in the same run ({base[0]:.1f} ± {base[1]:.1f}x): {gap:+.1f}x, "
+                + ("beyond" if abs(gap) > noise else "within")
                 + " seed noise (sum of stds "
                 f"{noise:.1f}); seed by seed (the same dense model for both): ahead on "
                 f"{ahead} of {len(diffs)} (" + ", ".join(f"{d:+.1f}x" for d in diffs) + ")."
@@ -272,12 +303,12 @@ def reading(name: str, s: dict) -> list[str]:
     for m in s["methods"]:
         if m not in means:
             lines.append(
-                f"{LABELS[m]}: no quantized point within {WITHIN:g} point on "
+                f"{LABELS.get(m, m)}: no quantized point within {WITHIN:g} point on "
                 f"{len(s['methods'][m]['ratios']) - s['methods'][m]['n_found']} seed(s)."
             )
     # The paper's claim: the two stages lose less accuracy than magnitude at equal sparsity.
     mag = s["methods"].get("magnitude")
-    for m in ("two_stage", "saliency"):
+    for m in ("two_stage", "saliency", "obs"):
         other = s["methods"].get(m)
         if not mag or not other:
             continue
@@ -317,6 +348,8 @@ def plot(name: str, model_rec: dict, s: dict, out: Path) -> list[Path]:
     paths = [out / f"{name}_sparsity.png", out / f"{name}_pareto.png"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, v in s["methods"].items():
+        if v["pruning"] != m:  # the same pruning run as another row
+            continue
         xs = [100 * np.mean(v["sparsity"][lvl]) for lvl in v["pruned_accuracy"]]
         ys = [np.mean(a) for a in v["pruned_accuracy"].values()]
         es = [np.std(a, ddof=1) if len(a) > 1 else 0 for a in v["pruned_accuracy"].values()]
@@ -370,7 +403,9 @@ def render(record: dict, out: Path, *, plots: bool = True) -> dict:
             plain(ratio_table(s)),
             "",
             plain(robust_table(s)),
-            *["- " + line for line in paired_lines(s)],
+            plain(paired_table(s)),
+            "",
+            plain(split_table(s)),
             "",
             plain(level_table(s)),
             *["- " + line for line in lines],
@@ -381,8 +416,9 @@ def render(record: dict, out: Path, *, plots: bool = True) -> dict:
             "pngs": [str(p) for p in pngs],
             "ratio_table": markdown(ratio_table(s)),
             "robust_table": markdown(robust_table(s)),
-            "paired_lines": paired_lines(s),
+            "paired_table": markdown(paired_table(s)),
             "level_table": markdown(level_table(s)),
+            "split_table": markdown(split_table(s)),
         }
     return {"text": "\n".join(text), "sections": sections}
 
@@ -403,7 +439,14 @@ def write_docs(page: Path, record: dict, summary: dict) -> None:
         "computed, compilation included); the command that wrote the JSON ran "
         f"{_minutes(record['wall_seconds'])} of wall time ({record.get('jobs', 1)} worker "
         f"process{'es' if record.get('jobs', 1) > 1 else ''}; phases it read from the cache "
-        f"take no time there); every number is in `results/{dataset}-main.json`."
+        f"take no time there); every number is in `results/{dataset}-main.json`"
+        + (
+            f"; code version `{record['code_version']}` "
+            "(`python -c 'from experiments.versions import code_version; print(code_version())'`"
+            " prints a checkout's)."
+            if "code_version" in record
+            else "."
+        )
     ]
     for name, sec in summary["sections"].items():
         cfg = record["models"][name]["config"]
@@ -426,7 +469,18 @@ def write_docs(page: Path, record: dict, summary: dict) -> None:
             "",
             sec["robust_table"],
             "",
-            *[f"- {line}" for line in sec["paired_lines"]],
+            "Accuracy at equal file size (points; the method minus the baseline, at the "
+            f"size where the method's frontier is {WITHIN:g} point below dense, on the "
+            "baseline's frontier there): mean; seeds ahead; the mean against the seed "
+            "spread; per seed:",
+            "",
+            sec["paired_table"],
+            "",
+            "What each method's file within the point holds (bytes, mean over the seeds "
+            "that have one): positions of the kept weights, their codes, the codebooks, and "
+            "the leaves stored raw (biases); bits per parameter of the whole model:",
+            "",
+            sec["split_table"],
             "",
             "Accuracy after pruning while training (before quantization), mean ± std over seeds:",
             "",
