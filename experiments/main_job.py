@@ -653,7 +653,7 @@ def quant_phase(pruning, quantizer, cfg, data, model, cache, key, level, label, 
     return info
 
 
-def run_seed(cfg: Config, data, cache: Cache) -> dict:
+def run_seed(cfg: Config, data, cache: Cache, methods: tuple[str, ...] = tuple(METHODS)) -> dict:
     model = models.MODELS[cfg.model]
     key = jax.random.key(cfg.seed, impl=PRNG_IMPL)
     k_dense, k_prune, k_quant = jax.random.split(key, 3)
@@ -662,14 +662,14 @@ def run_seed(cfg: Config, data, cache: Cache) -> dict:
     # Compute time: the sum of the phases' times, measured when each was computed (a rerun
     # that reads them from the cache reports the same figure).
     seconds = dense[3]["seconds"]
-    for pruning in PRUNING:
+    for pruning in [p for p in PRUNING if any(METHODS[m][0] == p for m in methods)]:
         levels = prune_phase(pruning, cfg, data, model, cache, k_prune, dense)
         seconds += sum(lv["seconds"] for lv in levels)
         near = [lv for lv in levels if lv["accuracy"] >= dense[3]["accuracy"] - cfg.quant_margin]
         chosen = (near or levels[:1])[-cfg.quant_levels :]
         sizes: dict[float, list[int]] = {}  # per level, its k-means files (ECSQ's targets)
         for method, (run, quantizer) in METHODS.items():
-            if run != pruning:
+            if run != pruning or method not in methods:
                 continue
             points = []
             for lv in chosen:
@@ -715,6 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: digits-cnn on digits, lenet5,lenet-300-100 otherwise)",
     )
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list of the methods to run (default: all of {', '.join(METHODS)}); "
+        "a method's pruning run is computed once for every method that uses it",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny run for CI")
     p.add_argument("--out", default="results")
     p.add_argument("--cache-dir", default=None, help="default: <out>/cache")
@@ -779,6 +785,8 @@ def fill_cache_in_parallel(args, names: list[str], seeds: list[int], cache_dir: 
         base += ["--quick"]
     if args.entry_bits is not None:
         base += ["--entry-bits", str(args.entry_bits)]
+    if args.methods:
+        base += ["--methods", args.methods]
 
     def work(unit: tuple[str, int]) -> None:
         name, seed = unit
@@ -816,6 +824,10 @@ def main(argv=None) -> dict:
         for n in names:
             if n not in PRESETS:
                 raise SystemExit(f"--models: unknown model {n!r}; choose from {sorted(PRESETS)}")
+        methods = tuple(args.methods.split(",")) if args.methods else tuple(METHODS)
+        for m in methods:
+            if m not in METHODS:
+                raise SystemExit(f"--methods: unknown method {m!r}; choose from {list(METHODS)}")
         seeds = [int(s) for s in args.seeds.split(",")]
         if args.quick:
             seeds = seeds[:1]
@@ -845,7 +857,7 @@ def main(argv=None) -> dict:
             runs = []
             for seed in seeds:
                 cfg = Config(dataset=args.dataset, model=name, seed=seed, **preset)
-                runs.append(run_seed(cfg, data, cache))
+                runs.append(run_seed(cfg, data, cache, methods))
             config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}
             record["models"][name] = {
                 "config": config,

@@ -244,9 +244,17 @@ def split_table(s: dict) -> list[list[str]]:
     return rows
 
 
+def pruning_rows(s: dict) -> list[str]:
+    """The first method of each pruning run: one per run, not per quantizer."""
+    first: dict[str, str] = {}
+    for m, v in s["methods"].items():
+        first.setdefault(v["pruning"], m)
+    return list(first.values())
+
+
 def level_table(s: dict) -> list[list[str]]:
     """Pruned accuracy per level, one column per pruning run (not per quantizer)."""
-    methods = [m for m, v in s["methods"].items() if v["pruning"] == m]
+    methods = pruning_rows(s)
     levels = list(s["methods"][methods[0]]["pruned_accuracy"])
     rows = [["target sparsity", *[LABELS.get(m, m) for m in methods]]]
     for lvl in levels:
@@ -348,8 +356,8 @@ def plot(name: str, model_rec: dict, s: dict, out: Path) -> list[Path]:
     paths = [out / f"{name}_sparsity.png", out / f"{name}_pareto.png"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m, v in s["methods"].items():
-        if v["pruning"] != m:  # the same pruning run as another row
-            continue
+        if m not in pruning_rows(s):
+            continue  # the same pruning run as another row
         xs = [100 * np.mean(v["sparsity"][lvl]) for lvl in v["pruned_accuracy"]]
         ys = [np.mean(a) for a in v["pruned_accuracy"].values()]
         es = [np.std(a, ddof=1) if len(a) > 1 else 0 for a in v["pruned_accuracy"].values()]

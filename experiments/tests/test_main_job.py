@@ -306,3 +306,8 @@ def test_robust_ratio_is_interpolated_never_extrapolated():
         "accuracy_diffs": [None],
         "ratio_ratios": [None],
     }
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit, match="--methods: unknown method 'obd'"):
+        main_job.main(["--methods", "saliency,obd", "--quick"])
