@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fisher_optax import _validate
 from fisher_optax._tree import check_matching
@@ -131,7 +132,6 @@ def _leaf_penalty(x: Any, f: Any, q: QuantizedParams, i: int) -> jax.Array:
     x = jnp.asarray(x)
     dtype = jnp.result_type(x)
     bits = jnp.asarray(q.bits[i])
-    codes = jnp.asarray(q.codes[i]).astype(jnp.int32)
     f = jnp.ones((), dtype) if f is None else jnp.asarray(f).astype(dtype)
     axis = q.axes[i]
     out = jnp.zeros((), dtype)
@@ -141,7 +141,8 @@ def _leaf_penalty(x: Any, f: Any, q: QuantizedParams, i: int) -> jax.Array:
         if k == 0:
             continue
         sel = bits == b
-        counts = jnp.zeros(k, dtype).at[codes].add(sel.astype(dtype))
+        counts, own = _counts(q.bits[i], q.codes[i], b, k, axis)
+        counts = jnp.asarray(counts).astype(dtype)
         # An entry no weight holds has no code length (and, per slice, marks the padding
         # after a slice's own entries): it is never a weight's cheapest code.
         length = jnp.log2(jnp.sum(counts)) - jnp.log2(jnp.maximum(counts, 1))
@@ -153,13 +154,35 @@ def _leaf_penalty(x: Any, f: Any, q: QuantizedParams, i: int) -> jax.Array:
             shape = [1] * x.ndim
             shape[axis] = x.shape[axis]
             channel = jnp.broadcast_to(jnp.arange(x.shape[axis]).reshape(shape), x.shape)
-            # L_c, a slice's own entries: one more than its largest code of width b.
-            own = jnp.zeros(x.shape[axis], jnp.int32).at[channel].max(jnp.where(sel, codes + 1, 0))
             entries = book[channel]
-            blocked = unused + jnp.where(jnp.arange(k) < own[channel][..., None], 0.0, jnp.inf)
+            blocked = unused + jnp.where(
+                jnp.arange(k) < jnp.asarray(own)[channel][..., None], 0.0, jnp.inf
+            )
         cost = f[..., None] * jnp.square(x[..., None] - entries) + q.lam * length + blocked
         best = jnp.argmin(jax.lax.stop_gradient(cost), axis=-1)
         c = jnp.take_along_axis(jnp.broadcast_to(entries, cost.shape), best[..., None], -1)[..., 0]
         term = f * jnp.square(x - c) + q.lam * length[best]
         out = out + jnp.sum(jnp.where(sel, term, 0.0))
     return out
+
+
+def _counts(bits: Any, codes: Any, width: int, k: int, axis: int | None) -> tuple[Any, Any]:
+    """How many weights of ``width`` hold each of the ``k`` codes, and per slice along
+    ``axis`` its own number of entries ``L_c`` (one more than its largest code; ``None``
+    without ``axis``).
+
+    On a concrete ``q`` (closed over by a jitted loss) this is NumPy, so that XLA does not
+    fold the scatter into a constant at every compile; under a traced ``q``, jax.
+    """
+    concrete = _validate.is_concrete(bits) and _validate.is_concrete(codes)
+    xp = np if concrete else jnp
+    sel = xp.asarray(bits) == width
+    codes = xp.asarray(codes).astype(xp.int32)
+    if concrete:
+        counts = np.bincount(codes[sel], minlength=k)[:k]
+    else:
+        counts = jnp.zeros(k, jnp.int32).at[codes].add(sel.astype(jnp.int32))
+    if axis is None:
+        return counts, None
+    slices = xp.moveaxis(xp.where(sel, codes + 1, 0), axis, 0).reshape(sel.shape[axis], -1)
+    return counts, slices.max(axis=1, initial=0)
