@@ -65,8 +65,9 @@ def rate_penalty(params: Params, q: QuantizedParams, *, fisher: Fisher | None = 
     Raises:
       TypeError: if ``q`` is not a :class:`~fisher_optax.QuantizedParams`, or a quantized
         leaf of ``params`` is not floating.
-      ValueError: if ``q`` records no ``lam``, or ``params`` or ``fisher`` do not match
-        ``q``'s structure and shapes.
+      ValueError: if ``q`` records no ``lam``, if ``params`` or ``fisher`` do not match
+        ``q``'s structure and shapes, or if a concrete ``fisher`` is negative or not finite
+        on a weight that ``q`` codes.
 
     Examples:
       >>> import jax, jax.numpy as jnp, fisher_optax
@@ -111,6 +112,12 @@ def rate_penalty(params: Params, q: QuantizedParams, *, fisher: Fisher | None = 
     else:
         _validate.arrays_only(fisher, "fisher")
         weights = check_matching(reference, fisher, ref_name="q", other_name="fisher")
+        if all(_validate.is_concrete(b) for b in q.bits if b is not None):
+            coded = [
+                np.zeros(s, bool) if b is None else np.asarray(b) > 0
+                for b, s in zip(q.bits, q.shapes, strict=True)
+            ]
+            _validate.fisher(params, fisher, where=coded)  # values, where concrete
     total = []
     for i, (x, f) in enumerate(zip(leaves, weights, strict=True)):
         if not q.quantized[i]:

@@ -200,6 +200,9 @@ def test_errors_say_what_to_pass(tmp_path):
         match=r"fisher does not match the structure of q: leaf 1 is at \['b'\]\['kernel'\]",
     ):
         rate_penalty(params, q, fisher={**fisher, "b": {"kernel": fisher["b"]["kernel"]}})
+    negative = {**fisher, "a": {"kernel": -fisher["a"]["kernel"]}}
+    with pytest.raises(ValueError, match=r"fisher at \['a'\]\['kernel'\] holds \d+ negative"):
+        rate_penalty(params, q, fisher=negative)
     as_int = {**params, "a": {"kernel": np.ones((9, 4), np.int32)}}
     with pytest.raises(TypeError, match=r"params at \['a'\]\['kernel'\] has dtype int32"):
         rate_penalty(as_int, q)
