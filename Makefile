@@ -87,7 +87,8 @@ gradual-obs: $(STAMP) fashion-mnist
 
 # Accuracy against file size, LeNet-300-100 on Fashion-MNIST pruned to 94%: ECSQ (with and
 # without Fisher) against k-means with allocate_bits and uniform quantization with entropy
-# coding; rewrites docs/results/rate-distortion.md.
+# coding, and ECSQ after weight fine-tuning with and without rate_penalty; rewrites
+# docs/results/rate-distortion.md.
 rate-distortion: $(STAMP) fashion-mnist
 	$(PY) -m experiments.rate_distortion --write-docs
 

@@ -14,6 +14,10 @@ writes the model with ``save_compressed`` at several settings, the file is loade
 - ``ecsq-fisher`` / ``ecsq``: ``quantize_to_target(..., prune_zero=True)``, with and without
   the Fisher as weights, at the sizes of the ``kmeans`` and ``uniform`` files (paired, equal
   size) and at fractions of the smallest of them.
+- ``ecsq-fisher-rate``: ``ecsq-fisher``'s file ``q0`` at each of its targets, then a short
+  fine-tuning of the weights on the loss plus ``mu * rate_penalty(params, q0, fisher=)``
+  (``mu`` chosen on held-out training examples), then ``quantize_to_target`` at the same
+  size; ``ecsq-fisher-ft``, its control, is the same fine-tuning without the penalty.
 
 ``python -m experiments.rate_distortion`` writes ``results/rate-distortion-<dataset>.json``;
 ``--write-docs`` also writes ``docs/results/rate-distortion.md``. ``--smoke`` runs a tiny
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -38,12 +43,19 @@ import optax
 
 import fisher_optax as fo
 from experiments import datasets, models
-from experiments.main_job import Cache, _key, accuracy, make_trainer, staircase
+from experiments.main_job import Cache, _key, _scan_steps, accuracy, make_trainer, staircase
 from experiments.report import machine_words, markdown, mean_std, run_meta
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("kmeans", "uniform", "ecsq-fisher", "ecsq")
+METHODS = ("kmeans", "uniform", "ecsq-fisher", "ecsq", "ecsq-fisher-ft", "ecsq-fisher-rate")
 BIT_WIDTHS = (8, 7, 6, 5, 4, 3, 2)  # allocate_bits' widths, as experiments/main_job.py
+RATE_FIELDS = (
+    "rate_steps",
+    "rate_lr",
+    "rate_mu",
+    "held_out",
+    "rate_at",
+)  # not part of the training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +74,14 @@ class Config:
     average_bits: tuple[float, ...] = (2.5, 3.0, 4.0, 5.0)
     uniform_bits: tuple[int, ...] = (3, 4, 5, 6)
     smaller: tuple[float, ...] = (0.6, 0.8)  # ECSQ also at these fractions of the smallest
+    # Rate-aware fine-tuning of the weights before ECSQ-Fisher (and its control, the same
+    # steps without the penalty): steps, Adam's learning rate, the prices mu of the
+    # penalty tried, and the training examples held out to choose mu (the last ones).
+    rate_steps: int = 300
+    rate_lr: float = 2e-4
+    rate_mu: tuple[float, ...] = (3.0, 10.0, 30.0)
+    held_out: int = 5000
+    rate_at: int | None = None  # fine-tune at the smallest this many targets (None: all)
 
 
 SMOKE = Config(
@@ -79,6 +99,10 @@ SMOKE = Config(
     average_bits=(3.0,),
     uniform_bits=(4,),
     smaller=(0.8,),
+    rate_steps=20,
+    rate_mu=(10.0,),
+    held_out=200,
+    rate_at=1,
 )
 
 
@@ -97,7 +121,7 @@ def train(cfg: Config, data: datasets.Dataset, seed: int, cache: Cache) -> dict:
     """Dense Adam, then ``pruned(adam)`` by OBD saliency through ``cfg.levels``: the last
     level's params, mask and Fisher (cached)."""
     fields = dataclasses.asdict(cfg)
-    for k in ("seeds", "average_bits", "uniform_bits", "smaller"):
+    for k in ("seeds", "average_bits", "uniform_bits", "smaller", *RATE_FIELDS):
         fields.pop(k)
     ck = _key("rate-distortion-train", fields, seed)
     hit = cache.get("rd-train", ck)
@@ -143,9 +167,50 @@ def train(cfg: Config, data: datasets.Dataset, seed: int, cache: Cache) -> dict:
     return {"params": params, "mask": mask, "fisher": fisher, **info}
 
 
-def _accuracy(params, data, model) -> float:
-    x, y = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+def _accuracy(params, data, model, *, held_out: int = 0) -> float:
+    """Test accuracy, or with ``held_out=n`` the accuracy on the last ``n`` training
+    examples (those that fine-tuning does not train on)."""
+    if held_out:
+        x, y = jnp.asarray(data.x_train[-held_out:]), jnp.asarray(data.y_train[-held_out:])
+    else:
+        x, y = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     return 100.0 * float(accuracy(params, x, y, model=model, batch=min(1000, x.shape[0])))
+
+
+def fine_tune(cfg: Config, run: dict, q0: fo.QuantizedParams, mu: float, data, key) -> dict:
+    """``cfg.rate_steps`` steps of Adam on the cross-entropy plus ``mu * rate_penalty(params,
+    q0, fisher=)`` (``mu = 0``: the plain control) from the pruned model, on the training
+    examples not held out, with every weight that ``q0`` does not code held at 0: the run
+    dict of the fine-tuned params, that mask and the Fisher."""
+    model = models.MLP(hidden=cfg.hidden)
+    keep = jax.tree.unflatten(
+        q0.treedef,
+        [
+            np.ones(shape, bool) if bits is None else np.asarray(bits) > 0
+            for bits, shape in zip(q0.bits, q0.shapes, strict=True)
+        ],
+    )
+    fisher = run["fisher"]
+    n = data.x_train.shape[0] - cfg.held_out
+    x, y = jnp.asarray(data.x_train[:n]), jnp.asarray(data.y_train[:n])
+    params = _fine_tune_steps(
+        fo.apply_mask(run["params"], keep), keep, q0, fisher, jnp.float32(mu), key, x, y,
+        model=model, steps=cfg.rate_steps, batch_size=cfg.batch_size, lr=cfg.rate_lr,
+    )  # fmt: skip
+    return {"params": params, "mask": keep, "fisher": fisher}
+
+
+@partial(jax.jit, static_argnames=("model", "steps", "batch_size", "lr"))
+def _fine_tune_steps(params, keep, q0, fisher, mu, key, x, y, *, model, steps, batch_size, lr):
+    """:func:`fine_tune`'s steps; ``q0`` and ``mu`` are arguments, so that one compile
+    serves every ``mu`` (the penalty is computed and multiplied by 0 for the control)."""
+
+    def loss(p, xb, yb):
+        return models.loss_fn(model, p, xb, yb) + mu * fo.rate_penalty(p, q0, fisher=fisher)
+
+    opt = optax.chain(optax.adam(lr), fo.keep_pruned(keep))
+    params, _, _ = _scan_steps(opt, loss, params, opt.init(params), key, x, y, steps, batch_size)
+    return params
 
 
 def quantized(method: str, setting: float, run: dict) -> tuple[fo.QuantizedParams, dict]:
@@ -163,15 +228,16 @@ def quantized(method: str, setting: float, run: dict) -> tuple[fo.QuantizedParam
     q, lam = fo.quantize_to_target(
         params,
         size_bytes=setting,
-        fisher=fisher if method == "ecsq-fisher" else None,
+        fisher=fisher if method.startswith("ecsq-fisher") else None,
         mask=mask,
         prune_zero=True,
     )
     return q, {"lam": lam}
 
 
-def measure(method, setting, run, data, model) -> dict:
-    """Quantize, write, read back, evaluate: one point of the frontier."""
+def measure(method, setting, run, data, model, *, held_out: int = 0) -> dict:
+    """Quantize, write, read back, evaluate: one point of the frontier (with ``held_out``,
+    also the accuracy on the held-out training examples)."""
     t0 = time.perf_counter()
     q, extra = quantized(method, setting, run)
     quantize_s = time.perf_counter() - t0
@@ -207,6 +273,11 @@ def measure(method, setting, run, data, model) -> dict:
         "split": split,
         "layers": layers,
         "quantize_seconds": quantize_s,
+        **(
+            {"held_out_accuracy": _accuracy(loaded, data, model, held_out=held_out)}
+            if held_out
+            else {}
+        ),
         **extra,
     }
 
@@ -220,6 +291,20 @@ def run_seed(cfg: Config, data: datasets.Dataset, seed: int, cache: Cache) -> di
     targets = sorted({*baseline, *(round(f * baseline[0]) for f in cfg.smaller)})
     for method in ("ecsq-fisher", "ecsq"):
         points += [measure(method, t, run, data, model) for t in targets]
+    candidates = []
+    rate_targets = targets[: cfg.rate_at]
+    for j, t in enumerate(rate_targets):
+        q0, _ = quantized("ecsq-fisher", t, run)
+        key = jax.random.fold_in(jax.random.key(seed), j)  # the same batches for every mu
+        for mu in (0.0, *cfg.rate_mu):
+            tuned = fine_tune(cfg, run, q0, mu, data, key)
+            method = "ecsq-fisher-rate" if mu else "ecsq-fisher-ft"
+            point = measure(method, t, tuned, data, model, held_out=cfg.held_out)
+            (candidates if mu else points).append({**point, "mu": mu})
+    # mu chosen per target on the held-out examples, never on the test set.
+    for t in rate_targets:
+        pick = [p for p in candidates if p["setting"] == t]
+        points.append(max(pick, key=lambda p: p["held_out_accuracy"]))
     for p in points:
         print(
             f"seed {seed} {p['method']:>12} {p['setting']:>8g}: {p['bytes']:>7,} B "
@@ -237,7 +322,7 @@ def run_seed(cfg: Config, data: datasets.Dataset, seed: int, cache: Cache) -> di
         }
         for name in run["params"]
     }
-    return {"seed": seed, **info, "points": points}
+    return {"seed": seed, **info, "points": points, "rate_candidates": candidates}
 
 
 def paired(record: dict, baseline: str, method: str) -> list[float]:
@@ -315,6 +400,86 @@ def layer_rows(record: dict) -> list[list[str]]:
     return rows
 
 
+def rate_rows(record: dict) -> list[list[str]]:
+    """Per ECSQ target (mean ± std over seeds): test accuracy without fine-tuning, after the
+    plain fine-tuning, after rate-aware fine-tuning at each mu and at the mu chosen on the
+    held-out examples."""
+    mus = record["config"]["rate_mu"]
+    rows = [
+        [
+            "target", "file (B)", "ecsq-fisher", "+ fine-tuning",
+            *(f"+ rate, mu={m:g}" for m in mus), "+ rate, mu chosen", "mu chosen",
+        ]
+    ]  # fmt: skip
+    runs = record["runs"]
+    targets = _rate_points(runs[0])
+
+    def cell(values):
+        m = mean_std(values)
+        return f"{m[0]:.2f} ± {m[1]:.2f}"
+
+    for j in range(len(targets)):
+        by = [_rate_points(r)[j] for r in runs if len(_rate_points(r)) > j]
+        size = np.mean([b["ecsq-fisher"]["bytes"] for b in by])
+        rows.append(
+            [
+                f"#{j + 1}",
+                f"{size:,.0f}",
+                cell([b["ecsq-fisher"]["accuracy"] for b in by]),
+                cell([b["ecsq-fisher-ft"]["accuracy"] for b in by]),
+                *(cell([b[m]["accuracy"] for b in by]) for m in mus),
+                cell([b["ecsq-fisher-rate"]["accuracy"] for b in by]),
+                ", ".join(f"{b['ecsq-fisher-rate']['mu']:g}" for b in by),
+            ]
+        )
+    return rows
+
+
+def _rate_points(run: dict) -> list[dict]:
+    """Per target of a run with rate-aware points, ascending: its points by method and mu."""
+    out = []
+    targets = sorted({p["setting"] for p in run["points"] if p["method"] == "ecsq-fisher-rate"})
+    for t in targets:
+        at = {p["method"]: p for p in run["points"] if p["setting"] == t}
+        at.update({p["mu"]: p for p in run["rate_candidates"] if p["setting"] == t})
+        out.append(at)
+    return out
+
+
+def rate_reading(record: dict) -> str:
+    """Paired differences of test accuracy at the same target size, all seeds."""
+    lines = []
+    pairs = (
+        ("ecsq-fisher-rate", "ecsq-fisher-ft", "rate-aware against plain fine-tuning"),
+        ("ecsq-fisher-rate", "ecsq-fisher", "rate-aware fine-tuning against none"),
+        ("ecsq-fisher-ft", "ecsq-fisher", "plain fine-tuning against none"),
+    )
+    for ours, base, words in pairs:
+        for where in ("at every target", "below the baselines' sizes"):
+            per_seed = []
+            for run in record["runs"]:
+                smallest = min(
+                    p["bytes"] for p in run["points"] if p["method"] in ("kmeans", "uniform")
+                )
+                per_seed.append(
+                    [
+                        at[ours]["accuracy"] - at[base]["accuracy"]
+                        for at in _rate_points(run)
+                        if where == "at every target" or at[ours]["setting"] < smallest
+                    ]
+                )
+            d = [v for seed in per_seed for v in seed]
+            if d:
+                wins = sum(v > 0 for v in d)
+                seeds = ", ".join(f"{np.mean(v):+.2f}" for v in per_seed if v)
+                lines.append(
+                    f"- {words} (`{ours}` minus `{base}`), {where}: {np.mean(d):+.2f} points "
+                    f"on average (min {min(d):+.2f}, max {max(d):+.2f}; ahead on {wins} of "
+                    f"{len(d)} pairs; mean per seed {seeds})."
+                )
+    return "\n".join(lines)
+
+
 def reading(record: dict) -> str:
     lines = []
     for base in ("kmeans", "uniform"):
@@ -387,6 +552,8 @@ measured, with no fine-tuning of the codebooks:
   without the Fisher as weights; a weight may be quantized to 0 (pruned). Targets: the
   sizes of the `kmeans` and `uniform` files (paired comparisons at equal size) and
   {", ".join(f"{f:g}" for f in cfg["smaller"])} of the smallest of them.
+- `ecsq-fisher-rate`, `ecsq-fisher-ft`: `ecsq-fisher` after a short fine-tuning of the
+  weights with and without the rate penalty, at the same targets (below).
 
 Command: `{record["command"]}` — wall time {meta["wall_minutes"]:.1f} min ({meta["started_utc"]},
 {machine_words(meta)}; jax {meta["jax"]} on {meta["backend"]}),
@@ -408,6 +575,22 @@ the dense mean):
 **Reading** (paired at equal file size):
 
 {reading(record)}
+
+**Rate-aware fine-tuning** (`ecsq-fisher-rate`). From the pruned model, `q0 =
+quantize_to_target(params, size_bytes=S, fisher=F, mask=M, prune_zero=True)`; then
+{cfg["rate_steps"]} steps of `adam({cfg["rate_lr"]})` (batch {cfg["batch_size"]}) on the
+cross-entropy plus `mu * rate_penalty(params, q0, fisher=F)`, with every weight that `q0`
+does not code held at 0 (`keep_pruned`), on the training set less its last
+{cfg["held_out"]:,} examples; then `quantize_to_target` again at the same `S`. The control,
+`ecsq-fisher-ft`, is the same with `mu = 0` (same steps, same batches, same mask): the
+penalty's share of any gain is the difference between the two. `mu` is tried at
+{", ".join(f"{m:g}" for m in cfg["rate_mu"])} and chosen per seed and target by the accuracy
+on the {cfg["held_out"]:,} held-out training examples (which the first training saw, the
+fine-tuning did not), never on the test set. Test accuracy (mean ± std over seeds):
+
+{markdown(rate_rows(record))}
+
+{rate_reading(record)}
 
 **File split** (bytes; seed 0, each method's smallest file; entries: codebook entries per
 kernel):
@@ -452,6 +635,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"Wrote {path}.")
     print(markdown(frontier_rows(record)))
     print(reading(record))
+    print(markdown(rate_rows(record)))
+    print(rate_reading(record))
     if args.write_docs:
         doc = Path(args.docs_page or REPO / "docs" / "results" / "rate-distortion.md")
         doc.write_text(page(record))

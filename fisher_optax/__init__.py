@@ -74,6 +74,7 @@ from fisher_optax.quantize import (
     quantize,
     quantize_to_target,
 )
+from fisher_optax.rate import rate_penalty
 from fisher_optax.references import (
     empirical_fisher,
     monte_carlo_fisher,
@@ -146,6 +147,7 @@ __all__ = [
     "pruned",
     "quantize",
     "quantize_to_target",
+    "rate_penalty",
     "requantize",
     "saliency",
     "save_compressed",

@@ -87,6 +87,10 @@ class QuantizedParams:
       ``L_c`` is not stored: it is one more than the largest ``b``-bit code of slice ``c``
       (every entry is some weight's).
 
+    ``lam`` is the price of a bit that chose the codes, recorded by ``quantize(...,
+    method="ecsq")`` and :func:`quantize_to_target` (``None`` for the other methods and
+    for a loaded file): :func:`~fisher_optax.rate_penalty` prices the codes with it.
+
     The dict keys are pytree structure, so :attr:`widths` is static, also under ``jit``.
 
     Attributes:
@@ -98,6 +102,8 @@ class QuantizedParams:
       dtypes: static, per leaf, the original dtype name (what :func:`dequantize` returns).
       axes: static, per leaf, ``None`` (one codebook per width) or the non-negative axis
         whose slices have codebooks of their own.
+      lam: static, the ECSQ price of a bit (distortion per bit) that produced the codes,
+        or ``None`` when no such price chose them.
 
     Derived (properties, not stored): ``widths`` (per leaf, the ascending keys of its
     codebooks), ``paths`` (per leaf, its key path from ``treedef`` via
@@ -105,7 +111,7 @@ class QuantizedParams:
     its shape) and ``quantized`` (per leaf, whether it is of the quantized kind).
     """
 
-    def __init__(self, bits, codes, codebooks, raw, *, treedef, dtypes, axes=None):
+    def __init__(self, bits, codes, codebooks, raw, *, treedef, dtypes, axes=None, lam=None):
         self.bits = tuple(bits)
         self.codes = tuple(codes)
         self.codebooks = tuple(dict(sorted((int(b), c) for b, c in d.items())) for d in codebooks)
@@ -114,6 +120,7 @@ class QuantizedParams:
         self.dtypes = tuple(str(d) for d in dtypes)
         self.axes = (None,) * len(self.bits) if axes is None else tuple(axes)
         self.axes = tuple(None if a is None else int(a) for a in self.axes)
+        self.lam = None if lam is None else float(lam)
 
     @property
     def widths(self) -> tuple[tuple[int, ...], ...]:
@@ -141,12 +148,12 @@ class QuantizedParams:
     def tree_flatten_with_keys(self):
         gk = jax.tree_util.GetAttrKey
         children = tuple((gk(n), getattr(self, n)) for n in ("bits", "codes", "codebooks", "raw"))
-        return children, (self.treedef, self.dtypes, self.axes)
+        return children, (self.treedef, self.dtypes, self.axes, self.lam)
 
     @classmethod
     def tree_unflatten(cls, static, children):
-        treedef, dtypes, axes = static
-        return cls(*children, treedef=treedef, dtypes=dtypes, axes=axes)
+        treedef, dtypes, axes, lam = static
+        return cls(*children, treedef=treedef, dtypes=dtypes, axes=axes, lam=lam)
 
     def __repr__(self) -> str:
         leaves = ", ".join(
@@ -860,7 +867,7 @@ def quantize(
             return _ecsq_leaf(x, kept[i], weights[i], axes[i], int(bits), lam, prune_zero)
         return bmap, *_quantize_leaf(x, bmap, weights[i], axes[i], method, init)
 
-    return _collect(leaves, flags, treedef, axes, code_leaf)
+    return _collect(leaves, flags, treedef, axes, code_leaf, lam=lam)
 
 
 _LAM_OCTAVES = 1e-3  # quantize_to_target stops when lam is known to within 0.07%
@@ -1077,7 +1084,7 @@ def _ecsq_leaf(x, kept, weights, axis, width, lam, prune_zero):
     return bmap, codes, {width: (c[0, : counts[0]] if axis is None else c).astype(book_dtype)}
 
 
-def _collect(leaves, flags, treedef, axes, code_leaf) -> QuantizedParams:
+def _collect(leaves, flags, treedef, axes, code_leaf, lam=None) -> QuantizedParams:
     """The :class:`QuantizedParams` of ``code_leaf(i) -> (bits, codes, codebooks)`` for
     each quantizable leaf; the other leaves are stored raw."""
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
@@ -1086,7 +1093,9 @@ def _collect(leaves, flags, treedef, axes, code_leaf) -> QuantizedParams:
         row = (*code_leaf(i), None) if flags[i] else (None, None, {}, _raw_copy(leaf, dtypes[i]))
         for out, value in zip((bits, codes, books, raw), row, strict=True):
             out.append(value)
-    return QuantizedParams(bits, codes, books, raw, treedef=treedef, dtypes=dtypes, axes=axes)
+    return QuantizedParams(
+        bits, codes, books, raw, treedef=treedef, dtypes=dtypes, axes=axes, lam=lam
+    )
 
 
 def _quantize_across_processes(

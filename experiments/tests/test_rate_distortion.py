@@ -22,6 +22,18 @@ def test_smoke_writes_json_and_page(tmp_path):
         targets = [p["setting"] for p in points[method]]
         assert targets == sorted({*sizes, round(0.8 * sizes[0])})
         assert all(p["bytes"] <= p["setting"] for p in points[method])
+    # Rate-aware fine-tuning and its control at the smallest ECSQ-Fisher targets, met from below;
+    # the reported mu is the candidate with the best held-out accuracy.
+    targets = [p["setting"] for p in points["ecsq-fisher"]][: rate_distortion.SMOKE.rate_at]
+    for method in ("ecsq-fisher-ft", "ecsq-fisher-rate"):
+        assert [p["setting"] for p in points[method]] == targets
+        assert all(p["bytes"] <= p["setting"] for p in points[method])
+    candidates = run["rate_candidates"]
+    assert sorted({p["mu"] for p in candidates}) == list(rate_distortion.SMOKE.rate_mu)
+    for p in points["ecsq-fisher-rate"]:
+        held_out = [c["held_out_accuracy"] for c in candidates if c["setting"] == p["setting"]]
+        assert p["held_out_accuracy"] == max(held_out) and p in candidates
+    assert all(p["mu"] == 0.0 for p in points["ecsq-fisher-ft"])
     for p in run["points"]:
         assert sum(p["split"].values()) < p["bytes"]  # the rest: header and leaf headers
         assert 0.0 <= p["accuracy"] <= 100.0
@@ -36,3 +48,4 @@ def test_smoke_writes_json_and_page(tmp_path):
     text = page.read_text()
     assert "python -m experiments.rate_distortion --smoke" in text
     assert "| ecsq-fisher |" in text and record["runs"][0]["dense_accuracy"] > 50
+    assert "| ecsq-fisher-rate |" in text and "rate-aware against plain fine-tuning" in text
