@@ -276,12 +276,20 @@ def count_many(preds: list[jax.Array]) -> jax.Array:
     """
     if preds[0].ndim == 0:
         return jnp.stack([p.astype(jnp.int32) for p in preds])
-    inner = jnp.uint16 if preds[0].shape[-1] < 2**16 else jnp.int32
+    # Every axis but the leading one where their product fits uint16, else the last: the
+    # sums over the rows then stay short (XLA:CPU splits a long one into a tree of kernels).
+    shape = preds[0].shape
+    axes = (
+        tuple(range(1, len(shape)))
+        if 1 < len(shape) and math.prod(shape[1:]) < 2**16
+        else (len(shape) - 1,)
+    )
+    inner = jnp.uint16 if math.prod(shape[a] for a in axes) < 2**16 else jnp.int32
     partial = lax.reduce(
         tuple(p.astype(inner) for p in preds),
         tuple(np.zeros((), inner) for _ in preds),
         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
-        (preds[0].ndim - 1,),
+        axes,
     )
     # The partial sums of every candidate in one reduction: one kernel, not one each.
     return jnp.sum(jnp.stack(partial).reshape(len(preds), -1), axis=1, dtype=jnp.int32)
@@ -470,9 +478,13 @@ def _select_kept(
     def stack_leaves(xs):
         return [None if xs[b[0]] is None else stack([xs[i] for i in b], lead(b)) for b in batches]
 
-    # Per unit, its scores; with several stages, those of every stage stacked in front.
+    # Per unit, its scores. With several stages, a batch stacks those of every stage in
+    # front (its leaves are concatenated anyway); a leaf alone keeps one array per stage,
+    # picked by the stage in the kernel that reads it (stacking would copy them all).
     unit_scores = [
         stack([stage[i] for stage in scores for i in b], (n_stages, *lead(b)))
+        if n_stages > 1 and len(b) > 1
+        else tuple(stage[b[0]] for stage in scores)
         if n_stages > 1
         else stack([scores[0][i] for i in b], lead(b))
         for b in batches
@@ -495,7 +507,9 @@ def _select_kept(
     # single-operand sums the partitioner splits across shards: it would gather a variadic
     # reduction over a sharded axis).
     fast = all(
-        not may_be_sharded(s) or explicit_layout(s) is not None for s in unit_scores
+        not may_be_sharded(s) or explicit_layout(s) is not None
+        for u in unit_scores
+        for s in (u if isinstance(u, tuple) else [u])
     )
     stored = sum(sizes) <= STORED_KEYS_MAX
     index_bytes = max(1, math.ceil((max(seen) - 1).bit_length() / 8))
@@ -542,15 +556,15 @@ def _select_kept(
     else:
         # Every stage but the first ranks under a mask: start from one where there is none.
         unit_kept = [
-            jnp.ones(jnp.shape(s)[1:], bool) if k is None else k
-            for s, k in zip(unit_scores, unit_kept, strict=True)
+            jnp.ones(jnp.shape(u[0]), bool) if k is None else k
+            for u, k in zip(unit_scores, unit_kept, strict=True)
         ]
-        keep = lax.fori_loop(
-            0,
-            n_stages,
-            lambda i, kept: stage([s[i] for s in unit_scores], kept, targets[i]),
-            unit_kept,
-        )
+
+        def turn(i, kept):
+            picked = [lax.select_n(i, *u) if isinstance(u, tuple) else u[i] for u in unit_scores]
+            return stage(picked, kept, targets[i])
+
+        keep = lax.fori_loop(0, n_stages, turn, unit_kept)
     # A batch's masks come from one element-wise kernel over its stacked keys, split into
     # leaves by _unstack.
     out: list[jax.Array] = [jnp.zeros(())] * len(groups)
@@ -832,9 +846,7 @@ def topk_leaves(
     ):
         new = chosen_kept
         for row, target in zip(chosen_scores, targets, strict=True):
-            new = _select_kept_host(
-                row, allowed, new, target, groups=groups, n_groups=n_groups
-            )
+            new = _select_kept_host(row, allowed, new, target, groups=groups, n_groups=n_groups)
         new = [to_device(m, x) for m, x in zip(new, chosen_scores[-1], strict=True)]
     else:
         if concrete:
