@@ -6,7 +6,9 @@ gradient, masked moments and a masked update (all fused into Adam's elementwise 
 a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead. A
 mask-update step (two-stage selection over all kernels, Fisher read from ``nu``) is timed on
 its own, and so is the selection alone (``jit(two_stage_mask)`` on the same inputs): the
-step costs one update plus the selection.
+step costs one update plus the selection. The last row is the floor under the selection on
+this backend: the passes a two-stage selection repeats (per stage 4 digit passes and 16
+counting passes over one byte per weight), timed bare over the same kernels.
 
     python benchmarks/bench_step.py            # 784-1024-1024-10 MLP (1.9M params), batch 128
     python benchmarks/bench_step.py --quick    # 784-256-10, fewer steps
@@ -20,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 import fisher_optax as fo
+from fisher_optax import _select
 
 
 def init_mlp(key, sizes):
@@ -150,6 +154,45 @@ def main() -> None:
         jax.block_until_ready(alone(*sel_args))
         t_sel.append(time.perf_counter() - t)
 
+    # The floor under the selection: the passes it repeats, bare, in one jitted loop over
+    # the same kernels (one array each, as the selection sees them). Per stage, 4 phases of
+    # one digit pass (read a 4-byte key, write its byte) and 4 counting passes (compare one
+    # byte per weight with three candidates in one variadic reduction); no bookkeeping.
+    kernels = [x for x in jax.tree.leaves(params) if x.ndim >= 2]
+    rng = np.random.default_rng(0)
+    keys = [jnp.asarray(rng.integers(0, 2**32, x.shape, dtype=np.uint32)) for x in kernels]
+
+    def bare_passes(keys, t):
+        def phase(p, t):
+            shift = (24 - 8 * (p % 4)).astype(jnp.uint32)
+            digits = [
+                jnp.where(((k ^ t) >> (shift + 8)) == 0, (k >> shift).astype(jnp.uint8), 255)
+                for k in keys
+            ]
+
+            def one_pass(i, c):  # candidates move with the counts: no pass can be hoisted
+                cands = [(c + j * 64 + i).astype(jnp.uint8) for j in range(1, 4)]
+                counts = sum(_select.count_many([d < x for x in cands]) for d in digits)
+                return c + jnp.sum(counts).astype(jnp.uint32) % 7
+
+            return lax.fori_loop(0, 4, one_pass, t)
+
+        return lax.fori_loop(0, 8, phase, t)
+
+    floor_fn = jax.jit(bare_passes)
+    t_key = jnp.uint32(2**31)
+    jax.block_until_ready(floor_fn(keys, t_key))
+    t_floor, t_base = [], []
+    upd_plain = timed[("update", "adam")][0]
+    s_plain = init(plain)
+    for _ in range(max(5, steps // 4)):  # interleaved with the update they are compared with
+        t = time.perf_counter()
+        jax.block_until_ready(floor_fn(keys, t_key))
+        t_floor.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        jax.block_until_ready(upd_plain(grads, s_plain, params))
+        t_base.append(time.perf_counter() - t)
+
     med = lambda v: float(np.median(v)) * 1e3
     print(
         f"# MLP {'-'.join(map(str, sizes))} ({n_params / 1e6:.2f}M params), batch {batch}, "
@@ -175,6 +218,10 @@ def main() -> None:
     print(
         f"| the two-stage selection alone (jit(two_stage_mask)) | {base:.2f} ms | "
         f"{med(t_sel):.2f} ms | {med(t_sel) / base:.1f} |"
+    )
+    print(
+        f"| bare passes of a two-stage selection: 8 x (1 digit + 4 counting passes) "
+        f"| {med(t_base):.2f} ms | {med(t_floor):.2f} ms | {med(t_floor) / med(t_base):.1f} |"
     )
     print(
         f"# mask-update step - selection alone = {med(t_mask) - med(t_sel):.2f} ms "

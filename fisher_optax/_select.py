@@ -225,12 +225,21 @@ def radix_select(
                     sums.append(count_many(preds) if m > 1 else count(preds[0])[None])
             counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
             take = counts < targets[:, None]  # true for a prefix of the candidates
-            steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
             # Counts grow with the candidate: the last one taken is the largest, the first
-            # one not taken (or the interval's end, counted before) the smallest.
-            b = jnp.max(jnp.where(take, counts, b[:, None]), axis=1)
-            h = jnp.minimum(h, jnp.min(jnp.where(take, h[:, None], counts), axis=1))
-            return t + (steps << low), b, h
+            # one not taken (or the interval's end, counted before) the smallest. The three
+            # are one variadic reduction: XLA:CPU compiles each reduction as its own kernel.
+            steps, b, h_new = lax.reduce(
+                (
+                    take.astype(jnp.int32),
+                    jnp.where(take, counts, b[:, None]),
+                    jnp.where(take, h[:, None], counts),
+                ),
+                (np.int32(0), np.int32(np.iinfo(np.int32).min), np.int32(_MAX_COUNT)),
+                lambda x, y: (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.minimum(x[2], y[2])),
+                (1,),
+            )
+            h = jnp.minimum(h, h_new)
+            return t + (steps.astype(jnp.uint32) << low), b, h
 
         digit, below, hi = lax.fori_loop(
             0, 8 // step_bits, one_pass, (jnp.zeros(n_groups, jnp.uint32), below, hi)
