@@ -13,12 +13,15 @@ in ``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one can
 passes), whose sums XLA's partitioner splits across shards: either way only scalar counts
 cross devices. Ties at the cut are broken by flat index in the same loop: where a group has
 more entries at its threshold than it may prune, the loop goes on over the bytes of the
-flat index of the tied entries, so that one compiled loop serves both. XLA's CPU sort of 1e7
-floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition`` from 1e6 to
-1e8 scores on two CPU cores; above :data:`STORED_KEYS_MAX` scores they store one byte per
-score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``). Eager calls
-on concrete arrays held by the CPU (at most :data:`HOST_MAX` weights) select in NumPy
-instead, with identical masks, so a first call compiles nothing.
+flat index of the tied entries, so that one compiled loop serves both. Stages that rank in
+turn, each under the mask the one before left (the magnitude and then the criterion of a
+two-stage update), are the turns of one more loop around it: one selection is compiled
+whatever the number of stages. XLA's CPU sort of 1e7 floats takes seconds; the counting
+passes take 0.3-0.5x NumPy's ``np.partition`` from 1e6 to 1e8 scores on two CPU cores;
+above :data:`STORED_KEYS_MAX` scores they store one byte per score, recomputing the keys in
+every phase (see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held by the
+CPU (at most :data:`HOST_MAX` weights) select in NumPy instead, with identical masks, so a
+first call compiles nothing.
 """
 
 import math
