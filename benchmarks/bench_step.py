@@ -135,12 +135,7 @@ def main() -> None:
     every = fo.pruned(optax.adam(1e-3), schedule=fo.constant_sparsity(0.8), update_every=1)
     upd_every = make_update(every)
     _, s_every = upd_every(grads, every.init(params), params)  # count 0: no Fisher yet
-    jax.block_until_ready(upd_every(grads, s_every, params))
-    t_mask = []
-    for _ in range(max(3, steps // 20)):
-        t = time.perf_counter()
-        _, s_new = jax.block_until_ready(upd_every(grads, s_every, params))
-        t_mask.append(time.perf_counter() - t)
+    _, s_new = jax.block_until_ready(upd_every(grads, s_every, params))
     selected = sum(int((~m).sum()) for m in jax.tree.leaves(s_new.mask))
     # The selection alone, as the mask-update step runs it (two-stage, global, from the same
     # params, Fisher and mask, float32 sparsity): what a mask update adds to an update.
@@ -148,11 +143,6 @@ def main() -> None:
     alone = jax.jit(lambda p, f, m, s: fo.two_stage_mask(p, s, fisher=f, mask=m))
     sel_args = (params, fisher, s_every.mask, jnp.float32(0.8))
     jax.block_until_ready(alone(*sel_args))
-    t_sel = []
-    for _ in range(max(3, steps // 20)):
-        t = time.perf_counter()
-        jax.block_until_ready(alone(*sel_args))
-        t_sel.append(time.perf_counter() - t)
 
     # The floor under the selection: the passes it repeats, bare, in one jitted loop over
     # the same kernels (one array each, as the selection sees them). Per stage, 4 phases of
@@ -182,16 +172,22 @@ def main() -> None:
     floor_fn = jax.jit(bare_passes)
     t_key = jnp.uint32(2**31)
     jax.block_until_ready(floor_fn(keys, t_key))
-    t_floor, t_base = [], []
     upd_plain = timed[("update", "adam")][0]
     s_plain = init(plain)
-    for _ in range(max(5, steps // 4)):  # interleaved with the update they are compared with
-        t = time.perf_counter()
-        jax.block_until_ready(floor_fn(keys, t_key))
-        t_floor.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        jax.block_until_ready(upd_plain(grads, s_plain, params))
-        t_base.append(time.perf_counter() - t)
+    # Interleaved with the update they are compared with, so all see the same machine load.
+    rounds = {
+        "base": lambda: upd_plain(grads, s_plain, params),
+        "mask": lambda: upd_every(grads, s_every, params),
+        "sel": lambda: alone(*sel_args),
+        "floor": lambda: floor_fn(keys, t_key),
+    }
+    t_round = {name: [] for name in rounds}
+    for _ in range(max(10, steps // 4)):
+        for name, fn in rounds.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            t_round[name].append(time.perf_counter() - t)
+    t_base, t_mask, t_sel, t_floor = (t_round[k] for k in ("base", "mask", "sel", "floor"))
 
     med = lambda v: float(np.median(v)) * 1e3
     print(
@@ -210,7 +206,7 @@ def main() -> None:
     for label, kind, other in rows:
         base, ours = med(times[(kind, "adam")]), med(times[(kind, other)])
         print(f"| {label} | {base:.2f} ms | {ours:.2f} ms | {ours / base:.3f} |")
-    base = med(times[("update", "adam")])
+    base = med(t_base)  # the update timed in the rounds of the rows below
     print(
         f"| optimizer update at a mask update (two-stage, global) | {base:.2f} ms | "
         f"{med(t_mask):.2f} ms | {med(t_mask) / base:.1f} |"
@@ -221,7 +217,7 @@ def main() -> None:
     )
     print(
         f"| bare passes of a two-stage selection: 8 x (1 digit + 4 counting passes) "
-        f"| {med(t_base):.2f} ms | {med(t_floor):.2f} ms | {med(t_floor) / med(t_base):.1f} |"
+        f"| {base:.2f} ms | {med(t_floor):.2f} ms | {med(t_floor) / base:.1f} |"
     )
     print(
         f"# mask-update step - selection alone = {med(t_mask) - med(t_sel):.2f} ms "
