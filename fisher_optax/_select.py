@@ -5,23 +5,23 @@ Every pattern of :mod:`fisher_optax.patterns` ends here: :func:`topk_leaves` pru
 smallest scores, ties broken by flat index.
 
 Selection never sorts. Scores are mapped to order-preserving ``uint32`` keys
-(:func:`float_keys`) and the exact k-th smallest key is found one byte at a time by
-counting passes (:func:`radix_select`): each pass compares every key with three candidates
-at once (one variadic reduction, two bits per pass, 16 passes) and sums, per group, how many
-fall below each. On parameters sharded along explicit mesh axes each device counts its block
-in ``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one candidate (32
+(:func:`float_keys`) and the exact k-th smallest key is found one byte at a time by counting
+passes (:func:`radix_select`): each pass compares every key with three candidates at once
+(one variadic reduction, two bits per pass, 16 passes) and sums, per group, how many fall
+below each. On parameters sharded along explicit mesh axes each device counts its block in
+``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one candidate (32
 passes), whose sums XLA's partitioner splits across shards: either way only scalar counts
 cross devices. Ties at the cut are broken by flat index in the same loop: where a group has
-more entries at its threshold than it may prune, the loop goes on over the bytes of the
-flat index of the tied entries, so that one compiled loop serves both. Stages that rank in
-turn, each under the mask the one before left (the magnitude and then the criterion of a
-two-stage update), are the turns of one more loop around it: one selection is compiled
-whatever the number of stages. XLA's CPU sort of 1e7 floats takes seconds; the counting
-passes take 0.3-0.5x NumPy's ``np.partition`` from 1e6 to 1e8 scores on two CPU cores;
-above :data:`STORED_KEYS_MAX` scores they store one byte per score, recomputing the keys in
-every phase (see ``benchmarks/bench_select.py``). Eager calls on concrete arrays held by the
-CPU (at most :data:`HOST_MAX` weights) select in NumPy instead, with identical masks, so a
-first call compiles nothing.
+more entries at its threshold than it may prune, the loop goes on over the bytes of the flat
+index of the tied entries, so that one compiled loop serves both. Stages that rank in turn,
+each under the mask the one before left (the magnitude and then the criterion of a two-stage
+update), are the turns of one more loop around it where leaves of one shape are batched
+(:func:`_select_kept`): one selection is compiled whatever the number of stages. XLA's CPU
+sort of 1e7 floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition``
+from 1e6 to 1e8 scores on two CPU cores; above :data:`STORED_KEYS_MAX` scores they store one
+byte per score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``).
+Eager calls on concrete arrays held by the CPU (at most :data:`HOST_MAX` weights) select in
+NumPy instead, with identical masks, so a first call compiles nothing.
 """
 
 import math
@@ -453,9 +453,11 @@ def _select_kept(
     Leaves of one shape that are not sharded are stacked into one batch (:func:`_batches`)
     and counted by one reduction per pass: the traced selection grows with the number of
     distinct shapes. Each leaf keeps its own group and its own index offset, so counts,
-    ties and scopes are those of the leaves taken one by one. The stages are the turns of
-    one loop over the stacked scores of all stages, so a second stage adds no traced code;
-    its mask stays stacked between the turns. A batch's masks are one element-wise
+    ties and scopes are those of the leaves taken one by one. Where there are batches, the
+    stages are the turns of one loop over the stacked scores of all stages, so a second
+    stage adds no traced code and its mask stays stacked between the turns; where every
+    leaf is alone they are unrolled into identical kernels. A batch's masks are one
+    element-wise
     comparison of its keys and flat indices with the cut, handed back to its leaves by
     :func:`_unstack`.
     """
@@ -490,15 +492,21 @@ def _select_kept(
     def stack_leaves(xs):
         return [None if xs[b[0]] is None else stack([xs[i] for i in b], lead(b)) for b in batches]
 
-    # Per unit, its scores. With several stages, a batch stacks those of every stage in
-    # front (its leaves are concatenated anyway); a leaf alone keeps one array per stage,
-    # picked by the stage in the kernel that reads it (stacking would copy them all).
+    # Stages are the turns of one loop where some leaves are batched: their scores are
+    # concatenated anyway, so those of every stage stack in front at no extra pass, and the
+    # mask between the stages stays stacked. A leaf alone keeps one array per stage, picked
+    # by the turn in the kernel that reads it. Where every leaf is alone, the stages are
+    # unrolled: their kernels are identical (XLA:CPU compiles them once), and each stage's
+    # keys come straight from the computation of its scores, which are never stored.
+    looped = n_stages > 1 and any(len(b) > 1 for b in batches)
     unit_scores = [
-        stack([stage[i] for stage in scores for i in b], (n_stages, *lead(b)))
-        if n_stages > 1 and len(b) > 1
-        else tuple(stage[b[0]] for stage in scores)
-        if n_stages > 1
-        else stack([scores[0][i] for i in b], lead(b))
+        (
+            stack([stage[i] for stage in scores for i in b], (n_stages, *lead(b)))
+            if len(b) > 1
+            else tuple(stage[b[0]] for stage in scores)
+        )
+        if looped
+        else [stack([stage[i] for i in b], lead(b)) for stage in scores]
         for b in batches
     ]
     unit_allowed, unit_kept = stack_leaves(allowed), stack_leaves(kept)
@@ -518,11 +526,7 @@ def _select_kept(
     # (counted per shard, see _count_many_sharded); one otherwise (plain bisection, whose
     # single-operand sums the partitioner splits across shards: it would gather a variadic
     # reduction over a sharded axis).
-    fast = all(
-        not may_be_sharded(s) or explicit_layout(s) is not None
-        for u in unit_scores
-        for s in (u if isinstance(u, tuple) else [u])
-    )
+    fast = all(not may_be_sharded(s) or explicit_layout(s) is not None for st in scores for s in st)
     stored = sum(sizes) <= STORED_KEYS_MAX
     index_bytes = max(1, math.ceil((max(seen) - 1).bit_length() / 8))
 
@@ -563,9 +567,7 @@ def _select_kept(
         return out
 
     targets = targets.astype(jnp.int32)
-    if n_stages == 1:
-        keep = stage(unit_scores, unit_kept, targets[0])
-    else:
+    if looped:
         # Every stage but the first ranks under a mask: start from one where there is none.
         unit_kept = [
             jnp.ones(jnp.shape(u[0]), bool) if k is None else k
@@ -577,6 +579,10 @@ def _select_kept(
             return stage(picked, kept, targets[i])
 
         keep = lax.fori_loop(0, n_stages, turn, unit_kept)
+    else:
+        keep = unit_kept
+        for i in range(n_stages):
+            keep = stage([u[i] for u in unit_scores], keep, targets[i])
     # A batch's masks come from one element-wise kernel over its stacked keys, split into
     # leaves by _unstack.
     out: list[jax.Array] = [jnp.zeros(())] * len(groups)

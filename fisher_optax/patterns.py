@@ -175,10 +175,11 @@ def _select_stages(
     """``pattern.select`` of each ``(scores, sparsity)`` of ``stages`` in turn, each stage
     under the mask the one before it returned (the first under ``mask``), as one selection.
 
-    The stages are the turns of one selection loop, traced and compiled once, and the mask
-    between them stays in the selection's stacked layout: a two-stage update compiles one
-    selection, not two. Where a ``prunable`` predicate gives the stages different flags
-    (it reads the score values), or their trees differ, the stages run one by one.
+    Where leaves of one shape are batched, the stages are the turns of one selection loop,
+    traced and compiled once, and the mask between them stays in the selection's stacked
+    layout; otherwise they are unrolled into identical kernels, which XLA compiles once.
+    Where a ``prunable`` predicate gives the stages different flags (it reads the score
+    values), or their trees differ, the stages run one by one.
     """
     checked = []
     for scores, sparsity in stages:

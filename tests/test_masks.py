@@ -302,19 +302,25 @@ def test_selection_is_one_loop_with_ties_inside_it():
 
 
 @pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize(
+    "shapes",
+    [[(3, 4), (3, 4), (1, 7)], [(3, 4), (5, 2)]],
+    ids=["batched-turns-of-one-loop", "alone-unrolled"],
+)
 @SETTINGS
 @given(
-    score_trees(),
+    st.integers(0, 2**31 - 1),
     st.floats(0, 1),
     st.floats(0, 1),
     st.booleans(),
     st.sampled_from(["global", "layer"]),
 )
-def test_stages_match_sequential_sort_references(path, data, s1, s2, with_prior, scope):
-    """Stages ranked as the turns of one loop prune what the stages taken one by one prune:
-    each stage under the mask the one before left, with ties, a prior mask and an
-    element-wise prunable flag."""
-    first, rng = data
+def test_stages_match_sequential_sort_references(path, shapes, seed, s1, s2, with_prior, scope):
+    """Stages ranked in one selection prune what the stages taken one by one prune: each
+    stage under the mask the one before left, with ties, a prior mask and an element-wise
+    prunable flag."""
+    rng = np.random.default_rng(seed)
+    first = {f"l{i}": rng.integers(-3, 4, size=s).astype(np.float32) for i, s in enumerate(shapes)}
     names = list(first)
     second = {k: rng.integers(-2, 3, size=v.shape).astype(np.float32) for k, v in first.items()}
     prior = {k: rng.uniform(size=v.shape) > 0.3 for k, v in first.items()} if with_prior else None
