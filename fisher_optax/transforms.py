@@ -193,7 +193,7 @@ def _targets(progress: jax.Array, per_leaf: Any, share: Any, params: Params) -> 
 def _grown(pattern: Pattern, stages: list, old: Mask, prunable: Prunable) -> Mask:
     """The pattern's mask after each ``(scores, target)`` of ``stages`` in turn, each stage
     checked and ANDed with the mask before it: masks only grow."""
-    if isinstance(pattern, Unstructured):
+    if type(pattern) is Unstructured:  # not a subclass, whose select may differ
         # Keeps what old prunes by construction; its stages are the turns of one loop.
         return _select_stages(pattern, stages, prunable=prunable, mask=old)
     for scores, target in stages:
