@@ -6,7 +6,9 @@ gradient, masked moments and a masked update (all fused into Adam's elementwise 
 a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead. A
 mask-update step (two-stage selection over all kernels, Fisher read from ``nu``) is timed on
 its own, and so is the selection alone (``jit(two_stage_mask)`` on the same inputs): the
-step costs one update plus the selection.
+step costs one update plus the selection. The last row is the floor under the selection on
+this backend: the passes a two-stage selection repeats (per stage 4 digit passes and 16
+counting passes over one byte per weight), timed bare over the same kernels.
 
     python benchmarks/bench_step.py            # 784-1024-1024-10 MLP (1.9M params), batch 128
     python benchmarks/bench_step.py --quick    # 784-256-10, fewer steps
@@ -20,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 import fisher_optax as fo
+from fisher_optax import _select
 
 
 def init_mlp(key, sizes):
@@ -131,12 +135,7 @@ def main() -> None:
     every = fo.pruned(optax.adam(1e-3), schedule=fo.constant_sparsity(0.8), update_every=1)
     upd_every = make_update(every)
     _, s_every = upd_every(grads, every.init(params), params)  # count 0: no Fisher yet
-    jax.block_until_ready(upd_every(grads, s_every, params))
-    t_mask = []
-    for _ in range(max(3, steps // 20)):
-        t = time.perf_counter()
-        _, s_new = jax.block_until_ready(upd_every(grads, s_every, params))
-        t_mask.append(time.perf_counter() - t)
+    _, s_new = jax.block_until_ready(upd_every(grads, s_every, params))
     selected = sum(int((~m).sum()) for m in jax.tree.leaves(s_new.mask))
     # The selection alone, as the mask-update step runs it (two-stage, global, from the same
     # params, Fisher and mask, float32 sparsity): what a mask update adds to an update.
@@ -144,11 +143,51 @@ def main() -> None:
     alone = jax.jit(lambda p, f, m, s: fo.two_stage_mask(p, s, fisher=f, mask=m))
     sel_args = (params, fisher, s_every.mask, jnp.float32(0.8))
     jax.block_until_ready(alone(*sel_args))
-    t_sel = []
-    for _ in range(max(3, steps // 20)):
-        t = time.perf_counter()
-        jax.block_until_ready(alone(*sel_args))
-        t_sel.append(time.perf_counter() - t)
+
+    # The floor under the selection: the passes it repeats, bare, in one jitted loop over
+    # the same kernels (one array each, as the selection sees them). Per stage, 4 phases of
+    # one digit pass (read a 4-byte key, write its byte) and 4 counting passes (compare one
+    # byte per weight with three candidates in one variadic reduction); no bookkeeping.
+    kernels = [x for x in jax.tree.leaves(params) if x.ndim >= 2]
+    rng = np.random.default_rng(0)
+    keys = [jnp.asarray(rng.integers(0, 2**32, x.shape, dtype=np.uint32)) for x in kernels]
+
+    def bare_passes(keys, t):
+        def phase(p, t):
+            shift = (24 - 8 * (p % 4)).astype(jnp.uint32)
+            digits = [
+                jnp.where(((k ^ t) >> (shift + 8)) == 0, (k >> shift).astype(jnp.uint8), 255)
+                for k in keys
+            ]
+
+            def one_pass(i, c):  # candidates move with the counts: no pass can be hoisted
+                cands = [(c + j * 64 + i).astype(jnp.uint8) for j in range(1, 4)]
+                counts = sum(_select.count_many([d < x for x in cands]) for d in digits)
+                return c + jnp.sum(counts).astype(jnp.uint32) % 7
+
+            return lax.fori_loop(0, 4, one_pass, t)
+
+        return lax.fori_loop(0, 8, phase, t)
+
+    floor_fn = jax.jit(bare_passes)
+    t_key = jnp.uint32(2**31)
+    jax.block_until_ready(floor_fn(keys, t_key))
+    upd_plain = timed[("update", "adam")][0]
+    s_plain = init(plain)
+    # Interleaved with the update they are compared with, so all see the same machine load.
+    rounds = {
+        "base": lambda: upd_plain(grads, s_plain, params),
+        "mask": lambda: upd_every(grads, s_every, params),
+        "sel": lambda: alone(*sel_args),
+        "floor": lambda: floor_fn(keys, t_key),
+    }
+    t_round = {name: [] for name in rounds}
+    for _ in range(max(10, steps // 4)):
+        for name, fn in rounds.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            t_round[name].append(time.perf_counter() - t)
+    t_base, t_mask, t_sel, t_floor = (t_round[k] for k in ("base", "mask", "sel", "floor"))
 
     med = lambda v: float(np.median(v)) * 1e3
     print(
@@ -167,7 +206,7 @@ def main() -> None:
     for label, kind, other in rows:
         base, ours = med(times[(kind, "adam")]), med(times[(kind, other)])
         print(f"| {label} | {base:.2f} ms | {ours:.2f} ms | {ours / base:.3f} |")
-    base = med(times[("update", "adam")])
+    base = med(t_base)  # the update timed in the rounds of the rows below
     print(
         f"| optimizer update at a mask update (two-stage, global) | {base:.2f} ms | "
         f"{med(t_mask):.2f} ms | {med(t_mask) / base:.1f} |"
@@ -175,6 +214,10 @@ def main() -> None:
     print(
         f"| the two-stage selection alone (jit(two_stage_mask)) | {base:.2f} ms | "
         f"{med(t_sel):.2f} ms | {med(t_sel) / base:.1f} |"
+    )
+    print(
+        f"| bare passes of a two-stage selection: 8 x (1 digit + 4 counting passes) "
+        f"| {base:.2f} ms | {med(t_floor):.2f} ms | {med(t_floor) / base:.1f} |"
     )
     print(
         f"# mask-update step - selection alone = {med(t_mask) - med(t_sel):.2f} ms "

@@ -5,20 +5,23 @@ Every pattern of :mod:`fisher_optax.patterns` ends here: :func:`topk_leaves` pru
 smallest scores, ties broken by flat index.
 
 Selection never sorts. Scores are mapped to order-preserving ``uint32`` keys
-(:func:`float_keys`) and the exact k-th smallest key is found one byte at a time by
-counting passes (:func:`radix_select`): each pass compares every key with three candidates
-at once (one variadic reduction, two bits per pass, 16 passes) and sums, per group, how many
-fall below each. On parameters sharded along explicit mesh axes each device counts its block
-in ``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one candidate (32
+(:func:`float_keys`) and the exact k-th smallest key is found one byte at a time by counting
+passes (:func:`radix_select`): each pass compares every key with three candidates at once
+(one variadic reduction, two bits per pass, 16 passes) and sums, per group, how many fall
+below each. On parameters sharded along explicit mesh axes each device counts its block in
+``shard_map``; on other sharded ones (``Auto`` axes) each pass counts one candidate (32
 passes), whose sums XLA's partitioner splits across shards: either way only scalar counts
 cross devices. Ties at the cut are broken by flat index in the same loop: where a group has
-more entries at its threshold than it may prune, the loop goes on over the bytes of the
-flat index of the tied entries, so that one compiled loop serves both. XLA's CPU sort of 1e7
-floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition`` from 1e6 to
-1e8 scores on two CPU cores; above :data:`STORED_KEYS_MAX` scores they store one byte per
-score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``). Eager calls
-on concrete arrays held by the CPU (at most :data:`HOST_MAX` weights) select in NumPy
-instead, with identical masks, so a first call compiles nothing.
+more entries at its threshold than it may prune, the loop goes on over the bytes of the flat
+index of the tied entries, so that one compiled loop serves both. Stages that rank in turn,
+each under the mask the one before left (the magnitude and then the criterion of a two-stage
+update), are the turns of one more loop around it where leaves of one shape are batched
+(:func:`_select_kept`): one selection is compiled whatever the number of stages. XLA's CPU
+sort of 1e7 floats takes seconds; the counting passes take 0.3-0.5x NumPy's ``np.partition``
+from 1e6 to 1e8 scores on two CPU cores; above :data:`STORED_KEYS_MAX` scores they store one
+byte per score, recomputing the keys in every phase (see ``benchmarks/bench_select.py``).
+Eager calls on concrete arrays held by the CPU (at most :data:`HOST_MAX` weights) select in
+NumPy instead, with identical masks, so a first call compiles nothing.
 """
 
 import math
@@ -225,12 +228,21 @@ def radix_select(
                     sums.append(count_many(preds) if m > 1 else count(preds[0])[None])
             counts = below0[:, None] + _group_sum(sums, groups, n_groups)  # (groups, candidates)
             take = counts < targets[:, None]  # true for a prefix of the candidates
-            steps = jnp.sum(take, axis=1, dtype=jnp.uint32)
             # Counts grow with the candidate: the last one taken is the largest, the first
-            # one not taken (or the interval's end, counted before) the smallest.
-            b = jnp.max(jnp.where(take, counts, b[:, None]), axis=1)
-            h = jnp.minimum(h, jnp.min(jnp.where(take, h[:, None], counts), axis=1))
-            return t + (steps << low), b, h
+            # one not taken (or the interval's end, counted before) the smallest. The three
+            # are one variadic reduction: XLA:CPU compiles each reduction as its own kernel.
+            steps, b, h_new = lax.reduce(
+                (
+                    take.astype(jnp.int32),
+                    jnp.where(take, counts, b[:, None]),
+                    jnp.where(take, h[:, None], counts),
+                ),
+                (np.int32(0), np.int32(np.iinfo(np.int32).min), np.int32(_MAX_COUNT)),
+                lambda x, y: (x[0] + y[0], jnp.maximum(x[1], y[1]), jnp.minimum(x[2], y[2])),
+                (1,),
+            )
+            h = jnp.minimum(h, h_new)
+            return t + (steps.astype(jnp.uint32) << low), b, h
 
         digit, below, hi = lax.fori_loop(
             0, 8 // step_bits, one_pass, (jnp.zeros(n_groups, jnp.uint32), below, hi)
@@ -276,12 +288,20 @@ def count_many(preds: list[jax.Array]) -> jax.Array:
     """
     if preds[0].ndim == 0:
         return jnp.stack([p.astype(jnp.int32) for p in preds])
-    inner = jnp.uint16 if preds[0].shape[-1] < 2**16 else jnp.int32
+    # Every axis but the leading one where their product fits uint16, else the last: the
+    # sums over the rows then stay short (XLA:CPU splits a long one into a tree of kernels).
+    shape = preds[0].shape
+    axes = (
+        tuple(range(1, len(shape)))
+        if 1 < len(shape) and math.prod(shape[1:]) < 2**16
+        else (len(shape) - 1,)
+    )
+    inner = jnp.uint16 if math.prod(shape[a] for a in axes) < 2**16 else jnp.int32
     partial = lax.reduce(
         tuple(p.astype(inner) for p in preds),
         tuple(np.zeros((), inner) for _ in preds),
         lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)),
-        (preds[0].ndim - 1,),
+        axes,
     )
     # The partial sums of every candidate in one reduction: one kernel, not one each.
     return jnp.sum(jnp.stack(partial).reshape(len(preds), -1), axis=1, dtype=jnp.int32)
@@ -366,16 +386,18 @@ def _at(values: jax.Array, group: int | tuple[int, ...], like: jax.Array) -> jax
     return values[np.asarray(group)].reshape(len(group), *[1] * (like.ndim - 1))
 
 
-def _batches(scores: list, allowed: list, kept: list) -> list[tuple[int, ...]]:
+def _batches(scores: list[list], allowed: list, kept: list) -> list[tuple[int, ...]]:
     """Leaf indices in batches of one shape, dtype and operands, to be stacked and counted
-    together. A leaf that may be sharded stays alone: stacking it would gather it."""
+    together (``scores``: the leaves of each stage). A leaf that may be sharded stays alone:
+    stacking it would gather it."""
     batches: dict[Any, list[int]] = {}
     alone = []
-    for i, (s, a, k) in enumerate(zip(scores, allowed, kept, strict=True)):
-        if may_be_sharded(s) or any(x is not None and may_be_sharded(x) for x in (a, k)):
+    for i, (a, k) in enumerate(zip(allowed, kept, strict=True)):
+        s = [stage[i] for stage in scores]
+        if any(x is not None and may_be_sharded(x) for x in (*s, a, k)):
             alone.append((i,))
         else:
-            key = (jnp.shape(s), jnp.result_type(s), a is None, k is None)
+            key = (jnp.shape(s[0]), tuple(jnp.result_type(x) for x in s), a is None, k is None)
             batches.setdefault(key, []).append(i)
     return [tuple(b) for b in batches.values()] + alone
 
@@ -410,7 +432,7 @@ def _flat_index(shape: tuple[int, ...], offset: Any) -> jax.Array:
 
 
 def _select_kept(
-    scores: list[jax.Array],
+    scores: list[list[jax.Array]],
     allowed: list[jax.Array | None],
     kept: list[jax.Array | None],
     targets: jax.Array,
@@ -418,7 +440,9 @@ def _select_kept(
     groups: tuple[int, ...],
     n_groups: int,
 ) -> list[jax.Array]:
-    """Keep-masks pruning, per group, the ``targets[g]`` smallest scores (exact, sort-free).
+    """Keep-masks pruning, per group, the ``targets[g]`` smallest scores (exact, sort-free),
+    in stages: ``scores`` holds one list of leaves per stage, ``targets`` one row per stage,
+    and each stage ranks its scores under the mask the stage before left.
 
     Entries where ``allowed`` is False are never pruned; entries where ``kept`` is False are
     pruned whatever their score (and count toward the target, which is raised to their number
@@ -429,11 +453,18 @@ def _select_kept(
     Leaves of one shape that are not sharded are stacked into one batch (:func:`_batches`)
     and counted by one reduction per pass: the traced selection grows with the number of
     distinct shapes. Each leaf keeps its own group and its own index offset, so counts,
-    ties and scopes are those of the leaves taken one by one. A batch's masks are one
-    element-wise comparison of its keys and flat indices with the cut, handed back to its
-    leaves by :func:`_unstack`.
+    ties and scopes are those of the leaves taken one by one. Where there are batches, the
+    stages are the turns of one loop over the stacked scores of all stages, so a second
+    stage adds no traced code and its mask stays stacked between the turns; where every
+    leaf is alone they are unrolled into identical kernels. A batch's masks are one
+    element-wise
+    comparison of its keys and flat indices with the cut, handed back to its leaves by
+    :func:`_unstack`.
     """
-    sizes = [math.prod(jnp.shape(s)) for s in scores]
+    n_stages = len(scores)
+    if n_stages > 1:  # stacked together: one dtype (float_keys ranks them as float32 anyway)
+        scores = [[jnp.asarray(s, jnp.float32) for s in stage] for stage in scores]
+    sizes = [math.prod(jnp.shape(s)) for s in scores[0]]
     offsets, seen = [], [0] * n_groups
     for g, n in zip(groups, sizes, strict=True):
         offsets.append(seen[g])
@@ -447,20 +478,38 @@ def _select_kept(
         for b in batches
     )
 
-    def stack(xs):
-        # Concatenated flat, then viewed as (leaves, ...): XLA:CPU compiles a concatenation
+    def stack(xs, lead):
+        # Concatenated flat, then viewed as (*lead, ...): XLA:CPU compiles a concatenation
         # of flat arrays in tens of milliseconds, one along the leading axis of leaves of
         # rank 3 or more in up to a second.
-        return [
-            None
-            if xs[b[0]] is None
-            else xs[b[0]]
-            if len(b) == 1
-            else jnp.concatenate([jnp.ravel(xs[i]) for i in b]).reshape(
-                len(b), *jnp.shape(xs[b[0]])
-            )
-            for b in batches
-        ]
+        if len(xs) == 1 and not lead:
+            return xs[0]
+        return jnp.concatenate([jnp.ravel(x) for x in xs]).reshape(*lead, *jnp.shape(xs[0]))
+
+    def lead(b):
+        return (len(b),) if len(b) > 1 else ()
+
+    def stack_leaves(xs):
+        return [None if xs[b[0]] is None else stack([xs[i] for i in b], lead(b)) for b in batches]
+
+    # Stages are the turns of one loop where some leaves are batched: their scores are
+    # concatenated anyway, so those of every stage stack in front at no extra pass, and the
+    # mask between the stages stays stacked. A leaf alone keeps one array per stage, picked
+    # by the turn in the kernel that reads it. Where every leaf is alone, the stages are
+    # unrolled: their kernels are identical (XLA:CPU compiles them once), and each stage's
+    # keys come straight from the computation of its scores, which are never stored.
+    looped = n_stages > 1 and any(len(b) > 1 for b in batches)
+    unit_scores = [
+        (
+            stack([stage[i] for stage in scores for i in b], (n_stages, *lead(b)))
+            if len(b) > 1
+            else tuple(stage[b[0]] for stage in scores)
+        )
+        if looped
+        else [stack([stage[i] for i in b], lead(b)) for stage in scores]
+        for b in batches
+    ]
+    unit_allowed, unit_kept = stack_leaves(allowed), stack_leaves(kept)
 
     def keys_of(scores, allowed, kept):
         keys = []
@@ -473,53 +522,72 @@ def _select_kept(
             keys.append(key)
         return keys
 
-    stacked = (stack(scores), stack(allowed), stack(kept))
-    keys = keys_of(*stacked)
-    # Where the keys go: stored once and read by every phase, or recomputed from the scores
-    # by each (see STORED_KEYS_MAX).
-    if sum(sizes) <= STORED_KEYS_MAX:
-        source, get_keys = keys, list
-    else:
-        source, get_keys = stacked, lambda ops: keys_of(*ops)
-    prior = [
-        _each(count, ~k if a is None else ~k & a, g)
-        if k is not None
-        else jnp.zeros(len(g) if isinstance(g, tuple) else (), jnp.int32)
-        for a, k, g in zip(stacked[1], stacked[2], unit_groups, strict=True)
-    ]
-    targets = jnp.maximum(targets.astype(jnp.int32), _group_sum(prior, unit_groups, n_groups))
-
     # Three candidates per pass where every leaf is local or sharded along explicit axes
     # (counted per shard, see _count_many_sharded); one otherwise (plain bisection, whose
     # single-operand sums the partitioner splits across shards: it would gather a variadic
     # reduction over a sharded axis).
-    fast = all(not may_be_sharded(k) or explicit_layout(k) is not None for k in keys)
+    fast = all(not may_be_sharded(s) or explicit_layout(s) is not None for st in scores for s in st)
+    stored = sum(sizes) <= STORED_KEYS_MAX
+    index_bytes = max(1, math.ceil((max(seen) - 1).bit_length() / 8))
 
-    t_key, t_index, _, _ = radix_select(
-        get_keys,
-        source,
-        unit_groups,
-        n_groups,
-        targets,
-        offsets=unit_offsets,
-        index_bytes=max(1, math.ceil((max(seen) - 1).bit_length() / 8)),
-        step_bits=2 if fast else 1,
-    )
+    def stage(unit_scores, unit_kept, targets):
+        """One stage: the keep-mask of every unit, stacked as the units are."""
+        operands = (unit_scores, unit_allowed, unit_kept)
+        keys = keys_of(*operands)
+        # Where the keys go: stored once and read by every phase, or recomputed from the
+        # scores by each (see STORED_KEYS_MAX).
+        source, get_keys = (keys, list) if stored else (operands, lambda ops: keys_of(*ops))
+        prior = [
+            _each(count, ~k if a is None else ~k & a, g)
+            if k is not None
+            else jnp.zeros(len(g) if isinstance(g, tuple) else (), jnp.int32)
+            for a, k, g in zip(unit_allowed, unit_kept, unit_groups, strict=True)
+        ]
+        targets = jnp.maximum(targets, _group_sum(prior, unit_groups, n_groups))
+        t_key, t_index, _, _ = radix_select(
+            get_keys,
+            source,
+            unit_groups,
+            n_groups,
+            targets,
+            offsets=unit_offsets,
+            index_bytes=index_bytes,
+            step_bits=2 if fast else 1,
+        )
+        prunes = targets > 0
+        cut = jnp.where(prunes, t_key, _ALREADY)
+        last = jnp.where(prunes, t_index, np.uint32(0))
+        out = []
+        for key, g, o, a, k in zip(keys, unit_groups, unit_offsets, *operands[1:], strict=True):
+            v = _flat_view(key, np.ndim(o) > 0)
+            at = (v == _at(cut, g, v)) & (_flat_index(v.shape, o) <= _at(last, g, v))
+            pruned = ((v < _at(cut, g, v)) | at) & _at(prunes, g, v)
+            keep = ~pruned.reshape(key.shape)
+            out.append(keep & k if a is not None and k is not None else keep)  # see the host path
+        return out
+
+    targets = targets.astype(jnp.int32)
+    if looped:
+        # Every stage but the first ranks under a mask: start from one where there is none.
+        unit_kept = [
+            jnp.ones(jnp.shape(u[0]), bool) if k is None else k
+            for u, k in zip(unit_scores, unit_kept, strict=True)
+        ]
+
+        def turn(i, kept):
+            picked = [lax.select_n(i, *u) if isinstance(u, tuple) else u[i] for u in unit_scores]
+            return stage(picked, kept, targets[i])
+
+        keep = lax.fori_loop(0, n_stages, turn, unit_kept)
+    else:
+        keep = unit_kept
+        for i in range(n_stages):
+            keep = stage([u[i] for u in unit_scores], keep, targets[i])
     # A batch's masks come from one element-wise kernel over its stacked keys, split into
     # leaves by _unstack.
-    prunes = targets > 0
-    cut = jnp.where(prunes, t_key, _ALREADY)
-    last = jnp.where(prunes, t_index, np.uint32(0))
     out: list[jax.Array] = [jnp.zeros(())] * len(groups)
-    for b, key, g, o, a, k in zip(
-        batches, get_keys(source), unit_groups, unit_offsets, *stacked[1:], strict=True
-    ):
-        v = _flat_view(key, np.ndim(o) > 0)
-        at = (v == _at(cut, g, v)) & (_flat_index(v.shape, o) <= _at(last, g, v))
-        pruned = ((v < _at(cut, g, v)) | at) & _at(prunes, g, v)
-        keep = ~pruned.reshape(key.shape)
-        keep = keep & k if a is not None and k is not None else keep  # see the host path
-        for i, m in zip(b, _unstack(keep) if len(b) > 1 else [keep], strict=True):
+    for b, k in zip(batches, keep, strict=True):
+        for i, m in zip(b, _unstack(k) if len(b) > 1 else [k], strict=True):
             out[i] = m
     return out
 
@@ -711,27 +779,35 @@ def _target(sparsity: Any, n: Any) -> Any:
 
 def topk_leaves(
     leaves: list[Any],
-    scores: list[Any],
-    sparsity: Any,
+    stages: list[tuple[list[Any], Any]],
     *,
     scope: str,
     flags: list,
     kept: list | None,
 ) -> list[jax.Array]:
-    """Keep-mask leaves pruning the smallest ``scores`` (lists in flattening order).
+    """Keep-mask leaves pruning the smallest scores (lists in flattening order), in stages.
 
-    ``sparsity`` is a checked scalar, or a list of per-leaf fractions (each leaf its own
-    group, whatever ``scope`` says).
+    ``stages`` holds ``(scores, sparsity)`` pairs, ranked in turn: each stage keeps what
+    ``kept`` and the stages before it pruned. A ``sparsity`` is a checked scalar, or a list
+    of per-leaf fractions (each leaf its own group, whatever ``scope`` says).
     """
-    per_leaf = isinstance(sparsity, list)
+    per_leaf = any(isinstance(s, list) for _, s in stages)
+    if per_leaf:  # a scalar stage next to per-leaf ones: the same fraction in every leaf
+        stages = [(x, s if isinstance(s, list) else [s] * len(leaves)) for x, s in stages]
     chosen = [
         i
         for i, f in enumerate(flags)
-        # A leaf with a zero target and no earlier mask keeps everything: skip its passes.
+        # A leaf with zero targets and no earlier mask keeps everything: skip its passes.
         if f is not False
-        and not (kept is None and per_leaf and isinstance(sparsity[i], float) and not sparsity[i])
+        and not (
+            kept is None
+            and per_leaf
+            and all(isinstance(s[i], float) and not s[i] for _, s in stages)
+        )
     ]
-    tracing = not all(_validate.is_concrete(x) for x in [*leaves, *scores])
+    tracing = not all(
+        _validate.is_concrete(x) for x in [*leaves, *(x for scores, _ in stages for x in scores)]
+    )
     # Outside a trace, device_put of NumPy ones: jnp.ones would compile once per shape.
     out = [
         jnp.ones(jnp.shape(x), bool) if tracing else to_device(np.ones(np.shape(x), bool), x)
@@ -767,24 +843,36 @@ def topk_leaves(
             f"a selection over {max(sizes)} weights exceeds the int32 counters (at most "
             f"{_MAX_COUNT}); use Unstructured('layer') or prune groups of leaves separately."
         )
-    group_sparsity = [sparsity[i] for i in chosen] if per_leaf else [sparsity] * n_groups
-    targets = [_target(s, c) for s, c in zip(group_sparsity, counts, strict=True)]
-    chosen_scores = [scores[i] for i in chosen]
+    targets = [
+        [
+            _target(s, c)
+            for s, c in zip(
+                [sparsity[i] for i in chosen] if per_leaf else [sparsity] * n_groups,
+                counts,
+                strict=True,
+            )
+        ]
+        for _, sparsity in stages
+    ]
+    chosen_scores = [[scores[i] for i in chosen] for scores, _ in stages]
     chosen_kept = [None if kept is None else kept[i] for i in chosen]
+    concrete = all(isinstance(t, int) for row in targets for t in row)
     if (
-        all(isinstance(t, int) for t in targets)
+        concrete
         and sum(sizes) <= HOST_MAX
-        and on_host([*chosen_scores, *allowed, *chosen_kept])
+        and on_host([*(x for row in chosen_scores for x in row), *allowed, *chosen_kept])
     ):
-        new = _select_kept_host(
-            chosen_scores, allowed, chosen_kept, targets, groups=groups, n_groups=n_groups
-        )
-        new = [to_device(m, x) for m, x in zip(new, chosen_scores, strict=True)]
+        new = chosen_kept
+        for row, target in zip(chosen_scores, targets, strict=True):
+            new = _select_kept_host(row, allowed, new, target, groups=groups, n_groups=n_groups)
+        new = [to_device(m, x) for m, x in zip(new, chosen_scores[-1], strict=True)]
     else:
-        if all(isinstance(t, int) for t in targets):
+        if concrete:
             stacked = np.asarray(targets, np.int32)  # no eager jnp.stack compile
         else:
-            stacked = jnp.stack([jnp.asarray(t, jnp.int32) for t in targets])
+            stacked = jnp.stack(
+                [jnp.stack([jnp.asarray(t, jnp.int32) for t in row]) for row in targets]
+            )
         new = _select_kept_jit(
             chosen_scores, allowed, chosen_kept, stacked, groups=groups, n_groups=n_groups
         )

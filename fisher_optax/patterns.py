@@ -162,12 +162,46 @@ class Unstructured:
         mask: Mask | None = None,
     ) -> Mask:
         """The keep-mask of ``scores`` at ``sparsity``; see :func:`select`."""
+        return _select_stages(self, [(scores, sparsity)], prunable=prunable, mask=mask)
+
+
+def _select_stages(
+    pattern: Unstructured,
+    stages: list[tuple[Scores, Sparsity]],
+    *,
+    prunable: Prunable = None,
+    mask: Mask | None = None,
+) -> Mask:
+    """``pattern.select`` of each ``(scores, sparsity)`` of ``stages`` in turn, each stage
+    under the mask the one before it returned (the first under ``mask``), as one selection.
+
+    Where leaves of one shape are batched, the stages are the turns of one selection loop,
+    traced and compiled once, and the mask between them stays in the selection's stacked
+    layout; otherwise they are unrolled into identical kernels, which XLA compiles once.
+    Where a ``prunable`` predicate gives the stages different flags (it reads the score
+    values), or their trees differ, the stages run one by one.
+    """
+    checked = []
+    for scores, sparsity in stages:
         targets = _validate.sparsity(sparsity, scores)
         _, leaves, treedef, flags, prior = _score_leaves(scores, prunable, mask)
-        out = _select.topk_leaves(
-            leaves, leaves, targets, scope=self.scope, flags=flags, kept=prior
-        )
-        return jax.tree.unflatten(treedef, out)
+        checked.append((leaves, treedef, flags, prior, targets))
+    leaves, treedef, flags, prior, _ = checked[0]
+    if any(
+        t != treedef or any(f is not g for f, g in zip(fl, flags, strict=True))
+        for _, t, fl, _, _ in checked[1:]
+    ):
+        for scores, sparsity in stages:
+            mask = _select_stages(pattern, [(scores, sparsity)], prunable=prunable, mask=mask)
+        return mask
+    out = _select.topk_leaves(
+        leaves,
+        [(x, targets) for x, _, _, _, targets in checked],
+        scope=pattern.scope,
+        flags=flags,
+        kept=prior,
+    )
+    return jax.tree.unflatten(treedef, out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from fisher_optax import _validate, obs
 from fisher_optax._tree import check_matching
 from fisher_optax._types import Fisher, Mask, Params, Prunable, Sparsity, SparsitySchedule
 from fisher_optax.fisher import _fisher_from_state, _has_seen_a_gradient
-from fisher_optax.patterns import Pattern, Unstructured
+from fisher_optax.patterns import Pattern, Unstructured, _select_stages
 from fisher_optax.schedules import constant_sparsity
 from fisher_optax.scores import CRITERIA, Criterion
 from fisher_optax.scores import scores as _scores
@@ -190,21 +190,27 @@ def _targets(progress: jax.Array, per_leaf: Any, share: Any, params: Params) -> 
     return target, jax.tree.map(lambda s: jnp.float32(share) * s, target)
 
 
-def _grown(pattern: Pattern, scores: Any, target: Any, old: Mask, prunable: Prunable) -> Mask:
-    """The pattern's mask at ``target``, checked, ANDed with ``old``: masks only grow."""
-    new = pattern.select(scores, target, prunable=prunable, mask=old)
-    ok = jax.tree.structure(new) == jax.tree.structure(old) and all(
-        jnp.result_type(n) == jnp.bool_ and jnp.shape(n) == jnp.shape(o)
-        for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
-    )
-    if not ok:
-        got = jax.tree.map(lambda x: (jnp.result_type(x), jnp.shape(x)), new)
-        raise TypeError(
-            f"pattern {pattern!r} must return a bool mask shaped like the params (the tree of "
-            f"mask=) from its select, got {got}."
+def _grown(pattern: Pattern, stages: list, old: Mask, prunable: Prunable) -> Mask:
+    """The pattern's mask after each ``(scores, target)`` of ``stages`` in turn, each stage
+    checked and ANDed with the mask before it: masks only grow."""
+    if type(pattern) is Unstructured:  # not a subclass, whose select may differ
+        # Keeps what old prunes by construction; its stages are the turns of one loop.
+        return _select_stages(pattern, stages, prunable=prunable, mask=old)
+    for scores, target in stages:
+        new = pattern.select(scores, target, prunable=prunable, mask=old)
+        ok = jax.tree.structure(new) == jax.tree.structure(old) and all(
+            jnp.result_type(n) == jnp.bool_ and jnp.shape(n) == jnp.shape(o)
+            for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True)
         )
-    # Built-in patterns keep what old prunes; the AND holds any other pattern to the rule.
-    return jax.tree.map(jnp.logical_and, new, old)
+        if not ok:
+            got = jax.tree.map(lambda x: (jnp.result_type(x), jnp.shape(x)), new)
+            raise TypeError(
+                f"pattern {pattern!r} must return a bool mask shaped like the params (the tree "
+                f"of mask=) from its select, got {got}."
+            )
+        # Built-in patterns keep what old prunes; the AND holds any other pattern to the rule.
+        old = jax.tree.map(jnp.logical_and, new, old)
+    return old
 
 
 def _zero_pruned(inner: Any, grads: Any, inner_state: Any, mask: Mask) -> tuple[Any, Any]:
@@ -410,9 +416,10 @@ def pruned(
             score_tree = _scores(params, criterion, fisher=fisher, key=sub)
         else:
             score_tree = obs.obs_scores(params, finv)
+        stages = [(score_tree, target)]
         if method == "two_stage":
-            old = _grown(pattern, _scores(params, "magnitude"), stage1, old, prunable)
-        return _grown(pattern, score_tree, target, old, prunable)
+            stages.insert(0, (_scores(params, "magnitude"), stage1))
+        return _grown(pattern, stages, old, prunable)
 
     def update_fn(updates, state, params=None, **extra_args):
         _need_params(params)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import fisher_optax as fo
 from fisher_optax import _select as select_mod
 from fisher_optax._tree import per_leaf
+from fisher_optax.patterns import _select_stages
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
@@ -298,6 +299,63 @@ def test_selection_is_one_loop_with_ties_inside_it():
     scores = {"a": jnp.ones((4, 8)), "b": jnp.ones((4, 8)), "c": jnp.ones(5)}
     prims = _primitives(jax.make_jaxpr(lambda s: fo.select(s, 0.5))(scores).jaxpr)
     assert (prims.count("while"), prims.count("scan"), prims.count("cond")) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize(
+    "shapes",
+    [[(3, 4), (3, 4), (1, 7)], [(3, 4), (5, 2)]],
+    ids=["batched-turns-of-one-loop", "alone-unrolled"],
+)
+@SETTINGS
+@given(
+    st.integers(0, 2**31 - 1),
+    st.floats(0, 1),
+    st.floats(0, 1),
+    st.booleans(),
+    st.sampled_from(["global", "layer"]),
+)
+def test_stages_match_sequential_sort_references(path, shapes, seed, s1, s2, with_prior, scope):
+    """Stages ranked in one selection prune what the stages taken one by one prune: each
+    stage under the mask the one before left, with ties, a prior mask and an element-wise
+    prunable flag."""
+    rng = np.random.default_rng(seed)
+    first = {f"l{i}": rng.integers(-3, 4, size=s).astype(np.float32) for i, s in enumerate(shapes)}
+    names = list(first)
+    second = {k: rng.integers(-2, 3, size=v.shape).astype(np.float32) for k, v in first.items()}
+    prior = {k: rng.uniform(size=v.shape) > 0.3 for k, v in first.items()} if with_prior else None
+    allowed = {k: rng.uniform(size=v.shape) > 0.2 for k, v in first.items()}
+    with selection_path(path):
+        mask = _select_stages(
+            fo.Unstructured(scope),
+            [(as_jnp(first), s1), (as_jnp(second), s2)],
+            prunable=as_jnp(allowed),
+            mask=None if prior is None else as_jnp(prior),
+        )
+    groups = [names] if scope == "global" else [[k] for k in names]
+    for group in groups:
+        keep = [np.ones(first[k].shape, bool) if prior is None else prior[k] for k in group]
+        for tree, s in ((first, s1), (second, s2)):
+            pruned = ref_prune([tree[k] for k in group], s, keep, [allowed[k] for k in group])
+            keep = [
+                ~p.reshape(kp.shape) & kp
+                for p, kp in zip(
+                    np.split(pruned, np.cumsum([kp.size for kp in keep])[:-1]), keep, strict=True
+                )
+            ]
+        for k, want in zip(group, keep, strict=True):
+            np.testing.assert_array_equal(np.asarray(mask[k]), want, err_msg=k)
+
+
+def test_stages_are_turns_of_one_selection_loop():
+    """Two stages trace one selection loop (a loop over the stages around it), not two."""
+    scores = {"a": jnp.ones((4, 8)), "b": jnp.ones((4, 8)), "c": jnp.ones(5)}
+    prims = _primitives(
+        jax.make_jaxpr(lambda x, y: _select_stages(fo.Unstructured(), [(x, 0.3), (y, 0.6)]))(
+            scores, scores
+        ).jaxpr
+    )
+    assert (prims.count("while"), prims.count("scan"), prims.count("cond")) == (1, 2, 1)
 
 
 def test_negative_zero_ties_with_zero_and_infinities_rank():
