@@ -828,6 +828,12 @@ def main(argv=None) -> dict:
         for m in methods:
             if m not in METHODS:
                 raise SystemExit(f"--methods: unknown method {m!r}; choose from {list(METHODS)}")
+            pruning, quantizer = METHODS[m]
+            if quantizer.startswith("ecsq") and pruning not in methods:
+                raise SystemExit(
+                    f"--methods: {m} needs {pruning} too: its targets are the sizes of "
+                    f"{pruning}'s k-means files"
+                )
         seeds = [int(s) for s in args.seeds.split(",")]
         if args.quick:
             seeds = seeds[:1]

@@ -20,7 +20,7 @@ import numpy as np
 from fisher_optax import _select, _validate
 from fisher_optax._tree import key_paths, keystr
 from fisher_optax._types import Fisher, Mask, Params, Prunable, Scores, Sparsity
-from fisher_optax.patterns import Pattern, Unstructured, select
+from fisher_optax.patterns import Pattern, Unstructured, _select_stages, select
 from fisher_optax.scores import CRITERIA
 from fisher_optax.scores import scores as _scores
 
@@ -207,9 +207,12 @@ def two_stage_mask(
     stage1 = _scale(targets, share)
     if isinstance(stage1, list):
         stage1 = jax.tree.unflatten(jax.tree.structure(params), stage1)
-    kw = {"pattern": pattern, "prunable": prunable}
-    first = select(_magnitude_scores(params), stage1, mask=mask, **kw)
-    return select(score, sparsity, mask=first, **kw)
+    stages = [(_magnitude_scores(params), stage1), (score, sparsity)]
+    if type(pattern) is Unstructured:  # both stages in one selection (one compiled loop)
+        return _select_stages(pattern, stages, prunable=prunable, mask=mask)
+    for stage_scores, stage_sparsity in stages:
+        mask = select(stage_scores, stage_sparsity, pattern=pattern, prunable=prunable, mask=mask)
+    return mask
 
 
 def apply_mask(params: Params, mask: Mask) -> Params:

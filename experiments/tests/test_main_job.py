@@ -311,3 +311,5 @@ def test_robust_ratio_is_interpolated_never_extrapolated():
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit, match="--methods: unknown method 'obd'"):
         main_job.main(["--methods", "saliency,obd", "--quick"])
+    with pytest.raises(SystemExit, match="obs_ecsq_plain needs obs too: its targets are the"):
+        main_job.main(["--methods", "obs_ecsq_plain,deep_compression", "--quick"])
