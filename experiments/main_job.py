@@ -11,7 +11,7 @@ For each model and seed, in one run, with one budget of steps for every method:
    - ``magnitude``: :math:`|w|`, global;
    - ``two_stage``: the paper's two stages (half the target by :math:`|w|`, the rest by
      the Fisher), global;
-   - ``saliency``: OBD's :math:`\tfrac12 F w^2`, global;
+   - ``saliency``: OBD's :math:`\\tfrac12 F w^2`, global;
    - ``obs``: block Optimal Brain Surgeon (:class:`fisher_optax.obs.BlockOBS`): the block
      empirical Fisher of the last mini-batch gradients selects the weights and moves the
      survivors to compensate, global;
@@ -424,7 +424,6 @@ def pruning_optimizer(method: str, cfg: Config, params: dict):
 DENSE_FIELDS = ("dataset", "model", "seed", "dense_steps", "batch_size", "lr")
 PRUNE_FIELDS = (*DENSE_FIELDS, "levels", "ramp", "hold", "update_every", "prune_lr")
 OBS_FIELDS = ("obs_block_size", "obs_num_grads", "obs_damping", "obs_update_every")
-QUANT_FIELDS = (*PRUNE_FIELDS, "ft_steps", "ft_lr")
 
 
 def prune_fields(cfg: Config, method: str) -> dict:
