@@ -135,8 +135,8 @@ class Config:
     entry_bits: float = 40.0
     # Block OBS while training (fisher_optax.obs.BlockOBS): blocks of 64 weights, the last 64
     # mini-batch gradients, damping 1e-5 (chosen on a held-out split by
-    # experiments/gradual_obs.py). A mask update costs about as much as 30 steps on LeNet-5
-    # (3.3 s against 0.11 s, this machine), so it updates its mask every 100 steps, not 25.
+    # experiments/gradual_obs.py). A mask update costs about as much as 120 steps on LeNet-5
+    # (3.3 s against 27.5 ms, this machine), so it updates its mask every 100 steps, not 25.
     obs_block_size: int = 64
     obs_num_grads: int = 64
     obs_damping: float = 1e-5
