@@ -147,6 +147,12 @@ class Config:
     ecsq_fractions: tuple[float, ...] = (0.7,)
     # Choi et al.'s uniform quantization with entropy coding: one width for every kernel.
     uniform_bits: tuple[int, ...] = (6, 5, 4)
+    # Biases are coded like the kernels, by each method's own rule (allocate_bits' widths,
+    # ECSQ's one price of a bit, the recipe's layer width, Choi's one width); True stores
+    # them raw (quantize's default). Raw, LeNet-5's 580 biases are 2,428 of a 14.1 KB file.
+    # Measured on LeNet-5 Fashion seed 0, OBD saliency at 97%, 3 bits average, after the
+    # codebook fine-tuning: coded 12,154 B at 89.31%, raw 14,136 B at 89.24%.
+    raw_biases: bool = False
 
 
 PRESETS = {
@@ -557,13 +563,19 @@ def quant_settings(quantizer, cfg, params, sizes=()):
     ]
 
 
-def quantized(quantizer, setting, level):
+def _float_leaf(path, leaf) -> bool:
+    return bool(jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def quantized(quantizer, setting, level, *, raw_biases: bool = False):
     params, mask, fisher = level["params"], level["mask"], level["fisher"]
+    # Every float leaf (kernels and biases), or quantize's default: the kernels only.
+    coded = None if raw_biases else _float_leaf
     if quantizer == "deep_compression":
         bits = {
             layer: {
                 name: np.where(
-                    np.asarray(mask[layer][name]) & (name == "kernel"),
+                    np.asarray(mask[layer][name]) & (name == "kernel" or not raw_biases),
                     setting["conv"] if layer.startswith("conv") else setting["fc"],
                     0,
                 )
@@ -571,10 +583,12 @@ def quantized(quantizer, setting, level):
             }
             for layer, leaves in params.items()
         }
-        return fisher_optax.quantize(params, bits, mask=mask, init="linear")
+        return fisher_optax.quantize(params, bits, mask=mask, init="linear", quantizable=coded)
     if quantizer == "uniform":
-        # Choi et al.: evenly spaced levels, one width for every kernel, entropy coded.
-        return fisher_optax.quantize(params, setting["bits"], mask=mask, method="uniform")
+        # Choi et al.: evenly spaced levels, one width for every leaf, entropy coded.
+        return fisher_optax.quantize(
+            params, setting["bits"], mask=mask, method="uniform", quantizable=coded
+        )
     if quantizer in ("ecsq", "ecsq_plain"):
         # One price of a bit for every leaf (the rate-distortion allocation), weights
         # quantized to 0 where that pays (pruned by the quantizer). "ecsq_plain" weighs
@@ -585,6 +599,7 @@ def quantized(quantizer, setting, level):
             size_bytes=setting["size_bytes"],
             fisher=fisher if quantizer == "ecsq" else None,
             mask=mask,
+            quantizable=coded,
             prune_zero=True,
         )
         return q
@@ -598,8 +613,9 @@ def quantized(quantizer, setting, level):
         granularity=setting["granularity"],
         bit_widths=BIT_WIDTHS,
         entry_bits=setting["entry_bits"],
+        quantizable=coded,
     )
-    return fisher_optax.quantize(params, bits, fisher=fisher, mask=mask)
+    return fisher_optax.quantize(params, bits, fisher=fisher, mask=mask, quantizable=coded)
 
 
 def file_split(q) -> dict:
@@ -616,13 +632,13 @@ def file_split(q) -> dict:
 
 
 def quant_phase(pruning, quantizer, cfg, data, model, cache, key, level, label, setting):
-    fields = {**prune_fields(cfg, pruning), **_fields(cfg, ("ft_steps", "ft_lr"))}
+    fields = {**prune_fields(cfg, pruning), **_fields(cfg, ("ft_steps", "ft_lr", "raw_biases"))}
     ck = _key("quant", fields, pruning, quantizer, level["level"], level["accuracy"], setting)
     hit = cache.get(f"quant-{pruning}-{quantizer}", ck)
     if hit is not None:
         return hit[1]
     t0 = time.perf_counter()
-    q = quantized(quantizer, setting, level)
+    q = quantized(quantizer, setting, level, raw_biases=cfg.raw_biases)
     opt = fisher_optax.share_codebooks(optax.adam(cfg.ft_lr), q)
     params = fisher_optax.dequantize(q)
     state = opt.init(params)
@@ -742,6 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
         "40 on the LeNets, 0 on digits)",
     )
     p.add_argument(
+        "--raw-biases",
+        action="store_true",
+        help="store the biases raw (quantize's default) instead of coding them like kernels",
+    )
+    p.add_argument(
         "--render-only", action="store_true", help="report from <out>/<dataset>-main.json"
     )
     p.add_argument(
@@ -858,6 +879,8 @@ def main(argv=None) -> dict:
             preset = dict(PRESETS[name], **(QUICK if args.quick else {}))
             if args.entry_bits is not None:
                 preset["entry_bits"] = args.entry_bits
+            if args.raw_biases:
+                preset["raw_biases"] = True
             t0 = time.perf_counter()
             runs = []
             for seed in seeds:

@@ -53,6 +53,7 @@ def test_quick_pipeline_end_to_end_and_cache(tmp_path):
             # The parts add up to the file, less its headers.
             assert 0 < split["positions"] + split["codes"] + split["codebooks"] + split["raw"]
             assert split["positions"] + split["codes"] + split["raw"] <= p["bytes"]
+            assert split["raw"] == 0  # biases are coded like the kernels by default
             assert p["bits_per_param"] == pytest.approx(8 * p["bytes"] / run["dense"]["n_params"])
     n = models.n_params(models.MODELS["digits-cnn"].init(jax.random.key(0), (8, 8, 1)))
     assert run["dense"]["n_params"] == n
@@ -329,3 +330,32 @@ def test_the_page_names_the_command_that_computed_it():
         "python -m experiments.main_job --dataset fashion-mnist --models lenet5 "
         "--methods saliency,obs --jobs 3"
     )
+
+
+@pytest.mark.parametrize("quantizer", ["kmeans", "ecsq", "deep_compression", "uniform"])
+def test_biases_are_coded_unless_raw_biases(quantizer):
+    rng = np.random.default_rng(0)
+    params = {
+        "conv1": {"kernel": rng.normal(size=(3, 3, 1, 8)), "bias": rng.normal(size=8)},
+        "fc1": {"kernel": rng.normal(size=(64, 10)), "bias": rng.normal(size=10)},
+    }
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    mask = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape) < 0.5) | (x.ndim == 1), params)
+    level = {"params": params, "mask": mask, "fisher": jax.tree.map(jnp.abs, params)}
+    setting = {
+        "kmeans": {"average_bits": 3, "granularity": "layer", "entry_bits": 0.0},
+        "ecsq": {"size_bytes": 300},
+        "deep_compression": {"conv": 6, "fc": 3},
+        "uniform": {"bits": 4},
+    }[quantizer]
+    split = {}
+    for raw in (False, True):
+        q = main_job.quantized(quantizer, setting, level, raw_biases=raw)
+        split[raw] = main_job.file_split(q)
+        report = fisher_optax.compression_report(q)
+        coded = {leaf.path: leaf.quantized for leaf in report.leaves}
+        assert coded == {
+            f"['{k}']['{n}']": n == "kernel" or not raw for k in params for n in params[k]
+        }
+    assert split[False]["raw"] == 0
+    assert split[True]["raw"] >= 4 * (8 + 10)
