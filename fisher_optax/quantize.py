@@ -5,9 +5,10 @@ few bits, and weights with more Fisher information get more bits. :func:`allocat
 clusters the survivors' log-Fisher into groups and hands out bit widths by group;
 :func:`quantize` replaces the weights of each ``b``-bit group of a leaf by the ``2^b``
 entries of a codebook (k-means weight sharing, Fisher-weighted as in Choi et al. 2017,
-an evenly spaced grid, or entropy-constrained: least distortion for the bits the file's
-coder spends, :func:`quantize_to_target` at a file size); :func:`dequantize` turns the
-codes back into float params.
+an evenly spaced grid, entropy-constrained: least distortion for the bits the file's
+coder spends, or a grid through 0 whose step falls as one over the root of the layer's
+Fisher; :func:`quantize_to_target` at a file size); :func:`dequantize` turns the codes
+back into float params.
 
 Pruned weights (mask ``False`` or 0 bits) are not part of any group: they hold no code
 and no codebook entry and come back as exact zeros.
@@ -42,12 +43,15 @@ from fisher_optax.kmeans import (
 __all__ = ["QuantizedParams", "allocate_bits", "dequantize", "quantize", "quantize_to_target"]
 
 MAX_BITS = 16
-CodebookMethod = Literal["kmeans", "uniform", "ecsq"]
+CodebookMethod = Literal["kmeans", "uniform", "ecsq", "fisher_step"]
 CODEBOOK_METHODS: dict[str, str] = {
     "kmeans": "weighted k-means codebook per group (Choi et al. 2017; Deep Compression)",
     "uniform": "evenly spaced grid from the group's min to its max (fixed point)",
     "ecsq": "entropy-constrained: least distortion + lam * code length (Chou et al. 1989)",
+    "fisher_step": "grid k * step through 0, step = sqrt(6 lam / (ln 2 * mean Fisher))",
 }
+# The methods that a price of a bit, lam, sets: quantize_to_target searches lam for them.
+LAM_METHODS: dict[str, str] = {k: CODEBOOK_METHODS[k] for k in ("ecsq", "fisher_step")}
 Quantizable = None | Callable[[tuple, Any], bool] | Any
 _SCOPES = ("global", "layer")
 Axis = None | int | Mapping[str | Callable[[tuple, Any], bool], int | None]
@@ -70,8 +74,8 @@ class QuantizedParams:
       index into the codebook of the weight's width; 0 where pruned. ``codebooks[i]`` is
       a dict ``{b: book}`` keyed by width (ascending), one 1-D float ``book`` per width
       present among the kept weights, ascending, with ``min(2^b, m)`` entries for ``m``
-      distinct kept values of that width (at most that many with ``method="ecsq"``, which
-      chooses how many); every code of width ``b`` is ``< len(book)``.
+      distinct kept values of that width (at most that many with ``method="ecsq"`` or
+      ``"fisher_step"``, which choose how many); every code of width ``b`` is ``< len(book)``.
       ``raw[i]`` is ``None``.
     * **raw** (not quantized: by default biases, norm scales and every non-float leaf
       such as step counters): ``raw[i]`` is the leaf exactly as given (any dtype);
@@ -88,8 +92,9 @@ class QuantizedParams:
       (every entry is some weight's).
 
     ``lam`` is the price of a bit that chose the codes, recorded by ``quantize(...,
-    method="ecsq")`` and :func:`quantize_to_target` (``None`` for the other methods and
-    for a loaded file): :func:`~fisher_optax.rate_penalty` prices the codes with it.
+    method="ecsq")`` or ``method="fisher_step"`` and :func:`quantize_to_target` (``None``
+    for the other methods and for a loaded file): :func:`~fisher_optax.rate_penalty`
+    prices the codes with it.
 
     The dict keys are pytree structure, so :attr:`widths` is static, also under ``jit``.
 
@@ -102,7 +107,7 @@ class QuantizedParams:
       dtypes: static, per leaf, the original dtype name (what :func:`dequantize` returns).
       axes: static, per leaf, ``None`` (one codebook per width) or the non-negative axis
         whose slices have codebooks of their own.
-      lam: static, the ECSQ price of a bit (distortion per bit) that produced the codes,
+      lam: static, the price of a bit (distortion per bit) that produced the codes,
         or ``None`` when no such price chose them.
 
     Derived (properties, not stored): ``widths`` (per leaf, the ascending keys of its
@@ -729,6 +734,29 @@ def quantize(
     position stream): pruning and quantization become one rate-distortion choice.
     :func:`quantize_to_target` finds ``lam`` for a file size or a distortion.
 
+    With ``method="fisher_step"`` every leaf (or slice, with ``axis``) gets a grid
+    :math:`\{k \Delta : k \in \mathbb{Z}\}` through 0, each kept weight rounded to the
+    nearest point, with the step set by the mean Fisher :math:`\bar F` of its kept weights
+    (:math:`\bar F = 1` without ``fisher``) and one ``lam`` for all leaves:
+
+    .. math::
+      \Delta = \sqrt{\frac{6 \lambda}{\bar F \ln 2}} .
+
+    Adam's ``nu`` approximates the diagonal Fisher, and after ``N`` examples a weight's
+    posterior standard deviation is about :math:`1 / \sqrt{N F}`: the step is a fixed
+    fraction of it. The step is also the high-rate optimum of :math:`\sum F (w - q)^2 +
+    \lambda \cdot \text{bits}` for entropy-coded uniform quantizers: a step :math:`\Delta`
+    costs :math:`\bar F \Delta^2 / 12` of distortion and :math:`h - \log_2 \Delta` bits per
+    weight (``h`` the weights' differential entropy), and the derivative of the sum is zero
+    at :math:`\Delta^2 = 6 \lambda / (\bar F \ln 2)`. More Fisher, a finer step and more
+    bits, with no clustering; ``lam`` is in the units of ``"ecsq"``'s (distortion per bit of
+    file). ``bits`` must be one int, ``2..16``, the cap ``2^b`` on the entries: the step is
+    never below :math:`(\max w - \min w) / (2^b - 2.5)` over the kept weights, which puts
+    them on at most ``2^b`` points. The codebook keeps the points some weight uses. With
+    ``prune_zero=True`` the weights that round to 0 are pruned (bits 0, no entry), as with
+    ``"ecsq"``; without it 0 is an entry like any other. A leaf whose kept weights all have
+    zero Fisher has an infinite step: all of them round to 0.
+
     Pruned weights (``mask`` False, or 0 in a ``bits`` tree) belong to no group: bits 0,
     code 0, no codebook entry, dequantized to exact 0. Leaves that are not quantizable
     (by default all but floating kernels, :func:`fisher_optax.is_kernel`: biases, norm
@@ -768,7 +796,7 @@ def quantize(
       fisher: optional non-negative, finite pytree shaped like ``params``: k-means
         weights (checked on the coded weights only).
       mask: optional bool pytree shaped like ``params``; ``False`` = pruned.
-      method: ``"kmeans"`` or ``"uniform"``.
+      method: ``"kmeans"``, ``"uniform"``, ``"ecsq"`` or ``"fisher_step"``.
       init: the k-means start: ``"dp"``, ``"linear"``, ``"quantile"`` or ``"density"``
         (as in :func:`kmeans_1d`).
       quantizable: which leaves are quantized. ``None``: the floating kernels
@@ -779,10 +807,10 @@ def quantize(
         width and slice along that axis, for every quantized leaf (negative counts from
         the end). A mapping ``{path string or predicate(path, leaf): int or None}``: per
         leaf; quantized leaves that no key matches get ``None``.
-      lam: ``method="ecsq"`` only, and required there: ``lam > 0``, the distortion (in
-        units of ``F w^2``) one bit of file is worth.
-      prune_zero: ``method="ecsq"`` only: whether a weight may be quantized to exactly 0,
-        that is pruned.
+      lam: ``method="ecsq"`` or ``"fisher_step"`` only, and required there: ``lam > 0``,
+        the distortion (in units of ``F w^2``) one bit of file is worth.
+      prune_zero: ``method="ecsq"`` or ``"fisher_step"`` only: whether a weight may be
+        quantized to exactly 0, that is pruned.
 
     Returns:
       A :class:`QuantizedParams`.
@@ -792,8 +820,9 @@ def quantize(
         ``method`` or ``init``, a tree that does not match ``params``, a non-finite kept
         weight, a negative or non-finite Fisher on a kept weight, or an ``axis`` out of
         range for a leaf (or naming a path that is missing or stored raw); with
-        ``method="ecsq"``: ``lam`` missing or not positive, a bits tree, or arrays that
-        span processes; ``lam`` or ``prune_zero`` with another method.
+        ``method="ecsq"`` or ``"fisher_step"``: ``lam`` missing or not positive, a bits
+        tree, or arrays that span processes; ``bits=1`` with ``"fisher_step"``; ``lam`` or
+        ``prune_zero`` with another method.
       TypeError: on traced or non-integer bits (a bool or a float), traced params, a
         non-bool mask, a non-float leaf selected by ``quantizable``, or a ``lam`` that is
         not a real number.
@@ -819,6 +848,18 @@ def quantize(
       >>> fisher_optax.dequantize(q)["w"]
       Array([[-0.95, -0.95,  0.  ,  0.  ,  1.  ,  1.  ,  1.  ,  1.  ]], dtype=float32)
 
+      A step per leaf from its mean Fisher: 100 times the Fisher, a step 10 times finer.
+
+      >>> w = jnp.array([[0.34, -0.52, 1.0, 0.07]])
+      >>> f = {"a": jnp.full((1, 4), 1.0), "b": jnp.full((1, 4), 100.0)}
+      >>> q = fisher_optax.quantize(
+      ...     {"a": w, "b": w}, 8, fisher=f, method="fisher_step", lam=0.0289)
+      >>> out = fisher_optax.dequantize(q)  # steps 0.5 and 0.05
+      >>> out["a"].round(2)
+      Array([[ 0.5, -0.5,  1. ,  0. ]], dtype=float32)
+      >>> out["b"].round(2)
+      Array([[ 0.35, -0.5 ,  1.  ,  0.05]], dtype=float32)
+
     References:
       Han, Mao, Dally. Deep Compression. ICLR 2016. https://arxiv.org/abs/1510.00149
 
@@ -833,15 +874,20 @@ def quantize(
     """
     _validate.choice(method, "method", CODEBOOK_METHODS)
     _validate.choice(init, "init", HOST_INITS)
-    lam = _check_ecsq(method, bits, lam, prune_zero)
+    lam = _check_lam(method, bits, lam, prune_zero)
     treedef, paths, leaves, flags = _leaves_and_flags(params, quantizable)
     axes = _leaf_axes(axis, params, paths, leaves, flags)
     if any(map(_validate.spans_processes, jax.tree.leaves((params, bits, fisher, mask)))):
-        if method == "ecsq":
+        if method in LAM_METHODS:
+            needs = {
+                "ecsq": "its code lengths count every weight of a leaf",
+                "fisher_step": "its step needs a leaf's mean Fisher, a sum whose rounding "
+                "depends on the order of its terms",
+            }[method]
             raise ValueError(
-                "quantize(method='ecsq') on arrays that span processes (jax.distributed) is "
-                "not supported: its code lengths count every weight of a leaf, which the "
-                "processes would have to share. Gather params, fisher and mask first with "
+                f"quantize(method={method!r}) on arrays that span processes (jax.distributed) "
+                f"is not supported: {needs}, which the processes would have to share. Gather "
+                "params, fisher and mask first with "
                 "jax.experimental.multihost_utils.process_allgather(tree, tiled=True), or "
                 "use method='kmeans' or 'uniform'."
             )
@@ -865,6 +911,8 @@ def quantize(
         bmap = np.where(kept[i], bit_arrays[i], 0).astype(np.uint8)
         if method == "ecsq":
             return _ecsq_leaf(x, kept[i], weights[i], axes[i], int(bits), lam, prune_zero)
+        if method == "fisher_step":
+            return _step_leaf(x, kept[i], weights[i], axes[i], int(bits), lam, prune_zero)
         return bmap, *_quantize_leaf(x, bmap, weights[i], axes[i], method, init)
 
     return _collect(leaves, flags, treedef, axes, code_leaf, lam=lam)
@@ -884,10 +932,12 @@ def quantize_to_target(
     quantizable: Quantizable = None,
     axis: Axis = None,
     prune_zero: bool = False,
+    method: Literal["ecsq", "fisher_step"] = "ecsq",
     rtol: float = 0.005,
 ) -> tuple[QuantizedParams, float]:
-    r"""Entropy-constrained quantization (``quantize(method="ecsq")``) at a target file size
-    or distortion: finds the price of a bit ``lam`` shared by all leaves.
+    r"""Entropy-constrained quantization (``quantize(method="ecsq")``, or the Fisher steps of
+    ``method="fisher_step"``) at a target file size or distortion: finds the price of a bit
+    ``lam`` shared by all leaves.
 
     With ``size_bytes=S``: the largest :func:`~fisher_optax.save_compressed` file of at
     most ``S`` bytes that the search meets (measured with
@@ -912,6 +962,8 @@ def quantize_to_target(
       quantizable: which leaves are quantized, as in :func:`quantize`.
       axis: per-slice codebooks, as in :func:`quantize`.
       prune_zero: whether a weight may be quantized to exactly 0 (pruned).
+      method: ``"ecsq"`` or ``"fisher_step"``, the :func:`quantize` method that ``lam``
+        drives.
       rtol: how close below the target the search may stop, ``0 < rtol < 1``.
 
     Returns:
@@ -919,8 +971,9 @@ def quantize_to_target(
 
     Raises:
       ValueError: unless exactly one of ``size_bytes`` and ``distortion`` is given and
-        positive; if no ``lam`` meets the target (e.g. a size below what the raw leaves
-        and the positions cost); on what :func:`quantize` refuses.
+        positive; on another ``method``; if no ``lam`` meets the target (e.g. a size
+        below what the raw leaves and the positions cost); on what :func:`quantize`
+        refuses.
       TypeError: on what :func:`quantize` refuses.
 
     Examples:
@@ -955,11 +1008,12 @@ def quantize_to_target(
 
     def run(lam):
         return quantize(
-            params, bits, fisher=fisher, mask=mask, method="ecsq", quantizable=quantizable,
+            params, bits, fisher=fisher, mask=mask, method=method, quantizable=quantizable,
             axis=axis, lam=lam, prune_zero=prune_zero,
         )  # fmt: skip
 
-    _check_ecsq("ecsq", bits, 1.0, prune_zero)
+    _validate.choice(method, "quantize_to_target's method", LAM_METHODS)
+    _check_lam(method, bits, 1.0, prune_zero)
     treedef, _, leaves, flags = _leaves_and_flags(params, quantizable)
     kept = _kept_masks(params, mask, leaves, flags)
     fish = _check_values(params, fisher, treedef, leaves, flags, kept)
@@ -1033,28 +1087,38 @@ def quantize_to_target(
     return best[1], best[2]
 
 
-def _check_ecsq(method, bits, lam, prune_zero) -> float | None:
-    """``lam`` checked against ``method`` (a float for ``"ecsq"``, else ``None``)."""
+def _check_lam(method, bits, lam, prune_zero) -> float | None:
+    """``lam`` checked against ``method`` (a float for :data:`LAM_METHODS`, else ``None``)."""
     if not isinstance(prune_zero, bool | np.bool_):
         raise TypeError(f"prune_zero must be a bool, got {type(prune_zero).__name__}.")
-    if method != "ecsq":
+    if method not in LAM_METHODS:
         if lam is not None or prune_zero:
             raise ValueError(
-                f"lam and prune_zero are read by method='ecsq' only, got method={method!r}; "
-                "drop them or pass method='ecsq'."
+                "lam and prune_zero are read by method='ecsq' and 'fisher_step' only, got "
+                f"method={method!r}; drop them or pass one of those methods."
             )
         return None
     if lam is None:
+        does = {
+            "ecsq": "trades distortion against code length",
+            "fisher_step": "sets each leaf's step from the price of a bit",
+        }[method]
         raise ValueError(
-            "method='ecsq' trades distortion against code length: pass lam > 0 (the "
-            "distortion one bit is worth), or call quantize_to_target for a file size."
+            f"method={method!r} {does}: pass lam > 0 (the distortion one bit is worth), or "
+            f"call quantize_to_target(method={method!r}) for a file size."
         )
     lam = _validate.real(lam, "lam", low=0.0, low_open=True, meaning="distortion per bit")
     if not isinstance(bits, int | np.integer) or isinstance(bits, bool):
         raise ValueError(
-            f"method='ecsq' chooses each weight's code length itself: bits must be one int "
+            f"method={method!r} chooses each weight's code length itself: bits must be one int "
             f"(the cap 2^bits on a codebook's entries, e.g. 8), got {type(bits).__name__}. "
             "Prune with mask= (or prune_zero=True), not with a bits tree."
+        )
+    if method == "fisher_step" and bits == 1:
+        raise ValueError(
+            "method='fisher_step' needs bits >= 2, got bits=1: a grid through 0 over weights "
+            "of both signs takes at least 3 points, and the cap 2^bits must leave room for "
+            "them. Pass bits=2 or more (e.g. 8)."
         )
     return lam
 
@@ -1082,6 +1146,55 @@ def _ecsq_leaf(x, kept, weights, axis, width, lam, prune_zero):
     if not coded.any():
         return bmap, codes, {}
     return bmap, codes, {width: (c[0, : counts[0]] if axis is None else c).astype(book_dtype)}
+
+
+def _step_leaf(x, kept, weights, axis, width, lam, prune_zero):
+    """Widths, codes and ``{width: book}`` of one leaf on the grid ``k * step`` of each row
+    (:func:`_fisher_steps`): a weight at ``k = 0`` gets width 0 (pruned) with
+    ``prune_zero``."""
+    book_dtype = np.float64 if x.dtype == np.float64 else np.float32
+    valid = _as_rows(kept, axis)
+    xr = _as_rows(x.astype(np.float64), axis)
+    w = None if weights is None else _as_rows(weights.astype(np.float64), axis)
+    step = _fisher_steps(xr, valid, w, lam, 2**width)
+    k = np.where(valid, np.round(xr / step[:, None]), 0.0).astype(np.int64)
+    coded = valid & (k != 0) if prune_zero else valid
+    first = np.where(coded, k, np.iinfo(np.int64).max).min(1, initial=np.iinfo(np.int64).max)
+    first = np.where(coded.any(1), first, 0)
+    j = np.where(coded, k - first[:, None], 0)
+    used = np.zeros((xr.shape[0], int(j.max(initial=0)) + 1), bool)
+    used[np.broadcast_to(np.arange(xr.shape[0])[:, None], j.shape)[coded], j[coded]] = True
+    # An infinite step (zero Fisher) holds only k = 0: its level is 0, not 0 * inf.
+    levels, counts, index = _uniform_levels(
+        np.zeros(xr.shape[0]), np.where(np.isfinite(step), step, 0.0), used, first
+    )
+    bmap = _from_rows(np.where(coded, width, 0), x.shape, axis).astype(np.uint8)
+    dtype = np.uint8 if width <= 8 else np.uint16
+    a = np.where(coded, np.take_along_axis(index, j, 1), 0)
+    codes = _from_rows(a, x.shape, axis).astype(dtype)
+    if not coded.any():
+        return bmap, codes, {}
+    book = levels[0, : counts[0]] if axis is None else levels
+    return bmap, codes, {width: book.astype(book_dtype)}
+
+
+def _fisher_steps(x, valid, weights, lam, k):
+    """Per row of ``x`` (:func:`_as_rows`) the step ``sqrt(6 lam / (ln 2 * mean F))`` over
+    its ``valid`` entries (``F = 1`` without ``weights``; ``inf`` at zero mean Fisher), at
+    least the one that puts the row's range on ``k`` grid points."""
+    n = valid.sum(1)
+    if weights is None:
+        fbar = np.ones(x.shape[0])
+    else:
+        fbar = np.where(valid, weights, 0.0).sum(1) / np.maximum(n, 1)
+    with np.errstate(divide="ignore"):
+        step = np.sqrt(6.0 * lam / (np.log(2.0) * fbar))
+    lo = np.where(valid, x, np.inf).min(1, initial=np.inf)
+    hi = np.where(valid, x, -np.inf).max(1, initial=-np.inf)
+    span = np.where(n > 0, hi - lo, 0.0)
+    # round(hi / s) - round(lo / s) + 1 <= span / s + 2, below k for s >= span / (k - 2.5);
+    # the half point left over absorbs the rounding of the divisions.
+    return np.maximum(step, span / (k - 2.5))
 
 
 def _collect(leaves, flags, treedef, axes, code_leaf, lam=None) -> QuantizedParams:
@@ -1625,16 +1738,17 @@ def _uniform_steps(x, valid, lo, step, k):
     return np.where(valid & (step > 0)[:, None], a, 0)
 
 
-def _uniform_levels(lo, step, used):
+def _uniform_levels(lo, step, used, first=None):
     """The grid points some entry uses, per row: ``(levels, counts, index)``; ``index``
-    maps a point's number to its place among them."""
+    maps a point's number to its place among them. Point ``j`` of row ``r`` is
+    ``lo[r] + step[r] * (first[r] + j)`` (``first`` 0 by default)."""
     rows = lo.shape[0]
     index = np.cumsum(used, 1) - 1
     counts = used.sum(1)
     width = max(int(counts.max(initial=0)), 1)
     levels = np.zeros((rows, width))
     r, j = np.nonzero(used)
-    levels[r, index[r, j]] = lo[r] + step[r] * j
+    levels[r, index[r, j]] = lo[r] + step[r] * (j if first is None else first[r] + j)
     last = levels[np.arange(rows), np.maximum(counts - 1, 0)]
     levels = np.where(np.arange(width) < counts[:, None], levels, last[:, None])
     return levels, counts, index
