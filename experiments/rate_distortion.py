@@ -14,6 +14,10 @@ writes the model with ``save_compressed`` at several settings, the file is loade
 - ``ecsq-fisher`` / ``ecsq``: ``quantize_to_target(..., prune_zero=True)``, with and without
   the Fisher as weights, at the sizes of the ``kmeans`` and ``uniform`` files (paired, equal
   size) and at fractions of the smallest of them.
+- ``fisher-step`` / ``step``: ``quantize_to_target(..., method="fisher_step",
+  prune_zero=True)`` at the same targets: a grid through 0 per kernel with the step
+  ``sqrt(6 lam / (ln 2 * mean Fisher))`` (the Fisher as posterior precision), and its
+  control with one step for every kernel (no Fisher).
 - ``ecsq-fisher-rate``: ``ecsq-fisher``'s file ``q0`` at each of its targets, then a short
   fine-tuning of the weights on the loss plus ``mu * rate_penalty(params, q0, fisher=)``
   (``mu`` chosen on held-out training examples), then ``quantize_to_target`` at the same
@@ -21,7 +25,8 @@ writes the model with ``save_compressed`` at several settings, the file is loade
 
 ``python -m experiments.rate_distortion`` writes ``results/rate-distortion-<dataset>.json``;
 ``--write-docs`` also writes ``docs/results/rate-distortion.md``. ``--smoke`` runs a tiny
-MLP on sklearn digits in seconds (the CI test).
+MLP on sklearn digits in seconds (the CI test); ``--no-rate-tuning`` leaves out the two
+fine-tuned methods (most of the run's time).
 """
 
 from __future__ import annotations
@@ -47,7 +52,17 @@ from experiments.main_job import Cache, _key, _scan_steps, accuracy, make_traine
 from experiments.report import machine_words, markdown, mean_std, run_meta
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("kmeans", "uniform", "ecsq-fisher", "ecsq", "ecsq-fisher-ft", "ecsq-fisher-rate")
+METHODS = (
+    "kmeans",
+    "uniform",
+    "ecsq-fisher",
+    "ecsq",
+    "fisher-step",
+    "step",
+    "ecsq-fisher-ft",
+    "ecsq-fisher-rate",
+)
+TARGETED = ("ecsq-fisher", "ecsq", "fisher-step", "step")  # at the same target sizes
 BIT_WIDTHS = (8, 7, 6, 5, 4, 3, 2)  # allocate_bits' widths, as experiments/main_job.py
 RATE_FIELDS = (
     "rate_steps",
@@ -110,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.rate_distortion", description=__doc__)
     p.add_argument("--seeds", type=int, default=Config.seeds)
     p.add_argument("--smoke", action="store_true", help="tiny run on sklearn digits (seconds)")
+    p.add_argument(
+        "--no-rate-tuning",
+        action="store_true",
+        help="leave out ecsq-fisher-ft and ecsq-fisher-rate (the fine-tuning)",
+    )
     p.add_argument("--out", default="results", help="directory of the JSON")
     p.add_argument("--cache-dir", default=None, help="default: <out>/cache")
     p.add_argument("--write-docs", action="store_true", help="write the docs page")
@@ -228,9 +248,10 @@ def quantized(method: str, setting: float, run: dict) -> tuple[fo.QuantizedParam
     q, lam = fo.quantize_to_target(
         params,
         size_bytes=setting,
-        fisher=fisher if method.startswith("ecsq-fisher") else None,
+        fisher=fisher if method.startswith(("ecsq-fisher", "fisher-step")) else None,
         mask=mask,
         prune_zero=True,
+        method="fisher_step" if method.endswith("step") else "ecsq",
     )
     return q, {"lam": lam}
 
@@ -289,7 +310,7 @@ def run_seed(cfg: Config, data: datasets.Dataset, seed: int, cache: Cache) -> di
     points += [measure("uniform", b, run, data, model) for b in cfg.uniform_bits]
     baseline = sorted({p["bytes"] for p in points})
     targets = sorted({*baseline, *(round(f * baseline[0]) for f in cfg.smaller)})
-    for method in ("ecsq-fisher", "ecsq"):
+    for method in TARGETED:
         points += [measure(method, t, run, data, model) for t in targets]
     candidates = []
     rate_targets = targets[: cfg.rate_at]
@@ -371,7 +392,10 @@ def split_rows(record: dict) -> list[list[str]]:
     rows = [["method", "file (B)", "positions", "codes", "codebooks", "raw leaves", "entries"]]
     run = record["runs"][0]
     for method in METHODS:
-        p = min((p for p in run["points"] if p["method"] == method), key=lambda p: p["bytes"])
+        mine = [p for p in run["points"] if p["method"] == method]
+        if not mine:  # the fine-tuned methods, left out with --no-rate-tuning
+            continue
+        p = min(mine, key=lambda p: p["bytes"])
         s = p["split"]
         entries = ", ".join(str(v["entries"]) for v in p["layers"].values())
         parts = (f"{s[k]:,}" for k in ("positions", "codes", "codebooks", "raw"))
@@ -383,18 +407,18 @@ def layer_rows(record: dict) -> list[list[str]]:
     """Code bits per kept weight per layer, at the paired sizes of the kmeans points."""
     run = record["runs"][0]
     km = [p for p in run["points"] if p["method"] == "kmeans"]
-    ours = {p["setting"]: p for p in run["points"] if p["method"] == "ecsq-fisher"}
+    methods = ("ecsq-fisher", "fisher-step")
+    ours = {m: {p["setting"]: p for p in run["points"] if p["method"] == m} for m in methods}
     paths = list(km[0]["layers"])
-    rows = [["file (B)", *(f"kmeans {k}" for k in paths), *(f"ecsq-fisher {k}" for k in paths)]]
+    rows = [["file (B)", *(f"{m} {k}" for m in ("kmeans", *methods) for k in paths)]]
     for p in km:
-        q = ours.get(float(p["bytes"]))
-        if q is None:
+        at = [ours[m].get(float(p["bytes"])) for m in methods]
+        if None in at:
             continue
         rows.append(
             [
                 f"{p['bytes']:,}",
-                *(f"{p['layers'][k]['code_bits_per_kept']:.2f}" for k in paths),
-                *(f"{q['layers'][k]['code_bits_per_kept']:.2f}" for k in paths),
+                *(f"{q['layers'][k]['code_bits_per_kept']:.2f}" for q in (p, *at) for k in paths),
             ]
         )
     return rows
@@ -483,7 +507,7 @@ def rate_reading(record: dict) -> str:
 def reading(record: dict) -> str:
     lines = []
     for base in ("kmeans", "uniform"):
-        for method in ("ecsq-fisher", "ecsq"):
+        for method in TARGETED:
             d = paired(record, base, method)
             if not d:
                 continue
@@ -493,21 +517,29 @@ def reading(record: dict) -> str:
                 f"{np.mean(d):+.2f} points on average (min {min(d):+.2f}, max {max(d):+.2f}; "
                 f"ahead on {wins} of {len(d)} paired points over {len(record['runs'])} seed(s))."
             )
-    near, below = [], []  # at the baselines' sizes, and below the smallest of them
-    for run in record["runs"]:
-        smallest = min(p["bytes"] for p in run["points"] if p["method"] in ("kmeans", "uniform"))
-        ours = {p["setting"]: p["accuracy"] for p in run["points"] if p["method"] == "ecsq"}
-        for p in run["points"]:
-            if p["method"] == "ecsq-fisher" and p["setting"] in ours:
-                d = p["accuracy"] - ours[p["setting"]]
-                (near if p["setting"] >= smallest else below).append(d)
-    for d, where in ((near, "at the baselines' sizes"), (below, "below them")):
-        if d:
-            lines.append(
-                f"- Fisher weights in ECSQ (`ecsq-fisher` minus `ecsq`, same target) {where}: "
-                f"{np.mean(d):+.2f} points on average (min {min(d):+.2f}, max {max(d):+.2f}, "
-                f"{len(d)} pairs)."
+    same_target = (
+        ("ecsq-fisher", "ecsq", "Fisher weights in ECSQ"),
+        ("fisher-step", "step", "Steps from the Fisher"),
+        ("fisher-step", "ecsq-fisher", "Fisher steps against Fisher ECSQ"),
+    )
+    for ours, base, words in same_target:
+        near, below = [], []  # at the baselines' sizes, and below the smallest of them
+        for run in record["runs"]:
+            smallest = min(
+                p["bytes"] for p in run["points"] if p["method"] in ("kmeans", "uniform")
             )
+            theirs = {p["setting"]: p["accuracy"] for p in run["points"] if p["method"] == base}
+            for p in run["points"]:
+                if p["method"] == ours and p["setting"] in theirs:
+                    d = p["accuracy"] - theirs[p["setting"]]
+                    (near if p["setting"] >= smallest else below).append(d)
+        for d, where in ((near, "at the baselines' sizes"), (below, "below them")):
+            if d:
+                lines.append(
+                    f"- {words} (`{ours}` minus `{base}`, same target) {where}: "
+                    f"{np.mean(d):+.2f} points on average (min {min(d):+.2f}, max "
+                    f"{max(d):+.2f}, {len(d)} pairs)."
+                )
     run = record["runs"][0]
     smallest = min((p for p in run["points"] if p["method"] == "ecsq-fisher"), key=_bytes)
     base = min((p for p in run["points"] if p["method"] == "kmeans"), key=_bytes)
@@ -552,8 +584,14 @@ measured, with no fine-tuning of the codebooks:
   without the Fisher as weights; a weight may be quantized to 0 (pruned). Targets: the
   sizes of the `kmeans` and `uniform` files (paired comparisons at equal size) and
   {", ".join(f"{f:g}" for f in cfg["smaller"])} of the smallest of them.
-- `ecsq-fisher-rate`, `ecsq-fisher-ft`: `ecsq-fisher` after a short fine-tuning of the
-  weights with and without the rate penalty, at the same targets (below).
+- `fisher-step`, `step`: `quantize_to_target(size_bytes=..., method="fisher_step",
+  prune_zero=True)` at the same targets, with and without the Fisher: each kernel's weights
+  rounded to a grid through 0 whose step is `sqrt(6 lam / (ln 2 * F̄))`, `F̄` the mean
+  Fisher of its kept weights (1 without the Fisher), one `lam` for all kernels; the
+  weights rounded to 0 are pruned. Adam's `nu` as the posterior precision: the step is a
+  fixed fraction of the posterior std `1 / sqrt(N F̄)`, and the high-rate optimum of
+  distortion plus `lam` times the bits of an entropy-coded uniform quantizer.
+{_rate_bullet(record)}
 
 Command: `{record["command"]}` — wall time {meta["wall_minutes"]:.1f} min ({meta["started_utc"]},
 {machine_words(meta)}; jax {meta["jax"]} on {meta["backend"]}),
@@ -576,7 +614,42 @@ the dense mean):
 
 {reading(record)}
 
-**Rate-aware fine-tuning** (`ecsq-fisher-rate`). From the pruned model, `q0 =
+{rate_section(record)}
+
+**File split** (bytes; seed 0, each method's smallest file; entries: codebook entries per
+kernel):
+
+{markdown(split_rows(record))}
+
+**Code bits per kept weight per layer** (seed 0; `kmeans` at its settings, `ecsq-fisher`
+and `fisher-step` at the same file size). ECSQ prices a bit the same in every layer (one
+`lam`), the rate-distortion allocation, and so do the Fisher steps by their high-rate
+formula; `allocate_bits` chooses one width per layer from its summed saliency. Mean Fisher
+per kept weight (seed 0, Adam's `nu`): {fisher_line(record)}.
+
+{markdown(layer_rows(record))}
+"""
+
+
+def _rate_bullet(record: dict) -> str:
+    if not _rate_points(record["runs"][0]):
+        return (
+            "- `ecsq-fisher-rate`, `ecsq-fisher-ft` (`ecsq-fisher` after a short fine-tuning "
+            "of the weights with and without the rate penalty): not in this run "
+            "(`--no-rate-tuning`)."
+        )
+    return (
+        "- `ecsq-fisher-rate`, `ecsq-fisher-ft`: `ecsq-fisher` after a short fine-tuning of "
+        "the\n  weights with and without the rate penalty, at the same targets (below)."
+    )
+
+
+def rate_section(record: dict) -> str:
+    """The page's section on rate-aware fine-tuning (empty without its points)."""
+    cfg = record["config"]
+    if not _rate_points(record["runs"][0]):
+        return ""
+    return f"""**Rate-aware fine-tuning** (`ecsq-fisher-rate`). From the pruned model, `q0 =
 quantize_to_target(params, size_bytes=S, fisher=F, mask=M, prune_zero=True)`; then
 {cfg["rate_steps"]} steps of `adam({cfg["rate_lr"]})` (batch {cfg["batch_size"]}) on the
 cross-entropy plus `mu * rate_penalty(params, q0, fisher=F)`, with every weight that `q0`
@@ -590,20 +663,7 @@ fine-tuning did not), never on the test set. Test accuracy (mean ± std over see
 
 {markdown(rate_rows(record))}
 
-{rate_reading(record)}
-
-**File split** (bytes; seed 0, each method's smallest file; entries: codebook entries per
-kernel):
-
-{markdown(split_rows(record))}
-
-**Code bits per kept weight per layer** (seed 0; `kmeans` at its settings, `ecsq-fisher`
-at the same file size). ECSQ prices a bit the same in every layer (one `lam`), the
-rate-distortion allocation; `allocate_bits` chooses one width per layer from its summed
-saliency. Mean Fisher per kept weight (seed 0, Adam's `nu`): {fisher_line(record)}.
-
-{markdown(layer_rows(record))}
-"""
+{rate_reading(record)}"""
 
 
 def load(cfg: Config) -> datasets.Dataset:
@@ -616,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     cfg = SMOKE if args.smoke else dataclasses.replace(Config(), seeds=args.seeds)
+    if args.no_rate_tuning:
+        cfg = dataclasses.replace(cfg, rate_at=0)
     data = load(cfg)
     out = Path(args.out)
     cache = Cache(args.cache_dir or str(out / "cache"))
@@ -635,8 +697,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"Wrote {path}.")
     print(markdown(frontier_rows(record)))
     print(reading(record))
-    print(markdown(rate_rows(record)))
-    print(rate_reading(record))
+    if _rate_points(record["runs"][0]):
+        print(markdown(rate_rows(record)))
+        print(rate_reading(record))
     if args.write_docs:
         doc = Path(args.docs_page or REPO / "docs" / "results" / "rate-distortion.md")
         doc.write_text(page(record))
