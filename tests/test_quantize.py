@@ -1017,9 +1017,9 @@ def test_ecsq_errors(monkeypatch):
         quantize(params, 8, method="ecsq")
     with pytest.raises(ValueError, match="lam must be a finite number > 0"):
         quantize(params, 8, method="ecsq", lam=0.0)
-    with pytest.raises(ValueError, match="read by method='ecsq' only"):
+    with pytest.raises(ValueError, match="read by method='ecsq' and 'fisher_step' only"):
         quantize(params, 8, lam=1.0)
-    with pytest.raises(ValueError, match="read by method='ecsq' only"):
+    with pytest.raises(ValueError, match="read by method='ecsq' and 'fisher_step' only"):
         quantize(params, 8, method="uniform", prune_zero=True)
     with pytest.raises(ValueError, match="bits must be one int"):
         quantize(params, {"k": np.full((4, 4), 4)}, method="ecsq", lam=1.0)
