@@ -672,12 +672,16 @@ def load(cfg: Config) -> datasets.Dataset:
     return datasets.load_fashion_mnist()
 
 
+def config(args: argparse.Namespace) -> Config:
+    """The run's configuration from the command line."""
+    cfg = SMOKE if args.smoke else dataclasses.replace(Config(), seeds=args.seeds)
+    return dataclasses.replace(cfg, rate_at=0) if args.no_rate_tuning else cfg
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    cfg = SMOKE if args.smoke else dataclasses.replace(Config(), seeds=args.seeds)
-    if args.no_rate_tuning:
-        cfg = dataclasses.replace(cfg, rate_at=0)
+    cfg = config(args)
     data = load(cfg)
     out = Path(args.out)
     cache = Cache(args.cache_dir or str(out / "cache"))

@@ -16,12 +16,12 @@ def test_smoke_writes_json_and_page(tmp_path):
     points = {m: [p for p in run["points"] if p["method"] == m] for m in rate_distortion.METHODS}
     assert [len(points[m]) for m in ("kmeans", "uniform")] == [1, 1]
     sizes = sorted({points["kmeans"][0]["bytes"], points["uniform"][0]["bytes"]})
-    for method in ("ecsq-fisher", "ecsq"):
-        # One ECSQ file per target: the baselines' sizes and a fraction of the smallest,
-        # each met from below.
+    for method in rate_distortion.TARGETED:
+        # One ECSQ (or Fisher-step) file per target: the baselines' sizes and a fraction of
+        # the smallest, each met from below.
         targets = [p["setting"] for p in points[method]]
         assert targets == sorted({*sizes, round(0.8 * sizes[0])})
-        assert all(p["bytes"] <= p["setting"] for p in points[method])
+        assert all(p["bytes"] <= p["setting"] and p["lam"] > 0 for p in points[method])
     # Rate-aware fine-tuning and its control at the smallest ECSQ-Fisher targets, met from below;
     # the reported mu is the candidate with the best held-out accuracy.
     targets = [p["setting"] for p in points["ecsq-fisher"]][: rate_distortion.SMOKE.rate_at]
@@ -49,3 +49,13 @@ def test_smoke_writes_json_and_page(tmp_path):
     assert "python -m experiments.rate_distortion --smoke" in text
     assert "| ecsq-fisher |" in text and record["runs"][0]["dense_accuracy"] > 50
     assert "| ecsq-fisher-rate |" in text and "rate-aware against plain fine-tuning" in text
+    assert "| fisher-step |" in text and "(`fisher-step` minus `step`, same target)" in text
+    # --no-rate-tuning: no fine-tuned points, and the page says they are not in the run.
+    args = rate_distortion.build_parser().parse_args(["--smoke", "--no-rate-tuning"])
+    assert rate_distortion.config(args).rate_at == 0
+    rate_free = {m: m not in ("ecsq-fisher-ft", "ecsq-fisher-rate") for m in points}
+    run["points"] = [p for p in run["points"] if rate_free[p["method"]]]
+    run["rate_candidates"] = []
+    text = rate_distortion.page(saved)
+    assert "not in this run (`--no-rate-tuning`)" in text and "Rate-aware fine" not in text
+    assert "| fisher-step |" in text and "| ecsq-fisher-rate |" not in text
