@@ -794,7 +794,8 @@ def quantize(
         ``params`` (e.g. from :func:`allocate_bits`) with values in ``{0} ∪ 1..16``, 0
         meaning pruned.
       fisher: optional non-negative, finite pytree shaped like ``params``: k-means
-        weights (checked on the coded weights only).
+        weights, or with ``method="fisher_step"`` the Fisher whose mean per leaf (or
+        slice) sets its step (checked on the coded weights only).
       mask: optional bool pytree shaped like ``params``; ``False`` = pruned.
       method: ``"kmeans"``, ``"uniform"``, ``"ecsq"`` or ``"fisher_step"``.
       init: the k-means start: ``"dp"``, ``"linear"``, ``"quantile"`` or ``"density"``
@@ -871,6 +872,12 @@ def quantize(
 
       Chou, Lookabaugh, Gray. Entropy-Constrained Vector Quantization. IEEE Trans.
       Acoustics, Speech and Signal Processing 37(1), 1989.
+
+      Gish, Pierce. Asymptotically Efficient Quantizing. IEEE Trans. Information Theory
+      14(5), 1968.
+
+      Louizos, Ullrich, Welling. Bayesian Compression for Deep Learning. NeurIPS 2017.
+      https://arxiv.org/abs/1705.08665
     """
     _validate.choice(method, "method", CODEBOOK_METHODS)
     _validate.choice(init, "init", HOST_INITS)
