@@ -53,8 +53,8 @@ def rate_penalty(params: Params, q: QuantizedParams, *, fisher: Fisher | None = 
       params: a pytree of the structure and shapes that ``q`` was made from (the weights
         being fine-tuned); its quantized leaves must be floating.
       q: a :class:`~fisher_optax.QuantizedParams` that records its price of a bit
-        (``q.lam``): from ``quantize(..., method="ecsq")`` or
-        :func:`~fisher_optax.quantize_to_target`, or those fine-tuned by
+        (``q.lam``): from ``quantize(..., method="ecsq")`` or ``method="fisher_step"``,
+        or :func:`~fisher_optax.quantize_to_target`, or those fine-tuned by
         :func:`~fisher_optax.share_codebooks` and :func:`~fisher_optax.requantize`.
       fisher: optional pytree like ``params``: the weights ``F`` of the distortion (the
         Fisher that ``q`` was quantized with, for the same objective).
@@ -100,7 +100,7 @@ def rate_penalty(params: Params, q: QuantizedParams, *, fisher: Fisher | None = 
         raise ValueError(
             "rate_penalty prices codes with the lam (price of a bit) that chose them, and q "
             "records none: it was quantized with method='kmeans' or 'uniform', or loaded "
-            "from a file. Quantize with method='ecsq' or quantize_to_target."
+            "from a file. Quantize with method='ecsq' or 'fisher_step', or quantize_to_target."
         )
     reference = jax.tree.unflatten(
         q.treedef, [jax.ShapeDtypeStruct(s, jnp.float32) for s in q.shapes]
