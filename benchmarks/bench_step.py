@@ -3,10 +3,15 @@
 An MLP on random MNIST-shaped batches; both steps are jitted and timed interleaved, so
 load from other processes hits both alike. Between mask updates ``pruned`` adds a masked
 gradient, masked moments and a masked update (all fused into Adam's elementwise update) and
-a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead. A
-mask-update step (two-stage selection over all kernels, Fisher read from ``nu``) is timed on
-its own, and so is the selection alone (``jit(two_stage_mask)`` on the same inputs): the
-step costs one update plus the selection. The last row is the floor under the selection on
+a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead.
+Two rows time what ``pruned`` computes between mask updates without the ``lax.cond`` (a fixed
+mask that ``jit`` passes through): the floor under it. The donated update-only functions
+return the state first, so that ``jit`` gives each state leaf its own buffer back (see
+``make_update``); the script prints the float32 arrays XLA copies in either order, and the
+bool arrays (the mask) copied by the update that is not donated. A mask-update step
+(two-stage selection over all kernels, Fisher read from ``nu``) is timed on its own, and so
+is the selection alone (``jit(two_stage_mask)`` on the same inputs): the step costs one
+update plus the selection. The last row is the floor under the selection on
 this backend: the passes a two-stage selection repeats (per stage 4 digit passes and 16
 counting passes over one byte per weight), timed bare over the same kernels.
 
