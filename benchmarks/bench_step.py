@@ -5,10 +5,10 @@ load from other processes hits both alike. Between mask updates ``pruned`` adds 
 gradient, masked moments and a masked update (all fused into Adam's elementwise update) and
 a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead.
 Two rows time what ``pruned`` computes between mask updates without the ``lax.cond`` (a fixed
-mask that ``jit`` passes through): the floor under it. The donated update-only functions
+mask): the floor under it. The donated update-only functions
 return the state first, so that ``jit`` gives each state leaf its own buffer back (see
 ``make_update``); the script prints the float32 arrays XLA copies in either order, and the
-bool arrays (the mask) copied by the update that is not donated. A mask-update step
+bool arrays (the mask) copied by the updates that are not donated. A mask-update step
 (two-stage selection over all kernels, Fisher read from ``nu``) is timed on its own, and so
 is the selection alone (``jit(two_stage_mask)`` on the same inputs): the step costs one
 update plus the selection. The last row is the floor under the selection on
@@ -82,8 +82,8 @@ def make_update(opt, donate: bool = False, state_first: bool = True):
 def masked_adam(opt: optax.GradientTransformation, mask) -> optax.GradientTransformation:
     """What ``pruned(opt)`` computes between mask updates, without its selection branch: the
     gradients and moments zeroed and the updates of pruned weights set to ``-w`` where the
-    fixed ``mask`` prunes. The mask sits in the state unchanged, so ``jit`` passes it
-    through without writing it."""
+    fixed ``mask`` prunes. The mask sits in the state unchanged (written anew at every step
+    when the state is not donated, as ``pruned``'s)."""
 
     def init_fn(params):
         return jax.tree.map(jnp.copy, mask), opt.init(params)  # a donated state owns it
@@ -271,8 +271,8 @@ def main() -> None:
     )
     # Donated buffers are paired with outputs by shape in output order (make_update): count
     # what XLA copies with the state returned first (the rows above) and as opt.update
-    # returns it. The mask of the non-donated update is the selection branch's output, a new
-    # buffer written at every step: count the bool arrays it copies too.
+    # returns it. Without donation the mask in the returned state is a new buffer written
+    # at every step, with the branch or without: count the bool arrays copied.
     counts = {
         order: [
             f32_copies(make_update(opt, True, first), grads, init(opt), params)
@@ -284,10 +284,15 @@ def main() -> None:
         "# float32 arrays copied by the donated update (XLA HLO), adam / pruned: "
         + "; ".join(f"{order} {a} / {b}" for order, (a, b) in counts.items())
     )
-    hlo = make_update(wrapped).lower(grads, init(wrapped), params).compile().as_text()
-    entry = hlo[hlo.index("ENTRY") :]
-    n_bool = sum(" copy(" in line and "= pred[" in line for line in entry.splitlines())
-    print(f"# bool arrays copied by the non-donated pruned update (the mask): {n_bool}")
+    n_bool = []
+    for opt in (wrapped, floor):
+        hlo = make_update(opt).lower(grads, init(opt), params).compile().as_text()
+        entry = hlo[hlo.index("ENTRY") :]
+        n_bool.append(sum(" copy(" in line and "= pred[" in line for line in entry.splitlines()))
+    print(
+        "# bool arrays copied by the update not donated (the mask), pruned / its masking "
+        f"without the branch: {n_bool[0]} / {n_bool[1]}"
+    )
     pruned_frac = sum(int((~m).sum()) for m in jax.tree.leaves(mask)) / sum(
         m.size for m in jax.tree.leaves(mask) if m.ndim >= 2
     )
