@@ -147,6 +147,7 @@ def main() -> None:
         ("step", "pruned"): (make_step(wrapped), wrapped),
         ("step donated", "adam"): (make_step(plain, True), plain),
         ("step donated", "pruned"): (make_step(wrapped, True), wrapped),
+        ("step donated", "masked"): (make_step(floor, True), floor),
         ("update", "adam"): (make_update(plain), plain),
         ("update", "pruned"): (make_update(wrapped), wrapped),
         ("update", "keep_pruned"): (make_update(fixed), fixed),
@@ -243,6 +244,7 @@ def main() -> None:
     rows = [
         ("train step (grad + update), between mask updates", "step", "pruned"),
         ("train step, params and state donated", "step donated", "pruned"),
+        ("train step, donated, pruned's masking without its branch", "step donated", "masked"),
         ("optimizer update only, between mask updates", "update", "pruned"),
         ("optimizer update only, state donated", "update donated", "pruned"),
         ("optimizer update only, fixed mask: chain(adam, keep_pruned)", "update", "keep_pruned"),
