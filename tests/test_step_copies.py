@@ -3,7 +3,9 @@
 XLA updates a donated array in place unless it cannot order every read of the old value
 before the write of the new one; then it copies the array at every step. pruned's selection
 branch reads the weights, the mask and (for the Fisher criteria) Adam's ``nu``, which the
-inner update then overwrites. The copies are counted in the compiled program, which is
+inner update then overwrites; the mask the branch returns orders those reads first. Moving
+the inner update into both branches of the ``lax.cond``, for one, would copy every moment
+out of the conditional. The copies are counted in the compiled program, which is
 deterministic, unlike a timing (benchmarks/bench_step.py times the same functions).
 """
 
