@@ -3,10 +3,15 @@
 An MLP on random MNIST-shaped batches; both steps are jitted and timed interleaved, so
 load from other processes hits both alike. Between mask updates ``pruned`` adds a masked
 gradient, masked moments and a masked update (all fused into Adam's elementwise update) and
-a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead. A
-mask-update step (two-stage selection over all kernels, Fisher read from ``nu``) is timed on
-its own, and so is the selection alone (``jit(two_stage_mask)`` on the same inputs): the
-step costs one update plus the selection. The last row is the floor under the selection on
+a ``lax.cond`` that skips the selection: the ratio of median step times is the overhead.
+Two rows time what ``pruned`` computes between mask updates without the ``lax.cond`` (a fixed
+mask): the floor under it. The donated update-only functions
+return the state first, so that ``jit`` gives each state leaf its own buffer back (see
+``make_update``); the script prints the float32 arrays XLA copies in either order, and the
+bool arrays (the mask) copied by the updates that are not donated. A mask-update step
+(two-stage selection over all kernels, Fisher read from ``nu``) is timed on its own, and so
+is the selection alone (``jit(two_stage_mask)`` on the same inputs): the step costs one
+update plus the selection. The last row is the floor under the selection on
 this backend: the passes a two-stage selection repeats (per stage 4 digit passes and 16
 counting passes over one byte per weight), timed bare over the same kernels.
 
@@ -25,7 +30,7 @@ import optax
 from jax import lax
 
 import fisher_optax as fo
-from fisher_optax import _select
+from fisher_optax import _select, transforms
 
 
 def init_mlp(key, sizes):
@@ -58,11 +63,46 @@ def make_step(opt, donate: bool = False):
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_update(opt, donate: bool = False):
+def make_update(opt, donate: bool = False, state_first: bool = True):
+    """``opt.update`` jitted; with ``donate`` the state is donated.
+
+    ``jit`` pairs each output, in order, with the first donated input of the same shape and
+    dtype. Returned as ``opt.update`` returns them, ``(updates, state)``, the updates would
+    take the buffers of the first moment and that moment the buffers of the second, which
+    XLA then copies (plain Adam as well); the state first pairs each leaf with its own.
+    """
+
     def update(grads, state, params):
-        return opt.update(grads, state, params)
+        updates, state = opt.update(grads, state, params)
+        return (state, updates) if state_first else (updates, state)
 
     return jax.jit(update, donate_argnums=(1,) if donate else ())
+
+
+def masked_adam(opt: optax.GradientTransformation, mask) -> optax.GradientTransformation:
+    """What ``pruned(opt)`` computes between mask updates, without its selection branch: the
+    gradients and moments zeroed and the updates of pruned weights set to ``-w`` where the
+    fixed ``mask`` prunes. The mask sits in the state unchanged (written anew at every step
+    when the state is not donated, as ``pruned``'s)."""
+
+    def init_fn(params):
+        return jax.tree.map(jnp.copy, mask), opt.init(params)  # a donated state owns it
+
+    def update_fn(updates, state, params):
+        mask, inner_state = state
+        grads, inner_state = transforms._zero_pruned(opt, updates, inner_state, mask)
+        updates, inner_state = opt.update(grads, inner_state, params)
+        masked = transforms._masked_updates(updates, params, jax.tree.leaves(mask))
+        return masked, (mask, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def f32_copies(fn, *args) -> int:
+    """The float32 arrays that XLA copies in the compiled ``fn(*args)``."""
+    hlo = fn.lower(*args).compile().as_text()
+    entry = hlo[hlo.index("ENTRY") :]
+    return sum(" copy(" in line and "= f32[" in line for line in entry.splitlines())
 
 
 def copy_tree(tree):
@@ -92,6 +132,8 @@ def main() -> None:
     # A fixed mask, for comparison: keep_pruned only rewrites the updates (no selection branch,
     # no masked gradient or moments).
     fixed = optax.chain(optax.adam(1e-3), fo.keep_pruned(mask))
+    # pruned's masking with a fixed mask and no selection branch: the floor under pruned.
+    floor = masked_adam(optax.adam(1e-3), mask)
 
     def init(opt):
         state = opt.init(params)
@@ -105,18 +147,21 @@ def main() -> None:
         ("step", "pruned"): (make_step(wrapped), wrapped),
         ("step donated", "adam"): (make_step(plain, True), plain),
         ("step donated", "pruned"): (make_step(wrapped, True), wrapped),
+        ("step donated", "masked"): (make_step(floor, True), floor),
         ("update", "adam"): (make_update(plain), plain),
         ("update", "pruned"): (make_update(wrapped), wrapped),
         ("update", "keep_pruned"): (make_update(fixed), fixed),
+        ("update", "masked"): (make_update(floor), floor),
         ("update donated", "adam"): (make_update(plain, True), plain),
         ("update donated", "pruned"): (make_update(wrapped, True), wrapped),
+        ("update donated", "masked"): (make_update(floor, True), floor),
     }
     carry = {}
     for name, (fn, opt) in timed.items():  # compile, and one step to zero the pruned weights
         if name[0].startswith("step"):
             carry[name] = jax.block_until_ready(fn(copy_tree(params), init(opt), x, y))
         else:
-            carry[name] = (params, jax.block_until_ready(fn(grads, init(opt), params))[1])
+            carry[name] = (params, jax.block_until_ready(fn(grads, init(opt), params))[0])
     # The update-only calls all read the same zeroed params (pruned weights at exactly 0).
     p_zero = carry[("step", "pruned")][0]
     times = {name: [] for name in timed}
@@ -127,15 +172,15 @@ def main() -> None:
             if name[0].startswith("step"):
                 carry[name] = jax.block_until_ready(fn(p, s, x, y))
             else:
-                carry[name] = (p, jax.block_until_ready(fn(grads, s, p_zero))[1])
+                carry[name] = (p, jax.block_until_ready(fn(grads, s, p_zero))[0])
             times[name].append(time.perf_counter() - t)
 
     # A mask-update step: with update_every=1 every step from count 1 on selects a new mask
     # (two-stage, global, from the Fisher in nu); time it from the same count-1 state.
     every = fo.pruned(optax.adam(1e-3), schedule=fo.constant_sparsity(0.8), update_every=1)
     upd_every = make_update(every)
-    _, s_every = upd_every(grads, every.init(params), params)  # count 0: no Fisher yet
-    _, s_new = jax.block_until_ready(upd_every(grads, s_every, params))
+    s_every, _ = upd_every(grads, every.init(params), params)  # count 0: no Fisher yet
+    s_new, _ = jax.block_until_ready(upd_every(grads, s_every, params))
     selected = sum(int((~m).sum()) for m in jax.tree.leaves(s_new.mask))
     # The selection alone, as the mask-update step runs it (two-stage, global, from the same
     # params, Fisher and mask, float32 sparsity): what a mask update adds to an update.
@@ -199,9 +244,12 @@ def main() -> None:
     rows = [
         ("train step (grad + update), between mask updates", "step", "pruned"),
         ("train step, params and state donated", "step donated", "pruned"),
+        ("train step, donated, pruned's masking without its branch", "step donated", "masked"),
         ("optimizer update only, between mask updates", "update", "pruned"),
         ("optimizer update only, state donated", "update donated", "pruned"),
         ("optimizer update only, fixed mask: chain(adam, keep_pruned)", "update", "keep_pruned"),
+        ("optimizer update only, pruned's masking without its branch", "update", "masked"),
+        ("optimizer update only, the same, state donated", "update donated", "masked"),
     ]
     for label, kind, other in rows:
         base, ours = med(times[(kind, "adam")]), med(times[(kind, other)])
@@ -223,12 +271,30 @@ def main() -> None:
         f"# mask-update step - selection alone = {med(t_mask) - med(t_sel):.2f} ms "
         f"({(med(t_mask) - med(t_sel)) / base:.2f} updates)"
     )
-    # With the state donated, XLA copies the moments that the conditional holding the
-    # selection reads (it cannot prove the in-place update comes after it): count the copies.
-    hlo = make_update(wrapped, True).lower(grads, init(wrapped), params).compile().as_text()
-    entry = hlo[hlo.index("ENTRY") :]
-    copies = [line for line in entry.splitlines() if " copy(" in line and "= f32[" in line]
-    print(f"# float32 arrays copied by the donated pruned update (XLA HLO): {len(copies)}")
+    # Donated buffers are paired with outputs by shape in output order (make_update): count
+    # what XLA copies with the state returned first (the rows above) and as opt.update
+    # returns it. Without donation the mask in the returned state is a new buffer written
+    # at every step, with the branch or without: count the bool arrays copied.
+    counts = {
+        order: [
+            f32_copies(make_update(opt, True, first), grads, init(opt), params)
+            for opt in (plain, wrapped)
+        ]
+        for order, first in (("state first", True), ("(updates, state)", False))
+    }
+    print(
+        "# float32 arrays copied by the donated update (XLA HLO), adam / pruned: "
+        + "; ".join(f"{order} {a} / {b}" for order, (a, b) in counts.items())
+    )
+    n_bool = []
+    for opt in (wrapped, floor):
+        hlo = make_update(opt).lower(grads, init(opt), params).compile().as_text()
+        entry = hlo[hlo.index("ENTRY") :]
+        n_bool.append(sum(" copy(" in line and "= pred[" in line for line in entry.splitlines()))
+    print(
+        "# bool arrays copied by the update not donated (the mask), pruned / its masking "
+        f"without the branch: {n_bool[0]} / {n_bool[1]}"
+    )
     pruned_frac = sum(int((~m).sum()) for m in jax.tree.leaves(mask)) / sum(
         m.size for m in jax.tree.leaves(mask) if m.ndim >= 2
     )
