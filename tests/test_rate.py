@@ -184,7 +184,7 @@ def test_lam_is_recorded_by_ecsq_and_kept_by_requantize(tmp_path):
 
 def test_errors_say_what_to_pass(tmp_path):
     params, fisher, q, _ = _case(6)
-    with pytest.raises(ValueError, match="Quantize with method='ecsq' or 'fisher_step', or quantize_to_target"):
+    with pytest.raises(ValueError, match="method='ecsq' or 'fisher_step', or quantize_to_target"):
         rate_penalty(params, quantize(params, 2))
     save_compressed(tmp_path / "q.foqz", q)
     with pytest.raises(ValueError, match="records none"):
