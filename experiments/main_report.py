@@ -509,7 +509,8 @@ def write_docs(page: Path, record: dict, summary: dict) -> None:
             "",
             "What each method's file within the point holds (bytes, mean over the seeds "
             "that have one): positions of the kept weights, their codes, the codebooks, and "
-            "the leaves stored raw (biases); bits per parameter of the whole model:",
+            "the leaves stored raw (the biases with --raw-biases; by default they are coded "
+            "like the kernels); bits per parameter of the whole model:",
             "",
             sec["split_table"],
             "",
