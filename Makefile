@@ -63,8 +63,8 @@ fashion-mnist:
 
 # The main job on Fashion-MNIST: Caffe's LeNet-5 and LeNet-300-100, 3 seeds; two worker
 # processes (one per core) share the phase cache; rewrites docs/results/main-fashion-mnist.md.
-# The methods that fit in 90 minutes on 2 cores; all of main_job.METHODS take about twice
-# that (e.g. `make reproduce-fashion FASHION_METHODS=magnitude,two_stage,saliency` for others).
+# The methods that fit in 90 minutes on 2 cores; the rest of main_job.METHODS add about half
+# again (e.g. `make reproduce-fashion FASHION_METHODS=magnitude,two_stage,saliency`).
 FASHION_METHODS ?= saliency,saliency_ecsq_plain,obs,obs_ecsq_plain,deep_compression,choi_uniform
 reproduce-fashion: $(STAMP) fashion-mnist
 	$(PY) -m experiments.main_job --dataset fashion-mnist --models lenet5,lenet-300-100 \
