@@ -29,6 +29,9 @@ For each model and seed, in one run, with one budget of steps for every method:
      entropy-constrained and Fisher-weighted, at the sizes of the same level's k-means files
      and below, a weight quantized to 0 where that pays; ``ecsq_plain``
      (``saliency_ecsq_plain``, ``obs_ecsq_plain``): the same with every weight weighed 1;
+   - ``fisher_step`` (``saliency_step``): ``quantize_to_target(method="fisher_step")``, a
+     grid through 0 per layer whose step falls as one over the root of the layer's mean
+     Fisher, at ECSQ's targets;
    - ``deep_compression``: the recipe's k-means;
    - ``uniform`` (``choi_uniform``, the second baseline): Choi et al. 2017's uniform
      quantization with entropy coding, on the recipe's pruned models.
@@ -90,12 +93,16 @@ METHODS = {
     "saliency": ("saliency", "kmeans"),
     "saliency_ecsq": ("saliency", "ecsq"),
     "saliency_ecsq_plain": ("saliency", "ecsq_plain"),
+    "saliency_step": ("saliency", "fisher_step"),
     "obs": ("obs", "kmeans"),
     "obs_ecsq_plain": ("obs", "ecsq_plain"),
     "deep_compression": ("deep_compression", "deep_compression"),
     "choi_uniform": ("deep_compression", "uniform"),
 }
 BASELINES = ("deep_compression", "choi_uniform")
+# The quantizers set by a file size: their targets are the sizes of the same level's k-means
+# files (so their pruning run must have its k-means method too) and fractions of them.
+SIZE_TARGETED = ("ecsq", "ecsq_plain", "fisher_step")
 # Deep Compression's Table 3 (LeNet-5) and Table 2 (LeNet-300-100): the share of each
 # layer's weights pruned, and the bits of each layer's codebook.
 HAN_RATES = {
@@ -549,9 +556,10 @@ def quant_settings(quantizer, cfg, params, sizes=()):
             )
             for b in cfg.bits
         ]
-    if quantizer in ("ecsq", "ecsq_plain"):
+    if quantizer in SIZE_TARGETED:
         targets = sorted(sizes)[: cfg.ecsq_paired] + [f * min(sizes) for f in cfg.ecsq_fractions]
-        return [(f"ECSQ {t / 1024:.1f} KiB", {"size_bytes": round(t)}) for t in targets]
+        name = "steps" if quantizer == "fisher_step" else "ECSQ"
+        return [(f"{name} {t / 1024:.1f} KiB", {"size_bytes": round(t)}) for t in targets]
     if quantizer == "uniform":
         return [(f"{b} bits uniform", {"bits": b}) for b in cfg.uniform_bits]
     conv_extra = 3 if model_kind(params) == "cnn" else 0
@@ -590,7 +598,7 @@ def quantized(quantizer, setting, level, *, raw_biases: bool = False):
         return fisher_optax.quantize(
             params, setting["bits"], mask=mask, method="uniform", quantizable=coded
         )
-    if quantizer in ("ecsq", "ecsq_plain"):
+    if quantizer in SIZE_TARGETED:
         # One price of a bit for every leaf (the rate-distortion allocation), weights
         # quantized to 0 where that pays (pruned by the quantizer). "ecsq_plain" weighs
         # every weight the same: on the rate-distortion page, Fisher weights lost 13-35
@@ -598,10 +606,11 @@ def quantized(quantizer, setting, level, *, raw_biases: bool = False):
         q, _ = fisher_optax.quantize_to_target(
             params,
             size_bytes=setting["size_bytes"],
-            fisher=fisher if quantizer == "ecsq" else None,
+            fisher=None if quantizer == "ecsq_plain" else fisher,
             mask=mask,
             quantizable=coded,
             prune_zero=True,
+            method="fisher_step" if quantizer == "fisher_step" else "ecsq",
         )
         return q
     # One width per leaf (no per-weight width map in the file), chosen from its summed
@@ -850,7 +859,7 @@ def main(argv=None) -> dict:
             if m not in METHODS:
                 raise SystemExit(f"--methods: unknown method {m!r}; choose from {list(METHODS)}")
             pruning, quantizer = METHODS[m]
-            if quantizer.startswith("ecsq") and pruning not in methods:
+            if quantizer in SIZE_TARGETED and pruning not in methods:
                 raise SystemExit(
                     f"--methods: {m} needs {pruning} too: its targets are the sizes of "
                     f"{pruning}'s k-means files"

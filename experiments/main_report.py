@@ -20,6 +20,7 @@ LABELS = {
     "saliency": "OBD saliency F w²/2",
     "saliency_ecsq": "OBD saliency, ECSQ-Fisher",
     "saliency_ecsq_plain": "OBD saliency, ECSQ",
+    "saliency_step": "OBD saliency, Fisher steps",
     "obs": "block OBS",
     "obs_ecsq_plain": "block OBS, ECSQ",
     "deep_compression": "Deep Compression recipe",

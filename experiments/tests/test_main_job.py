@@ -43,7 +43,7 @@ def test_quick_pipeline_end_to_end_and_cache(tmp_path):
     )
     # QUICK: one level; one setting per quantizer, ECSQ at the k-means file's size and 0.7 of it.
     assert {m: len(v["quantized"]) for m, v in run["methods"].items()} == {
-        m: 2 if quantizer.startswith("ecsq") else 1
+        m: 2 if quantizer in main_job.SIZE_TARGETED else 1
         for m, (_, quantizer) in main_job.METHODS.items()
     }
     for m, v in run["methods"].items():
@@ -332,7 +332,9 @@ def test_the_page_names_the_command_that_computed_it():
     )
 
 
-@pytest.mark.parametrize("quantizer", ["kmeans", "ecsq", "deep_compression", "uniform"])
+@pytest.mark.parametrize(
+    "quantizer", ["kmeans", "ecsq", "fisher_step", "deep_compression", "uniform"]
+)
 def test_biases_are_coded_unless_raw_biases(quantizer):
     rng = np.random.default_rng(0)
     params = {
@@ -345,6 +347,7 @@ def test_biases_are_coded_unless_raw_biases(quantizer):
     setting = {
         "kmeans": {"average_bits": 3, "granularity": "layer", "entry_bits": 0.0},
         "ecsq": {"size_bytes": 300},
+        "fisher_step": {"size_bytes": 300},
         "deep_compression": {"conv": 6, "fc": 3},
         "uniform": {"bits": 4},
     }[quantizer]
