@@ -17,6 +17,12 @@ included), which other jobs on a shared machine disturb less than the wall time.
 
 With ``--one-leaf`` the model is one kernel of the same total size: what compiling costs
 whatever the number of leaves.
+
+The floor column compiles a hand-written update that does what ``pruned`` does at its least:
+Adam on the masked gradients, the masked updates, and under the same ``lax.cond`` a new
+mask from a global magnitude threshold read off one ``jnp.sort`` of every weight (one
+stage, no exact count on ties). XLA:CPU compiles a sort quickly and runs it slowly (see
+``bench_select.py``: 130-210x the counting passes at 1e6-1e7 scores).
 """
 
 import argparse
@@ -55,6 +61,30 @@ def update_fn(opt):
     return make
 
 
+def floor_fn(every=10):
+    """A hand-written masked Adam whose mask update is a sort threshold (see the docstring)."""
+    adam = optax.adam(1e-3)
+
+    def update(g, state, p):
+        inner, mask, count = state
+
+        def recompute():
+            flat = jnp.concatenate([jnp.abs(x).ravel() for x in jax.tree.leaves(p)])
+            t = jnp.sort(flat)[flat.size // 2]
+            return jax.tree.map(lambda x: jnp.abs(x) > t, p)
+
+        mask = jax.lax.cond(count % every == 0, recompute, lambda: mask)
+        g = jax.tree.map(lambda x, m: jnp.where(m, x, 0.0), g, mask)
+        u, inner = adam.update(g, inner, p)
+        u = jax.tree.map(lambda x, m, w: jnp.where(m, x, -w), u, mask, p)
+        return u, (inner, mask, count + 1)
+
+    def init(p):
+        return adam.init(p), jax.tree.map(lambda x: jnp.ones_like(x, bool), p), jnp.int32(0)
+
+    return init, update
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--leaves", type=int, nargs="+", default=[16, 64, 256])
@@ -68,9 +98,10 @@ def main() -> None:
     )
     print(
         "| leaves | adam update | pruned(adam) update | ratio | ratio of CPU times "
-        "| magnitude_mask, one leaf | magnitude_mask, n leaves | ratio | ratio of CPU times |"
+        "| floor | floor / adam | magnitude_mask, one leaf | magnitude_mask, n leaves | ratio "
+        "| ratio of CPU times |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.leaves:
         params = kernels(1, (n * 32, 32)) if args.one_leaf else kernels(n)
         grads = jax.tree.map(jnp.ones_like, params)
@@ -88,13 +119,20 @@ def main() -> None:
         t_pruned, c_pruned = compile_time(
             update_fn(wrapped), (grads, wrapped.init(params), params), args.repeats
         )
+        floor_init, floor_update = floor_fn()
+        t_floor, _ = compile_time(
+            update_fn(optax.GradientTransformation(floor_init, floor_update)),
+            (grads, floor_init(params), params),
+            args.repeats,
+        )
         one = {"k": jax.random.normal(jax.random.key(1), (n * 32, 32))}
         mask_fn = lambda: lambda p: fo.magnitude_mask(p, 0.5)
         t_one, c_one = compile_time(mask_fn, (one,), args.repeats)
         t_many, c_many = compile_time(mask_fn, (params,), args.repeats)
         print(
             f"| {n} | {t_adam:.2f} | {t_pruned:.2f} | {t_pruned / t_adam:.1f} "
-            f"| {c_pruned / c_adam:.1f} | {t_one:.2f} | {t_many:.2f} | {t_many / t_one:.1f} "
+            f"| {c_pruned / c_adam:.1f} | {t_floor:.2f} | {t_floor / t_adam:.1f} "
+            f"| {t_one:.2f} | {t_many:.2f} | {t_many / t_one:.1f} "
             f"| {c_many / c_one:.1f} |",
             flush=True,
         )

@@ -32,6 +32,9 @@ For each model and seed, in one run, with one budget of steps for every method:
    - ``fisher_step`` (``saliency_step``): ``quantize_to_target(method="fisher_step")``, a
      grid through 0 per layer whose step falls as one over the root of the layer's mean
      Fisher, at ECSQ's targets;
+   - ``ecsq_retrain`` (``saliency_ecsq_retrain``): ``ecsq_plain``, then rounds of
+     retraining the weights it keeps (its zeros held at 0) and quantizing again at the same
+     size (``Config.retrain_steps``, ``retrain_rounds``);
    - ``deep_compression``: the recipe's k-means;
    - ``uniform`` (``choi_uniform``, the second baseline): Choi et al. 2017's uniform
      quantization with entropy coding, on the recipe's pruned models.
@@ -93,6 +96,7 @@ METHODS = {
     "saliency": ("saliency", "kmeans"),
     "saliency_ecsq": ("saliency", "ecsq"),
     "saliency_ecsq_plain": ("saliency", "ecsq_plain"),
+    "saliency_ecsq_retrain": ("saliency", "ecsq_retrain"),
     "saliency_step": ("saliency", "fisher_step"),
     "obs": ("obs", "kmeans"),
     "obs_ecsq_plain": ("obs", "ecsq_plain"),
@@ -102,7 +106,7 @@ METHODS = {
 BASELINES = ("deep_compression", "choi_uniform")
 # The quantizers set by a file size: their targets are the sizes of the same level's k-means
 # files (so their pruning run must have its k-means method too) and fractions of them.
-SIZE_TARGETED = ("ecsq", "ecsq_plain", "fisher_step")
+SIZE_TARGETED = ("ecsq", "ecsq_plain", "fisher_step", "ecsq_retrain")
 # Deep Compression's Table 3 (LeNet-5) and Table 2 (LeNet-300-100): the share of each
 # layer's weights pruned, and the bits of each layer's codebook.
 HAN_RATES = {
@@ -161,6 +165,14 @@ class Config:
     # Measured on LeNet-5 Fashion seed 0, OBD saliency at 97%, 3 bits average, after the
     # codebook fine-tuning: coded 12,154 B at 89.31%, raw 14,136 B at 89.24%.
     raw_biases: bool = False
+    # ecsq_retrain: ECSQ (every weight weighed 1), then `retrain_rounds` times: retrain the
+    # weights it did not quantize to 0 for `retrain_steps` Adam steps (from prune_lr, cosine
+    # to a tenth; the zeros held by keep_pruned) and quantize again at the same size.
+    # Measured on LeNet-5 Fashion seed 0 at 97%, 10.3 KB: 87.58% with no retraining, 88.97%
+    # after one round of 300 steps, 89.47% after two; at 8.5 KB 86.11, 87.79, 88.57, and
+    # 88.75% after three.
+    retrain_steps: int = 300
+    retrain_rounds: int = 2
 
 
 PRESETS = {
@@ -233,6 +245,8 @@ QUICK = dict(
     obs_update_every=5,
     ecsq_fractions=(0.7,),
     uniform_bits=(4,),
+    retrain_steps=5,
+    retrain_rounds=1,
 )
 
 
@@ -606,7 +620,7 @@ def quantized(quantizer, setting, level, *, raw_biases: bool = False):
         q, _ = fisher_optax.quantize_to_target(
             params,
             size_bytes=setting["size_bytes"],
-            fisher=None if quantizer == "ecsq_plain" else fisher,
+            fisher=None if quantizer in ("ecsq_plain", "ecsq_retrain") else fisher,
             mask=mask,
             quantizable=coded,
             prune_zero=True,
@@ -628,6 +642,24 @@ def quantized(quantizer, setting, level, *, raw_biases: bool = False):
     return fisher_optax.quantize(params, bits, fisher=fisher, mask=mask, quantizable=coded)
 
 
+def retrained(q, quantizer, setting, level, cfg, data, model, key):
+    """``cfg.retrain_rounds`` rounds of: retrain the weights ``q`` keeps (its zeros held at
+    0), then quantize again at the same setting; the last round's quantized params."""
+    params, mask = level["params"], level["mask"]
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    lr = optax.cosine_decay_schedule(cfg.prune_lr, cfg.retrain_steps, 0.1)
+    for i in range(cfg.retrain_rounds):
+        kept = jax.tree.map(lambda w, m: (w != 0) & m, fisher_optax.dequantize(q), mask)
+        opt = optax.chain(optax.adam(lr), fisher_optax.keep_pruned(kept))
+        params = fisher_optax.apply_mask(params, kept)
+        train = make_trainer(opt, model, cfg.retrain_steps, cfg.batch_size)
+        params, _, _ = train(params, opt.init(params), jax.random.fold_in(key, i), x, y)
+        mask = kept
+        level = {**level, "params": params, "mask": mask}
+        q = quantized(quantizer, setting, level, raw_biases=cfg.raw_biases)
+    return q
+
+
 def file_split(q) -> dict:
     """Bytes of the file by what they code: positions, codes, codebooks, raw leaves."""
     report = fisher_optax.compression_report(q)
@@ -642,13 +674,18 @@ def file_split(q) -> dict:
 
 
 def quant_phase(pruning, quantizer, cfg, data, model, cache, key, level, label, setting):
-    fields = {**prune_fields(cfg, pruning), **_fields(cfg, ("ft_steps", "ft_lr", "raw_biases"))}
+    names = ("ft_steps", "ft_lr", "raw_biases")
+    if quantizer == "ecsq_retrain":
+        names += ("retrain_steps", "retrain_rounds")
+    fields = {**prune_fields(cfg, pruning), **_fields(cfg, names)}
     ck = _key("quant", fields, pruning, quantizer, level["level"], level["accuracy"], setting)
     hit = cache.get(f"quant-{pruning}-{quantizer}", ck)
     if hit is not None:
         return hit[1]
     t0 = time.perf_counter()
     q = quantized(quantizer, setting, level, raw_biases=cfg.raw_biases)
+    if quantizer == "ecsq_retrain":
+        q = retrained(q, quantizer, setting, level, cfg, data, model, key)
     opt = fisher_optax.share_codebooks(optax.adam(cfg.ft_lr), q)
     params = fisher_optax.dequantize(q)
     state = opt.init(params)
@@ -884,6 +921,7 @@ def main(argv=None) -> dict:
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
             "jobs": args.jobs,
             "code_version": CODE_VERSION,
+            "out": args.out,
         }
         for name in names:
             preset = dict(PRESETS[name], **(QUICK if args.quick else {}))

@@ -20,6 +20,7 @@ LABELS = {
     "saliency": "OBD saliency F w²/2",
     "saliency_ecsq": "OBD saliency, ECSQ-Fisher",
     "saliency_ecsq_plain": "OBD saliency, ECSQ",
+    "saliency_ecsq_retrain": "OBD saliency, ECSQ, retrained",
     "saliency_step": "OBD saliency, Fisher steps",
     "obs": "block OBS",
     "obs_ecsq_plain": "block OBS, ECSQ",
@@ -445,7 +446,9 @@ def command_of(record: dict) -> str:
     default = ["digits-cnn"] if dataset == "digits" else ["lenet5", "lenet-300-100"]
     names = list(record["models"])
     methods = list(next(iter(record["models"].values()))["seeds"][0]["methods"])
+    out = record.get("out", "results")
     full = names == default and methods == list(LABELS) and not record.get("quick")
+    full = full and out == "results"
     if full and dataset in ("digits", "fashion-mnist"):
         return target
     args = [f"--dataset {dataset}", f"--models {','.join(names)}"]
@@ -455,6 +458,8 @@ def command_of(record: dict) -> str:
         args.append(f"--jobs {record['jobs']}")
     if record.get("quick"):
         args.append("--quick")
+    if out != "results":
+        args.append(f"--out {out}")
     return "python -m experiments.main_job " + " ".join(args)
 
 
@@ -471,7 +476,8 @@ def write_docs(page: Path, record: dict, summary: dict) -> None:
         "computed, compilation included); the command that wrote the JSON ran "
         f"{_minutes(record['wall_seconds'])} of wall time ({record.get('jobs', 1)} worker "
         f"process{'es' if record.get('jobs', 1) > 1 else ''}; phases it read from the cache "
-        f"take no time there); every number is in `results/{dataset}-main.json`"
+        "take no time there); every number is in "
+        f"`{record.get('out', 'results')}/{dataset}-main.json`"
         + (
             f"; code version `{record['code_version']}` "
             "(`python -c 'from experiments.versions import code_version; print(code_version())'`"

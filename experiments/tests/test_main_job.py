@@ -362,3 +362,27 @@ def test_biases_are_coded_unless_raw_biases(quantizer):
         }
     assert split[False]["raw"] == 0
     assert split[True]["raw"] >= 4 * (8 + 10)
+
+
+def test_retraining_keeps_the_quantizers_zeros_and_moves_the_kept_weights():
+    """ecsq_retrain: a weight that ECSQ quantized to 0 stays 0 after the rounds of
+    retraining; the kept weights are trained (their values move off the first quantizer's
+    levels); the file stays at the target size."""
+    args = main_job.build_parser().parse_args(["--quick"])
+    data = main_job.load_data(args)
+    preset = {**main_job.PRESETS["digits-cnn"], **main_job.QUICK, "retrain_steps": 20}
+    cfg = main_job.Config(dataset=args.dataset, model="digits-cnn", seed=0, **preset)
+    model = models.MODELS["digits-cnn"]
+    params = model.init(jax.random.key(0), (8, 8, 1))
+    mask = fisher_optax.magnitude_mask(params, 0.5)
+    level = {"params": fisher_optax.apply_mask(params, mask), "mask": mask, "fisher": None}
+    setting = {"size_bytes": 6000}
+    q0 = main_job.quantized("ecsq_retrain", setting, level)
+    q = main_job.retrained(q0, "ecsq_retrain", setting, level, cfg, data, model, jax.random.key(1))
+    before, after = fisher_optax.dequantize(q0), fisher_optax.dequantize(q)
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert not np.any(np.asarray(a)[np.asarray(b) == 0])
+    kernel_b, kernel_a = np.asarray(before["fc1"]["kernel"]), np.asarray(after["fc1"]["kernel"])
+    assert not np.array_equal(kernel_b, kernel_a)
+    report = fisher_optax.compression_report(q)
+    assert report.total_bytes == pytest.approx(setting["size_bytes"], rel=0.1)
