@@ -427,6 +427,7 @@ def render(record: dict, out: Path, *, plots: bool = True) -> dict:
             "ratio_table": markdown(ratio_table(s)),
             "robust_table": markdown(robust_table(s)),
             "paired_table": markdown(paired_table(s)),
+            "paired": bool(s["paired"]),
             "level_table": markdown(level_table(s)),
             "split_table": markdown(split_table(s)),
         }
@@ -507,13 +508,19 @@ def write_docs(page: Path, record: dict, summary: dict) -> None:
             "",
             sec["robust_table"],
             "",
-            "Accuracy at equal file size (points; the method minus the baseline, at the "
-            f"size where the method's frontier is {WITHIN:g} point below dense, on the "
-            "baseline's frontier there): mean; seeds ahead; the mean against the seed "
-            "spread; per seed:",
-            "",
-            sec["paired_table"],
-            "",
+            *(
+                [
+                    "Accuracy at equal file size (points; the method minus the baseline, at "
+                    f"the size where the method's frontier is {WITHIN:g} point below dense, "
+                    "on the baseline's frontier there): mean; seeds ahead; the mean against "
+                    "the seed spread; per seed:",
+                    "",
+                    sec["paired_table"],
+                    "",
+                ]
+                if sec["paired"]
+                else []
+            ),
             "What each method's file within the point holds (bytes, mean over the seeds "
             "that have one): positions of the kept weights, their codes, the codebooks, and "
             "the leaves stored raw (the biases with --raw-biases; by default they are coded "
