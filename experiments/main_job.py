@@ -921,7 +921,6 @@ def main(argv=None) -> dict:
             "date_utc": time.strftime("%Y-%m-%d", time.gmtime()),
             "jobs": args.jobs,
             "code_version": CODE_VERSION,
-            "out": args.out,
         }
         for name in names:
             preset = dict(PRESETS[name], **(QUICK if args.quick else {}))
@@ -953,7 +952,11 @@ def main(argv=None) -> dict:
     print(summary["text"])
     if args.write_docs:
         page = args.docs_page or REPO / "docs" / "results" / f"main-{record['dataset']}.md"
-        main_report.write_docs(Path(page), record, summary)
+        # The results folder as the page names it: relative to the repository where it lies
+        # inside it (a command to rerun there), else as given.
+        out = Path(args.out).resolve()
+        shown = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else args.out
+        main_report.write_docs(Path(page), record, summary, out=shown)
     return record
 
 
