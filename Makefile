@@ -70,7 +70,7 @@ reproduce-fashion: $(STAMP) fashion-mnist
 	$(PY) -m experiments.main_job --dataset fashion-mnist --models lenet5,lenet-300-100 \
 		--methods $(FASHION_METHODS) --jobs 2 --write-docs
 
-# ECSQ with rounds of retraining against ECSQ alone, on LeNet-5 (about 45 minutes on 2 cores):
+# ECSQ with rounds of retraining against ECSQ alone, on LeNet-5 (33 minutes on 2 cores):
 # docs/results/main-fashion-retrain.md.
 reproduce-retrain: $(STAMP) fashion-mnist
 	$(PY) -m experiments.main_job --dataset fashion-mnist --models lenet5 \
