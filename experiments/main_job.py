@@ -956,7 +956,7 @@ def main(argv=None) -> dict:
         # inside it (a command to rerun there), else as given.
         out = Path(args.out).resolve()
         shown = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else args.out
-        main_report.write_docs(Path(page), record, summary, out=shown)
+        main_report.write_docs(Path(page), record, summary, folder=shown)
     return record
 
 
