@@ -35,6 +35,10 @@ For each model and seed, in one run, with one budget of steps for every method:
    - ``ecsq_retrain`` (``saliency_ecsq_retrain``): ``ecsq_plain``, then rounds of
      retraining the weights it keeps (its zeros held at 0) and quantizing again at the same
      size (``Config.retrain_steps``, ``retrain_rounds``);
+   - ``ecsq_qat`` (``saliency_ecsq_qat``): ``ecsq_plain``, then quantization-aware
+     training with its codebooks and zeros held (:func:`fisher_optax.fake_quantize`, the
+     weights trained through the straight-through estimator, ``Config.qat_steps``), coded
+     with the nearest entries (:func:`fisher_optax.reassign`);
    - ``deep_compression``: the recipe's k-means;
    - ``uniform`` (``choi_uniform``, the second baseline): Choi et al. 2017's uniform
      quantization with entropy coding, on the recipe's pruned models.
@@ -97,6 +101,7 @@ METHODS = {
     "saliency_ecsq": ("saliency", "ecsq"),
     "saliency_ecsq_plain": ("saliency", "ecsq_plain"),
     "saliency_ecsq_retrain": ("saliency", "ecsq_retrain"),
+    "saliency_ecsq_qat": ("saliency", "ecsq_qat"),
     "saliency_step": ("saliency", "fisher_step"),
     "obs": ("obs", "kmeans"),
     "obs_ecsq_plain": ("obs", "ecsq_plain"),
@@ -106,7 +111,7 @@ METHODS = {
 BASELINES = ("deep_compression", "choi_uniform")
 # The quantizers set by a file size: their targets are the sizes of the same level's k-means
 # files (so their pruning run must have its k-means method too) and fractions of them.
-SIZE_TARGETED = ("ecsq", "ecsq_plain", "fisher_step", "ecsq_retrain")
+SIZE_TARGETED = ("ecsq", "ecsq_plain", "fisher_step", "ecsq_retrain", "ecsq_qat")
 # Deep Compression's Table 3 (LeNet-5) and Table 2 (LeNet-300-100): the share of each
 # layer's weights pruned, and the bits of each layer's codebook.
 HAN_RATES = {
@@ -173,6 +178,14 @@ class Config:
     # 88.75% after three.
     retrain_steps: int = 300
     retrain_rounds: int = 2
+    # ecsq_qat: ECSQ (every weight weighed 1), then `qat_steps` Adam steps (from prune_lr,
+    # cosine to a tenth) on a loss computed with fake_quantize: the model runs on the
+    # weights moved to their nearest entries of ECSQ's codebooks, ECSQ's zeros held, and the
+    # gradient passes straight through to the float weights; then reassign codes them.
+    # Measured on LeNet-5 Fashion seed 0 at 97%, ECSQ at 8.5 KB (86.16%): 89.57% at 8.8 KB
+    # after 900 steps, 89.52% after three rounds of 300 (the codebooks kept); quantizing
+    # the trained floats again by ECSQ instead lost 1.5-5 points of that.
+    qat_steps: int = 900
 
 
 PRESETS = {
@@ -247,6 +260,7 @@ QUICK = dict(
     uniform_bits=(4,),
     retrain_steps=5,
     retrain_rounds=1,
+    qat_steps=5,
 )
 
 
@@ -620,7 +634,7 @@ def quantized(quantizer, setting, level, *, raw_biases: bool = False):
         q, _ = fisher_optax.quantize_to_target(
             params,
             size_bytes=setting["size_bytes"],
-            fisher=None if quantizer in ("ecsq_plain", "ecsq_retrain") else fisher,
+            fisher=None if quantizer in ("ecsq_plain", "ecsq_retrain", "ecsq_qat") else fisher,
             mask=mask,
             quantizable=coded,
             prune_zero=True,
@@ -660,6 +674,23 @@ def retrained(q, quantizer, setting, level, cfg, data, model, key):
     return q
 
 
+def quantization_aware(q, level, cfg, data, model, key):
+    """``cfg.qat_steps`` steps of training through :func:`fisher_optax.fake_quantize` with
+    ``q``'s codebooks and zeros, then the trained weights coded by their nearest entries."""
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    kept = jax.tree.map(lambda w, m: (w != 0) & m, fisher_optax.dequantize(q), level["mask"])
+    lr = optax.cosine_decay_schedule(cfg.prune_lr, cfg.qat_steps, 0.1)
+    opt = optax.chain(optax.adam(lr), fisher_optax.keep_pruned(kept))
+    params = fisher_optax.apply_mask(level["params"], kept)
+
+    def loss(p, xb, yb):
+        return models.loss_fn(model, fisher_optax.fake_quantize(p, q), xb, yb)
+
+    train = jax.jit(partial(_scan_steps, opt, loss, steps=cfg.qat_steps, batch_size=cfg.batch_size))
+    params, _, _ = train(params, opt.init(params), key, x, y)
+    return fisher_optax.reassign(params, q)
+
+
 def file_split(q) -> dict:
     """Bytes of the file by what they code: positions, codes, codebooks, raw leaves."""
     report = fisher_optax.compression_report(q)
@@ -677,6 +708,8 @@ def quant_phase(pruning, quantizer, cfg, data, model, cache, key, level, label, 
     names = ("ft_steps", "ft_lr", "raw_biases")
     if quantizer == "ecsq_retrain":
         names += ("retrain_steps", "retrain_rounds")
+    if quantizer == "ecsq_qat":
+        names += ("qat_steps",)
     fields = {**prune_fields(cfg, pruning), **_fields(cfg, names)}
     ck = _key("quant", fields, pruning, quantizer, level["level"], level["accuracy"], setting)
     hit = cache.get(f"quant-{pruning}-{quantizer}", ck)
@@ -686,6 +719,8 @@ def quant_phase(pruning, quantizer, cfg, data, model, cache, key, level, label, 
     q = quantized(quantizer, setting, level, raw_biases=cfg.raw_biases)
     if quantizer == "ecsq_retrain":
         q = retrained(q, quantizer, setting, level, cfg, data, model, key)
+    if quantizer == "ecsq_qat":
+        q = quantization_aware(q, level, cfg, data, model, key)
     opt = fisher_optax.share_codebooks(optax.adam(cfg.ft_lr), q)
     params = fisher_optax.dequantize(q)
     state = opt.init(params)

@@ -21,6 +21,7 @@ LABELS = {
     "saliency_ecsq": "OBD saliency, ECSQ-Fisher",
     "saliency_ecsq_plain": "OBD saliency, ECSQ",
     "saliency_ecsq_retrain": "OBD saliency, ECSQ, retrained",
+    "saliency_ecsq_qat": "OBD saliency, ECSQ, quantization-aware training",
     "saliency_step": "OBD saliency, Fisher steps",
     "obs": "block OBS",
     "obs_ecsq_plain": "block OBS, ECSQ",

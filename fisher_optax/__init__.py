@@ -22,6 +22,8 @@ from fisher_optax._types import (
 # Trained quantization: fine-tune the codebooks after quantize.
 from fisher_optax.codebooks import (
     ShareCodebooksState,
+    fake_quantize,
+    reassign,
     requantize,
     share_codebooks,
 )
@@ -134,6 +136,7 @@ __all__ = [
     "dequantize",
     "empirical_fisher",
     "erk_sparsity",
+    "fake_quantize",
     "fisher_from_state",
     "fisher_tracker",
     "is_kernel",
@@ -148,6 +151,7 @@ __all__ = [
     "quantize",
     "quantize_to_target",
     "rate_penalty",
+    "reassign",
     "requantize",
     "saliency",
     "save_compressed",

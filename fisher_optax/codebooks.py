@@ -9,6 +9,11 @@ wrapped optimizer runs on the codebook entries (Adam's moments live per entry), 
 entry's update is broadcast back to its weights. :func:`requantize` reads the trained
 entries back into a :class:`~fisher_optax.QuantizedParams` with the same codes, ready for
 :func:`~fisher_optax.save_compressed`.
+
+The other way round, quantization-aware training keeps the codebooks and moves the weights:
+the model computes with :func:`fake_quantize` (every weight replaced by its nearest entry,
+the gradient passed straight through to the float weight), so weights can change entries;
+:func:`reassign` then codes the trained weights with the nearest entries.
 """
 
 from typing import Any, Literal, NamedTuple
@@ -23,7 +28,7 @@ from fisher_optax._tree import check_matching
 from fisher_optax._types import Params
 from fisher_optax.quantize import QuantizedParams, _whole
 
-__all__ = ["ShareCodebooksState", "requantize", "share_codebooks"]
+__all__ = ["ShareCodebooksState", "fake_quantize", "reassign", "requantize", "share_codebooks"]
 
 RAW: dict[str, str] = {
     "train": "leaves that q stores raw (not quantized) are trained by the inner optimizer",
@@ -428,3 +433,175 @@ def _rebuild(q, layout, leaves, books):
         return old
 
     return jax.tree_util.tree_map_with_path(swap, q)
+
+
+def _nearest_codes(x: jax.Array, bits: jax.Array, books: dict, axis: int | None) -> jax.Array:
+    """Per weight of width ``b`` (``bits``), the code of the entry of its ``b``-bit codebook
+    (of its slice along ``axis`` for per-slice codebooks) nearest to ``x``; ties and equal
+    entries go to the lower code; 0 where ``bits`` is 0."""
+    codes = jnp.zeros(jnp.shape(x), jnp.int32)
+    for b, book in books.items():
+        book = jnp.asarray(book, jnp.float32)
+        if book.shape[-1] == 0:
+            continue
+        # Midpoints between neighbours (books ascend): the nearest entry of x is the
+        # number of midpoints below it; then the first entry of that value.
+        mid = book[..., :-1] + (book[..., 1:] - book[..., :-1]) / 2
+        xs = jnp.asarray(x, jnp.float32)
+        if axis is None:
+            code = jnp.searchsorted(mid, xs, side="left")
+            code = jnp.searchsorted(book, book[code], side="left")
+        else:
+            rows = jnp.moveaxis(xs, axis, 0)
+
+            def row_codes(m, row, r):
+                c = jnp.searchsorted(m, r, side="left")
+                return jnp.searchsorted(row, row[c], side="left")
+
+            code = jnp.moveaxis(jax.vmap(row_codes)(mid, book, rows), 0, axis)
+        codes = jnp.where(jnp.asarray(bits) == b, code.astype(jnp.int32), codes)
+    return codes
+
+
+def _dequantized_codes(codes: jax.Array, bits: jax.Array, books: dict, axis: int | None):
+    """The entries that ``codes`` name (0 where ``bits`` is 0), in float32."""
+    out = jnp.zeros(jnp.shape(codes), jnp.float32)
+    for b, book in books.items():
+        book = jnp.asarray(book, jnp.float32)
+        if book.shape[-1] == 0:
+            continue
+        if axis is None:
+            vals = book[codes]
+        else:
+            rows = jnp.moveaxis(codes, axis, 0)
+            vals = jnp.moveaxis(jax.vmap(lambda row, c: row[c])(book, rows), 0, axis)
+        out = jnp.where(jnp.asarray(bits) == b, vals, out)
+    return out
+
+
+def fake_quantize(params: Params, q: QuantizedParams) -> Params:
+    r"""``params`` with every weight moved to the nearest entry of its codebook in ``q``, for
+    quantization-aware training: the gradient passes straight through.
+
+    Weight :math:`w` of width :math:`b` (its slice's codebook for per-slice ``q``) becomes
+    :math:`c^\star = \arg\min_k |w - c_k|` over the entries of its ``b``-bit codebook (ties
+    go to the lower entry); a weight that ``q`` prunes becomes 0; leaves that ``q`` stores raw
+    are returned as they are. ``q`` gives the codebooks and which weights are pruned, not the
+    codes: a weight that moved past the midpoint to a neighbouring entry takes that entry.
+
+    The value is the quantized weight and the derivative is the straight-through estimator
+    (Bengio, Léonard, Courville 2013): :math:`\partial c^\star / \partial w = 1` for a kept
+    weight, 0 for a pruned one. So a loss computed on ``fake_quantize(params, q)`` trains
+    the float ``params`` towards weights that quantize well, while the model always runs
+    on the quantized ones. :func:`reassign` codes the trained weights. Works under ``jit``
+    and ``grad``.
+
+    Args:
+      params: the float params, a tree of the structure and shapes of ``dequantize(q)``.
+      q: the :class:`~fisher_optax.QuantizedParams` whose codebooks and pruned weights
+        apply (e.g. from :func:`~fisher_optax.quantize_to_target`).
+
+    Returns:
+      A tree like ``params``, in each leaf's dtype.
+
+    Raises:
+      TypeError: if ``q`` is not a QuantizedParams.
+      ValueError: naming the leaf, if ``params`` does not match ``q`` in structure or shapes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, fisher_optax
+      >>> w = jnp.array([[-1.0, 0.0], [1.0, 2.0]])
+      >>> q = fisher_optax.quantize({"w": w}, 1, mask={"w": w != 0})
+      >>> q.codebooks[0][1]
+      array([-1. ,  1.5], dtype=float32)
+      >>> params = {"w": jnp.array([[0.2, 0.7], [0.3, -2.0]])}
+      >>> fisher_optax.fake_quantize(params, q)["w"]
+      Array([[-1. ,  0. ],
+             [ 1.5, -1. ]], dtype=float32)
+      >>> jax.grad(lambda p: fisher_optax.fake_quantize(p, q)["w"].sum())(params)["w"]
+      Array([[1., 0.],
+             [1., 1.]], dtype=float32)
+
+    References:
+      Bengio, Léonard, Courville. Estimating or Propagating Gradients Through Stochastic
+      Neurons for Conditional Computation. 2013. https://arxiv.org/abs/1308.3432
+    """
+    if not isinstance(q, QuantizedParams):
+        raise TypeError(
+            f"q must be the QuantizedParams returned by quantize (or load_compressed), got "
+            f"{type(q).__name__}."
+        )
+    leaves = _leaves_like_q(q, params, "params")
+    out = []
+    for x, bits, books, axis in zip(leaves, q.bits, q.codebooks, q.axes, strict=True):
+        if bits is None:
+            out.append(x)
+            continue
+        x = jnp.asarray(x)
+        bits = jnp.asarray(bits)
+        codes = _nearest_codes(jax.lax.stop_gradient(x), bits, books, axis)
+        snapped = _dequantized_codes(codes, bits, books, axis).astype(x.dtype)
+        kept = bits > 0
+        # snapped + (x - x): the entry exactly (x - x is 0), with x's derivative 1.
+        ste = snapped + (x - jax.lax.stop_gradient(x))
+        out.append(jnp.where(kept, ste, jnp.zeros((), x.dtype)))
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def reassign(params: Params, q: QuantizedParams) -> QuantizedParams:
+    """The :class:`~fisher_optax.QuantizedParams` of ``params`` coded with ``q``'s codebooks:
+    ``q``'s bit widths and entries, the codes of the nearest entries.
+
+    The end of quantization-aware training with :func:`fake_quantize`:
+    ``dequantize(reassign(params, q))`` equals ``fake_quantize(params, q)``. Weights that
+    ``q`` prunes stay pruned; leaves that ``q`` stores raw take their values from
+    ``params``. The codebooks keep every entry, used or not (:func:`share_codebooks` can
+    fine-tune them next). Runs outside ``jit``.
+
+    Args:
+      params: the float params, a tree of the structure and shapes of ``dequantize(q)``.
+      q: the :class:`~fisher_optax.QuantizedParams` whose codebooks and widths apply.
+
+    Returns:
+      A :class:`~fisher_optax.QuantizedParams` with ``q``'s bits and codebooks and new codes
+      (and no ``lam``: the codes are the nearest entries, not a rate-distortion choice),
+      ready for :func:`~fisher_optax.save_compressed`.
+
+    Raises:
+      TypeError: if ``q`` is not a QuantizedParams or is traced.
+      ValueError: naming the leaf, if ``params`` does not match ``q``.
+
+    Examples:
+      >>> import jax.numpy as jnp, fisher_optax
+      >>> w = jnp.array([[-1.0, 0.0], [1.0, 2.0]])
+      >>> q = fisher_optax.quantize({"w": w}, 1, mask={"w": w != 0})
+      >>> moved = fisher_optax.reassign({"w": jnp.array([[0.2, 0.7], [0.3, -2.0]])}, q)
+      >>> moved.codes[0]
+      array([[0, 0],
+             [1, 0]], dtype=uint8)
+      >>> fisher_optax.dequantize(moved)["w"]
+      Array([[-1. ,  0. ],
+             [ 1.5, -1. ]], dtype=float32)
+    """
+    layout = _layout(q)
+    leaves = _leaves_like_q(q, params, "params")
+    codes, raw = [], []
+    for leaf, x, books, axis, old, r in zip(
+        layout, leaves, q.codebooks, q.axes, q.codes, q.raw, strict=True
+    ):
+        if leaf.raw:  # as requantize: NumPy stays NumPy (jnp would narrow 64-bit dtypes)
+            codes.append(old)
+            raw.append(
+                np.asarray(x).astype(r.dtype)
+                if isinstance(r, np.ndarray)
+                else jnp.asarray(x, dtype=r.dtype)
+            )
+            continue
+        books = {b: np.asarray(_whole(book)) for b, book in books.items()}
+        new = _nearest_codes(np.asarray(_whole(x)), leaf.bits, books, axis)
+        new = np.asarray(new).astype(np.asarray(_whole(old)).dtype)
+        codes.append(new if isinstance(old, np.ndarray) else jnp.asarray(new))
+        raw.append(None)
+    return QuantizedParams(
+        q.bits, codes, q.codebooks, raw, treedef=q.treedef, dtypes=q.dtypes, axes=q.axes
+    )

@@ -386,3 +386,31 @@ def test_retraining_keeps_the_quantizers_zeros_and_moves_the_kept_weights():
     assert not np.array_equal(kernel_b, kernel_a)
     report = fisher_optax.compression_report(q)
     assert report.total_bytes == pytest.approx(setting["size_bytes"], rel=0.1)
+
+
+def test_quantization_aware_training_keeps_the_codebooks_and_zeros_and_moves_codes():
+    """ecsq_qat: after training through fake_quantize, every weight holds an entry of
+    ECSQ's codebooks (the codebooks unchanged), ECSQ's zeros stay 0, some weights changed
+    entries, and the training loss on the quantized model fell."""
+    args = main_job.build_parser().parse_args(["--quick"])
+    data = main_job.load_data(args)
+    preset = {**main_job.PRESETS["digits-cnn"], **main_job.QUICK, "qat_steps": 40}
+    cfg = main_job.Config(dataset=args.dataset, model="digits-cnn", seed=0, **preset)
+    model = models.MODELS["digits-cnn"]
+    params = model.init(jax.random.key(0), (8, 8, 1))
+    mask = fisher_optax.magnitude_mask(params, 0.5)
+    level = {"params": fisher_optax.apply_mask(params, mask), "mask": mask, "fisher": None}
+    q0 = main_job.quantized("ecsq_qat", {"size_bytes": 6000}, level)
+    q = main_job.quantization_aware(q0, level, cfg, data, model, jax.random.key(1))
+    assert q.codebooks == q0.codebooks and q.bits is q0.bits
+    before, after = fisher_optax.dequantize(q0), fisher_optax.dequantize(q)
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert not np.any(np.asarray(a)[np.asarray(b) == 0])
+    assert any(
+        np.any(np.asarray(c0) != np.asarray(c))
+        for c0, c in zip(q0.codes, q.codes, strict=True)
+        if c is not None
+    )
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    loss = lambda p: float(models.loss_fn(model, p, x, y))
+    assert loss(after) < loss(before)
