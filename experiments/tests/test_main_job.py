@@ -364,18 +364,25 @@ def test_biases_are_coded_unless_raw_biases(quantizer):
     assert split[True]["raw"] >= 4 * (8 + 10)
 
 
-def test_retraining_keeps_the_quantizers_zeros_and_moves_the_kept_weights():
-    """ecsq_retrain: a weight that ECSQ quantized to 0 stays 0 after the rounds of
-    retraining; the kept weights are trained (their values move off the first quantizer's
-    levels); the file stays at the target size."""
+def _digits_level(**config):
+    """The quick digits data, a Config with ``config`` over the quick preset, the CNN, and
+    a level of its initial weights pruned to 50% by magnitude."""
     args = main_job.build_parser().parse_args(["--quick"])
     data = main_job.load_data(args)
-    preset = {**main_job.PRESETS["digits-cnn"], **main_job.QUICK, "retrain_steps": 20}
+    preset = {**main_job.PRESETS["digits-cnn"], **main_job.QUICK, **config}
     cfg = main_job.Config(dataset=args.dataset, model="digits-cnn", seed=0, **preset)
     model = models.MODELS["digits-cnn"]
     params = model.init(jax.random.key(0), (8, 8, 1))
     mask = fisher_optax.magnitude_mask(params, 0.5)
     level = {"params": fisher_optax.apply_mask(params, mask), "mask": mask, "fisher": None}
+    return data, cfg, model, level
+
+
+def test_retraining_keeps_the_quantizers_zeros_and_moves_the_kept_weights():
+    """ecsq_retrain: a weight that ECSQ quantized to 0 stays 0 after the rounds of
+    retraining; the kept weights are trained (their values move off the first quantizer's
+    levels); the file stays at the target size."""
+    data, cfg, model, level = _digits_level(retrain_steps=20)
     setting = {"size_bytes": 6000}
     q0 = main_job.quantized("ecsq_retrain", setting, level)
     q = main_job.retrained(q0, "ecsq_retrain", setting, level, cfg, data, model, jax.random.key(1))
@@ -392,14 +399,7 @@ def test_quantization_aware_training_keeps_the_codebooks_and_zeros_and_moves_cod
     """ecsq_qat: after training through fake_quantize, every weight holds an entry of
     ECSQ's codebooks (the codebooks unchanged), ECSQ's zeros stay 0, some weights changed
     entries, and the training loss on the quantized model fell."""
-    args = main_job.build_parser().parse_args(["--quick"])
-    data = main_job.load_data(args)
-    preset = {**main_job.PRESETS["digits-cnn"], **main_job.QUICK, "qat_steps": 40}
-    cfg = main_job.Config(dataset=args.dataset, model="digits-cnn", seed=0, **preset)
-    model = models.MODELS["digits-cnn"]
-    params = model.init(jax.random.key(0), (8, 8, 1))
-    mask = fisher_optax.magnitude_mask(params, 0.5)
-    level = {"params": fisher_optax.apply_mask(params, mask), "mask": mask, "fisher": None}
+    data, cfg, model, level = _digits_level(qat_steps=40)
     q0 = main_job.quantized("ecsq_qat", {"size_bytes": 6000}, level)
     q = main_job.quantization_aware(q0, level, cfg, data, model, jax.random.key(1))
     assert q.codebooks == q0.codebooks and q.bits is q0.bits
