@@ -441,13 +441,13 @@ def _nearest_codes(x: jax.Array, bits: jax.Array, books: dict, axis: int | None)
     entries go to the lower code; 0 where ``bits`` is 0."""
     codes = jnp.zeros(jnp.shape(x), jnp.int32)
     for b, book in books.items():
-        book = jnp.asarray(book, jnp.float32)
+        book = jnp.asarray(book)
         if book.shape[-1] == 0:
             continue
         # Midpoints between neighbours (books ascend): the nearest entry of x is the
         # number of midpoints below it; then the first entry of that value.
         mid = book[..., :-1] + (book[..., 1:] - book[..., :-1]) / 2
-        xs = jnp.asarray(x, jnp.float32)
+        xs = jnp.asarray(x).astype(book.dtype)
         if axis is None:
             code = jnp.searchsorted(mid, xs, side="left")
             code = jnp.searchsorted(book, book[code], side="left")
@@ -464,10 +464,11 @@ def _nearest_codes(x: jax.Array, bits: jax.Array, books: dict, axis: int | None)
 
 
 def _dequantized_codes(codes: jax.Array, bits: jax.Array, books: dict, axis: int | None):
-    """The entries that ``codes`` name (0 where ``bits`` is 0), in float32."""
-    out = jnp.zeros(jnp.shape(codes), jnp.float32)
+    """The entries that ``codes`` name (0 where ``bits`` is 0), in the books' dtype."""
+    dtype = jnp.result_type(*books.values()) if books else jnp.float32
+    out = jnp.zeros(jnp.shape(codes), dtype)
     for b, book in books.items():
-        book = jnp.asarray(book, jnp.float32)
+        book = jnp.asarray(book, dtype)
         if book.shape[-1] == 0:
             continue
         if axis is None:
