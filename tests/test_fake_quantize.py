@@ -5,6 +5,7 @@ trip through reassign and the file, and the errors by their messages."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fisher_optax import (
@@ -136,3 +137,73 @@ def test_errors_name_what_was_expected():
         fake_quantize(wrong, q)
     with pytest.raises(ValueError, match=r"\['b'\]\['kernel'\]"):
         reassign(wrong, q)
+
+
+def _train_through_fake_quantize(params, q, loss_fn, steps=30):
+    """``steps`` Adam steps on ``loss_fn(fake_quantize(params, q))``; the losses of the
+    quantized model before and after, and the trained float params."""
+    opt = optax.adam(3e-2)
+    state = opt.init(params)
+    loss = lambda p: loss_fn(fake_quantize(p, q))
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    before = float(loss(params))
+    for _ in range(steps):
+        params, state = step(params, state)
+    return before, float(loss(params)), params
+
+
+def test_quantization_aware_training_of_a_flax_nnx_model():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(8, 16, rngs=rngs)
+            self.out = nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.hidden(x)))
+
+    model = MLP(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    q = quantize(params, 2)  # kernels on 2 bits, biases raw
+    x = jax.random.normal(jax.random.key(1), (64, 8))
+    y = jax.random.randint(jax.random.key(2), (64,), 0, 3)
+
+    def loss_fn(p):
+        logits = nnx.merge(graphdef, p)(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    before, after, trained = _train_through_fake_quantize(params, q, loss_fn)
+    assert after < before - 0.05
+    r = reassign(trained, q)
+    nnx.update(model, dequantize(r))
+    np.testing.assert_allclose(
+        float(loss_fn(nnx.state(model, nnx.Param))), after, rtol=1e-6, atol=1e-6
+    )
+    i = next(j for j, path in enumerate(q.paths) if "hidden" in path and "kernel" in path)
+    kernel = np.asarray(model.hidden.kernel[...])
+    assert set(np.unique(kernel).tolist()) <= set(np.asarray(q.codebooks[i][2]).tolist())
+
+
+def test_quantization_aware_training_of_an_equinox_model():
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(8, 3, 16, 1, key=jax.random.key(0))  # (out, in) kernels, a callable leaf
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    q = quantize(params, 2)
+    x = jax.random.normal(jax.random.key(1), (64, 8))
+    y = jax.random.randint(jax.random.key(2), (64,), 0, 3)
+
+    def loss_fn(p):
+        logits = jax.vmap(eqx.combine(p, static))(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    before, after, trained = _train_through_fake_quantize(params, q, loss_fn)
+    assert after < before - 0.05
+    coded = dequantize(reassign(trained, q))
+    np.testing.assert_allclose(float(loss_fn(coded)), after, rtol=1e-6, atol=1e-6)
