@@ -435,10 +435,14 @@ def _rebuild(q, layout, leaves, books):
     return jax.tree_util.tree_map_with_path(swap, q)
 
 
-def _nearest_codes(x: jax.Array, bits: jax.Array, books: dict, axis: int | None) -> jax.Array:
+def _nearest_codes(
+    x: jax.Array, bits: jax.Array, books: dict, axis: int | None, first: bool = True
+) -> jax.Array:
     """Per weight of width ``b`` (``bits``), the code of the entry of its ``b``-bit codebook
-    (of its slice along ``axis`` for per-slice codebooks) nearest to ``x``; ties and equal
-    entries go to the lower code; 0 where ``bits`` is 0."""
+    (of its slice along ``axis`` for per-slice codebooks) nearest to ``x``; ties go to the
+    lower code, and with ``first`` so do equal entries (the padding of per-slice rows); 0
+    where ``bits`` is 0. Without ``first`` the code may name a later equal entry: the same
+    value, one search less."""
     codes = jnp.zeros(jnp.shape(x), jnp.int32)
     for b, book in books.items():
         book = jnp.asarray(book)
@@ -450,13 +454,14 @@ def _nearest_codes(x: jax.Array, bits: jax.Array, books: dict, axis: int | None)
         xs = jnp.asarray(x).astype(book.dtype)
         if axis is None:
             code = jnp.searchsorted(mid, xs, side="left")
-            code = jnp.searchsorted(book, book[code], side="left")
+            if first:
+                code = jnp.searchsorted(book, book[code], side="left")
         else:
             rows = jnp.moveaxis(xs, axis, 0)
 
             def row_codes(m, row, r):
                 c = jnp.searchsorted(m, r, side="left")
-                return jnp.searchsorted(row, row[c], side="left")
+                return jnp.searchsorted(row, row[c], side="left") if first else c
 
             code = jnp.moveaxis(jax.vmap(row_codes)(mid, book, rows), 0, axis)
         codes = jnp.where(jnp.asarray(bits) == b, code.astype(jnp.int32), codes)
@@ -540,7 +545,8 @@ def fake_quantize(params: Params, q: QuantizedParams) -> Params:
             continue
         x = jnp.asarray(x)
         bits = jnp.asarray(bits)
-        codes = _nearest_codes(jax.lax.stop_gradient(x), bits, books, axis)
+        # Only the values count here: no search for the first of equal entries.
+        codes = _nearest_codes(jax.lax.stop_gradient(x), bits, books, axis, first=False)
         snapped = _dequantized_codes(codes, bits, books, axis).astype(x.dtype)
         kept = bits > 0
         # snapped + (x - x): the entry exactly (x - x is 0), with x's derivative 1.
