@@ -435,6 +435,19 @@ def _rebuild(q, layout, leaves, books):
     return jax.tree_util.tree_map_with_path(swap, q)
 
 
+# jnp.searchsorted's method by the number of sorted values searched. On XLA:CPU, comparing
+# each weight with every value is one fused pass, 3-30x faster than the binary-search loop
+# up to 32 values (a 5-bit codebook), and 5-10x slower from 33 on, where it stops fusing
+# (benchmarks/bench_search.py).
+_COMPARE_ALL_MAX = 32
+
+
+def _search(sorted_values: jax.Array, x: jax.Array) -> jax.Array:
+    n = sorted_values.shape[-1]
+    method = "compare_all" if n <= _COMPARE_ALL_MAX else "scan"
+    return jnp.searchsorted(sorted_values, x, side="left", method=method)
+
+
 def _nearest_codes(
     x: jax.Array, bits: jax.Array, books: dict, axis: int | None, first: bool = True
 ) -> jax.Array:
@@ -453,15 +466,15 @@ def _nearest_codes(
         mid = book[..., :-1] + (book[..., 1:] - book[..., :-1]) / 2
         xs = jnp.asarray(x).astype(book.dtype)
         if axis is None:
-            code = jnp.searchsorted(mid, xs, side="left")
+            code = _search(mid, xs)
             if first:
-                code = jnp.searchsorted(book, book[code], side="left")
+                code = _search(book, book[code])
         else:
             rows = jnp.moveaxis(xs, axis, 0)
 
             def row_codes(m, row, r):
-                c = jnp.searchsorted(m, r, side="left")
-                return jnp.searchsorted(row, row[c], side="left") if first else c
+                c = _search(m, r)
+                return _search(row, row[c]) if first else c
 
             code = jnp.moveaxis(jax.vmap(row_codes)(mid, book, rows), 0, axis)
         codes = jnp.where(jnp.asarray(bits) == b, code.astype(jnp.int32), codes)

@@ -21,18 +21,18 @@ from tests import zoo
 
 
 def _setup(seed=0, axis=None):
-    """Two kernels (one with widths 2 and 3 and pruned weights), a raw bias, and float
+    """Two kernels (one with widths 2, 3 and 5 and pruned weights), a raw bias, and float
     params that moved away from the codebooks."""
     rng = np.random.default_rng(seed)
     params = {
-        "a": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)},
+        "a": {"kernel": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)},
         "b": {
             "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
             "kernel": jnp.asarray(rng.laplace(size=(5, 4)), jnp.float32),
         },
     }
     bits = {
-        "a": {"kernel": rng.choice([0, 2, 3], size=(6, 5))},
+        "a": {"kernel": rng.choice([0, 2, 3, 5], size=(12, 10))},
         "b": {"bias": np.zeros(4, int), "kernel": np.where(rng.random((5, 4)) < 0.3, 0, 2)},
     }
     q = quantize(params, bits, axis=axis)
@@ -75,6 +75,22 @@ def test_fake_quantize_takes_the_nearest_entry_of_each_weights_codebook(axis):
     eager = fake_quantize(moved, q)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("axis", [None, -1])
+def test_fake_quantize_searches_books_of_64_entries(axis):
+    # 6 bits everywhere, 128 weights per slice: books above 32 entries are searched by a
+    # binary search, not by comparing with every midpoint.
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.normal(size=(128, 3)), jnp.float32)
+    q = quantize({"w": w}, 6, axis=axis)
+    book = q.codebooks[0][6]
+    assert book.shape[-1] == 64
+    moved = {"w": w + jnp.asarray(rng.normal(size=w.shape), jnp.float32)}
+    got = np.asarray(jax.jit(fake_quantize)(moved, q)["w"], np.float64)
+    want = _brute_force(moved["w"], q.bits[0], q.codebooks[0], None if axis is None else 1)
+    x = np.asarray(moved["w"], np.float64)
+    np.testing.assert_allclose(np.abs(got - x), np.abs(want - x), rtol=0, atol=1e-6)
 
 
 def test_fake_quantize_of_the_dequantized_params_is_the_identity():
