@@ -436,9 +436,9 @@ def _rebuild(q, layout, leaves, books):
 
 
 # jnp.searchsorted's method by the number of sorted values searched. On XLA:CPU, comparing
-# each weight with every value is one fused pass, 3-30x faster than the binary-search loop
-# up to 32 values (a 5-bit codebook), and 5-10x slower from 33 on, where it stops fusing
-# (benchmarks/bench_search.py).
+# each weight with every value is one fused pass, 4-11x faster than the binary-search loop
+# up to 32 values (a 5-bit codebook's midpoints), and 11-19x slower from 33 on, where it
+# stops fusing (benchmarks/bench_search.py).
 _COMPARE_ALL_MAX = 32
 
 
