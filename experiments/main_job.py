@@ -228,10 +228,11 @@ PRESETS = {
         ft_lr=5e-5,
         quant_levels=2,
         quant_margin=1.25,
-        # Measured on the 97% models of seeds 0-2 at an 8.45 KB target: 2500 steps of
-        # quantization-aware training held 89.93-90.17% (8.85-8.89 KB) where 900 held 89.66%
-        # (8.77 KB, seed 0); at 7.6 KB 89.56-89.59%. The crossing of the point lies between
-        # 0.7 and 0.6 of the smallest k-means file.
+        # Measured on the 97% models of seeds 0-2 (trained on the processor of the main
+        # results page's run; XLA:CPU trains other models on other processors) at an 8.45 KB
+        # target: 2500 steps of quantization-aware training held 89.93-90.17% (8.85-8.89 KB)
+        # where 900 held 89.66% (8.77 KB, seed 0); at 7.6 KB 89.56-89.59%. The crossing of
+        # the point lies between 0.7 and 0.6 of the smallest k-means file.
         qat_steps=2500,
         ecsq_fractions=(0.85, 0.7, 0.6),
     ),
